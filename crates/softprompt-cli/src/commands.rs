@@ -1,0 +1,364 @@
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use softprompt::adapter::Adapter;
+use softprompt::backbone::bert::Bert;
+use softprompt::backbone::Backbone;
+use softprompt::classifier::PromptClassifier;
+use softprompt::classifier::{argmax, softmax};
+use softprompt::data::{label_ids, read_examples, Columns, Example, Labels};
+use softprompt::model::Model;
+use softprompt::optim::{OptimizerKind, Schedule};
+use softprompt::prompt::PromptInit;
+use softprompt::task::classify::Pool;
+use softprompt::tokenize::{encode_all, TextEncoder};
+use softprompt::train::{evaluate, train, Event, TrainConfig, TrainPaths};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "softprompt",
+    version,
+    about = "Prompt tuning of frozen transformers (Lester et al. 2021)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a soft prompt and a classification head on a frozen model.
+    Train(TrainArgs),
+    /// Score an adapter on labelled data: accuracy, macro-F1, per-class precision / recall, confusion.
+    Eval(EvalArgs),
+    /// Label texts with an adapter.
+    Predict(PredictArgs),
+}
+
+#[derive(Args)]
+struct ColumnArgs {
+    /// Column (or JSON field) holding the text.
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// Column holding a second text, for sentence-pair tasks.
+    #[arg(long)]
+    text_pair_column: Option<String>,
+    /// Column holding the label.
+    #[arg(long, default_value = "label")]
+    label_column: String,
+}
+
+impl ColumnArgs {
+    fn columns(&self) -> Columns {
+        Columns {
+            text: self.text_column.clone(),
+            text_pair: self.text_pair_column.clone(),
+            label: self.label_column.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training data: .tsv, .csv or .jsonl.
+    #[arg(long)]
+    train: PathBuf,
+    /// Development data, for evaluation, early stopping and keeping the best adapter.
+    #[arg(long)]
+    dev: Option<PathBuf>,
+    /// Adapter directory to write (also holds metrics.jsonl and the training checkpoint).
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    columns: ColumnArgs,
+    /// Soft prompt length M.
+    #[arg(long, default_value_t = 20)]
+    num_virtual_tokens: usize,
+    /// Prompt initialisation: uniform, normal, vocab, text, labels.
+    #[arg(long, default_value_t = TrainConfig::default().init)]
+    init: PromptInit,
+    /// Text whose token embeddings start the prompt (with --init text).
+    #[arg(long)]
+    init_text: Option<String>,
+    /// What the head reads: first, pooler, cls, mean.
+    #[arg(long, default_value_t = TrainConfig::default().pool)]
+    pool: Pool,
+    /// adamw or adafactor.
+    #[arg(long, default_value_t = TrainConfig::default().optimizer)]
+    optimizer: OptimizerKind,
+    /// Learning rate [default: 3e-3 for adamw, 0.3 for adafactor].
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// constant, or linear (warm-up, then linear decay to 0).
+    #[arg(long, default_value_t = TrainConfig::default().schedule)]
+    schedule: Schedule,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    epochs: usize,
+    /// Stop after this many steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Clip the gradients' joint norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Evaluate on dev (and checkpoint) every N steps [default: four times an epoch].
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Stop after N evaluations without a better dev accuracy (0: never stop early).
+    #[arg(long, default_value_t = 4)]
+    patience: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Cut each example to at most this many tokens (never more than the model's limit minus the prompt).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Continue the interrupted run in --output from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Labelled data: .tsv, .csv or .jsonl.
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    columns: ColumnArgs,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Texts to label.
+    texts: Vec<String>,
+    /// A file of texts (.tsv, .csv or .jsonl) to label, in addition to TEXT arguments.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    #[command(flatten)]
+    columns: ColumnArgs,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Print JSON lines: text, label, scores (probability per label), logits.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(args) => run_train(args),
+        Command::Eval(args) => run_eval(args),
+        Command::Predict(args) => run_predict(args),
+    }
+}
+
+fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+    let config = TrainConfig {
+        num_virtual_tokens: args.num_virtual_tokens,
+        init: args.init,
+        init_text: args.init_text,
+        pool: args.pool,
+        optimizer: args.optimizer,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        schedule: args.schedule,
+        warmup_steps: args.warmup_steps,
+        epochs: args.epochs,
+        max_steps: args.max_steps,
+        batch_size: args.batch_size,
+        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+        eval_every: args.eval_every,
+        patience: (args.patience > 0).then_some(args.patience),
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+    };
+    let paths = TrainPaths {
+        model: args.model,
+        train: args.train,
+        dev: args.dev,
+        output: args.output,
+        columns: args.columns.columns(),
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let say = |bar: &ProgressBar, line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
+    let mut last_dev = String::new();
+    let summary = train(
+        &paths,
+        &config,
+        args.resume,
+        &Device::Cpu,
+        &mut |event| match event {
+            Event::Start {
+                total_steps,
+                steps_per_epoch,
+                resumed_at,
+                train_examples,
+            } => {
+                bar.set_length(total_steps as u64);
+                bar.set_position(resumed_at as u64);
+                bar.reset_eta();
+                say(&bar, format!("training on {train_examples} examples: {steps_per_epoch} steps an epoch, {total_steps} steps in all"));
+                if resumed_at > 0 {
+                    say(&bar, format!("resumed at step {resumed_at}"));
+                }
+            }
+            Event::Step {
+                step,
+                loss,
+                examples_per_s,
+                ..
+            } => {
+                bar.set_position(step as u64);
+                bar.set_message(format!(
+                    "loss {loss:.4}{last_dev}  {examples_per_s:.0} ex/s"
+                ));
+            }
+            Event::Eval {
+                step,
+                report,
+                loss,
+                improved,
+            } => {
+                last_dev = format!("  dev acc {:.4}", report.accuracy);
+                let mark = if improved { "  (best, saved)" } else { "" };
+                say(
+                    &bar,
+                    format!(
+                        "step {step}: dev accuracy {:.4}, macro-F1 {:.4}, loss {loss:.4}{mark}",
+                        report.accuracy, report.macro_f1
+                    ),
+                );
+            }
+            Event::EarlyStop { step } => say(
+                &bar,
+                format!("stopping early at step {step}: dev accuracy stopped improving"),
+            ),
+        },
+    )?;
+    bar.finish_and_clear();
+    match summary.best_dev_accuracy {
+        Some(acc) => println!(
+            "best dev accuracy {acc:.4}; adapter in {}",
+            summary.adapter.display()
+        ),
+        None => println!(
+            "trained {} steps; adapter in {}",
+            summary.steps,
+            summary.adapter.display()
+        ),
+    }
+    Ok(())
+}
+
+/// The classifier an adapter describes, and the tokenizer that fits its prompt.
+fn load_for_inference(
+    model: &Path,
+    adapter: &Path,
+) -> anyhow::Result<(TextEncoder, PromptClassifier<Bert>)> {
+    let model = Model::load(model, DType::F32, &Device::Cpu)?;
+    let adapter = Adapter::load(adapter, model.backbone.hidden_size(), &Device::Cpu)?;
+    let encoder = model.encoder(adapter.prompt.dim(0)?, None)?;
+    Ok((encoder, model.classifier(&adapter)?))
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    let (encoder, classifier) = load_for_inference(&args.model, &args.adapter)?;
+    let examples = read_examples(&args.data, &args.columns.columns(), Labels::Required)?;
+    let gold = label_ids(&examples, &classifier.labels, &args.data)?;
+    let data = encode_all(&encoder, &examples, &args.data)?;
+    let (report, _) = evaluate(&classifier, &data, &gold, args.batch_size, &Device::Cpu)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+fn run_predict(args: PredictArgs) -> anyhow::Result<()> {
+    let mut examples: Vec<Example> = args
+        .texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Example {
+            text: t.clone(),
+            text_pair: None,
+            label: None,
+            line: i + 1,
+        })
+        .collect();
+    if let Some(input) = &args.input {
+        examples.extend(read_examples(
+            input,
+            &args.columns.columns(),
+            Labels::Optional,
+        )?);
+    }
+    if examples.is_empty() {
+        bail!("nothing to label: give TEXT arguments or --input FILE");
+    }
+    if let Some(e) = examples.iter().find(|e| e.text.trim().is_empty()) {
+        bail!("text {} is empty", e.line);
+    }
+    let (encoder, classifier) = load_for_inference(&args.model, &args.adapter)?;
+    let data = examples
+        .iter()
+        .map(|e| {
+            encoder
+                .encode(&e.text, e.text_pair.as_deref())
+                .with_context(|| format!("input {}", e.line))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let logits = classifier.predict_all(&data, args.batch_size, &Device::Cpu)?;
+    for (example, logits) in examples.iter().zip(logits) {
+        let label = &classifier.labels[argmax(&logits) as usize];
+        if args.json {
+            let scores: serde_json::Map<String, serde_json::Value> = classifier
+                .labels
+                .iter()
+                .zip(softmax(&logits))
+                .map(|(l, p)| (l.clone(), p.into()))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"text": example.text, "label": label, "scores": scores, "logits": logits})
+            );
+        } else {
+            println!("{label}\t{}", example.text);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! Adapters on disk, in Hugging Face PEFT's format so that they move to and from PEFT:
+//!
+//! ```text
+//! ADAPTER/adapter_config.json        PEFT's PromptTuningConfig (peft_type PROMPT_TUNING)
+//! ADAPTER/adapter_model.safetensors  prompt_embeddings [M, D]; base_model.classifier.{weight,bias}
+//! ADAPTER/softprompt.json            what PEFT has no field for: label names, pooling
+//! ```
+//! A PEFT SEQ_CLS adapter has no softprompt.json: it loads with `Pool::Pooler` (the head of
+//! BertForSequenceClassification) and labels LABEL_0, LABEL_1, ...
+
+use crate::fsutil::{load_tensors, save_tensors, write_atomic};
+use crate::task::classify::Pool;
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub const EXTRA_FILE: &str = "softprompt.json";
+const PROMPT_KEY: &str = "prompt_embeddings";
+const HEAD_WEIGHT_KEY: &str = "base_model.classifier.weight";
+const HEAD_BIAS_KEY: &str = "base_model.classifier.bias";
+
+/// The fields of PEFT's PromptTuningConfig (peft/tuners/prompt_tuning/config.py and its bases).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeftConfig {
+    pub peft_type: String,
+    pub task_type: Option<String>,
+    pub num_virtual_tokens: usize,
+    pub token_dim: Option<usize>,
+    #[serde(default = "one")]
+    pub num_transformer_submodules: usize,
+    pub num_attention_heads: Option<usize>,
+    pub num_layers: Option<usize>,
+    #[serde(default)]
+    pub prompt_tuning_init: Option<String>,
+    #[serde(default)]
+    pub prompt_tuning_init_text: Option<String>,
+    #[serde(default)]
+    pub tokenizer_name_or_path: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub inference_mode: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub auto_mapping: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tokenizer_kwargs: Option<serde_json::Value>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// softprompt's own record of an adapter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Extra {
+    pub labels: Vec<String>,
+    pub pool: Pool,
+}
+
+/// A classification adapter in memory.
+pub struct Adapter {
+    pub config: PeftConfig,
+    /// [M, D]
+    pub prompt: Tensor,
+    /// [C, D] and [C]
+    pub head_weight: Tensor,
+    pub head_bias: Tensor,
+    pub labels: Vec<String>,
+    pub pool: Pool,
+}
+
+impl Adapter {
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create adapter directory {}", dir.display()))?;
+        let tensors = [
+            (PROMPT_KEY.to_string(), self.prompt.clone()),
+            (HEAD_WEIGHT_KEY.to_string(), self.head_weight.clone()),
+            (HEAD_BIAS_KEY.to_string(), self.head_bias.clone()),
+        ];
+        let format = Some([("format".to_string(), "pt".to_string())].into());
+        save_tensors(&dir.join(WEIGHTS_FILE), &tensors, format)?;
+        write_atomic(
+            &dir.join(CONFIG_FILE),
+            serde_json::to_string_pretty(&self.config)?.as_bytes(),
+        )?;
+        let extra = Extra {
+            labels: self.labels.clone(),
+            pool: self.pool,
+        };
+        write_atomic(
+            &dir.join(EXTRA_FILE),
+            serde_json::to_string_pretty(&extra)?.as_bytes(),
+        )
+    }
+
+    /// Loads and checks an adapter for a model of hidden size `hidden`.
+    pub fn load(dir: &Path, hidden: usize, device: &Device) -> anyhow::Result<Self> {
+        let at = dir.display();
+        let config_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("{at} is not an adapter: cannot read {CONFIG_FILE}"))?;
+        let config: PeftConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a PEFT adapter config", config_path.display()))?;
+        if config.peft_type != "PROMPT_TUNING" {
+            bail!(
+                "adapter {at} has peft_type {:?}; softprompt reads PROMPT_TUNING adapters",
+                config.peft_type
+            );
+        }
+        if let Some(task) = config.task_type.as_deref().filter(|t| *t != "SEQ_CLS") {
+            bail!("adapter {at} is for task_type {task}; classification needs a SEQ_CLS adapter");
+        }
+        if let Some(dim) = config.token_dim.filter(|&d| d != hidden) {
+            bail!("adapter {at} has token_dim {dim}, but the model's hidden size is {hidden}: it was trained for another model");
+        }
+        let (mut tensors, _) = load_tensors(&dir.join(WEIGHTS_FILE), device)?;
+        let mut take = |key: &str| {
+            tensors
+                .remove(key)
+                .with_context(|| format!("adapter {at}: {WEIGHTS_FILE} has no tensor '{key}'"))
+        };
+        let prompt = take(PROMPT_KEY)?;
+        let head_weight = take(HEAD_WEIGHT_KEY)?;
+        let head_bias = take(HEAD_BIAS_KEY)?;
+        let m = config.num_virtual_tokens * config.num_transformer_submodules;
+        if prompt.dims() != [m, hidden] {
+            bail!(
+                "adapter {at}: prompt_embeddings has shape {:?}, expected [{m}, {hidden}]",
+                prompt.dims()
+            );
+        }
+        let classes = head_weight.dim(0)?;
+        if head_weight.dims() != [classes, hidden] || head_bias.dims() != [classes] {
+            bail!(
+                "adapter {at}: the classifier has shapes {:?} and {:?}, expected [C, {hidden}] and [C]",
+                head_weight.dims(),
+                head_bias.dims()
+            );
+        }
+        let extra_path = dir.join(EXTRA_FILE);
+        let extra = if extra_path.exists() {
+            let text = std::fs::read_to_string(&extra_path)
+                .with_context(|| format!("cannot read {}", extra_path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is malformed", extra_path.display()))?
+        } else {
+            Extra {
+                labels: (0..classes).map(|i| format!("LABEL_{i}")).collect(),
+                pool: Pool::Pooler,
+            }
+        };
+        if extra.labels.len() != classes {
+            bail!(
+                "adapter {at}: {} label names for a classifier of {classes} classes",
+                extra.labels.len()
+            );
+        }
+        Ok(Self {
+            config,
+            prompt,
+            head_weight,
+            head_bias,
+            labels: extra.labels,
+            pool: extra.pool,
+        })
+    }
+}

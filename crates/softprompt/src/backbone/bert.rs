@@ -1,0 +1,420 @@
+//! BERT (and its distillations such as MiniLM), from a Hugging Face directory.
+//! Struct and tensor names follow `transformers`' modeling_bert.py; a `bert.` prefix (as in
+//! BertForSequenceClassification checkpoints) is accepted too.
+
+use super::{Backbone, EncoderInput};
+use crate::kernels::{
+    attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, mask_bias,
+    LayerNorm, LayerNormSaved, Linear,
+};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+use std::path::Path;
+
+/// The fields of config.json that the architecture reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_position_embedding_type")]
+    pub position_embedding_type: String,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_hidden_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_position_embedding_type() -> String {
+    "absolute".into()
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a BERT config.json", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("unsupported model in {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(t) = &self.model_type {
+            if t != "bert" {
+                bail!("model_type is {t:?}; this backbone reads \"bert\"");
+            }
+        }
+        if self.hidden_act != "gelu" {
+            bail!(
+                "hidden_act {:?} is not supported (only \"gelu\", the exact erf form)",
+                self.hidden_act
+            );
+        }
+        if self.position_embedding_type != "absolute" {
+            bail!(
+                "position_embedding_type {:?} is not supported (only \"absolute\")",
+                self.position_embedding_type
+            );
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        Ok(())
+    }
+}
+
+fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((out_dim, in_dim), "weight")?,
+        Some(vb.get(out_dim, "bias")?),
+    ))
+}
+
+fn layer_norm(vb: &VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: vb.get(dim, "weight")?,
+        bias: vb.get(dim, "bias")?,
+        eps,
+    })
+}
+
+/// `embeddings.*`: word + position + token type, then LayerNorm.
+struct BertEmbeddings {
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    layer_norm: LayerNorm,
+}
+
+impl BertEmbeddings {
+    fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        Ok(Self {
+            word_embeddings: vb.get((cfg.vocab_size, cfg.hidden_size), "word_embeddings.weight")?,
+            position_embeddings: vb.get(
+                (cfg.max_position_embeddings, cfg.hidden_size),
+                "position_embeddings.weight",
+            )?,
+            token_type_embeddings: vb.get(
+                (cfg.type_vocab_size, cfg.hidden_size),
+                "token_type_embeddings.weight",
+            )?,
+            layer_norm: layer_norm(&vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+        })
+    }
+
+    /// embeds [B, S, D], token types [B, S] → x [T, D]. Positions count from 0 at the first
+    /// prompt vector, as when PEFT passes `inputs_embeds`.
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        token_type_ids: &Tensor,
+    ) -> Result<(Tensor, LayerNormSaved)> {
+        let (b, s, d) = embeds.dims3()?;
+        let positions = self.position_embeddings.narrow(0, 0, s)?;
+        let types = self
+            .token_type_embeddings
+            .index_select(&token_type_ids.flatten_all()?, 0)?
+            .reshape((b, s, d))?;
+        let sum = embeds.broadcast_add(&positions)?.add(&types)?;
+        self.layer_norm.forward(&sum.reshape((b * s, d))?)
+    }
+
+    /// dx [T, D] → d_embeds [B, S, D] (positions and types are constants).
+    fn backward(
+        &self,
+        dx: &Tensor,
+        saved: &LayerNormSaved,
+        shape: (usize, usize, usize),
+    ) -> Result<Tensor> {
+        self.layer_norm.backward(dx, saved)?.reshape(shape)
+    }
+}
+
+/// One `encoder.layer.{i}`. Query, key and value are fused into one [3D, D] matrix at load:
+/// one matmul instead of three, forward and backward.
+struct BertLayer {
+    qkv: Linear,
+    attention_output: Linear,
+    attention_layer_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_layer_norm: LayerNorm,
+    heads: usize,
+}
+
+/// What one layer's backward needs.
+struct BertLayerSaved {
+    /// [B, H, S, K] each
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// [B, H, S, S]
+    probs: Tensor,
+    attention_ln: LayerNormSaved,
+    /// [T, F], before GELU
+    intermediate: Tensor,
+    output_ln: LayerNormSaved,
+}
+
+impl BertLayer {
+    fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let sa = vb.pp("attention").pp("self");
+        let part = |name: &str| -> Result<(Tensor, Tensor)> {
+            Ok((
+                sa.pp(name).get((d, d), "weight")?,
+                sa.pp(name).get(d, "bias")?,
+            ))
+        };
+        let ((q_w, q_b), (k_w, k_b), (v_w, v_b)) = (part("query")?, part("key")?, part("value")?);
+        let qkv = Linear::new(
+            Tensor::cat(&[q_w, k_w, v_w], 0)?,
+            Some(Tensor::cat(&[q_b, k_b, v_b], 0)?),
+        );
+        let eps = cfg.layer_norm_eps;
+        Ok(Self {
+            qkv,
+            attention_output: linear(&vb.pp("attention").pp("output").pp("dense"), d, d)?,
+            attention_layer_norm: layer_norm(
+                &vb.pp("attention").pp("output").pp("LayerNorm"),
+                d,
+                eps,
+            )?,
+            intermediate: linear(&vb.pp("intermediate").pp("dense"), f, d)?,
+            output: linear(&vb.pp("output").pp("dense"), d, f)?,
+            output_layer_norm: layer_norm(&vb.pp("output").pp("LayerNorm"), d, eps)?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// x [T, D], bias [B, 1, 1, S] → y [T, D]
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        b: usize,
+        s: usize,
+    ) -> Result<(Tensor, BertLayerSaved)> {
+        let (t, d) = x.dims2()?;
+        let (h, k) = (self.heads, d / self.heads);
+        // [T, 3D] → [3, B, H, S, K]
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, s, 3, h, k))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let (q, kk, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let scale = 1.0 / (k as f64).sqrt();
+        let (context, probs) = attention_forward(&q, &kk, &v, bias, scale)?;
+        let context = context.transpose(1, 2)?.reshape((t, d))?;
+        let attended = self.attention_output.forward(&context)?;
+        let (h1, attention_ln) = self.attention_layer_norm.forward(&(attended + x)?)?;
+        let intermediate = self.intermediate.forward(&h1)?;
+        let out = self.output.forward(&gelu_erf_forward(&intermediate)?)?;
+        let (y, output_ln) = self.output_layer_norm.forward(&(out + &h1)?)?;
+        Ok((
+            y,
+            BertLayerSaved {
+                q,
+                k: kk,
+                v,
+                probs,
+                attention_ln,
+                intermediate,
+                output_ln,
+            },
+        ))
+    }
+
+    /// dy [T, D] → dx [T, D]
+    fn backward(&self, dy: &Tensor, saved: &BertLayerSaved) -> Result<Tensor> {
+        let (t, d) = dy.dims2()?;
+        let (b, h, s, k) = saved.q.dims4()?;
+        let d_sum2 = self.output_layer_norm.backward(dy, &saved.output_ln)?;
+        let d_gelu = self.output.backward(&d_sum2)?;
+        let d_intermediate = gelu_erf_backward(&d_gelu, &saved.intermediate)?;
+        let d_h1 = (self.intermediate.backward(&d_intermediate)? + d_sum2)?;
+        let d_sum1 = self
+            .attention_layer_norm
+            .backward(&d_h1, &saved.attention_ln)?;
+        let d_context = self.attention_output.backward(&d_sum1)?;
+        let d_context = d_context
+            .reshape((b, s, h, k))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let scale = 1.0 / (k as f64).sqrt();
+        let (dq, dk, dv) = attention_backward(
+            &d_context,
+            &saved.q,
+            &saved.k,
+            &saved.v,
+            &saved.probs,
+            scale,
+        )?;
+        // [3, B, H, S, K] → [T, 3D]
+        let d_qkv = Tensor::stack(&[dq, dk, dv], 0)?
+            .permute((1, 3, 0, 2, 4))?
+            .reshape((t, 3 * d))?;
+        self.qkv.backward(&d_qkv)? + d_sum1
+    }
+}
+
+/// The frozen BERT encoder, plus its pooler (`pooler.dense`, read by the `pooler` head) when the
+/// checkpoint has one.
+pub struct Bert {
+    pub config: BertConfig,
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    pub pooler: Option<Linear>,
+}
+
+/// Activations of one training forward: the embedding LayerNorm's and each layer's.
+pub struct BertActivations {
+    shape: (usize, usize, usize),
+    embeddings: LayerNormSaved,
+    layers: Vec<BertLayerSaved>,
+}
+
+impl Bert {
+    /// Loads config.json and model.safetensors (or every *.safetensors file) from `dir`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let files = safetensors_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only; changing them while loaded is the user's error.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+            .with_context(|| format!("cannot read the safetensors weights in {}", dir.display()))?;
+        Self::from_var_builder(vb, config).with_context(|| {
+            format!(
+                "the weights in {} do not match its config.json (or are not a BERT checkpoint)",
+                dir.display()
+            )
+        })
+    }
+
+    pub fn from_var_builder(vb: VarBuilder, config: BertConfig) -> Result<Self> {
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        let embeddings = BertEmbeddings::load(vb.pp("embeddings"), &config)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| BertLayer::load(vb.pp("encoder").pp(format!("layer.{i}")), &config))
+            .collect::<Result<Vec<_>>>()?;
+        let pooler = if vb.contains_tensor("pooler.dense.weight") {
+            Some(linear(
+                &vb.pp("pooler").pp("dense"),
+                config.hidden_size,
+                config.hidden_size,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            pooler,
+        })
+    }
+
+    fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<BertActivations>)> {
+        let shape = input.embeds.dims3()?;
+        let (b, s, d) = shape;
+        let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
+        let (mut x, embeddings) = self
+            .embeddings
+            .forward(input.embeds, input.token_type_ids)?;
+        let mut layers = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
+        for layer in &self.layers {
+            let (y, saved) = layer.forward(&x, &bias, b, s)?;
+            if keep {
+                layers.push(saved);
+            }
+            x = y;
+        }
+        let activations = keep.then_some(BertActivations {
+            shape,
+            embeddings,
+            layers,
+        });
+        Ok((x.reshape((b, s, d))?, activations))
+    }
+}
+
+impl Backbone for Bert {
+    type Activations = BertActivations;
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn word_embeddings(&self) -> &Tensor {
+        &self.embeddings.word_embeddings
+    }
+
+    fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
+        Ok(self.run(input, false)?.0)
+    }
+
+    fn forward_train(&self, input: &EncoderInput) -> Result<(Tensor, BertActivations)> {
+        let (hidden, activations) = self.run(input, true)?;
+        Ok((hidden, activations.expect("kept")))
+    }
+
+    fn backward(&self, d_hidden: &Tensor, activations: BertActivations) -> Result<Tensor> {
+        let (b, s, d) = activations.shape;
+        let mut dx = d_hidden.reshape((b * s, d))?;
+        for (layer, saved) in self.layers.iter().zip(&activations.layers).rev() {
+            dx = layer.backward(&dx, saved)?;
+        }
+        self.embeddings
+            .backward(&dx, &activations.embeddings, activations.shape)
+    }
+}
+
+/// model.safetensors, or the shards of a sharded checkpoint, in name order.
+pub(crate) fn safetensors_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the model directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "no *.safetensors weights in {} (expected model.safetensors)",
+            dir.display()
+        );
+    }
+    Ok(files)
+}

@@ -1,0 +1,99 @@
+//! Encoded examples → padded batches, ordered so that each batch holds examples of similar length
+//! (less padding, less work) while the order still changes every epoch.
+
+use crate::tokenize::Encoded;
+use candle_core::{Device, Result, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// One batch, padded on the right to its longest row. The soft prompt is not in it yet.
+pub struct Batch {
+    /// [B, N] u32
+    pub ids: Tensor,
+    /// [B, N] u32
+    pub type_ids: Tensor,
+    /// [B, N] u32: 1 for a real token, 0 for padding
+    pub attention_mask: Tensor,
+    /// [B] u32, when the examples are labelled
+    pub labels: Option<Tensor>,
+    /// each row's index in the data set
+    pub rows: Vec<usize>,
+}
+
+impl Batch {
+    pub fn new(
+        data: &[Encoded],
+        labels: Option<&[u32]>,
+        rows: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
+        let width = rows.iter().map(|&r| data[r].ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * width);
+        let mut type_ids = Vec::with_capacity(rows.len() * width);
+        let mut mask = Vec::with_capacity(rows.len() * width);
+        for &r in rows {
+            let e = &data[r];
+            let pad = width - e.ids.len();
+            ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+            type_ids.extend(
+                e.type_ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            mask.extend(std::iter::repeat_n(1u32, e.ids.len()).chain(std::iter::repeat_n(0, pad)));
+        }
+        let shape = (rows.len(), width);
+        Ok(Self {
+            ids: Tensor::from_vec(ids, shape, device)?,
+            type_ids: Tensor::from_vec(type_ids, shape, device)?,
+            attention_mask: Tensor::from_vec(mask, shape, device)?,
+            labels: labels
+                .map(|l| Tensor::from_iter(rows.iter().map(|&r| l[r]), device))
+                .transpose()?,
+            rows: rows.to_vec(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// How many batches make one pool whose rows are sorted by length before being cut into batches.
+const BUCKET_POOL: usize = 50;
+
+/// The batches of one training epoch: a shuffle that depends only on (seed, epoch), so a resumed
+/// run sees the same batches; then pools of 50 batches sorted by length; then the batches shuffled.
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(epoch as u64),
+    );
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(&mut rng);
+    let mut batches = Vec::new();
+    for pool in order.chunks_mut(batch_size * BUCKET_POOL) {
+        pool.sort_by_key(|&i| lengths[i]);
+        batches.extend(pool.chunks(batch_size).map(|c| c.to_vec()));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
+/// Evaluation batches: sorted by length, no shuffle (results are put back in file order by `rows`).
+pub fn eval_batches(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    order.chunks(batch_size).map(|c| c.to_vec()).collect()
+}

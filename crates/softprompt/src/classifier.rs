@@ -1,0 +1,136 @@
+//! The whole classifier: tokens → [prompt; word embeddings] → frozen backbone → head → loss, and the
+//! gradient back: head (candle's tape) → backbone (explicit backward) → prompt.
+
+use crate::backbone::{Backbone, EncoderInput};
+use crate::batch::{eval_batches, Batch};
+use crate::prompt::{extend_front, SoftPrompt};
+use crate::task::classify::{cross_entropy, ClassificationHead};
+use crate::tokenize::Encoded;
+use anyhow::Context;
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+pub struct PromptClassifier<B: Backbone> {
+    pub backbone: B,
+    pub prompt: SoftPrompt,
+    pub head: ClassificationHead,
+    pub labels: Vec<String>,
+}
+
+/// A batch with the prompt in front: embeddings [B, M + N, D], mask and token types [B, M + N].
+struct Prompted {
+    embeds: Tensor,
+    attention_mask: Tensor,
+    token_type_ids: Tensor,
+}
+
+impl Prompted {
+    fn input(&self) -> EncoderInput<'_> {
+        EncoderInput {
+            embeds: &self.embeds,
+            attention_mask: &self.attention_mask,
+            token_type_ids: &self.token_type_ids,
+        }
+    }
+}
+
+impl<B: Backbone> PromptClassifier<B> {
+    fn prompted(&self, batch: &Batch) -> Result<Prompted> {
+        let m = self.prompt.len();
+        Ok(Prompted {
+            embeds: self
+                .prompt
+                .prepend(&self.backbone.embed_tokens(&batch.ids)?)?,
+            attention_mask: extend_front(&batch.attention_mask, m, 1)?,
+            token_type_ids: extend_front(&batch.type_ids, m, 0)?,
+        })
+    }
+
+    /// The trainable tensors, in the order `loss_and_grads` returns their gradients.
+    pub fn params(&self) -> [&Var; 3] {
+        [&self.prompt.embeddings, &self.head.weight, &self.head.bias]
+    }
+
+    /// → logits [B, C], f32
+    pub fn logits(&self, batch: &Batch) -> Result<Tensor> {
+        let p = self.prompted(batch)?;
+        let hidden = self.backbone.forward(&p.input())?;
+        self.head
+            .forward(&hidden, &p.attention_mask, self.prompt.len())?
+            .to_dtype(DType::F32)
+    }
+
+    /// The mean cross-entropy of a labelled batch and the gradients of `params()`.
+    pub fn loss_and_grads(&self, batch: &Batch) -> anyhow::Result<(f64, Vec<Tensor>)> {
+        let labels = batch
+            .labels
+            .as_ref()
+            .context("a training batch needs labels")?;
+        let p = self.prompted(batch)?;
+        let (hidden, activations) = self.backbone.forward_train(&p.input())?;
+        // The head's tape starts at the hidden state: a fresh Var, so ∂L/∂hidden comes back.
+        let hidden = Var::from_tensor(&hidden)?;
+        let logits = self
+            .head
+            .forward(hidden.as_tensor(), &p.attention_mask, self.prompt.len())?;
+        let loss = cross_entropy(&logits, labels)?;
+        let grads = loss.backward()?;
+        let d_hidden = grads
+            .get(hidden.as_tensor())
+            .context("no gradient reached the hidden state")?;
+        let d_embeds = self.backbone.backward(d_hidden, activations)?;
+        let d_prompt = self.prompt.gradient(&d_embeds)?.to_dtype(DType::F32)?;
+        let head_grad = |v: &Var| {
+            grads
+                .get(v.as_tensor())
+                .cloned()
+                .context("no gradient reached the head")
+        };
+        let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok((
+            loss,
+            vec![
+                d_prompt,
+                head_grad(&self.head.weight)?,
+                head_grad(&self.head.bias)?,
+            ],
+        ))
+    }
+
+    /// Logits [N, C] for every example, in the data set's order.
+    pub fn predict_all(
+        &self,
+        data: &[Encoded],
+        batch_size: usize,
+        device: &Device,
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
+        let mut out = vec![Vec::new(); data.len()];
+        for rows in eval_batches(&lengths, batch_size) {
+            let batch = Batch::new(data, None, &rows, device)?;
+            let logits = self.logits(&batch)?.to_vec2::<f32>()?;
+            for (row, l) in rows.into_iter().zip(logits) {
+                out[row] = l;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Index of the largest value (the predicted class).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Probabilities from logits.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}

@@ -1,0 +1,249 @@
+//! Labelled text files → examples. TSV (no quoting), CSV (RFC 4180 quoting) and JSON lines, told
+//! apart by the file's extension. Every error names the file, the line and the field.
+
+use anyhow::{bail, Context};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// Which columns (or JSON fields) hold the text, the optional second text of a pair, and the label.
+#[derive(Debug, Clone)]
+pub struct Columns {
+    pub text: String,
+    pub text_pair: Option<String>,
+    pub label: String,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Self {
+            text: "text".into(),
+            text_pair: None,
+            label: "label".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub text: String,
+    pub text_pair: Option<String>,
+    pub label: Option<String>,
+    /// 1-based line in the source file, for error messages
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Tsv,
+    Csv,
+    JsonLines,
+}
+
+fn format_of(path: &Path) -> anyhow::Result<Format> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    Ok(match ext.as_str() {
+        "tsv" | "tab" => Format::Tsv,
+        "csv" => Format::Csv,
+        "jsonl" | "ndjson" | "json" => Format::JsonLines,
+        _ => bail!(
+            "{}: unknown data format; use a .tsv, .csv or .jsonl file",
+            path.display()
+        ),
+    })
+}
+
+/// Whether the label column must be present in every row (training and evaluation) or may be absent
+/// (prediction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Labels {
+    Required,
+    Optional,
+}
+
+pub fn read_examples(
+    path: &Path,
+    columns: &Columns,
+    labels: Labels,
+) -> anyhow::Result<Vec<Example>> {
+    let format = format_of(path)?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read data file {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text: {e}", path.display()))?;
+    let examples = match format {
+        Format::JsonLines => read_json_lines(path, &text, columns, labels)?,
+        Format::Tsv | Format::Csv => read_delimited(path, &text, format, columns, labels)?,
+    };
+    if examples.is_empty() {
+        bail!("{}: no examples", path.display());
+    }
+    Ok(examples)
+}
+
+fn read_delimited(
+    path: &Path,
+    text: &str,
+    format: Format,
+    columns: &Columns,
+    labels: Labels,
+) -> anyhow::Result<Vec<Example>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(if format == Format::Tsv { b'\t' } else { b',' })
+        .quoting(format == Format::Csv)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let file = path.display();
+    let headers = reader
+        .headers()
+        .with_context(|| format!("{file} line 1: cannot read the header"))?
+        .clone();
+    let find = |name: &str| headers.iter().position(|h| h.trim() == name);
+    let missing = |name: &str| {
+        anyhow::anyhow!(
+            "{file} line 1: no column '{name}' in the header (columns: {})",
+            headers.iter().collect::<Vec<_>>().join(", ")
+        )
+    };
+    let text_col = find(&columns.text).ok_or_else(|| missing(&columns.text))?;
+    let pair_col = match &columns.text_pair {
+        Some(name) => Some(find(name).ok_or_else(|| missing(name))?),
+        None => None,
+    };
+    let label_col = match (find(&columns.label), labels) {
+        (None, Labels::Required) => return Err(missing(&columns.label)),
+        (col, _) => col,
+    };
+    let mut examples = Vec::new();
+    for record in reader.records() {
+        let record = record.with_context(|| format!("{file}: malformed row"))?;
+        let line = record.position().map_or(0, |p| p.line() as usize);
+        let field = |col: usize, name: &str| -> anyhow::Result<String> {
+            match record.get(col) {
+                Some(v) => Ok(v.to_string()),
+                None => bail!(
+                    "{file} line {line}: field '{name}' is missing (the row has {} fields)",
+                    record.len()
+                ),
+            }
+        };
+        if record.len() == 1 && record.get(0).is_some_and(|f| f.trim().is_empty()) {
+            continue; // a blank line
+        }
+        let example = Example {
+            text: field(text_col, &columns.text)?,
+            text_pair: match (pair_col, &columns.text_pair) {
+                (Some(col), Some(name)) => Some(field(col, name)?),
+                _ => None,
+            },
+            label: label_col
+                .map(|col| field(col, &columns.label))
+                .transpose()?,
+            line,
+        };
+        examples.push(check(example, path, columns)?);
+    }
+    Ok(examples)
+}
+
+fn read_json_lines(
+    path: &Path,
+    text: &str,
+    columns: &Columns,
+    labels: Labels,
+) -> anyhow::Result<Vec<Example>> {
+    let file = path.display();
+    let mut examples = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(raw)
+            .with_context(|| format!("{file} line {line}: not valid JSON"))?;
+        let object = value
+            .as_object()
+            .ok_or_else(|| anyhow::anyhow!("{file} line {line}: not a JSON object"))?;
+        let field = |name: &str, required: bool| -> anyhow::Result<Option<String>> {
+            match object.get(name) {
+                None | Some(serde_json::Value::Null) if required => {
+                    bail!("{file} line {line}: field '{name}' is missing")
+                }
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                    Ok(Some(v.to_string()))
+                }
+                Some(_) => {
+                    bail!("{file} line {line}: field '{name}' must be a string, number or boolean")
+                }
+            }
+        };
+        let example = Example {
+            text: field(&columns.text, true)?.unwrap_or_default(),
+            text_pair: match &columns.text_pair {
+                Some(name) => field(name, true)?,
+                None => None,
+            },
+            label: field(&columns.label, labels == Labels::Required)?,
+            line,
+        };
+        examples.push(check(example, path, columns)?);
+    }
+    Ok(examples)
+}
+
+fn check(example: Example, path: &Path, columns: &Columns) -> anyhow::Result<Example> {
+    let at = |name: &str| format!("{} line {}: field '{name}'", path.display(), example.line);
+    if example.text.trim().is_empty() {
+        bail!("{} is empty", at(&columns.text));
+    }
+    if let (Some(pair), Some(name)) = (&example.text_pair, &columns.text_pair) {
+        if pair.trim().is_empty() {
+            bail!("{} is empty", at(name));
+        }
+    }
+    if example
+        .label
+        .as_deref()
+        .is_some_and(|l| l.trim().is_empty())
+    {
+        bail!("{} is empty", at(&columns.label));
+    }
+    Ok(example)
+}
+
+/// The label names a training file defines, sorted so the same file always gives the same ids.
+pub fn label_set(examples: &[Example]) -> Vec<String> {
+    examples
+        .iter()
+        .filter_map(|e| e.label.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Label name → id, with an error naming the file and line of a label the adapter does not know.
+pub fn label_ids(examples: &[Example], labels: &[String], path: &Path) -> anyhow::Result<Vec<u32>> {
+    examples
+        .iter()
+        .map(|e| {
+            let name = e.label.as_deref().unwrap_or_default();
+            labels
+                .iter()
+                .position(|l| l == name)
+                .map(|i| i as u32)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} line {}: label '{name}' was never seen in training (known labels: {})",
+                        path.display(),
+                        e.line,
+                        labels.join(", ")
+                    )
+                })
+        })
+        .collect()
+}

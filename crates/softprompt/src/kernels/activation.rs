@@ -1,0 +1,14 @@
+use candle_core::{Result, Tensor};
+use std::f64::consts::{PI, SQRT_2};
+
+/// GELU with the exact erf: y = x·Φ(x). The backward needs x itself, which the caller keeps.
+pub fn gelu_erf_forward(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// dx = dy · (Φ(x) + x·φ(x)), Φ(x) = ½(1 + erf(x/√2)), φ(x) = exp(−x²/2)/√(2π).
+pub fn gelu_erf_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let cdf = (((x / SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+    let pdf = ((x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * PI).sqrt()))?;
+    dy * (cdf + (x * pdf)?)?
+}

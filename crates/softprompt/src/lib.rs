@@ -1,0 +1,34 @@
+//! softprompt: prompt tuning (Lester, Al-Rfou, Constant 2021) of frozen transformers.
+//!
+//! The data flows through the modules in this order:
+//!
+//! ```text
+//! data        file rows → Example { text, label }
+//! tokenize    text → token ids (the model's tokenizer.json)
+//! batch       ids → padded, length-bucketed batches
+//! prompt      word embeddings [B, N, D] → [P; X] [B, M + N, D]
+//! backbone    frozen encoder forward, keeping activations; explicit backward to the embeddings
+//! kernels     the forward / input-gradient pairs the backbones are built from
+//! task        pooled hidden state → head → cross-entropy (candle's autograd, small)
+//! classifier  all of the above for one batch; the prompt's gradient
+//! optim       AdamW, Adafactor, schedules, clipping
+//! train       the loop: evaluation, early stopping, checkpoints, resume
+//! adapter     PEFT-format adapter directories
+//! metrics     accuracy, macro-F1, per-class precision / recall, confusion matrix
+//! ```
+
+pub mod adapter;
+pub mod backbone;
+pub mod batch;
+mod choice;
+pub mod classifier;
+pub mod data;
+pub mod fsutil;
+pub mod kernels;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod prompt;
+pub mod task;
+pub mod tokenize;
+pub mod train;

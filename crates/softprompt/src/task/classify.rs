@@ -1,0 +1,123 @@
+//! Sequence classification: pool the last hidden state, a linear layer, cross-entropy.
+//!
+//! The head runs on candle's autograd: it is small, and its input is made a `Var` so that the
+//! tape hands back ∂L/∂hidden for the backbone's explicit backward.
+
+use crate::choice::named_choice;
+use crate::kernels::Linear;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::Normal;
+use serde::{Deserialize, Serialize};
+
+/// Which vector of the last hidden state [B, M + N, D] the head reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// The raw hidden state at position 0, the first prompt vector (the starting example).
+    First,
+    /// The checkpoint's frozen BERT pooler (dense + tanh) on position 0: PEFT's SEQ_CLS with
+    /// BertForSequenceClassification.
+    Pooler,
+    /// The hidden state of the real [CLS] token, right after the prompt.
+    Cls,
+    /// The mean over the real tokens (prompt and padding left out).
+    Mean,
+}
+named_choice!(Pool, "first", "pooler", "cls", "mean");
+
+/// A linear layer on the pooled vector: `weight` [C, D], `bias` [C] (PEFT's `classifier`).
+pub struct ClassificationHead {
+    pub weight: Var,
+    pub bias: Var,
+    pub pool: Pool,
+    /// `pooler.dense` of the backbone, frozen; present when `pool` is `Pooler`.
+    pooler: Option<Linear>,
+}
+
+impl ClassificationHead {
+    /// N(0, 0.02) weights and zero bias, as transformers initialises a classifier.
+    pub fn init(
+        num_labels: usize,
+        hidden: usize,
+        pool: Pool,
+        pooler: Option<Linear>,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let normal = Normal::new(0.0f32, 0.02).expect("valid std");
+        let w: Vec<f32> = (0..num_labels * hidden)
+            .map(|_| rng.sample(normal))
+            .collect();
+        let weight = Tensor::from_vec(w, (num_labels, hidden), device)?;
+        let bias = Tensor::zeros(num_labels, DType::F32, device)?;
+        Self::from_tensors(&weight, &bias, pool, pooler)
+    }
+
+    pub fn from_tensors(
+        weight: &Tensor,
+        bias: &Tensor,
+        pool: Pool,
+        pooler: Option<Linear>,
+    ) -> anyhow::Result<Self> {
+        if pool == Pool::Pooler && pooler.is_none() {
+            anyhow::bail!("--pool pooler needs the checkpoint's pooler.dense weights, and this model has none");
+        }
+        Ok(Self {
+            weight: Var::from_tensor(weight)?,
+            bias: Var::from_tensor(bias)?,
+            pool,
+            pooler,
+        })
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    /// hidden [B, M + N, D], mask [B, M + N] (u32) → pooled [B, D]
+    fn pooled(&self, hidden: &Tensor, mask: &Tensor, prompt_len: usize) -> Result<Tensor> {
+        match self.pool {
+            Pool::First => hidden.narrow(1, 0, 1)?.squeeze(1),
+            Pool::Cls => hidden.narrow(1, prompt_len, 1)?.squeeze(1),
+            Pool::Pooler => {
+                let pooler = self.pooler.as_ref().expect("checked at construction");
+                pooler.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()
+            }
+            Pool::Mean => {
+                let (b, s, _) = hidden.dims3()?;
+                let real = mask
+                    .narrow(1, prompt_len, s - prompt_len)?
+                    .to_dtype(hidden.dtype())?;
+                let real = real.reshape((b, s - prompt_len, 1))?;
+                let sum = hidden
+                    .narrow(1, prompt_len, s - prompt_len)?
+                    .broadcast_mul(&real)?
+                    .sum(1)?;
+                sum.broadcast_div(&real.sum(1)?)
+            }
+        }
+    }
+
+    /// hidden [B, M + N, D], mask [B, M + N] → logits [B, C]
+    pub fn forward(&self, hidden: &Tensor, mask: &Tensor, prompt_len: usize) -> Result<Tensor> {
+        let pooled = self.pooled(hidden, mask, prompt_len)?;
+        let weight = self.weight.as_tensor().to_dtype(pooled.dtype())?;
+        let bias = self.bias.as_tensor().to_dtype(pooled.dtype())?;
+        pooled.matmul(&weight.t()?)?.broadcast_add(&bias)
+    }
+}
+
+/// logits [B, C], labels [B] u32 → mean cross-entropy (a scalar).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let log_probs = log_softmax(logits)?;
+    let picked = log_probs.gather(&labels.unsqueeze(1)?, 1)?;
+    picked.mean_all()?.neg()
+}
+
+/// logits [B, C] → log-probabilities [B, C], from differentiable ops.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}

@@ -1,0 +1,507 @@
+//! The training loop, top to bottom: set the learning rate, forward and backward, clip, step, log;
+//! every `eval_every` steps evaluate on dev, keep the best adapter, checkpoint, maybe stop early.
+
+use crate::adapter::Adapter;
+use crate::backbone::bert::Bert;
+use crate::backbone::Backbone;
+use crate::batch::{epoch_batches, Batch};
+use crate::classifier::{argmax, softmax, PromptClassifier};
+use crate::data::{label_ids, label_set, read_examples, Columns, Labels};
+use crate::fsutil::{load_tensors, save_tensors, write_atomic};
+use crate::metrics::Report;
+use crate::model::Model;
+use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig, OptimizerKind, Schedule};
+use crate::prompt::{InitSource, PromptInit, SoftPrompt};
+use crate::task::classify::{ClassificationHead, Pool};
+use crate::tokenize::{encode_all, Encoded};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything that decides what a run computes. Stored in the checkpoint: a resumed run must use the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub num_virtual_tokens: usize,
+    pub init: PromptInit,
+    pub init_text: Option<String>,
+    pub pool: Pool,
+    pub optimizer: OptimizerKind,
+    /// None: the optimizer's default (`OptimizerKind::default_lr`)
+    pub lr: Option<f64>,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub max_grad_norm: Option<f64>,
+    /// None: four evaluations an epoch
+    pub eval_every: Option<usize>,
+    /// stop after this many evaluations without a better dev accuracy
+    pub patience: Option<usize>,
+    pub seed: u64,
+    /// cap on tokens per example (the model's limit minus the prompt is always the upper bound)
+    pub max_tokens: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            num_virtual_tokens: 20,
+            init: PromptInit::Vocab,
+            init_text: None,
+            pool: Pool::Mean,
+            optimizer: OptimizerKind::Adamw,
+            lr: None,
+            weight_decay: 0.0,
+            schedule: Schedule::Linear,
+            warmup_steps: 0,
+            epochs: 3,
+            max_steps: None,
+            batch_size: 32,
+            max_grad_norm: Some(1.0),
+            eval_every: None,
+            patience: Some(4),
+            seed: 0,
+            max_tokens: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.num_virtual_tokens == 0 {
+            bail!("--num-virtual-tokens must be at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            bail!("--epochs must be at least 1 (or give --max-steps)");
+        }
+        if self.max_steps == Some(0) || self.eval_every == Some(0) {
+            bail!("--max-steps and --eval-every must be at least 1");
+        }
+        if self.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
+            bail!("--lr must be a positive number");
+        }
+        if self.init == PromptInit::Text
+            && self
+                .init_text
+                .as_deref()
+                .is_none_or(|t| t.trim().is_empty())
+        {
+            bail!("--init text needs --init-text \"...\"");
+        }
+        if self.max_grad_norm.is_some_and(|n| n <= 0.0) {
+            bail!("--max-grad-norm must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.lr.unwrap_or(self.optimizer.default_lr())
+    }
+}
+
+/// Where a run reads and writes.
+pub struct TrainPaths {
+    pub model: PathBuf,
+    pub train: PathBuf,
+    pub dev: Option<PathBuf>,
+    pub output: PathBuf,
+    pub columns: Columns,
+}
+
+/// What the loop reports as it goes (the CLI draws a progress bar from it).
+pub enum Event<'a> {
+    Start {
+        total_steps: usize,
+        steps_per_epoch: usize,
+        resumed_at: usize,
+        train_examples: usize,
+    },
+    Step {
+        step: usize,
+        loss: f64,
+        lr: f64,
+        examples_per_s: f64,
+    },
+    Eval {
+        step: usize,
+        report: &'a Report,
+        loss: f64,
+        improved: bool,
+    },
+    EarlyStop {
+        step: usize,
+    },
+}
+
+pub struct Summary {
+    pub steps: usize,
+    pub best_dev_accuracy: Option<f64>,
+    pub adapter: PathBuf,
+}
+
+const CHECKPOINT: &str = "checkpoint.safetensors";
+const METRICS: &str = "metrics.jsonl";
+
+/// Where the loop stands: what a checkpoint stores besides tensors.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Progress {
+    step: usize,
+    epoch: usize,
+    /// batches of `epoch` already done
+    batch: usize,
+    best: Option<f64>,
+    evals_without_gain: usize,
+    optimizer_steps: u64,
+}
+
+/// Labelled, tokenized examples.
+struct LabelledSet {
+    data: Vec<Encoded>,
+    labels: Vec<u32>,
+}
+
+fn load_set(
+    path: &Path,
+    columns: &Columns,
+    label_names: Option<&[String]>,
+    model: &Model,
+    prompt_len: usize,
+    max_tokens: Option<usize>,
+) -> anyhow::Result<(LabelledSet, Vec<String>)> {
+    let examples = read_examples(path, columns, Labels::Required)?;
+    let names = match label_names {
+        Some(n) => n.to_vec(),
+        None => label_set(&examples),
+    };
+    let labels = label_ids(&examples, &names, path)?;
+    let data = encode_all(&model.encoder(prompt_len, max_tokens)?, &examples, path)?;
+    Ok((LabelledSet { data, labels }, names))
+}
+
+/// Accuracy and the rest on a labelled set, with its mean cross-entropy.
+pub fn evaluate<B: Backbone>(
+    classifier: &PromptClassifier<B>,
+    data: &[Encoded],
+    gold: &[u32],
+    batch_size: usize,
+    device: &Device,
+) -> anyhow::Result<(Report, f64)> {
+    let logits = classifier.predict_all(data, batch_size, device)?;
+    let predicted: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
+    let loss = logits
+        .iter()
+        .zip(gold)
+        .map(|(l, &g)| -(softmax(l)[g as usize].max(f32::MIN_POSITIVE) as f64).ln())
+        .sum::<f64>()
+        / gold.len().max(1) as f64;
+    Ok((Report::new(&classifier.labels, gold, &predicted), loss))
+}
+
+pub fn train(
+    paths: &TrainPaths,
+    config: &TrainConfig,
+    resume: bool,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event),
+) -> anyhow::Result<Summary> {
+    config.validate()?;
+    let checkpoint_path = paths.output.join(CHECKPOINT);
+    if !resume && checkpoint_path.exists() {
+        bail!("{} already holds a training run; pass --resume to continue it, or choose another --output", paths.output.display());
+    }
+    if resume && !checkpoint_path.exists() {
+        bail!(
+            "--resume: there is no checkpoint in {}",
+            paths.output.display()
+        );
+    }
+    let model = Model::load(&paths.model, DType::F32, device)?;
+    let m = config.num_virtual_tokens;
+    let (train_set, label_names) = load_set(
+        &paths.train,
+        &paths.columns,
+        None,
+        &model,
+        m,
+        config.max_tokens,
+    )?;
+    if label_names.len() < 2 {
+        bail!(
+            "{}: training needs at least two different labels, found {:?}",
+            paths.train.display(),
+            label_names
+        );
+    }
+    let dev_set = match &paths.dev {
+        Some(dev) => Some(
+            load_set(
+                dev,
+                &paths.columns,
+                Some(&label_names),
+                &model,
+                m,
+                config.max_tokens,
+            )?
+            .0,
+        ),
+        None => None,
+    };
+
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let encoder = model.encoder(m, None)?;
+    let label_token_ids = label_names
+        .iter()
+        .map(|l| encoder.plain_ids(&l.replace(['_', '-'], " ")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let text_ids = match &config.init_text {
+        Some(t) => encoder.plain_ids(t)?,
+        None => Vec::new(),
+    };
+    let vocab_ids = encoder.word_ids();
+    let source = InitSource {
+        word_embeddings: model.backbone.word_embeddings(),
+        vocab_ids: &vocab_ids,
+        text_ids: &text_ids,
+        label_ids: &label_token_ids,
+    };
+    let prompt = SoftPrompt::init(config.init, m, &source, &mut rng)?;
+    let d = model.backbone.hidden_size();
+    let pooler = if config.pool == Pool::Pooler {
+        model.backbone.pooler.clone()
+    } else {
+        None
+    };
+    let head =
+        ClassificationHead::init(label_names.len(), d, config.pool, pooler, &mut rng, device)?;
+    let peft = model.peft_config(m, config.init.peft_name(), config.init_text.clone());
+    let classifier = PromptClassifier {
+        backbone: model.backbone,
+        prompt,
+        head,
+        labels: label_names,
+    };
+    let mut optimizer = Optimizer::new(
+        OptimizerConfig {
+            kind: config.optimizer,
+            weight_decay: config.weight_decay,
+            ..Default::default()
+        },
+        &classifier.params(),
+    )?;
+
+    std::fs::create_dir_all(&paths.output)
+        .with_context(|| format!("cannot create {}", paths.output.display()))?;
+    let mut progress = Progress::default();
+    if resume {
+        progress = load_checkpoint(
+            &checkpoint_path,
+            config,
+            &classifier,
+            &mut optimizer,
+            device,
+        )?;
+        truncate_metrics(&paths.output.join(METRICS), progress.step)?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.output.join(METRICS))?;
+
+    let lengths: Vec<usize> = train_set.data.iter().map(|e| e.ids.len()).collect();
+    let steps_per_epoch = lengths.len().div_ceil(config.batch_size);
+    let total = config.max_steps.unwrap_or(steps_per_epoch * config.epochs);
+    let eval_every = config.eval_every.unwrap_or((steps_per_epoch / 4).max(1));
+    on_event(Event::Start {
+        total_steps: total,
+        steps_per_epoch,
+        resumed_at: progress.step,
+        train_examples: lengths.len(),
+    });
+    let save_adapter = |c: &PromptClassifier<Bert>| -> anyhow::Result<()> {
+        Adapter {
+            config: peft.clone(),
+            prompt: c.prompt.embeddings.as_tensor().to_dtype(DType::F32)?,
+            head_weight: c.head.weight.as_tensor().clone(),
+            head_bias: c.head.bias.as_tensor().clone(),
+            labels: c.labels.clone(),
+            pool: c.head.pool,
+        }
+        .save(&paths.output)
+    };
+
+    let mut epoch_plan: (usize, Vec<Vec<usize>>) = (usize::MAX, Vec::new());
+    while progress.step < total {
+        if epoch_plan.0 != progress.epoch {
+            epoch_plan = (
+                progress.epoch,
+                epoch_batches(&lengths, config.batch_size, config.seed, progress.epoch),
+            );
+        }
+        let rows = &epoch_plan.1[progress.batch];
+        let started = Instant::now();
+        let lr = config
+            .schedule
+            .lr(config.lr(), progress.step, config.warmup_steps, total);
+        let batch = Batch::new(&train_set.data, Some(&train_set.labels), rows, device)?;
+        let (loss, mut grads) = classifier.loss_and_grads(&batch)?;
+        if !loss.is_finite() {
+            bail!(
+                "the loss became {loss} at step {}: lower --lr",
+                progress.step + 1
+            );
+        }
+        let grad_norm = clip_grad_norm(&mut grads, config.max_grad_norm.unwrap_or(f64::INFINITY))?;
+        optimizer.step(&classifier.params(), &grads, lr)?;
+        let examples_per_s = rows.len() as f64 / started.elapsed().as_secs_f64();
+        progress.step += 1;
+        progress.batch += 1;
+        if progress.batch == epoch_plan.1.len() {
+            progress.epoch += 1;
+            progress.batch = 0;
+        }
+        on_event(Event::Step {
+            step: progress.step,
+            loss,
+            lr,
+            examples_per_s,
+        });
+        let record = serde_json::json!({"step": progress.step, "epoch": progress.epoch, "loss": loss, "lr": lr,
+            "grad_norm": grad_norm, "examples_per_s": examples_per_s});
+        writeln!(metrics, "{record}")?;
+
+        if progress.step % eval_every != 0 && progress.step != total {
+            continue;
+        }
+        match &dev_set {
+            Some(dev) => {
+                let (report, dev_loss) = evaluate(
+                    &classifier,
+                    &dev.data,
+                    &dev.labels,
+                    config.batch_size,
+                    device,
+                )?;
+                let improved = progress.best.is_none_or(|b| report.accuracy > b);
+                if improved {
+                    progress.best = Some(report.accuracy);
+                    progress.evals_without_gain = 0;
+                    save_adapter(&classifier)?;
+                } else {
+                    progress.evals_without_gain += 1;
+                }
+                let record = serde_json::json!({"step": progress.step, "dev_accuracy": report.accuracy,
+                    "dev_macro_f1": report.macro_f1, "dev_loss": dev_loss});
+                writeln!(metrics, "{record}")?;
+                on_event(Event::Eval {
+                    step: progress.step,
+                    report: &report,
+                    loss: dev_loss,
+                    improved,
+                });
+            }
+            None => save_adapter(&classifier)?,
+        }
+        metrics.flush()?;
+        progress.optimizer_steps = optimizer.steps();
+        save_checkpoint(&checkpoint_path, config, &classifier, &optimizer, &progress)?;
+        if config
+            .patience
+            .is_some_and(|p| progress.evals_without_gain >= p)
+        {
+            on_event(Event::EarlyStop {
+                step: progress.step,
+            });
+            break;
+        }
+    }
+    Ok(Summary {
+        steps: progress.step,
+        best_dev_accuracy: progress.best,
+        adapter: paths.output.clone(),
+    })
+}
+
+fn save_checkpoint(
+    path: &Path,
+    config: &TrainConfig,
+    classifier: &PromptClassifier<Bert>,
+    optimizer: &Optimizer,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let [p, w, b] = classifier.params();
+    let mut tensors = vec![
+        ("prompt".to_string(), p.as_tensor().clone()),
+        ("head.weight".to_string(), w.as_tensor().clone()),
+        ("head.bias".to_string(), b.as_tensor().clone()),
+    ];
+    tensors.extend(optimizer.state().0);
+    let metadata = HashMap::from([
+        ("config".to_string(), serde_json::to_string(config)?),
+        ("progress".to_string(), serde_json::to_string(progress)?),
+    ]);
+    save_tensors(path, &tensors, Some(metadata))
+}
+
+fn load_checkpoint(
+    path: &Path,
+    config: &TrainConfig,
+    classifier: &PromptClassifier<Bert>,
+    optimizer: &mut Optimizer,
+    device: &Device,
+) -> anyhow::Result<Progress> {
+    let (tensors, metadata) = load_tensors(path, device)?;
+    let field = |k: &str| {
+        metadata
+            .get(k)
+            .with_context(|| format!("{} lacks its {k} record", path.display()))
+    };
+    let saved: TrainConfig = serde_json::from_str(field("config")?)?;
+    if &saved != config {
+        bail!(
+            "--resume: the options differ from the interrupted run's; resume with the same options.\n  checkpoint: {}\n  now:        {}",
+            serde_json::to_string(&saved)?,
+            serde_json::to_string(config)?
+        );
+    }
+    let progress: Progress = serde_json::from_str(field("progress")?)?;
+    for (name, var) in ["prompt", "head.weight", "head.bias"]
+        .into_iter()
+        .zip(classifier.params())
+    {
+        let t: &Tensor = tensors
+            .get(name)
+            .with_context(|| format!("{} has no tensor {name}", path.display()))?;
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    optimizer.load_state(&tensors, progress.optimizer_steps)?;
+    Ok(progress)
+}
+
+/// Drops the log lines written after the checkpoint a run resumes from, so the log reads as one run.
+fn truncate_metrics(path: &Path, step: usize) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
