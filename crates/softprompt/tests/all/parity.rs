@@ -1,0 +1,128 @@
+//! The backbone against transformers: last hidden states and pooler outputs, with and without a
+//! soft prompt, from fixtures written by scripts/make_fixtures.py.
+
+use crate::{assets, fixtures, max_abs_diff};
+use candle_core::{DType, Device, Tensor};
+use softprompt::backbone::bert::Bert;
+use softprompt::backbone::{Backbone, EncoderInput};
+use softprompt::fsutil::load_tensors;
+use softprompt::prompt::{extend_front, SoftPrompt};
+use softprompt::tokenize::TextEncoder;
+use std::collections::HashMap;
+
+fn fixture(name: &str) -> (HashMap<String, Tensor>, HashMap<String, String>) {
+    load_tensors(&fixtures().join(name), &Device::Cpu).unwrap()
+}
+
+fn u32s(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::U32).unwrap()
+}
+
+/// Runs the backbone on ids, with the prompt in front when given, as PEFT does.
+fn hidden(
+    bert: &Bert,
+    ids: &Tensor,
+    types: &Tensor,
+    mask: &Tensor,
+    prompt: Option<&Tensor>,
+) -> Tensor {
+    let word = bert.embed_tokens(ids).unwrap();
+    let (embeds, mask, types) = match prompt {
+        Some(p) => {
+            let m = p.dim(0).unwrap();
+            let prompt = SoftPrompt::from_tensor(p).unwrap();
+            (
+                prompt.prepend(&word).unwrap(),
+                extend_front(mask, m, 1).unwrap(),
+                extend_front(types, m, 0).unwrap(),
+            )
+        }
+        None => (word, mask.clone(), types.clone()),
+    };
+    bert.forward(&EncoderInput {
+        embeds: &embeds,
+        attention_mask: &mask,
+        token_type_ids: &types,
+    })
+    .unwrap()
+}
+
+/// Relative to the largest magnitude in the reference.
+fn relative(ours: &Tensor, reference: &Tensor) -> f64 {
+    let scale = reference
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    max_abs_diff(ours, reference) / scale
+}
+
+#[test]
+fn tiny_bert_matches_transformers_with_and_without_prompt() {
+    let (f, _) = fixture("tiny_bert_parity.safetensors");
+    let bert = Bert::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
+    let (ids, types, mask) = (u32s(&f["ids"]), u32s(&f["type_ids"]), u32s(&f["mask"]));
+    let pooler = bert.pooler.clone().expect("tiny-bert has a pooler");
+    for (prompt, hidden_key, pooled_key) in [
+        (None, "hidden_plain", "pooled_plain"),
+        (Some(&f["prompt"]), "hidden_prompted", "pooled_prompted"),
+    ] {
+        let h = hidden(&bert, &ids, &types, &mask, prompt);
+        let err = relative(&h, &f[hidden_key]);
+        assert!(err < 1e-5, "{hidden_key}: relative error {err:e}");
+        let pooled = pooler
+            .forward(&h.narrow(1, 0, 1).unwrap().squeeze(1).unwrap())
+            .unwrap()
+            .tanh()
+            .unwrap();
+        let err = relative(&pooled, &f[pooled_key]);
+        assert!(err < 1e-5, "{pooled_key}: relative error {err:e}");
+    }
+}
+
+/// The default model, all-MiniLM-L6-v2 (from `make assets`): tokenizer ids and hidden states.
+#[test]
+fn minilm_matches_transformers_with_and_without_prompt() {
+    let dir = assets().join("models/all-MiniLM-L6-v2");
+    assert!(
+        dir.is_dir(),
+        "{} is missing: run `make assets` (make test does)",
+        dir.display()
+    );
+    let (f, meta) = fixture("minilm_parity.safetensors");
+    let sentences: Vec<String> = serde_json::from_str(&meta["sentences"]).unwrap();
+    let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"), 512).unwrap();
+    let ids = f["ids"]
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap();
+    let mask = f["mask"]
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap();
+    for ((sentence, row), mask) in sentences.iter().zip(&ids).zip(&mask) {
+        let real = mask.iter().filter(|&&m| m == 1).count();
+        let expected: Vec<u32> = row[..real].iter().map(|&i| i as u32).collect();
+        assert_eq!(
+            encoder.encode(sentence, None).unwrap().ids,
+            expected,
+            "token ids of {sentence:?}"
+        );
+    }
+    let bert = Bert::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let (ids, mask) = (u32s(&f["ids"]), u32s(&f["mask"]));
+    let types = ids.zeros_like().unwrap();
+    for (prompt, key) in [
+        (None, "hidden_plain"),
+        (Some(&f["prompt"]), "hidden_prompted"),
+    ] {
+        let err = relative(&hidden(&bert, &ids, &types, &mask, prompt), &f[key]);
+        assert!(err < 1e-4, "{key}: relative error {err:e}");
+    }
+}

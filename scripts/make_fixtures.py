@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Writes the reference fixtures the Rust tests compare against, from PyTorch + transformers + peft.
+
+    make fixtures        # builds .venv-ref (torch, transformers, peft) and runs this script
+
+Outputs (committed; the venv is not):
+  tests/fixtures/tiny-bert/            a random 2-layer BERT (BertForSequenceClassification layout,
+                                       `bert.` prefix, pooler) with a 64-word WordPiece tokenizer
+  tests/fixtures/tiny_bert_parity.safetensors
+                                       ids, masks, a prompt, and transformers' last hidden states and
+                                       pooler outputs with and without the prompt
+  tests/fixtures/peft-tiny-adapter/    a SEQ_CLS prompt-tuning adapter written by PEFT itself
+  tests/fixtures/peft_tiny_logits.safetensors
+                                       PEFT's logits for that adapter on FIXTURE_TEXTS
+  tests/fixtures/minilm_parity.safetensors   (when assets/ holds all-MiniLM-L6-v2)
+                                       the real model's token ids and hidden states for a few sentences
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures"
+VERSION = "1"
+
+WORDS = (
+    "the a an is was it this that movie film story plot actor acting good great fine fun "
+    "funny moving wonderful bad awful dull boring weak poor not very too so and but of "
+    "to in with for on at by from i you we they he she one two three love hate like"
+).split()
+FIXTURE_TEXTS = ["a good movie", "the plot was dull and boring", "i love this great film"]
+
+
+def tiny_bert(dir: Path) -> BertForSequenceClassification:
+    dir.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(dir / "vocab.txt"), do_lower_case=True).save_pretrained(dir)
+    for extra in ["tokenizer_config.json", "special_tokens_map.json"]:
+        (dir / extra).unlink(missing_ok=True)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=24, max_position_embeddings=40, type_vocab_size=2, num_labels=2,
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    # Large enough weights that every layer does visible work (the default init is N(0, 0.02)).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(dir, safe_serialization=True)
+    return model
+
+
+def prompted_inputs(bert: BertModel, ids, types, mask, prompt):
+    b, m = ids.shape[0], prompt.shape[0]
+    embeds = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), bert.embeddings.word_embeddings(ids)], 1)
+    return dict(
+        inputs_embeds=embeds,
+        attention_mask=torch.cat([torch.ones(b, m, dtype=mask.dtype), mask], 1),
+        token_type_ids=torch.cat([torch.zeros(b, m, dtype=types.dtype), types], 1),
+    )
+
+
+def tiny_parity(model: BertForSequenceClassification) -> None:
+    bert = model.bert
+    ids = torch.tensor([[2, 5, 20, 9, 25, 3, 0], [2, 30, 31, 3, 40, 41, 3]])
+    types = torch.tensor([[0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    torch.manual_seed(1)
+    prompt = torch.randn(3, 16)
+    with torch.no_grad():
+        plain = bert(input_ids=ids, token_type_ids=types, attention_mask=mask)
+        prompted = bert(**prompted_inputs(bert, ids, types, mask, prompt))
+    save_file(
+        {
+            "ids": ids.to(torch.int64), "type_ids": types.to(torch.int64), "mask": mask.to(torch.int64),
+            "prompt": prompt.contiguous(),
+            "hidden_plain": plain.last_hidden_state.contiguous(), "pooled_plain": plain.pooler_output.contiguous(),
+            "hidden_prompted": prompted.last_hidden_state.contiguous(),
+            "pooled_prompted": prompted.pooler_output.contiguous(),
+        },
+        FIX / "tiny_bert_parity.safetensors",
+        metadata={"version": VERSION},
+    )
+
+
+def peft_adapter(base_dir: Path) -> None:
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    model = BertForSequenceClassification.from_pretrained(base_dir).eval()
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.normal_(0.0, 1.0)
+        head = peft_model.base_model.classifier.modules_to_save["default"]
+        head.weight.normal_(0.0, 0.5)
+        head.bias.normal_(0.0, 0.5)
+    out = FIX / "peft-tiny-adapter"
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    peft_model.eval()
+    tok = BertTokenizerFast.from_pretrained(base_dir)
+    logits = []
+    with torch.no_grad():
+        for text in FIXTURE_TEXTS:
+            enc = tok(text, return_tensors="pt")
+            logits.append(peft_model(**enc).logits[0])
+    save_file({"logits": torch.stack(logits).contiguous()}, FIX / "peft_tiny_logits.safetensors",
+              metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
+
+
+MINILM_SENTENCES = [
+    "A gorgeous, witty, seductive movie.",
+    "The plot is nothing but boilerplate clichés from start to finish.",
+    "It's a bit long.",
+]
+
+
+def minilm_parity() -> None:
+    model_dir = ROOT / "assets" / "models" / "all-MiniLM-L6-v2"
+    if not model_dir.is_dir():
+        print("skipping MiniLM fixtures: run `make assets` first", file=sys.stderr)
+        return
+    tok = BertTokenizerFast.from_pretrained(model_dir)
+    bert = BertModel.from_pretrained(model_dir).eval()
+    enc = tok(MINILM_SENTENCES, padding=True, return_tensors="pt")
+    torch.manual_seed(3)
+    prompt = torch.rand(5, 384) - 0.5
+    with torch.no_grad():
+        plain = bert(**enc).last_hidden_state
+        prompted = bert(**prompted_inputs(bert, enc["input_ids"], enc["token_type_ids"], enc["attention_mask"], prompt))
+    save_file(
+        {
+            "ids": enc["input_ids"].to(torch.int64), "mask": enc["attention_mask"].to(torch.int64),
+            "prompt": prompt.contiguous(), "hidden_plain": plain.contiguous(),
+            "hidden_prompted": prompted.last_hidden_state.contiguous(),
+        },
+        FIX / "minilm_parity.safetensors",
+        metadata={"version": VERSION, "sentences": json.dumps(MINILM_SENTENCES)},
+    )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    FIX.mkdir(parents=True, exist_ok=True)
+    model = tiny_bert(FIX / "tiny-bert")
+    tiny_parity(model)
+    peft_adapter(FIX / "tiny-bert")
+    minilm_parity()
+    print("fixtures written to", FIX)
