@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import BertWordPieceTokenizer, Tokenizer
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +41,7 @@ def tiny_bert(dir: Path) -> BertForSequenceClassification:
     dir.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     (dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(dir / "vocab.txt"), do_lower_case=True).save_pretrained(dir)
-    for extra in ["tokenizer_config.json", "special_tokens_map.json"]:
-        (dir / extra).unlink(missing_ok=True)
+    BertWordPieceTokenizer(str(dir / "vocab.txt"), lowercase=True).save(str(dir / "tokenizer.json"))
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=24, max_position_embeddings=40, type_vocab_size=2, num_labels=2,
@@ -108,12 +107,14 @@ def peft_adapter(base_dir: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     peft_model.save_pretrained(out)
     peft_model.eval()
-    tok = BertTokenizerFast.from_pretrained(base_dir)
+    tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
     logits = []
     with torch.no_grad():
         for text in FIXTURE_TEXTS:
-            enc = tok(text, return_tensors="pt")
-            logits.append(peft_model(**enc).logits[0])
+            enc = tok.encode(text)
+            assert tok.token_to_id("[UNK]") not in enc.ids, f"{text!r} has words outside the tiny vocabulary"
+            ids = torch.tensor([enc.ids])
+            logits.append(peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0])
     save_file({"logits": torch.stack(logits).contiguous()}, FIX / "peft_tiny_logits.safetensors",
               metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
 

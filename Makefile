@@ -1,0 +1,45 @@
+# The two commands of the README:
+#   make demo   fetch the default model and data, build, train on the movie-review split, print test accuracy
+#   make test   fetch what the tests need, build, run every test
+CARGO  ?= cargo
+PYTHON ?= python3
+MODEL  := assets/models/all-MiniLM-L6-v2
+DATA   := assets/data/movie-reviews
+BIN    := target/release/softprompt
+RUN    := runs/movie-reviews
+VENV   := .venv-ref
+
+.PHONY: demo test assets build fixtures interop sweep clean
+
+assets:
+	$(PYTHON) scripts/fetch_assets.py
+
+build:
+	$(CARGO) build --release
+
+# An interrupted demo continues from its last checkpoint; a finished one just reports again.
+demo: assets build
+	$(BIN) train --model $(MODEL) --train $(DATA)/train.tsv --dev $(DATA)/dev.tsv --output $(RUN) \
+		$$(test -f $(RUN)/checkpoint.safetensors && echo --resume)
+	@echo "== test split =="
+	$(BIN) eval --model $(MODEL) --adapter $(RUN) --data $(DATA)/test.tsv
+
+test: assets
+	$(CARGO) test --release --workspace
+
+# The reference side: PyTorch + transformers + peft, for fixtures and the PEFT round trip (not CI).
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet torch transformers peft safetensors
+
+fixtures: assets $(VENV)/bin/python
+	$(VENV)/bin/python scripts/make_fixtures.py
+
+interop: assets build $(VENV)/bin/python
+	$(VENV)/bin/python scripts/interop.py
+
+sweep: assets build
+	scripts/sweep_defaults.sh
+
+clean:
+	rm -rf target runs
