@@ -14,7 +14,7 @@ use softprompt::prompt::PromptInit;
 use softprompt::task::classify::Pool;
 use softprompt::tokenize::{encode_all, TextEncoder};
 use softprompt::train::{evaluate, train, Event, TrainConfig, TrainPaths};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -127,19 +127,28 @@ struct TrainArgs {
     resume: bool,
 }
 
+/// What inference reads: the model, the adapter, and how many texts go through at once.
 #[derive(Args)]
-struct EvalArgs {
+struct InferenceArgs {
+    /// Hugging Face model directory the adapter was trained on.
     #[arg(long)]
     model: PathBuf,
+    /// Adapter directory (softprompt's or PEFT's).
     #[arg(long)]
     adapter: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    inference: InferenceArgs,
     /// Labelled data: .tsv, .csv or .jsonl.
     #[arg(long)]
     data: PathBuf,
     #[command(flatten)]
     columns: ColumnArgs,
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -147,10 +156,8 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct PredictArgs {
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long)]
-    adapter: PathBuf,
+    #[command(flatten)]
+    inference: InferenceArgs,
     /// Texts to label.
     texts: Vec<String>,
     /// A file of texts (.tsv, .csv or .jsonl) to label, in addition to TEXT arguments.
@@ -158,8 +165,6 @@ struct PredictArgs {
     input: Option<PathBuf>,
     #[command(flatten)]
     columns: ColumnArgs,
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
     /// Print JSON lines: text, label, scores (probability per label), logits.
     #[arg(long)]
     json: bool,
@@ -285,21 +290,26 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// The classifier an adapter describes, and the tokenizer that fits its prompt.
 fn load_for_inference(
-    model: &Path,
-    adapter: &Path,
+    args: &InferenceArgs,
 ) -> anyhow::Result<(TextEncoder, PromptClassifier<Bert>)> {
-    let model = Model::load(model, DType::F32, &Device::Cpu)?;
-    let adapter = Adapter::load(adapter, model.backbone.hidden_size(), &Device::Cpu)?;
+    let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
+    let adapter = Adapter::load(&args.adapter, model.backbone.hidden_size(), &Device::Cpu)?;
     let encoder = model.encoder(adapter.prompt.dim(0)?, None)?;
     Ok((encoder, model.classifier(&adapter)?))
 }
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    let (encoder, classifier) = load_for_inference(&args.model, &args.adapter)?;
+    let (encoder, classifier) = load_for_inference(&args.inference)?;
     let examples = read_examples(&args.data, &args.columns.columns(), Labels::Required)?;
     let gold = label_ids(&examples, &classifier.labels, &args.data)?;
     let data = encode_all(&encoder, &examples, &args.data)?;
-    let (report, _) = evaluate(&classifier, &data, &gold, args.batch_size, &Device::Cpu)?;
+    let (report, _) = evaluate(
+        &classifier,
+        &data,
+        &gold,
+        args.inference.batch_size,
+        &Device::Cpu,
+    )?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -333,7 +343,7 @@ fn run_predict(args: PredictArgs) -> anyhow::Result<()> {
     if let Some(e) = examples.iter().find(|e| e.text.trim().is_empty()) {
         bail!("text {} is empty", e.line);
     }
-    let (encoder, classifier) = load_for_inference(&args.model, &args.adapter)?;
+    let (encoder, classifier) = load_for_inference(&args.inference)?;
     let data = examples
         .iter()
         .map(|e| {
@@ -342,7 +352,7 @@ fn run_predict(args: PredictArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("input {}", e.line))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let logits = classifier.predict_all(&data, args.batch_size, &Device::Cpu)?;
+    let logits = classifier.predict_all(&data, args.inference.batch_size, &Device::Cpu)?;
     for (example, logits) in examples.iter().zip(logits) {
         let label = &classifier.labels[argmax(&logits) as usize];
         if args.json {

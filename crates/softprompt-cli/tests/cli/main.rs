@@ -15,7 +15,11 @@ fn tiny_model() -> PathBuf {
 fn tempdir() -> PathBuf {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("softprompt-cli-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst)));
+    let dir = std::env::temp_dir().join(format!(
+        "softprompt-cli-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -41,7 +45,11 @@ fn stderr(o: &Output) -> String {
 
 fn ok(args: &[&str]) -> String {
     let o = run(args);
-    assert!(o.status.success(), "softprompt {args:?} failed:\n{}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "softprompt {args:?} failed:\n{}",
+        stderr(&o)
+    );
     stdout(&o)
 }
 
@@ -49,10 +57,19 @@ fn ok(args: &[&str]) -> String {
 fn fails_with(args: &[&str], expected: &[&str]) {
     let o = run(args);
     let err = stderr(&o);
-    assert!(!o.status.success(), "softprompt {args:?} should have failed");
-    assert!(!err.contains("panicked"), "softprompt {args:?} panicked:\n{err}");
+    assert!(
+        !o.status.success(),
+        "softprompt {args:?} should have failed"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "softprompt {args:?} panicked:\n{err}"
+    );
     for e in expected {
-        assert!(err.contains(e), "softprompt {args:?}: expected {e:?} in:\n{err}");
+        assert!(
+            err.contains(e),
+            "softprompt {args:?}: expected {e:?} in:\n{err}"
+        );
     }
 }
 
@@ -63,16 +80,33 @@ fn toy_data(dir: &Path) -> (String, String) {
     let filler = ["the", "movie", "film", "plot", "was", "very"];
     let mut rows = vec!["text\tlabel".to_string()];
     for i in 0..48 {
-        let (words, label) = if i % 2 == 0 { (&pos, "positive") } else { (&neg, "negative") };
-        rows.push(format!("{} {} {} {}\t{label}", filler[i % 6], words[i % 6], filler[(i + 1) % 6], words[(i + 3) % 6]));
+        let (words, label) = if i % 2 == 0 {
+            (&pos, "positive")
+        } else {
+            (&neg, "negative")
+        };
+        rows.push(format!(
+            "{} {} {} {}\t{label}",
+            filler[i % 6],
+            words[i % 6],
+            filler[(i + 1) % 6],
+            words[(i + 3) % 6]
+        ));
     }
-    rows.push(format!("{}\tpositive", vec!["the good movie"; 60].join(" ")));
+    rows.push(format!(
+        "{}\tpositive",
+        vec!["the good movie"; 60].join(" ")
+    ));
     let train = dir.join("train.tsv");
     std::fs::write(&train, rows.join("\n") + "\n").unwrap();
     let dev = dir.join("dev.jsonl");
     let dev_rows: Vec<String> = (0..8)
         .map(|i| {
-            let (w, l) = if i % 2 == 0 { (pos[i % 6], "positive") } else { (neg[i % 6], "negative") };
+            let (w, l) = if i % 2 == 0 {
+                (pos[i % 6], "positive")
+            } else {
+                (neg[i % 6], "negative")
+            };
             format!("{{\"text\": \"a {w} film\", \"label\": \"{l}\"}}")
         })
         .collect();
@@ -80,8 +114,26 @@ fn toy_data(dir: &Path) -> (String, String) {
     (train.display().to_string(), dev.display().to_string())
 }
 
-fn train_args<'a>(model: &'a str, train: &'a str, dev: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["train", "--model", model, "--train", train, "--dev", dev, "--output", out, "--batch-size", "8"];
+fn train_args<'a>(
+    model: &'a str,
+    train: &'a str,
+    dev: &'a str,
+    out: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "--model",
+        model,
+        "--train",
+        train,
+        "--dev",
+        dev,
+        "--output",
+        out,
+        "--batch-size",
+        "8",
+    ];
     args.extend_from_slice(extra);
     args
 }
@@ -92,37 +144,107 @@ fn train_then_eval_then_predict() {
     let (train, dev) = toy_data(&dir);
     let model = tiny_model().display().to_string();
     let out = dir.join("adapter").display().to_string();
-    ok(&train_args(&model, &train, &dev, &out, &["--max-steps", "60", "--eval-every", "20", "--lr", "0.05"]));
-    for file in ["adapter_config.json", "adapter_model.safetensors", "softprompt.json", "metrics.jsonl"] {
+    ok(&train_args(
+        &model,
+        &train,
+        &dev,
+        &out,
+        &["--max-steps", "60", "--eval-every", "20", "--lr", "0.05"],
+    ));
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "softprompt.json",
+        "metrics.jsonl",
+    ] {
         assert!(Path::new(&out).join(file).is_file(), "{file} missing");
     }
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(&out).join("adapter_config.json")).unwrap()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&out).join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(config["peft_type"], "PROMPT_TUNING");
     assert_eq!(config["task_type"], "SEQ_CLS");
     assert_eq!(config["num_virtual_tokens"], 20);
     assert_eq!(config["token_dim"], 16);
 
-    let report: serde_json::Value = serde_json::from_str(&ok(&["eval", "--model", &model, "--adapter", &out, "--data", &dev, "--json"])).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--data",
+        &dev,
+        "--json",
+    ]))
+    .unwrap();
     let accuracy = report["accuracy"].as_f64().unwrap();
-    assert!(accuracy >= 0.75, "the toy task is separable; dev accuracy {accuracy}");
+    assert!(
+        accuracy >= 0.75,
+        "the toy task is separable; dev accuracy {accuracy}"
+    );
     assert!(report["macro_f1"].as_f64().is_some());
-    assert!(ok(&["eval", "--model", &model, "--adapter", &out, "--data", &dev]).contains("confusion"));
+    assert!(
+        ok(&["eval", "--model", &model, "--adapter", &out, "--data", &dev]).contains("confusion")
+    );
 
-    let lines = ok(&["predict", "--model", &model, "--adapter", &out, "--json", "a great fun film", "a dull boring plot"]);
-    let rows: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = ok(&[
+        "predict",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--json",
+        "a great fun film",
+        "a dull boring plot",
+    ]);
+    let rows: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["text"], "a great fun film");
     let scores = rows[0]["scores"].as_object().unwrap();
     let total: f64 = scores.values().map(|v| v.as_f64().unwrap()).sum();
     assert!((total - 1.0).abs() < 1e-5);
     assert_eq!(rows[0]["logits"].as_array().unwrap().len(), 2);
-    assert!(rows.iter().all(|r| r["label"] == "positive" || r["label"] == "negative"));
+    assert!(rows
+        .iter()
+        .all(|r| r["label"] == "positive" || r["label"] == "negative"));
     // predict and eval agree: predict's labels on the dev file give eval's accuracy
-    let predicted = ok(&["predict", "--model", &model, "--adapter", &out, "--json", "--input", &dev]);
-    let gold: Vec<serde_json::Value> = std::fs::read_to_string(&dev).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let right = predicted.lines().zip(&gold).filter(|(p, g)| serde_json::from_str::<serde_json::Value>(p).unwrap()["label"] == g["label"]).count();
+    let predicted = ok(&[
+        "predict",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--json",
+        "--input",
+        &dev,
+    ]);
+    let gold: Vec<serde_json::Value> = std::fs::read_to_string(&dev)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let right = predicted
+        .lines()
+        .zip(&gold)
+        .filter(|(p, g)| {
+            serde_json::from_str::<serde_json::Value>(p).unwrap()["label"] == g["label"]
+        })
+        .count();
     assert!((right as f64 / gold.len() as f64 - accuracy).abs() < 1e-9);
-    let plain = ok(&["predict", "--model", &model, "--adapter", &out, "--input", &train]);
+    let plain = ok(&[
+        "predict",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--input",
+        &train,
+    ]);
     assert_eq!(plain.lines().count(), 49, "one line per input");
 }
 
@@ -133,7 +255,13 @@ fn same_seed_gives_the_same_adapter_bytes() {
     let model = tiny_model().display().to_string();
     let bytes = |name: &str, seed: &str| {
         let out = dir.join(name).display().to_string();
-        ok(&train_args(&model, &train, &dev, &out, &["--max-steps", "12", "--eval-every", "6", "--seed", seed]));
+        ok(&train_args(
+            &model,
+            &train,
+            &dev,
+            &out,
+            &["--max-steps", "12", "--eval-every", "6", "--seed", seed],
+        ));
         std::fs::read(Path::new(&out).join("adapter_model.safetensors")).unwrap()
     };
     assert_eq!(bytes("a", "7"), bytes("b", "7"));
@@ -145,12 +273,24 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
     let dir = tempdir();
     let (train, dev) = toy_data(&dir);
     let model = tiny_model().display().to_string();
-    let extra = ["--max-steps", "1500", "--eval-every", "25", "--patience", "0", "--num-virtual-tokens", "4"];
+    let extra = [
+        "--max-steps",
+        "1500",
+        "--eval-every",
+        "25",
+        "--patience",
+        "0",
+        "--num-virtual-tokens",
+        "4",
+    ];
     let whole = dir.join("whole").display().to_string();
     ok(&train_args(&model, &train, &dev, &whole, &extra));
 
     let cut = dir.join("cut").display().to_string();
-    let mut child = softprompt(&train_args(&model, &train, &dev, &cut, &extra)).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = softprompt(&train_args(&model, &train, &dev, &cut, &extra))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let checkpoint = Path::new(&cut).join("checkpoint.safetensors");
     while !checkpoint.exists() {
         std::thread::sleep(std::time::Duration::from_millis(1));
@@ -158,15 +298,28 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
     child.kill().unwrap();
     child.wait().unwrap();
     let log = std::fs::read_to_string(Path::new(&cut).join("metrics.jsonl")).unwrap();
-    let last_step = log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).max().unwrap();
-    assert!(last_step < 1500, "the run finished before it could be interrupted");
+    let last_step = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .max()
+        .unwrap();
+    assert!(
+        last_step < 1500,
+        "the run finished before it could be interrupted"
+    );
 
-    fails_with(&train_args(&model, &train, &dev, &cut, &extra), &["already holds a training run", "--resume"]);
+    fails_with(
+        &train_args(&model, &train, &dev, &cut, &extra),
+        &["already holds a training run", "--resume"],
+    );
     let mut resumed = train_args(&model, &train, &dev, &cut, &extra);
     resumed.push("--resume");
     ok(&resumed);
     let read = |d: &str| std::fs::read(Path::new(d).join("adapter_model.safetensors")).unwrap();
-    assert!(read(&whole) == read(&cut), "resumed adapter differs from the uninterrupted run's");
+    assert!(
+        read(&whole) == read(&cut),
+        "resumed adapter differs from the uninterrupted run's"
+    );
 
     let mut changed = resumed.clone();
     changed.extend(["--seed", "3"]);
@@ -177,7 +330,14 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
 fn a_peft_adapter_loads_in_predict() {
     let model = tiny_model().display().to_string();
     let adapter = fixtures().join("peft-tiny-adapter").display().to_string();
-    let out = ok(&["predict", "--model", &model, "--adapter", &adapter, "a good movie"]);
+    let out = ok(&[
+        "predict",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "a good movie",
+    ]);
     assert!(out.starts_with("LABEL_"), "{out}");
 }
 
@@ -193,53 +353,164 @@ fn bad_input_gets_a_clear_error() {
         path.display().to_string()
     };
 
-    fails_with(&train_args(&model, "/nonexistent/train.tsv", &dev, &out, &[]), &["cannot read data file", "/nonexistent/train.tsv"]);
-    let malformed = p("malformed.tsv", "text\tlabel\ngood film\tpositive\nbad film\n");
-    fails_with(&train_args(&model, &malformed, &dev, &out, &[]), &["malformed.tsv line 3", "field 'label' is missing"]);
-    let empty = p("empty.tsv", "text\tlabel\ngood film\tpositive\n \tnegative\n");
-    fails_with(&train_args(&model, &empty, &dev, &out, &[]), &["empty.tsv line 3", "field 'text' is empty"]);
-    let unseen = p("unseen.tsv", "text\tlabel\ngood film\tpositive\nok film\tneutral\n");
-    fails_with(&train_args(&model, &train, &unseen, &out, &[]), &["unseen.tsv line 3", "label 'neutral' was never seen in training"]);
+    fails_with(
+        &train_args(&model, "/nonexistent/train.tsv", &dev, &out, &[]),
+        &["cannot read data file", "/nonexistent/train.tsv"],
+    );
+    let malformed = p(
+        "malformed.tsv",
+        "text\tlabel\ngood film\tpositive\nbad film\n",
+    );
+    fails_with(
+        &train_args(&model, &malformed, &dev, &out, &[]),
+        &["malformed.tsv line 3", "field 'label' is missing"],
+    );
+    let empty = p(
+        "empty.tsv",
+        "text\tlabel\ngood film\tpositive\n \tnegative\n",
+    );
+    fails_with(
+        &train_args(&model, &empty, &dev, &out, &[]),
+        &["empty.tsv line 3", "field 'text' is empty"],
+    );
+    let unseen = p(
+        "unseen.tsv",
+        "text\tlabel\ngood film\tpositive\nok film\tneutral\n",
+    );
+    fails_with(
+        &train_args(&model, &train, &unseen, &out, &[]),
+        &[
+            "unseen.tsv line 3",
+            "label 'neutral' was never seen in training",
+        ],
+    );
     let one_label = p("one.tsv", "text\tlabel\ngood film\tpositive\n");
-    fails_with(&train_args(&model, &one_label, &dev, &out, &[]), &["at least two different labels"]);
-    fails_with(&train_args(&model, &train, &dev, &out, &["--init", "text"]), &["--init text needs --init-text"]);
-    fails_with(&train_args(&model, &train, &dev, &out, &["--pool", "avg"]), &["unknown value 'avg'", "first, pooler, cls, mean"]);
+    fails_with(
+        &train_args(&model, &one_label, &dev, &out, &[]),
+        &["at least two different labels"],
+    );
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &["--init", "text"]),
+        &["--init text needs --init-text"],
+    );
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &["--pool", "avg"]),
+        &["unknown value 'avg'", "first, pooler, cls, mean"],
+    );
 
     // model directories: missing files, weights that do not match config.json
     let no_tokenizer = dir.join("no-tokenizer");
     std::fs::create_dir_all(&no_tokenizer).unwrap();
-    std::fs::copy(tiny_model().join("config.json"), no_tokenizer.join("config.json")).unwrap();
-    fails_with(&train_args(no_tokenizer.to_str().unwrap(), &train, &dev, &out, &[]), &["lacks tokenizer.json"]);
+    std::fs::copy(
+        tiny_model().join("config.json"),
+        no_tokenizer.join("config.json"),
+    )
+    .unwrap();
+    fails_with(
+        &train_args(no_tokenizer.to_str().unwrap(), &train, &dev, &out, &[]),
+        &["lacks tokenizer.json"],
+    );
     let mismatched = dir.join("mismatched");
     std::fs::create_dir_all(&mismatched).unwrap();
     for f in ["model.safetensors", "tokenizer.json"] {
         std::fs::copy(tiny_model().join(f), mismatched.join(f)).unwrap();
     }
-    let config = std::fs::read_to_string(tiny_model().join("config.json")).unwrap().replace("\"hidden_size\": 16", "\"hidden_size\": 32");
+    let config = std::fs::read_to_string(tiny_model().join("config.json"))
+        .unwrap()
+        .replace("\"hidden_size\": 16", "\"hidden_size\": 32");
     std::fs::write(mismatched.join("config.json"), config).unwrap();
-    fails_with(&train_args(mismatched.to_str().unwrap(), &train, &dev, &out, &[]), &["do not match its config.json", "shape mismatch"]);
-    fails_with(&train_args("/nonexistent/model", &train, &dev, &out, &[]), &["model directory /nonexistent/model does not exist"]);
+    fails_with(
+        &train_args(mismatched.to_str().unwrap(), &train, &dev, &out, &[]),
+        &["do not match its config.json", "shape mismatch"],
+    );
+    fails_with(
+        &train_args("/nonexistent/model", &train, &dev, &out, &[]),
+        &["model directory /nonexistent/model does not exist"],
+    );
 
     // adapters that do not fit the model
     let good = dir.join("good").display().to_string();
-    ok(&train_args(&model, &train, &dev, &good, &["--max-steps", "2"]));
+    ok(&train_args(
+        &model,
+        &train,
+        &dev,
+        &good,
+        &["--max-steps", "2"],
+    ));
     let copy_adapter = |name: &str| {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
-        for f in ["adapter_config.json", "adapter_model.safetensors", "softprompt.json"] {
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "softprompt.json",
+        ] {
             std::fs::copy(Path::new(&good).join(f), d.join(f)).unwrap();
         }
         d
     };
     let wrong_dim = copy_adapter("wrong-dim");
-    let cfg = std::fs::read_to_string(wrong_dim.join("adapter_config.json")).unwrap().replace("\"token_dim\": 16", "\"token_dim\": 384");
+    let cfg = std::fs::read_to_string(wrong_dim.join("adapter_config.json"))
+        .unwrap()
+        .replace("\"token_dim\": 16", "\"token_dim\": 384");
     std::fs::write(wrong_dim.join("adapter_config.json"), cfg).unwrap();
-    fails_with(&["predict", "--model", &model, "--adapter", wrong_dim.to_str().unwrap(), "x"], &["token_dim 384", "hidden size is 16"]);
+    fails_with(
+        &[
+            "predict",
+            "--model",
+            &model,
+            "--adapter",
+            wrong_dim.to_str().unwrap(),
+            "x",
+        ],
+        &["token_dim 384", "hidden size is 16"],
+    );
     let wrong_labels = copy_adapter("wrong-labels");
-    std::fs::write(wrong_labels.join("softprompt.json"), r#"{"labels": ["a", "b", "c"], "pool": "mean"}"#).unwrap();
-    fails_with(&["predict", "--model", &model, "--adapter", wrong_labels.to_str().unwrap(), "x"], &["3 label names for a classifier of 2 classes"]);
-    fails_with(&["predict", "--model", &model, "--adapter", &dir.display().to_string(), "x"], &["is not an adapter"]);
-    fails_with(&["eval", "--model", &model, "--adapter", &good, "--data", &unseen], &["unseen.tsv line 3", "never seen in training"]);
-    fails_with(&["predict", "--model", &model, "--adapter", &good], &["nothing to label"]);
-    fails_with(&["predict", "--model", &model, "--adapter", &good, "  "], &["text 1 is empty"]);
+    std::fs::write(
+        wrong_labels.join("softprompt.json"),
+        r#"{"labels": ["a", "b", "c"], "pool": "mean"}"#,
+    )
+    .unwrap();
+    fails_with(
+        &[
+            "predict",
+            "--model",
+            &model,
+            "--adapter",
+            wrong_labels.to_str().unwrap(),
+            "x",
+        ],
+        &["3 label names for a classifier of 2 classes"],
+    );
+    fails_with(
+        &[
+            "predict",
+            "--model",
+            &model,
+            "--adapter",
+            &dir.display().to_string(),
+            "x",
+        ],
+        &["is not an adapter"],
+    );
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &good,
+            "--data",
+            &unseen,
+        ],
+        &["unseen.tsv line 3", "never seen in training"],
+    );
+    fails_with(
+        &["predict", "--model", &model, "--adapter", &good],
+        &["nothing to label"],
+    );
+    fails_with(
+        &["predict", "--model", &model, "--adapter", &good, "  "],
+        &["text 1 is empty"],
+    );
 }

@@ -16,12 +16,10 @@ pub fn assets() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets")
 }
 
-/// The largest absolute difference between two tensors of the same shape.
-pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(candle_core::DType::F64).unwrap() - b.to_dtype(candle_core::DType::F64).unwrap())
-        .unwrap()
-        .abs()
+/// The largest absolute value in a tensor.
+pub fn max_abs(t: &candle_core::Tensor) -> f64 {
+    let t = t.to_dtype(candle_core::DType::F64).unwrap();
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -29,4 +27,11 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// The largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let f64 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+    max_abs(&(f64(a) - f64(b)).unwrap())
 }
