@@ -1,3 +1,4 @@
+use super::fused::{fused_for, MaskedSoftmax, SoftmaxBackward};
 use candle_core::{DType, Result, Tensor, D};
 
 /// Far below any real score, yet finite in f32 and bf16, so masked scores never turn into NaN.
@@ -21,10 +22,15 @@ pub fn attention_forward(
     bias: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
-    let shifted = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?;
-    let e = shifted.exp()?;
-    let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let raw = q.matmul(&k.t()?)?;
+    let probs = if fused_for(&raw) {
+        raw.apply_op2_no_bwd(&bias.contiguous()?, &MaskedSoftmax { scale })?
+    } else {
+        let scores = (raw * scale)?.broadcast_add(bias)?;
+        let shifted = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?;
+        let e = shifted.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+    };
     let context = probs.matmul(v)?;
     Ok((context, probs))
 }
@@ -41,9 +47,14 @@ pub fn attention_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dprobs = dcontext.matmul(&v.t()?)?;
     let dv = probs.t()?.matmul(dcontext)?;
-    let row = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
-    let dscores = (dprobs.broadcast_sub(&row)? * probs)?;
-    let dq = (dscores.matmul(k)? * scale)?;
-    let dk = (dscores.t()?.matmul(q)? * scale)?;
+    // dscores already carries the scale, so dq and dk need no further multiply.
+    let dscores = if fused_for(&dprobs) {
+        dprobs.apply_op2_no_bwd(probs, &SoftmaxBackward { scale })?
+    } else {
+        let row = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
+        ((dprobs.broadcast_sub(&row)? * probs)? * scale)?
+    };
+    let dq = dscores.matmul(k)?;
+    let dk = dscores.t()?.matmul(q)?;
     Ok((dq, dk, dv))
 }

@@ -8,7 +8,7 @@ use softprompt::batch::Batch;
 use softprompt::classifier::PromptClassifier;
 use softprompt::kernels::{
     attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, mask_bias,
-    LayerNorm, Linear,
+    with_composed, LayerNorm, Linear,
 };
 use softprompt::prompt::SoftPrompt;
 use softprompt::task::classify::{ClassificationHead, Pool};
@@ -31,6 +31,12 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(values, shape, &DEV).unwrap()
+}
+
+/// Runs `test` on the fused CPU kernels and again on the composed candle-op kernels.
+fn on_both_paths(test: impl Fn(&str)) {
+    test("fused");
+    with_composed(|| test("composed"));
 }
 
 /// Compares `analytic` (∂L/∂x) with central differences of `loss` at every element of x.
@@ -85,50 +91,71 @@ fn linear_backward_matches_finite_differences() {
 
 #[test]
 fn layer_norm_backward_matches_finite_differences() {
-    let ln = LayerNorm {
-        weight: (randn(&[6], 1) + 1.0).unwrap(),
-        bias: randn(&[6], 2),
-        eps: 1e-12,
-    };
-    let x = randn(&[2, 3, 6], 3);
-    let r = randn(&[2, 3, 6], 4);
-    let (_, saved) = ln.forward(&x).unwrap();
-    check(
-        &x,
-        &ln.backward(&r, &saved).unwrap(),
-        |x| weighted_sum(&ln.forward(x).unwrap().0, &r),
-        "layer norm",
-    );
+    on_both_paths(|path| {
+        let ln = LayerNorm {
+            weight: (randn(&[6], 1) + 1.0).unwrap(),
+            bias: randn(&[6], 2),
+            eps: 1e-12,
+        };
+        let x = randn(&[2, 3, 6], 3);
+        let r = randn(&[2, 3, 6], 4);
+        let (_, saved) = ln.forward(&x).unwrap();
+        check(
+            &x,
+            &ln.backward(&r, &saved).unwrap(),
+            |x| weighted_sum(&ln.forward(x).unwrap().0, &r),
+            &format!("layer norm ({path})"),
+        );
+    });
 }
 
 #[test]
 fn gelu_backward_matches_finite_differences() {
-    let x = (randn(&[4, 5], 1) * 3.0).unwrap();
-    let r = randn(&[4, 5], 2);
-    check(
-        &x,
-        &gelu_erf_backward(&r, &x).unwrap(),
-        |x| weighted_sum(&gelu_erf_forward(x).unwrap(), &r),
-        "gelu",
-    );
+    on_both_paths(|path| {
+        let x = (randn(&[4, 5], 1) * 3.0).unwrap();
+        let r = randn(&[4, 5], 2);
+        check(
+            &x,
+            &gelu_erf_backward(&r, &x).unwrap(),
+            |x| weighted_sum(&gelu_erf_forward(x).unwrap(), &r),
+            &format!("gelu ({path})"),
+        );
+    });
 }
 
 #[test]
 fn attention_backward_matches_finite_differences() {
-    let shape = [2, 2, 4, 3]; // B H S K
-    let (q, k, v) = (randn(&shape, 1), randn(&shape, 2), randn(&shape, 3));
-    let mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 1, 1]], &DEV).unwrap();
-    let bias = mask_bias(&mask, DType::F64).unwrap();
-    let r = randn(&shape, 4);
-    let scale = 0.7;
-    let (_, probs) = attention_forward(&q, &k, &v, &bias, scale).unwrap();
-    let (dq, dk, dv) = attention_backward(&r, &q, &k, &v, &probs, scale).unwrap();
-    let out = |q: &Tensor, k: &Tensor, v: &Tensor| {
-        weighted_sum(&attention_forward(q, k, v, &bias, scale).unwrap().0, &r)
-    };
-    check(&q, &dq, |x| out(x, &k, &v), "attention dq");
-    check(&k, &dk, |x| out(&q, x, &v), "attention dk");
-    check(&v, &dv, |x| out(&q, &k, x), "attention dv");
+    on_both_paths(|path| {
+        let shape = [2, 2, 4, 3]; // B H S K
+        let (q, k, v) = (randn(&shape, 1), randn(&shape, 2), randn(&shape, 3));
+        let mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 1, 1]], &DEV).unwrap();
+        let bias = mask_bias(&mask, DType::F64).unwrap();
+        let r = randn(&shape, 4);
+        let scale = 0.7;
+        let (_, probs) = attention_forward(&q, &k, &v, &bias, scale).unwrap();
+        let (dq, dk, dv) = attention_backward(&r, &q, &k, &v, &probs, scale).unwrap();
+        let out = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            weighted_sum(&attention_forward(q, k, v, &bias, scale).unwrap().0, &r)
+        };
+        check(
+            &q,
+            &dq,
+            |x| out(x, &k, &v),
+            &format!("attention dq ({path})"),
+        );
+        check(
+            &k,
+            &dk,
+            |x| out(&q, x, &v),
+            &format!("attention dk ({path})"),
+        );
+        check(
+            &v,
+            &dv,
+            |x| out(&q, &k, x),
+            &format!("attention dv ({path})"),
+        );
+    });
 }
 
 pub fn tiny_bert(dtype: DType) -> Bert {
@@ -137,30 +164,32 @@ pub fn tiny_bert(dtype: DType) -> Bert {
 
 #[test]
 fn bert_backward_matches_finite_differences() {
-    let bert = tiny_bert(DType::F64);
-    let embeds = randn(&[2, 5, 16], 1);
-    let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &DEV).unwrap();
-    let types = Tensor::new(&[[0u32, 0, 0, 1, 1], [0, 0, 0, 0, 0]], &DEV).unwrap();
-    let r = randn(&[2, 5, 16], 2);
-    let input = |e: &'_ Tensor| -> f64 {
-        let hidden = bert
-            .forward(&EncoderInput {
-                embeds: e,
+    on_both_paths(|path| {
+        let bert = tiny_bert(DType::F64);
+        let embeds = randn(&[2, 5, 16], 1);
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &DEV).unwrap();
+        let types = Tensor::new(&[[0u32, 0, 0, 1, 1], [0, 0, 0, 0, 0]], &DEV).unwrap();
+        let r = randn(&[2, 5, 16], 2);
+        let input = |e: &'_ Tensor| -> f64 {
+            let hidden = bert
+                .forward(&EncoderInput {
+                    embeds: e,
+                    attention_mask: &mask,
+                    token_type_ids: &types,
+                })
+                .unwrap();
+            weighted_sum(&hidden, &r)
+        };
+        let (_, acts) = bert
+            .forward_train(&EncoderInput {
+                embeds: &embeds,
                 attention_mask: &mask,
                 token_type_ids: &types,
             })
             .unwrap();
-        weighted_sum(&hidden, &r)
-    };
-    let (_, acts) = bert
-        .forward_train(&EncoderInput {
-            embeds: &embeds,
-            attention_mask: &mask,
-            token_type_ids: &types,
-        })
-        .unwrap();
-    let d_embeds = bert.backward(&r, acts).unwrap();
-    check(&embeds, &d_embeds, input, "bert");
+        let d_embeds = bert.backward(&r, acts).unwrap();
+        check(&embeds, &d_embeds, input, &format!("bert ({path})"));
+    });
 }
 
 /// The gradient the trainer applies to the prompt, for every pooling: finite differences of the

@@ -117,3 +117,41 @@ fn minilm_matches_transformers_with_and_without_prompt() {
         assert!(err < 1e-4, "{key}: relative error {err:e}");
     }
 }
+
+/// The fused CPU kernels against the composed candle-op kernels on the real model in f32: hidden
+/// states and the gradient to the embeddings, a batch with padding, a 20-vector prompt.
+#[test]
+fn fused_kernels_match_the_composed_reference_on_minilm() {
+    let dir = assets().join("models/all-MiniLM-L6-v2");
+    assert!(
+        dir.is_dir(),
+        "{} is missing: run `make assets` (make test does)",
+        dir.display()
+    );
+    let bert = Bert::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let (b, s, d) = (3, 20 + 24, 384);
+    let embeds = (Tensor::randn(0f32, 1.0, (b, s, d), &Device::Cpu).unwrap() * 0.05).unwrap();
+    let lengths = [s, s - 10, 22];
+    let mask: Vec<u32> = lengths
+        .iter()
+        .flat_map(|&n| (0..s).map(move |i| (i < n) as u32))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, s), &Device::Cpu).unwrap();
+    let types = mask.zeros_like().unwrap();
+    let upstream = Tensor::randn(0f32, 1.0, (b, s, d), &Device::Cpu).unwrap();
+    let run = || {
+        let input = EncoderInput {
+            embeds: &embeds,
+            attention_mask: &mask,
+            token_type_ids: &types,
+        };
+        let (hidden, acts) = bert.forward_train(&input).unwrap();
+        (hidden, bert.backward(&upstream, acts).unwrap())
+    };
+    let (hidden, d_embeds) = run();
+    let (hidden_ref, d_embeds_ref) = softprompt::kernels::with_composed(run);
+    let err = relative(&hidden, &hidden_ref);
+    assert!(err < 1e-4, "hidden states: relative error {err:e}");
+    let err = relative(&d_embeds, &d_embeds_ref);
+    assert!(err < 1e-4, "embedding gradient: relative error {err:e}");
+}

@@ -1,0 +1,381 @@
+//! Fused CPU kernels for the elementwise and row-wise work between the matmuls: one pass over
+//! memory instead of candle's five or six, spread over every core with rayon (candle's own
+//! elementwise ops run on one thread). f32 and f64; the callers in this module's siblings pick
+//! them on the CPU and fall back to composed candle ops elsewhere (and under `with_composed`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cpu::erf::{erf_f32, erf_f64};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+use std::cell::Cell;
+
+thread_local! {
+    static FUSED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Runs `f` with the composed candle-op kernels on this thread: the plain reference the fused
+/// kernels are tested against.
+pub fn with_composed<R>(f: impl FnOnce() -> R) -> R {
+    let before = FUSED.with(|c| c.replace(false));
+    let out = f();
+    FUSED.with(|c| c.set(before));
+    out
+}
+
+/// Whether the fused kernels serve this tensor.
+pub(super) fn fused_for(t: &Tensor) -> bool {
+    FUSED.with(|c| c.get()) && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The float types the kernels are written for.
+trait Real: Float + Send + Sync + 'static {
+    fn erf(self) -> Self;
+    fn of(storage: &CpuStorage) -> Result<&[Self]>;
+    fn into_storage(values: Vec<Self>) -> CpuStorage;
+    fn lit(v: f64) -> Self {
+        Self::from(v).expect("representable")
+    }
+}
+
+impl Real for f32 {
+    fn erf(self) -> Self {
+        erf_f32(self)
+    }
+    fn of(storage: &CpuStorage) -> Result<&[Self]> {
+        storage.as_slice::<f32>()
+    }
+    fn into_storage(values: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(values)
+    }
+}
+
+impl Real for f64 {
+    fn erf(self) -> Self {
+        erf_f64(self)
+    }
+    fn of(storage: &CpuStorage) -> Result<&[Self]> {
+        storage.as_slice::<f64>()
+    }
+    fn into_storage(values: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(values)
+    }
+}
+
+/// The contiguous slice a layout describes.
+fn view<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::of(storage)?[start..end]),
+        None => candle_core::bail!("fused kernels need contiguous inputs"),
+    }
+}
+
+/// Rows handed to one rayon task at a time: enough work to pay for the hand-off.
+fn rows_per_task(row: usize) -> usize {
+    (16384 / row.max(1)).max(1)
+}
+
+/// Calls `f(row_index, output_row)` for every row of an output of `n` elements, in parallel.
+fn for_rows<T: Real>(n: usize, row: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); n];
+    let per = rows_per_task(row);
+    out.par_chunks_mut(row * per)
+        .enumerate()
+        .for_each(|(chunk, rows)| {
+            for (i, r) in rows.chunks_mut(row).enumerate() {
+                f(chunk * per + i, r);
+            }
+        });
+    out
+}
+
+macro_rules! dispatch {
+    ($storage:expr, $f:ident ( $($arg:expr),* )) => {
+        match $storage.dtype() {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            dt => candle_core::bail!("fused kernels take f32 or f64, not {dt:?}"),
+        }
+    };
+}
+
+/// softmax over the last dimension of scores·scale + mask bias.
+/// scores [B, H, S, S], bias [B, 1, 1, S] → probabilities [B, H, S, S]
+pub(super) struct MaskedSoftmax {
+    pub scale: f64,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &MaskedSoftmax,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let (scores, bias) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
+            let (_, h, s, _) = l1.shape().dims4()?;
+            let scale = T::lit(op.scale);
+            Ok(T::into_storage(for_rows(scores.len(), s, |r, out| {
+                let row = &scores[r * s..(r + 1) * s];
+                let b = r / (h * s);
+                let bias = &bias[b * s..(b + 1) * s];
+                let mut max = T::neg_infinity();
+                for ((o, &x), &m) in out.iter_mut().zip(row).zip(bias) {
+                    *o = x * scale + m;
+                    max = max.max(*o);
+                }
+                let mut sum = T::zero();
+                for o in out.iter_mut() {
+                    *o = (*o - max).exp();
+                    sum = sum + *o;
+                }
+                let inv = T::one() / sum;
+                out.iter_mut().for_each(|o| *o = *o * inv);
+            })))
+        }
+        Ok((
+            dispatch!(s1, run(self, s1, l1, s2, l2))?,
+            l1.shape().clone(),
+        ))
+    }
+}
+
+/// dprobs, probs [.., S] → dscores·scale = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+pub(super) struct SoftmaxBackward {
+    pub scale: f64,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &SoftmaxBackward,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let (dp, p) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
+            let s = l1.shape().dims().last().copied().unwrap_or(1);
+            let scale = T::lit(op.scale);
+            Ok(T::into_storage(for_rows(dp.len(), s, |r, out| {
+                let (dp, p) = (&dp[r * s..(r + 1) * s], &p[r * s..(r + 1) * s]);
+                let dot = dp
+                    .iter()
+                    .zip(p)
+                    .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                for ((o, &g), &q) in out.iter_mut().zip(dp).zip(p) {
+                    *o = q * (g - dot) * scale;
+                }
+            })))
+        }
+        Ok((
+            dispatch!(s1, run(self, s1, l1, s2, l2))?,
+            l1.shape().clone(),
+        ))
+    }
+}
+
+const ELEMENTS_PER_TASK: usize = 16384;
+
+/// GELU with the exact erf: x [..] → x·Φ(x)
+pub(super) struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+            let x = view::<T>(s, l)?;
+            let mut out = vec![T::zero(); x.len()];
+            let (half, rsqrt2) = (T::lit(0.5), T::lit(std::f64::consts::FRAC_1_SQRT_2));
+            out.par_chunks_mut(ELEMENTS_PER_TASK)
+                .zip(x.par_chunks(ELEMENTS_PER_TASK))
+                .for_each(|(o, x)| {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = half * x * (T::one() + (x * rsqrt2).erf());
+                    }
+                });
+            Ok(T::into_storage(out))
+        }
+        Ok((dispatch!(s, run(s, l))?, l.shape().clone()))
+    }
+}
+
+/// dy, x [..] → dy · (Φ(x) + x·φ(x))
+pub(super) struct GeluBackward;
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "gelu-erf-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<CpuStorage> {
+            let (dy, x) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
+            let mut out = vec![T::zero(); x.len()];
+            let (half, rsqrt2) = (T::lit(0.5), T::lit(std::f64::consts::FRAC_1_SQRT_2));
+            let inv_sqrt_2pi = T::lit(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+            out.par_chunks_mut(ELEMENTS_PER_TASK)
+                .zip(
+                    dy.par_chunks(ELEMENTS_PER_TASK)
+                        .zip(x.par_chunks(ELEMENTS_PER_TASK)),
+                )
+                .for_each(|(o, (dy, x))| {
+                    for ((o, &g), &x) in o.iter_mut().zip(dy).zip(x) {
+                        let cdf = half * (T::one() + (x * rsqrt2).erf());
+                        let pdf = (-half * x * x).exp() * inv_sqrt_2pi;
+                        *o = g * (cdf + x * pdf);
+                    }
+                });
+            Ok(T::into_storage(out))
+        }
+        Ok((dispatch!(s1, run(s1, l1, s2, l2))?, l1.shape().clone()))
+    }
+}
+
+/// Mean and reciprocal standard deviation of one row.
+fn row_stats<T: Real>(x: &[T], eps: T) -> (T, T) {
+    let n = T::from(x.len()).expect("row length");
+    let mean = x.iter().fold(T::zero(), |a, &v| a + v) / n;
+    let var = x
+        .iter()
+        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
+        / n;
+    (mean, T::one() / (var + eps).sqrt())
+}
+
+/// LayerNorm over the last dimension: x [.., D], γ [D], β [D] → y [.., D]
+pub(super) struct LayerNormForward {
+    pub eps: f64,
+}
+
+impl CustomOp3 for LayerNormForward {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            eps: f64,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let (x, gamma, beta) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
+            let d = gamma.len();
+            let eps = T::lit(eps);
+            Ok(T::into_storage(for_rows(x.len(), d, |r, out| {
+                let x = &x[r * d..(r + 1) * d];
+                let (mean, rstd) = row_stats(x, eps);
+                for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+                    *o = (v - mean) * rstd * g + b;
+                }
+            })))
+        }
+        Ok((
+            dispatch!(s1, run(self.eps, s1, l1, s2, l2, s3, l3))?,
+            l1.shape().clone(),
+        ))
+    }
+}
+
+/// dy, x [.., D], γ [D] → dx = rstd · (g − mean(g) − x̂ · mean(g·x̂)), g = dy·γ; the row statistics are
+/// recomputed from x rather than stored.
+pub(super) struct LayerNormBackward {
+    pub eps: f64,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            eps: f64,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let (dy, x, gamma) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
+            let d = gamma.len();
+            let (eps, n) = (T::lit(eps), T::from(d).expect("row length"));
+            Ok(T::into_storage(for_rows(x.len(), d, |r, out| {
+                let (dy, x) = (&dy[r * d..(r + 1) * d], &x[r * d..(r + 1) * d]);
+                let (mean, rstd) = row_stats(x, eps);
+                let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
+                for ((&g, &v), &w) in dy.iter().zip(x).zip(gamma) {
+                    mean_g = mean_g + g * w;
+                    mean_gx = mean_gx + g * w * (v - mean) * rstd;
+                }
+                let (mean_g, mean_gx) = (mean_g / n, mean_gx / n);
+                for (((o, &g), &v), &w) in out.iter_mut().zip(dy).zip(x).zip(gamma) {
+                    *o = rstd * (g * w - mean_g - (v - mean) * rstd * mean_gx);
+                }
+            })))
+        }
+        Ok((
+            dispatch!(s1, run(self.eps, s1, l1, s2, l2, s3, l3))?,
+            l1.shape().clone(),
+        ))
+    }
+}
