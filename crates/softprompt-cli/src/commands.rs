@@ -5,6 +5,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::adapter::Adapter;
 use softprompt::backbone::bert::Bert;
 use softprompt::backbone::Backbone;
+use softprompt::bench::{self, Arch, BenchConfig, Mode};
 use softprompt::classifier::PromptClassifier;
 use softprompt::classifier::{argmax, softmax};
 use softprompt::data::{label_ids, read_examples, Columns, Example, Labels};
@@ -35,6 +36,30 @@ enum Command {
     Eval(EvalArgs),
     /// Label texts with an adapter.
     Predict(PredictArgs),
+    /// Time a train step or a forward pass on random weights of a known shape (no assets needed).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// train or forward.
+    mode: Mode,
+    /// bert-base or minilm-l6.
+    #[arg(long, default_value_t = Arch::BertBase)]
+    arch: Arch,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Real tokens per row (the prompt comes on top).
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    #[arg(long, default_value_t = 20)]
+    num_virtual_tokens: usize,
+    /// Timed steps (after 3 warm-up steps); the median, min and max are reported.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -91,7 +116,7 @@ struct TrainArgs {
     /// adamw or adafactor.
     #[arg(long, default_value_t = TrainConfig::default().optimizer)]
     optimizer: OptimizerKind,
-    /// Learning rate [default: 3e-3 for adamw, 0.3 for adafactor].
+    /// Learning rate [default: 1e-2 for adamw, 0.3 for adafactor].
     #[arg(long)]
     lr: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
@@ -103,6 +128,9 @@ struct TrainArgs {
     warmup_steps: usize,
     #[arg(long, default_value_t = TrainConfig::default().epochs)]
     epochs: usize,
+    /// Train at least this many steps, even past --epochs (small data sets).
+    #[arg(long, default_value_t = TrainConfig::default().min_steps)]
+    min_steps: usize,
     /// Stop after this many steps (overrides --epochs).
     #[arg(long)]
     max_steps: Option<usize>,
@@ -175,6 +203,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
         Command::Predict(args) => run_predict(args),
+        Command::Bench(args) => run_bench(args),
     }
 }
 
@@ -190,6 +219,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         schedule: args.schedule,
         warmup_steps: args.warmup_steps,
         epochs: args.epochs,
+        min_steps: args.min_steps,
         max_steps: args.max_steps,
         batch_size: args.batch_size,
         max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
@@ -369,6 +399,28 @@ fn run_predict(args: PredictArgs) -> anyhow::Result<()> {
         } else {
             println!("{label}\t{}", example.text);
         }
+    }
+    Ok(())
+}
+
+fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let config = BenchConfig {
+        mode: args.mode,
+        arch: args.arch,
+        batch: args.batch,
+        seq: args.seq,
+        num_virtual_tokens: args.num_virtual_tokens,
+        steps: args.steps,
+        warmup: 3,
+    };
+    let r = bench::run(&config)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} {} batch {} x ({} + {}): median {:.3} s (min {:.3}, max {:.3}) over {} steps, {:.1} GFLOP/s, peak RSS {:.0} MiB",
+            r.arch, r.mode, r.batch, r.seq, r.num_virtual_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.gflop_per_s, r.peak_rss_mib
+        );
     }
     Ok(())
 }

@@ -20,6 +20,7 @@
 pub mod adapter;
 pub mod backbone;
 pub mod batch;
+pub mod bench;
 mod choice;
 pub mod classifier;
 pub mod data;

@@ -70,7 +70,7 @@ impl OptimizerKind {
     /// The learning rate used when none is given.
     pub fn default_lr(self) -> f64 {
         match self {
-            OptimizerKind::Adamw => 3e-3,
+            OptimizerKind::Adamw => 1e-2,
             OptimizerKind::Adafactor => 0.3,
         }
     }

@@ -38,6 +38,9 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     pub warmup_steps: usize,
     pub epochs: usize,
+    /// Without `max_steps`, train at least this many steps even if that takes more than `epochs`
+    /// epochs: a small data set otherwise ends before the prompt has moved.
+    pub min_steps: usize,
     pub max_steps: Option<usize>,
     pub batch_size: usize,
     pub max_grad_norm: Option<f64>,
@@ -63,6 +66,7 @@ impl Default for TrainConfig {
             schedule: Schedule::Linear,
             warmup_steps: 0,
             epochs: 3,
+            min_steps: 300,
             max_steps: None,
             batch_size: 32,
             max_grad_norm: Some(1.0),
@@ -320,7 +324,9 @@ pub fn train(
 
     let lengths: Vec<usize> = train_set.data.iter().map(|e| e.ids.len()).collect();
     let steps_per_epoch = lengths.len().div_ceil(config.batch_size);
-    let total = config.max_steps.unwrap_or(steps_per_epoch * config.epochs);
+    let total = config
+        .max_steps
+        .unwrap_or((steps_per_epoch * config.epochs).max(config.min_steps));
     let eval_every = config.eval_every.unwrap_or((steps_per_epoch / 4).max(1));
     on_event(Event::Start {
         total_steps: total,
