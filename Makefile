@@ -9,7 +9,7 @@ BIN    := target/release/softprompt
 RUN    := runs/movie-reviews
 VENV   := .venv-ref
 
-.PHONY: demo test assets build fixtures interop sweep clean
+.PHONY: demo test assets build fixtures interop sweep bench clean
 
 assets:
 	$(PYTHON) scripts/fetch_assets.py
@@ -37,6 +37,10 @@ fixtures: assets $(VENV)/bin/python
 
 interop: assets build $(VENV)/bin/python
 	$(VENV)/bin/python scripts/interop.py
+
+# Speed against PyTorch + peft, measured alternately on this machine (needs ../shared/reference).
+bench: build $(VENV)/bin/python
+	$(PYTHON) scripts/bench_compare.py --python $(VENV)/bin/python
 
 sweep: assets build
 	scripts/sweep_defaults.sh

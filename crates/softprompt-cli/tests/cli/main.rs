@@ -12,19 +12,6 @@ fn tiny_model() -> PathBuf {
     fixtures().join("tiny-bert")
 }
 
-fn tempdir() -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "softprompt-cli-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn softprompt(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_softprompt"));
     cmd.args(args);
@@ -140,7 +127,8 @@ fn train_args<'a>(
 
 #[test]
 fn train_then_eval_then_predict() {
-    let dir = tempdir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let (train, dev) = toy_data(&dir);
     let model = tiny_model().display().to_string();
     let out = dir.join("adapter").display().to_string();
@@ -250,7 +238,8 @@ fn train_then_eval_then_predict() {
 
 #[test]
 fn same_seed_gives_the_same_adapter_bytes() {
-    let dir = tempdir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let (train, dev) = toy_data(&dir);
     let model = tiny_model().display().to_string();
     let bytes = |name: &str, seed: &str| {
@@ -270,7 +259,8 @@ fn same_seed_gives_the_same_adapter_bytes() {
 
 #[test]
 fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
-    let dir = tempdir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let (train, dev) = toy_data(&dir);
     let model = tiny_model().display().to_string();
     let extra = [
@@ -343,7 +333,8 @@ fn a_peft_adapter_loads_in_predict() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
-    let dir = tempdir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let (train, dev) = toy_data(&dir);
     let model = tiny_model().display().to_string();
     let out = dir.join("out").display().to_string();

@@ -5,7 +5,7 @@
 use super::{Backbone, EncoderInput};
 use crate::kernels::{
     attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, mask_bias,
-    LayerNorm, LayerNormSaved, Linear,
+    AttentionShape, LayerNorm, LayerNormSaved, Linear,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -163,15 +163,12 @@ struct BertLayer {
     intermediate: Linear,
     output: Linear,
     output_layer_norm: LayerNorm,
-    heads: usize,
 }
 
 /// What one layer's backward needs.
 struct BertLayerSaved {
-    /// [B, H, S, K] each
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    /// [T, 3D], the fused query / key / value projection
+    qkv: Tensor,
     /// [B, H, S, S]
     probs: Tensor,
     attention_ln: LayerNormSaved,
@@ -207,7 +204,6 @@ impl BertLayer {
             intermediate: linear(&vb.pp("intermediate").pp("dense"), f, d)?,
             output: linear(&vb.pp("output").pp("dense"), d, f)?,
             output_layer_norm: layer_norm(&vb.pp("output").pp("LayerNorm"), d, eps)?,
-            heads: cfg.num_attention_heads,
         })
     }
 
@@ -216,22 +212,10 @@ impl BertLayer {
         &self,
         x: &Tensor,
         bias: &Tensor,
-        b: usize,
-        s: usize,
+        shape: AttentionShape,
     ) -> Result<(Tensor, BertLayerSaved)> {
-        let (t, d) = x.dims2()?;
-        let (h, k) = (self.heads, d / self.heads);
-        // [T, 3D] → [3, B, H, S, K]
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, s, 3, h, k))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
-        let (q, kk, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let scale = 1.0 / (k as f64).sqrt();
-        let (context, probs) = attention_forward(&q, &kk, &v, bias, scale)?;
-        let context = context.transpose(1, 2)?.reshape((t, d))?;
+        let qkv = self.qkv.forward(x)?;
+        let (context, probs) = attention_forward(&qkv, bias, shape)?;
         let attended = self.attention_output.forward(&context)?;
         let (h1, attention_ln) = self.attention_layer_norm.forward(&(attended + x)?)?;
         let intermediate = self.intermediate.forward(&h1)?;
@@ -240,9 +224,7 @@ impl BertLayer {
         Ok((
             y,
             BertLayerSaved {
-                q,
-                k: kk,
-                v,
+                qkv,
                 probs,
                 attention_ln,
                 intermediate,
@@ -252,9 +234,12 @@ impl BertLayer {
     }
 
     /// dy [T, D] → dx [T, D]
-    fn backward(&self, dy: &Tensor, saved: &BertLayerSaved) -> Result<Tensor> {
-        let (t, d) = dy.dims2()?;
-        let (b, h, s, k) = saved.q.dims4()?;
+    fn backward(
+        &self,
+        dy: &Tensor,
+        saved: &BertLayerSaved,
+        shape: AttentionShape,
+    ) -> Result<Tensor> {
         let d_sum2 = self.output_layer_norm.backward(dy, &saved.output_ln)?;
         let d_gelu = self.output.backward(&d_sum2)?;
         let d_intermediate = gelu_erf_backward(&d_gelu, &saved.intermediate)?;
@@ -263,23 +248,7 @@ impl BertLayer {
             .attention_layer_norm
             .backward(&d_h1, &saved.attention_ln)?;
         let d_context = self.attention_output.backward(&d_sum1)?;
-        let d_context = d_context
-            .reshape((b, s, h, k))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let scale = 1.0 / (k as f64).sqrt();
-        let (dq, dk, dv) = attention_backward(
-            &d_context,
-            &saved.q,
-            &saved.k,
-            &saved.v,
-            &saved.probs,
-            scale,
-        )?;
-        // [3, B, H, S, K] → [T, 3D]
-        let d_qkv = Tensor::stack(&[dq, dk, dv], 0)?
-            .permute((1, 3, 0, 2, 4))?
-            .reshape((t, 3 * d))?;
+        let d_qkv = attention_backward(&d_context, &saved.qkv, &saved.probs, shape)?;
         self.qkv.backward(&d_qkv)? + d_sum1
     }
 }
@@ -343,6 +312,14 @@ impl Bert {
         })
     }
 
+    fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
+        AttentionShape {
+            batch,
+            seq,
+            heads: self.config.num_attention_heads,
+        }
+    }
+
     fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<BertActivations>)> {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
@@ -350,9 +327,10 @@ impl Bert {
         let (mut x, embeddings) = self
             .embeddings
             .forward(input.embeds, input.token_type_ids)?;
+        let attention = self.attention_shape(b, s);
         let mut layers = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         for layer in &self.layers {
-            let (y, saved) = layer.forward(&x, &bias, b, s)?;
+            let (y, saved) = layer.forward(&x, &bias, attention)?;
             if keep {
                 layers.push(saved);
             }
@@ -394,8 +372,9 @@ impl Backbone for Bert {
     fn backward(&self, d_hidden: &Tensor, activations: BertActivations) -> Result<Tensor> {
         let (b, s, d) = activations.shape;
         let mut dx = d_hidden.reshape((b * s, d))?;
+        let attention = self.attention_shape(b, s);
         for (layer, saved) in self.layers.iter().zip(&activations.layers).rev() {
-            dx = layer.backward(&dx, saved)?;
+            dx = layer.backward(&dx, saved, attention)?;
         }
         self.embeddings
             .backward(&dx, &activations.embeddings, activations.shape)

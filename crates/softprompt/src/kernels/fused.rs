@@ -31,7 +31,7 @@ pub(super) fn fused_for(t: &Tensor) -> bool {
 }
 
 /// The float types the kernels are written for.
-trait Real: Float + Send + Sync + 'static {
+pub(super) trait Real: Float + candle_core::WithDType + Send + Sync + 'static {
     fn erf(self) -> Self;
     fn of(storage: &CpuStorage) -> Result<&[Self]>;
     fn into_storage(values: Vec<Self>) -> CpuStorage;
@@ -61,6 +61,17 @@ impl Real for f64 {
     }
     fn into_storage(values: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(values)
+    }
+}
+
+/// The CPU slice of a contiguous tensor's storage (held by the caller's guard).
+pub(super) fn cpu_slice<'a, T: Real>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    match storage {
+        candle_core::Storage::Cpu(cpu) => view(cpu, layout),
+        _ => candle_core::bail!("fused kernels run on the CPU"),
     }
 }
 
@@ -99,104 +110,6 @@ macro_rules! dispatch {
             dt => candle_core::bail!("fused kernels take f32 or f64, not {dt:?}"),
         }
     };
-}
-
-/// softmax over the last dimension of scores·scale + mask bias.
-/// scores [B, H, S, S], bias [B, 1, 1, S] → probabilities [B, H, S, S]
-pub(super) struct MaskedSoftmax {
-    pub scale: f64,
-}
-
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "masked-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Real>(
-            op: &MaskedSoftmax,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<CpuStorage> {
-            let (scores, bias) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
-            let (_, h, s, _) = l1.shape().dims4()?;
-            let scale = T::lit(op.scale);
-            Ok(T::into_storage(for_rows(scores.len(), s, |r, out| {
-                let row = &scores[r * s..(r + 1) * s];
-                let b = r / (h * s);
-                let bias = &bias[b * s..(b + 1) * s];
-                let mut max = T::neg_infinity();
-                for ((o, &x), &m) in out.iter_mut().zip(row).zip(bias) {
-                    *o = x * scale + m;
-                    max = max.max(*o);
-                }
-                let mut sum = T::zero();
-                for o in out.iter_mut() {
-                    *o = (*o - max).exp();
-                    sum = sum + *o;
-                }
-                let inv = T::one() / sum;
-                out.iter_mut().for_each(|o| *o = *o * inv);
-            })))
-        }
-        Ok((
-            dispatch!(s1, run(self, s1, l1, s2, l2))?,
-            l1.shape().clone(),
-        ))
-    }
-}
-
-/// dprobs, probs [.., S] → dscores·scale = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-pub(super) struct SoftmaxBackward {
-    pub scale: f64,
-}
-
-impl CustomOp2 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "softmax-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Real>(
-            op: &SoftmaxBackward,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<CpuStorage> {
-            let (dp, p) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
-            let s = l1.shape().dims().last().copied().unwrap_or(1);
-            let scale = T::lit(op.scale);
-            Ok(T::into_storage(for_rows(dp.len(), s, |r, out| {
-                let (dp, p) = (&dp[r * s..(r + 1) * s], &p[r * s..(r + 1) * s]);
-                let dot = dp
-                    .iter()
-                    .zip(p)
-                    .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                for ((o, &g), &q) in out.iter_mut().zip(dp).zip(p) {
-                    *o = q * (g - dot) * scale;
-                }
-            })))
-        }
-        Ok((
-            dispatch!(s1, run(self, s1, l1, s2, l2))?,
-            l1.shape().clone(),
-        ))
-    }
 }
 
 const ELEMENTS_PER_TASK: usize = 16384;

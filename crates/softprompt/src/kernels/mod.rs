@@ -12,11 +12,12 @@
 mod activation;
 mod attention;
 mod fused;
+mod fused_attention;
 mod layer_norm;
 mod linear;
 
 pub use activation::{gelu_erf_backward, gelu_erf_forward};
-pub use attention::{attention_backward, attention_forward, mask_bias};
+pub use attention::{attention_backward, attention_forward, mask_bias, AttentionShape};
 pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use linear::Linear;

@@ -1,11 +1,10 @@
 //! Reading data files: formats, columns, and errors that name the file, line and field.
 
-use crate::gradients::tempdir;
 use softprompt::data::{label_ids, label_set, read_examples, Columns, Labels};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-fn write(name: &str, text: &str) -> PathBuf {
-    let path = tempdir().join(name);
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -21,13 +20,20 @@ fn error(path: &PathBuf, columns: &Columns) -> String {
 
 #[test]
 fn reads_tsv_csv_and_jsonl_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let cols = Columns::default();
-    let tsv = write("a.tsv", "text\tlabel\n\"quoted\" start\tpos\nplain\tneg\n");
+    let tsv = write(
+        dir,
+        "a.tsv",
+        "text\tlabel\n\"quoted\" start\tpos\nplain\tneg\n",
+    );
     let csv = write(
+        dir,
         "a.csv",
         "label,text\npos,\"\"\"quoted\"\" start\"\nneg,plain\n",
     );
-    let jsonl = write("a.jsonl", "{\"text\": \"\\\"quoted\\\" start\", \"label\": \"pos\"}\n\n{\"text\": \"plain\", \"label\": \"neg\"}\n");
+    let jsonl = write(dir, "a.jsonl", "{\"text\": \"\\\"quoted\\\" start\", \"label\": \"pos\"}\n\n{\"text\": \"plain\", \"label\": \"neg\"}\n");
     let texts = |p: &PathBuf| {
         read_examples(p, &cols, Labels::Required)
             .unwrap()
@@ -46,12 +52,15 @@ fn reads_tsv_csv_and_jsonl_alike() {
 
 #[test]
 fn numeric_json_labels_and_text_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let cols = Columns {
         text: "premise".into(),
         text_pair: Some("hypothesis".into()),
         label: "y".into(),
     };
     let path = write(
+        dir,
         "pairs.jsonl",
         "{\"premise\": \"a\", \"hypothesis\": \"b\", \"y\": 2}\n",
     );
@@ -62,15 +71,17 @@ fn numeric_json_labels_and_text_pairs() {
 
 #[test]
 fn malformed_rows_name_file_line_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let cols = Columns::default();
-    let short = write("short.tsv", "text\tlabel\ngood\tpos\nno label here\n");
+    let short = write(dir, "short.tsv", "text\tlabel\ngood\tpos\nno label here\n");
     let msg = error(&short, &cols);
     assert!(
         msg.contains("short.tsv line 3") && msg.contains("field 'label' is missing"),
         "{msg}"
     );
 
-    let empty = write("empty.tsv", "text\tlabel\ngood\tpos\n   \tneg\n");
+    let empty = write(dir, "empty.tsv", "text\tlabel\ngood\tpos\n   \tneg\n");
     let msg = error(&empty, &cols);
     assert!(
         msg.contains("empty.tsv line 3") && msg.contains("field 'text' is empty"),
@@ -78,6 +89,7 @@ fn malformed_rows_name_file_line_and_field() {
     );
 
     let bad_json = write(
+        dir,
         "bad.jsonl",
         "{\"text\": \"ok\", \"label\": \"a\"}\n{\"text\": \"ok\"\n",
     );
@@ -87,50 +99,54 @@ fn malformed_rows_name_file_line_and_field() {
         "{msg}"
     );
 
-    let no_label = write("nolabel.jsonl", "{\"text\": \"ok\"}\n");
+    let no_label = write(dir, "nolabel.jsonl", "{\"text\": \"ok\"}\n");
     let msg = error(&no_label, &cols);
     assert!(
         msg.contains("nolabel.jsonl line 1") && msg.contains("field 'label' is missing"),
         "{msg}"
     );
 
-    let no_column = write("nocol.csv", "sentence,label\nhi,a\n");
+    let no_column = write(dir, "nocol.csv", "sentence,label\nhi,a\n");
     let msg = error(&no_column, &cols);
     assert!(
         msg.contains("nocol.csv line 1") && msg.contains("no column 'text'"),
         "{msg}"
     );
 
-    let missing = tempdir().join("absent.tsv");
+    let missing = dir.join("absent.tsv");
     let msg = error(&missing, &cols);
     assert!(
         msg.contains("cannot read data file") && msg.contains("absent.tsv"),
         "{msg}"
     );
 
-    let unknown = write("data.txt", "x");
+    let unknown = write(dir, "data.txt", "x");
     assert!(error(&unknown, &cols).contains("use a .tsv, .csv or .jsonl file"));
 }
 
 #[test]
 fn unlabelled_rows_are_fine_for_prediction() {
-    let path = write("texts.tsv", "text\nhello\n");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let path = write(dir, "texts.tsv", "text\nhello\n");
     let ex = read_examples(&path, &Columns::default(), Labels::Optional).unwrap();
     assert_eq!(ex[0].label, None);
 }
 
 #[test]
 fn a_label_never_seen_in_training_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let cols = Columns::default();
     let train = read_examples(
-        &write("train.tsv", "text\tlabel\na\tpos\nb\tneg\n"),
+        &write(dir, "train.tsv", "text\tlabel\na\tpos\nb\tneg\n"),
         &cols,
         Labels::Required,
     )
     .unwrap();
     let labels = label_set(&train);
     assert_eq!(labels, ["neg", "pos"]);
-    let dev_path = write("dev.tsv", "text\tlabel\nc\tpos\nd\tneutral\n");
+    let dev_path = write(dir, "dev.tsv", "text\tlabel\nc\tpos\nd\tneutral\n");
     let dev = read_examples(&dev_path, &cols, Labels::Required).unwrap();
     let msg = format!("{:#}", label_ids(&dev, &labels, &dev_path).unwrap_err());
     assert!(

@@ -8,7 +8,7 @@ use softprompt::batch::Batch;
 use softprompt::classifier::PromptClassifier;
 use softprompt::kernels::{
     attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, mask_bias,
-    with_composed, LayerNorm, Linear,
+    with_composed, AttentionShape, LayerNorm, Linear,
 };
 use softprompt::prompt::SoftPrompt;
 use softprompt::task::classify::{ClassificationHead, Pool};
@@ -126,35 +126,19 @@ fn gelu_backward_matches_finite_differences() {
 #[test]
 fn attention_backward_matches_finite_differences() {
     on_both_paths(|path| {
-        let shape = [2, 2, 4, 3]; // B H S K
-        let (q, k, v) = (randn(&shape, 1), randn(&shape, 2), randn(&shape, 3));
+        let shape = AttentionShape {
+            batch: 2,
+            seq: 4,
+            heads: 2,
+        };
+        let qkv = randn(&[2 * 4, 3 * 6], 1); // T = B·S rows; 3D with D = 2 heads × 3
         let mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 1, 1]], &DEV).unwrap();
         let bias = mask_bias(&mask, DType::F64).unwrap();
-        let r = randn(&shape, 4);
-        let scale = 0.7;
-        let (_, probs) = attention_forward(&q, &k, &v, &bias, scale).unwrap();
-        let (dq, dk, dv) = attention_backward(&r, &q, &k, &v, &probs, scale).unwrap();
-        let out = |q: &Tensor, k: &Tensor, v: &Tensor| {
-            weighted_sum(&attention_forward(q, k, v, &bias, scale).unwrap().0, &r)
-        };
-        check(
-            &q,
-            &dq,
-            |x| out(x, &k, &v),
-            &format!("attention dq ({path})"),
-        );
-        check(
-            &k,
-            &dk,
-            |x| out(&q, x, &v),
-            &format!("attention dk ({path})"),
-        );
-        check(
-            &v,
-            &dv,
-            |x| out(&q, &k, x),
-            &format!("attention dv ({path})"),
-        );
+        let r = randn(&[2 * 4, 6], 4);
+        let (_, probs) = attention_forward(&qkv, &bias, shape).unwrap();
+        let d_qkv = attention_backward(&r, &qkv, &probs, shape).unwrap();
+        let out = |x: &Tensor| weighted_sum(&attention_forward(x, &bias, shape).unwrap().0, &r);
+        check(&qkv, &d_qkv, out, &format!("attention ({path})"));
     });
 }
 
@@ -244,7 +228,8 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
 
 #[test]
 fn bert_config_rejects_unsupported_models() {
-    let dir = tempdir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let mut cfg: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(crate::fixtures().join("tiny-bert/config.json")).unwrap(),
     )
@@ -256,16 +241,4 @@ fn bert_config_rejects_unsupported_models() {
         format!("{err:#}").contains("hidden_act \"relu\" is not supported"),
         "{err:#}"
     );
-}
-
-pub fn tempdir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "softprompt-test-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
