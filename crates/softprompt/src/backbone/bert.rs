@@ -313,10 +313,13 @@ impl Bert {
     }
 
     fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
+        let heads = self.config.num_attention_heads;
         AttentionShape {
             batch,
             seq,
-            heads: self.config.num_attention_heads,
+            heads,
+            kv_heads: heads,
+            causal: false,
         }
     }
 

@@ -21,3 +21,25 @@ pub fn gelu_erf_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     let pdf = ((x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * PI).sqrt()))?;
     dy * (cdf + (x * pdf)?)?
 }
+
+/// √(2/π), and the cubic coefficient of the tanh approximation.
+const TANH_SCALE: f64 = 0.797_884_560_802_865_4;
+const TANH_CUBIC: f64 = 0.044715;
+
+/// GELU with the tanh approximation (GPT-2's "gelu_new"): y = ½x(1 + tanh(u)), u = √(2/π)(x + 0.044715x³).
+pub fn gelu_tanh_forward(x: &Tensor) -> Result<Tensor> {
+    let t = tanh_arg(x)?.tanh()?;
+    (x * 0.5)? * (t + 1.0)?
+}
+
+/// dx = dy · (½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)).
+pub fn gelu_tanh_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let t = tanh_arg(x)?.tanh()?;
+    let du = ((x.sqr()? * (3.0 * TANH_CUBIC))? + 1.0)? * TANH_SCALE;
+    let slope = (((&t + 1.0)? * 0.5)? + (((x * 0.5)? * (1.0 - t.sqr()?)?)? * du?)?)?;
+    dy * slope
+}
+
+fn tanh_arg(x: &Tensor) -> Result<Tensor> {
+    (x + (x.powf(3.0)? * TANH_CUBIC)?)? * TANH_SCALE
+}

@@ -13,36 +13,52 @@ pub fn mask_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     (masked * MASKED)?.reshape((b, 1, 1, s))
 }
 
-/// The geometry of one attention call: B rows of S positions, H heads of width K = D / H.
+/// The geometry of one attention call: B rows of S positions; H query heads sharing Hkv key/value
+/// heads (H = Hkv without grouped-query attention), each K = (query width) / H wide.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
     pub batch: usize,
     pub seq: usize,
     pub heads: usize,
+    pub kv_heads: usize,
+    /// a position attends only to itself and earlier positions (decoders)
+    pub causal: bool,
 }
 
 impl AttentionShape {
-    fn heads_of(&self, d: usize) -> Heads {
-        let head_dim = d / self.heads;
-        Heads {
+    fn resolve(&self, width: usize) -> Result<Heads> {
+        if self.kv_heads == 0
+            || self.heads % self.kv_heads != 0
+            || width % (self.heads + 2 * self.kv_heads) != 0
+        {
+            candle_core::bail!(
+                "attention: {} query heads, {} key/value heads, width {width}",
+                self.heads,
+                self.kv_heads
+            );
+        }
+        let head_dim = width / (self.heads + 2 * self.kv_heads);
+        Ok(Heads {
             batch: self.batch,
             seq: self.seq,
             heads: self.heads,
+            kv_heads: self.kv_heads,
             head_dim,
+            causal: self.causal,
             scale: 1.0 / (head_dim as f64).sqrt(),
-        }
+        })
     }
 }
 
-/// Bidirectional softmax attention with a padding mask, scaled by 1/√K.
-/// qkv [T, 3D] (the fused projection: q, then k, then v), bias [B, 1, 1, S]
-/// → (context [T, D], probabilities [B, H, S, S]); the probabilities are kept for the backward.
+/// Softmax attention with a padding mask (and a causal one for decoders), scaled by 1/√K.
+/// qkv [T, (H + 2·Hkv)·K] (packed: queries, keys, values), bias [B, 1, 1, S]
+/// → (context [T, H·K], probabilities [B, H, S, S]); the probabilities are kept for the backward.
 pub fn attention_forward(
     qkv: &Tensor,
     bias: &Tensor,
     shape: AttentionShape,
 ) -> Result<(Tensor, Tensor)> {
-    let h = shape.heads_of(qkv.dim(1)? / 3);
+    let h = shape.resolve(qkv.dim(1)?)?;
     match qkv.dtype() {
         DType::F32 if fused_for(qkv) => fused_attention::forward::<f32>(qkv, bias, h),
         DType::F64 if fused_for(qkv) => fused_attention::forward::<f64>(qkv, bias, h),
@@ -50,15 +66,16 @@ pub fn attention_forward(
     }
 }
 
-/// d_context [T, D] → d_qkv [T, 3D].
-/// dP = dC·Vᵀ; dV = Pᵀ·dC; dS = P ⊙ (dP − rowsum(dP ⊙ P))·scale; dQ = dS·K; dK = dSᵀ·Q.
+/// d_context [T, H·K] → d_qkv [T, (H + 2·Hkv)·K].
+/// dP = dC·Vᵀ; dV = Pᵀ·dC; dS = P ⊙ (dP − rowsum(dP ⊙ P))·scale; dQ = dS·K; dK = dSᵀ·Q; the
+/// gradients of a shared key/value head are summed over its query heads.
 pub fn attention_backward(
     dcontext: &Tensor,
     qkv: &Tensor,
     probs: &Tensor,
     shape: AttentionShape,
 ) -> Result<Tensor> {
-    let h = shape.heads_of(qkv.dim(1)? / 3);
+    let h = shape.resolve(qkv.dim(1)?)?;
     match qkv.dtype() {
         DType::F32 if fused_for(qkv) => fused_attention::backward::<f32>(dcontext, qkv, probs, h),
         DType::F64 if fused_for(qkv) => fused_attention::backward::<f64>(dcontext, qkv, probs, h),
@@ -66,47 +83,75 @@ pub fn attention_backward(
     }
 }
 
-/// qkv [T, 3D] → q, k, v [B, H, S, K]
-fn split_heads(qkv: &Tensor, h: Heads) -> Result<(Tensor, Tensor, Tensor)> {
-    let qkv = qkv
-        .reshape((h.batch, h.seq, 3, h.heads, h.head_dim))?
-        .permute((2, 0, 3, 1, 4))?
-        .contiguous()?;
-    Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
+/// [T, n·K] → [B, n, S, K]
+fn heads_first(x: &Tensor, n: usize, h: &Heads) -> Result<Tensor> {
+    x.reshape((h.batch, h.seq, n, h.head_dim))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
-/// [B, H, S, K] → [T, D]
-fn merge_heads(x: &Tensor, h: Heads) -> Result<Tensor> {
+/// [B, n, S, K] → [T, n·K]
+fn rows_first(x: &Tensor, h: &Heads) -> Result<Tensor> {
+    let n = x.dim(1)?;
     x.transpose(1, 2)?
-        .reshape((h.batch * h.seq, h.heads * h.head_dim))
+        .reshape((h.batch * h.seq, n * h.head_dim))
+}
+
+/// qkv [T, W] → q [B, H, S, K], and k, v [B, H, S, K] with each key/value head repeated for its
+/// query heads.
+fn split_heads(qkv: &Tensor, h: &Heads) -> Result<(Tensor, Tensor, Tensor)> {
+    let (hq, hk, kd) = (h.heads, h.kv_heads, h.head_dim);
+    let q = heads_first(&qkv.narrow(1, 0, hq * kd)?, hq, h)?;
+    let repeat = |x: Tensor| -> Result<Tensor> {
+        let x = heads_first(&x, hk, h)?;
+        let shape = (h.batch, hk, hq / hk, h.seq, kd);
+        x.unsqueeze(2)?
+            .broadcast_as(shape)?
+            .reshape((h.batch, hq, h.seq, kd))
+    };
+    let k = repeat(qkv.narrow(1, hq * kd, hk * kd)?)?;
+    let v = repeat(qkv.narrow(1, (hq + hk) * kd, hk * kd)?)?;
+    Ok((q, k, v))
+}
+
+/// [S, S]: 0 on and below the diagonal, MASKED above.
+fn causal_bias(h: &Heads, like: &Tensor) -> Result<Tensor> {
+    let s = h.seq;
+    let values: Vec<f64> = (0..s * s)
+        .map(|i| if i % s > i / s { MASKED } else { 0.0 })
+        .collect();
+    Tensor::from_vec(values, (s, s), like.device())?.to_dtype(like.dtype())
 }
 
 /// The same attention from candle ops: the reference for the fused kernel, and the path on devices
 /// the fused kernel does not serve.
 fn composed_forward(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<(Tensor, Tensor)> {
-    let (q, k, v) = split_heads(qkv, h)?;
-    let scores = (q.matmul(&k.t()?)? * h.scale)?.broadcast_add(bias)?;
+    let (q, k, v) = split_heads(qkv, &h)?;
+    let mut scores = (q.matmul(&k.t()?)? * h.scale)?.broadcast_add(bias)?;
+    if h.causal {
+        scores = scores.broadcast_add(&causal_bias(&h, &scores)?)?;
+    }
     let shifted = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?;
     let e = shifted.exp()?;
     let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-    Ok((merge_heads(&probs.matmul(&v)?, h)?, probs))
+    Ok((rows_first(&probs.matmul(&v)?, &h)?, probs))
 }
 
 fn composed_backward(dcontext: &Tensor, qkv: &Tensor, probs: &Tensor, h: Heads) -> Result<Tensor> {
-    let (q, k, v) = split_heads(qkv, h)?;
-    let dcontext = dcontext
-        .reshape((h.batch, h.seq, h.heads, h.head_dim))?
-        .transpose(1, 2)?
-        .contiguous()?;
+    let (q, k, v) = split_heads(qkv, &h)?;
+    let dcontext = heads_first(dcontext, h.heads, &h)?;
     let dprobs = dcontext.matmul(&v.t()?)?;
     let dv = probs.t()?.matmul(&dcontext)?;
     let row = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
     let dscores = ((dprobs.broadcast_sub(&row)? * probs)? * h.scale)?;
     let dq = dscores.matmul(&k)?;
     let dk = dscores.t()?.matmul(&q)?;
-    // [3, B, H, S, K] → [T, 3D]
-    let d = h.heads * h.head_dim;
-    Tensor::stack(&[dq, dk, dv], 0)?
-        .permute((1, 3, 0, 2, 4))?
-        .reshape((h.batch * h.seq, 3 * d))
+    // a repeated key/value head collects the gradients of all its query heads
+    let gather = |x: Tensor| -> Result<Tensor> {
+        let grouped = x
+            .reshape((h.batch, h.kv_heads, h.heads / h.kv_heads, h.seq, h.head_dim))?
+            .sum(2)?;
+        rows_first(&grouped, &h)
+    };
+    Tensor::cat(&[rows_first(&dq, &h)?, gather(dk)?, gather(dv)?], 1)
 }

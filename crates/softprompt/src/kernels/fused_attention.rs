@@ -1,7 +1,9 @@
-//! Attention on the CPU, one (batch, head) pair per rayon task, reading q, k and v straight out of
-//! the fused QKV projection [B·S, 3D] and writing the context straight into [B·S, D] through gemm's
-//! strides: no permute copies, and small per-head matmuls run single-threaded side by side instead
-//! of each one splitting across threads.
+//! Attention on the CPU, one (batch, key/value head) group per rayon task, reading q, k and v
+//! straight out of the packed projection [B·S, (H + 2·Hkv)·K] and writing the context straight into
+//! [B·S, H·K] through gemm's strides: no permute copies, and the small per-head matmuls run
+//! single-threaded side by side instead of each one splitting across threads. A group owns its
+//! key/value head, so the gradients of keys and values shared by several query heads (grouped-query
+//! attention) accumulate inside one task.
 
 use super::fused::{cpu_slice, Real};
 use candle_core::{Result, Tensor};
@@ -15,7 +17,8 @@ struct Shared<T>(*mut T);
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
 
-/// C[m×n] = A[m×k]·B[k×n], every operand given by its pointer and (row, column) strides.
+/// C[m×n] = A[m×k]·B[k×n] (or C += A·B with `accumulate`), each operand given by its pointer and
+/// (row, column) strides.
 ///
 /// # Safety
 /// The pointers and strides must describe memory valid for those shapes; `c` must not alias a or b.
@@ -24,6 +27,7 @@ unsafe fn matmul<T: Real>(
     (m, n, k): (usize, usize, usize),
     c: *mut T,
     c_rs: usize,
+    accumulate: bool,
     a: *const T,
     (a_rs, a_cs): (usize, usize),
     b: *const T,
@@ -36,14 +40,14 @@ unsafe fn matmul<T: Real>(
         c,
         1,
         c_rs as isize,
-        false,
+        accumulate,
         a,
         a_cs as isize,
         a_rs as isize,
         b,
         b_cs as isize,
         b_rs as isize,
-        T::zero(),
+        T::one(),
         T::one(),
         false,
         false,
@@ -52,23 +56,61 @@ unsafe fn matmul<T: Real>(
     )
 }
 
-/// The shape of one attention call.
+/// The geometry of one attention call, resolved.
 #[derive(Clone, Copy)]
 pub(super) struct Heads {
     pub batch: usize,
     pub seq: usize,
     pub heads: usize,
+    pub kv_heads: usize,
     pub head_dim: usize,
+    pub causal: bool,
     pub scale: f64,
 }
 
 impl Heads {
-    fn d(&self) -> usize {
-        self.heads * self.head_dim
+    /// Columns of the packed projection: queries, then keys, then values.
+    fn width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    fn q_col(&self, head: usize) -> usize {
+        head * self.head_dim
+    }
+    fn k_col(&self, kv: usize) -> usize {
+        (self.heads + kv) * self.head_dim
+    }
+    fn v_col(&self, kv: usize) -> usize {
+        (self.heads + self.kv_heads + kv) * self.head_dim
     }
 }
 
-/// qkv [B·S, 3D], bias [B, S] (0 or a large negative) → (context [B·S, D], probabilities [B, H, S, S])
+/// scores [S, S] (raw q·kᵀ) → probabilities, in place: scale, padding bias, causal mask, softmax.
+fn softmax_rows<T: Real>(p: &mut [T], bias: &[T], h: &Heads) {
+    let s = h.seq;
+    let scale = T::lit(h.scale);
+    for (i, row) in p.chunks_mut(s).enumerate() {
+        let visible = if h.causal { i + 1 } else { s };
+        let mut max = T::neg_infinity();
+        for (x, &m) in row[..visible].iter_mut().zip(bias) {
+            *x = *x * scale + m;
+            max = Float::max(max, *x);
+        }
+        let mut sum = T::zero();
+        for x in row[..visible].iter_mut() {
+            *x = (*x - max).exp();
+            sum = sum + *x;
+        }
+        let inv = T::one() / sum;
+        row[..visible].iter_mut().for_each(|x| *x = *x * inv);
+        row[visible..].iter_mut().for_each(|x| *x = T::zero());
+    }
+}
+
+/// qkv [B·S, W], bias [B, S] (0 or a large negative) → (context [B·S, H·K], probabilities [B, H, S, S])
 pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<(Tensor, Tensor)> {
     let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
     let ((qkv_s, qkv_l), (bias_s, bias_l)) = (qkv.storage_and_layout(), bias.storage_and_layout());
@@ -76,18 +118,22 @@ pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<
         cpu_slice::<T>(&qkv_s, qkv_l)?,
         cpu_slice::<T>(&bias_s, bias_l)?,
     );
-    let (s, kd, d) = (h.seq, h.head_dim, h.d());
+    let (s, kd, w, d) = (h.seq, h.head_dim, h.width(), h.heads * h.head_dim);
     let mut probs = vec![T::zero(); h.batch * h.heads * s * s];
     let mut context = vec![T::zero(); h.batch * s * d];
     let ctx = Shared(context.as_mut_ptr());
-    let scale = T::lit(h.scale);
     probs
         .par_chunks_mut(s * s)
         .enumerate()
         .for_each(|(pair, p)| {
             let (b, head) = (pair / h.heads, pair % h.heads);
-            let base = b * s * 3 * d + head * kd;
-            let (q, k, v) = (&qkv_v[base..], &qkv_v[base + d..], &qkv_v[base + 2 * d..]);
+            let kv = head / h.group();
+            let row0 = b * s * w;
+            let (q, k, v) = (
+                &qkv_v[row0 + h.q_col(head)..],
+                &qkv_v[row0 + h.k_col(kv)..],
+                &qkv_v[row0 + h.v_col(kv)..],
+            );
             let ctx = ctx;
             // SAFETY: q, k, v are read within qkv; p is this task's own [S, S]; each task writes a
             // disjoint [S, K] block of the context.
@@ -96,37 +142,23 @@ pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<
                     (s, s, kd),
                     p.as_mut_ptr(),
                     s,
+                    false,
                     q.as_ptr(),
-                    (3 * d, 1),
+                    (w, 1),
                     k.as_ptr(),
-                    (1, 3 * d),
+                    (1, w),
                 );
-            }
-            let bias = &bias_v[b * s..(b + 1) * s];
-            for row in p.chunks_mut(s) {
-                let mut max = T::neg_infinity();
-                for (x, &m) in row.iter_mut().zip(bias) {
-                    *x = *x * scale + m;
-                    max = Float::max(max, *x);
-                }
-                let mut sum = T::zero();
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum = sum + *x;
-                }
-                let inv = T::one() / sum;
-                row.iter_mut().for_each(|x| *x = *x * inv);
-            }
-            unsafe {
+                softmax_rows(p, &bias_v[b * s..(b + 1) * s], &h);
                 let out = ctx.0.add(b * s * d + head * kd);
                 matmul::<T>(
                     (s, kd, s),
                     out,
                     d,
+                    false,
                     p.as_ptr(),
                     (s, 1),
                     v.as_ptr(),
-                    (3 * d, 1),
+                    (w, 1),
                 );
             }
         });
@@ -137,7 +169,7 @@ pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<
     ))
 }
 
-/// d_context [B·S, D], qkv [B·S, 3D], probabilities [B, H, S, S] → d_qkv [B·S, 3D]
+/// d_context [B·S, H·K], qkv [B·S, W], probabilities [B, H, S, S] → d_qkv [B·S, W]
 pub(super) fn backward<T: Real>(
     dcontext: &Tensor,
     qkv: &Tensor,
@@ -156,71 +188,80 @@ pub(super) fn backward<T: Real>(
     );
     let dc_v = cpu_slice::<T>(&dc_s, dc_l)?;
     let (qkv_v, p_v) = (cpu_slice::<T>(&qkv_s, qkv_l)?, cpu_slice::<T>(&p_s, p_l)?);
-    let (s, kd, d) = (h.seq, h.head_dim, h.d());
-    let mut dqkv = vec![T::zero(); h.batch * s * 3 * d];
+    let (s, kd, w, d) = (h.seq, h.head_dim, h.width(), h.heads * h.head_dim);
+    let mut dqkv = vec![T::zero(); h.batch * s * w];
     let out = Shared(dqkv.as_mut_ptr());
     let scale = T::lit(h.scale);
-    (0..h.batch * h.heads).into_par_iter().for_each_init(
+    (0..h.batch * h.kv_heads).into_par_iter().for_each_init(
         || vec![T::zero(); s * s],
-        |ds, pair| {
-            let (b, head) = (pair / h.heads, pair % h.heads);
-            let base = b * s * 3 * d + head * kd;
-            let (q, k, v) = (&qkv_v[base..], &qkv_v[base + d..], &qkv_v[base + 2 * d..]);
-            let dc = &dc_v[b * s * d + head * kd..];
-            let p = &p_v[pair * s * s..(pair + 1) * s * s];
+        |ds, task| {
+            let (b, kv) = (task / h.kv_heads, task % h.kv_heads);
+            let row0 = b * s * w;
+            let (k, v) = (&qkv_v[row0 + h.k_col(kv)..], &qkv_v[row0 + h.v_col(kv)..]);
             let out = out;
-            // SAFETY: reads stay within the inputs; this task writes only rows of batch b in the
-            // columns of its head in the q, k and v thirds of d_qkv, which no other task touches.
-            unsafe {
-                // dP = dC·Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, in place
-                matmul::<T>(
-                    (s, s, kd),
-                    ds.as_mut_ptr(),
-                    s,
-                    dc.as_ptr(),
-                    (d, 1),
-                    v.as_ptr(),
-                    (1, 3 * d),
-                );
-                for (drow, prow) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                    let dot = drow
-                        .iter()
-                        .zip(prow)
-                        .fold(T::zero(), |a, (&x, &y)| a + x * y);
-                    for (x, &y) in drow.iter_mut().zip(prow) {
-                        *x = y * (*x - dot) * scale;
+            for (n, head) in (kv * h.group()..(kv + 1) * h.group()).enumerate() {
+                let q = &qkv_v[row0 + h.q_col(head)..];
+                let dc = &dc_v[b * s * d + head * kd..];
+                let pair = b * h.heads + head;
+                let p = &p_v[pair * s * s..(pair + 1) * s * s];
+                // SAFETY: reads stay within the inputs; this task alone writes the rows of batch b
+                // in the columns of its query heads and of its key/value head.
+                unsafe {
+                    // dP = dC·Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, in place
+                    matmul::<T>(
+                        (s, s, kd),
+                        ds.as_mut_ptr(),
+                        s,
+                        false,
+                        dc.as_ptr(),
+                        (d, 1),
+                        v.as_ptr(),
+                        (1, w),
+                    );
+                    for (drow, prow) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                        let dot = drow
+                            .iter()
+                            .zip(prow)
+                            .fold(T::zero(), |a, (&x, &y)| a + x * y);
+                        for (x, &y) in drow.iter_mut().zip(prow) {
+                            *x = y * (*x - dot) * scale;
+                        }
                     }
+                    let base = out.0.add(row0);
+                    let first = n == 0;
+                    matmul::<T>(
+                        (s, kd, s),
+                        base.add(h.q_col(head)),
+                        w,
+                        false,
+                        ds.as_ptr(),
+                        (s, 1),
+                        k.as_ptr(),
+                        (w, 1),
+                    );
+                    matmul::<T>(
+                        (s, kd, s),
+                        base.add(h.k_col(kv)),
+                        w,
+                        !first,
+                        ds.as_ptr(),
+                        (1, s),
+                        q.as_ptr(),
+                        (w, 1),
+                    );
+                    matmul::<T>(
+                        (s, kd, s),
+                        base.add(h.v_col(kv)),
+                        w,
+                        !first,
+                        p.as_ptr(),
+                        (1, s),
+                        dc.as_ptr(),
+                        (d, 1),
+                    );
                 }
-                let dq = out.0.add(base);
-                matmul::<T>(
-                    (s, kd, s),
-                    dq,
-                    3 * d,
-                    ds.as_ptr(),
-                    (s, 1),
-                    k.as_ptr(),
-                    (3 * d, 1),
-                );
-                matmul::<T>(
-                    (s, kd, s),
-                    dq.add(d),
-                    3 * d,
-                    ds.as_ptr(),
-                    (1, s),
-                    q.as_ptr(),
-                    (3 * d, 1),
-                );
-                matmul::<T>(
-                    (s, kd, s),
-                    dq.add(2 * d),
-                    3 * d,
-                    p.as_ptr(),
-                    (1, s),
-                    dc.as_ptr(),
-                    (d, 1),
-                );
             }
         },
     );
-    Tensor::from_vec(dqkv, (h.batch * s, 3 * d), dcontext.device())
+    Tensor::from_vec(dqkv, (h.batch * s, w), dcontext.device())
 }

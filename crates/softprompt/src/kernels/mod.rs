@@ -3,11 +3,14 @@
 //! Each forward returns its output and keeps what its backward needs; each backward returns only the
 //! gradient with respect to the input (the weights are frozen, so their gradients are never formed).
 //! The pairs are written with candle tensor ops, so they run in f32 for training and in f64 for the
-//! finite-difference tests, on CPU or CUDA alike. None of candle's fused ops without backward
-//! (`softmax_last_dim`, `ops::layer_norm`, ...) appear here: see ../shared/DESIGN.md.
+//! finite-difference tests, on CPU or CUDA alike; layer norm, GELU and attention also have fused,
+//! multithreaded CPU versions (`fused`, `fused_attention`) that the CPU takes by default, with the
+//! composed ones as their tested reference (`with_composed`). None of candle's fused ops without
+//! backward (`softmax_last_dim`, `ops::layer_norm`, ...) appear here: see ../shared/DESIGN.md.
+//! RMS norm, RoPE, the SiLU-gated MLP and tanh GELU are the decoder families' pairs.
 //!
 //! Shape letters: B batch, S positions (prompt + tokens), T = B·S rows, D hidden, F FFN width,
-//! H heads, K head width (D = H·K).
+//! H heads (Hkv key/value heads), K head width (D = H·K).
 
 mod activation;
 mod attention;
@@ -15,9 +18,15 @@ mod fused;
 mod fused_attention;
 mod layer_norm;
 mod linear;
+mod mlp;
+mod rms_norm;
+mod rope;
 
-pub use activation::{gelu_erf_backward, gelu_erf_forward};
+pub use activation::{gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward};
 pub use attention::{attention_backward, attention_forward, mask_bias, AttentionShape};
 pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use linear::Linear;
+pub use mlp::{GatedMlp, GatedMlpSaved};
+pub use rms_norm::RmsNorm;
+pub use rope::Rope;

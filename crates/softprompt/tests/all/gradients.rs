@@ -7,8 +7,9 @@ use softprompt::backbone::{Backbone, EncoderInput};
 use softprompt::batch::Batch;
 use softprompt::classifier::PromptClassifier;
 use softprompt::kernels::{
-    attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, mask_bias,
-    with_composed, AttentionShape, LayerNorm, Linear,
+    attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward,
+    gelu_tanh_forward, mask_bias, with_composed, AttentionShape, GatedMlp, LayerNorm, Linear,
+    RmsNorm, Rope,
 };
 use softprompt::prompt::SoftPrompt;
 use softprompt::task::classify::{ClassificationHead, Pool};
@@ -125,21 +126,144 @@ fn gelu_backward_matches_finite_differences() {
 
 #[test]
 fn attention_backward_matches_finite_differences() {
+    // bidirectional with padding (BERT), causal, and grouped-query (4 query heads on 2 key/value heads)
+    let cases = [(2, 2, false), (2, 2, true), (4, 2, true)];
     on_both_paths(|path| {
-        let shape = AttentionShape {
-            batch: 2,
-            seq: 4,
-            heads: 2,
-        };
-        let qkv = randn(&[2 * 4, 3 * 6], 1); // T = B·S rows; 3D with D = 2 heads × 3
-        let mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 1, 1]], &DEV).unwrap();
-        let bias = mask_bias(&mask, DType::F64).unwrap();
-        let r = randn(&[2 * 4, 6], 4);
-        let (_, probs) = attention_forward(&qkv, &bias, shape).unwrap();
-        let d_qkv = attention_backward(&r, &qkv, &probs, shape).unwrap();
-        let out = |x: &Tensor| weighted_sum(&attention_forward(x, &bias, shape).unwrap().0, &r);
-        check(&qkv, &d_qkv, out, &format!("attention ({path})"));
+        for (heads, kv_heads, causal) in cases {
+            let shape = AttentionShape {
+                batch: 2,
+                seq: 4,
+                heads,
+                kv_heads,
+                causal,
+            };
+            let k = 3;
+            let qkv = randn(&[2 * 4, (heads + 2 * kv_heads) * k], 1);
+            let mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 1, 1]], &DEV).unwrap();
+            let bias = mask_bias(&mask, DType::F64).unwrap();
+            let r = randn(&[2 * 4, heads * k], 4);
+            let (_, probs) = attention_forward(&qkv, &bias, shape).unwrap();
+            let d_qkv = attention_backward(&r, &qkv, &probs, shape).unwrap();
+            let out = |x: &Tensor| weighted_sum(&attention_forward(x, &bias, shape).unwrap().0, &r);
+            check(
+                &qkv,
+                &d_qkv,
+                out,
+                &format!("attention {heads}/{kv_heads} causal {causal} ({path})"),
+            );
+        }
     });
+}
+
+/// The fused and composed attention give the same output, causal and grouped-query included.
+#[test]
+fn fused_attention_matches_composed() {
+    for (heads, kv_heads, causal) in [(4, 4, false), (4, 2, true), (6, 1, true)] {
+        let shape = AttentionShape {
+            batch: 3,
+            seq: 7,
+            heads,
+            kv_heads,
+            causal,
+        };
+        let qkv = randn(&[3 * 7, (heads + 2 * kv_heads) * 5], 3);
+        let mask = Tensor::new(
+            &[[1u32, 1, 1, 1, 1, 0, 0], [1; 7], [1, 1, 0, 0, 0, 0, 0]],
+            &DEV,
+        )
+        .unwrap();
+        let bias = mask_bias(&mask, DType::F64).unwrap();
+        let (fused, _) = attention_forward(&qkv, &bias, shape).unwrap();
+        let (composed, _) = with_composed(|| attention_forward(&qkv, &bias, shape).unwrap());
+        let diff = crate::max_abs_diff(&fused, &composed);
+        assert!(diff < 1e-12, "{heads}/{kv_heads} causal {causal}: {diff:e}");
+    }
+}
+
+#[test]
+fn rms_norm_backward_matches_finite_differences() {
+    let norm = RmsNorm {
+        weight: (randn(&[6], 1) + 1.0).unwrap(),
+        eps: 1e-6,
+    };
+    let x = randn(&[2, 3, 6], 3);
+    let r = randn(&[2, 3, 6], 4);
+    check(
+        &x,
+        &norm.backward(&r, &x).unwrap(),
+        |x| weighted_sum(&norm.forward(x).unwrap(), &r),
+        "rms norm",
+    );
+}
+
+#[test]
+fn gelu_tanh_backward_matches_finite_differences() {
+    let x = (randn(&[4, 5], 1) * 3.0).unwrap();
+    let r = randn(&[4, 5], 2);
+    check(
+        &x,
+        &gelu_tanh_backward(&r, &x).unwrap(),
+        |x| weighted_sum(&gelu_tanh_forward(x).unwrap(), &r),
+        "gelu tanh",
+    );
+}
+
+#[test]
+fn gated_mlp_backward_matches_finite_differences() {
+    let lin = |out: usize, inp: usize, seed: u64| Linear::new(randn(&[out, inp], seed), None);
+    let mlp = GatedMlp {
+        gate: lin(7, 4, 1),
+        up: lin(7, 4, 2),
+        down: lin(4, 7, 3),
+    };
+    let x = (randn(&[3, 4], 4) * 2.0).unwrap();
+    let r = randn(&[3, 4], 5);
+    let (_, saved) = mlp.forward(&x).unwrap();
+    check(
+        &x,
+        &mlp.backward(&r, &saved).unwrap(),
+        |x| weighted_sum(&mlp.forward(x).unwrap().0, &r),
+        "gated mlp",
+    );
+}
+
+#[test]
+fn rope_backward_matches_finite_differences() {
+    let rope = Rope::new(6, 16, 10_000.0, DType::F64, &DEV).unwrap();
+    let x = randn(&[2, 3, 5, 6], 1);
+    let r = randn(&[2, 3, 5, 6], 2);
+    for offset in [0, 4] {
+        let dx = rope.backward(&r, offset).unwrap();
+        check(
+            &x,
+            &dx,
+            |x| weighted_sum(&rope.forward(x, offset).unwrap(), &r),
+            &format!("rope, offset {offset}"),
+        );
+    }
+}
+
+/// RoPE rotates each (c, c + K/2) channel pair by position·θ^(−2c/K), as transformers does.
+#[test]
+fn rope_rotates_pairs_by_position() {
+    let rope = Rope::new(4, 8, 100.0, DType::F64, &DEV).unwrap();
+    let x = Tensor::new(&[1.0f64, 0.0, 0.0, 0.0], &DEV)
+        .unwrap()
+        .reshape((1, 1, 1, 4))
+        .unwrap();
+    let y = rope
+        .forward(&x, 3)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    // channel 0 pairs with channel 2; frequency 1 at c = 0, angle 3
+    assert!(
+        (y[0] - 3f64.cos()).abs() < 1e-12 && (y[2] - 3f64.sin()).abs() < 1e-12,
+        "{y:?}"
+    );
+    assert!(y[1].abs() < 1e-12 && y[3].abs() < 1e-12);
 }
 
 pub fn tiny_bert(dtype: DType) -> Bert {

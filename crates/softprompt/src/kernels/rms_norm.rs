@@ -1,0 +1,31 @@
+use candle_core::{Result, Tensor, D};
+
+/// RMSNorm over the last dimension (Llama): y = x · rrms · γ, rrms = 1/√(mean(x²) + ε).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// x [.., D] → y [.., D]; the backward needs x, which the caller keeps.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(&self.rrms(x)?)?.broadcast_mul(&self.weight)
+    }
+
+    /// dy [.., D] → dx [.., D] = rrms · (g − x̂ · mean(g · x̂)), with g = dy·γ and x̂ = x·rrms.
+    pub fn backward(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let rrms = self.rrms(x)?;
+        let xhat = x.broadcast_mul(&rrms)?;
+        let g = dy.broadcast_mul(&self.weight)?;
+        let mean_gx = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+        (g - xhat.broadcast_mul(&mean_gx)?)?.broadcast_mul(&rrms)
+    }
+
+    /// [.., 1]
+    fn rrms(&self, x: &Tensor) -> Result<Tensor> {
+        (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()
+    }
+}
