@@ -167,6 +167,8 @@ struct Progress {
     best: Option<f64>,
     evals_without_gain: usize,
     optimizer_steps: u64,
+    /// stopped early: a resumed run has nothing left to do
+    stopped: bool,
 }
 
 /// Labelled, tokenized examples.
@@ -347,7 +349,7 @@ pub fn train(
     };
 
     let mut epoch_plan: (usize, Vec<Vec<usize>>) = (usize::MAX, Vec::new());
-    while progress.step < total {
+    while progress.step < total && !progress.stopped {
         if epoch_plan.0 != progress.epoch {
             epoch_plan = (
                 progress.epoch,
@@ -420,15 +422,14 @@ pub fn train(
         }
         metrics.flush()?;
         progress.optimizer_steps = optimizer.steps();
-        save_checkpoint(&checkpoint_path, config, &classifier, &optimizer, &progress)?;
-        if config
+        progress.stopped = config
             .patience
-            .is_some_and(|p| progress.evals_without_gain >= p)
-        {
+            .is_some_and(|p| progress.evals_without_gain >= p);
+        save_checkpoint(&checkpoint_path, config, &classifier, &optimizer, &progress)?;
+        if progress.stopped {
             on_event(Event::EarlyStop {
                 step: progress.step,
             });
-            break;
         }
     }
     Ok(Summary {

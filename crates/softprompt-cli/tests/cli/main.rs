@@ -317,6 +317,34 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
 }
 
 #[test]
+fn resuming_a_run_that_stopped_early_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let out = dir.join("early").display().to_string();
+    let extra = ["--max-steps", "400", "--eval-every", "2", "--patience", "1"];
+    let first = ok(&train_args(&model, &train, &dev, &out, &extra));
+    let log = std::fs::read_to_string(Path::new(&out).join("metrics.jsonl")).unwrap();
+    let adapter = std::fs::read(Path::new(&out).join("adapter_model.safetensors")).unwrap();
+    assert!(
+        !log.contains("\"step\":400"),
+        "expected an early stop:\n{first}"
+    );
+    let mut resumed = train_args(&model, &train, &dev, &out, &extra);
+    resumed.push("--resume");
+    ok(&resumed);
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&out).join("metrics.jsonl")).unwrap(),
+        log
+    );
+    assert_eq!(
+        std::fs::read(Path::new(&out).join("adapter_model.safetensors")).unwrap(),
+        adapter
+    );
+}
+
+#[test]
 fn a_peft_adapter_loads_in_predict() {
     let model = tiny_model().display().to_string();
     let adapter = fixtures().join("peft-tiny-adapter").display().to_string();
