@@ -202,7 +202,7 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
                 optimizer.step(&classifier.params(), &grads, 1e-3)?;
             }
             Mode::Forward => {
-                classifier.logits(&batch)?;
+                classifier.predict_all(&data, config.batch, &device)?;
             }
         }
         Ok(started.elapsed().as_secs_f64())

@@ -3,6 +3,7 @@
 
 use crate::backbone::{Backbone, EncoderInput};
 use crate::batch::{eval_batches, Batch};
+use crate::multitask::{classify_rows, Task};
 use crate::prompt::{extend_front, SoftPrompt};
 use crate::task::classify::{cross_entropy, ClassificationHead};
 use crate::tokenize::Encoded;
@@ -50,15 +51,6 @@ impl<B: Backbone> PromptClassifier<B> {
         [&self.prompt.embeddings, &self.head.weight, &self.head.bias]
     }
 
-    /// → logits [B, C], f32
-    pub fn logits(&self, batch: &Batch) -> Result<Tensor> {
-        let p = self.prompted(batch)?;
-        let hidden = self.backbone.forward(&p.input())?;
-        self.head
-            .forward(&hidden, &p.attention_mask, self.prompt.len())?
-            .to_dtype(DType::F32)
-    }
-
     /// The mean cross-entropy of a labelled batch and the gradients of `params()`.
     pub fn loss_and_grads(&self, batch: &Batch) -> anyhow::Result<(f64, Vec<Tensor>)> {
         let labels = batch
@@ -96,6 +88,15 @@ impl<B: Backbone> PromptClassifier<B> {
         ))
     }
 
+    /// The classifier as it stands, as a task for the inference path (`multitask`).
+    pub fn task(&self) -> Task {
+        Task {
+            prompt: self.prompt.embeddings.as_tensor().detach(),
+            head: self.head.clone(),
+            labels: self.labels.clone(),
+        }
+    }
+
     /// Logits [N, C] for every example, in the data set's order.
     pub fn predict_all(
         &self,
@@ -103,13 +104,16 @@ impl<B: Backbone> PromptClassifier<B> {
         batch_size: usize,
         device: &Device,
     ) -> anyhow::Result<Vec<Vec<f32>>> {
+        let task = self.task();
         let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
         let mut out = vec![Vec::new(); data.len()];
         for rows in eval_batches(&lengths, batch_size) {
-            let batch = Batch::new(data, None, &rows, device)?;
-            let logits = self.logits(&batch)?.to_vec2::<f32>()?;
-            for (row, l) in rows.into_iter().zip(logits) {
-                out[row] = l;
+            let pairs: Vec<(&Task, &Encoded)> = rows.iter().map(|&r| (&task, &data[r])).collect();
+            for (row, logits) in
+                rows.into_iter()
+                    .zip(classify_rows(&self.backbone, &pairs, device)?)
+            {
+                out[row] = logits;
             }
         }
         Ok(out)

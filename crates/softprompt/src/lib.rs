@@ -14,6 +14,7 @@
 //! optim       AdamW, Adafactor, schedules, clipping
 //! train       the loop: evaluation, early stopping, checkpoints, resume
 //! adapter     PEFT-format adapter directories
+//! multitask   many adapters in one batch: each row its own prompt and head; prompt ensembles
 //! metrics     accuracy, macro-F1, per-class precision / recall, confusion matrix
 //! ```
 
@@ -28,6 +29,7 @@ pub mod fsutil;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod multitask;
 pub mod optim;
 pub mod prompt;
 pub mod task;

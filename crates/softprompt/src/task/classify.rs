@@ -28,6 +28,7 @@ pub enum Pool {
 named_choice!(Pool, "first", "pooler", "cls", "mean");
 
 /// A linear layer on the pooled vector: `weight` [C, D], `bias` [C] (PEFT's `classifier`).
+#[derive(Clone)]
 pub struct ClassificationHead {
     pub weight: Var,
     pub bias: Var,

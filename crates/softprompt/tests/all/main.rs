@@ -2,6 +2,7 @@
 
 mod data;
 mod gradients;
+mod multitask;
 mod parity;
 mod peft;
 mod prompt_init;

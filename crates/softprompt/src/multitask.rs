@@ -1,0 +1,162 @@
+//! Many tasks on one frozen model (the paper's section 6 promise): every row of a batch carries its
+//! own adapter's prompt and head, so requests for different tasks share one backbone pass, and a
+//! prompt ensemble is N rows of the same text with N prompts.
+//!
+//! ```text
+//! rows (task, tokens) → [P_task; X] per row, right-padded → one backbone pass → each row's own head
+//! ```
+
+use crate::adapter::Adapter;
+use crate::backbone::{Backbone, EncoderInput};
+use crate::classifier::{argmax, softmax};
+use crate::model::Model;
+use crate::task::classify::ClassificationHead;
+use crate::tokenize::Encoded;
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+
+/// An adapter made ready to run on a model: its prompt in the backbone's dtype and device, its head.
+pub struct Task {
+    /// [M, D]
+    pub prompt: Tensor,
+    pub head: ClassificationHead,
+    pub labels: Vec<String>,
+}
+
+impl Task {
+    pub fn new(model: &Model, adapter: &Adapter) -> anyhow::Result<Self> {
+        let table = model.backbone.word_embeddings();
+        let prompt = adapter
+            .prompt
+            .to_device(table.device())?
+            .to_dtype(table.dtype())?;
+        let (weight, bias) = (
+            adapter.head_weight.to_device(table.device())?,
+            adapter.head_bias.to_device(table.device())?,
+        );
+        Ok(Self {
+            prompt,
+            head: model.head(&weight, &bias, adapter.pool)?,
+            labels: adapter.labels.clone(),
+        })
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt.dim(0).unwrap_or(0)
+    }
+}
+
+/// One backbone pass over rows of different tasks → each row's logits (its task's label count).
+/// A row gets exactly what it would get in a batch of its own: its prompt sits at positions
+/// 0..M of its row, its tokens after it, and the padding after that is masked out.
+pub fn classify_rows<B: Backbone>(
+    backbone: &B,
+    rows: &[(&Task, &Encoded)],
+    device: &Device,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lengths: Vec<usize> = rows
+        .iter()
+        .map(|(t, e)| t.prompt_len() + e.ids.len())
+        .collect();
+    let width = lengths.iter().copied().max().unwrap_or(0);
+    if width > backbone.max_positions() {
+        bail!(
+            "a row of {width} positions (prompt included) exceeds the model's {}",
+            backbone.max_positions()
+        );
+    }
+    let d = backbone.hidden_size();
+    let mut embeds = Vec::with_capacity(rows.len());
+    let (mut mask, mut types) = (
+        Vec::with_capacity(rows.len() * width),
+        Vec::with_capacity(rows.len() * width),
+    );
+    for ((task, encoded), &len) in rows.iter().zip(&lengths) {
+        let ids = Tensor::new(encoded.ids.as_slice(), device)?.unsqueeze(0)?;
+        let word = backbone.embed_tokens(&ids)?.squeeze(0)?;
+        let pad = Tensor::zeros((width - len, d), word.dtype(), device)?;
+        embeds.push(Tensor::cat(&[&task.prompt, &word, &pad], 0)?);
+        let m = task.prompt_len();
+        mask.extend((0..width).map(|i| (i < len) as u32));
+        types.extend((0..width).map(|i| {
+            if i >= m && i < len {
+                encoded.type_ids[i - m]
+            } else {
+                0
+            }
+        }));
+    }
+    let embeds = Tensor::stack(&embeds, 0)?;
+    let shape = (rows.len(), width);
+    let (mask, types) = (
+        Tensor::from_vec(mask, shape, device)?,
+        Tensor::from_vec(types, shape, device)?,
+    );
+    let hidden = backbone.forward(&EncoderInput {
+        embeds: &embeds,
+        attention_mask: &mask,
+        token_type_ids: &types,
+    })?;
+    rows.iter()
+        .enumerate()
+        .map(|(i, (task, _))| {
+            let logits = task.head.forward(
+                &hidden.narrow(0, i, 1)?,
+                &mask.narrow(0, i, 1)?,
+                task.prompt_len(),
+            )?;
+            Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        })
+        .collect()
+}
+
+/// A prompt ensemble's answer: the majority vote, the mean probability per label, each member's label.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EnsembleAnswer {
+    /// the label most members chose (ties go to the higher mean probability)
+    pub label: String,
+    /// mean over members of each label's probability
+    pub scores: Vec<f32>,
+    pub members: Vec<String>,
+}
+
+/// Combines the members' logits for one input; the members must share one label set.
+pub fn ensemble(tasks: &[&Task], logits: &[Vec<f32>]) -> anyhow::Result<EnsembleAnswer> {
+    let labels = &tasks
+        .first()
+        .context("an ensemble needs at least one member")?
+        .labels;
+    if let Some(odd) = tasks.iter().find(|t| &t.labels != labels) {
+        bail!(
+            "ensemble members disagree on the labels: {:?} vs {:?}",
+            labels,
+            odd.labels
+        );
+    }
+    let mut scores = vec![0f32; labels.len()];
+    let mut votes = vec![0usize; labels.len()];
+    let mut members = Vec::with_capacity(logits.len());
+    for l in logits {
+        for (s, p) in scores.iter_mut().zip(softmax(l)) {
+            *s += p / logits.len() as f32;
+        }
+        let choice = argmax(l) as usize;
+        votes[choice] += 1;
+        members.push(labels[choice].clone());
+    }
+    let best = (0..labels.len())
+        .max_by(|&a, &b| {
+            votes[a]
+                .cmp(&votes[b])
+                .then(scores[a].total_cmp(&scores[b]))
+        })
+        .unwrap_or(0);
+    Ok(EnsembleAnswer {
+        label: labels[best].clone(),
+        scores,
+        members,
+    })
+}
