@@ -57,7 +57,7 @@ def main() -> int:
         if args.quick:
             steps, ref_steps = max(steps // 3, 3), max(ref_steps // 3, 3)
         a = ours(arch, mode, steps)
-        b = reference(args.python, arch, mode, ref_steps)
+        b = reference(str(Path(args.python).absolute()), arch, mode, ref_steps)
         print(f"{arch + ' ' + mode:<20} {a['median_s']:>13.3f} {b['median_s']:>12.3f} {a['median_s'] / b['median_s']:>6.2f} "
               f"{a['gflop_per_s']:>8.1f} {a['peak_rss_mib']:>9.0f}/{b['peak_rss_mib']:<9.0f}", flush=True)
     return 0
