@@ -215,14 +215,13 @@ impl CustomOp3 for LayerNormForward {
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(
             eps: f64,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-            s3: &CpuStorage,
-            l3: &Layout,
+            [x, gamma, beta]: [(&CpuStorage, &Layout); 3],
         ) -> Result<CpuStorage> {
-            let (x, gamma, beta) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
+            let (x, gamma, beta) = (
+                view::<T>(x.0, x.1)?,
+                view::<T>(gamma.0, gamma.1)?,
+                view::<T>(beta.0, beta.1)?,
+            );
             let d = gamma.len();
             let eps = T::lit(eps);
             Ok(T::into_storage(for_rows(x.len(), d, |r, out| {
@@ -233,10 +232,8 @@ impl CustomOp3 for LayerNormForward {
                 }
             })))
         }
-        Ok((
-            dispatch!(s1, run(self.eps, s1, l1, s2, l2, s3, l3))?,
-            l1.shape().clone(),
-        ))
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        Ok((dispatch!(s1, run(self.eps, inputs))?, l1.shape().clone()))
     }
 }
 
@@ -262,14 +259,13 @@ impl CustomOp3 for LayerNormBackward {
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(
             eps: f64,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-            s3: &CpuStorage,
-            l3: &Layout,
+            [dy, x, gamma]: [(&CpuStorage, &Layout); 3],
         ) -> Result<CpuStorage> {
-            let (dy, x, gamma) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
+            let (dy, x, gamma) = (
+                view::<T>(dy.0, dy.1)?,
+                view::<T>(x.0, x.1)?,
+                view::<T>(gamma.0, gamma.1)?,
+            );
             let d = gamma.len();
             let (eps, n) = (T::lit(eps), T::from(d).expect("row length"));
             Ok(T::into_storage(for_rows(x.len(), d, |r, out| {
@@ -286,9 +282,7 @@ impl CustomOp3 for LayerNormBackward {
                 }
             })))
         }
-        Ok((
-            dispatch!(s1, run(self.eps, s1, l1, s2, l2, s3, l3))?,
-            l1.shape().clone(),
-        ))
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        Ok((dispatch!(s1, run(self.eps, inputs))?, l1.shape().clone()))
     }
 }
