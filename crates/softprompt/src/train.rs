@@ -13,7 +13,7 @@ use crate::model::Model;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig, OptimizerKind, Schedule};
 use crate::prompt::{InitSource, PromptInit, SoftPrompt};
 use crate::task::classify::{ClassificationHead, Pool};
-use crate::tokenize::{encode_all, Encoded};
+use crate::tokenize::{encode_all, Encoded, TextEncoder};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -181,9 +181,7 @@ fn load_set(
     path: &Path,
     columns: &Columns,
     label_names: Option<&[String]>,
-    model: &Model,
-    prompt_len: usize,
-    max_tokens: Option<usize>,
+    encoder: &TextEncoder,
 ) -> anyhow::Result<(LabelledSet, Vec<String>)> {
     let examples = read_examples(path, columns, Labels::Required)?;
     let names = match label_names {
@@ -191,7 +189,7 @@ fn load_set(
         None => label_set(&examples),
     };
     let labels = label_ids(&examples, &names, path)?;
-    let data = encode_all(&model.encoder(prompt_len, max_tokens)?, &examples, path)?;
+    let data = encode_all(encoder, &examples, path)?;
     Ok((LabelledSet { data, labels }, names))
 }
 
@@ -234,14 +232,8 @@ pub fn train(
     }
     let model = Model::load(&paths.model, DType::F32, device)?;
     let m = config.num_virtual_tokens;
-    let (train_set, label_names) = load_set(
-        &paths.train,
-        &paths.columns,
-        None,
-        &model,
-        m,
-        config.max_tokens,
-    )?;
+    let encoder = model.encoder(m, config.max_tokens)?;
+    let (train_set, label_names) = load_set(&paths.train, &paths.columns, None, &encoder)?;
     if label_names.len() < 2 {
         bail!(
             "{}: training needs at least two different labels, found {:?}",
@@ -250,22 +242,11 @@ pub fn train(
         );
     }
     let dev_set = match &paths.dev {
-        Some(dev) => Some(
-            load_set(
-                dev,
-                &paths.columns,
-                Some(&label_names),
-                &model,
-                m,
-                config.max_tokens,
-            )?
-            .0,
-        ),
+        Some(dev) => Some(load_set(dev, &paths.columns, Some(&label_names), &encoder)?.0),
         None => None,
     };
 
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let encoder = model.encoder(m, None)?;
     let label_token_ids = label_names
         .iter()
         .map(|l| encoder.plain_ids(&l.replace(['_', '-'], " ")))
