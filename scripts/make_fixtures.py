@@ -12,6 +12,10 @@ Outputs (committed; the venv is not):
   tests/fixtures/peft-tiny-adapter/    a SEQ_CLS prompt-tuning adapter written by PEFT itself
   tests/fixtures/peft_tiny_logits.safetensors
                                        PEFT's logits for that adapter on FIXTURE_TEXTS
+  tests/fixtures/tiny-gpt2/            a random 2-layer GPT-2 (GPT2LMHeadModel layout, `transformer.` prefix)
+  tests/fixtures/tiny_gpt2_parity.safetensors
+                                       ids, mask, a prompt, and transformers' last hidden states (after ln_f)
+                                       with and without the prompt
   tests/fixtures/minilm_parity.safetensors   (when assets/ holds all-MiniLM-L6-v2)
                                        the real model's token ids and hidden states for a few sentences
 """
@@ -119,6 +123,41 @@ def peft_adapter(base_dir: Path) -> None:
               metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
 
 
+def tiny_gpt2() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dir = FIX / "tiny-gpt2"
+    dir.mkdir(parents=True, exist_ok=True)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(4)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(dir, safe_serialization=True)
+    gpt2 = model.transformer
+    ids = torch.tensor([[5, 9, 20, 33, 2, 0], [7, 8, 9, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    torch.manual_seed(5)
+    prompt = torch.randn(3, 16)
+    b = ids.shape[0]
+    with torch.no_grad():
+        plain = gpt2(input_ids=ids, attention_mask=mask).last_hidden_state
+        embeds = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), gpt2.wte(ids)], 1)
+        full_mask = torch.cat([torch.ones(b, 3, dtype=mask.dtype), mask], 1)
+        prompted = gpt2(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
+    save_file(
+        {"ids": ids, "mask": mask, "prompt": prompt.contiguous(), "hidden_plain": plain.contiguous(),
+         "hidden_prompted": prompted.contiguous()},
+        FIX / "tiny_gpt2_parity.safetensors",
+        metadata={"version": VERSION},
+    )
+
+
 MINILM_SENTENCES = [
     "A gorgeous, witty, seductive movie.",
     "The plot is nothing but boilerplate clichés from start to finish.",
@@ -156,5 +195,6 @@ if __name__ == "__main__":
     model = tiny_bert(FIX / "tiny-bert")
     tiny_parity(model)
     peft_adapter(FIX / "tiny-bert")
+    tiny_gpt2()
     minilm_parity()
     print("fixtures written to", FIX)

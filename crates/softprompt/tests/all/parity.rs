@@ -4,6 +4,7 @@
 use crate::{assets, fixtures, max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use softprompt::backbone::bert::Bert;
+use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::{Backbone, EncoderInput};
 use softprompt::fsutil::load_tensors;
 use softprompt::prompt::{extend_front, SoftPrompt};
@@ -19,14 +20,14 @@ fn u32s(t: &Tensor) -> Tensor {
 }
 
 /// Runs the backbone on ids, with the prompt in front when given, as PEFT does.
-fn hidden(
-    bert: &Bert,
+fn hidden<B: Backbone>(
+    backbone: &B,
     ids: &Tensor,
     types: &Tensor,
     mask: &Tensor,
     prompt: Option<&Tensor>,
 ) -> Tensor {
-    let word = bert.embed_tokens(ids).unwrap();
+    let word = backbone.embed_tokens(ids).unwrap();
     let (embeds, mask, types) = match prompt {
         Some(p) => {
             let m = p.dim(0).unwrap();
@@ -39,12 +40,13 @@ fn hidden(
         }
         None => (word, mask.clone(), types.clone()),
     };
-    bert.forward(&EncoderInput {
-        embeds: &embeds,
-        attention_mask: &mask,
-        token_type_ids: &types,
-    })
-    .unwrap()
+    backbone
+        .forward(&EncoderInput {
+            embeds: &embeds,
+            attention_mask: &mask,
+            token_type_ids: &types,
+        })
+        .unwrap()
 }
 
 /// Relative to the largest magnitude in the reference.
@@ -154,4 +156,31 @@ fn fused_kernels_match_the_composed_reference_on_minilm() {
     assert!(err < 1e-4, "hidden states: relative error {err:e}");
     let err = relative(&d_embeds, &d_embeds_ref);
     assert!(err < 1e-4, "embedding gradient: relative error {err:e}");
+}
+
+/// GPT-2 against transformers on a tiny random checkpoint (causal attention, tanh GELU, Conv1D
+/// weights, final LayerNorm), with and without a prompt; compared at the real (unpadded) positions.
+#[test]
+fn tiny_gpt2_matches_transformers_with_and_without_prompt() {
+    let (f, _) = fixture("tiny_gpt2_parity.safetensors");
+    let gpt2 = Gpt2::load(&fixtures().join("tiny-gpt2"), DType::F32, &Device::Cpu).unwrap();
+    let (ids, mask) = (u32s(&f["ids"]), u32s(&f["mask"]));
+    let types = ids.zeros_like().unwrap();
+    let real = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    for (prompt, key) in [
+        (None, "hidden_plain"),
+        (Some(&f["prompt"]), "hidden_prompted"),
+    ] {
+        let ours = hidden(&gpt2, &ids, &types, &mask, prompt);
+        let m = ours.dim(1).unwrap() - ids.dim(1).unwrap();
+        // padded positions are not compared: neither side promises anything there
+        let keep = |t: &Tensor| {
+            t.narrow(1, m, ids.dim(1).unwrap())
+                .unwrap()
+                .broadcast_mul(&real)
+                .unwrap()
+        };
+        let err = relative(&keep(&ours), &keep(&f[key]));
+        assert!(err < 1e-5, "{key}: relative error {err:e}");
+    }
 }

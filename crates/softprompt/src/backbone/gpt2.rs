@@ -1,0 +1,306 @@
+//! GPT-2, from a Hugging Face directory. Names follow `transformers`' modeling_gpt2.py; the
+//! `transformer.` prefix of GPT2LMHeadModel checkpoints is accepted too. GPT-2 stores its projections
+//! as Conv1D, weight [IN, OUT]: they are transposed once at load into Linear's [OUT, IN].
+
+use super::{Backbone, EncoderInput};
+use crate::kernels::{
+    attention_backward, attention_forward, gelu_tanh_backward, gelu_tanh_forward, mask_bias,
+    AttentionShape, LayerNorm, LayerNormSaved, Linear,
+};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+use std::path::Path;
+
+/// The fields of config.json that the architecture reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// FFN width; null means 4 · n_embd
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl Gpt2Config {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a GPT-2 config.json", path.display()))?;
+        if let Some(t) = cfg.model_type.as_deref().filter(|t| *t != "gpt2") {
+            bail!(
+                "{}: model_type is {t:?}; this backbone reads \"gpt2\"",
+                path.display()
+            );
+        }
+        if !matches!(
+            cfg.activation_function.as_str(),
+            "gelu_new" | "gelu_pytorch_tanh"
+        ) {
+            bail!(
+                "{}: activation_function {:?} is not supported (gelu_new)",
+                path.display(),
+                cfg.activation_function
+            );
+        }
+        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+            bail!(
+                "{}: n_embd {} is not a multiple of n_head {}",
+                path.display(),
+                cfg.n_embd,
+                cfg.n_head
+            );
+        }
+        Ok(cfg)
+    }
+
+    fn inner(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+}
+
+/// A Conv1D [IN, OUT] loaded as a Linear [OUT, IN].
+fn conv1d(vb: &VarBuilder, inp: usize, out: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((inp, out), "weight")?.t()?.contiguous()?,
+        Some(vb.get(out, "bias")?),
+    ))
+}
+
+fn layer_norm(vb: &VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: vb.get(dim, "weight")?,
+        bias: vb.get(dim, "bias")?,
+        eps,
+    })
+}
+
+/// One `h.{i}`: pre-norm attention and MLP, each added to the residual stream.
+struct Gpt2Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    attn_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+struct Gpt2BlockSaved {
+    ln_1: LayerNormSaved,
+    /// [T, 3D]
+    qkv: Tensor,
+    /// [B, H, S, S]
+    probs: Tensor,
+    ln_2: LayerNormSaved,
+    /// [T, F], before GELU
+    fc: Tensor,
+}
+
+impl Gpt2Block {
+    fn load(vb: VarBuilder, cfg: &Gpt2Config) -> Result<Self> {
+        let (d, f, eps) = (cfg.n_embd, cfg.inner(), cfg.layer_norm_epsilon);
+        Ok(Self {
+            ln_1: layer_norm(&vb.pp("ln_1"), d, eps)?,
+            c_attn: conv1d(&vb.pp("attn").pp("c_attn"), d, 3 * d)?,
+            attn_proj: conv1d(&vb.pp("attn").pp("c_proj"), d, d)?,
+            ln_2: layer_norm(&vb.pp("ln_2"), d, eps)?,
+            c_fc: conv1d(&vb.pp("mlp").pp("c_fc"), d, f)?,
+            mlp_proj: conv1d(&vb.pp("mlp").pp("c_proj"), f, d)?,
+        })
+    }
+
+    /// x [T, D] → y [T, D]
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        shape: AttentionShape,
+    ) -> Result<(Tensor, Gpt2BlockSaved)> {
+        let (a_in, ln_1) = self.ln_1.forward(x)?;
+        let qkv = self.c_attn.forward(&a_in)?;
+        let (context, probs) = attention_forward(&qkv, bias, shape)?;
+        let x1 = (x + self.attn_proj.forward(&context)?)?;
+        let (m_in, ln_2) = self.ln_2.forward(&x1)?;
+        let fc = self.c_fc.forward(&m_in)?;
+        let y = (&x1 + self.mlp_proj.forward(&gelu_tanh_forward(&fc)?)?)?;
+        Ok((
+            y,
+            Gpt2BlockSaved {
+                ln_1,
+                qkv,
+                probs,
+                ln_2,
+                fc,
+            },
+        ))
+    }
+
+    /// dy [T, D] → dx [T, D]
+    fn backward(
+        &self,
+        dy: &Tensor,
+        saved: &Gpt2BlockSaved,
+        shape: AttentionShape,
+    ) -> Result<Tensor> {
+        let d_fc = gelu_tanh_backward(&self.mlp_proj.backward(dy)?, &saved.fc)?;
+        let dx1 = (dy
+            + self
+                .ln_2
+                .backward(&self.c_fc.backward(&d_fc)?, &saved.ln_2)?)?;
+        let d_qkv = attention_backward(
+            &self.attn_proj.backward(&dx1)?,
+            &saved.qkv,
+            &saved.probs,
+            shape,
+        )?;
+        &dx1 + self
+            .ln_1
+            .backward(&self.c_attn.backward(&d_qkv)?, &saved.ln_1)?
+    }
+}
+
+/// The frozen GPT-2 decoder stack (token and position embeddings, blocks, final LayerNorm).
+pub struct Gpt2 {
+    pub config: Gpt2Config,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Gpt2Block>,
+    ln_f: LayerNorm,
+}
+
+pub struct Gpt2Activations {
+    shape: (usize, usize, usize),
+    blocks: Vec<Gpt2BlockSaved>,
+    ln_f: LayerNormSaved,
+}
+
+impl Gpt2 {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+        let files = super::bert::safetensors_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only; changing them while loaded is the user's error.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+            .with_context(|| format!("cannot read the safetensors weights in {}", dir.display()))?;
+        Self::from_var_builder(vb, config).with_context(|| {
+            format!(
+                "the weights in {} do not match its config.json (or are not a GPT-2 checkpoint)",
+                dir.display()
+            )
+        })
+    }
+
+    pub fn from_var_builder(vb: VarBuilder, config: Gpt2Config) -> Result<Self> {
+        let vb = if vb.contains_tensor("transformer.wte.weight") {
+            vb.pp("transformer")
+        } else {
+            vb
+        };
+        let d = config.n_embd;
+        let blocks = (0..config.n_layer)
+            .map(|i| Gpt2Block::load(vb.pp(format!("h.{i}")), &config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            wte: vb.get((config.vocab_size, d), "wte.weight")?,
+            wpe: vb.get((config.n_positions, d), "wpe.weight")?,
+            blocks,
+            ln_f: layer_norm(&vb.pp("ln_f"), d, config.layer_norm_epsilon)?,
+            config,
+        })
+    }
+
+    fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
+        let heads = self.config.n_head;
+        AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads: heads,
+            causal: true,
+        }
+    }
+
+    fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<Gpt2Activations>)> {
+        let shape = input.embeds.dims3()?;
+        let (b, s, d) = shape;
+        let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
+        let attention = self.attention_shape(b, s);
+        let mut x = input
+            .embeds
+            .broadcast_add(&self.wpe.narrow(0, 0, s)?)?
+            .reshape((b * s, d))?;
+        let mut blocks = Vec::with_capacity(if keep { self.blocks.len() } else { 0 });
+        for block in &self.blocks {
+            let (y, saved) = block.forward(&x, &bias, attention)?;
+            if keep {
+                blocks.push(saved);
+            }
+            x = y;
+        }
+        let (hidden, ln_f) = self.ln_f.forward(&x)?;
+        Ok((
+            hidden.reshape(shape)?,
+            keep.then_some(Gpt2Activations {
+                shape,
+                blocks,
+                ln_f,
+            }),
+        ))
+    }
+}
+
+impl Backbone for Gpt2 {
+    type Activations = Gpt2Activations;
+
+    fn hidden_size(&self) -> usize {
+        self.config.n_embd
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.n_positions
+    }
+
+    fn word_embeddings(&self) -> &Tensor {
+        &self.wte
+    }
+
+    fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
+        Ok(self.run(input, false)?.0)
+    }
+
+    fn forward_train(&self, input: &EncoderInput) -> Result<(Tensor, Gpt2Activations)> {
+        let (hidden, activations) = self.run(input, true)?;
+        Ok((hidden, activations.expect("kept")))
+    }
+
+    /// The position embeddings are constants, so the gradient to the input embeddings is the
+    /// residual stream's gradient at the bottom.
+    fn backward(&self, d_hidden: &Tensor, activations: Gpt2Activations) -> Result<Tensor> {
+        let (b, s, d) = activations.shape;
+        let attention = self.attention_shape(b, s);
+        let mut dx = self
+            .ln_f
+            .backward(&d_hidden.reshape((b * s, d))?, &activations.ln_f)?;
+        for (block, saved) in self.blocks.iter().zip(&activations.blocks).rev() {
+            dx = block.backward(&dx, saved, attention)?;
+        }
+        dx.reshape(activations.shape)
+    }
+}
