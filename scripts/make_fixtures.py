@@ -16,6 +16,9 @@ Outputs (committed; the venv is not):
   tests/fixtures/tiny_gpt2_parity.safetensors
                                        ids, mask, a prompt, and transformers' last hidden states (after ln_f)
                                        with and without the prompt
+  tests/fixtures/tiny-llama/           a random 2-layer Llama (grouped-query: 4 heads on 2, q/k/v biases)
+  tests/fixtures/tiny_llama_parity.safetensors
+                                       as for GPT-2 (hidden states after the final RMSNorm)
   tests/fixtures/minilm_parity.safetensors   (when assets/ holds all-MiniLM-L6-v2)
                                        the real model's token ids and hidden states for a few sentences
 """
@@ -123,39 +126,47 @@ def peft_adapter(base_dir: Path) -> None:
               metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
 
 
-def tiny_gpt2() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    dir = FIX / "tiny-gpt2"
+def decoder_fixture(name: str, model, base, embed, seed: int) -> None:
+    """Saves a tiny random decoder and its last hidden states on padded ids, with and without a prompt."""
+    dir = FIX / f"tiny-{name}"
     dir.mkdir(parents=True, exist_ok=True)
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=4, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(4)
-    model = GPT2LMHeadModel(config).eval()
+    torch.manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name:
+        for pname, p in model.named_parameters():
+            if p.dim() == 1 and ("ln_" in pname or "norm" in pname):
                 p.add_(torch.randn_like(p) * 0.1)
             else:
                 p.normal_(0.0, 0.3)
-    model.save_pretrained(dir, safe_serialization=True)
-    gpt2 = model.transformer
+    model.eval().save_pretrained(dir, safe_serialization=True)
     ids = torch.tensor([[5, 9, 20, 33, 2, 0], [7, 8, 9, 10, 11, 12]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
-    torch.manual_seed(5)
-    prompt = torch.randn(3, 16)
+    prompt = torch.randn(3, model.config.hidden_size)
     b = ids.shape[0]
     with torch.no_grad():
-        plain = gpt2(input_ids=ids, attention_mask=mask).last_hidden_state
-        embeds = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), gpt2.wte(ids)], 1)
+        plain = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        embeds = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), embed(ids)], 1)
         full_mask = torch.cat([torch.ones(b, 3, dtype=mask.dtype), mask], 1)
-        prompted = gpt2(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
+        prompted = base(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
     save_file(
         {"ids": ids, "mask": mask, "prompt": prompt.contiguous(), "hidden_plain": plain.contiguous(),
          "hidden_prompted": prompted.contiguous()},
-        FIX / "tiny_gpt2_parity.safetensors",
+        FIX / f"tiny_{name}_parity.safetensors",
         metadata={"version": VERSION},
     )
+
+
+def tiny_decoders() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=4,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    decoder_fixture("gpt2", gpt2, gpt2.transformer, gpt2.transformer.wte, 5)
+    torch.manual_seed(6)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                         rope_theta=10000.0, attention_bias=True, tie_word_embeddings=True))
+    decoder_fixture("llama", llama, llama.model, llama.model.embed_tokens, 7)
 
 
 MINILM_SENTENCES = [
@@ -195,6 +206,6 @@ if __name__ == "__main__":
     model = tiny_bert(FIX / "tiny-bert")
     tiny_parity(model)
     peft_adapter(FIX / "tiny-bert")
-    tiny_gpt2()
+    tiny_decoders()
     minilm_parity()
     print("fixtures written to", FIX)

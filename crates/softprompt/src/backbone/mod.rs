@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod gpt2;
+pub mod llama;
 
 use candle_core::{Result, Tensor};
 

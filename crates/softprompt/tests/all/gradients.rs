@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use softprompt::backbone::bert::{Bert, BertConfig};
 use softprompt::backbone::gpt2::Gpt2;
+use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, EncoderInput};
 use softprompt::batch::Batch;
 use softprompt::classifier::PromptClassifier;
@@ -302,30 +303,37 @@ fn bert_backward_matches_finite_differences() {
 }
 
 #[test]
-fn gpt2_backward_matches_finite_differences() {
+fn decoder_backwards_match_finite_differences() {
     on_both_paths(|path| {
         let gpt2 = Gpt2::load(&crate::fixtures().join("tiny-gpt2"), DType::F64, &DEV).unwrap();
-        let embeds = randn(&[2, 5, 16], 1);
-        let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &DEV).unwrap();
-        let types = mask.zeros_like().unwrap();
-        let r = randn(&[2, 5, 16], 2);
-        let input = EncoderInput {
-            embeds: &embeds,
+        check_backbone(&gpt2, &format!("gpt2 ({path})"));
+        let llama = Llama::load(&crate::fixtures().join("tiny-llama"), DType::F64, &DEV).unwrap();
+        check_backbone(&llama, &format!("llama ({path})"));
+    });
+}
+
+/// Finite differences of Σ hidden ⊙ R with respect to the input embeddings of a 16-wide backbone.
+fn check_backbone<B: Backbone>(backbone: &B, what: &str) {
+    let embeds = randn(&[2, 5, 16], 1);
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &DEV).unwrap();
+    let types = mask.zeros_like().unwrap();
+    let r = randn(&[2, 5, 16], 2);
+    let input = EncoderInput {
+        embeds: &embeds,
+        attention_mask: &mask,
+        token_type_ids: &types,
+    };
+    let (_, acts) = backbone.forward_train(&input).unwrap();
+    let d_embeds = backbone.backward(&r, acts).unwrap();
+    let loss = |e: &Tensor| {
+        let hidden = backbone.forward(&EncoderInput {
+            embeds: e,
             attention_mask: &mask,
             token_type_ids: &types,
-        };
-        let (_, acts) = gpt2.forward_train(&input).unwrap();
-        let d_embeds = gpt2.backward(&r, acts).unwrap();
-        let loss = |e: &Tensor| {
-            let hidden = gpt2.forward(&EncoderInput {
-                embeds: e,
-                attention_mask: &mask,
-                token_type_ids: &types,
-            });
-            weighted_sum(&hidden.unwrap(), &r)
-        };
-        check(&embeds, &d_embeds, loss, &format!("gpt2 ({path})"));
-    });
+        });
+        weighted_sum(&hidden.unwrap(), &r)
+    };
+    check(&embeds, &d_embeds, loss, what);
 }
 
 /// The gradient the trainer applies to the prompt, for every pooling: finite differences of the

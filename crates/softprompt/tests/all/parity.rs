@@ -5,6 +5,7 @@ use crate::{assets, fixtures, max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use softprompt::backbone::bert::Bert;
 use softprompt::backbone::gpt2::Gpt2;
+use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, EncoderInput};
 use softprompt::fsutil::load_tensors;
 use softprompt::prompt::{extend_front, SoftPrompt};
@@ -159,28 +160,37 @@ fn fused_kernels_match_the_composed_reference_on_minilm() {
 }
 
 /// GPT-2 against transformers on a tiny random checkpoint (causal attention, tanh GELU, Conv1D
-/// weights, final LayerNorm), with and without a prompt; compared at the real (unpadded) positions.
+/// weights, final LayerNorm), with and without a prompt.
 #[test]
 fn tiny_gpt2_matches_transformers_with_and_without_prompt() {
-    let (f, _) = fixture("tiny_gpt2_parity.safetensors");
     let gpt2 = Gpt2::load(&fixtures().join("tiny-gpt2"), DType::F32, &Device::Cpu).unwrap();
+    decoder_parity(&gpt2, "tiny_gpt2_parity.safetensors");
+}
+
+/// A decoder's last hidden states against the fixture's, at the real (unpadded) positions: neither
+/// side promises anything at padding.
+fn decoder_parity<B: Backbone>(decoder: &B, fixture_name: &str) {
+    let (f, _) = fixture(fixture_name);
     let (ids, mask) = (u32s(&f["ids"]), u32s(&f["mask"]));
     let types = ids.zeros_like().unwrap();
+    let n = ids.dim(1).unwrap();
     let real = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
     for (prompt, key) in [
         (None, "hidden_plain"),
         (Some(&f["prompt"]), "hidden_prompted"),
     ] {
-        let ours = hidden(&gpt2, &ids, &types, &mask, prompt);
-        let m = ours.dim(1).unwrap() - ids.dim(1).unwrap();
-        // padded positions are not compared: neither side promises anything there
-        let keep = |t: &Tensor| {
-            t.narrow(1, m, ids.dim(1).unwrap())
-                .unwrap()
-                .broadcast_mul(&real)
-                .unwrap()
-        };
+        let ours = hidden(decoder, &ids, &types, &mask, prompt);
+        let m = ours.dim(1).unwrap() - n;
+        let keep = |t: &Tensor| t.narrow(1, m, n).unwrap().broadcast_mul(&real).unwrap();
         let err = relative(&keep(&ours), &keep(&f[key]));
-        assert!(err < 1e-5, "{key}: relative error {err:e}");
+        assert!(err < 1e-5, "{fixture_name} {key}: relative error {err:e}");
     }
+}
+
+/// Llama against transformers on a tiny random checkpoint (RMSNorm, RoPE, grouped-query attention
+/// with 4 query heads on 2 key/value heads, q/k/v biases, SiLU-gated MLP), with and without a prompt.
+#[test]
+fn tiny_llama_matches_transformers_with_and_without_prompt() {
+    let llama = Llama::load(&fixtures().join("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
+    decoder_parity(&llama, "tiny_llama_parity.safetensors");
 }
