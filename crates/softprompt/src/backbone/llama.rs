@@ -199,6 +199,8 @@ impl LlamaLayer {
 pub struct Llama {
     pub config: LlamaConfig,
     embed_tokens: Tensor,
+    /// `lm_head.weight` [V, D] when the checkpoint does not tie it to the embeddings
+    lm_head: Option<Tensor>,
     layers: Vec<LlamaLayer>,
     norm: RmsNorm,
     rope: Rope,
@@ -226,11 +228,15 @@ impl Llama {
         })
     }
 
-    pub fn from_var_builder(vb: VarBuilder, config: LlamaConfig) -> Result<Self> {
-        let vb = if vb.contains_tensor("model.embed_tokens.weight") {
-            vb.pp("model")
+    pub fn from_var_builder(root: VarBuilder, config: LlamaConfig) -> Result<Self> {
+        let lm_head = match root.contains_tensor("lm_head.weight") {
+            true => Some(root.get((config.vocab_size, config.hidden_size), "lm_head.weight")?),
+            false => None,
+        };
+        let vb = if root.contains_tensor("model.embed_tokens.weight") {
+            root.pp("model")
         } else {
-            vb
+            root
         };
         let d = config.hidden_size;
         let layers = (0..config.num_hidden_layers)
@@ -250,10 +256,16 @@ impl Llama {
                 eps: config.rms_norm_eps,
             },
             embed_tokens,
+            lm_head,
             layers,
             rope,
             config,
         })
+    }
+
+    /// hidden [.., D] → next-token logits [.., V] through the (tied or own) LM head.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        hidden.broadcast_matmul(&self.lm_head.as_ref().unwrap_or(&self.embed_tokens).t()?)
     }
 
     fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {

@@ -2,6 +2,7 @@
 //! explicit backward that returns only ∂L/∂(input embeddings). See ../shared/DESIGN.md, decision 2.
 
 pub mod bert;
+pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 

@@ -194,3 +194,48 @@ fn tiny_llama_matches_transformers_with_and_without_prompt() {
     let llama = Llama::load(&fixtures().join("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
     decoder_parity(&llama, "tiny_llama_parity.safetensors");
 }
+
+/// The real SmolLM2-135M-Instruct from its Q4_1 GGUF (from `make assets`): the weights dequantized,
+/// q/k un-permuted, the tokenizer rebuilt from the metadata. Token ids and next-token logits match
+/// transformers reading the same file, and greedy decoding continues "The capital of France is"
+/// with " Paris".
+#[test]
+fn smollm2_gguf_matches_transformers_and_says_paris() {
+    let path = assets().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make assets` (make test does)",
+        path.display()
+    );
+    let (f, meta) = fixture("smollm2_logits.safetensors");
+    let (llama, tokenizer) =
+        softprompt::backbone::gguf::load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+    let ids = tokenizer
+        .encode(meta["prompt"].as_str(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let expected: Vec<u32> = f["ids"].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+    assert_eq!(ids, expected, "token ids");
+    let n = ids.len();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let h = hidden(
+        &llama,
+        &ids,
+        &ids.zeros_like().unwrap(),
+        &ids.ones_like().unwrap(),
+        None,
+    );
+    let logits = llama
+        .logits(&h.narrow(1, n - 1, 1).unwrap().squeeze(1).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let err = relative(&logits, &f["logits"]);
+    assert!(err < 1e-4, "next-token logits: relative error {err:e}");
+    let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    assert_eq!(tokenizer.decode(&[next], false).unwrap(), " Paris");
+}

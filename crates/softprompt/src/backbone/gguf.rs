@@ -1,0 +1,184 @@
+//! Llama-family models from a GGUF file (llama.cpp's format): the weights dequantized at load under
+//! their Hugging Face names, and the tokenizer rebuilt from the file's metadata.
+//!
+//! llama.cpp's converter permutes the rows of q and k so that RoPE rotates interleaved pairs; our
+//! RoPE rotates halves, as transformers does, so the permutation is undone here.
+
+use super::llama::{Llama, LlamaConfig};
+use anyhow::{bail, Context};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+pub fn load_llama(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<(Llama, Tokenizer)> {
+    let at = path.display();
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {at}"))?;
+    let content = Content::read(&mut file).with_context(|| format!("{at} is not a GGUF file"))?;
+    let meta = |key: &str| {
+        content
+            .metadata
+            .get(key)
+            .with_context(|| format!("{at}: no {key} in the GGUF metadata"))
+    };
+    let arch = meta("general.architecture")?.to_string()?.clone();
+    if arch != "llama" {
+        bail!("{at}: GGUF architecture {arch:?} is not supported (llama)");
+    }
+    let int = |key: &str| -> anyhow::Result<usize> {
+        Ok(meta(&format!("llama.{key}"))?.to_u32()? as usize)
+    };
+    let float =
+        |key: &str| -> anyhow::Result<f64> { Ok(meta(&format!("llama.{key}"))?.to_f32()? as f64) };
+    let (heads, kv_heads) = (
+        int("attention.head_count")?,
+        int("attention.head_count_kv")?,
+    );
+    let tokens = meta("tokenizer.ggml.tokens")?.to_vec()?;
+    let config = LlamaConfig {
+        vocab_size: tokens.len(),
+        hidden_size: int("embedding_length")?,
+        intermediate_size: int("feed_forward_length")?,
+        num_hidden_layers: int("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(kv_heads),
+        head_dim: None,
+        max_position_embeddings: int("context_length")?,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon")?,
+        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling: None,
+        rope_parameters: None,
+        mlp_bias: false,
+        hidden_act: "silu".into(),
+        attention_bias: false,
+        model_type: Some("llama".into()),
+    };
+    let mut tensors = HashMap::new();
+    let mut get = |gguf: &str| -> anyhow::Result<Tensor> {
+        let q = content
+            .tensor(&mut file, gguf, device)
+            .with_context(|| format!("{at}: cannot read tensor {gguf}"))?;
+        let t = q
+            .dequantize(device)
+            .with_context(|| format!("{at}: cannot dequantize {gguf} ({:?})", q.dtype()))?;
+        Ok(t.to_dtype(dtype)?)
+    };
+    tensors.insert("embed_tokens.weight".to_string(), get("token_embd.weight")?);
+    tensors.insert("norm.weight".to_string(), get("output_norm.weight")?);
+    if content.tensor_infos.contains_key("output.weight") {
+        tensors.insert("lm_head.weight".to_string(), get("output.weight")?);
+    }
+    for i in 0..config.num_hidden_layers {
+        let (g, h) = (format!("blk.{i}"), format!("layers.{i}"));
+        let pairs = [
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+        ];
+        for (gguf, hf) in pairs {
+            tensors.insert(
+                format!("{h}.{hf}.weight"),
+                get(&format!("{g}.{gguf}.weight"))?,
+            );
+        }
+        tensors.insert(
+            format!("{h}.self_attn.q_proj.weight"),
+            unpermute(get(&format!("{g}.attn_q.weight"))?, heads)?,
+        );
+        tensors.insert(
+            format!("{h}.self_attn.k_proj.weight"),
+            unpermute(get(&format!("{g}.attn_k.weight"))?, kv_heads)?,
+        );
+    }
+    let llama = Llama::from_var_builder(VarBuilder::from_tensors(tensors, dtype, device), config)
+        .with_context(|| format!("{at}: the tensors do not fit its metadata"))?;
+    Ok((
+        llama,
+        tokenizer(&content, tokens)
+            .with_context(|| format!("{at}: cannot rebuild the tokenizer"))?,
+    ))
+}
+
+/// Undoes llama.cpp's q/k row permutation: rows (heads, K/2, 2) back to (heads, 2, K/2).
+fn unpermute(w: Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    w.reshape((heads, rows / heads / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
+}
+
+/// The byte-level BPE tokenizer the metadata describes (tokenizer.ggml.model "gpt2"), with its
+/// control tokens as special tokens; digits are split one by one, as SmolLM's and Llama 3's are.
+fn tokenizer(content: &Content, tokens: &[Value]) -> anyhow::Result<Tokenizer> {
+    let model = content
+        .metadata
+        .get("tokenizer.ggml.model")
+        .map(|v| v.to_string())
+        .transpose()?;
+    if model.map(String::as_str) != Some("gpt2") {
+        bail!("tokenizer model {model:?} is not supported (gpt2 byte-level BPE)");
+    }
+    let tokens: Vec<&String> = tokens
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<candle_core::Result<_>>()?;
+    let merges: Vec<&String> = match content.metadata.get("tokenizer.ggml.merges") {
+        Some(m) => m
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<candle_core::Result<_>>()?,
+        None => Vec::new(),
+    };
+    let types: Vec<u32> = match content.metadata.get("tokenizer.ggml.token_type") {
+        Some(t) => t
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_u32().or_else(|_| v.to_i32().map(|x| x as u32)))
+            .collect::<candle_core::Result<_>>()?,
+        None => vec![1; tokens.len()],
+    };
+    const CONTROL: u32 = 3;
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((*t).clone(), i.into()))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types.get(*i) == Some(&CONTROL))
+        .map(|(i, t)| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": true})
+        })
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges}
+    });
+    Tokenizer::from_bytes(serde_json::to_vec(&json)?).map_err(|e| anyhow::anyhow!("{e}"))
+}
