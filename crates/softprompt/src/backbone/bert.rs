@@ -273,16 +273,8 @@ impl Bert {
     /// Loads config.json and model.safetensors (or every *.safetensors file) from `dir`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let files = safetensors_files(dir)?;
-        // SAFETY: the files are memory-mapped read-only; changing them while loaded is the user's error.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-            .with_context(|| format!("cannot read the safetensors weights in {}", dir.display()))?;
-        Self::from_var_builder(vb, config).with_context(|| {
-            format!(
-                "the weights in {} do not match its config.json (or are not a BERT checkpoint)",
-                dir.display()
-            )
-        })
+        let vb = super::mmap_weights(dir, dtype, device)?;
+        Self::from_var_builder(vb, config).with_context(|| super::mismatch(dir, "BERT"))
     }
 
     pub fn from_var_builder(vb: VarBuilder, config: BertConfig) -> Result<Self> {
@@ -322,6 +314,10 @@ impl Bert {
             causal: false,
         }
     }
+}
+
+impl Backbone for Bert {
+    type Activations = BertActivations;
 
     fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<BertActivations>)> {
         let shape = input.embeds.dims3()?;
@@ -346,10 +342,6 @@ impl Bert {
         });
         Ok((x.reshape((b, s, d))?, activations))
     }
-}
-
-impl Backbone for Bert {
-    type Activations = BertActivations;
 
     fn hidden_size(&self) -> usize {
         self.config.hidden_size
@@ -363,15 +355,6 @@ impl Backbone for Bert {
         &self.embeddings.word_embeddings
     }
 
-    fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
-        Ok(self.run(input, false)?.0)
-    }
-
-    fn forward_train(&self, input: &EncoderInput) -> Result<(Tensor, BertActivations)> {
-        let (hidden, activations) = self.run(input, true)?;
-        Ok((hidden, activations.expect("kept")))
-    }
-
     fn backward(&self, d_hidden: &Tensor, activations: BertActivations) -> Result<Tensor> {
         let (b, s, d) = activations.shape;
         let mut dx = d_hidden.reshape((b * s, d))?;
@@ -382,21 +365,4 @@ impl Backbone for Bert {
         self.embeddings
             .backward(&dx, &activations.embeddings, activations.shape)
     }
-}
-
-/// model.safetensors, or the shards of a sharded checkpoint, in name order.
-pub(crate) fn safetensors_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read the model directory {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!(
-            "no *.safetensors weights in {} (expected model.safetensors)",
-            dir.display()
-        );
-    }
-    Ok(files)
 }

@@ -195,16 +195,8 @@ pub struct Gpt2Activations {
 impl Gpt2 {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-        let files = super::bert::safetensors_files(dir)?;
-        // SAFETY: the files are memory-mapped read-only; changing them while loaded is the user's error.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-            .with_context(|| format!("cannot read the safetensors weights in {}", dir.display()))?;
-        Self::from_var_builder(vb, config).with_context(|| {
-            format!(
-                "the weights in {} do not match its config.json (or are not a GPT-2 checkpoint)",
-                dir.display()
-            )
-        })
+        let vb = super::mmap_weights(dir, dtype, device)?;
+        Self::from_var_builder(vb, config).with_context(|| super::mismatch(dir, "GPT-2"))
     }
 
     pub fn from_var_builder(vb: VarBuilder, config: Gpt2Config) -> Result<Self> {
@@ -236,6 +228,10 @@ impl Gpt2 {
             causal: true,
         }
     }
+}
+
+impl Backbone for Gpt2 {
+    type Activations = Gpt2Activations;
 
     fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<Gpt2Activations>)> {
         let shape = input.embeds.dims3()?;
@@ -264,10 +260,6 @@ impl Gpt2 {
             }),
         ))
     }
-}
-
-impl Backbone for Gpt2 {
-    type Activations = Gpt2Activations;
 
     fn hidden_size(&self) -> usize {
         self.config.n_embd
@@ -279,15 +271,6 @@ impl Backbone for Gpt2 {
 
     fn word_embeddings(&self) -> &Tensor {
         &self.wte
-    }
-
-    fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
-        Ok(self.run(input, false)?.0)
-    }
-
-    fn forward_train(&self, input: &EncoderInput) -> Result<(Tensor, Gpt2Activations)> {
-        let (hidden, activations) = self.run(input, true)?;
-        Ok((hidden, activations.expect("kept")))
     }
 
     /// The position embeddings are constants, so the gradient to the input embeddings is the

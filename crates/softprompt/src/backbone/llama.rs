@@ -216,16 +216,8 @@ pub struct LlamaActivations {
 impl Llama {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let files = super::bert::safetensors_files(dir)?;
-        // SAFETY: the files are memory-mapped read-only; changing them while loaded is the user's error.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-            .with_context(|| format!("cannot read the safetensors weights in {}", dir.display()))?;
-        Self::from_var_builder(vb, config).with_context(|| {
-            format!(
-                "the weights in {} do not match its config.json (or are not a Llama checkpoint)",
-                dir.display()
-            )
-        })
+        let vb = super::mmap_weights(dir, dtype, device)?;
+        Self::from_var_builder(vb, config).with_context(|| super::mismatch(dir, "Llama"))
     }
 
     pub fn from_var_builder(root: VarBuilder, config: LlamaConfig) -> Result<Self> {
@@ -315,6 +307,10 @@ impl Llama {
             1,
         )
     }
+}
+
+impl Backbone for Llama {
+    type Activations = LlamaActivations;
 
     fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<LlamaActivations>)> {
         let shape = input.embeds.dims3()?;
@@ -353,10 +349,6 @@ impl Llama {
             }),
         ))
     }
-}
-
-impl Backbone for Llama {
-    type Activations = LlamaActivations;
 
     fn hidden_size(&self) -> usize {
         self.config.hidden_size
@@ -368,15 +360,6 @@ impl Backbone for Llama {
 
     fn word_embeddings(&self) -> &Tensor {
         &self.embed_tokens
-    }
-
-    fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
-        Ok(self.run(input, false)?.0)
-    }
-
-    fn forward_train(&self, input: &EncoderInput) -> Result<(Tensor, LlamaActivations)> {
-        let (hidden, activations) = self.run(input, true)?;
-        Ok((hidden, activations.expect("kept")))
     }
 
     fn backward(&self, d_hidden: &Tensor, activations: LlamaActivations) -> Result<Tensor> {

@@ -6,7 +6,10 @@ pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 
-use candle_core::{Result, Tensor};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use std::path::{Path, PathBuf};
 
 /// What a backbone reads besides the embeddings. All [B, S], prompt positions included.
 pub struct EncoderInput<'a> {
@@ -34,10 +37,57 @@ pub trait Backbone {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, n, self.hidden_size()))
     }
+    /// → last hidden state [B, S, D], and with `keep` the activations for `backward` (without, each
+    /// layer's are dropped as soon as the next layer has run).
+    fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<Self::Activations>)>;
     /// → last hidden state [B, S, D]; keeps nothing.
-    fn forward(&self, input: &EncoderInput) -> Result<Tensor>;
+    fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
+        Ok(self.run(input, false)?.0)
+    }
     /// → last hidden state [B, S, D] and the activations for `backward`.
-    fn forward_train(&self, input: &EncoderInput) -> Result<(Tensor, Self::Activations)>;
+    fn forward_train(&self, input: &EncoderInput) -> Result<(Tensor, Self::Activations)> {
+        match self.run(input, true)? {
+            (hidden, Some(activations)) => Ok((hidden, activations)),
+            _ => candle_core::bail!("the backbone kept no activations"),
+        }
+    }
     /// d_hidden [B, S, D] → d_embeds [B, S, D]
     fn backward(&self, d_hidden: &Tensor, activations: Self::Activations) -> Result<Tensor>;
+}
+
+/// The safetensors weights of a Hugging Face model directory, memory-mapped.
+pub(crate) fn mmap_weights(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<VarBuilder<'static>> {
+    let files = safetensors_files(dir)?;
+    // SAFETY: the files are memory-mapped read-only; changing them while loaded is the user's error.
+    unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+        .with_context(|| format!("cannot read the safetensors weights in {}", dir.display()))
+}
+
+/// The error of weights that do not fit a config.json.
+pub(crate) fn mismatch(dir: &Path, architecture: &str) -> String {
+    format!(
+        "the weights in {} do not match its config.json (or are not a {architecture} checkpoint)",
+        dir.display()
+    )
+}
+
+/// model.safetensors, or the shards of a sharded checkpoint, in name order.
+fn safetensors_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the model directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "no *.safetensors weights in {} (expected model.safetensors)",
+            dir.display()
+        );
+    }
+    Ok(files)
 }
