@@ -11,7 +11,7 @@ use softprompt::classifier::{argmax, softmax};
 use softprompt::data::{label_ids, read_examples, Columns, Example, Labels};
 use softprompt::model::Model;
 use softprompt::optim::{OptimizerKind, Schedule};
-use softprompt::prompt::PromptInit;
+use softprompt::prompt::{nearest_tokens, PromptInit};
 use softprompt::task::classify::Pool;
 use softprompt::tokenize::{encode_all, TextEncoder};
 use softprompt::train::{evaluate, train, Event, TrainConfig, TrainPaths};
@@ -38,6 +38,20 @@ enum Command {
     Predict(PredictArgs),
     /// Time a train step or a forward pass on random weights of a known shape (no assets needed).
     Bench(BenchArgs),
+    /// Show the vocabulary tokens nearest to each prompt vector (cosine similarity).
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    inference: InferenceArgs,
+    /// Tokens to show per prompt vector.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Print JSON lines: position, tokens, cosines.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -204,6 +218,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => run_eval(args),
         Command::Predict(args) => run_predict(args),
         Command::Bench(args) => run_bench(args),
+        Command::Inspect(args) => run_inspect(args),
     }
 }
 
@@ -421,6 +436,33 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             "{} {} batch {} x ({} + {}): median {:.3} s (min {:.3}, max {:.3}) over {} steps, {:.1} GFLOP/s, peak RSS {:.0} MiB",
             r.arch, r.mode, r.batch, r.seq, r.num_virtual_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.gflop_per_s, r.peak_rss_mib
         );
+    }
+    Ok(())
+}
+
+fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let (encoder, classifier) = load_for_inference(&args.inference)?;
+    let table = classifier.backbone.word_embeddings();
+    let nearest = nearest_tokens(classifier.prompt.embeddings.as_tensor(), table, args.top)?;
+    for (position, tokens) in nearest.iter().enumerate() {
+        let names: Vec<String> = tokens
+            .iter()
+            .map(|(id, _)| encoder.token(*id).unwrap_or_else(|| format!("#{id}")))
+            .collect();
+        if args.json {
+            let cosines: Vec<f32> = tokens.iter().map(|(_, c)| *c).collect();
+            println!(
+                "{}",
+                serde_json::json!({"position": position, "tokens": names, "cosines": cosines})
+            );
+        } else {
+            let shown: Vec<String> = names
+                .iter()
+                .zip(tokens)
+                .map(|(n, (_, c))| format!("{n} ({c:.2})"))
+                .collect();
+            println!("{position:>3}  {}", shown.join("  "));
+        }
     }
     Ok(())
 }

@@ -5,6 +5,13 @@ mod commands;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Output piped into `head` and the like ends quietly, as for any Unix tool, instead of a panic
+    // in println! on the closed pipe.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SOFTPROMPT_LOG")

@@ -157,3 +157,27 @@ pub fn extend_front(t: &Tensor, prompt_len: usize, value: u32) -> Result<Tensor>
     let front = Tensor::full(value, (b, prompt_len), t.device())?.to_dtype(t.dtype())?;
     Tensor::cat(&[&front, t], 1)
 }
+
+/// The `k` vocabulary tokens nearest to each prompt vector by cosine similarity (the paper's
+/// section 7 reading of what a prompt learned): prompt [M, D], table [V, D] → per vector,
+/// (token id, cosine) best first.
+pub fn nearest_tokens(prompt: &Tensor, table: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    let unit = |t: &Tensor| -> Result<Tensor> {
+        let t = t.to_dtype(candle_core::DType::F32)?;
+        t.broadcast_div(&(t.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-12)?)
+    };
+    let cosine = unit(prompt)?.matmul(&unit(table)?.t()?)?.to_vec2::<f32>()?;
+    Ok(cosine
+        .into_iter()
+        .map(|row| {
+            let mut order: Vec<(u32, f32)> = row
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| (i as u32, c))
+                .collect();
+            order.sort_by(|a, b| b.1.total_cmp(&a.1));
+            order.truncate(k);
+            order
+        })
+        .collect())
+}

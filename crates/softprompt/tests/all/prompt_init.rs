@@ -62,3 +62,16 @@ fn same_seed_same_prompt() {
         init(PromptInit::Normal, 3, &[], &[])
     );
 }
+
+#[test]
+fn a_prompt_made_of_token_embeddings_reads_back_as_those_tokens() {
+    let values: Vec<f32> = (0..6 * 3).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
+    let t = Tensor::from_vec(values, (6, 3), &Device::Cpu).unwrap();
+    let prompt = t
+        .index_select(&Tensor::new(&[4u32, 1], &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    let nearest = softprompt::prompt::nearest_tokens(&prompt, &t, 2).unwrap();
+    assert_eq!(nearest[0][0].0, 4);
+    assert_eq!(nearest[1][0].0, 1);
+    assert!((nearest[0][0].1 - 1.0).abs() < 1e-6 && nearest[0][1].1 < nearest[0][0].1);
+}
