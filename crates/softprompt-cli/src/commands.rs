@@ -6,15 +6,16 @@ use softprompt::adapter::Adapter;
 use softprompt::backbone::bert::Bert;
 use softprompt::backbone::Backbone;
 use softprompt::bench::{self, Arch, BenchConfig, Mode};
-use softprompt::classifier::PromptClassifier;
-use softprompt::classifier::{argmax, softmax};
 use softprompt::data::{label_ids, read_examples, Columns, Example, Labels};
+use softprompt::metrics::Report;
 use softprompt::model::Model;
+use softprompt::multitask::{ensemble_all, EnsembleAnswer, Task};
 use softprompt::optim::{OptimizerKind, Schedule};
 use softprompt::prompt::{nearest_tokens, PromptInit};
 use softprompt::task::classify::Pool;
+use softprompt::tokenize::Encoded;
 use softprompt::tokenize::{encode_all, TextEncoder};
-use softprompt::train::{evaluate, train, Event, TrainConfig, TrainPaths};
+use softprompt::train::{train, Event, TrainConfig, TrainPaths};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -175,9 +176,10 @@ struct InferenceArgs {
     /// Hugging Face model directory the adapter was trained on.
     #[arg(long)]
     model: PathBuf,
-    /// Adapter directory (softprompt's or PEFT's).
-    #[arg(long)]
-    adapter: PathBuf,
+    /// Adapter directory (softprompt's or PEFT's); give several for a prompt ensemble (majority vote,
+    /// mean probability), all members in one batch.
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<PathBuf>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
 }
@@ -333,28 +335,54 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The classifier an adapter describes, and the tokenizer that fits its prompt.
-fn load_for_inference(
-    args: &InferenceArgs,
-) -> anyhow::Result<(TextEncoder, PromptClassifier<Bert>)> {
-    let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
-    let adapter = Adapter::load(&args.adapter, model.backbone.hidden_size(), &Device::Cpu)?;
-    let encoder = model.encoder(adapter.prompt.dim(0)?, None)?;
-    Ok((encoder, model.classifier(&adapter)?))
+/// What inference runs on: the backbone, one task per adapter, and a tokenizer that leaves room for
+/// the longest prompt.
+struct Inference {
+    backbone: Bert,
+    tasks: Vec<Task>,
+    encoder: TextEncoder,
+}
+
+impl Inference {
+    fn load(args: &InferenceArgs) -> anyhow::Result<Self> {
+        let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
+        let d = model.backbone.hidden_size();
+        let tasks = args
+            .adapters
+            .iter()
+            .map(|a| Task::new(&model, &Adapter::load(a, d, &Device::Cpu)?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let longest = tasks.iter().map(Task::prompt_len).max().unwrap_or(0);
+        let encoder = model.encoder(longest, None)?;
+        Ok(Self {
+            backbone: model.backbone,
+            tasks,
+            encoder,
+        })
+    }
+
+    fn answers(&self, data: &[Encoded], batch_size: usize) -> anyhow::Result<Vec<EnsembleAnswer>> {
+        let tasks: Vec<&Task> = self.tasks.iter().collect();
+        ensemble_all(&self.backbone, &tasks, data, batch_size, &Device::Cpu)
+    }
+
+    fn labels(&self) -> &[String] {
+        &self.tasks[0].labels
+    }
 }
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    let (encoder, classifier) = load_for_inference(&args.inference)?;
+    let inference = Inference::load(&args.inference)?;
     let examples = read_examples(&args.data, &args.columns.columns(), Labels::Required)?;
-    let gold = label_ids(&examples, &classifier.labels, &args.data)?;
-    let data = encode_all(&encoder, &examples, &args.data)?;
-    let (report, _) = evaluate(
-        &classifier,
-        &data,
-        &gold,
-        args.inference.batch_size,
-        &Device::Cpu,
-    )?;
+    let gold = label_ids(&examples, inference.labels(), &args.data)?;
+    let data = encode_all(&inference.encoder, &examples, &args.data)?;
+    let answers = inference.answers(&data, args.inference.batch_size)?;
+    let labels = inference.labels();
+    let predicted: Vec<u32> = answers
+        .iter()
+        .map(|a| labels.iter().position(|l| *l == a.label).unwrap_or(0) as u32)
+        .collect();
+    let report = Report::new(labels, &gold, &predicted);
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -388,31 +416,38 @@ fn run_predict(args: PredictArgs) -> anyhow::Result<()> {
     if let Some(e) = examples.iter().find(|e| e.text.trim().is_empty()) {
         bail!("text {} is empty", e.line);
     }
-    let (encoder, classifier) = load_for_inference(&args.inference)?;
+    let inference = Inference::load(&args.inference)?;
     let data = examples
         .iter()
         .map(|e| {
-            encoder
+            inference
+                .encoder
                 .encode(&e.text, e.text_pair.as_deref())
                 .with_context(|| format!("input {}", e.line))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let logits = classifier.predict_all(&data, args.inference.batch_size, &Device::Cpu)?;
-    for (example, logits) in examples.iter().zip(logits) {
-        let label = &classifier.labels[argmax(&logits) as usize];
+    let ensemble = inference.tasks.len() > 1;
+    for (example, answer) in examples
+        .iter()
+        .zip(inference.answers(&data, args.inference.batch_size)?)
+    {
         if args.json {
-            let scores: serde_json::Map<String, serde_json::Value> = classifier
-                .labels
+            let scores: serde_json::Map<String, serde_json::Value> = inference
+                .labels()
                 .iter()
-                .zip(softmax(&logits))
-                .map(|(l, p)| (l.clone(), p.into()))
+                .zip(&answer.scores)
+                .map(|(l, p)| (l.clone(), (*p).into()))
                 .collect();
-            println!(
-                "{}",
-                serde_json::json!({"text": example.text, "label": label, "scores": scores, "logits": logits})
-            );
+            let mut line =
+                serde_json::json!({"text": example.text, "label": answer.label, "scores": scores});
+            if ensemble {
+                line["members"] = answer.members.into();
+            } else {
+                line["logits"] = answer.logits[0].clone().into();
+            }
+            println!("{line}");
         } else {
-            println!("{label}\t{}", example.text);
+            println!("{}\t{}", answer.label, example.text);
         }
     }
     Ok(())
@@ -441,9 +476,15 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let (encoder, classifier) = load_for_inference(&args.inference)?;
-    let table = classifier.backbone.word_embeddings();
-    let nearest = nearest_tokens(classifier.prompt.embeddings.as_tensor(), table, args.top)?;
+    if args.inference.adapters.len() != 1 {
+        bail!("inspect reads one adapter at a time");
+    }
+    let Inference {
+        backbone,
+        tasks,
+        encoder,
+    } = Inference::load(&args.inference)?;
+    let nearest = nearest_tokens(&tasks[0].prompt, backbone.word_embeddings(), args.top)?;
     for (position, tokens) in nearest.iter().enumerate() {
         let names: Vec<String> = tokens
             .iter()

@@ -120,7 +120,9 @@ pub struct EnsembleAnswer {
     pub label: String,
     /// mean over members of each label's probability
     pub scores: Vec<f32>,
+    /// each member's label and logits, in the order of the members
     pub members: Vec<String>,
+    pub logits: Vec<Vec<f32>>,
 }
 
 /// Combines the members' logits for one input; the members must share one label set.
@@ -158,5 +160,33 @@ pub fn ensemble(tasks: &[&Task], logits: &[Vec<f32>]) -> anyhow::Result<Ensemble
         label: labels[best].clone(),
         scores,
         members,
+        logits: logits.to_vec(),
     })
+}
+
+/// Every input through every member, `batch_size` inputs (× members rows) per backbone pass, in
+/// the inputs' order. One member is plain prediction.
+pub fn ensemble_all<B: Backbone>(
+    backbone: &B,
+    tasks: &[&Task],
+    data: &[Encoded],
+    batch_size: usize,
+    device: &Device,
+) -> anyhow::Result<Vec<EnsembleAnswer>> {
+    if tasks.is_empty() {
+        bail!("no adapter to predict with");
+    }
+    let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
+    let mut answers: Vec<Option<EnsembleAnswer>> = (0..data.len()).map(|_| None).collect();
+    for inputs in crate::batch::eval_batches(&lengths, batch_size.max(1)) {
+        let rows: Vec<(&Task, &Encoded)> = inputs
+            .iter()
+            .flat_map(|&i| tasks.iter().map(move |t| (*t, &data[i])))
+            .collect();
+        let logits = classify_rows(backbone, &rows, device)?;
+        for (i, member_logits) in inputs.iter().zip(logits.chunks(tasks.len())) {
+            answers[*i] = Some(ensemble(tasks, member_logits)?);
+        }
+    }
+    Ok(answers.into_iter().flatten().collect())
 }
