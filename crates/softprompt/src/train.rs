@@ -224,6 +224,12 @@ pub fn train(
     if !resume && checkpoint_path.exists() {
         bail!("{} already holds a training run; pass --resume to continue it, or choose another --output", paths.output.display());
     }
+    if !resume && paths.output.join(crate::adapter::CONFIG_FILE).exists() {
+        bail!(
+            "{} already holds an adapter; choose another --output (nothing was overwritten)",
+            paths.output.display()
+        );
+    }
     if resume && !checkpoint_path.exists() {
         bail!(
             "--resume: there is no checkpoint in {}",

@@ -447,6 +447,26 @@ fn bad_input_gets_a_clear_error() {
         &["model directory /nonexistent/model does not exist"],
     );
 
+    // an existing adapter is never overwritten by a new run
+    let peft_copy = dir.join("peft-copy");
+    std::fs::create_dir_all(&peft_copy).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            fixtures().join("peft-tiny-adapter").join(f),
+            peft_copy.join(f),
+        )
+        .unwrap();
+    }
+    let before = std::fs::read(peft_copy.join("adapter_model.safetensors")).unwrap();
+    fails_with(
+        &train_args(&model, &train, &dev, peft_copy.to_str().unwrap(), &[]),
+        &["already holds an adapter"],
+    );
+    assert_eq!(
+        std::fs::read(peft_copy.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
+
     // adapters that do not fit the model
     let good = dir.join("good").display().to_string();
     ok(&train_args(
