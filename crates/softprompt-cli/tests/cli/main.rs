@@ -129,7 +129,7 @@ fn train_args<'a>(
 fn train_then_eval_then_predict() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (train, dev) = toy_data(&dir);
+    let (train, dev) = toy_data(dir);
     let model = tiny_model().display().to_string();
     let out = dir.join("adapter").display().to_string();
     ok(&train_args(
@@ -240,7 +240,7 @@ fn train_then_eval_then_predict() {
 fn same_seed_gives_the_same_adapter_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (train, dev) = toy_data(&dir);
+    let (train, dev) = toy_data(dir);
     let model = tiny_model().display().to_string();
     let bytes = |name: &str, seed: &str| {
         let out = dir.join(name).display().to_string();
@@ -261,7 +261,7 @@ fn same_seed_gives_the_same_adapter_bytes() {
 fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (train, dev) = toy_data(&dir);
+    let (train, dev) = toy_data(dir);
     let model = tiny_model().display().to_string();
     let extra = [
         "--max-steps",
@@ -363,7 +363,7 @@ fn a_peft_adapter_loads_in_predict() {
 fn bad_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (train, dev) = toy_data(&dir);
+    let (train, dev) = toy_data(dir);
     let model = tiny_model().display().to_string();
     let out = dir.join("out").display().to_string();
     let p = |name: &str, text: &str| {

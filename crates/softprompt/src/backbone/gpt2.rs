@@ -61,7 +61,7 @@ impl Gpt2Config {
                 cfg.activation_function
             );
         }
-        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+        if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
             bail!(
                 "{}: n_embd {} is not a multiple of n_head {}",
                 path.display(),

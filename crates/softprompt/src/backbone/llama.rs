@@ -99,7 +99,7 @@ impl LlamaConfig {
             bail!("{at}: mlp_bias is not supported");
         }
         let kv = cfg.kv_heads();
-        if kv == 0 || cfg.num_attention_heads % kv != 0 {
+        if kv == 0 || !cfg.num_attention_heads.is_multiple_of(kv) {
             bail!(
                 "{at}: {} attention heads do not split into {kv} key/value heads",
                 cfg.num_attention_heads

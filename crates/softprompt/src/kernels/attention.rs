@@ -28,8 +28,8 @@ pub struct AttentionShape {
 impl AttentionShape {
     fn resolve(&self, width: usize) -> Result<Heads> {
         if self.kv_heads == 0
-            || self.heads % self.kv_heads != 0
-            || width % (self.heads + 2 * self.kv_heads) != 0
+            || !self.heads.is_multiple_of(self.kv_heads)
+            || !width.is_multiple_of(self.heads + 2 * self.kv_heads)
         {
             candle_core::bail!(
                 "attention: {} query heads, {} key/value heads, width {width}",

@@ -273,8 +273,8 @@ impl CustomOp3 for LayerNormBackward {
                 let (mean, rstd) = row_stats(x, eps);
                 let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
                 for ((&g, &v), &w) in dy.iter().zip(x).zip(gamma) {
-                    mean_g = mean_g + g * w;
-                    mean_gx = mean_gx + g * w * (v - mean) * rstd;
+                    mean_g += g * w;
+                    mean_gx += g * w * (v - mean) * rstd;
                 }
                 let (mean_g, mean_gx) = (mean_g / n, mean_gx / n);
                 for (((o, &g), &v), &w) in out.iter_mut().zip(dy).zip(x).zip(gamma) {

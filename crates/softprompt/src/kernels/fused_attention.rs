@@ -17,6 +17,13 @@ struct Shared<T>(*mut T);
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
 
+impl<T> Shared<T> {
+    /// Through a method, so that closures capture the whole (Sync) wrapper, not its raw field.
+    fn ptr(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// C[m×n] = A[m×k]·B[k×n] (or C += A·B with `accumulate`), each operand given by its pointer and
 /// (row, column) strides.
 ///
@@ -102,10 +109,10 @@ fn softmax_rows<T: Real>(p: &mut [T], bias: &[T], h: &Heads) {
         let mut sum = T::zero();
         for x in row[..visible].iter_mut() {
             *x = (*x - max).exp();
-            sum = sum + *x;
+            sum += *x;
         }
         let inv = T::one() / sum;
-        row[..visible].iter_mut().for_each(|x| *x = *x * inv);
+        row[..visible].iter_mut().for_each(|x| *x *= inv);
         row[visible..].iter_mut().for_each(|x| *x = T::zero());
     }
 }
@@ -134,7 +141,6 @@ pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<
                 &qkv_v[row0 + h.k_col(kv)..],
                 &qkv_v[row0 + h.v_col(kv)..],
             );
-            let ctx = ctx;
             // SAFETY: q, k, v are read within qkv; p is this task's own [S, S]; each task writes a
             // disjoint [S, K] block of the context.
             unsafe {
@@ -149,7 +155,7 @@ pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<
                     (1, w),
                 );
                 softmax_rows(p, &bias_v[b * s..(b + 1) * s], &h);
-                let out = ctx.0.add(b * s * d + head * kd);
+                let out = ctx.ptr().add(b * s * d + head * kd);
                 matmul::<T>(
                     (s, kd, s),
                     out,
@@ -198,7 +204,6 @@ pub(super) fn backward<T: Real>(
             let (b, kv) = (task / h.kv_heads, task % h.kv_heads);
             let row0 = b * s * w;
             let (k, v) = (&qkv_v[row0 + h.k_col(kv)..], &qkv_v[row0 + h.v_col(kv)..]);
-            let out = out;
             for (n, head) in (kv * h.group()..(kv + 1) * h.group()).enumerate() {
                 let q = &qkv_v[row0 + h.q_col(head)..];
                 let dc = &dc_v[b * s * d + head * kd..];
@@ -227,7 +232,7 @@ pub(super) fn backward<T: Real>(
                             *x = y * (*x - dot) * scale;
                         }
                     }
-                    let base = out.0.add(row0);
+                    let base = out.ptr().add(row0);
                     let first = n == 0;
                     matmul::<T>(
                         (s, kd, s),

@@ -9,12 +9,10 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn error(path: &PathBuf, columns: &Columns) -> String {
+fn error(path: &Path, columns: &Columns) -> String {
     format!(
         "{:#}",
-        read_examples(path, columns, Labels::Required)
-            .err()
-            .expect("must fail")
+        read_examples(path, columns, Labels::Required).expect_err("must fail")
     )
 }
 
