@@ -2,8 +2,8 @@
 //! gradient back: head (candle's tape) → backbone (explicit backward) → prompt.
 
 use crate::backbone::{Backbone, EncoderInput};
-use crate::batch::{eval_batches, Batch};
-use crate::multitask::{classify_rows, Task};
+use crate::batch::Batch;
+use crate::multitask::{ensemble_all, Task};
 use crate::prompt::{extend_front, SoftPrompt};
 use crate::task::classify::{cross_entropy, ClassificationHead};
 use crate::tokenize::Encoded;
@@ -105,18 +105,11 @@ impl<B: Backbone> PromptClassifier<B> {
         device: &Device,
     ) -> anyhow::Result<Vec<Vec<f32>>> {
         let task = self.task();
-        let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
-        let mut out = vec![Vec::new(); data.len()];
-        for rows in eval_batches(&lengths, batch_size) {
-            let pairs: Vec<(&Task, &Encoded)> = rows.iter().map(|&r| (&task, &data[r])).collect();
-            for (row, logits) in
-                rows.into_iter()
-                    .zip(classify_rows(&self.backbone, &pairs, device)?)
-            {
-                out[row] = logits;
-            }
-        }
-        Ok(out)
+        let answers = ensemble_all(&self.backbone, &[&task], data, batch_size, device)?;
+        Ok(answers
+            .into_iter()
+            .map(|mut a| a.logits.swap_remove(0))
+            .collect())
     }
 }
 

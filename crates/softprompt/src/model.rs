@@ -1,13 +1,11 @@
 //! A model directory in Hugging Face's layout: config.json, *.safetensors, tokenizer.json.
 
-use crate::adapter::{Adapter, PeftConfig};
+use crate::adapter::PeftConfig;
 use crate::backbone::bert::Bert;
 use crate::backbone::Backbone;
-use crate::classifier::PromptClassifier;
-use crate::prompt::SoftPrompt;
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::tokenize::TextEncoder;
-use anyhow::{bail, Context};
+use anyhow::bail;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
@@ -101,34 +99,5 @@ impl Model {
         pool: Pool,
     ) -> anyhow::Result<ClassificationHead> {
         ClassificationHead::from_tensors(weight, bias, pool, self.pooler_for(pool))
-    }
-
-    /// The classifier an adapter describes, on this model (checked to fit).
-    pub fn classifier(self, adapter: &Adapter) -> anyhow::Result<PromptClassifier<Bert>> {
-        let device = self.backbone.word_embeddings().device().clone();
-        let head = self
-            .head(
-                &adapter.head_weight.to_device(&device)?,
-                &adapter.head_bias.to_device(&device)?,
-                adapter.pool,
-            )
-            .with_context(|| {
-                format!(
-                    "the adapter cannot run on the model in {}",
-                    self.dir.display()
-                )
-            })?;
-        let prompt = SoftPrompt::from_tensor(
-            &adapter
-                .prompt
-                .to_device(&device)?
-                .to_dtype(self.backbone.word_embeddings().dtype())?,
-        )?;
-        Ok(PromptClassifier {
-            backbone: self.backbone,
-            prompt,
-            head,
-            labels: adapter.labels.clone(),
-        })
     }
 }

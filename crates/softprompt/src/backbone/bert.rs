@@ -49,10 +49,7 @@ fn default_position_embedding_type() -> String {
 
 impl BertConfig {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a BERT config.json", path.display()))?;
+        let cfg: Self = super::read_config(path, "BERT")?;
         cfg.validate()
             .with_context(|| format!("unsupported model in {}", path.display()))?;
         Ok(cfg)

@@ -41,10 +41,7 @@ fn default_eps() -> f64 {
 
 impl Gpt2Config {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a GPT-2 config.json", path.display()))?;
+        let cfg: Self = super::read_config(path, "GPT-2")?;
         if let Some(t) = cfg.model_type.as_deref().filter(|t| *t != "gpt2") {
             bail!(
                 "{}: model_type is {t:?}; this backbone reads \"gpt2\"",

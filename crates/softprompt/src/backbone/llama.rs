@@ -69,10 +69,7 @@ fn default_act() -> String {
 
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a Llama-family config.json", path.display()))?;
+        let cfg: Self = super::read_config(path, "Llama-family")?;
         let at = path.display();
         if let Some(t) = cfg
             .model_type

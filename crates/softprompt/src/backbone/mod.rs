@@ -55,6 +55,17 @@ pub trait Backbone {
     fn backward(&self, d_hidden: &Tensor, activations: Self::Activations) -> Result<Tensor>;
 }
 
+/// A config.json read into an architecture's config struct; `what` names the architecture in errors.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a {what} config.json", path.display()))
+}
+
 /// The safetensors weights of a Hugging Face model directory, memory-mapped.
 pub(crate) fn mmap_weights(
     dir: &Path,

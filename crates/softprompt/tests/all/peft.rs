@@ -6,6 +6,7 @@ use softprompt::adapter::Adapter;
 use softprompt::backbone::Backbone;
 use softprompt::fsutil::load_tensors;
 use softprompt::model::Model;
+use softprompt::multitask::{classify_rows, Task};
 use softprompt::task::classify::Pool;
 
 #[test]
@@ -34,8 +35,9 @@ fn peft_written_adapter_gives_peft_logits() {
         .iter()
         .map(|t| encoder.encode(t, None).unwrap())
         .collect();
-    let classifier = model.classifier(&adapter).unwrap();
-    let logits = classifier.predict_all(&data, 2, &Device::Cpu).unwrap();
+    let task = Task::new(&model, &adapter).unwrap();
+    let rows: Vec<_> = data.iter().map(|e| (&task, e)).collect();
+    let logits = classify_rows(&model.backbone, &rows, &Device::Cpu).unwrap();
     let classes = logits[0].len();
     let ours = Tensor::from_vec(logits.concat(), (texts.len(), classes), &Device::Cpu).unwrap();
     let err = max_abs_diff(&ours, &reference["logits"]);
