@@ -42,26 +42,9 @@ enum Command {
     /// Show the vocabulary tokens nearest to each prompt vector (cosine similarity).
     Inspect(InspectArgs),
     /// Serve every adapter of the given directories from one model over HTTP, batching across tasks.
-    Serve(ServeArgs),
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    #[arg(long)]
-    model: PathBuf,
-    /// A directory whose subdirectories are adapters, served under their subdirectory names (repeatable).
-    #[arg(long = "adapters", required = true)]
-    adapters: Vec<PathBuf>,
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    #[arg(long, default_value_t = 8080)]
-    port: u16,
-    /// Positions (prompt + tokens) one backbone pass takes at most, over all requests in it.
-    #[arg(long, default_value_t = 8192)]
-    max_batch_tokens: usize,
-    /// How long a request waits for others to share its batch, in milliseconds.
-    #[arg(long, default_value_t = 5)]
-    max_wait_ms: u64,
+    Serve(crate::serve::ServeArgs),
+    /// Drive a running server with classify requests for many adapters; report throughput and latency.
+    Loadgen(crate::serve::LoadgenArgs),
 }
 
 #[derive(Args)]
@@ -242,7 +225,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Predict(args) => run_predict(args),
         Command::Bench(args) => run_bench(args),
         Command::Inspect(args) => run_inspect(args),
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => crate::serve::run_serve(args),
+        Command::Loadgen(args) => crate::serve::run_loadgen(args),
     }
 }
 
@@ -528,55 +512,4 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    use softprompt_server::batcher::{Batcher, BatcherConfig};
-    use std::sync::Arc;
-    let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
-    let registry = softprompt_server::registry::load(&model, &args.adapters)?;
-    if registry.is_empty() {
-        bail!("no adapters found under {:?}", args.adapters);
-    }
-    let longest = registry.values().map(|t| t.prompt_len()).max().unwrap_or(0);
-    let encoder = Arc::new(model.encoder(longest, None)?);
-    let config = BatcherConfig {
-        max_batch_tokens: args.max_batch_tokens,
-        max_wait: std::time::Duration::from_millis(args.max_wait_ms),
-    };
-    let names: Vec<String> = registry.keys().cloned().collect();
-    let state = softprompt_server::AppState {
-        registry: Arc::new(registry),
-        encoder,
-        batcher: Arc::new(Batcher::start(model.backbone, config)),
-    };
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
-        let address = format!("{}:{}", args.host, args.port);
-        let listener = tokio::net::TcpListener::bind(&address)
-            .await
-            .with_context(|| format!("cannot listen on {address}"))?;
-        eprintln!(
-            "serving {} on http://{}",
-            names.join(", "),
-            listener.local_addr()?
-        );
-        // Ctrl-C or SIGTERM: stop accepting, let the requests in flight finish.
-        let shutdown = async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            #[cfg(unix)]
-            {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-            }
-            #[cfg(not(unix))]
-            let _ = ctrl_c.await;
-        };
-        axum::serve(listener, softprompt_server::router(state))
-            .with_graceful_shutdown(shutdown)
-            .await?;
-        anyhow::Ok(())
-    })
 }

@@ -2,42 +2,26 @@
 //! for any mix of adapters, into one batch — up to a token budget, waiting at most `max_wait` for
 //! company — then hands each request its own rows' logits.
 
-use softprompt::backbone::bert::Bert;
+use crate::metrics::Metrics;
+use softprompt::model::Model;
 use softprompt::multitask::{classify_rows, Task};
 use softprompt::tokenize::Encoded;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 #[derive(Debug, Clone)]
 pub struct BatcherConfig {
-    /// rows are added to a batch until their positions (prompt + tokens) reach this
     pub max_batch_tokens: usize,
-    /// how long the first request of a batch waits for others
     pub max_wait: Duration,
-}
-
-impl Default for BatcherConfig {
-    fn default() -> Self {
-        Self {
-            max_batch_tokens: 8192,
-            max_wait: Duration::from_millis(5),
-        }
-    }
-}
-
-/// Counters for /metrics.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub batches: AtomicU64,
-    pub rows: AtomicU64,
-    pub requests: AtomicU64,
+    /// false: every batch holds jobs of one adapter set only
+    pub mix_adapters: bool,
 }
 
 /// One request's rows: (task, tokens), answered with one logits vector per row.
-type Rows = Vec<(Arc<Task>, Encoded)>;
+pub type Rows = Vec<(Arc<Task>, Encoded)>;
 
 struct Job {
     rows: Rows,
@@ -51,29 +35,38 @@ impl Job {
             .map(|(t, e)| t.prompt_len() + e.ids.len())
             .sum()
     }
+
+    /// The adapters a job uses, by identity: jobs may share a batch without mixing only if
+    /// these are equal.
+    fn adapters(&self) -> Vec<*const Task> {
+        let mut tasks: Vec<_> = self.rows.iter().map(|(t, _)| Arc::as_ptr(t)).collect();
+        tasks.dedup();
+        tasks
+    }
 }
 
 pub struct Batcher {
     queue: mpsc::Sender<Job>,
-    pub stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
 }
 
 impl Batcher {
-    /// Starts the worker thread, which owns the backbone from now on.
-    pub fn start(backbone: Bert, config: BatcherConfig) -> Self {
+    /// Starts the worker thread, which runs the model's backbone from now on.
+    pub fn start(model: Arc<Model>, config: BatcherConfig, metrics: Arc<Metrics>) -> Self {
         let (queue, jobs) = mpsc::channel();
-        let stats = Arc::new(Stats::default());
-        let worker_stats = stats.clone();
+        let worker_metrics = metrics.clone();
         std::thread::Builder::new()
             .name("softprompt-batcher".into())
-            .spawn(move || work(backbone, jobs, config, &worker_stats))
+            .spawn(move || work(&model, jobs, &config, &worker_metrics))
             .expect("the batcher thread starts");
-        Self { queue, stats }
+        Self { queue, metrics }
     }
 
-    /// Queues rows and waits for their logits.
+    /// Queues rows and waits for their logits. Dropping the future takes the rows out of the
+    /// queue before they cost a backbone pass.
     pub async fn run(&self, rows: Rows) -> Result<Vec<Vec<f32>>, String> {
         let (reply, answer) = oneshot::channel();
+        self.metrics.queue_depth.inc();
         self.queue
             .send(Job { rows, reply })
             .map_err(|_| "the batcher has stopped".to_string())?;
@@ -83,44 +76,73 @@ impl Batcher {
     }
 }
 
-fn work(backbone: Bert, jobs: mpsc::Receiver<Job>, config: BatcherConfig, stats: &Stats) {
-    while let Ok(first) = jobs.recv() {
+fn work(model: &Model, jobs: mpsc::Receiver<Job>, config: &BatcherConfig, metrics: &Metrics) {
+    // jobs that arrived while a batch for other adapters was forming (only without mixing)
+    let mut held: VecDeque<Job> = VecDeque::new();
+    loop {
+        let first = match held.pop_front() {
+            Some(job) => job,
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
         let deadline = Instant::now() + config.max_wait;
+        let key = (!config.mix_adapters).then(|| first.adapters());
+        let fits = |job: &Job| key.as_ref().is_none_or(|k| &job.adapters() == k);
         let mut positions = first.positions();
         let mut batch = vec![first];
+        let mut i = 0;
+        while i < held.len() && positions < config.max_batch_tokens {
+            if fits(&held[i]) {
+                let job = held.remove(i).expect("index in range");
+                positions += job.positions();
+                batch.push(job);
+            } else {
+                i += 1;
+            }
+        }
         while positions < config.max_batch_tokens {
             let left = deadline.saturating_duration_since(Instant::now());
             match jobs.recv_timeout(left) {
-                Ok(job) => {
+                Ok(job) if fits(&job) => {
                     positions += job.positions();
                     batch.push(job);
                 }
-                Err(_) => break,
+                Ok(job) => held.push_back(job),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        // a client that went away is not worth a backbone pass
+        metrics.queue_depth.sub(batch.len() as i64);
+        // a client that went away (or timed out) is not worth a backbone pass
         batch.retain(|job| !job.reply.is_closed());
         if batch.is_empty() {
             continue;
         }
-        let rows: Vec<(&Task, &Encoded)> = batch
-            .iter()
-            .flat_map(|job| job.rows.iter().map(|(t, e)| (t.as_ref(), e)))
-            .collect();
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
-        match classify_rows(&backbone, &rows, &candle_core::Device::Cpu) {
-            Ok(logits) => {
-                let mut logits = logits.into_iter();
-                for job in batch {
-                    let mine = logits.by_ref().take(job.rows.len()).collect();
-                    let _ = job.reply.send(Ok(mine));
-                }
+        run_batch(model, batch, metrics);
+    }
+}
+
+fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
+    let rows: Vec<(&Task, &Encoded)> = batch
+        .iter()
+        .flat_map(|job| job.rows.iter().map(|(t, e)| (t.as_ref(), e)))
+        .collect();
+    metrics.batch_rows.observe(rows.len() as f64);
+    let timer = metrics.batch_seconds.start_timer();
+    let result = classify_rows(&model.backbone, &rows, &candle_core::Device::Cpu);
+    timer.observe_duration();
+    match result {
+        Ok(logits) => {
+            let mut logits = logits.into_iter();
+            for job in batch {
+                let mine = logits.by_ref().take(job.rows.len()).collect();
+                let _ = job.reply.send(Ok(mine));
             }
-            Err(e) => {
-                for job in batch {
-                    let _ = job.reply.send(Err(format!("{e:#}")));
-                }
+        }
+        Err(e) => {
+            for job in batch {
+                let _ = job.reply.send(Err(format!("{e:#}")));
             }
         }
     }

@@ -1,48 +1,186 @@
-//! The adapters a server offers: every subdirectory of the `--adapters` directories, by name.
+//! The adapters a server offers, by name: every subdirectory of the `--adapters` directories at
+//! start, and while serving whatever `POST /v1/adapters` loads from those same directories (a name
+//! is one plain path component, so a request cannot reach outside them).
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use softprompt::adapter::Adapter;
 use softprompt::backbone::Backbone;
 use softprompt::model::Model;
 use softprompt::multitask::Task;
+use softprompt::tokenize::TextEncoder;
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
-/// Name → task, ready to run on the server's model.
-pub type Registry = BTreeMap<String, Arc<Task>>;
+#[derive(Debug)]
+pub enum RegistryError {
+    /// not a plain directory name
+    BadName(String),
+    NotFound(String),
+    AlreadyLoaded(String),
+    /// the directory is there but is not an adapter for this model
+    Invalid(String, anyhow::Error),
+}
 
-/// Loads every adapter directory found one level below each of `dirs`.
-pub fn load(model: &Model, dirs: &[impl AsRef<Path>]) -> anyhow::Result<Registry> {
-    let mut registry = Registry::new();
-    for dir in dirs {
-        let dir = dir.as_ref();
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot read adapters directory {}", dir.display()))?;
-        let mut paths: Vec<_> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        paths.sort();
-        for path in paths {
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .context("adapter directory name is not UTF-8")?
-                .to_string();
-            if registry.contains_key(&name) {
-                bail!(
-                    "two adapters are named {name:?} (the second in {})",
-                    path.display()
-                );
-            }
-            let adapter = Adapter::load(
-                &path,
-                model.backbone.hidden_size(),
-                &candle_core::Device::Cpu,
-            )?;
-            registry.insert(name, Arc::new(Task::new(model, &adapter)?));
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadName(n) => write!(
+                f,
+                "{n:?} is not an adapter name (letters, digits, '-', '_' and '.', not starting with '.')"
+            ),
+            Self::NotFound(n) => write!(f, "no adapter named {n:?}"),
+            Self::AlreadyLoaded(n) => write!(f, "adapter {n:?} is already loaded"),
+            Self::Invalid(n, e) => write!(f, "adapter {n:?}: {e:#}"),
         }
     }
-    Ok(registry)
+}
+
+impl std::error::Error for RegistryError {}
+
+pub struct Registry {
+    model: Arc<Model>,
+    roots: Vec<PathBuf>,
+    tasks: RwLock<BTreeMap<String, Arc<Task>>>,
+    /// cuts inputs to `max_input_tokens`; every loaded prompt leaves room for that many
+    pub encoder: TextEncoder,
+}
+
+impl Registry {
+    /// Loads every adapter one level below each of `roots`. Inputs may have `max_input_tokens`
+    /// tokens, or by default what the longest of these prompts leaves of the model's positions.
+    pub fn open(
+        model: Arc<Model>,
+        roots: &[PathBuf],
+        max_input_tokens: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        let mut found = BTreeMap::new();
+        for root in roots {
+            let entries = std::fs::read_dir(root)
+                .with_context(|| format!("cannot read adapters directory {}", root.display()))?;
+            for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+                if !path.is_dir() {
+                    continue;
+                }
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .with_context(|| format!("{} is not a UTF-8 name", path.display()))?
+                    .to_string();
+                let adapter = read_adapter(&model, &path)?;
+                if let Some((first, _)) = found.insert(name.clone(), (path.clone(), adapter)) {
+                    anyhow::bail!(
+                        "two adapters are named {name:?}: {} and {}",
+                        first.display(),
+                        path.display()
+                    );
+                }
+            }
+        }
+        let positions = model.backbone.max_positions();
+        let longest = found
+            .values()
+            .map(|(_, a)| a.config.num_virtual_tokens)
+            .max()
+            .unwrap_or(0);
+        let max_input_tokens =
+            max_input_tokens.unwrap_or_else(|| positions.saturating_sub(longest));
+        let encoder = model.encoder(positions.saturating_sub(max_input_tokens), None)?;
+        let registry = Self {
+            roots: roots.to_vec(),
+            tasks: RwLock::new(BTreeMap::new()),
+            encoder,
+            model,
+        };
+        for (name, (_, adapter)) in found {
+            registry.insert(name, &adapter)?;
+        }
+        Ok(registry)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Task>> {
+        self.read().get(name).cloned()
+    }
+
+    pub fn list(&self) -> Vec<(String, Arc<Task>)> {
+        self.read()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Loads `name` from the first adapters directory that has it.
+    pub fn load(&self, name: &str) -> Result<Arc<Task>, RegistryError> {
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !plain {
+            return Err(RegistryError::BadName(name.into()));
+        }
+        if self.get(name).is_some() {
+            return Err(RegistryError::AlreadyLoaded(name.into()));
+        }
+        let path = self
+            .roots
+            .iter()
+            .map(|root| root.join(name))
+            .find(|p| p.is_dir())
+            .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        let adapter = read_adapter(&self.model, &path)
+            .map_err(|e| RegistryError::Invalid(name.into(), e))?;
+        self.insert(name.to_string(), &adapter)
+            .map_err(|e| RegistryError::Invalid(name.into(), e))
+    }
+
+    /// Forgets `name`; requests already holding it finish with it.
+    pub fn unload(&self, name: &str) -> Result<(), RegistryError> {
+        self.tasks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .map(drop)
+            .ok_or_else(|| RegistryError::NotFound(name.into()))
+    }
+
+    fn insert(&self, name: String, adapter: &Adapter) -> anyhow::Result<Arc<Task>> {
+        let room = self.model.backbone.max_positions();
+        let needs = adapter.config.num_virtual_tokens + self.encoder.max_tokens();
+        if needs > room {
+            anyhow::bail!(
+                "its prompt of {} vectors and inputs of up to {} tokens need {needs} positions; the model has {room} (lower --max-input-tokens)",
+                adapter.config.num_virtual_tokens,
+                self.encoder.max_tokens()
+            );
+        }
+        let task = Arc::new(Task::new(&self.model, adapter)?);
+        let mut tasks = self.tasks.write().unwrap_or_else(|e| e.into_inner());
+        if tasks.contains_key(&name) {
+            anyhow::bail!("adapter {name:?} is already loaded");
+        }
+        tasks.insert(name, task.clone());
+        Ok(task)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Task>>> {
+        // a panic elsewhere while holding the lock leaves the map itself intact
+        self.tasks.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn read_adapter(model: &Model, path: &Path) -> anyhow::Result<Adapter> {
+    Adapter::load(
+        path,
+        model.backbone.hidden_size(),
+        &candle_core::Device::Cpu,
+    )
 }

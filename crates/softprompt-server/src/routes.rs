@@ -1,34 +1,86 @@
-//! The HTTP API: JSON in and out, errors as {"error": "..."} with a 4xx code.
+//! The HTTP API: JSON in and out, errors as {"error": "..."} with a 4xx/5xx code. The same
+//! API is described in openapi.json, served at /openapi.json.
 
-use crate::batcher::Batcher;
-use crate::registry::Registry;
+use crate::batcher::{Batcher, BatcherConfig};
+use crate::config::{Overlong, ServerConfig};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryError};
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
-use softprompt::multitask::{ensemble, Task};
-use softprompt::tokenize::TextEncoder;
-use std::sync::atomic::Ordering;
+use serde_json::{json, Value};
+use softprompt::model::Model;
+use softprompt::multitask::{check_members, ensemble, Task};
 use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Semaphore;
+
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
-    /// leaves room for the longest prompt of the registry
-    pub encoder: Arc<TextEncoder>,
     pub batcher: Arc<Batcher>,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<ServerConfig>,
+    /// one permit per request being handled
+    slots: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// Loads the adapters and starts the batcher, which owns the model's backbone from then on.
+    pub fn new(model: Model, config: ServerConfig) -> anyhow::Result<Self> {
+        config.validate()?;
+        let model = Arc::new(model);
+        let registry = Registry::open(
+            model.clone(),
+            &config.adapter_dirs,
+            config.max_input_tokens,
+        )?;
+        let metrics = Arc::new(Metrics::new());
+        metrics.adapters.set(registry.len() as i64);
+        let batcher = Batcher::start(
+            model,
+            BatcherConfig {
+                max_batch_tokens: config.max_batch_tokens,
+                max_wait: config.max_wait,
+                mix_adapters: config.mix_adapters,
+            },
+            metrics.clone(),
+        );
+        Ok(Self {
+            registry: Arc::new(registry),
+            batcher: Arc::new(batcher),
+            metrics,
+            slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            config: Arc::new(config),
+        })
+    }
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/v1/adapters", get(adapters))
+    // the work routes hold a slot while they run; listing and metrics never wait
+    let work = Router::new()
         .route("/v1/classify", post(classify))
+        .route_layer(middleware::from_fn_with_state(state.clone(), limit));
+    let api = Router::new()
+        .merge(work)
+        .route("/v1/adapters", get(list_adapters).post(load_adapter))
+        .route("/v1/adapters/{name}", delete(unload_adapter))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .merge(api)
+        .route("/health", get(health))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }
 
@@ -44,32 +96,149 @@ fn unprocessable(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::UNPROCESSABLE_ENTITY, message.into())
 }
 
-async fn health() -> Json<serde_json::Value> {
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let status = match e {
+            RegistryError::BadName(_) | RegistryError::Invalid(..) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RegistryError::AlreadyLoaded(_) => StatusCode::CONFLICT,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// Counts every answer by route and status, and times it.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let endpoint = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let m = &state.metrics;
+    m.requests
+        .with_label_values(&[endpoint.as_str(), response.status().as_str()])
+        .inc();
+    m.request_seconds
+        .with_label_values(&[endpoint.as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    response
+}
+
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.config.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
+            let mut response = ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key (send Authorization: Bearer KEY)".into(),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid"));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares in time that does not depend on where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// 429 when every slot is taken; 504 when the answer takes longer than the request timeout.
+async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Ok(_slot) = state.slots.clone().try_acquire_owned() else {
+        return ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "the server is handling {} requests already; retry later",
+                state.config.max_concurrent_requests
+            ),
+        )
+        .into_response();
+    };
+    let timeout = state.config.request_timeout;
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("no answer within {} ms", timeout.as_millis()),
+        )
+        .into_response(),
+    }
+}
+
+async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 async fn metrics(State(state): State<AppState>) -> String {
-    let s = &state.batcher.stats;
-    format!(
-        "# TYPE softprompt_requests_total counter\nsoftprompt_requests_total {}\n\
-         # TYPE softprompt_batches_total counter\nsoftprompt_batches_total {}\n\
-         # TYPE softprompt_batch_rows_total counter\nsoftprompt_batch_rows_total {}\n",
-        s.requests.load(Ordering::Relaxed),
-        s.batches.load(Ordering::Relaxed),
-        s.rows.load(Ordering::Relaxed),
-    )
+    state.metrics.render()
 }
 
-async fn adapters(State(state): State<AppState>) -> Json<serde_json::Value> {
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+fn describe(name: &str, task: &Task) -> Value {
+    json!({"name": name, "labels": task.labels, "num_virtual_tokens": task.prompt_len(),
+           "pool": task.head.pool.to_string()})
+}
+
+async fn list_adapters(State(state): State<AppState>) -> Json<Value> {
     let list: Vec<_> = state
         .registry
+        .list()
         .iter()
-        .map(|(name, task)| {
-            json!({"name": name, "labels": task.labels, "num_virtual_tokens": task.prompt_len(),
-                   "pool": task.head.pool.to_string()})
-        })
+        .map(|(name, task)| describe(name, task))
         .collect();
     Json(json!({"adapters": list}))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    serde_json::from_slice(&body).map_err(|e| unprocessable(format!("malformed request: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadRequest {
+    name: String,
+}
+
+/// `{"name": NAME}`: loads the subdirectory NAME of an adapters directory given at start.
+async fn load_adapter(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request: LoadRequest = parse(body)?;
+    let registry = state.registry.clone();
+    let name = request.name.clone();
+    // reading safetensors is blocking file work
+    let task = tokio::task::spawn_blocking(move || registry.load(&name))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    state.metrics.adapters.set(state.registry.len() as i64);
+    Ok((StatusCode::CREATED, Json(describe(&request.name, &task))))
+}
+
+async fn unload_adapter(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.registry.unload(&name)?;
+    state.metrics.adapters.set(state.registry.len() as i64);
+    Ok(Json(json!({"unloaded": name})))
 }
 
 /// `{"adapter": NAME, "inputs": [...]}`, or `{"adapters": [NAME, ...], "inputs": [...]}` for a prompt
@@ -84,11 +253,9 @@ struct ClassifyRequest {
 
 async fn classify(
     State(state): State<AppState>,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    state.batcher.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let request: ClassifyRequest = serde_json::from_slice(&body)
-        .map_err(|e| unprocessable(format!("malformed request: {e}")))?;
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let request: ClassifyRequest = parse(body)?;
     let names = match (request.adapter, request.adapters) {
         (Some(one), None) => vec![one],
         (None, Some(many)) if !many.is_empty() => many,
@@ -98,27 +265,43 @@ async fn classify(
             ))
         }
     };
-    let tasks: Vec<Arc<Task>> =
-        names
-            .iter()
-            .map(|n| {
-                state.registry.get(n).cloned().ok_or_else(|| {
-                    ApiError(StatusCode::NOT_FOUND, format!("unknown adapter {n:?}"))
-                })
-            })
-            .collect::<Result<_, _>>()?;
-    if request.inputs.is_empty() {
-        return Err(unprocessable("\"inputs\" is empty"));
+    let tasks: Vec<Arc<Task>> = names
+        .iter()
+        .map(|n| {
+            state
+                .registry
+                .get(n)
+                .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("unknown adapter {n:?}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let members: Vec<&Task> = tasks.iter().map(|t| t.as_ref()).collect();
+    check_members(&members).map_err(|e| unprocessable(format!("{e:#}")))?;
+    let limit = state.config.max_inputs_per_request;
+    match request.inputs.len() {
+        0 => return Err(unprocessable("\"inputs\" is empty")),
+        n if n > limit => {
+            return Err(unprocessable(format!(
+                "{n} inputs; a request may have at most {limit}"
+            )))
+        }
+        _ => {}
     }
     let mut rows = Vec::with_capacity(request.inputs.len() * tasks.len());
     for (i, text) in request.inputs.iter().enumerate() {
         if text.trim().is_empty() {
             return Err(unprocessable(format!("input {i} is empty")));
         }
-        let encoded = state
+        let (encoded, truncated) = state
+            .registry
             .encoder
-            .encode(text, None)
+            .encode_noting_truncation(text, None)
             .map_err(|e| unprocessable(format!("input {i}: {e:#}")))?;
+        if truncated && state.config.overlong == Overlong::Reject {
+            return Err(unprocessable(format!(
+                "input {i} has more than {} tokens",
+                state.registry.encoder.max_tokens()
+            )));
+        }
         rows.extend(tasks.iter().map(|t| (t.clone(), encoded.clone())));
     }
     let logits = state
@@ -126,7 +309,6 @@ async fn classify(
         .run(rows)
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    let members: Vec<&Task> = tasks.iter().map(|t| t.as_ref()).collect();
     let mut results = Vec::with_capacity(request.inputs.len());
     for member_logits in logits.chunks(tasks.len()) {
         let answer =

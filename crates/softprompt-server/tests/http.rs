@@ -7,11 +7,9 @@ use softprompt::adapter::Adapter;
 use softprompt::model::Model;
 use softprompt::multitask::{classify_rows, Task};
 use softprompt::task::classify::Pool;
-use softprompt_server::batcher::{Batcher, BatcherConfig};
-use softprompt_server::{registry, router, AppState};
+use softprompt_server::{AppState, Overlong, ServerConfig};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 fn fixtures() -> PathBuf {
@@ -32,24 +30,10 @@ fn adapters_dir(dir: &Path) {
     other.save(&dir.join("three")).unwrap();
 }
 
-/// Starts a server on 127.0.0.1:0 in its own runtime; returns its address.
-fn start(adapters: &Path, max_wait: Duration) -> String {
+/// Starts a server for the tiny model on 127.0.0.1:0 in its own runtime; returns its address.
+fn start(config: ServerConfig) -> String {
     let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
-    let registry = registry::load(&model, &[adapters]).unwrap();
-    let longest = registry.values().map(|t| t.prompt_len()).max().unwrap();
-    let encoder = Arc::new(model.encoder(longest, None).unwrap());
-    let batcher = Arc::new(Batcher::start(
-        model.backbone,
-        BatcherConfig {
-            max_wait,
-            ..Default::default()
-        },
-    ));
-    let state = AppState {
-        registry: Arc::new(registry),
-        encoder,
-        batcher,
-    };
+    let state = AppState::new(model, config).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
     listener.set_nonblocking(true).unwrap();
@@ -57,19 +41,40 @@ fn start(adapters: &Path, max_wait: Duration) -> String {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(listener, router(state)).await.unwrap();
+            softprompt_server::serve(listener, state, std::future::pending())
+                .await
+                .unwrap();
         });
     });
     address
 }
 
+fn config(adapters: &Path, max_wait: Duration) -> ServerConfig {
+    ServerConfig {
+        adapter_dirs: vec![adapters.to_path_buf()],
+        max_wait,
+        ..Default::default()
+    }
+}
+
 /// A bare HTTP/1.1 exchange: (status, JSON body or the text as a JSON string).
 fn http(address: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    http_with(address, method, path, body, "")
+}
+
+/// `http` with extra header lines, each ending in \r\n.
+fn http_with(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &str,
+) -> (u16, Value) {
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     let body = body.unwrap_or("");
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -90,7 +95,7 @@ fn http(address: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Va
 fn endpoints_and_error_codes() {
     let tmp = tempfile::tempdir().unwrap();
     adapters_dir(tmp.path());
-    let address = start(tmp.path(), Duration::from_millis(1));
+    let address = start(config(tmp.path(), Duration::from_millis(1)));
     assert_eq!(
         http(&address, "GET", "/health", None),
         (200, json!({"status": "ok"}))
@@ -169,10 +174,44 @@ fn endpoints_and_error_codes() {
     }
     let (status, metrics) = http(&address, "GET", "/metrics", None);
     assert_eq!(status, 200);
-    assert!(metrics
-        .as_str()
+    let metrics = metrics.as_str().unwrap();
+    for line in [
+        "softprompt_requests_total{endpoint=\"/v1/classify\",status=\"404\"} 1",
+        "softprompt_requests_total{endpoint=\"/v1/classify\",status=\"200\"} 2",
+        "softprompt_request_duration_seconds_bucket{endpoint=\"/v1/classify\",le=\"+Inf\"} 8",
+        "softprompt_batch_rows_count 2",
+        "softprompt_batch_rows_sum 3",
+        "softprompt_queue_depth 0",
+        "softprompt_adapters 2",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
+
+    // the OpenAPI file documents exactly the routes there are
+    let (status, api) = http(&address, "GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    let documented: Vec<&str> = api["paths"]
+        .as_object()
         .unwrap()
-        .contains("softprompt_batches_total"));
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        documented,
+        [
+            "/health",
+            "/metrics",
+            "/openapi.json",
+            "/v1/adapters",
+            "/v1/adapters/{name}",
+            "/v1/classify"
+        ]
+    );
+    for path in documented.iter().filter(|p| !p.contains('{')) {
+        let method = api["paths"][path].as_object().unwrap().keys().next().unwrap();
+        let (status, _) = http(&address, &method.to_uppercase(), path, Some("{}"));
+        assert_ne!(status, 404, "{method} {path} is documented but not served");
+    }
 }
 
 /// Concurrent requests for different adapters share batches (the server waits 200 ms for company),
@@ -181,7 +220,11 @@ fn endpoints_and_error_codes() {
 fn a_mixed_batch_answers_each_request_as_alone() {
     let tmp = tempfile::tempdir().unwrap();
     adapters_dir(tmp.path());
-    let address = start(tmp.path(), Duration::from_millis(200));
+    let mixed = start(config(tmp.path(), Duration::from_millis(200)));
+    let unmixed = start(ServerConfig {
+        mix_adapters: false,
+        ..config(tmp.path(), Duration::from_millis(200))
+    });
     let texts = [
         "a good movie",
         "the plot was dull and boring",
@@ -191,36 +234,22 @@ fn a_mixed_batch_answers_each_request_as_alone() {
     let requests: Vec<(String, &str)> = (0..8)
         .map(|i| (["peft", "three"][i % 2].to_string(), texts[i % 4]))
         .collect();
-    let answers: Vec<Value> = std::thread::scope(|scope| {
-        let handles: Vec<_> = requests
-            .iter()
-            .map(|(adapter, text)| {
-                let address = &address;
-                scope.spawn(move || {
-                    let body = json!({"adapter": adapter, "inputs": [text]}).to_string();
-                    http(address, "POST", "/v1/classify", Some(&body)).1
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let (_, metrics) = http(&address, "GET", "/metrics", None);
-    let line = metrics
-        .as_str()
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("softprompt_batches_total"))
-        .unwrap()
-        .to_string();
-    let batches: u64 = line.split(' ').nth(1).unwrap().parse().unwrap();
+    let (answers, batches) = send_concurrently(&mixed, &requests);
     assert!(
         batches < 8,
         "8 concurrent requests took {batches} batches: nothing was batched"
     );
+    let (unmixed_answers, unmixed_batches) = send_concurrently(&unmixed, &requests);
+    assert!(
+        (2..8).contains(&unmixed_batches),
+        "without mixing, 8 requests for 2 adapters took {unmixed_batches} batches"
+    );
 
     let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
     let encoder = model.encoder(4, None).unwrap();
-    for ((adapter, text), answer) in requests.iter().zip(&answers) {
+    // every answer of both servers, against its request run alone
+    let pairs = requests.iter().cycle().zip(answers.iter().chain(&unmixed_answers));
+    for ((adapter, text), answer) in pairs {
         let task = Task::new(
             &model,
             &Adapter::load(&tmp.path().join(adapter), 16, &Device::Cpu).unwrap(),
@@ -242,4 +271,181 @@ fn a_mixed_batch_answers_each_request_as_alone() {
             );
         }
     }
+}
+
+/// Sends all requests at once, one thread each → (answers in order, backbone passes they took).
+fn send_concurrently(address: &str, requests: &[(String, &str)]) -> (Vec<Value>, u64) {
+    let batches_before = batches(address);
+    let answers = std::thread::scope(|scope| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|(adapter, text)| {
+                scope.spawn(move || {
+                    let body = json!({"adapter": adapter, "inputs": [text]}).to_string();
+                    http(address, "POST", "/v1/classify", Some(&body)).1
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    (answers, batches(address) - batches_before)
+}
+
+/// Backbone passes so far, from /metrics.
+fn batches(address: &str) -> u64 {
+    let (_, metrics) = http(address, "GET", "/metrics", None);
+    metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("softprompt_batch_rows_count "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn adapters_load_and_unload_while_serving_and_never_from_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (served, outside) = (tmp.path().join("served"), tmp.path().join("outside"));
+    adapters_dir(&outside);
+    std::fs::create_dir(&served).unwrap();
+    copy_dir(&outside.join("peft"), &served.join("peft"));
+    let address = start(config(&served, Duration::from_millis(1)));
+    let classify = |adapter: &str| {
+        let body = json!({"adapter": adapter, "inputs": ["a good movie"]}).to_string();
+        http(&address, "POST", "/v1/classify", Some(&body)).0
+    };
+    assert_eq!(classify("three"), 404);
+
+    copy_dir(&outside.join("three"), &served.join("three"));
+    let (status, body) = http(&address, "POST", "/v1/adapters", Some(r#"{"name": "three"}"#));
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["labels"], json!(["x", "y", "z"]));
+    assert_eq!(classify("three"), 200);
+    let cases = [
+        (r#"{"name": "three"}"#, 409, "already loaded"),
+        (r#"{"name": "absent"}"#, 404, "no adapter named"),
+        (r#"{"name": "../outside/three"}"#, 422, "not an adapter name"),
+        (r#"{"name": ".."}"#, 422, "not an adapter name"),
+        (r#"{"name": "/etc"}"#, 422, "not an adapter name"),
+        (r#"{"path": "x"}"#, 422, "malformed request"),
+    ];
+    for (request, code, message) in cases {
+        let (status, body) = http(&address, "POST", "/v1/adapters", Some(request));
+        assert_eq!(status, code, "{request}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(message), "{request}: {body}");
+    }
+    // a directory that is not an adapter
+    std::fs::create_dir(served.join("empty")).unwrap();
+    let (status, body) = http(&address, "POST", "/v1/adapters", Some(r#"{"name": "empty"}"#));
+    assert_eq!(status, 422, "{body}");
+
+    let (status, body) = http(&address, "DELETE", "/v1/adapters/three", None);
+    assert_eq!((status, body), (200, json!({"unloaded": "three"})));
+    assert_eq!(classify("three"), 404);
+    assert_eq!(classify("peft"), 200);
+    assert_eq!(http(&address, "DELETE", "/v1/adapters/three", None).0, 404);
+    let (_, list) = http(&address, "GET", "/v1/adapters", None);
+    assert_eq!(list["adapters"].as_array().unwrap().len(), 1);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn an_api_key_guards_everything_but_health() {
+    let tmp = tempfile::tempdir().unwrap();
+    adapters_dir(tmp.path());
+    let address = start(ServerConfig {
+        api_key: Some("s3cret".into()),
+        ..config(tmp.path(), Duration::from_millis(1))
+    });
+    assert_eq!(http(&address, "GET", "/health", None).0, 200);
+    for (method, path) in [
+        ("GET", "/v1/adapters"),
+        ("POST", "/v1/classify"),
+        ("POST", "/v1/adapters"),
+        ("DELETE", "/v1/adapters/peft"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+    ] {
+        for header in ["", "Authorization: Bearer wrong\r\n", "Authorization: s3cret\r\n"] {
+            let (status, body) = http_with(&address, method, path, Some("{}"), header);
+            assert_eq!(status, 401, "{method} {path} with {header:?}: {body}");
+        }
+    }
+    let key = "Authorization: Bearer s3cret\r\n";
+    assert_eq!(http_with(&address, "GET", "/v1/adapters", None, key).0, 200);
+    let body = r#"{"adapter": "peft", "inputs": ["a good movie"]}"#;
+    assert_eq!(http_with(&address, "POST", "/v1/classify", Some(body), key).0, 200);
+}
+
+#[test]
+fn limits_answer_with_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    adapters_dir(tmp.path());
+    let address = start(ServerConfig {
+        max_body_bytes: 300,
+        max_inputs_per_request: 2,
+        max_input_tokens: Some(6),
+        overlong: Overlong::Reject,
+        ..config(tmp.path(), Duration::from_millis(1))
+    });
+    let cases = [
+        (json!({"adapter": "peft", "inputs": vec!["good"; 40]}), 413, "length limit"),
+        (json!({"adapter": "peft", "inputs": ["a", "b", "c"]}), 422, "at most 2"),
+        (
+            json!({"adapter": "peft", "inputs": ["good", "a good movie and a great plot"]}),
+            422,
+            "input 1 has more than 6 tokens",
+        ),
+    ];
+    for (request, code, message) in cases {
+        let (status, body) = http(&address, "POST", "/v1/classify", Some(&request.to_string()));
+        assert_eq!(status, code, "{request}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(message), "{request}: {body}");
+    }
+    let (status, body) = http(
+        &address,
+        "POST",
+        "/v1/classify",
+        Some(r#"{"adapter": "peft", "inputs": ["good", "a good movie"]}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // truncation instead: the long input is answered as its first 6 tokens
+    let truncating = start(ServerConfig {
+        max_input_tokens: Some(6),
+        ..config(tmp.path(), Duration::from_millis(1))
+    });
+    let long = r#"{"adapter": "three", "inputs": ["a good movie and a great plot"]}"#;
+    let (status, body) = http(&truncating, "POST", "/v1/classify", Some(long));
+    assert_eq!(status, 200, "{body}");
+
+    // a batch that waits 400 ms: a 50 ms timeout gives 504, and with one slot a second request 429
+    let slow = start(ServerConfig {
+        request_timeout: Duration::from_millis(50),
+        ..config(tmp.path(), Duration::from_millis(400))
+    });
+    let request = r#"{"adapter": "peft", "inputs": ["good"]}"#;
+    let (status, body) = http(&slow, "POST", "/v1/classify", Some(request));
+    assert_eq!(status, 504, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("within 50 ms"));
+    let one_slot = start(ServerConfig {
+        max_concurrent_requests: 1,
+        ..config(tmp.path(), Duration::from_millis(400))
+    });
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| http(&one_slot, "POST", "/v1/classify", Some(request)).0);
+        std::thread::sleep(Duration::from_millis(100));
+        let (status, body) = http(&one_slot, "POST", "/v1/classify", Some(request));
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(first.join().unwrap(), 200);
+    });
 }

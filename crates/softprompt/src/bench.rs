@@ -3,7 +3,7 @@
 
 use crate::backbone::bert::{Bert, BertConfig};
 use crate::batch::Batch;
-use crate::choice::named_choice;
+use crate::named_choice;
 use crate::classifier::PromptClassifier;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::prompt::SoftPrompt;

@@ -125,8 +125,8 @@ pub struct EnsembleAnswer {
     pub logits: Vec<Vec<f32>>,
 }
 
-/// Combines the members' logits for one input; the members must share one label set.
-pub fn ensemble(tasks: &[&Task], logits: &[Vec<f32>]) -> anyhow::Result<EnsembleAnswer> {
+/// An ensemble needs members, and they must share one label set.
+pub fn check_members(tasks: &[&Task]) -> anyhow::Result<()> {
     let labels = &tasks
         .first()
         .context("an ensemble needs at least one member")?
@@ -138,6 +138,13 @@ pub fn ensemble(tasks: &[&Task], logits: &[Vec<f32>]) -> anyhow::Result<Ensemble
             odd.labels
         );
     }
+    Ok(())
+}
+
+/// Combines the members' logits for one input; the members must share one label set.
+pub fn ensemble(tasks: &[&Task], logits: &[Vec<f32>]) -> anyhow::Result<EnsembleAnswer> {
+    check_members(tasks)?;
+    let labels = &tasks[0].labels;
     let mut scores = vec![0f32; labels.len()];
     let mut votes = vec![0usize; labels.len()];
     let mut members = Vec::with_capacity(logits.len());

@@ -1,7 +1,7 @@
 //! Optimizers for the few trainable tensors (prompt and head), and learning-rate schedules.
 //! Their state is plain named tensors so a checkpoint can store it and a resumed run continue exactly.
 
-use crate::choice::named_choice;
+use crate::named_choice;
 use anyhow::{bail, Context};
 use candle_core::{Result, Tensor, Var, D};
 use serde::{Deserialize, Serialize};

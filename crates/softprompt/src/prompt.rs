@@ -1,7 +1,7 @@
 //! The soft prompt: M trainable vectors put in front of the word embeddings, and the ways to
 //! initialise them (Lester et al. 2021, sections 2.2 and 3.2).
 
-use crate::choice::named_choice;
+use crate::named_choice;
 use anyhow::{bail, Context};
 use candle_core::{Result, Tensor, Var};
 use rand::seq::IndexedRandom;

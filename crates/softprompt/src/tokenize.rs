@@ -34,15 +34,35 @@ impl TextEncoder {
     }
 
     pub fn encode(&self, text: &str, text_pair: Option<&str>) -> anyhow::Result<Encoded> {
+        Ok(self.encode_noting_truncation(text, text_pair)?.0)
+    }
+
+    /// Like `encode`, and says whether the text was cut to fit (a server may refuse it instead).
+    pub fn encode_noting_truncation(
+        &self,
+        text: &str,
+        text_pair: Option<&str>,
+    ) -> anyhow::Result<(Encoded, bool)> {
         let encoding = match text_pair {
             Some(pair) => self.tokenizer.encode((text, pair), true),
             None => self.tokenizer.encode(text, true),
         }
         .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
-        Ok(Encoded {
-            ids: encoding.get_ids().to_vec(),
-            type_ids: encoding.get_type_ids().to_vec(),
-        })
+        let truncated = !encoding.get_overflowing().is_empty();
+        Ok((
+            Encoded {
+                ids: encoding.get_ids().to_vec(),
+                type_ids: encoding.get_type_ids().to_vec(),
+            },
+            truncated,
+        ))
+    }
+
+    /// The most tokens an encoding may have.
+    pub fn max_tokens(&self) -> usize {
+        self.tokenizer
+            .get_truncation()
+            .map_or(usize::MAX, |t| t.max_length)
     }
 
     /// Token ids without special tokens or truncation (prompt init text, label words).

@@ -3,7 +3,7 @@
 //! The head runs on candle's autograd: it is small, and its input is made a `Var` so that the
 //! tape hands back ∂L/∂hidden for the backbone's explicit backward.
 
-use crate::choice::named_choice;
+use crate::named_choice;
 use crate::kernels::Linear;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::Rng;

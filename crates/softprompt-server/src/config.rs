@@ -1,0 +1,89 @@
+//! What a server is told at start: where its adapters live, how it batches, and the limits that
+//! keep one client from starving the others.
+
+use anyhow::bail;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What happens to an input longer than `max_input_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlong {
+    /// cut to the limit (the tokenizer keeps its special tokens)
+    Truncate,
+    /// answer 422
+    Reject,
+}
+softprompt::named_choice!(Overlong, "truncate", "reject");
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Directories whose subdirectories are adapters; also the only places `POST /v1/adapters`
+    /// may load from.
+    pub adapter_dirs: Vec<PathBuf>,
+    /// Positions (prompt + tokens) one backbone pass takes at most, over all requests in it.
+    pub max_batch_tokens: usize,
+    /// How long the first request of a batch waits for others.
+    pub max_wait: Duration,
+    /// Off: a batch holds requests for one adapter (or one ensemble) only, the way a server that
+    /// cannot mix prompts in a batch must work. Kept as a switch to measure what mixing buys.
+    pub mix_adapters: bool,
+    /// Required as `Authorization: Bearer KEY` on everything but /health.
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub max_inputs_per_request: usize,
+    /// Tokens per input, special tokens included; `None`: what the longest prompt leaves of the
+    /// model's positions at start.
+    pub max_input_tokens: Option<usize>,
+    pub overlong: Overlong,
+    /// Requests handled at once; more get 429.
+    pub max_concurrent_requests: usize,
+    /// A request not answered by then gets 504 (and its rows leave the queue).
+    pub request_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            adapter_dirs: Vec::new(),
+            max_batch_tokens: 8192,
+            max_wait: Duration::from_millis(5),
+            mix_adapters: true,
+            api_key: None,
+            max_body_bytes: 1 << 20,
+            max_inputs_per_request: 64,
+            max_input_tokens: None,
+            overlong: Overlong::Truncate,
+            max_concurrent_requests: 256,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.adapter_dirs.is_empty() {
+            bail!("give at least one adapters directory");
+        }
+        for (what, value) in [
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_inputs_per_request", self.max_inputs_per_request),
+            ("max_concurrent_requests", self.max_concurrent_requests),
+        ] {
+            if value == 0 {
+                bail!("{what} must be at least 1");
+            }
+        }
+        if self.max_input_tokens == Some(0) {
+            bail!("max_input_tokens must be at least 1");
+        }
+        if self.request_timeout.is_zero() {
+            bail!("the request timeout must be longer than 0");
+        }
+        if self.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            bail!("the API key is empty");
+        }
+        Ok(())
+    }
+}
