@@ -9,7 +9,7 @@ BIN    := target/release/softprompt
 RUN    := runs/movie-reviews
 VENV   := .venv-ref
 
-.PHONY: demo test assets build fixtures interop sweep bench clean
+.PHONY: demo test assets build fixtures interop sweep bench clean serve-bench
 
 assets:
 	$(PYTHON) scripts/fetch_assets.py
@@ -41,6 +41,9 @@ interop: assets build $(VENV)/bin/python
 # Speed against PyTorch + peft, measured alternately on this machine (needs ../shared/reference).
 bench: build $(VENV)/bin/python
 	$(PYTHON) scripts/bench_compare.py --python $(VENV)/bin/python
+
+serve-bench: assets build
+	scripts/serve_bench.sh
 
 sweep: assets build
 	scripts/sweep_defaults.sh
