@@ -38,16 +38,16 @@ start_server() {
 }
 stop_server() { kill -TERM "$server_pid"; wait "$server_pid" || true; }
 trap '[ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true' EXIT
-load() { "$BIN" loadgen --url "$URL" --data "$DATA/test.tsv" --concurrency "$CONCURRENCY" --json "$@"; }
+load() { "$BIN" loadgen --url "$URL" --data "$DATA/test.tsv" --json "$@"; }
 
 start_server
-load "${ALL[@]}" --duration 10 > /dev/null   # warm-up
-mixed=$(load "${ALL[@]}" --duration "$SECONDS_PER_RUN")
-single=$(load --adapter task0 --duration "$SECONDS_PER_RUN")
+load "${ALL[@]}" --concurrency "$CONCURRENCY" --duration 10 > /dev/null   # warm-up
+mixed=$(load "${ALL[@]}" --concurrency "$CONCURRENCY" --duration "$SECONDS_PER_RUN")
+single=$(load --adapter task0 --concurrency "$CONCURRENCY" --duration "$SECONDS_PER_RUN")
 stop_server
 start_server --no-mixed-batches
-load "${ALL[@]}" --duration 10 > /dev/null
-unmixed=$(load "${ALL[@]}" --duration "$SECONDS_PER_RUN")
+load "${ALL[@]}" --concurrency "$CONCURRENCY" --duration 10 > /dev/null
+unmixed=$(load "${ALL[@]}" --concurrency "$CONCURRENCY" --duration "$SECONDS_PER_RUN")
 stop_server
 
 python3 - "$mixed" "$single" "$unmixed" <<'PY'

@@ -1,22 +1,24 @@
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::adapter::Adapter;
-use softprompt::backbone::bert::Bert;
+use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::Backbone;
 use softprompt::bench::{self, Arch, BenchConfig, Mode};
-use softprompt::data::{label_ids, read_examples, Columns, Example, Labels};
+use softprompt::data::{label_ids, label_set, read_examples, Columns, Example, Labels};
 use softprompt::metrics::Report;
 use softprompt::model::Model;
-use softprompt::multitask::{ensemble_all, EnsembleAnswer, Task};
+use softprompt::multitask::{check_members, ensemble_all, EnsembleAnswer, Task};
 use softprompt::optim::{OptimizerKind, Schedule};
 use softprompt::prompt::{nearest_tokens, PromptInit};
 use softprompt::task::classify::Pool;
+use softprompt::task::verbalizer::check_template;
+use softprompt::task::TaskKind;
 use softprompt::tokenize::Encoded;
 use softprompt::tokenize::{encode_all, TextEncoder};
 use softprompt::train::{train, Event, TrainConfig, TrainPaths};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -106,9 +108,22 @@ impl ColumnArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json) of BERT,
+    /// GPT-2 or the Llama family, or a Llama-family .gguf file.
     #[arg(long)]
     model: PathBuf,
+    /// classify (a linear head on a pooled vector), or verbalizer (a decoder's frozen LM head
+    /// scores each label's word after --template; only the prompt trains).
+    #[arg(long, default_value_t = TrainConfig::default().task)]
+    task: TaskKind,
+    /// What each input is written into, {text} marking where, e.g. "Review: {text}\nSentiment:"
+    /// (\n is a newline).
+    #[arg(long)]
+    template: Option<String>,
+    /// Verbalizer: one word per label, comma-separated, in the labels' sorted order
+    /// [default: the labels themselves].
+    #[arg(long, value_delimiter = ',')]
+    label_words: Option<Vec<String>>,
     /// Training data: .tsv, .csv or .jsonl.
     #[arg(long)]
     train: PathBuf,
@@ -177,13 +192,23 @@ struct TrainArgs {
 /// What inference reads: the model, the adapter, and how many texts go through at once.
 #[derive(Args)]
 struct InferenceArgs {
-    /// Hugging Face model directory the adapter was trained on.
+    /// The model directory or .gguf file the adapter was trained on.
     #[arg(long)]
     model: PathBuf,
     /// Adapter directory (softprompt's or PEFT's); give several for a prompt ensemble (majority vote,
     /// mean probability), all members in one batch.
-    #[arg(long = "adapter", required = true)]
+    #[arg(long = "adapter", required_unless_present = "zero_shot")]
     adapters: Vec<PathBuf>,
+    /// No adapter: the decoder alone scores each label's word after --template (the baseline a
+    /// verbalizer prompt should beat). Labels come from the data.
+    #[arg(long, conflicts_with = "adapters", requires = "template")]
+    zero_shot: bool,
+    /// With --zero-shot: what each input is written into, {text} marking where.
+    #[arg(long, requires = "zero_shot")]
+    template: Option<String>,
+    /// With --zero-shot: one word per label, comma-separated [default: the labels themselves].
+    #[arg(long, value_delimiter = ',', requires = "zero_shot")]
+    label_words: Option<Vec<String>>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
 }
@@ -232,6 +257,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let config = TrainConfig {
+        task: args.task,
+        template: args.template.as_deref().map(unescape),
+        label_words: args.label_words,
         num_virtual_tokens: args.num_virtual_tokens,
         init: args.init,
         init_text: args.init_text,
@@ -344,20 +372,35 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
 /// What inference runs on: the backbone, one task per adapter, and a tokenizer that leaves room for
 /// the longest prompt.
 struct Inference {
-    backbone: Bert,
+    backbone: AnyBackbone,
     tasks: Vec<Task>,
     encoder: TextEncoder,
 }
 
 impl Inference {
-    fn load(args: &InferenceArgs) -> anyhow::Result<Self> {
+    /// `data_labels`: the labels of a zero-shot run (eval reads them from the data).
+    fn load(args: &InferenceArgs, data_labels: Option<Vec<String>>) -> anyhow::Result<Self> {
         let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
         let d = model.backbone.hidden_size();
-        let tasks = args
-            .adapters
-            .iter()
-            .map(|a| Task::new(&model, &Adapter::load(a, d, &Device::Cpu)?))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let tasks = if args.zero_shot {
+            let labels = data_labels.context("--zero-shot needs labelled data (softprompt eval)")?;
+            let template = unescape(args.template.as_deref().unwrap_or_default());
+            check_template(&template)?;
+            let words = args.label_words.clone().unwrap_or_else(|| labels.clone());
+            let table = model.backbone.word_embeddings();
+            vec![Task {
+                prompt: Tensor::zeros((0, d), table.dtype(), table.device())?,
+                head: model.verbalizer_head(&template, &labels, &words)?,
+                labels,
+                template: Some(template),
+            }]
+        } else {
+            args.adapters
+                .iter()
+                .map(|a| Task::new(&model, &Adapter::load(a, d, &Device::Cpu)?))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
+        check_members(&tasks.iter().collect::<Vec<_>>())?;
         let longest = tasks.iter().map(Task::prompt_len).max().unwrap_or(0);
         let encoder = model.encoder(longest, None)?;
         Ok(Self {
@@ -375,13 +418,30 @@ impl Inference {
     fn labels(&self) -> &[String] {
         &self.tasks[0].labels
     }
+
+    /// Inputs written into the members' template, then tokenized.
+    fn encode(&self, examples: &[Example], path: &Path) -> anyhow::Result<Vec<Encoded>> {
+        let rendered: Vec<Example> = examples
+            .iter()
+            .map(|e| Example {
+                text: self.tasks[0].render(&e.text),
+                ..e.clone()
+            })
+            .collect();
+        encode_all(&self.encoder, &rendered, path)
+    }
+}
+
+/// "\n" and "\t" typed on a command line, as the characters.
+fn unescape(text: &str) -> String {
+    text.replace("\\n", "\n").replace("\\t", "\t")
 }
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    let inference = Inference::load(&args.inference)?;
     let examples = read_examples(&args.data, &args.columns.columns(), Labels::Required)?;
+    let inference = Inference::load(&args.inference, Some(label_set(&examples)))?;
     let gold = label_ids(&examples, inference.labels(), &args.data)?;
-    let data = encode_all(&inference.encoder, &examples, &args.data)?;
+    let data = inference.encode(&examples, &args.data)?;
     let answers = inference.answers(&data, args.inference.batch_size)?;
     let labels = inference.labels();
     let predicted: Vec<u32> = answers
@@ -422,16 +482,8 @@ fn run_predict(args: PredictArgs) -> anyhow::Result<()> {
     if let Some(e) = examples.iter().find(|e| e.text.trim().is_empty()) {
         bail!("text {} is empty", e.line);
     }
-    let inference = Inference::load(&args.inference)?;
-    let data = examples
-        .iter()
-        .map(|e| {
-            inference
-                .encoder
-                .encode(&e.text, e.text_pair.as_deref())
-                .with_context(|| format!("input {}", e.line))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let inference = Inference::load(&args.inference, None)?;
+    let data = inference.encode(&examples, Path::new("input"))?;
     let ensemble = inference.tasks.len() > 1;
     for (example, answer) in examples
         .iter()
@@ -489,7 +541,7 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         backbone,
         tasks,
         encoder,
-    } = Inference::load(&args.inference)?;
+    } = Inference::load(&args.inference, None)?;
     let nearest = nearest_tokens(&tasks[0].prompt, backbone.word_embeddings(), args.top)?;
     for (position, tokens) in nearest.iter().enumerate() {
         let names: Vec<String> = tokens

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
-use softprompt::adapter::Adapter;
+use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::model::Model;
 use softprompt::multitask::{classify_rows, Task};
 use softprompt::task::classify::Pool;
@@ -22,10 +22,12 @@ fn adapters_dir(dir: &Path) {
     peft.save(&dir.join("peft")).unwrap();
     let mut other = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
     other.prompt = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu).unwrap();
-    other.head_weight = Tensor::randn(0f32, 0.5, (3, 16), &Device::Cpu).unwrap();
-    other.head_bias = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    other.head = AdapterHead::Linear {
+        weight: Tensor::randn(0f32, 0.5, (3, 16), &Device::Cpu).unwrap(),
+        bias: Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        pool: Pool::Mean,
+    };
     other.labels = vec!["x".into(), "y".into(), "z".into()];
-    other.pool = Pool::Mean;
     other.config.num_virtual_tokens = 3;
     other.save(&dir.join("three")).unwrap();
 }

@@ -3,10 +3,12 @@
 //! ```text
 //! ADAPTER/adapter_config.json        PEFT's PromptTuningConfig (peft_type PROMPT_TUNING)
 //! ADAPTER/adapter_model.safetensors  prompt_embeddings [M, D]; base_model.classifier.{weight,bias}
-//! ADAPTER/softprompt.json            what PEFT has no field for: label names, pooling
+//! ADAPTER/softprompt.json            what PEFT has no field for: label names, pooling, template,
+//!                                    label words
 //! ```
 //! A PEFT SEQ_CLS adapter has no softprompt.json: it loads with `Pool::Pooler` (the head of
-//! BertForSequenceClassification) and labels LABEL_0, LABEL_1, ...
+//! BertForSequenceClassification) and labels LABEL_0, LABEL_1, ... A verbalizer adapter is
+//! task_type CAUSAL_LM with only prompt_embeddings: the frozen LM head scores the label words.
 
 use crate::fsutil::{load_tensors, save_tensors, write_atomic};
 use crate::task::classify::Pool;
@@ -61,7 +63,28 @@ fn one() -> usize {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Extra {
     pub labels: Vec<String>,
-    pub pool: Pool,
+    /// linear heads only
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Pool>,
+    /// verbalizer adapters only: one word per label
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_words: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+}
+
+/// What turns the backbone's last hidden state into label scores.
+#[derive(Clone)]
+pub enum AdapterHead {
+    /// PEFT's `classifier`: weight [C, D] and bias [C] on the `pool`ed vector.
+    Linear {
+        weight: Tensor,
+        bias: Tensor,
+        pool: Pool,
+    },
+    /// The model's own LM head scores each label's word (task/verbalizer.rs); nothing is stored
+    /// but the words.
+    Verbalizer { words: Vec<String> },
 }
 
 /// A classification adapter in memory.
@@ -69,32 +92,37 @@ pub struct Adapter {
     pub config: PeftConfig,
     /// [M, D]
     pub prompt: Tensor,
-    /// [C, D] and [C]
-    pub head_weight: Tensor,
-    pub head_bias: Tensor,
+    pub head: AdapterHead,
     pub labels: Vec<String>,
-    pub pool: Pool,
+    /// the text each input is written into, with `{text}` where the input goes
+    pub template: Option<String>,
 }
 
 impl Adapter {
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create adapter directory {}", dir.display()))?;
-        let tensors = [
-            (PROMPT_KEY.to_string(), self.prompt.clone()),
-            (HEAD_WEIGHT_KEY.to_string(), self.head_weight.clone()),
-            (HEAD_BIAS_KEY.to_string(), self.head_bias.clone()),
-        ];
+        let mut tensors = vec![(PROMPT_KEY.to_string(), self.prompt.clone())];
+        let mut extra = Extra {
+            labels: self.labels.clone(),
+            pool: None,
+            label_words: None,
+            template: self.template.clone(),
+        };
+        match &self.head {
+            AdapterHead::Linear { weight, bias, pool } => {
+                tensors.push((HEAD_WEIGHT_KEY.to_string(), weight.clone()));
+                tensors.push((HEAD_BIAS_KEY.to_string(), bias.clone()));
+                extra.pool = Some(*pool);
+            }
+            AdapterHead::Verbalizer { words } => extra.label_words = Some(words.clone()),
+        }
         let format = Some([("format".to_string(), "pt".to_string())].into());
         save_tensors(&dir.join(WEIGHTS_FILE), &tensors, format)?;
         write_atomic(
             &dir.join(CONFIG_FILE),
             serde_json::to_string_pretty(&self.config)?.as_bytes(),
         )?;
-        let extra = Extra {
-            labels: self.labels.clone(),
-            pool: self.pool,
-        };
         write_atomic(
             &dir.join(EXTRA_FILE),
             serde_json::to_string_pretty(&extra)?.as_bytes(),
@@ -115,12 +143,20 @@ impl Adapter {
                 config.peft_type
             );
         }
-        if let Some(task) = config.task_type.as_deref().filter(|t| *t != "SEQ_CLS") {
-            bail!("adapter {at} is for task_type {task}; classification needs a SEQ_CLS adapter");
-        }
         if let Some(dim) = config.token_dim.filter(|&d| d != hidden) {
             bail!("adapter {at} has token_dim {dim}, but the model's hidden size is {hidden}: it was trained for another model");
         }
+        let extra_path = dir.join(EXTRA_FILE);
+        let extra: Option<Extra> = if extra_path.exists() {
+            let text = std::fs::read_to_string(&extra_path)
+                .with_context(|| format!("cannot read {}", extra_path.display()))?;
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is malformed", extra_path.display()))?,
+            )
+        } else {
+            None
+        };
         let (mut tensors, _) = load_tensors(&dir.join(WEIGHTS_FILE), device)?;
         let mut take = |key: &str| {
             tensors
@@ -128,8 +164,6 @@ impl Adapter {
                 .with_context(|| format!("adapter {at}: {WEIGHTS_FILE} has no tensor '{key}'"))
         };
         let prompt = take(PROMPT_KEY)?;
-        let head_weight = take(HEAD_WEIGHT_KEY)?;
-        let head_bias = take(HEAD_BIAS_KEY)?;
         let m = config.num_virtual_tokens * config.num_transformer_submodules;
         if prompt.dims() != [m, hidden] {
             bail!(
@@ -137,39 +171,53 @@ impl Adapter {
                 prompt.dims()
             );
         }
-        let classes = head_weight.dim(0)?;
-        if head_weight.dims() != [classes, hidden] || head_bias.dims() != [classes] {
-            bail!(
-                "adapter {at}: the classifier has shapes {:?} and {:?}, expected [C, {hidden}] and [C]",
-                head_weight.dims(),
-                head_bias.dims()
-            );
-        }
-        let extra_path = dir.join(EXTRA_FILE);
-        let extra = if extra_path.exists() {
-            let text = std::fs::read_to_string(&extra_path)
-                .with_context(|| format!("cannot read {}", extra_path.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is malformed", extra_path.display()))?
-        } else {
-            Extra {
-                labels: (0..classes).map(|i| format!("LABEL_{i}")).collect(),
-                pool: Pool::Pooler,
+        let task = config.task_type.as_deref().unwrap_or("SEQ_CLS");
+        let (head, labels, template) = match (task, extra) {
+            ("SEQ_CLS", extra) => {
+                let (weight, bias) = (take(HEAD_WEIGHT_KEY)?, take(HEAD_BIAS_KEY)?);
+                let classes = weight.dim(0)?;
+                if weight.dims() != [classes, hidden] || bias.dims() != [classes] {
+                    bail!(
+                        "adapter {at}: the classifier has shapes {:?} and {:?}, expected [C, {hidden}] and [C]",
+                        weight.dims(),
+                        bias.dims()
+                    );
+                }
+                let (labels, pool, template) = match extra {
+                    Some(e) => (e.labels, e.pool.unwrap_or(Pool::Pooler), e.template),
+                    None => (
+                        (0..classes).map(|i| format!("LABEL_{i}")).collect(),
+                        Pool::Pooler,
+                        None,
+                    ),
+                };
+                if labels.len() != classes {
+                    bail!(
+                        "adapter {at}: {} label names for a classifier of {classes} classes",
+                        labels.len()
+                    );
+                }
+                (AdapterHead::Linear { weight, bias, pool }, labels, template)
             }
+            ("CAUSAL_LM", Some(Extra { labels, label_words: Some(words), template, .. })) => {
+                if words.len() != labels.len() {
+                    bail!("adapter {at}: {} label words for {} labels", words.len(), labels.len());
+                }
+                (AdapterHead::Verbalizer { words }, labels, template)
+            }
+            ("CAUSAL_LM", _) => bail!(
+                "adapter {at} is a causal-LM adapter without label words: it generates text, and softprompt cannot classify with it"
+            ),
+            (other, _) => bail!(
+                "adapter {at} is for task_type {other}; softprompt reads SEQ_CLS and CAUSAL_LM adapters"
+            ),
         };
-        if extra.labels.len() != classes {
-            bail!(
-                "adapter {at}: {} label names for a classifier of {classes} classes",
-                extra.labels.len()
-            );
-        }
         Ok(Self {
             config,
             prompt,
-            head_weight,
-            head_bias,
-            labels: extra.labels,
-            pool: extra.pool,
+            head,
+            labels,
+            template,
         })
     }
 }

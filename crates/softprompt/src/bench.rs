@@ -190,7 +190,9 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         backbone: bert,
         prompt: SoftPrompt::from_tensor(&prompt)?,
         head,
+        train_head: true,
         labels: vec!["a".into(), "b".into()],
+        template: None,
     };
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), &classifier.params())?;
     let mut step = || -> anyhow::Result<f64> {

@@ -14,7 +14,10 @@ pub struct PromptClassifier<B: Backbone> {
     pub backbone: B,
     pub prompt: SoftPrompt,
     pub head: ClassificationHead,
+    /// false for a verbalizer, whose head is the frozen LM head's
+    pub train_head: bool,
     pub labels: Vec<String>,
+    pub template: Option<String>,
 }
 
 /// A batch with the prompt in front: embeddings [B, M + N, D], mask and token types [B, M + N].
@@ -47,8 +50,12 @@ impl<B: Backbone> PromptClassifier<B> {
     }
 
     /// The trainable tensors, in the order `loss_and_grads` returns their gradients.
-    pub fn params(&self) -> [&Var; 3] {
-        [&self.prompt.embeddings, &self.head.weight, &self.head.bias]
+    pub fn params(&self) -> Vec<&Var> {
+        let mut params = vec![&self.prompt.embeddings];
+        if self.train_head {
+            params.extend([&self.head.weight, &self.head.bias]);
+        }
+        params
     }
 
     /// The mean cross-entropy of a labelled batch and the gradients of `params()`.
@@ -71,21 +78,17 @@ impl<B: Backbone> PromptClassifier<B> {
             .context("no gradient reached the hidden state")?;
         let d_embeds = self.backbone.backward(d_hidden, activations)?;
         let d_prompt = self.prompt.gradient(&d_embeds)?.to_dtype(DType::F32)?;
-        let head_grad = |v: &Var| {
-            grads
-                .get(v.as_tensor())
-                .cloned()
-                .context("no gradient reached the head")
-        };
+        let mut gradients = vec![d_prompt];
+        for v in &self.params()[1..] {
+            gradients.push(
+                grads
+                    .get(v.as_tensor())
+                    .cloned()
+                    .context("no gradient reached the head")?,
+            );
+        }
         let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok((
-            loss,
-            vec![
-                d_prompt,
-                head_grad(&self.head.weight)?,
-                head_grad(&self.head.bias)?,
-            ],
-        ))
+        Ok((loss, gradients))
     }
 
     /// The classifier as it stands, as a task for the inference path (`multitask`).
@@ -94,6 +97,7 @@ impl<B: Backbone> PromptClassifier<B> {
             prompt: self.prompt.embeddings.as_tensor().detach(),
             head: self.head.clone(),
             labels: self.labels.clone(),
+            template: self.template.clone(),
         }
     }
 

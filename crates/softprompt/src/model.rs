@@ -1,41 +1,78 @@
-//! A model directory in Hugging Face's layout: config.json, *.safetensors, tokenizer.json.
+//! A frozen model and its tokenizer: a Hugging Face directory (config.json, *.safetensors,
+//! tokenizer.json) of BERT, GPT-2 or the Llama family, or a Llama-family GGUF file.
 
-use crate::adapter::PeftConfig;
+use crate::adapter::{AdapterHead, PeftConfig};
+use crate::backbone::any::AnyBackbone;
 use crate::backbone::bert::Bert;
-use crate::backbone::Backbone;
+use crate::backbone::gpt2::Gpt2;
+use crate::backbone::llama::Llama;
+use crate::backbone::{gguf, read_config, Backbone};
 use crate::task::classify::{ClassificationHead, Pool};
+use crate::task::verbalizer;
 use crate::tokenize::TextEncoder;
-use anyhow::bail;
-use candle_core::{DType, Device};
+use anyhow::{anyhow, bail, Context};
+use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
 
 pub struct Model {
-    pub dir: PathBuf,
-    pub backbone: Bert,
-    tokenizer_file: PathBuf,
+    /// the directory or GGUF file it came from
+    pub path: PathBuf,
+    pub backbone: AnyBackbone,
+    tokenizer: Tokenizer,
+}
+
+#[derive(serde::Deserialize)]
+struct ModelType {
+    model_type: Option<String>,
 }
 
 impl Model {
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        if !dir.is_dir() {
-            bail!("model directory {} does not exist", dir.display());
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            let (llama, tokenizer) = gguf::load_llama(path, dtype, device)?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                backbone: AnyBackbone::Llama(llama),
+                tokenizer,
+            });
+        }
+        if !path.is_dir() {
+            bail!(
+                "model {} does not exist (give a model directory or a .gguf file)",
+                path.display()
+            );
         }
         let missing: Vec<&str> = ["config.json", "tokenizer.json"]
             .into_iter()
-            .filter(|f| !dir.join(f).is_file())
+            .filter(|f| !path.join(f).is_file())
             .collect();
         if !missing.is_empty() {
             bail!(
                 "model directory {} lacks {}",
-                dir.display(),
+                path.display(),
                 missing.join(" and ")
             );
         }
-        let backbone = Bert::load(dir, dtype, device)?;
+        let config = path.join("config.json");
+        let kind: ModelType = read_config(&config, "Hugging Face")?;
+        let backbone = match kind.model_type.as_deref().unwrap_or("bert") {
+            "bert" => AnyBackbone::Bert(Bert::load(path, dtype, device)?),
+            "gpt2" => AnyBackbone::Gpt2(Gpt2::load(path, dtype, device)?),
+            "llama" | "qwen2" | "mistral" => AnyBackbone::Llama(Llama::load(path, dtype, device)?),
+            other => bail!(
+                "{}: model_type {other:?} is not supported (bert, gpt2, llama, qwen2, mistral)",
+                config.display()
+            ),
+        };
+        let tokenizer_file = path.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tokenizer_file).map_err(|e| {
+            anyhow!("cannot load the tokenizer {}: {e}", tokenizer_file.display())
+        })?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            path: path.to_path_buf(),
             backbone,
-            tokenizer_file: dir.join("tokenizer.json"),
+            tokenizer,
         })
     }
 
@@ -52,8 +89,8 @@ impl Model {
                 self.backbone.max_positions()
             );
         }
-        TextEncoder::from_file(
-            &self.tokenizer_file,
+        TextEncoder::new(
+            self.tokenizer.clone(),
             max_tokens.map_or(limit, |m| m.min(limit)),
         )
     }
@@ -61,43 +98,80 @@ impl Model {
     /// The PEFT config that describes a prompt for this model.
     pub fn peft_config(
         &self,
+        task_type: &str,
         num_virtual_tokens: usize,
         init: &str,
         init_text: Option<String>,
     ) -> PeftConfig {
-        let cfg = &self.backbone.config;
+        let shape = self.backbone.shape();
+        let name = Some(self.path.display().to_string());
         PeftConfig {
             peft_type: "PROMPT_TUNING".into(),
-            task_type: Some("SEQ_CLS".into()),
+            task_type: Some(task_type.into()),
             num_virtual_tokens,
-            token_dim: Some(cfg.hidden_size),
+            token_dim: Some(self.backbone.hidden_size()),
             num_transformer_submodules: 1,
-            num_attention_heads: Some(cfg.num_attention_heads),
-            num_layers: Some(cfg.num_hidden_layers),
+            num_attention_heads: Some(shape.heads),
+            num_layers: Some(shape.layers),
             prompt_tuning_init: Some(init.into()),
             prompt_tuning_init_text: init_text,
-            tokenizer_name_or_path: Some(self.dir.display().to_string()),
-            base_model_name_or_path: Some(self.dir.display().to_string()),
+            tokenizer_name_or_path: name.clone(),
+            base_model_name_or_path: name,
             inference_mode: true,
-            modules_to_save: Some(vec!["classifier".into(), "score".into()]),
+            modules_to_save: (task_type == "SEQ_CLS")
+                .then(|| vec!["classifier".into(), "score".into()]),
             revision: None,
             auto_mapping: None,
             tokenizer_kwargs: None,
         }
     }
 
-    fn pooler_for(&self, pool: Pool) -> Option<crate::kernels::Linear> {
-        (pool == Pool::Pooler)
-            .then(|| self.backbone.pooler.clone())
-            .flatten()
-    }
-
-    pub fn head(
+    /// A linear head on this model: BERT's frozen pooler comes with `Pool::Pooler`.
+    pub fn linear_head(
         &self,
-        weight: &candle_core::Tensor,
-        bias: &candle_core::Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
         pool: Pool,
     ) -> anyhow::Result<ClassificationHead> {
-        ClassificationHead::from_tensors(weight, bias, pool, self.pooler_for(pool))
+        let pooler = (pool == Pool::Pooler)
+            .then(|| self.backbone.pooler())
+            .flatten();
+        ClassificationHead::from_tensors(weight, bias, pool, pooler)
+    }
+
+    /// The verbalizer head of `labels` spelled as `words` after `template`, from the LM head.
+    pub fn verbalizer_head(
+        &self,
+        template: &str,
+        labels: &[String],
+        words: &[String],
+    ) -> anyhow::Result<ClassificationHead> {
+        let lm_head = self.backbone.lm_head().with_context(|| {
+            format!(
+                "a verbalizer needs a language model's output layer, and {} is a {} encoder (use a GPT-2 or Llama-family model)",
+                self.path.display(),
+                self.backbone.architecture()
+            )
+        })?;
+        let tokens = verbalizer::label_tokens(&self.encoder(0, None)?, template, labels, words)?;
+        verbalizer::head(lm_head, &tokens)
+    }
+
+    /// The head an adapter describes, on this model.
+    pub fn head(
+        &self,
+        head: &AdapterHead,
+        labels: &[String],
+        template: Option<&str>,
+    ) -> anyhow::Result<ClassificationHead> {
+        match head {
+            AdapterHead::Linear { weight, bias, pool } => {
+                let device = self.backbone.word_embeddings().device();
+                self.linear_head(&weight.to_device(device)?, &bias.to_device(device)?, *pool)
+            }
+            AdapterHead::Verbalizer { words } => {
+                self.verbalizer_head(template.unwrap_or(""), labels, words)
+            }
+        }
     }
 }

@@ -21,6 +21,8 @@ pub struct Task {
     pub prompt: Tensor,
     pub head: ClassificationHead,
     pub labels: Vec<String>,
+    /// what each input is written into before tokenizing (`verbalizer::render`)
+    pub template: Option<String>,
 }
 
 impl Task {
@@ -30,19 +32,21 @@ impl Task {
             .prompt
             .to_device(table.device())?
             .to_dtype(table.dtype())?;
-        let (weight, bias) = (
-            adapter.head_weight.to_device(table.device())?,
-            adapter.head_bias.to_device(table.device())?,
-        );
         Ok(Self {
             prompt,
-            head: model.head(&weight, &bias, adapter.pool)?,
+            head: model.head(&adapter.head, &adapter.labels, adapter.template.as_deref())?,
             labels: adapter.labels.clone(),
+            template: adapter.template.clone(),
         })
     }
 
     pub fn prompt_len(&self) -> usize {
         self.prompt.dim(0).unwrap_or(0)
+    }
+
+    /// The input as this task's model reads it.
+    pub fn render(&self, text: &str) -> String {
+        crate::task::verbalizer::render(self.template.as_deref(), text)
     }
 }
 
@@ -136,6 +140,14 @@ pub fn check_members(tasks: &[&Task]) -> anyhow::Result<()> {
             "ensemble members disagree on the labels: {:?} vs {:?}",
             labels,
             odd.labels
+        );
+    }
+    // the members read one encoding of each input
+    if let Some(odd) = tasks.iter().find(|t| t.template != tasks[0].template) {
+        bail!(
+            "ensemble members write their inputs into different templates: {:?} vs {:?}",
+            tasks[0].template,
+            odd.template
         );
     }
     Ok(())

@@ -19,8 +19,13 @@ impl TextEncoder {
     /// Loads `tokenizer.json` and makes every encoding at most `max_tokens` long. The file's own
     /// padding is turned off (some ship with fixed-length padding): batches pad themselves.
     pub fn from_file(path: &Path, max_tokens: usize) -> anyhow::Result<Self> {
-        let mut tokenizer = Tokenizer::from_file(path)
+        let tokenizer = Tokenizer::from_file(path)
             .map_err(|e| anyhow!("cannot load the tokenizer {}: {e}", path.display()))?;
+        Self::new(tokenizer, max_tokens)
+    }
+
+    /// `from_file` for a tokenizer already in memory (a GGUF file's).
+    pub fn new(mut tokenizer: Tokenizer, max_tokens: usize) -> anyhow::Result<Self> {
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {

@@ -1,8 +1,8 @@
 //! The training loop, top to bottom: set the learning rate, forward and backward, clip, step, log;
 //! every `eval_every` steps evaluate on dev, keep the best adapter, checkpoint, maybe stop early.
 
-use crate::adapter::Adapter;
-use crate::backbone::bert::Bert;
+use crate::adapter::{Adapter, AdapterHead};
+use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
 use crate::batch::{epoch_batches, Batch};
 use crate::classifier::{argmax, softmax, PromptClassifier};
@@ -13,6 +13,8 @@ use crate::model::Model;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig, OptimizerKind, Schedule};
 use crate::prompt::{InitSource, PromptInit, SoftPrompt};
 use crate::task::classify::{ClassificationHead, Pool};
+use crate::task::verbalizer::{check_template, render};
+use crate::task::TaskKind;
 use crate::tokenize::{encode_all, Encoded, TextEncoder};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
@@ -27,6 +29,11 @@ use std::time::Instant;
 /// Everything that decides what a run computes. Stored in the checkpoint: a resumed run must use the same.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
+    pub task: TaskKind,
+    /// the text each input is written into, `{text}` marking where (a verbalizer needs one)
+    pub template: Option<String>,
+    /// verbalizer: one word per label, in the labels' sorted order; default the labels themselves
+    pub label_words: Option<Vec<String>>,
     pub num_virtual_tokens: usize,
     pub init: PromptInit,
     pub init_text: Option<String>,
@@ -56,6 +63,9 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
+            task: TaskKind::Classify,
+            template: None,
+            label_words: None,
             num_virtual_tokens: 20,
             init: PromptInit::Vocab,
             init_text: None,
@@ -106,7 +116,18 @@ impl TrainConfig {
         if self.max_grad_norm.is_some_and(|n| n <= 0.0) {
             bail!("--max-grad-norm must be positive");
         }
-        Ok(())
+        if let Some(template) = &self.template {
+            check_template(template)?;
+        }
+        match self.task {
+            TaskKind::Verbalizer if self.template.is_none() => bail!(
+                "--task verbalizer needs --template, e.g. \"Review: {{text}}\\nSentiment:\" (the label word comes next)"
+            ),
+            TaskKind::Classify if self.label_words.is_some() => {
+                bail!("--label-words is for --task verbalizer")
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn lr(&self) -> f64 {
@@ -155,6 +176,8 @@ pub struct Summary {
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
+/// checkpoint names of `PromptClassifier::params()`, in order (a verbalizer has the first only)
+const PARAM_NAMES: [&str; 3] = ["prompt", "head.weight", "head.bias"];
 const METRICS: &str = "metrics.jsonl";
 
 /// Where the loop stands: what a checkpoint stores besides tensors.
@@ -182,8 +205,12 @@ fn load_set(
     columns: &Columns,
     label_names: Option<&[String]>,
     encoder: &TextEncoder,
+    template: Option<&str>,
 ) -> anyhow::Result<(LabelledSet, Vec<String>)> {
-    let examples = read_examples(path, columns, Labels::Required)?;
+    let mut examples = read_examples(path, columns, Labels::Required)?;
+    for e in &mut examples {
+        e.text = render(template, &e.text);
+    }
     let names = match label_names {
         Some(n) => n.to_vec(),
         None => label_set(&examples),
@@ -239,7 +266,9 @@ pub fn train(
     let model = Model::load(&paths.model, DType::F32, device)?;
     let m = config.num_virtual_tokens;
     let encoder = model.encoder(m, config.max_tokens)?;
-    let (train_set, label_names) = load_set(&paths.train, &paths.columns, None, &encoder)?;
+    let template = config.template.as_deref();
+    let (train_set, label_names) =
+        load_set(&paths.train, &paths.columns, None, &encoder, template)?;
     if label_names.len() < 2 {
         bail!(
             "{}: training needs at least two different labels, found {:?}",
@@ -248,14 +277,29 @@ pub fn train(
         );
     }
     let dev_set = match &paths.dev {
-        Some(dev) => Some(load_set(dev, &paths.columns, Some(&label_names), &encoder)?.0),
+        Some(dev) => Some(
+            load_set(
+                dev,
+                &paths.columns,
+                Some(&label_names),
+                &encoder,
+                template,
+            )?
+            .0,
+        ),
         None => None,
     };
 
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let label_token_ids = label_names
+    let label_words = config.label_words.clone().unwrap_or_else(|| {
+        label_names
+            .iter()
+            .map(|l| l.replace(['_', '-'], " "))
+            .collect()
+    });
+    let label_token_ids = label_words
         .iter()
-        .map(|l| encoder.plain_ids(&l.replace(['_', '-'], " ")))
+        .map(|w| encoder.plain_ids(w))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let text_ids = match &config.init_text {
         Some(t) => encoder.plain_ids(t)?,
@@ -270,19 +314,24 @@ pub fn train(
     };
     let prompt = SoftPrompt::init(config.init, m, &source, &mut rng)?;
     let d = model.backbone.hidden_size();
-    let pooler = if config.pool == Pool::Pooler {
-        model.backbone.pooler.clone()
-    } else {
-        None
+    let (head, task_type) = match config.task {
+        TaskKind::Classify => {
+            let head = ClassificationHead::init(label_names.len(), d, config.pool, None, &mut rng, device)?;
+            (model.linear_head(head.weight.as_tensor(), head.bias.as_tensor(), config.pool)?, "SEQ_CLS")
+        }
+        TaskKind::Verbalizer => (
+            model.verbalizer_head(template.unwrap_or_default(), &label_names, &label_words)?,
+            "CAUSAL_LM",
+        ),
     };
-    let head =
-        ClassificationHead::init(label_names.len(), d, config.pool, pooler, &mut rng, device)?;
-    let peft = model.peft_config(m, config.init.peft_name(), config.init_text.clone());
+    let peft = model.peft_config(task_type, m, config.init.peft_name(), config.init_text.clone());
     let classifier = PromptClassifier {
         backbone: model.backbone,
         prompt,
         head,
+        train_head: config.task == TaskKind::Classify,
         labels: label_names,
+        template: config.template.clone(),
     };
     let mut optimizer = Optimizer::new(
         OptimizerConfig {
@@ -323,14 +372,23 @@ pub fn train(
         resumed_at: progress.step,
         train_examples: lengths.len(),
     });
-    let save_adapter = |c: &PromptClassifier<Bert>| -> anyhow::Result<()> {
+    let save_adapter = |c: &PromptClassifier<AnyBackbone>| -> anyhow::Result<()> {
+        let head = match config.task {
+            TaskKind::Classify => AdapterHead::Linear {
+                weight: c.head.weight.as_tensor().clone(),
+                bias: c.head.bias.as_tensor().clone(),
+                pool: c.head.pool,
+            },
+            TaskKind::Verbalizer => AdapterHead::Verbalizer {
+                words: label_words.clone(),
+            },
+        };
         Adapter {
             config: peft.clone(),
             prompt: c.prompt.embeddings.as_tensor().to_dtype(DType::F32)?,
-            head_weight: c.head.weight.as_tensor().clone(),
-            head_bias: c.head.bias.as_tensor().clone(),
+            head,
             labels: c.labels.clone(),
-            pool: c.head.pool,
+            template: c.template.clone(),
         }
         .save(&paths.output)
     };
@@ -429,16 +487,15 @@ pub fn train(
 fn save_checkpoint(
     path: &Path,
     config: &TrainConfig,
-    classifier: &PromptClassifier<Bert>,
+    classifier: &PromptClassifier<AnyBackbone>,
     optimizer: &Optimizer,
     progress: &Progress,
 ) -> anyhow::Result<()> {
-    let [p, w, b] = classifier.params();
-    let mut tensors = vec![
-        ("prompt".to_string(), p.as_tensor().clone()),
-        ("head.weight".to_string(), w.as_tensor().clone()),
-        ("head.bias".to_string(), b.as_tensor().clone()),
-    ];
+    let mut tensors: Vec<(String, Tensor)> = PARAM_NAMES
+        .iter()
+        .zip(classifier.params())
+        .map(|(name, var)| (name.to_string(), var.as_tensor().clone()))
+        .collect();
     tensors.extend(optimizer.state().0);
     let metadata = HashMap::from([
         ("config".to_string(), serde_json::to_string(config)?),
@@ -450,7 +507,7 @@ fn save_checkpoint(
 fn load_checkpoint(
     path: &Path,
     config: &TrainConfig,
-    classifier: &PromptClassifier<Bert>,
+    classifier: &PromptClassifier<AnyBackbone>,
     optimizer: &mut Optimizer,
     device: &Device,
 ) -> anyhow::Result<Progress> {
@@ -469,9 +526,7 @@ fn load_checkpoint(
         );
     }
     let progress: Progress = serde_json::from_str(field("progress")?)?;
-    for (name, var) in ["prompt", "head.weight", "head.bias"]
-        .into_iter()
-        .zip(classifier.params())
+    for (name, var) in PARAM_NAMES.into_iter().zip(classifier.params())
     {
         let t: &Tensor = tensors
             .get(name)

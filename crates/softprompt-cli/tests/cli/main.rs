@@ -416,6 +416,23 @@ fn bad_input_gets_a_clear_error() {
         &train_args(&model, &train, &dev, &out, &["--pool", "avg"]),
         &["unknown value 'avg'", "first, pooler, cls, mean"],
     );
+    let verbalizer = |extra: &[&'static str]| {
+        let mut args = vec!["--task", "verbalizer"];
+        args.extend_from_slice(extra);
+        args
+    };
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &verbalizer(&[])),
+        &["--task verbalizer needs --template"],
+    );
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &verbalizer(&["--template", "Review:"])),
+        &["has no {text}"],
+    );
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &verbalizer(&["--template", "{text} is"])),
+        &["needs a language model's output layer", "bert encoder"],
+    );
 
     // model directories: missing files, weights that do not match config.json
     let no_tokenizer = dir.join("no-tokenizer");
@@ -444,7 +461,7 @@ fn bad_input_gets_a_clear_error() {
     );
     fails_with(
         &train_args("/nonexistent/model", &train, &dev, &out, &[]),
-        &["model directory /nonexistent/model does not exist"],
+        &["model /nonexistent/model does not exist"],
     );
 
     // an existing adapter is never overwritten by a new run
@@ -552,4 +569,88 @@ fn bad_input_gets_a_clear_error() {
         &["predict", "--model", &model, "--adapter", &good, "  "],
         &["text 1 is empty"],
     );
+}
+
+/// A tiny GPT-2 with the tiny BERT's tokenizer: a decoder that runs without assets.
+fn tiny_decoder(dir: &Path) -> String {
+    let model = dir.join("tiny-decoder");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("tiny-gpt2").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(tiny_model().join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    model.display().to_string()
+}
+
+#[test]
+fn verbalizer_trains_only_the_prompt_of_a_decoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_decoder(dir);
+    let out = dir.join("verbalizer").display().to_string();
+    let task = [
+        "--task",
+        "verbalizer",
+        "--template",
+        "{text} it was",
+        "--label-words",
+        "bad,good",
+        "--num-virtual-tokens",
+        "4",
+    ];
+    let mut args = task.to_vec();
+    args.extend(["--max-steps", "4"]);
+    ok(&train_args(&model, &train, &dev, &out, &args));
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("verbalizer/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    let extra: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("verbalizer/softprompt.json")).unwrap())
+            .unwrap();
+    assert_eq!(extra["label_words"], serde_json::json!(["bad", "good"]));
+    assert_eq!(extra["template"], "{text} it was");
+    let (tensors, _) = softprompt::fsutil::load_tensors(
+        &dir.join("verbalizer/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let names: Vec<&String> = tensors.keys().collect();
+    assert_eq!(names, ["prompt_embeddings"], "a verbalizer stores the prompt only");
+
+    // the adapter reads its template and words back: eval and predict agree
+    let eval: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval", "--model", &model, "--adapter", &out, "--data", &dev, "--json",
+    ]))
+    .unwrap();
+    let accuracy = eval["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy));
+    let zero_shot: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        &model,
+        "--zero-shot",
+        "--template",
+        "{text} it was",
+        "--label-words",
+        "bad,good",
+        "--data",
+        &dev,
+        "--json",
+    ]))
+    .unwrap();
+    assert!(zero_shot["accuracy"].as_f64().is_some());
+
+    // label words the LM head cannot score
+    let bad_words = |words: &'static str, expected: &[&str]| {
+        let mut args = vec!["--task", "verbalizer", "--template", "{text} it was", "--label-words", words];
+        args.extend(["--max-steps", "1"]);
+        let out = dir.join("never").display().to_string();
+        fails_with(&train_args(&model, &train, &dev, &out, &args), expected);
+    };
+    bad_words("good,good", &["both start with the token", "differ in their first token"]);
+    bad_words("bad, ", &["tokenizes to nothing"]);
+    bad_words("bad", &["1 label words for 2 labels"]);
 }

@@ -252,9 +252,14 @@ impl Llama {
         })
     }
 
-    /// hidden [.., D] → next-token logits [.., V] through the (tied or own) LM head.
+    /// [V, D]: the checkpoint's own LM head, or the embeddings it is tied to.
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// hidden [.., D] → next-token logits [.., V].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        hidden.broadcast_matmul(&self.lm_head.as_ref().unwrap_or(&self.embed_tokens).t()?)
+        hidden.broadcast_matmul(&self.lm_head().t()?)
     }
 
     fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {

@@ -1,6 +1,7 @@
 //! Frozen backbones: a forward from input embeddings that keeps what its backward needs, and an
 //! explicit backward that returns only ∂L/∂(input embeddings). See ../shared/DESIGN.md, decision 2.
 
+pub mod any;
 pub mod bert;
 pub mod gguf;
 pub mod gpt2;

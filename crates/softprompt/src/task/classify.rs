@@ -24,8 +24,10 @@ pub enum Pool {
     Cls,
     /// The mean over the real tokens (prompt and padding left out).
     Mean,
+    /// The last real token: what a decoder has read everything before (padding is on the right).
+    Last,
 }
-named_choice!(Pool, "first", "pooler", "cls", "mean");
+named_choice!(Pool, "first", "pooler", "cls", "mean", "last");
 
 /// A linear layer on the pooled vector: `weight` [C, D], `bias` [C] (PEFT's `classifier`).
 #[derive(Clone)]
@@ -97,6 +99,17 @@ impl ClassificationHead {
                     .broadcast_mul(&real)?
                     .sum(1)?;
                 sum.broadcast_div(&real.sum(1)?)
+            }
+            Pool::Last => {
+                let (b, s, d) = hidden.dims3()?;
+                let lengths = mask.to_dtype(DType::F32)?.sum(1)?.to_vec1::<f32>()?;
+                let rows: Vec<u32> = lengths
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| (i * s + (n as usize).max(1) - 1) as u32)
+                    .collect();
+                let rows = Tensor::from_vec(rows, b, hidden.device())?;
+                hidden.reshape((b * s, d))?.index_select(&rows, 0)
             }
         }
     }

@@ -2,6 +2,7 @@
 //! and the prompt gradient through backbone, pooling, head and loss.
 
 use candle_core::{DType, Device, Tensor};
+use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::bert::{Bert, BertConfig};
 use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
@@ -15,6 +16,7 @@ use softprompt::kernels::{
 };
 use softprompt::prompt::SoftPrompt;
 use softprompt::task::classify::{ClassificationHead, Pool};
+use softprompt::task::verbalizer;
 use softprompt::tokenize::Encoded;
 
 const DEV: Device = Device::Cpu;
@@ -357,7 +359,7 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
     let labels = [0u32, 1, 1];
     let batch = Batch::new(&data, Some(&labels), &[0, 1, 2], &DEV).unwrap();
     let prompt = randn(&[3, 16], 7);
-    for pool in [Pool::First, Pool::Pooler, Pool::Cls, Pool::Mean] {
+    for pool in [Pool::First, Pool::Pooler, Pool::Cls, Pool::Mean, Pool::Last] {
         let make = |p: &Tensor| {
             let bert = tiny_bert(DType::F64);
             let pooler = bert.pooler.clone();
@@ -372,7 +374,9 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
                 backbone: bert,
                 prompt: SoftPrompt::from_tensor(p).unwrap(),
                 head,
+                train_head: true,
                 labels: vec!["a".into(), "b".into()],
+                template: None,
             }
         };
         let (_, grads) = make(&prompt).loss_and_grads(&batch).unwrap();
@@ -383,6 +387,67 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
             loss,
             &format!("prompt gradient, pool {pool}"),
         );
+    }
+}
+
+/// The verbalizer on both decoders: the prompt gradient through the frozen LM head's label rows,
+/// read at each row's last real token of a right-padded batch; and a padded row scores as alone.
+#[test]
+fn verbalizer_prompt_gradient_matches_finite_differences() {
+    let data = vec![
+        Encoded {
+            ids: vec![5, 20, 9, 3],
+            type_ids: vec![0; 4],
+        },
+        Encoded {
+            ids: vec![30, 3],
+            type_ids: vec![0; 2],
+        },
+    ];
+    let labels = [1u32, 0];
+    let batch = Batch::new(&data, Some(&labels), &[0, 1], &DEV).unwrap();
+    let prompt = randn(&[3, 16], 7);
+    let decoders: [(&str, fn() -> AnyBackbone); 2] = [
+        ("gpt2", || {
+            AnyBackbone::Gpt2(
+                Gpt2::load(&crate::fixtures().join("tiny-gpt2"), DType::F64, &DEV).unwrap(),
+            )
+        }),
+        ("llama", || {
+            AnyBackbone::Llama(
+                Llama::load(&crate::fixtures().join("tiny-llama"), DType::F64, &DEV).unwrap(),
+            )
+        }),
+    ];
+    for (name, load) in decoders {
+        let make = |p: &Tensor| {
+            let backbone = load();
+            let head = verbalizer::head(backbone.lm_head().unwrap(), &[11, 17]).unwrap();
+            PromptClassifier {
+                backbone,
+                prompt: SoftPrompt::from_tensor(p).unwrap(),
+                head,
+                train_head: false,
+                labels: vec!["a".into(), "b".into()],
+                template: None,
+            }
+        };
+        let classifier = make(&prompt);
+        assert_eq!(classifier.params().len(), 1, "a verbalizer trains the prompt only");
+        let (_, grads) = classifier.loss_and_grads(&batch).unwrap();
+        let loss = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
+        check(
+            &prompt,
+            &grads[0].to_dtype(DType::F64).unwrap(),
+            loss,
+            &format!("verbalizer prompt gradient, {name}"),
+        );
+        // the short row, padded in `batch`, against itself alone: same logits
+        let padded = classifier.predict_all(&data, 2, &DEV).unwrap();
+        let single = classifier.predict_all(&data[1..], 1, &DEV).unwrap();
+        for (a, b) in padded[1].iter().zip(&single[0]) {
+            assert!((a - b).abs() < 1e-6, "{name}: padded {:?} vs alone {:?}", padded[1], single[0]);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use crate::fixtures;
 use candle_core::{DType, Device, Tensor};
-use softprompt::adapter::Adapter;
+use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::model::Model;
 use softprompt::multitask::{classify_rows, ensemble, Task};
 use softprompt::task::classify::Pool;
@@ -16,10 +16,12 @@ fn adapter(m: usize, classes: usize, pool: Pool) -> Adapter {
     let dev = Device::Cpu;
     let mut base = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &dev).unwrap();
     base.prompt = Tensor::randn(0f32, 1.0, (m, 16), &dev).unwrap();
-    base.head_weight = Tensor::randn(0f32, 0.5, (classes, 16), &dev).unwrap();
-    base.head_bias = Tensor::randn(0f32, 0.5, classes, &dev).unwrap();
+    base.head = AdapterHead::Linear {
+        weight: Tensor::randn(0f32, 0.5, (classes, 16), &dev).unwrap(),
+        bias: Tensor::randn(0f32, 0.5, classes, &dev).unwrap(),
+        pool,
+    };
     base.labels = (0..classes).map(|i| format!("c{i}")).collect();
-    base.pool = pool;
     base.config.num_virtual_tokens = m;
     base
 }

@@ -2,7 +2,7 @@
 
 use crate::{fixtures, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
-use softprompt::adapter::Adapter;
+use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::backbone::Backbone;
 use softprompt::fsutil::load_tensors;
 use softprompt::model::Model;
@@ -18,9 +18,8 @@ fn peft_written_adapter_gives_peft_logits() {
         &Device::Cpu,
     )
     .unwrap();
-    assert_eq!(
-        adapter.pool,
-        Pool::Pooler,
+    assert!(
+        matches!(adapter.head, AdapterHead::Linear { pool: Pool::Pooler, .. }),
         "a PEFT adapter reads BertForSequenceClassification's pooler"
     );
     assert_eq!(adapter.labels, ["LABEL_0", "LABEL_1"]);

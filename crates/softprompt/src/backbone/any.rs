@@ -1,0 +1,125 @@
+//! One type for whichever architecture a model directory or GGUF file holds, so that training,
+//! inference and the server are written once. Each call dispatches to the architecture's own file.
+
+use super::bert::{Bert, BertActivations};
+use super::gpt2::{Gpt2, Gpt2Activations};
+use super::llama::{Llama, LlamaActivations};
+use super::{Backbone, EncoderInput};
+use crate::kernels::Linear;
+use candle_core::{Result, Tensor};
+
+pub enum AnyBackbone {
+    Bert(Bert),
+    Gpt2(Gpt2),
+    Llama(Llama),
+}
+
+pub enum AnyActivations {
+    Bert(BertActivations),
+    Gpt2(Gpt2Activations),
+    Llama(LlamaActivations),
+}
+
+/// `$body` with `$b` bound to the backbone inside, whatever its architecture.
+macro_rules! each {
+    ($self:expr, $b:ident => $body:expr) => {
+        match $self {
+            AnyBackbone::Bert($b) => $body,
+            AnyBackbone::Gpt2($b) => $body,
+            AnyBackbone::Llama($b) => $body,
+        }
+    };
+}
+
+/// What PEFT's adapter_config.json records of a model's shape.
+pub struct Shape {
+    pub layers: usize,
+    pub heads: usize,
+}
+
+impl AnyBackbone {
+    pub fn architecture(&self) -> &'static str {
+        match self {
+            Self::Bert(_) => "bert",
+            Self::Gpt2(_) => "gpt2",
+            Self::Llama(_) => "llama",
+        }
+    }
+
+    pub fn shape(&self) -> Shape {
+        match self {
+            Self::Bert(b) => Shape {
+                layers: b.config.num_hidden_layers,
+                heads: b.config.num_attention_heads,
+            },
+            Self::Gpt2(b) => Shape {
+                layers: b.config.n_layer,
+                heads: b.config.n_head,
+            },
+            Self::Llama(b) => Shape {
+                layers: b.config.num_hidden_layers,
+                heads: b.config.num_attention_heads,
+            },
+        }
+    }
+
+    /// BERT's `pooler.dense`, when the checkpoint has one.
+    pub fn pooler(&self) -> Option<Linear> {
+        match self {
+            Self::Bert(b) => b.pooler.clone(),
+            _ => None,
+        }
+    }
+
+    /// [V, D]: the next-token output layer of a decoder (its own or tied to the embeddings);
+    /// `None` for an encoder, which has none.
+    pub fn lm_head(&self) -> Option<&Tensor> {
+        match self {
+            Self::Bert(_) => None,
+            Self::Gpt2(b) => Some(b.word_embeddings()),
+            Self::Llama(b) => Some(b.lm_head()),
+        }
+    }
+}
+
+impl Backbone for AnyBackbone {
+    type Activations = AnyActivations;
+
+    fn hidden_size(&self) -> usize {
+        each!(self, b => b.hidden_size())
+    }
+
+    fn max_positions(&self) -> usize {
+        each!(self, b => b.max_positions())
+    }
+
+    fn word_embeddings(&self) -> &Tensor {
+        each!(self, b => b.word_embeddings())
+    }
+
+    fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<AnyActivations>)> {
+        Ok(match self {
+            Self::Bert(b) => {
+                let (h, a) = b.run(input, keep)?;
+                (h, a.map(AnyActivations::Bert))
+            }
+            Self::Gpt2(b) => {
+                let (h, a) = b.run(input, keep)?;
+                (h, a.map(AnyActivations::Gpt2))
+            }
+            Self::Llama(b) => {
+                let (h, a) = b.run(input, keep)?;
+                (h, a.map(AnyActivations::Llama))
+            }
+        })
+    }
+
+    fn backward(&self, d_hidden: &Tensor, activations: AnyActivations) -> Result<Tensor> {
+        match (self, activations) {
+            (Self::Bert(b), AnyActivations::Bert(a)) => b.backward(d_hidden, a),
+            (Self::Gpt2(b), AnyActivations::Gpt2(a)) => b.backward(d_hidden, a),
+            (Self::Llama(b), AnyActivations::Llama(a)) => b.backward(d_hidden, a),
+            _ => candle_core::bail!("activations of another architecture"),
+        }
+    }
+}
