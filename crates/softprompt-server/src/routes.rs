@@ -192,7 +192,7 @@ async fn openapi() -> impl IntoResponse {
 
 fn describe(name: &str, task: &Task) -> Value {
     json!({"name": name, "labels": task.labels, "num_virtual_tokens": task.prompt_len(),
-           "pool": task.head.pool.to_string()})
+           "pool": task.head.pool.to_string(), "template": task.template})
 }
 
 async fn list_adapters(State(state): State<AppState>) -> Json<Value> {
@@ -294,7 +294,7 @@ async fn classify(
         let (encoded, truncated) = state
             .registry
             .encoder
-            .encode_noting_truncation(text, None)
+            .encode_noting_truncation(&members[0].render(text), None)
             .map_err(|e| unprocessable(format!("input {i}: {e:#}")))?;
         if truncated && state.config.overlong == Overlong::Reject {
             return Err(unprocessable(format!(

@@ -20,21 +20,35 @@ pub struct Model {
     pub path: PathBuf,
     pub backbone: AnyBackbone,
     tokenizer: Tokenizer,
+    /// tokens that end a generation
+    pub eos_token_ids: Vec<u32>,
 }
 
+/// What config.json (or generation_config.json) says beyond the architecture's own fields.
 #[derive(serde::Deserialize)]
 struct ModelType {
     model_type: Option<String>,
+    /// one id or a list
+    eos_token_id: Option<serde_json::Value>,
+}
+
+fn ids(value: Option<&serde_json::Value>) -> Vec<u32> {
+    match value {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect(),
+        _ => Vec::new(),
+    }
 }
 
 impl Model {
     pub fn load(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-            let (llama, tokenizer) = gguf::load_llama(path, dtype, device)?;
+            let gguf = gguf::load_llama(path, dtype, device)?;
             return Ok(Self {
                 path: path.to_path_buf(),
-                backbone: AnyBackbone::Llama(llama),
-                tokenizer,
+                backbone: AnyBackbone::Llama(gguf.llama),
+                tokenizer: gguf.tokenizer,
+                eos_token_ids: gguf.eos_token_id.into_iter().collect(),
             });
         }
         if !path.is_dir() {
@@ -69,10 +83,17 @@ impl Model {
         let tokenizer = Tokenizer::from_file(&tokenizer_file).map_err(|e| {
             anyhow!("cannot load the tokenizer {}: {e}", tokenizer_file.display())
         })?;
+        let generation = path.join("generation_config.json");
+        let mut eos_token_ids = ids(kind.eos_token_id.as_ref());
+        if eos_token_ids.is_empty() && generation.is_file() {
+            let generation: ModelType = read_config(&generation, "generation")?;
+            eos_token_ids = ids(generation.eos_token_id.as_ref());
+        }
         Ok(Self {
             path: path.to_path_buf(),
             backbone,
             tokenizer,
+            eos_token_ids,
         })
     }
 

@@ -93,6 +93,13 @@ impl TextEncoder {
         ids
     }
 
+    /// Ids → text, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow!("cannot decode {ids:?}: {e}"))
+    }
+
     pub fn token(&self, id: u32) -> Option<String> {
         self.tokenizer.id_to_token(id)
     }

@@ -4,7 +4,7 @@
 use super::bert::{Bert, BertActivations};
 use super::gpt2::{Gpt2, Gpt2Activations};
 use super::llama::{Llama, LlamaActivations};
-use super::{Backbone, EncoderInput};
+use super::{Backbone, Decoder, EncoderInput};
 use crate::kernels::Linear;
 use candle_core::{Result, Tensor};
 
@@ -71,14 +71,18 @@ impl AnyBackbone {
         }
     }
 
-    /// [V, D]: the next-token output layer of a decoder (its own or tied to the embeddings);
-    /// `None` for an encoder, which has none.
-    pub fn lm_head(&self) -> Option<&Tensor> {
+    /// The decoder inside, for generation and the LM head; `None` for an encoder.
+    pub fn decoder(&self) -> Option<&dyn Decoder> {
         match self {
             Self::Bert(_) => None,
-            Self::Gpt2(b) => Some(b.word_embeddings()),
-            Self::Llama(b) => Some(b.lm_head()),
+            Self::Gpt2(b) => Some(b),
+            Self::Llama(b) => Some(b),
         }
+    }
+
+    /// [V, D]: the next-token output layer of a decoder; `None` for an encoder, which has none.
+    pub fn lm_head(&self) -> Option<&Tensor> {
+        self.decoder().map(|d| d.lm_head())
     }
 }
 

@@ -13,11 +13,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
-pub fn load_llama(
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-) -> anyhow::Result<(Llama, Tokenizer)> {
+/// What a GGUF file holds: the model, its tokenizer, and the token that ends a generation.
+pub struct GgufLlama {
+    pub llama: Llama,
+    pub tokenizer: Tokenizer,
+    pub eos_token_id: Option<u32>,
+}
+
+pub fn load_llama(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<GgufLlama> {
     let at = path.display();
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {at}"))?;
     let content = Content::read(&mut file).with_context(|| format!("{at} is not a GGUF file"))?;
@@ -102,11 +105,16 @@ pub fn load_llama(
     }
     let llama = Llama::from_var_builder(VarBuilder::from_tensors(tensors, dtype, device), config)
         .with_context(|| format!("{at}: the tensors do not fit its metadata"))?;
-    Ok((
+    let eos_token_id = content
+        .metadata
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.to_u32().ok());
+    Ok(GgufLlama {
         llama,
-        tokenizer(&content, tokens)
+        tokenizer: tokenizer(&content, tokens)
             .with_context(|| format!("{at}: cannot rebuild the tokenizer"))?,
-    ))
+        eos_token_id,
+    })
 }
 
 /// Undoes llama.cpp's q/k row permutation: rows (heads, K/2, 2) back to (heads, 2, K/2).

@@ -2,10 +2,10 @@
 //! `transformer.` prefix of GPT2LMHeadModel checkpoints is accepted too. GPT-2 stores its projections
 //! as Conv1D, weight [IN, OUT]: they are transposed once at load into Linear's [OUT, IN].
 
-use super::{Backbone, EncoderInput};
+use super::{Backbone, Decoder, EncoderInput, KvCache};
 use crate::kernels::{
-    attention_backward, attention_forward, gelu_tanh_backward, gelu_tanh_forward, mask_bias,
-    AttentionShape, LayerNorm, LayerNormSaved, Linear,
+    attention_backward, attention_forward, cached_attention, gelu_tanh_backward,
+    gelu_tanh_forward, heads_of, mask_bias, AttentionShape, LayerNorm, LayerNormSaved, Linear,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -282,5 +282,44 @@ impl Backbone for Gpt2 {
             dx = block.backward(&dx, saved, attention)?;
         }
         dx.reshape(activations.shape)
+    }
+}
+
+impl Decoder for Gpt2 {
+    fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let n = embeds.dim(0)?;
+        let start = cache.len();
+        if start + n > self.config.n_positions {
+            candle_core::bail!(
+                "GPT-2 reads at most {} positions; {} asked",
+                self.config.n_positions,
+                start + n
+            );
+        }
+        let (h, k) = (self.config.n_head, self.config.n_embd / self.config.n_head);
+        let mut x = embeds.broadcast_add(&self.wpe.narrow(0, start, n)?)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (a_in, _) = block.ln_1.forward(&x)?;
+            let qkv = block.c_attn.forward(&a_in)?;
+            let (keys, values) = cache.append(
+                i,
+                heads_of(&qkv, h, h, k)?,
+                heads_of(&qkv, 2 * h, h, k)?,
+            )?;
+            let context = cached_attention(&heads_of(&qkv, 0, h, k)?, &keys, &values, start)?;
+            let x1 = (&x + block.attn_proj.forward(&context)?)?;
+            let (m_in, _) = block.ln_2.forward(&x1)?;
+            let m = block
+                .mlp_proj
+                .forward(&gelu_tanh_forward(&block.c_fc.forward(&m_in)?)?)?;
+            x = (&x1 + m)?;
+        }
+        cache.len += n;
+        Ok(self.ln_f.forward(&x)?.0)
+    }
+
+    /// Tied to the token embeddings.
+    fn lm_head(&self) -> &Tensor {
+        &self.wte
     }
 }

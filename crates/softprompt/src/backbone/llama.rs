@@ -3,10 +3,10 @@
 //! accepted too. Pre-norm blocks: RMSNorm, attention with rotary positions and grouped-query heads,
 //! RMSNorm, SiLU-gated MLP.
 
-use super::{Backbone, EncoderInput};
+use super::{Backbone, Decoder, EncoderInput, KvCache};
 use crate::kernels::{
-    attention_backward, attention_forward, mask_bias, AttentionShape, GatedMlp, GatedMlpSaved,
-    Linear, RmsNorm, Rope,
+    attention_backward, attention_forward, cached_attention, heads_of, mask_bias,
+    AttentionShape, GatedMlp, GatedMlpSaved, Linear, RmsNorm, Rope,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -252,11 +252,6 @@ impl Llama {
         })
     }
 
-    /// [V, D]: the checkpoint's own LM head, or the embeddings it is tied to.
-    pub fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
-    }
-
     /// hidden [.., D] → next-token logits [.., V].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         hidden.broadcast_matmul(&self.lm_head().t()?)
@@ -387,5 +382,38 @@ impl Backbone for Llama {
             dx = (&dx1 + layer.input_layernorm.backward(&d_norm1, &saved.x)?)?;
         }
         dx.reshape(activations.shape)
+    }
+}
+
+impl Decoder for Llama {
+    fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let n = embeds.dim(0)?;
+        let start = cache.len();
+        let (k, hq, hk) = (
+            self.config.head_dim(),
+            self.config.num_attention_heads,
+            self.config.kv_heads(),
+        );
+        let rotate = |x: Tensor| self.rope.forward(&x.unsqueeze(0)?, start)?.squeeze(0);
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let qkv = layer.qkv.forward(&layer.input_layernorm.forward(&x)?)?;
+            let q = rotate(heads_of(&qkv, 0, hq, k)?)?;
+            let new_keys = rotate(heads_of(&qkv, hq, hk, k)?)?;
+            let (keys, values) = cache.append(i, new_keys, heads_of(&qkv, hq + hk, hk, k)?)?;
+            let context = cached_attention(&q, &keys, &values, start)?;
+            let x1 = (&x + layer.o_proj.forward(&context)?)?;
+            let (m, _) = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x1)?)?;
+            x = (&x1 + m)?;
+        }
+        cache.len += n;
+        self.norm.forward(&x)
+    }
+
+    /// The checkpoint's own LM head, or the embeddings it is tied to.
+    fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 }

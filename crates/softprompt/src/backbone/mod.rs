@@ -56,6 +56,45 @@ pub trait Backbone {
     fn backward(&self, d_hidden: &Tensor, activations: Self::Activations) -> Result<Tensor>;
 }
 
+/// The keys and values of every position a decoder has read, per layer, each [Hkv, T, K] (keys
+/// after RoPE). Cloning is cheap (tensors are shared): a prefix cache is cloned per request.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions read so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds N new positions' keys and values [Hkv, N, K] to `layer` → all of that layer's so far.
+    fn append(&mut self, layer: usize, keys: Tensor, values: Tensor) -> Result<(Tensor, Tensor)> {
+        if layer == self.layers.len() {
+            self.layers.push((keys, values));
+        } else {
+            let (k, v) = &self.layers[layer];
+            self.layers[layer] = (Tensor::cat(&[k, &keys], 1)?, Tensor::cat(&[v, &values], 1)?);
+        }
+        Ok(self.layers[layer].clone())
+    }
+}
+
+/// A backbone that writes text: it reads new positions on top of a cache and predicts the next token.
+pub trait Decoder {
+    /// embeds [N, D] of the next N positions (after `cache.len()` read before) → hidden [N, D]
+    /// after the final norm; the cache grows by N.
+    fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// [V, D]: the next-token output layer.
+    fn lm_head(&self) -> &Tensor;
+}
+
 /// A config.json read into an architecture's config struct; `what` names the architecture in errors.
 pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
     path: &Path,

@@ -155,3 +155,42 @@ fn composed_backward(dcontext: &Tensor, qkv: &Tensor, probs: &Tensor, h: Heads) 
     };
     Tensor::cat(&[rows_first(&dq, &h)?, gather(dk)?, gather(dv)?], 1)
 }
+
+/// Attention of N new positions, the first at `start`, over a cache of every position so far.
+/// q [H, N, K] (RoPE applied), keys and values [Hkv, T, K] with T = start + N → context [N, H·K].
+/// Inference only (generation): no probabilities are kept, and position i sees keys 0..=start+i.
+pub fn cached_attention(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize) -> Result<Tensor> {
+    let (heads, n, k) = q.dims3()?;
+    let (kv_heads, t, _) = keys.dims3()?;
+    let group = heads / kv_heads;
+    // query head h reads key/value head h / group: a group's rows sit together
+    let q = q.reshape((kv_heads, group * n, k))?;
+    let scores = (q.matmul(&keys.t()?.contiguous()?)? / (k as f64).sqrt())?;
+    let visible: Vec<f32> = (0..group * n)
+        .flat_map(|row| {
+            let last = start + row % n;
+            (0..t).map(move |j| if j <= last { 0.0 } else { MASKED as f32 })
+        })
+        .collect();
+    let bias = Tensor::from_vec(visible, (1, group * n, t), q.device())?.to_dtype(q.dtype())?;
+    let scores = scores.broadcast_add(&bias)?;
+    let exp = scores
+        .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
+        .exp()?;
+    let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
+    probs
+        .matmul(&values.contiguous()?)?
+        .reshape((heads, n, k))?
+        .transpose(0, 1)?
+        .reshape((n, heads * k))
+}
+
+/// Heads `first..first + count` of a packed projection [N, (H + 2·Hkv)·K] → [count, N, K].
+pub fn heads_of(packed: &Tensor, first: usize, count: usize, head_dim: usize) -> Result<Tensor> {
+    let n = packed.dim(0)?;
+    packed
+        .narrow(1, first * head_dim, count * head_dim)?
+        .reshape((n, count, head_dim))?
+        .transpose(0, 1)?
+        .contiguous()
+}

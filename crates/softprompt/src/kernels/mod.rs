@@ -23,7 +23,9 @@ mod rms_norm;
 mod rope;
 
 pub use activation::{gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward};
-pub use attention::{attention_backward, attention_forward, mask_bias, AttentionShape};
+pub use attention::{
+    attention_backward, attention_forward, cached_attention, heads_of, mask_bias, AttentionShape,
+};
 pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use linear::Linear;

@@ -1,6 +1,7 @@
 //! The library's integration tests, built as one binary.
 
 mod data;
+mod generation;
 mod gradients;
 mod multitask;
 mod parity;

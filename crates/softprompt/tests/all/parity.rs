@@ -208,8 +208,9 @@ fn smollm2_gguf_matches_transformers_and_says_paris() {
         path.display()
     );
     let (f, meta) = fixture("smollm2_logits.safetensors");
-    let (llama, tokenizer) =
-        softprompt::backbone::gguf::load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+    let softprompt::backbone::gguf::GgufLlama {
+        llama, tokenizer, ..
+    } = softprompt::backbone::gguf::load_llama(&path, DType::F32, &Device::Cpu).unwrap();
     let ids = tokenizer
         .encode(meta["prompt"].as_str(), false)
         .unwrap()

@@ -1,0 +1,207 @@
+//! Generation: the cached forward equals the full forward, cached greedy decoding equals decoding
+//! that rereads everything each step, sampling obeys its limits, and SmolLM2 says " Paris".
+
+use crate::{assets, fixtures, max_abs_diff};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use softprompt::backbone::any::AnyBackbone;
+use softprompt::backbone::gpt2::Gpt2;
+use softprompt::backbone::llama::Llama;
+use softprompt::backbone::{Backbone, EncoderInput, KvCache};
+use softprompt::generate::{generate, prefix_cache, sample, FinishReason, SamplingConfig};
+use softprompt::model::Model;
+
+fn tiny_decoders() -> Vec<(&'static str, AnyBackbone)> {
+    let dev = Device::Cpu;
+    vec![
+        (
+            "gpt2",
+            AnyBackbone::Gpt2(Gpt2::load(&fixtures().join("tiny-gpt2"), DType::F64, &dev).unwrap()),
+        ),
+        (
+            "llama",
+            AnyBackbone::Llama(
+                Llama::load(&fixtures().join("tiny-llama"), DType::F64, &dev).unwrap(),
+            ),
+        ),
+    ]
+}
+
+/// embeds [S, D] → the full forward's hidden [S, D] (one row, no padding)
+fn full_forward(backbone: &AnyBackbone, embeds: &Tensor) -> Tensor {
+    let s = embeds.dim(0).unwrap();
+    let mask = Tensor::ones((1, s), DType::U32, &Device::Cpu).unwrap();
+    backbone
+        .forward(&EncoderInput {
+            embeds: &embeds.unsqueeze(0).unwrap(),
+            attention_mask: &mask,
+            token_type_ids: &mask.zeros_like().unwrap(),
+        })
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+}
+
+#[test]
+fn the_cached_forward_equals_the_full_forward() {
+    for (name, backbone) in tiny_decoders() {
+        let embeds = Tensor::randn(0f64, 1.0, (9, 16), &Device::Cpu).unwrap();
+        let full = full_forward(&backbone, &embeds);
+        // a prefix of 4 (the prompt), then 3 at once (the input), then one at a time
+        let decoder = backbone.decoder().unwrap();
+        let mut cache = KvCache::default();
+        let mut pieces = Vec::new();
+        for (start, len) in [(0, 4), (4, 3), (7, 1), (8, 1)] {
+            pieces.push(decoder.extend(&embeds.narrow(0, start, len).unwrap(), &mut cache).unwrap());
+        }
+        assert_eq!(cache.len(), 9);
+        let cached = Tensor::cat(&pieces, 0).unwrap();
+        let diff = max_abs_diff(&cached, &full);
+        assert!(diff < 1e-10, "{name}: cached forward differs by {diff:e}");
+    }
+}
+
+/// Greedy decoding that reruns the whole sequence for every token: what the cache must reproduce.
+fn greedy_without_cache(backbone: &AnyBackbone, prompt: &Tensor, ids: &[u32], n: usize) -> Vec<u32> {
+    let mut ids = ids.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        let words = backbone.word_embeddings().index_select(&t, 0).unwrap();
+        let embeds = Tensor::cat(&[prompt, &words], 0).unwrap();
+        let hidden = full_forward(backbone, &embeds);
+        let last = hidden.narrow(0, embeds.dim(0).unwrap() - 1, 1).unwrap();
+        let lm_head = backbone.lm_head().unwrap();
+        let logits = last.matmul(&lm_head.t().unwrap()).unwrap().squeeze(0).unwrap();
+        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        out.push(next);
+        ids.push(next);
+    }
+    out
+}
+
+#[test]
+fn cached_greedy_decoding_equals_decoding_without_a_cache() {
+    let encoder = softprompt::tokenize::TextEncoder::from_file(
+        &fixtures().join("tiny-bert/tokenizer.json"),
+        64,
+    )
+    .unwrap();
+    for (name, backbone) in tiny_decoders() {
+        let prompt = Tensor::randn(0f64, 1.0, (3, 16), &Device::Cpu).unwrap();
+        let prefix = prefix_cache(&backbone, &prompt).unwrap();
+        assert_eq!(prefix.len(), 3);
+        let input = [5u32, 20, 9];
+        let config = SamplingConfig {
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        let mut streamed = String::new();
+        let generated = generate(&backbone, &encoder, &prefix, &input, &[], &config, &mut |t| {
+            streamed.push_str(t)
+        })
+        .unwrap();
+        assert_eq!(
+            generated.tokens,
+            greedy_without_cache(&backbone, &prompt, &input, 12),
+            "{name}"
+        );
+        assert_eq!(generated.finish, FinishReason::Length);
+        assert_eq!(streamed, generated.text, "{name}: the stream adds up to the text");
+
+        // the end-of-sequence token ends it, and is not part of the answer
+        let eos = generated.tokens[4];
+        let first = generated.tokens.iter().position(|&t| t == eos).unwrap();
+        let ended = generate(&backbone, &encoder, &prefix, &input, &[eos], &config, &mut |_| {})
+            .unwrap();
+        assert_eq!(ended.finish, FinishReason::Eos);
+        assert_eq!(ended.tokens, generated.tokens[..first]);
+
+        // a stop string cuts the text before it, and nothing after it was streamed
+        let word = encoder.decode(&generated.tokens[..6]).unwrap();
+        let stop = word.split_whitespace().last().unwrap().to_string();
+        let mut streamed = String::new();
+        let stopped = generate(
+            &backbone,
+            &encoder,
+            &prefix,
+            &input,
+            &[],
+            &SamplingConfig {
+                stop: vec![stop.clone()],
+                ..config.clone()
+            },
+            &mut |t| streamed.push_str(t),
+        )
+        .unwrap();
+        assert_eq!(stopped.finish, FinishReason::Stop, "{name}: stop {stop:?}");
+        assert!(!stopped.text.contains(&stop));
+        assert_eq!(streamed, stopped.text);
+    }
+}
+
+#[test]
+fn sampling_keeps_to_top_k_and_top_p() {
+    let logits = [0.0f32, 3.0, 2.9, -1.0, 2.8];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let pick = |config: SamplingConfig, rng: &mut rand_chacha::ChaCha8Rng| -> Vec<u32> {
+        (0..300).map(|_| sample(&logits, &config, rng)).collect()
+    };
+    let greedy = pick(SamplingConfig::default(), &mut rng);
+    assert!(greedy.iter().all(|&t| t == 1));
+    let hot = SamplingConfig {
+        temperature: 1.0,
+        ..Default::default()
+    };
+    let all = pick(hot.clone(), &mut rng);
+    for t in [0, 1, 2, 4] {
+        assert!(all.contains(&t), "token {t} never drawn at temperature 1");
+    }
+    let top2 = pick(
+        SamplingConfig {
+            top_k: Some(2),
+            ..hot.clone()
+        },
+        &mut rng,
+    );
+    assert!(top2.iter().all(|t| [1, 2].contains(t)) && top2.contains(&2));
+    let nucleus = pick(
+        SamplingConfig {
+            top_p: Some(0.5),
+            ..hot
+        },
+        &mut rng,
+    );
+    assert!(nucleus.iter().all(|t| [1, 2].contains(t)), "{nucleus:?}");
+}
+
+/// The real SmolLM2 (Q4_1 GGUF), through the cached path: greedy " Paris", and the same tokens as
+/// rereading everything for each token.
+#[test]
+fn smollm2_continues_with_paris() {
+    let path = assets().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run `make assets`", path.display());
+    let model = Model::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let encoder = model.encoder(0, None).unwrap();
+    let ids = encoder.encode("The capital of France is", None).unwrap().ids;
+    let config = SamplingConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let generated = generate(
+        &model.backbone,
+        &encoder,
+        &KvCache::default(),
+        &ids,
+        &model.eos_token_ids,
+        &config,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(generated.text.starts_with(" Paris"), "{:?}", generated.text);
+    let empty = Tensor::zeros((0, 576), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        generated.tokens,
+        greedy_without_cache(&model.backbone, &empty, &ids, generated.tokens.len())
+    );
+}
