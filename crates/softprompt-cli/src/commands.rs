@@ -45,6 +45,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Serve every adapter of the given directories from one model over HTTP, batching across tasks.
     Serve(crate::serve::ServeArgs),
+    /// Continue texts with a decoder (GPT-2, Llama family), optionally behind an adapter's prompt.
+    Generate(crate::generate::GenerateArgs),
     /// Drive a running server with classify requests for many adapters; report throughput and latency.
     Loadgen(crate::serve::LoadgenArgs),
 }
@@ -252,6 +254,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => run_inspect(args),
         Command::Serve(args) => crate::serve::run_serve(args),
         Command::Loadgen(args) => crate::serve::run_loadgen(args),
+        Command::Generate(args) => crate::generate::run_generate(args),
     }
 }
 

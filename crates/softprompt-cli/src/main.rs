@@ -1,6 +1,7 @@
 //! The `softprompt` command: thin wrappers over the library, one function per subcommand.
 
 mod commands;
+mod generate;
 mod serve;
 
 use clap::Parser;

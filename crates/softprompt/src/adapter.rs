@@ -85,6 +85,9 @@ pub enum AdapterHead {
     /// The model's own LM head scores each label's word (task/verbalizer.rs); nothing is stored
     /// but the words.
     Verbalizer { words: Vec<String> },
+    /// A causal-LM prompt without label words (PEFT's CAUSAL_LM prompt tuning): it steers what
+    /// the model writes (`softprompt generate`) and cannot classify.
+    Generation,
 }
 
 /// A classification adapter in memory.
@@ -116,6 +119,7 @@ impl Adapter {
                 extra.pool = Some(*pool);
             }
             AdapterHead::Verbalizer { words } => extra.label_words = Some(words.clone()),
+            AdapterHead::Generation => {}
         }
         let format = Some([("format".to_string(), "pt".to_string())].into());
         save_tensors(&dir.join(WEIGHTS_FILE), &tensors, format)?;
@@ -205,8 +209,10 @@ impl Adapter {
                 }
                 (AdapterHead::Verbalizer { words }, labels, template)
             }
-            ("CAUSAL_LM", _) => bail!(
-                "adapter {at} is a causal-LM adapter without label words: it generates text, and softprompt cannot classify with it"
+            ("CAUSAL_LM", extra) => (
+                AdapterHead::Generation,
+                Vec::new(),
+                extra.and_then(|e| e.template),
             ),
             (other, _) => bail!(
                 "adapter {at} is for task_type {other}; softprompt reads SEQ_CLS and CAUSAL_LM adapters"

@@ -193,6 +193,9 @@ impl Model {
             AdapterHead::Verbalizer { words } => {
                 self.verbalizer_head(template.unwrap_or(""), labels, words)
             }
+            AdapterHead::Generation => bail!(
+                "this is a generation adapter (causal LM, no labels): it writes text with `softprompt generate` and cannot classify"
+            ),
         }
     }
 }
