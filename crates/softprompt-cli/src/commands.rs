@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::adapter::Adapter;
 use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::Backbone;
-use softprompt::bench::{self, Arch, BenchConfig, Mode};
+use softprompt::bench::{self, BenchConfig, Mode};
 use softprompt::data::{label_ids, label_set, read_examples, Columns, Example, Labels};
 use softprompt::metrics::Report;
 use softprompt::model::Model;
@@ -65,24 +65,34 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// train or forward.
-    mode: Mode,
-    /// bert-base or minilm-l6.
-    #[arg(long, default_value_t = Arch::BertBase)]
-    arch: Arch,
+    /// train or forward (BERT shapes), or generate (GPT-2 small).
+    mode: BenchMode,
+    /// bert-base or minilm-l6 (train, forward); generate runs on gpt2-small.
+    #[arg(long)]
+    arch: Option<String>,
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Real tokens per row (the prompt comes on top).
-    #[arg(long, default_value_t = 128)]
-    seq: usize,
+    /// Real tokens per row (the prompt comes on top); for generate, the input tokens [default 16].
+    #[arg(long)]
+    seq: Option<usize>,
     #[arg(long, default_value_t = 20)]
     num_virtual_tokens: usize,
-    /// Timed steps (after 3 warm-up steps); the median, min and max are reported.
+    /// generate: tokens to write.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Timed steps (after warm-up); the median, min and max are reported.
     #[arg(long, default_value_t = 10)]
     steps: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchMode {
+    Train,
+    Forward,
+    Generate,
 }
 
 #[derive(Args)]
@@ -515,11 +525,31 @@ fn run_predict(args: PredictArgs) -> anyhow::Result<()> {
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let mode = match args.mode {
+        BenchMode::Train => Mode::Train,
+        BenchMode::Forward => Mode::Forward,
+        BenchMode::Generate => {
+            if let Some(arch) = args.arch.as_deref().filter(|a| *a != "gpt2-small") {
+                bail!("bench generate runs on gpt2-small, not {arch}");
+            }
+            let seq = args.seq.unwrap_or(16);
+            let r = bench::generation::run(seq, args.num_virtual_tokens, args.new_tokens, args.steps)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} generate, batch 1, {} + {} prompt tokens, {} new: median {:.3} s (min {:.3}, max {:.3}) over {} runs, {:.1} tokens/s; same tokens as without a cache: {}; peak RSS {:.0} MiB",
+                    r.arch, r.num_virtual_tokens, r.input_tokens, r.new_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.tokens_per_s, r.matches_no_cache, r.peak_rss_mib
+                );
+            }
+            return Ok(());
+        }
+    };
     let config = BenchConfig {
-        mode: args.mode,
-        arch: args.arch,
+        mode,
+        arch: args.arch.as_deref().unwrap_or("bert-base").parse().map_err(|e| anyhow::anyhow!("--arch: {e}"))?,
         batch: args.batch,
-        seq: args.seq,
+        seq: args.seq.unwrap_or(128),
         num_virtual_tokens: args.num_virtual_tokens,
         steps: args.steps,
         warmup: 3,

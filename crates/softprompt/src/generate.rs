@@ -110,6 +110,49 @@ pub fn generate(
     config: &SamplingConfig,
     on_text: &mut dyn FnMut(&str),
 ) -> anyhow::Result<Generation> {
+    let mut text = String::new();
+    let mut emitted = 0;
+    let hold = config.stop.iter().map(String::len).max().unwrap_or(1) - 1;
+    let (tokens, finish) = generate_tokens(backbone, prefix, input_ids, eos, config, &mut |tokens| {
+        text = encoder.decode(tokens)?;
+        if let Some(at) = config.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(at);
+            return Ok(false);
+        }
+        // hold back what a stop string could still begin with, and an unfinished UTF-8 sequence
+        let mut safe = text.len().saturating_sub(hold);
+        if text.ends_with('\u{FFFD}') {
+            safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
+        }
+        while !text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        if safe > emitted {
+            on_text(&text[emitted..safe]);
+            emitted = safe;
+        }
+        Ok(true)
+    })?;
+    if text.len() > emitted {
+        on_text(&text[emitted..]);
+    }
+    Ok(Generation {
+        text,
+        tokens,
+        finish,
+    })
+}
+
+/// The token loop under `generate`: extend the cache, pick the next token, until EOS, the token
+/// limit, the model's positions, or `on_token` (shown every token so far) answers false (`Stop`).
+pub fn generate_tokens(
+    backbone: &AnyBackbone,
+    prefix: &KvCache,
+    input_ids: &[u32],
+    eos: &[u32],
+    config: &SamplingConfig,
+    on_token: &mut dyn FnMut(&[u32]) -> anyhow::Result<bool>,
+) -> anyhow::Result<(Vec<u32>, FinishReason)> {
     config.validate()?;
     let decoder = decoder(backbone)?;
     if input_ids.is_empty() {
@@ -126,9 +169,6 @@ pub fn generate(
     let mut cache = prefix.clone();
     let mut next_input = input_ids.to_vec();
     let mut tokens = Vec::new();
-    let mut text = String::new();
-    let mut emitted = 0;
-    let hold = config.stop.iter().map(String::len).max().unwrap_or(1) - 1;
     let finish = loop {
         if tokens.len() == config.max_new_tokens {
             break FinishReason::Length;
@@ -151,32 +191,11 @@ pub fn generate(
         }
         tokens.push(token);
         next_input = vec![token];
-        text = encoder.decode(&tokens)?;
-        if let Some(at) = config.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(at);
+        if !on_token(&tokens)? {
             break FinishReason::Stop;
         }
-        // hold back what a stop string could still begin with, and an unfinished UTF-8 sequence
-        let mut safe = text.len().saturating_sub(hold);
-        if text.ends_with('\u{FFFD}') {
-            safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
-        }
-        while !text.is_char_boundary(safe) {
-            safe -= 1;
-        }
-        if safe > emitted {
-            on_text(&text[emitted..safe]);
-            emitted = safe;
-        }
     };
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
-    }
-    Ok(Generation {
-        text,
-        tokens,
-        finish,
-    })
+    Ok((tokens, finish))
 }
 
 /// The next token from next-token logits [V]: greedy at temperature 0, else sampled from the

@@ -1,6 +1,8 @@
 //! `softprompt bench`: the train step and the forward pass on random weights of a known shape, timed
 //! the way ../shared/reference/pytorch/bench_pt.py times PyTorch + peft, with the same FLOP formulas.
 
+pub mod generation;
+
 use crate::backbone::bert::{Bert, BertConfig};
 use crate::batch::Batch;
 use crate::named_choice;
