@@ -50,10 +50,7 @@ pub fn random_gpt2(cfg: &Gpt2Config, device: &Device) -> anyhow::Result<Gpt2> {
     for i in 0..cfg.n_layer {
         norms.extend([format!("h.{i}.ln_1"), format!("h.{i}.ln_2")]);
     }
-    for n in norms {
-        tensors.insert(format!("{n}.weight"), Tensor::ones(d, DType::F32, device)?);
-        tensors.insert(format!("{n}.bias"), Tensor::zeros(d, DType::F32, device)?);
-    }
+    super::unit_layer_norms(&mut tensors, &norms, d, device)?;
     Ok(Gpt2::from_var_builder(
         VarBuilder::from_tensors(tensors, DType::F32, device),
         cfg.clone(),

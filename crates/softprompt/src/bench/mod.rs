@@ -97,14 +97,25 @@ pub fn random_bert(cfg: &BertConfig, device: &Device) -> anyhow::Result<Bert> {
         norms.push(format!("encoder.layer.{i}.attention.output.LayerNorm"));
         norms.push(format!("encoder.layer.{i}.output.LayerNorm"));
     }
-    for n in norms {
-        tensors.insert(format!("{n}.weight"), Tensor::ones(d, DType::F32, device)?);
-        tensors.insert(format!("{n}.bias"), Tensor::zeros(d, DType::F32, device)?);
-    }
+    unit_layer_norms(&mut tensors, &norms, d, device)?;
     Ok(Bert::from_var_builder(
         VarBuilder::from_tensors(tensors, DType::F32, device),
         cfg.clone(),
     )?)
+}
+
+/// LayerNorms that change nothing: unit gains, zero biases.
+fn unit_layer_norms(
+    tensors: &mut HashMap<String, Tensor>,
+    names: &[String],
+    d: usize,
+    device: &Device,
+) -> candle_core::Result<()> {
+    for n in names {
+        tensors.insert(format!("{n}.weight"), Tensor::ones(d, DType::F32, device)?);
+        tensors.insert(format!("{n}.bias"), Tensor::zeros(d, DType::F32, device)?);
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]

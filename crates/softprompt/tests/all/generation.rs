@@ -61,23 +61,8 @@ fn the_cached_forward_equals_the_full_forward() {
     }
 }
 
-/// Greedy decoding that reruns the whole sequence for every token: what the cache must reproduce.
 fn greedy_without_cache(backbone: &AnyBackbone, prompt: &Tensor, ids: &[u32], n: usize) -> Vec<u32> {
-    let mut ids = ids.to_vec();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
-        let words = backbone.word_embeddings().index_select(&t, 0).unwrap();
-        let embeds = Tensor::cat(&[prompt, &words], 0).unwrap();
-        let hidden = full_forward(backbone, &embeds);
-        let last = hidden.narrow(0, embeds.dim(0).unwrap() - 1, 1).unwrap();
-        let lm_head = backbone.lm_head().unwrap();
-        let logits = last.matmul(&lm_head.t().unwrap()).unwrap().squeeze(0).unwrap();
-        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        out.push(next);
-        ids.push(next);
-    }
-    out
+    softprompt::bench::generation::greedy_without_cache(backbone, prompt, ids, n).unwrap()
 }
 
 #[test]
