@@ -93,6 +93,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
                 let _ = write!(stdout, "{piece}");
                 let _ = stdout.flush();
             }
+            true
         };
         let generated = generate(
             &model.backbone,

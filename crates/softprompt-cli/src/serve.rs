@@ -53,6 +53,9 @@ pub struct ServeArgs {
     /// A request unanswered after this many milliseconds gets 504.
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
+    /// The most tokens one /v1/generate request may ask for.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
 }
 
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -68,6 +71,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         overlong: args.overlong,
         max_concurrent_requests: args.max_concurrent_requests,
         request_timeout: Duration::from_millis(args.timeout_ms),
+        max_new_tokens: args.max_new_tokens,
     };
     config.validate()?;
     let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;

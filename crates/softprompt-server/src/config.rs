@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub max_concurrent_requests: usize,
     /// A request not answered by then gets 504 (and its rows leave the queue).
     pub request_timeout: Duration,
+    /// The most tokens one /v1/generate request may ask for.
+    pub max_new_tokens: usize,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +58,7 @@ impl Default for ServerConfig {
             overlong: Overlong::Truncate,
             max_concurrent_requests: 256,
             request_timeout: Duration::from_secs(30),
+            max_new_tokens: 256,
         }
     }
 }
@@ -70,6 +73,7 @@ impl ServerConfig {
             ("max_body_bytes", self.max_body_bytes),
             ("max_inputs_per_request", self.max_inputs_per_request),
             ("max_concurrent_requests", self.max_concurrent_requests),
+            ("max_new_tokens", self.max_new_tokens),
         ] {
             if value == 0 {
                 bail!("{what} must be at least 1");

@@ -6,11 +6,13 @@
 //!                        → multitask::classify_rows (one backbone pass) → each request its answers
 //! ```
 //!
-//! `registry` holds the adapters by name (loaded and unloaded while serving), `config` the limits,
+//! `generation` answers /v1/generate (one decoding loop per request, from the adapter's prefix
+//! cache). `registry` holds the adapters by name (loaded and unloaded while serving), `config` the limits,
 //! `metrics` what /metrics reports, and `loadgen` drives a server for measurements.
 
 pub mod batcher;
 pub mod config;
+mod generation;
 pub mod loadgen;
 pub mod metrics;
 pub mod registry;

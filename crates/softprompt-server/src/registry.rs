@@ -3,8 +3,9 @@
 //! is one plain path component, so a request cannot reach outside them).
 
 use anyhow::Context;
-use softprompt::adapter::Adapter;
-use softprompt::backbone::Backbone;
+use softprompt::adapter::{Adapter, AdapterHead};
+use softprompt::backbone::{Backbone, KvCache};
+use softprompt::generate::prefix_cache;
 use softprompt::model::Model;
 use softprompt::multitask::Task;
 use softprompt::tokenize::TextEncoder;
@@ -20,6 +21,10 @@ pub enum RegistryError {
     AlreadyLoaded(String),
     /// the directory is there but is not an adapter for this model
     Invalid(String, anyhow::Error),
+    /// a generation adapter asked to classify
+    NotAClassifier(String),
+    /// generation asked of an encoder model's adapter
+    NotAGenerator(String),
 }
 
 impl std::fmt::Display for RegistryError {
@@ -32,16 +37,40 @@ impl std::fmt::Display for RegistryError {
             Self::NotFound(n) => write!(f, "no adapter named {n:?}"),
             Self::AlreadyLoaded(n) => write!(f, "adapter {n:?} is already loaded"),
             Self::Invalid(n, e) => write!(f, "adapter {n:?}: {e:#}"),
+            Self::NotAClassifier(n) => write!(
+                f,
+                "adapter {n:?} generates text and has no labels: use /v1/generate"
+            ),
+            Self::NotAGenerator(n) => write!(
+                f,
+                "adapter {n:?} cannot generate: the model is an encoder (generation needs GPT-2 or the Llama family)"
+            ),
         }
     }
 }
 
 impl std::error::Error for RegistryError {}
 
+/// What `/v1/generate` needs of an adapter: its prompt already read (a prefix cache) and its template.
+pub struct Generator {
+    pub prefix: KvCache,
+    pub template: Option<String>,
+}
+
+/// One loaded adapter: what it can do on this model.
+#[derive(Clone)]
+pub struct Entry {
+    /// label scores (a linear head or a verbalizer); none for a generation adapter
+    pub task: Option<Arc<Task>>,
+    /// on a decoder model
+    pub generator: Option<Arc<Generator>>,
+    pub prompt_len: usize,
+}
+
 pub struct Registry {
-    model: Arc<Model>,
+    pub model: Arc<Model>,
     roots: Vec<PathBuf>,
-    tasks: RwLock<BTreeMap<String, Arc<Task>>>,
+    tasks: RwLock<BTreeMap<String, Entry>>,
     /// cuts inputs to `max_input_tokens`; every loaded prompt leaves room for that many
     pub encoder: TextEncoder,
 }
@@ -98,11 +127,30 @@ impl Registry {
         Ok(registry)
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<Task>> {
-        self.read().get(name).cloned()
+    /// The classifier named `name`.
+    pub fn task(&self, name: &str) -> Result<Arc<Task>, RegistryError> {
+        let entry = self.entry(name)?;
+        entry
+            .task
+            .ok_or_else(|| RegistryError::NotAClassifier(name.into()))
     }
 
-    pub fn list(&self) -> Vec<(String, Arc<Task>)> {
+    /// The generator named `name`.
+    pub fn generator(&self, name: &str) -> Result<Arc<Generator>, RegistryError> {
+        let entry = self.entry(name)?;
+        entry
+            .generator
+            .ok_or_else(|| RegistryError::NotAGenerator(name.into()))
+    }
+
+    fn entry(&self, name: &str) -> Result<Entry, RegistryError> {
+        self.read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(name.into()))
+    }
+
+    pub fn list(&self) -> Vec<(String, Entry)> {
         self.read()
             .iter()
             .map(|(n, t)| (n.clone(), t.clone()))
@@ -118,7 +166,7 @@ impl Registry {
     }
 
     /// Loads `name` from the first adapters directory that has it.
-    pub fn load(&self, name: &str) -> Result<Arc<Task>, RegistryError> {
+    pub fn load(&self, name: &str) -> Result<Entry, RegistryError> {
         let plain = !name.is_empty()
             && !name.starts_with('.')
             && name
@@ -127,7 +175,7 @@ impl Registry {
         if !plain {
             return Err(RegistryError::BadName(name.into()));
         }
-        if self.get(name).is_some() {
+        if self.read().contains_key(name) {
             return Err(RegistryError::AlreadyLoaded(name.into()));
         }
         let path = self
@@ -152,7 +200,7 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(name.into()))
     }
 
-    fn insert(&self, name: String, adapter: &Adapter) -> anyhow::Result<Arc<Task>> {
+    fn insert(&self, name: String, adapter: &Adapter) -> anyhow::Result<Entry> {
         let room = self.model.backbone.max_positions();
         let needs = adapter.config.num_virtual_tokens + self.encoder.max_tokens();
         if needs > room {
@@ -162,16 +210,34 @@ impl Registry {
                 self.encoder.max_tokens()
             );
         }
-        let task = Arc::new(Task::new(&self.model, adapter)?);
+        let task = match adapter.head {
+            AdapterHead::Generation => None,
+            _ => Some(Arc::new(Task::new(&self.model, adapter)?)),
+        };
+        let generator = match self.model.backbone.decoder() {
+            Some(_) => Some(Arc::new(Generator {
+                prefix: prefix_cache(&self.model.backbone, &adapter.prompt)?,
+                template: adapter.template.clone(),
+            })),
+            None => None,
+        };
+        if task.is_none() && generator.is_none() {
+            anyhow::bail!("a generation adapter needs a decoder model, and this one is an encoder");
+        }
+        let entry = Entry {
+            task,
+            generator,
+            prompt_len: adapter.config.num_virtual_tokens,
+        };
         let mut tasks = self.tasks.write().unwrap_or_else(|e| e.into_inner());
         if tasks.contains_key(&name) {
             anyhow::bail!("adapter {name:?} is already loaded");
         }
-        tasks.insert(name, task.clone());
-        Ok(task)
+        tasks.insert(name, entry.clone());
+        Ok(entry)
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Task>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
         // a panic elsewhere while holding the lock leaves the map itself intact
         self.tasks.read().unwrap_or_else(|e| e.into_inner())
     }

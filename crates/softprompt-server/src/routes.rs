@@ -4,7 +4,7 @@
 use crate::batcher::{Batcher, BatcherConfig};
 use crate::config::{Overlong, ServerConfig};
 use crate::metrics::Metrics;
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Entry, Registry, RegistryError};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use softprompt::model::Model;
 use softprompt::multitask::{check_members, ensemble, Task};
+use softprompt::tokenize::Encoded;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
@@ -69,6 +70,8 @@ pub fn router(state: AppState) -> Router {
     let work = Router::new()
         .route("/v1/classify", post(classify))
         .route_layer(middleware::from_fn_with_state(state.clone(), limit));
+    // generation holds its slot for as long as it streams, so it takes the slot itself
+    let work = work.route("/v1/generate", post(crate::generation::generate_text));
     let api = Router::new()
         .merge(work)
         .route("/v1/adapters", get(list_adapters).post(load_adapter))
@@ -84,7 +87,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -92,16 +95,17 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn unprocessable(message: impl Into<String>) -> ApiError {
+pub(crate) fn unprocessable(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::UNPROCESSABLE_ENTITY, message.into())
 }
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let status = match e {
-            RegistryError::BadName(_) | RegistryError::Invalid(..) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            RegistryError::BadName(_)
+            | RegistryError::Invalid(..)
+            | RegistryError::NotAClassifier(_)
+            | RegistryError::NotAGenerator(_) => StatusCode::UNPROCESSABLE_ENTITY,
             RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
             RegistryError::AlreadyLoaded(_) => StatusCode::CONFLICT,
         };
@@ -155,17 +159,42 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+impl AppState {
+    /// Input `i` of a request, tokenized, cut or refused (422) past --max-input-tokens.
+    pub(crate) fn encode(&self, text: &str, i: usize) -> Result<Encoded, ApiError> {
+        let (encoded, truncated) = self
+            .registry
+            .encoder
+            .encode_noting_truncation(text, None)
+            .map_err(|e| unprocessable(format!("input {i}: {e:#}")))?;
+        if truncated && self.config.overlong == Overlong::Reject {
+            return Err(unprocessable(format!(
+                "input {i} has more than {} tokens",
+                self.registry.encoder.max_tokens()
+            )));
+        }
+        Ok(encoded)
+    }
+
+    /// A slot for one request, or 429 when all are taken.
+    pub(crate) fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "the server is handling {} requests already; retry later",
+                    self.config.max_concurrent_requests
+                ),
+            )
+        })
+    }
+}
+
 /// 429 when every slot is taken; 504 when the answer takes longer than the request timeout.
 async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Ok(_slot) = state.slots.clone().try_acquire_owned() else {
-        return ApiError(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "the server is handling {} requests already; retry later",
-                state.config.max_concurrent_requests
-            ),
-        )
-        .into_response();
+    let _slot = match state.slot() {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
     };
     let timeout = state.config.request_timeout;
     match tokio::time::timeout(timeout, next.run(request)).await {
@@ -190,9 +219,21 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-fn describe(name: &str, task: &Task) -> Value {
-    json!({"name": name, "labels": task.labels, "num_virtual_tokens": task.prompt_len(),
-           "pool": task.head.pool.to_string(), "template": task.template})
+fn describe(name: &str, entry: &Entry) -> Value {
+    let mut can = Vec::new();
+    let mut description = json!({"name": name, "num_virtual_tokens": entry.prompt_len});
+    if let Some(task) = &entry.task {
+        can.push("classify");
+        description["labels"] = json!(task.labels);
+        description["pool"] = json!(task.head.pool.to_string());
+        description["template"] = json!(task.template);
+    }
+    if let Some(generator) = &entry.generator {
+        can.push("generate");
+        description["template"] = json!(generator.template);
+    }
+    description["can"] = json!(can);
+    description
 }
 
 async fn list_adapters(State(state): State<AppState>) -> Json<Value> {
@@ -200,12 +241,12 @@ async fn list_adapters(State(state): State<AppState>) -> Json<Value> {
         .registry
         .list()
         .iter()
-        .map(|(name, task)| describe(name, task))
+        .map(|(name, entry)| describe(name, entry))
         .collect();
     Json(json!({"adapters": list}))
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
     serde_json::from_slice(&body).map_err(|e| unprocessable(format!("malformed request: {e}")))
 }
@@ -225,11 +266,11 @@ async fn load_adapter(
     let registry = state.registry.clone();
     let name = request.name.clone();
     // reading safetensors is blocking file work
-    let task = tokio::task::spawn_blocking(move || registry.load(&name))
+    let entry = tokio::task::spawn_blocking(move || registry.load(&name))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     state.metrics.adapters.set(state.registry.len() as i64);
-    Ok((StatusCode::CREATED, Json(describe(&request.name, &task))))
+    Ok((StatusCode::CREATED, Json(describe(&request.name, &entry))))
 }
 
 async fn unload_adapter(
@@ -267,12 +308,7 @@ async fn classify(
     };
     let tasks: Vec<Arc<Task>> = names
         .iter()
-        .map(|n| {
-            state
-                .registry
-                .get(n)
-                .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("unknown adapter {n:?}")))
-        })
+        .map(|n| state.registry.task(n))
         .collect::<Result<_, _>>()?;
     let members: Vec<&Task> = tasks.iter().map(|t| t.as_ref()).collect();
     check_members(&members).map_err(|e| unprocessable(format!("{e:#}")))?;
@@ -291,17 +327,7 @@ async fn classify(
         if text.trim().is_empty() {
             return Err(unprocessable(format!("input {i} is empty")));
         }
-        let (encoded, truncated) = state
-            .registry
-            .encoder
-            .encode_noting_truncation(&members[0].render(text), None)
-            .map_err(|e| unprocessable(format!("input {i}: {e:#}")))?;
-        if truncated && state.config.overlong == Overlong::Reject {
-            return Err(unprocessable(format!(
-                "input {i} has more than {} tokens",
-                state.registry.encoder.max_tokens()
-            )));
-        }
+        let encoded = state.encode(&members[0].render(text), i)?;
         rows.extend(tasks.iter().map(|t| (t.clone(), encoded.clone())));
     }
     let logits = state

@@ -32,9 +32,13 @@ fn adapters_dir(dir: &Path) {
     other.save(&dir.join("three")).unwrap();
 }
 
-/// Starts a server for the tiny model on 127.0.0.1:0 in its own runtime; returns its address.
+/// Starts a server for the tiny BERT on 127.0.0.1:0 in its own runtime; returns its address.
 fn start(config: ServerConfig) -> String {
-    let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
+    start_with(&fixtures().join("tiny-bert"), config)
+}
+
+fn start_with(model: &Path, config: ServerConfig) -> String {
+    let model = Model::load(model, DType::F32, &Device::Cpu).unwrap();
     let state = AppState::new(model, config).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
@@ -142,7 +146,7 @@ fn endpoints_and_error_codes() {
         (
             r#"{"adapter": "nope", "inputs": ["x"]}"#,
             404,
-            "unknown adapter",
+            "no adapter named",
         ),
         (r#"{"adapter": "peft", "inputs": []}"#, 422, "empty"),
         (
@@ -206,7 +210,8 @@ fn endpoints_and_error_codes() {
             "/openapi.json",
             "/v1/adapters",
             "/v1/adapters/{name}",
-            "/v1/classify"
+            "/v1/classify",
+            "/v1/generate"
         ]
     );
     for path in documented.iter().filter(|p| !p.contains('{')) {
@@ -450,4 +455,137 @@ fn limits_answer_with_clear_errors() {
         assert_eq!(status, 429, "{body}");
         assert_eq!(first.join().unwrap(), 200);
     });
+}
+
+/// A tiny GPT-2 with the tiny BERT's tokenizer, and two adapters for it: "writer" (PEFT's
+/// CAUSAL_LM, a prompt only: it generates) and "critic" (a verbalizer: it classifies and generates).
+fn decoder_and_adapters(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("tiny-decoder");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("tiny-gpt2").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(fixtures().join("tiny-bert/tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let adapters = dir.join("adapters");
+    let mut writer = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
+    writer.config.task_type = Some("CAUSAL_LM".into());
+    writer.config.num_virtual_tokens = 3;
+    writer.prompt = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu).unwrap();
+    writer.head = AdapterHead::Generation;
+    writer.labels = Vec::new();
+    writer.save(&adapters.join("writer")).unwrap();
+    let mut critic = writer;
+    critic.head = AdapterHead::Verbalizer {
+        words: vec!["bad".into(), "good".into()],
+    };
+    critic.labels = vec!["negative".into(), "positive".into()];
+    critic.template = Some("{text} it was".into());
+    critic.save(&adapters.join("critic")).unwrap();
+    (model, adapters)
+}
+
+#[test]
+fn generation_over_http_plain_and_streamed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model_dir, adapters) = decoder_and_adapters(tmp.path());
+    let address = start_with(
+        &model_dir,
+        ServerConfig {
+            max_new_tokens: 8,
+            ..config(&adapters, Duration::from_millis(1))
+        },
+    );
+    let (status, list) = http(&address, "GET", "/v1/adapters", None);
+    assert_eq!(status, 200);
+    assert_eq!(list["adapters"][0]["can"], json!(["classify", "generate"]));
+    assert_eq!(list["adapters"][1]["can"], json!(["generate"]));
+
+    // what the library writes from the same prompt, greedily
+    let model = Model::load(&model_dir, DType::F32, &Device::Cpu).unwrap();
+    let writer = Adapter::load(&adapters.join("writer"), 16, &Device::Cpu).unwrap();
+    let prefix = softprompt::generate::prefix_cache(&model.backbone, &writer.prompt).unwrap();
+    let encoder = model.encoder(3, None).unwrap();
+    let expected = softprompt::generate::generate(
+        &model.backbone,
+        &encoder,
+        &prefix,
+        &encoder.encode("a good movie", None).unwrap().ids,
+        &model.eos_token_ids,
+        &softprompt::generate::SamplingConfig {
+            max_new_tokens: 6,
+            ..Default::default()
+        },
+        &mut |_| true,
+    )
+    .unwrap();
+
+    let request = r#"{"adapter": "writer", "input": "a good movie", "max_new_tokens": 6}"#;
+    let (status, body) = http(&address, "POST", "/v1/generate", Some(request));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tokens"], json!(expected.tokens));
+    assert_eq!(body["text"], json!(expected.text));
+
+    // streamed: server-sent events whose pieces add up to the text, then a "done" event
+    let streamed = r#"{"adapter": "writer", "input": "a good movie", "max_new_tokens": 6, "stream": true}"#;
+    let (status, body) = http(&address, "POST", "/v1/generate", Some(streamed));
+    assert_eq!(status, 200);
+    let text = body.as_str().unwrap();
+    let data: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(text.contains("event: done"), "{text}");
+    let done = data.last().unwrap();
+    assert_eq!(done["tokens"], json!(expected.tokens));
+    let pieces: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| d["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(pieces, expected.text);
+
+    let cases = [
+        ("/v1/generate", r#"{"adapter": "nope", "input": "x"}"#, 404, "no adapter named"),
+        ("/v1/generate", r#"{"adapter": "writer", "input": " "}"#, 422, "empty"),
+        (
+            "/v1/generate",
+            r#"{"adapter": "writer", "input": "x", "max_new_tokens": 9}"#,
+            422,
+            "over this server's limit of 8",
+        ),
+        (
+            "/v1/generate",
+            r#"{"adapter": "writer", "input": "x", "temperature": -1}"#,
+            422,
+            "temperature",
+        ),
+        (
+            "/v1/classify",
+            r#"{"adapter": "writer", "inputs": ["x"]}"#,
+            422,
+            "has no labels: use /v1/generate",
+        ),
+    ];
+    for (path, request, code, message) in cases {
+        let (status, body) = http(&address, "POST", path, Some(request));
+        assert_eq!(status, code, "{request}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(message), "{request}: {body}");
+    }
+    // the verbalizer adapter classifies on the same server
+    let (status, body) = http(
+        &address,
+        "POST",
+        "/v1/classify",
+        Some(r#"{"adapter": "critic", "inputs": ["a good movie"]}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(["negative", "positive"].contains(&body["results"][0]["label"].as_str().unwrap()));
+
+    // an encoder model cannot generate
+    let bert_adapters = tmp.path().join("bert-adapters");
+    adapters_dir(&bert_adapters);
+    let bert = start(config(&bert_adapters, Duration::from_millis(1)));
+    let (status, body) = http(&bert, "POST", "/v1/generate", Some(r#"{"adapter": "peft", "input": "x"}"#));
+    assert_eq!(status, 422);
+    assert!(body["error"].as_str().unwrap().contains("the model is an encoder"), "{body}");
 }

@@ -72,6 +72,8 @@ pub enum FinishReason {
     Eos,
     /// the model's positions are all used
     ContextFull,
+    /// the caller stopped it (a client went away)
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,7 +102,8 @@ fn decoder(backbone: &AnyBackbone) -> anyhow::Result<&dyn crate::backbone::Decod
 }
 
 /// Continues `input_ids` after the prefix, calling `on_text` with each piece of text as soon as
-/// it is final (a piece that could be the start of a stop string waits).
+/// it is final (a piece that could be the start of a stop string waits); `on_text` answers
+/// false to stop early (`Cancelled`).
 pub fn generate(
     backbone: &AnyBackbone,
     encoder: &TextEncoder,
@@ -108,10 +111,11 @@ pub fn generate(
     input_ids: &[u32],
     eos: &[u32],
     config: &SamplingConfig,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> bool,
 ) -> anyhow::Result<Generation> {
     let mut text = String::new();
     let mut emitted = 0;
+    let mut cancelled = false;
     let hold = config.stop.iter().map(String::len).max().unwrap_or(1) - 1;
     let (tokens, finish) = generate_tokens(backbone, prefix, input_ids, eos, config, &mut |tokens| {
         text = encoder.decode(tokens)?;
@@ -128,18 +132,22 @@ pub fn generate(
             safe -= 1;
         }
         if safe > emitted {
-            on_text(&text[emitted..safe]);
+            cancelled = !on_text(&text[emitted..safe]);
             emitted = safe;
         }
-        Ok(true)
+        Ok(!cancelled)
     })?;
-    if text.len() > emitted {
+    if text.len() > emitted && !cancelled {
         on_text(&text[emitted..]);
     }
     Ok(Generation {
         text,
         tokens,
-        finish,
+        finish: if cancelled {
+            FinishReason::Cancelled
+        } else {
+            finish
+        },
     })
 }
 

@@ -83,7 +83,8 @@ fn cached_greedy_decoding_equals_decoding_without_a_cache() {
         };
         let mut streamed = String::new();
         let generated = generate(&backbone, &encoder, &prefix, &input, &[], &config, &mut |t| {
-            streamed.push_str(t)
+            streamed.push_str(t);
+            true
         })
         .unwrap();
         assert_eq!(
@@ -97,7 +98,7 @@ fn cached_greedy_decoding_equals_decoding_without_a_cache() {
         // the end-of-sequence token ends it, and is not part of the answer
         let eos = generated.tokens[4];
         let first = generated.tokens.iter().position(|&t| t == eos).unwrap();
-        let ended = generate(&backbone, &encoder, &prefix, &input, &[eos], &config, &mut |_| {})
+        let ended = generate(&backbone, &encoder, &prefix, &input, &[eos], &config, &mut |_| true)
             .unwrap();
         assert_eq!(ended.finish, FinishReason::Eos);
         assert_eq!(ended.tokens, generated.tokens[..first]);
@@ -116,7 +117,10 @@ fn cached_greedy_decoding_equals_decoding_without_a_cache() {
                 stop: vec![stop.clone()],
                 ..config.clone()
             },
-            &mut |t| streamed.push_str(t),
+            &mut |t| {
+                streamed.push_str(t);
+                true
+            },
         )
         .unwrap();
         assert_eq!(stopped.finish, FinishReason::Stop, "{name}: stop {stop:?}");
@@ -180,7 +184,7 @@ fn smollm2_continues_with_paris() {
         &ids,
         &model.eos_token_ids,
         &config,
-        &mut |_| {},
+        &mut |_| true,
     )
     .unwrap();
     assert!(generated.text.starts_with(" Paris"), "{:?}", generated.text);
