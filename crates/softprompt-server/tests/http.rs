@@ -171,12 +171,7 @@ fn endpoints_and_error_codes() {
         ),
     ];
     for (request, code, message) in cases {
-        let (status, body) = http(&address, "POST", "/v1/classify", Some(request));
-        assert_eq!(status, code, "{request}: {body}");
-        assert!(
-            body["error"].as_str().unwrap().contains(message),
-            "{request}: {body}"
-        );
+        expect_error(&address, "/v1/classify", request, code, message);
     }
     let (status, metrics) = http(&address, "GET", "/metrics", None);
     assert_eq!(status, 200);
@@ -298,6 +293,16 @@ fn send_concurrently(address: &str, requests: &[(String, &str)]) -> (Vec<Value>,
     (answers, batches(address) - batches_before)
 }
 
+/// POSTs `request` and expects status `code` with a JSON error that contains `message`.
+fn expect_error(address: &str, path: &str, request: &str, code: u16, message: &str) {
+    let (status, body) = http(address, "POST", path, Some(request));
+    assert_eq!(status, code, "{path} {request}: {body}");
+    assert!(
+        body["error"].as_str().unwrap().contains(message),
+        "{path} {request}: {body}"
+    );
+}
+
 /// Backbone passes so far, from /metrics.
 fn batches(address: &str) -> u64 {
     let (_, metrics) = http(address, "GET", "/metrics", None);
@@ -339,9 +344,7 @@ fn adapters_load_and_unload_while_serving_and_never_from_elsewhere() {
         (r#"{"path": "x"}"#, 422, "malformed request"),
     ];
     for (request, code, message) in cases {
-        let (status, body) = http(&address, "POST", "/v1/adapters", Some(request));
-        assert_eq!(status, code, "{request}: {body}");
-        assert!(body["error"].as_str().unwrap().contains(message), "{request}: {body}");
+        expect_error(&address, "/v1/adapters", request, code, message);
     }
     // a directory that is not an adapter
     std::fs::create_dir(served.join("empty")).unwrap();
@@ -414,9 +417,7 @@ fn limits_answer_with_clear_errors() {
         ),
     ];
     for (request, code, message) in cases {
-        let (status, body) = http(&address, "POST", "/v1/classify", Some(&request.to_string()));
-        assert_eq!(status, code, "{request}: {body}");
-        assert!(body["error"].as_str().unwrap().contains(message), "{request}: {body}");
+        expect_error(&address, "/v1/classify", &request.to_string(), code, message);
     }
     let (status, body) = http(
         &address,
@@ -567,9 +568,7 @@ fn generation_over_http_plain_and_streamed() {
         ),
     ];
     for (path, request, code, message) in cases {
-        let (status, body) = http(&address, "POST", path, Some(request));
-        assert_eq!(status, code, "{request}: {body}");
-        assert!(body["error"].as_str().unwrap().contains(message), "{request}: {body}");
+        expect_error(&address, path, request, code, message);
     }
     // the verbalizer adapter classifies on the same server
     let (status, body) = http(
