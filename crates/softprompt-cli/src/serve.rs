@@ -26,7 +26,7 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every path but /health.
     #[arg(long, env = "SOFTPROMPT_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Positions (prompt + tokens) one backbone pass takes at most, over all requests in it.
+    /// Positions (prompt + tokens) one batch takes at most, over all requests in it.
     #[arg(long, default_value_t = 8192)]
     max_batch_tokens: usize,
     /// How long a request waits for others to share its batch, in milliseconds.

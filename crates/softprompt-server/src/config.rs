@@ -21,7 +21,7 @@ pub struct ServerConfig {
     /// Directories whose subdirectories are adapters; also the only places `POST /v1/adapters`
     /// may load from.
     pub adapter_dirs: Vec<PathBuf>,
-    /// Positions (prompt + tokens) one backbone pass takes at most, over all requests in it.
+    /// Positions (prompt + tokens) one batch takes at most, over all requests in it.
     pub max_batch_tokens: usize,
     /// How long the first request of a batch waits for others.
     pub max_wait: Duration,

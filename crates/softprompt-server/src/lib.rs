@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! HTTP requests (routes) → Batcher queue → one worker thread forms batches across adapters
-//!                        → multitask::classify_rows (one backbone pass) → each request its answers
+//!                        → multitask::classify_rows (rows of similar length share a backbone pass)
+//!                        → each request its answers
 //! ```
 //!
 //! `generation` answers /v1/generate (one decoding loop per request, from the adapter's prefix

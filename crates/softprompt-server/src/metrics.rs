@@ -1,5 +1,5 @@
 //! What `GET /metrics` reports, in Prometheus' text format: requests by endpoint and status, their
-//! latency, the batches the queue formed (rows and time per backbone pass), and the queue's depth.
+//! latency, the batches the queue formed (rows and time per batch), and the queue's depth.
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
@@ -37,14 +37,17 @@ impl Metrics {
         )
         .expect("valid metric");
         let batch_rows = Histogram::with_opts(
-            HistogramOpts::new("softprompt_batch_rows", "Rows per backbone pass")
+            HistogramOpts::new(
+                "softprompt_batch_rows",
+                "Rows per batch the queue formed (run as backbone passes of similar lengths)",
+            )
                 .buckets(exponential_buckets(1.0, 2.0, 10).expect("valid buckets")),
         )
         .expect("valid metric");
         let batch_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "softprompt_batch_duration_seconds",
-                "Time of one backbone pass",
+                "Time to answer one batch",
             )
             .buckets(seconds),
         )

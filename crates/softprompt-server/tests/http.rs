@@ -275,7 +275,7 @@ fn a_mixed_batch_answers_each_request_as_alone() {
     }
 }
 
-/// Sends all requests at once, one thread each → (answers in order, backbone passes they took).
+/// Sends all requests at once, one thread each → (answers in order, batches they took).
 fn send_concurrently(address: &str, requests: &[(String, &str)]) -> (Vec<Value>, u64) {
     let batches_before = batches(address);
     let answers = std::thread::scope(|scope| {
@@ -303,7 +303,7 @@ fn expect_error(address: &str, path: &str, request: &str, code: u16, message: &s
     );
 }
 
-/// Backbone passes so far, from /metrics.
+/// Batches formed so far, from /metrics.
 fn batches(address: &str) -> u64 {
     let (_, metrics) = http(address, "GET", "/metrics", None);
     metrics

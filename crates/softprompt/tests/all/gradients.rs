@@ -407,7 +407,8 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
     let labels = [1u32, 0];
     let batch = Batch::new(&data, Some(&labels), &[0, 1], &DEV).unwrap();
     let prompt = randn(&[3, 16], 7);
-    let decoders: [(&str, fn() -> AnyBackbone); 2] = [
+    type Load = fn() -> AnyBackbone;
+    let decoders: [(&str, Load); 2] = [
         ("gpt2", || {
             AnyBackbone::Gpt2(
                 Gpt2::load(&crate::fixtures().join("tiny-gpt2"), DType::F64, &DEV).unwrap(),
