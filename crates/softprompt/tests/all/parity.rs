@@ -240,3 +240,23 @@ fn smollm2_gguf_matches_transformers_and_says_paris() {
     let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
     assert_eq!(tokenizer.decode(&[next], false).unwrap(), " Paris");
 }
+
+/// A GGUF file of an architecture this loader does not read is refused by name, never half-read.
+#[test]
+fn a_gguf_of_another_architecture_is_refused() {
+    use candle_core::quantized::gguf_file::{write, Value};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("other.gguf");
+    let arch = Value::String("falcon".into());
+    let mut file = std::fs::File::create(&path).unwrap();
+    write(&mut file, &[("general.architecture", &arch)], &[]).unwrap();
+    drop(file);
+    let err = softprompt::model::Model::load(&path, DType::F32, &Device::Cpu)
+        .err()
+        .expect("a falcon GGUF must not load");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("GGUF architecture \"falcon\" is not supported"),
+        "{message}"
+    );
+}
