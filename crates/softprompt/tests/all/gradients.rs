@@ -21,7 +21,7 @@ use softprompt::tokenize::Encoded;
 
 const DEV: Device = Device::Cpu;
 
-fn randn(shape: &[usize], seed: u64) -> Tensor {
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     // A fixed pseudo-random fill (candle's randn is not seedable on CPU).
     let n: usize = shape.iter().product();
     let mut state = seed
