@@ -396,7 +396,8 @@ impl Inference {
         let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
         let d = model.backbone.hidden_size();
         let tasks = if args.zero_shot {
-            let labels = data_labels.context("--zero-shot needs labelled data (softprompt eval)")?;
+            let labels =
+                data_labels.context("--zero-shot needs labelled data (softprompt eval)")?;
             let template = unescape(args.template.as_deref().unwrap_or_default());
             check_template(&template)?;
             let words = args.label_words.clone().unwrap_or_else(|| labels.clone());
@@ -533,7 +534,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                 bail!("bench generate runs on gpt2-small, not {arch}");
             }
             let seq = args.seq.unwrap_or(16);
-            let r = bench::generation::run(seq, args.num_virtual_tokens, args.new_tokens, args.steps)?;
+            let r =
+                bench::generation::run(seq, args.num_virtual_tokens, args.new_tokens, args.steps)?;
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -547,7 +549,12 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let config = BenchConfig {
         mode,
-        arch: args.arch.as_deref().unwrap_or("bert-base").parse().map_err(|e| anyhow::anyhow!("--arch: {e}"))?,
+        arch: args
+            .arch
+            .as_deref()
+            .unwrap_or("bert-base")
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--arch: {e}"))?,
         batch: args.batch,
         seq: args.seq.unwrap_or(128),
         num_virtual_tokens: args.num_virtual_tokens,

@@ -77,10 +77,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
     let state = AppState::new(model, config)?;
     if state.registry.is_empty() {
-        bail!(
-            "no adapters found under {:?}",
-            state.config.adapter_dirs
-        );
+        bail!("no adapters found under {:?}", state.config.adapter_dirs);
     }
     let names: Vec<String> = state.registry.list().into_iter().map(|(n, _)| n).collect();
     let runtime = tokio::runtime::Runtime::new()?;

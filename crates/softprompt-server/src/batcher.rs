@@ -154,10 +154,7 @@ fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
 
 /// `classify_rows` on groups of rows of similar length (the longest at most `MAX_PADDING_RATIO`
 /// times the shortest), answers in the rows' order.
-fn classify_by_length(
-    model: &Model,
-    rows: &[(&Task, &Encoded)],
-) -> anyhow::Result<Vec<Vec<f32>>> {
+fn classify_by_length(model: &Model, rows: &[(&Task, &Encoded)]) -> anyhow::Result<Vec<Vec<f32>>> {
     let length = |i: usize| rows[i].0.prompt_len() + rows[i].1.ids.len();
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| length(i));

@@ -107,7 +107,11 @@ pub(crate) async fn generate_text(
     tokio::task::spawn_blocking(move || {
         let result = run(&mut |piece| {
             events
-                .blocking_send(Event::default().json_data(json!({"text": piece})).expect("JSON"))
+                .blocking_send(
+                    Event::default()
+                        .json_data(json!({"text": piece}))
+                        .expect("JSON"),
+                )
                 .is_ok()
         });
         let last = match result {

@@ -41,7 +41,7 @@ impl Metrics {
                 "softprompt_batch_rows",
                 "Rows per batch the queue formed (run as backbone passes of similar lengths)",
             )
-                .buckets(exponential_buckets(1.0, 2.0, 10).expect("valid buckets")),
+            .buckets(exponential_buckets(1.0, 2.0, 10).expect("valid buckets")),
         )
         .expect("valid metric");
         let batch_seconds = Histogram::with_opts(
@@ -52,11 +52,8 @@ impl Metrics {
             .buckets(seconds),
         )
         .expect("valid metric");
-        let queue_depth = IntGauge::new(
-            "softprompt_queue_depth",
-            "Requests waiting for a batch",
-        )
-        .expect("valid metric");
+        let queue_depth = IntGauge::new("softprompt_queue_depth", "Requests waiting for a batch")
+            .expect("valid metric");
         let adapters =
             IntGauge::new("softprompt_adapters", "Adapters loaded").expect("valid metric");
         for metric in [

@@ -184,8 +184,8 @@ impl Registry {
             .map(|root| root.join(name))
             .find(|p| p.is_dir())
             .ok_or_else(|| RegistryError::NotFound(name.into()))?;
-        let adapter = read_adapter(&self.model, &path)
-            .map_err(|e| RegistryError::Invalid(name.into(), e))?;
+        let adapter =
+            read_adapter(&self.model, &path).map_err(|e| RegistryError::Invalid(name.into(), e))?;
         self.insert(name.to_string(), &adapter)
             .map_err(|e| RegistryError::Invalid(name.into(), e))
     }

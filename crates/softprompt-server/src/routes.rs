@@ -39,11 +39,8 @@ impl AppState {
     pub fn new(model: Model, config: ServerConfig) -> anyhow::Result<Self> {
         config.validate()?;
         let model = Arc::new(model);
-        let registry = Registry::open(
-            model.clone(),
-            &config.adapter_dirs,
-            config.max_input_tokens,
-        )?;
+        let registry =
+            Registry::open(model.clone(), &config.adapter_dirs, config.max_input_tokens)?;
         let metrics = Arc::new(Metrics::new());
         metrics.adapters.set(registry.len() as i64);
         let batcher = Batcher::start(
@@ -246,7 +243,9 @@ async fn list_adapters(State(state): State<AppState>) -> Json<Value> {
     Json(json!({"adapters": list}))
 }
 
-pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
     serde_json::from_slice(&body).map_err(|e| unprocessable(format!("malformed request: {e}")))
 }

@@ -210,7 +210,12 @@ fn endpoints_and_error_codes() {
         ]
     );
     for path in documented.iter().filter(|p| !p.contains('{')) {
-        let method = api["paths"][path].as_object().unwrap().keys().next().unwrap();
+        let method = api["paths"][path]
+            .as_object()
+            .unwrap()
+            .keys()
+            .next()
+            .unwrap();
         let (status, _) = http(&address, &method.to_uppercase(), path, Some("{}"));
         assert_ne!(status, 404, "{method} {path} is documented but not served");
     }
@@ -250,7 +255,10 @@ fn a_mixed_batch_answers_each_request_as_alone() {
     let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
     let encoder = model.encoder(4, None).unwrap();
     // every answer of both servers, against its request run alone
-    let pairs = requests.iter().cycle().zip(answers.iter().chain(&unmixed_answers));
+    let pairs = requests
+        .iter()
+        .cycle()
+        .zip(answers.iter().chain(&unmixed_answers));
     for ((adapter, text), answer) in pairs {
         let task = Task::new(
             &model,
@@ -331,14 +339,23 @@ fn adapters_load_and_unload_while_serving_and_never_from_elsewhere() {
     assert_eq!(classify("three"), 404);
 
     copy_dir(&outside.join("three"), &served.join("three"));
-    let (status, body) = http(&address, "POST", "/v1/adapters", Some(r#"{"name": "three"}"#));
+    let (status, body) = http(
+        &address,
+        "POST",
+        "/v1/adapters",
+        Some(r#"{"name": "three"}"#),
+    );
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["labels"], json!(["x", "y", "z"]));
     assert_eq!(classify("three"), 200);
     let cases = [
         (r#"{"name": "three"}"#, 409, "already loaded"),
         (r#"{"name": "absent"}"#, 404, "no adapter named"),
-        (r#"{"name": "../outside/three"}"#, 422, "not an adapter name"),
+        (
+            r#"{"name": "../outside/three"}"#,
+            422,
+            "not an adapter name",
+        ),
         (r#"{"name": ".."}"#, 422, "not an adapter name"),
         (r#"{"name": "/etc"}"#, 422, "not an adapter name"),
         (r#"{"path": "x"}"#, 422, "malformed request"),
@@ -348,7 +365,12 @@ fn adapters_load_and_unload_while_serving_and_never_from_elsewhere() {
     }
     // a directory that is not an adapter
     std::fs::create_dir(served.join("empty")).unwrap();
-    let (status, body) = http(&address, "POST", "/v1/adapters", Some(r#"{"name": "empty"}"#));
+    let (status, body) = http(
+        &address,
+        "POST",
+        "/v1/adapters",
+        Some(r#"{"name": "empty"}"#),
+    );
     assert_eq!(status, 422, "{body}");
 
     let (status, body) = http(&address, "DELETE", "/v1/adapters/three", None);
@@ -385,7 +407,11 @@ fn an_api_key_guards_everything_but_health() {
         ("GET", "/metrics"),
         ("GET", "/openapi.json"),
     ] {
-        for header in ["", "Authorization: Bearer wrong\r\n", "Authorization: s3cret\r\n"] {
+        for header in [
+            "",
+            "Authorization: Bearer wrong\r\n",
+            "Authorization: s3cret\r\n",
+        ] {
             let (status, body) = http_with(&address, method, path, Some("{}"), header);
             assert_eq!(status, 401, "{method} {path} with {header:?}: {body}");
         }
@@ -393,7 +419,10 @@ fn an_api_key_guards_everything_but_health() {
     let key = "Authorization: Bearer s3cret\r\n";
     assert_eq!(http_with(&address, "GET", "/v1/adapters", None, key).0, 200);
     let body = r#"{"adapter": "peft", "inputs": ["a good movie"]}"#;
-    assert_eq!(http_with(&address, "POST", "/v1/classify", Some(body), key).0, 200);
+    assert_eq!(
+        http_with(&address, "POST", "/v1/classify", Some(body), key).0,
+        200
+    );
 }
 
 #[test]
@@ -408,8 +437,16 @@ fn limits_answer_with_clear_errors() {
         ..config(tmp.path(), Duration::from_millis(1))
     });
     let cases = [
-        (json!({"adapter": "peft", "inputs": vec!["good"; 40]}), 413, "length limit"),
-        (json!({"adapter": "peft", "inputs": ["a", "b", "c"]}), 422, "at most 2"),
+        (
+            json!({"adapter": "peft", "inputs": vec!["good"; 40]}),
+            413,
+            "length limit",
+        ),
+        (
+            json!({"adapter": "peft", "inputs": ["a", "b", "c"]}),
+            422,
+            "at most 2",
+        ),
         (
             json!({"adapter": "peft", "inputs": ["good", "a good movie and a great plot"]}),
             422,
@@ -417,7 +454,13 @@ fn limits_answer_with_clear_errors() {
         ),
     ];
     for (request, code, message) in cases {
-        expect_error(&address, "/v1/classify", &request.to_string(), code, message);
+        expect_error(
+            &address,
+            "/v1/classify",
+            &request.to_string(),
+            code,
+            message,
+        );
     }
     let (status, body) = http(
         &address,
@@ -466,9 +509,14 @@ fn decoder_and_adapters(dir: &Path) -> (PathBuf, PathBuf) {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixtures().join("tiny-gpt2").join(f), model.join(f)).unwrap();
     }
-    std::fs::copy(fixtures().join("tiny-bert/tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-bert/tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
     let adapters = dir.join("adapters");
-    let mut writer = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
+    let mut writer =
+        Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
     writer.config.task_type = Some("CAUSAL_LM".into());
     writer.config.num_virtual_tokens = 3;
     writer.prompt = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu).unwrap();
@@ -527,7 +575,8 @@ fn generation_over_http_plain_and_streamed() {
     assert_eq!(body["text"], json!(expected.text));
 
     // streamed: server-sent events whose pieces add up to the text, then a "done" event
-    let streamed = r#"{"adapter": "writer", "input": "a good movie", "max_new_tokens": 6, "stream": true}"#;
+    let streamed =
+        r#"{"adapter": "writer", "input": "a good movie", "max_new_tokens": 6, "stream": true}"#;
     let (status, body) = http(&address, "POST", "/v1/generate", Some(streamed));
     assert_eq!(status, 200);
     let text = body.as_str().unwrap();
@@ -546,8 +595,18 @@ fn generation_over_http_plain_and_streamed() {
     assert_eq!(pieces, expected.text);
 
     let cases = [
-        ("/v1/generate", r#"{"adapter": "nope", "input": "x"}"#, 404, "no adapter named"),
-        ("/v1/generate", r#"{"adapter": "writer", "input": " "}"#, 422, "empty"),
+        (
+            "/v1/generate",
+            r#"{"adapter": "nope", "input": "x"}"#,
+            404,
+            "no adapter named",
+        ),
+        (
+            "/v1/generate",
+            r#"{"adapter": "writer", "input": " "}"#,
+            422,
+            "empty",
+        ),
         (
             "/v1/generate",
             r#"{"adapter": "writer", "input": "x", "max_new_tokens": 9}"#,
@@ -584,7 +643,18 @@ fn generation_over_http_plain_and_streamed() {
     let bert_adapters = tmp.path().join("bert-adapters");
     adapters_dir(&bert_adapters);
     let bert = start(config(&bert_adapters, Duration::from_millis(1)));
-    let (status, body) = http(&bert, "POST", "/v1/generate", Some(r#"{"adapter": "peft", "input": "x"}"#));
+    let (status, body) = http(
+        &bert,
+        "POST",
+        "/v1/generate",
+        Some(r#"{"adapter": "peft", "input": "x"}"#),
+    );
     assert_eq!(status, 422);
-    assert!(body["error"].as_str().unwrap().contains("the model is an encoder"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("the model is an encoder"),
+        "{body}"
+    );
 }

@@ -117,26 +117,32 @@ pub fn generate(
     let mut emitted = 0;
     let mut cancelled = false;
     let hold = config.stop.iter().map(String::len).max().unwrap_or(1) - 1;
-    let (tokens, finish) = generate_tokens(backbone, prefix, input_ids, eos, config, &mut |tokens| {
-        text = encoder.decode(tokens)?;
-        if let Some(at) = config.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(at);
-            return Ok(false);
-        }
-        // hold back what a stop string could still begin with, and an unfinished UTF-8 sequence
-        let mut safe = text.len().saturating_sub(hold);
-        if text.ends_with('\u{FFFD}') {
-            safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
-        }
-        while !text.is_char_boundary(safe) {
-            safe -= 1;
-        }
-        if safe > emitted {
-            cancelled = !on_text(&text[emitted..safe]);
-            emitted = safe;
-        }
-        Ok(!cancelled)
-    })?;
+    let (tokens, finish) =
+        generate_tokens(backbone, prefix, input_ids, eos, config, &mut |tokens| {
+            text = encoder.decode(tokens)?;
+            if let Some(at) = config
+                .stop
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                text.truncate(at);
+                return Ok(false);
+            }
+            // hold back what a stop string could still begin with, and an unfinished UTF-8 sequence
+            let mut safe = text.len().saturating_sub(hold);
+            if text.ends_with('\u{FFFD}') {
+                safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
+            }
+            while !text.is_char_boundary(safe) {
+                safe -= 1;
+            }
+            if safe > emitted {
+                cancelled = !on_text(&text[emitted..safe]);
+                emitted = safe;
+            }
+            Ok(!cancelled)
+        })?;
     if text.len() > emitted && !cancelled {
         on_text(&text[emitted..]);
     }

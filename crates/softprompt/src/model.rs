@@ -35,7 +35,11 @@ struct ModelType {
 fn ids(value: Option<&serde_json::Value>) -> Vec<u32> {
     match value {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|n| n as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -81,7 +85,10 @@ impl Model {
         };
         let tokenizer_file = path.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tokenizer_file).map_err(|e| {
-            anyhow!("cannot load the tokenizer {}: {e}", tokenizer_file.display())
+            anyhow!(
+                "cannot load the tokenizer {}: {e}",
+                tokenizer_file.display()
+            )
         })?;
         let generation = path.join("generation_config.json");
         let mut eos_token_ids = ids(kind.eos_token_id.as_ref());

@@ -277,16 +277,7 @@ pub fn train(
         );
     }
     let dev_set = match &paths.dev {
-        Some(dev) => Some(
-            load_set(
-                dev,
-                &paths.columns,
-                Some(&label_names),
-                &encoder,
-                template,
-            )?
-            .0,
-        ),
+        Some(dev) => Some(load_set(dev, &paths.columns, Some(&label_names), &encoder, template)?.0),
         None => None,
     };
 
@@ -316,15 +307,30 @@ pub fn train(
     let d = model.backbone.hidden_size();
     let (head, task_type) = match config.task {
         TaskKind::Classify => {
-            let head = ClassificationHead::init(label_names.len(), d, config.pool, None, &mut rng, device)?;
-            (model.linear_head(head.weight.as_tensor(), head.bias.as_tensor(), config.pool)?, "SEQ_CLS")
+            let head = ClassificationHead::init(
+                label_names.len(),
+                d,
+                config.pool,
+                None,
+                &mut rng,
+                device,
+            )?;
+            (
+                model.linear_head(head.weight.as_tensor(), head.bias.as_tensor(), config.pool)?,
+                "SEQ_CLS",
+            )
         }
         TaskKind::Verbalizer => (
             model.verbalizer_head(template.unwrap_or_default(), &label_names, &label_words)?,
             "CAUSAL_LM",
         ),
     };
-    let peft = model.peft_config(task_type, m, config.init.peft_name(), config.init_text.clone());
+    let peft = model.peft_config(
+        task_type,
+        m,
+        config.init.peft_name(),
+        config.init_text.clone(),
+    );
     let classifier = PromptClassifier {
         backbone: model.backbone,
         prompt,
@@ -526,8 +532,7 @@ fn load_checkpoint(
         );
     }
     let progress: Progress = serde_json::from_str(field("progress")?)?;
-    for (name, var) in PARAM_NAMES.into_iter().zip(classifier.params())
-    {
+    for (name, var) in PARAM_NAMES.into_iter().zip(classifier.params()) {
         let t: &Tensor = tensors
             .get(name)
             .with_context(|| format!("{} has no tensor {name}", path.display()))?;

@@ -426,11 +426,23 @@ fn bad_input_gets_a_clear_error() {
         &["--task verbalizer needs --template"],
     );
     fails_with(
-        &train_args(&model, &train, &dev, &out, &verbalizer(&["--template", "Review:"])),
+        &train_args(
+            &model,
+            &train,
+            &dev,
+            &out,
+            &verbalizer(&["--template", "Review:"]),
+        ),
         &["has no {text}"],
     );
     fails_with(
-        &train_args(&model, &train, &dev, &out, &verbalizer(&["--template", "{text} is"])),
+        &train_args(
+            &model,
+            &train,
+            &dev,
+            &out,
+            &verbalizer(&["--template", "{text} is"]),
+        ),
         &["needs a language model's output layer", "bert encoder"],
     );
 
@@ -578,7 +590,11 @@ fn tiny_decoder(dir: &Path) -> String {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixtures().join("tiny-gpt2").join(f), model.join(f)).unwrap();
     }
-    std::fs::copy(tiny_model().join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        tiny_model().join("tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
     model.display().to_string()
 }
 
@@ -603,13 +619,15 @@ fn verbalizer_trains_only_the_prompt_of_a_decoder() {
     args.extend(["--max-steps", "4"]);
     ok(&train_args(&model, &train, &dev, &out, &args));
 
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("verbalizer/adapter_config.json")).unwrap())
-            .unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("verbalizer/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(config["task_type"], "CAUSAL_LM");
-    let extra: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("verbalizer/softprompt.json")).unwrap())
-            .unwrap();
+    let extra: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("verbalizer/softprompt.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(extra["label_words"], serde_json::json!(["bad", "good"]));
     assert_eq!(extra["template"], "{text} it was");
     let (tensors, _) = softprompt::fsutil::load_tensors(
@@ -618,11 +636,22 @@ fn verbalizer_trains_only_the_prompt_of_a_decoder() {
     )
     .unwrap();
     let names: Vec<&String> = tensors.keys().collect();
-    assert_eq!(names, ["prompt_embeddings"], "a verbalizer stores the prompt only");
+    assert_eq!(
+        names,
+        ["prompt_embeddings"],
+        "a verbalizer stores the prompt only"
+    );
 
     // the adapter reads its template and words back: eval and predict agree
     let eval: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval", "--model", &model, "--adapter", &out, "--data", &dev, "--json",
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--data",
+        &dev,
+        "--json",
     ]))
     .unwrap();
     let accuracy = eval["accuracy"].as_f64().unwrap();
@@ -645,12 +674,22 @@ fn verbalizer_trains_only_the_prompt_of_a_decoder() {
 
     // label words the LM head cannot score
     let bad_words = |words: &'static str, expected: &[&str]| {
-        let mut args = vec!["--task", "verbalizer", "--template", "{text} it was", "--label-words", words];
+        let mut args = vec![
+            "--task",
+            "verbalizer",
+            "--template",
+            "{text} it was",
+            "--label-words",
+            words,
+        ];
         args.extend(["--max-steps", "1"]);
         let out = dir.join("never").display().to_string();
         fails_with(&train_args(&model, &train, &dev, &out, &args), expected);
     };
-    bad_words("good,good", &["both start with the token", "differ in their first token"]);
+    bad_words(
+        "good,good",
+        &["both start with the token", "differ in their first token"],
+    );
     bad_words("bad, ", &["tokenizes to nothing"]);
     bad_words("bad", &["1 label words for 2 labels"]);
 }

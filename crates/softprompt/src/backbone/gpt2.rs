@@ -4,8 +4,8 @@
 
 use super::{Backbone, Decoder, EncoderInput, KvCache};
 use crate::kernels::{
-    attention_backward, attention_forward, cached_attention, gelu_tanh_backward,
-    gelu_tanh_forward, heads_of, mask_bias, AttentionShape, LayerNorm, LayerNormSaved, Linear,
+    attention_backward, attention_forward, cached_attention, gelu_tanh_backward, gelu_tanh_forward,
+    heads_of, mask_bias, AttentionShape, LayerNorm, LayerNormSaved, Linear,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -301,11 +301,8 @@ impl Decoder for Gpt2 {
         for (i, block) in self.blocks.iter().enumerate() {
             let (a_in, _) = block.ln_1.forward(&x)?;
             let qkv = block.c_attn.forward(&a_in)?;
-            let (keys, values) = cache.append(
-                i,
-                heads_of(&qkv, h, h, k)?,
-                heads_of(&qkv, 2 * h, h, k)?,
-            )?;
+            let (keys, values) =
+                cache.append(i, heads_of(&qkv, h, h, k)?, heads_of(&qkv, 2 * h, h, k)?)?;
             let context = cached_attention(&heads_of(&qkv, 0, h, k)?, &keys, &values, start)?;
             let x1 = (&x + block.attn_proj.forward(&context)?)?;
             let (m_in, _) = block.ln_2.forward(&x1)?;

@@ -5,8 +5,8 @@
 
 use super::{Backbone, Decoder, EncoderInput, KvCache};
 use crate::kernels::{
-    attention_backward, attention_forward, cached_attention, heads_of, mask_bias,
-    AttentionShape, GatedMlp, GatedMlpSaved, Linear, RmsNorm, Rope,
+    attention_backward, attention_forward, cached_attention, heads_of, mask_bias, AttentionShape,
+    GatedMlp, GatedMlpSaved, Linear, RmsNorm, Rope,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};

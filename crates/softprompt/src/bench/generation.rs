@@ -43,7 +43,10 @@ pub fn random_gpt2(cfg: &Gpt2Config, device: &Device) -> anyhow::Result<Gpt2> {
             ("mlp.c_proj", f, d),
         ] {
             tensors.insert(format!("h.{i}.{name}.weight"), normal((inp, out))?);
-            tensors.insert(format!("h.{i}.{name}.bias"), Tensor::zeros(out, DType::F32, device)?);
+            tensors.insert(
+                format!("h.{i}.{name}.bias"),
+                Tensor::zeros(out, DType::F32, device)?,
+            );
         }
     }
     let mut norms: Vec<String> = vec!["ln_f".into()];
@@ -84,7 +87,9 @@ pub fn run(
     let cfg = gpt2_small();
     let backbone = AnyBackbone::Gpt2(random_gpt2(&cfg, &device)?);
     let prompt = Tensor::randn(0f32, 0.5, (num_virtual_tokens, cfg.n_embd), &device)?;
-    let input: Vec<u32> = (0..input_tokens as u32).map(|i| (i * 7919) % 50257).collect();
+    let input: Vec<u32> = (0..input_tokens as u32)
+        .map(|i| (i * 7919) % 50257)
+        .collect();
     let config = SamplingConfig {
         max_new_tokens: new_tokens,
         ..Default::default()

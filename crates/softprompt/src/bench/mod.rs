@@ -5,8 +5,8 @@ pub mod generation;
 
 use crate::backbone::bert::{Bert, BertConfig};
 use crate::batch::Batch;
-use crate::named_choice;
 use crate::classifier::PromptClassifier;
+use crate::named_choice;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::prompt::SoftPrompt;
 use crate::task::classify::{ClassificationHead, Pool};

@@ -159,7 +159,12 @@ fn composed_backward(dcontext: &Tensor, qkv: &Tensor, probs: &Tensor, h: Heads) 
 /// Attention of N new positions, the first at `start`, over a cache of every position so far.
 /// q [H, N, K] (RoPE applied), keys and values [Hkv, T, K] with T = start + N → context [N, H·K].
 /// Inference only (generation): no probabilities are kept, and position i sees keys 0..=start+i.
-pub fn cached_attention(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize) -> Result<Tensor> {
+pub fn cached_attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    start: usize,
+) -> Result<Tensor> {
     let (heads, n, k) = q.dims3()?;
     let (kv_heads, t, _) = keys.dims3()?;
     let group = heads / kv_heads;

@@ -3,8 +3,8 @@
 //! The head runs on candle's autograd: it is small, and its input is made a `Var` so that the
 //! tape hands back ∂L/∂hidden for the backbone's explicit backward.
 
-use crate::named_choice;
 use crate::kernels::Linear;
+use crate::named_choice;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;

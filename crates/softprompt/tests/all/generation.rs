@@ -53,7 +53,11 @@ fn the_cached_forward_equals_the_full_forward() {
         let mut cache = KvCache::default();
         let mut pieces = Vec::new();
         for (start, len) in [(0, 4), (4, 3), (7, 1), (8, 1)] {
-            pieces.push(decoder.extend(&embeds.narrow(0, start, len).unwrap(), &mut cache).unwrap());
+            pieces.push(
+                decoder
+                    .extend(&embeds.narrow(0, start, len).unwrap(), &mut cache)
+                    .unwrap(),
+            );
         }
         assert_eq!(cache.len(), 9);
         let cached = Tensor::cat(&pieces, 0).unwrap();
@@ -62,7 +66,12 @@ fn the_cached_forward_equals_the_full_forward() {
     }
 }
 
-fn greedy_without_cache(backbone: &AnyBackbone, prompt: &Tensor, ids: &[u32], n: usize) -> Vec<u32> {
+fn greedy_without_cache(
+    backbone: &AnyBackbone,
+    prompt: &Tensor,
+    ids: &[u32],
+    n: usize,
+) -> Vec<u32> {
     softprompt::bench::generation::greedy_without_cache(backbone, prompt, ids, n).unwrap()
 }
 
@@ -84,10 +93,18 @@ fn cached_greedy_decoding_equals_decoding_without_a_cache() {
             ..Default::default()
         };
         let mut streamed = String::new();
-        let generated = generate(&backbone, &encoder, &prefix, &input, &[], &config, &mut |t| {
-            streamed.push_str(t);
-            true
-        })
+        let generated = generate(
+            &backbone,
+            &encoder,
+            &prefix,
+            &input,
+            &[],
+            &config,
+            &mut |t| {
+                streamed.push_str(t);
+                true
+            },
+        )
         .unwrap();
         assert_eq!(
             generated.tokens,
@@ -95,13 +112,24 @@ fn cached_greedy_decoding_equals_decoding_without_a_cache() {
             "{name}"
         );
         assert_eq!(generated.finish, FinishReason::Length);
-        assert_eq!(streamed, generated.text, "{name}: the stream adds up to the text");
+        assert_eq!(
+            streamed, generated.text,
+            "{name}: the stream adds up to the text"
+        );
 
         // the end-of-sequence token ends it, and is not part of the answer
         let eos = generated.tokens[4];
         let first = generated.tokens.iter().position(|&t| t == eos).unwrap();
-        let ended = generate(&backbone, &encoder, &prefix, &input, &[eos], &config, &mut |_| true)
-            .unwrap();
+        let ended = generate(
+            &backbone,
+            &encoder,
+            &prefix,
+            &input,
+            &[eos],
+            &config,
+            &mut |_| true,
+        )
+        .unwrap();
         assert_eq!(ended.finish, FinishReason::Eos);
         assert_eq!(ended.tokens, generated.tokens[..first]);
 
@@ -175,10 +203,17 @@ fn sampling_keeps_to_top_k_and_top_p() {
 #[test]
 fn smollm2_continues_with_paris() {
     let path = assets().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "{} is missing: run `make assets`", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make assets`",
+        path.display()
+    );
     let model = Model::load(&path, DType::F32, &Device::Cpu).unwrap();
     let encoder = model.encoder(0, None).unwrap();
-    let ids = encoder.encode("The capital of France is", None).unwrap().ids;
+    let ids = encoder
+        .encode("The capital of France is", None)
+        .unwrap()
+        .ids;
     let config = SamplingConfig {
         max_new_tokens: 6,
         ..Default::default()

@@ -434,7 +434,11 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
             }
         };
         let classifier = make(&prompt);
-        assert_eq!(classifier.params().len(), 1, "a verbalizer trains the prompt only");
+        assert_eq!(
+            classifier.params().len(),
+            1,
+            "a verbalizer trains the prompt only"
+        );
         let (_, grads) = classifier.loss_and_grads(&batch).unwrap();
         let loss = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
         check(
@@ -447,7 +451,12 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
         let padded = classifier.predict_all(&data, 2, &DEV).unwrap();
         let single = classifier.predict_all(&data[1..], 1, &DEV).unwrap();
         for (a, b) in padded[1].iter().zip(&single[0]) {
-            assert!((a - b).abs() < 1e-6, "{name}: padded {:?} vs alone {:?}", padded[1], single[0]);
+            assert!(
+                (a - b).abs() < 1e-6,
+                "{name}: padded {:?} vs alone {:?}",
+                padded[1],
+                single[0]
+            );
         }
     }
 }

@@ -19,7 +19,13 @@ fn peft_written_adapter_gives_peft_logits() {
     )
     .unwrap();
     assert!(
-        matches!(adapter.head, AdapterHead::Linear { pool: Pool::Pooler, .. }),
+        matches!(
+            adapter.head,
+            AdapterHead::Linear {
+                pool: Pool::Pooler,
+                ..
+            }
+        ),
         "a PEFT adapter reads BertForSequenceClassification's pooler"
     );
     assert_eq!(adapter.labels, ["LABEL_0", "LABEL_1"]);
