@@ -447,7 +447,7 @@ impl Inference {
 }
 
 /// "\n" and "\t" typed on a command line, as the characters.
-fn unescape(text: &str) -> String {
+pub(crate) fn unescape(text: &str) -> String {
     text.replace("\\n", "\n").replace("\\t", "\t")
 }
 

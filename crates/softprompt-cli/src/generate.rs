@@ -1,6 +1,7 @@
 //! `softprompt generate`: continue texts with a decoder, optionally behind an adapter's prompt,
 //! streaming the tokens to the terminal as they come.
 
+use crate::commands::unescape;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Args;
@@ -46,7 +47,6 @@ pub struct GenerateArgs {
 }
 
 pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let unescape = |t: &str| t.replace("\\n", "\n").replace("\\t", "\t");
     let config = SamplingConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
