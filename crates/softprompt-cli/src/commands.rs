@@ -2,7 +2,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use softprompt::adapter::Adapter;
+use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::Backbone;
 use softprompt::bench::{self, BenchConfig, Mode};
@@ -11,9 +11,10 @@ use softprompt::metrics::Report;
 use softprompt::model::Model;
 use softprompt::multitask::{check_members, ensemble_all, EnsembleAnswer, Task};
 use softprompt::optim::{OptimizerKind, Schedule};
-use softprompt::prompt::{nearest_tokens, PromptInit};
+use softprompt::prompt::{nearest_tokens, PromptInit, SoftPrompt};
+use softprompt::task::causal_lm::{encode_pairs, PromptLm};
 use softprompt::task::classify::Pool;
-use softprompt::task::verbalizer::check_template;
+use softprompt::task::verbalizer::{check_template, render};
 use softprompt::task::TaskKind;
 use softprompt::tokenize::Encoded;
 use softprompt::tokenize::{encode_all, TextEncoder};
@@ -103,7 +104,7 @@ struct ColumnArgs {
     /// Column holding a second text, for sentence-pair tasks.
     #[arg(long)]
     text_pair_column: Option<String>,
-    /// Column holding the label.
+    /// Column holding the label (with --task causal-lm, the target text).
     #[arg(long, default_value = "label")]
     label_column: String,
 }
@@ -124,8 +125,9 @@ struct TrainArgs {
     /// GPT-2 or the Llama family, or a Llama-family .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// classify (a linear head on a pooled vector), or verbalizer (a decoder's frozen LM head
-    /// scores each label's word after --template; only the prompt trains).
+    /// classify (a linear head on a pooled vector), verbalizer (a decoder's frozen LM head
+    /// scores each label's word after --template; only the prompt trains), or causal-lm (a
+    /// decoder learns to write the label column's text after the input, scored on those tokens only).
     #[arg(long, default_value_t = TrainConfig::default().task)]
     task: TaskKind,
     /// What each input is written into, {text} marking where, e.g. "Review: {text}\nSentiment:"
@@ -188,7 +190,8 @@ struct TrainArgs {
     /// Evaluate on dev (and checkpoint) every N steps [default: four times an epoch].
     #[arg(long)]
     eval_every: Option<usize>,
-    /// Stop after N evaluations without a better dev accuracy (0: never stop early).
+    /// Stop after N evaluations without a better dev accuracy (ties go to the lower dev loss;
+    /// 0: never stop early).
     #[arg(long, default_value_t = 4)]
     patience: usize,
     #[arg(long, default_value_t = 0)]
@@ -223,6 +226,12 @@ struct InferenceArgs {
     label_words: Option<Vec<String>>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+}
+
+impl InferenceArgs {
+    fn load_model(&self) -> anyhow::Result<Model> {
+        Model::load(&self.model, DType::F32, &Device::Cpu)
+    }
 }
 
 #[derive(Args)]
@@ -347,18 +356,18 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             }
             Event::Eval {
                 step,
-                report,
-                loss,
+                score,
                 improved,
             } => {
-                last_dev = format!("  dev acc {:.4}", report.accuracy);
+                last_dev = format!("  dev acc {:.4}", score.accuracy);
                 let mark = if improved { "  (best, saved)" } else { "" };
+                let measures = match score.macro_f1 {
+                    Some(f1) => format!("accuracy {:.4}, macro-F1 {f1:.4}", score.accuracy),
+                    None => format!("exact match {:.4}", score.accuracy),
+                };
                 say(
                     &bar,
-                    format!(
-                        "step {step}: dev accuracy {:.4}, macro-F1 {:.4}, loss {loss:.4}{mark}",
-                        report.accuracy, report.macro_f1
-                    ),
+                    format!("step {step}: dev {measures}, loss {:.4}{mark}", score.loss),
                 );
             }
             Event::EarlyStop { step } => say(
@@ -392,8 +401,11 @@ struct Inference {
 
 impl Inference {
     /// `data_labels`: the labels of a zero-shot run (eval reads them from the data).
-    fn load(args: &InferenceArgs, data_labels: Option<Vec<String>>) -> anyhow::Result<Self> {
-        let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
+    fn load(
+        model: Model,
+        args: &InferenceArgs,
+        data_labels: Option<Vec<String>>,
+    ) -> anyhow::Result<Self> {
         let d = model.backbone.hidden_size();
         let tasks = if args.zero_shot {
             let labels =
@@ -453,7 +465,14 @@ pub(crate) fn unescape(text: &str) -> String {
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let examples = read_examples(&args.data, &args.columns.columns(), Labels::Required)?;
-    let inference = Inference::load(&args.inference, Some(label_set(&examples)))?;
+    let model = args.inference.load_model()?;
+    if let [adapter] = args.inference.adapters.as_slice() {
+        let adapter = Adapter::load(adapter, model.backbone.hidden_size(), &Device::Cpu)?;
+        if matches!(adapter.head, AdapterHead::Generation) {
+            return eval_generation(model, adapter, examples, &args);
+        }
+    }
+    let inference = Inference::load(model, &args.inference, Some(label_set(&examples)))?;
     let gold = label_ids(&examples, inference.labels(), &args.data)?;
     let data = inference.encode(&examples, &args.data)?;
     let answers = inference.answers(&data, args.inference.batch_size)?;
@@ -467,6 +486,38 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{report}");
+    }
+    Ok(())
+}
+
+/// A generation adapter's exact match and token loss on (input, target) pairs.
+fn eval_generation(
+    model: Model,
+    adapter: Adapter,
+    examples: Vec<Example>,
+    args: &EvalArgs,
+) -> anyhow::Result<()> {
+    let encoder = model.encoder(adapter.prompt.dim(0)?, None)?;
+    let eos = model.eos_token_ids.first().copied();
+    let rendered: Vec<Example> = examples
+        .into_iter()
+        .map(|e| Example {
+            text: render(adapter.template.as_deref(), &e.text),
+            ..e
+        })
+        .collect();
+    let data = encode_pairs(&encoder, &rendered, &args.data, eos)?;
+    let lm = PromptLm {
+        lm_head: model.lm_head("a generation adapter")?.clone(),
+        backbone: model.backbone,
+        prompt: SoftPrompt::from_tensor(&adapter.prompt)?,
+        template: adapter.template,
+    };
+    let score = lm.score(&data, args.inference.batch_size, &Device::Cpu)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&score)?);
+    } else {
+        print!("{score}");
     }
     Ok(())
 }
@@ -496,7 +547,7 @@ fn run_predict(args: PredictArgs) -> anyhow::Result<()> {
     if let Some(e) = examples.iter().find(|e| e.text.trim().is_empty()) {
         bail!("text {} is empty", e.line);
     }
-    let inference = Inference::load(&args.inference, None)?;
+    let inference = Inference::load(args.inference.load_model()?, &args.inference, None)?;
     let data = inference.encode(&examples, Path::new("input"))?;
     let ensemble = inference.tasks.len() > 1;
     for (example, answer) in examples
@@ -581,7 +632,7 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         backbone,
         tasks,
         encoder,
-    } = Inference::load(&args.inference, None)?;
+    } = Inference::load(args.inference.load_model()?, &args.inference, None)?;
     let nearest = nearest_tokens(&tasks[0].prompt, backbone.word_embeddings(), args.top)?;
     for (position, tokens) in nearest.iter().enumerate() {
         let names: Vec<String> = tokens

@@ -19,6 +19,10 @@ pub struct Batch {
     pub labels: Option<Tensor>,
     /// each row's index in the data set
     pub rows: Vec<usize>,
+    /// per row, how many of its last real tokens are a target to predict (`Encoded::target_len`)
+    pub target_lens: Vec<usize>,
+    /// per row, its real tokens
+    pub lengths: Vec<usize>,
 }
 
 impl Batch {
@@ -53,7 +57,28 @@ impl Batch {
                 .map(|l| Tensor::from_iter(rows.iter().map(|&r| l[r]), device))
                 .transpose()?,
             rows: rows.to_vec(),
+            target_lens: rows.iter().map(|&r| data[r].target_len).collect(),
+            lengths: rows.iter().map(|&r| data[r].ids.len()).collect(),
         })
+    }
+
+    /// The target tokens with `prompt_len` vectors in front of every row. A target token at the
+    /// very first position has nothing before it to predict it and is left out.
+    pub fn targets(&self, prompt_len: usize) -> Result<Targets> {
+        let ids = self.ids.to_vec2::<u32>()?;
+        let width = prompt_len + ids.first().map_or(0, Vec::len);
+        let mut targets = Targets::default();
+        for (b, row) in ids.iter().enumerate() {
+            let (n, t) = (self.lengths[b], self.target_lens[b]);
+            for (i, &token) in row.iter().enumerate().take(n).skip(n - t) {
+                if let Some(before) = (prompt_len + i).checked_sub(1) {
+                    targets.positions.push((b * width + before) as u32);
+                    targets.tokens.push(token);
+                    targets.rows.push(b);
+                }
+            }
+        }
+        Ok(targets)
     }
 
     pub fn len(&self) -> usize {
@@ -63,6 +88,16 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
+}
+
+/// The target tokens of a batch, in row order.
+#[derive(Debug, Default, PartialEq)]
+pub struct Targets {
+    /// for each token, the flat index into [B, M + N] of the position that predicts it (the one before)
+    pub positions: Vec<u32>,
+    pub tokens: Vec<u32>,
+    /// for each token, its row in the batch
+    pub rows: Vec<usize>,
 }
 
 /// How many batches make one pool whose rows are sorted by length before being cut into batches.

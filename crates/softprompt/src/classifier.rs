@@ -1,6 +1,7 @@
 //! The whole classifier: tokens → [prompt; word embeddings] → frozen backbone → head → loss, and the
 //! gradient back: head (candle's tape) → backbone (explicit backward) → prompt.
 
+use crate::adapter::AdapterHead;
 use crate::backbone::{Backbone, EncoderInput};
 use crate::batch::Batch;
 use crate::multitask::{ensemble_all, Task};
@@ -14,8 +15,8 @@ pub struct PromptClassifier<B: Backbone> {
     pub backbone: B,
     pub prompt: SoftPrompt,
     pub head: ClassificationHead,
-    /// false for a verbalizer, whose head is the frozen LM head's
-    pub train_head: bool,
+    /// a verbalizer's label words, one per label: its head is the frozen LM head's and does not train
+    pub label_words: Option<Vec<String>>,
     pub labels: Vec<String>,
     pub template: Option<String>,
 }
@@ -37,22 +38,65 @@ impl Prompted {
     }
 }
 
-impl<B: Backbone> PromptClassifier<B> {
-    fn prompted(&self, batch: &Batch) -> Result<Prompted> {
-        let m = self.prompt.len();
-        Ok(Prompted {
-            embeds: self
-                .prompt
-                .prepend(&self.backbone.embed_tokens(&batch.ids)?)?,
-            attention_mask: extend_front(&batch.attention_mask, m, 1)?,
-            token_type_ids: extend_front(&batch.type_ids, m, 0)?,
-        })
-    }
+/// The batch with `prompt` in front, on `backbone`'s embeddings.
+fn prompted<B: Backbone>(backbone: &B, prompt: &SoftPrompt, batch: &Batch) -> Result<Prompted> {
+    let m = prompt.len();
+    Ok(Prompted {
+        embeds: prompt.prepend(&backbone.embed_tokens(&batch.ids)?)?,
+        attention_mask: extend_front(&batch.attention_mask, m, 1)?,
+        token_type_ids: extend_front(&batch.type_ids, m, 0)?,
+    })
+}
 
+/// Inference: [prompt; batch] → last hidden state [B, M + N, D], keeping nothing for a backward.
+pub fn prompted_forward<B: Backbone>(
+    backbone: &B,
+    prompt: &SoftPrompt,
+    batch: &Batch,
+) -> Result<Tensor> {
+    backbone.forward(&prompted(backbone, prompt, batch)?.input())
+}
+
+/// [prompt; batch] through the frozen backbone, `head_loss` on its last hidden state, and back: the
+/// loss, then the gradients of the prompt and of each of `head_params`, in that order.
+///
+/// `head_loss` reads hidden [B, M + N, D] and the mask [B, M + N] and runs on candle's tape, which
+/// starts at the hidden state; the backbone's backward is its explicit one.
+pub fn prompted_loss_and_grads<B: Backbone>(
+    backbone: &B,
+    prompt: &SoftPrompt,
+    batch: &Batch,
+    head_params: &[&Var],
+    head_loss: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> anyhow::Result<(f64, Vec<Tensor>)> {
+    let p = prompted(backbone, prompt, batch)?;
+    let (hidden, activations) = backbone.forward_train(&p.input())?;
+    // A fresh Var, so that ∂L/∂hidden comes back from the tape.
+    let hidden = Var::from_tensor(&hidden)?;
+    let loss = head_loss(hidden.as_tensor(), &p.attention_mask)?;
+    let grads = loss.backward()?;
+    let d_hidden = grads
+        .get(hidden.as_tensor())
+        .context("no gradient reached the hidden state")?;
+    let d_embeds = backbone.backward(d_hidden, activations)?;
+    let mut gradients = vec![prompt.gradient(&d_embeds)?.to_dtype(DType::F32)?];
+    for v in head_params {
+        gradients.push(
+            grads
+                .get(v.as_tensor())
+                .cloned()
+                .context("no gradient reached the head")?,
+        );
+    }
+    let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok((loss, gradients))
+}
+
+impl<B: Backbone> PromptClassifier<B> {
     /// The trainable tensors, in the order `loss_and_grads` returns their gradients.
     pub fn params(&self) -> Vec<&Var> {
         let mut params = vec![&self.prompt.embeddings];
-        if self.train_head {
+        if self.label_words.is_none() {
             params.extend([&self.head.weight, &self.head.bias]);
         }
         params
@@ -64,31 +108,28 @@ impl<B: Backbone> PromptClassifier<B> {
             .labels
             .as_ref()
             .context("a training batch needs labels")?;
-        let p = self.prompted(batch)?;
-        let (hidden, activations) = self.backbone.forward_train(&p.input())?;
-        // The head's tape starts at the hidden state: a fresh Var, so ∂L/∂hidden comes back.
-        let hidden = Var::from_tensor(&hidden)?;
-        let logits = self
-            .head
-            .forward(hidden.as_tensor(), &p.attention_mask, self.prompt.len())?;
-        let loss = cross_entropy(&logits, labels)?;
-        let grads = loss.backward()?;
-        let d_hidden = grads
-            .get(hidden.as_tensor())
-            .context("no gradient reached the hidden state")?;
-        let d_embeds = self.backbone.backward(d_hidden, activations)?;
-        let d_prompt = self.prompt.gradient(&d_embeds)?.to_dtype(DType::F32)?;
-        let mut gradients = vec![d_prompt];
-        for v in &self.params()[1..] {
-            gradients.push(
-                grads
-                    .get(v.as_tensor())
-                    .cloned()
-                    .context("no gradient reached the head")?,
-            );
+        let m = self.prompt.len();
+        prompted_loss_and_grads(
+            &self.backbone,
+            &self.prompt,
+            batch,
+            &self.params()[1..],
+            |hidden, mask| cross_entropy(&self.head.forward(hidden, mask, m)?, labels),
+        )
+    }
+
+    /// The head as an adapter stores it.
+    pub fn adapter_head(&self) -> AdapterHead {
+        match &self.label_words {
+            Some(words) => AdapterHead::Verbalizer {
+                words: words.clone(),
+            },
+            None => AdapterHead::Linear {
+                weight: self.head.weight.as_tensor().clone(),
+                bias: self.head.bias.as_tensor().clone(),
+                pool: self.head.pool,
+            },
         }
-        let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok((loss, gradients))
     }
 
     /// The classifier as it stands, as a task for the inference path (`multitask`).

@@ -53,7 +53,8 @@ impl Model {
                 backbone: AnyBackbone::Llama(gguf.llama),
                 tokenizer: gguf.tokenizer,
                 eos_token_ids: gguf.eos_token_id.into_iter().collect(),
-            });
+            }
+            .without_unknown_eos());
         }
         if !path.is_dir() {
             bail!(
@@ -101,7 +102,16 @@ impl Model {
             backbone,
             tokenizer,
             eos_token_ids,
-        })
+        }
+        .without_unknown_eos())
+    }
+
+    /// Drops EOS ids the model has no embedding for (tiny test checkpoints keep GPT-2's 50256
+    /// with a smaller vocabulary): they could never be written, and reading one would fail.
+    fn without_unknown_eos(mut self) -> Self {
+        let vocab = self.backbone.word_embeddings().dim(0).unwrap_or(0);
+        self.eos_token_ids.retain(|&id| (id as usize) < vocab);
+        self
     }
 
     /// A tokenizer whose encodings, with a prompt of `prompt_len` in front, fit the model.
@@ -174,15 +184,20 @@ impl Model {
         labels: &[String],
         words: &[String],
     ) -> anyhow::Result<ClassificationHead> {
-        let lm_head = self.backbone.lm_head().with_context(|| {
+        let lm_head = self.lm_head("a verbalizer")?;
+        let tokens = verbalizer::label_tokens(&self.encoder(0, None)?, template, labels, words)?;
+        verbalizer::head(lm_head, &tokens)
+    }
+
+    /// [V, D]: the decoder's output layer, which `what` needs; an encoder has none.
+    pub fn lm_head(&self, what: &str) -> anyhow::Result<&Tensor> {
+        self.backbone.lm_head().with_context(|| {
             format!(
-                "a verbalizer needs a language model's output layer, and {} is a {} encoder (use a GPT-2 or Llama-family model)",
+                "{what} needs a language model's output layer, and {} is a {} encoder (use a GPT-2 or Llama-family model)",
                 self.path.display(),
                 self.backbone.architecture()
             )
-        })?;
-        let tokens = verbalizer::label_tokens(&self.encoder(0, None)?, template, labels, words)?;
-        verbalizer::head(lm_head, &tokens)
+        })
     }
 
     /// The head an adapter describes, on this model.

@@ -5,10 +5,12 @@ use std::path::Path;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 /// One tokenized example, special tokens included, no padding.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Encoded {
     pub ids: Vec<u32>,
     pub type_ids: Vec<u32>,
+    /// how many of the last `ids` are a target the model learns to write (`--task causal-lm`); 0 otherwise
+    pub target_len: usize,
 }
 
 pub struct TextEncoder {
@@ -58,6 +60,7 @@ impl TextEncoder {
             Encoded {
                 ids: encoding.get_ids().to_vec(),
                 type_ids: encoding.get_type_ids().to_vec(),
+                target_len: 0,
             },
             truncated,
         ))

@@ -1,7 +1,7 @@
 //! The training loop, top to bottom: set the learning rate, forward and backward, clip, step, log;
 //! every `eval_every` steps evaluate on dev, keep the best adapter, checkpoint, maybe stop early.
 
-use crate::adapter::{Adapter, AdapterHead};
+use crate::adapter::{Adapter, AdapterHead, PeftConfig};
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
 use crate::batch::{epoch_batches, Batch};
@@ -12,12 +12,13 @@ use crate::metrics::Report;
 use crate::model::Model;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig, OptimizerKind, Schedule};
 use crate::prompt::{InitSource, PromptInit, SoftPrompt};
+use crate::task::causal_lm::{encode_pairs, PromptLm};
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::task::verbalizer::{check_template, render};
 use crate::task::TaskKind;
 use crate::tokenize::{encode_all, Encoded, TextEncoder};
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -123,7 +124,7 @@ impl TrainConfig {
             TaskKind::Verbalizer if self.template.is_none() => bail!(
                 "--task verbalizer needs --template, e.g. \"Review: {{text}}\\nSentiment:\" (the label word comes next)"
             ),
-            TaskKind::Classify if self.label_words.is_some() => {
+            TaskKind::Classify | TaskKind::CausalLm if self.label_words.is_some() => {
                 bail!("--label-words is for --task verbalizer")
             }
             _ => Ok(()),
@@ -160,8 +161,7 @@ pub enum Event<'a> {
     },
     Eval {
         step: usize,
-        report: &'a Report,
-        loss: f64,
+        score: &'a DevScore,
         improved: bool,
     },
     EarlyStop {
@@ -176,7 +176,7 @@ pub struct Summary {
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
-/// checkpoint names of `PromptClassifier::params()`, in order (a verbalizer has the first only)
+/// checkpoint names of `Trainee::params()`, in order (a verbalizer and a causal LM have the first only)
 const PARAM_NAMES: [&str; 3] = ["prompt", "head.weight", "head.bias"];
 const METRICS: &str = "metrics.jsonl";
 
@@ -188,36 +188,61 @@ struct Progress {
     /// batches of `epoch` already done
     batch: usize,
     best: Option<f64>,
+    /// the dev loss of the best evaluation, which breaks ties in accuracy
+    #[serde(default)]
+    best_loss: Option<f64>,
     evals_without_gain: usize,
     optimizer_steps: u64,
     /// stopped early: a resumed run has nothing left to do
     stopped: bool,
 }
 
-/// Labelled, tokenized examples.
-struct LabelledSet {
+/// Tokenized examples: a label per example for classification; a causal LM's targets are in the tokens.
+struct TrainSet {
     data: Vec<Encoded>,
-    labels: Vec<u32>,
+    labels: Option<Vec<u32>>,
 }
 
+/// Reads a data set and writes each input into the template. Classification tasks tokenize the
+/// inputs and map the labels to `label_names` (or to the set's own, sorted); a causal LM appends
+/// each target to its input.
 fn load_set(
     path: &Path,
     columns: &Columns,
     label_names: Option<&[String]>,
     encoder: &TextEncoder,
-    template: Option<&str>,
-) -> anyhow::Result<(LabelledSet, Vec<String>)> {
+    config: &TrainConfig,
+    eos: Option<u32>,
+) -> anyhow::Result<(TrainSet, Vec<String>)> {
     let mut examples = read_examples(path, columns, Labels::Required)?;
     for e in &mut examples {
-        e.text = render(template, &e.text);
+        e.text = render(config.template.as_deref(), &e.text);
     }
     let names = match label_names {
         Some(n) => n.to_vec(),
         None => label_set(&examples),
     };
-    let labels = label_ids(&examples, &names, path)?;
-    let data = encode_all(encoder, &examples, path)?;
-    Ok((LabelledSet { data, labels }, names))
+    let set = match config.task {
+        TaskKind::CausalLm => TrainSet {
+            data: encode_pairs(encoder, &examples, path, eos)?,
+            labels: None,
+        },
+        TaskKind::Classify | TaskKind::Verbalizer => TrainSet {
+            labels: Some(label_ids(&examples, &names, path)?),
+            data: encode_all(encoder, &examples, path)?,
+        },
+    };
+    Ok((set, names))
+}
+
+/// A dev-set evaluation: accuracy is a causal LM's exact match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DevScore {
+    pub accuracy: f64,
+    /// classification only
+    pub macro_f1: Option<f64>,
+    /// mean cross-entropy per example (classification) or per target token (causal LM)
+    pub loss: f64,
 }
 
 /// Accuracy and the rest on a labelled set, with its mean cross-entropy.
@@ -237,6 +262,89 @@ pub fn evaluate<B: Backbone>(
         .sum::<f64>()
         / gold.len().max(1) as f64;
     Ok((Report::new(&classifier.labels, gold, &predicted), loss))
+}
+
+/// What the loop trains, whatever the task.
+trait Trainee {
+    /// The trainable tensors, in the order of their gradients and of `PARAM_NAMES`.
+    fn params(&self) -> Vec<&Var>;
+    fn loss_and_grads(&self, batch: &Batch) -> anyhow::Result<(f64, Vec<Tensor>)>;
+    fn score(&self, set: &TrainSet, batch_size: usize, device: &Device)
+        -> anyhow::Result<DevScore>;
+    /// The adapter as it stands.
+    fn adapter(&self, peft: &PeftConfig) -> anyhow::Result<Adapter>;
+}
+
+impl Trainee for PromptClassifier<AnyBackbone> {
+    fn params(&self) -> Vec<&Var> {
+        PromptClassifier::params(self)
+    }
+
+    fn loss_and_grads(&self, batch: &Batch) -> anyhow::Result<(f64, Vec<Tensor>)> {
+        PromptClassifier::loss_and_grads(self, batch)
+    }
+
+    fn score(
+        &self,
+        set: &TrainSet,
+        batch_size: usize,
+        device: &Device,
+    ) -> anyhow::Result<DevScore> {
+        let gold = set
+            .labels
+            .as_deref()
+            .context("classification needs labels")?;
+        let (report, loss) = evaluate(self, &set.data, gold, batch_size, device)?;
+        Ok(DevScore {
+            accuracy: report.accuracy,
+            macro_f1: Some(report.macro_f1),
+            loss,
+        })
+    }
+
+    fn adapter(&self, peft: &PeftConfig) -> anyhow::Result<Adapter> {
+        Ok(Adapter {
+            config: peft.clone(),
+            prompt: self.prompt.embeddings.as_tensor().to_dtype(DType::F32)?,
+            head: self.adapter_head(),
+            labels: self.labels.clone(),
+            template: self.template.clone(),
+        })
+    }
+}
+
+impl Trainee for PromptLm<AnyBackbone> {
+    fn params(&self) -> Vec<&Var> {
+        PromptLm::params(self)
+    }
+
+    fn loss_and_grads(&self, batch: &Batch) -> anyhow::Result<(f64, Vec<Tensor>)> {
+        PromptLm::loss_and_grads(self, batch)
+    }
+
+    fn score(
+        &self,
+        set: &TrainSet,
+        batch_size: usize,
+        device: &Device,
+    ) -> anyhow::Result<DevScore> {
+        let score = PromptLm::score(self, &set.data, batch_size, device)?;
+        Ok(DevScore {
+            accuracy: score.exact_match,
+            macro_f1: None,
+            loss: score.token_loss,
+        })
+    }
+
+    fn adapter(&self, peft: &PeftConfig) -> anyhow::Result<Adapter> {
+        Ok(Adapter {
+            config: peft.clone(),
+            prompt: self.prompt.embeddings.as_tensor().to_dtype(DType::F32)?,
+            head: AdapterHead::Generation,
+            labels: Vec::new(),
+            template: self.template.clone(),
+        })
+    }
 }
 
 pub fn train(
@@ -264,12 +372,15 @@ pub fn train(
         );
     }
     let model = Model::load(&paths.model, DType::F32, device)?;
+    if config.task == TaskKind::CausalLm {
+        model.lm_head("--task causal-lm")?;
+    }
     let m = config.num_virtual_tokens;
     let encoder = model.encoder(m, config.max_tokens)?;
-    let template = config.template.as_deref();
+    let eos = model.eos_token_ids.first().copied();
     let (train_set, label_names) =
-        load_set(&paths.train, &paths.columns, None, &encoder, template)?;
-    if label_names.len() < 2 {
+        load_set(&paths.train, &paths.columns, None, &encoder, config, eos)?;
+    if config.task != TaskKind::CausalLm && label_names.len() < 2 {
         bail!(
             "{}: training needs at least two different labels, found {:?}",
             paths.train.display(),
@@ -277,11 +388,15 @@ pub fn train(
         );
     }
     let dev_set = match &paths.dev {
-        Some(dev) => Some(load_set(dev, &paths.columns, Some(&label_names), &encoder, template)?.0),
+        Some(dev) => {
+            let known = (config.task != TaskKind::CausalLm).then_some(label_names.as_slice());
+            Some(load_set(dev, &paths.columns, known, &encoder, config, eos)?.0)
+        }
         None => None,
     };
 
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    // A causal LM's "labels" are its distinct targets: `--init labels` starts from their words.
     let label_words = config.label_words.clone().unwrap_or_else(|| {
         label_names
             .iter()
@@ -304,26 +419,9 @@ pub fn train(
         label_ids: &label_token_ids,
     };
     let prompt = SoftPrompt::init(config.init, m, &source, &mut rng)?;
-    let d = model.backbone.hidden_size();
-    let (head, task_type) = match config.task {
-        TaskKind::Classify => {
-            let head = ClassificationHead::init(
-                label_names.len(),
-                d,
-                config.pool,
-                None,
-                &mut rng,
-                device,
-            )?;
-            (
-                model.linear_head(head.weight.as_tensor(), head.bias.as_tensor(), config.pool)?,
-                "SEQ_CLS",
-            )
-        }
-        TaskKind::Verbalizer => (
-            model.verbalizer_head(template.unwrap_or_default(), &label_names, &label_words)?,
-            "CAUSAL_LM",
-        ),
+    let task_type = match config.task {
+        TaskKind::Classify => "SEQ_CLS",
+        TaskKind::Verbalizer | TaskKind::CausalLm => "CAUSAL_LM",
     };
     let peft = model.peft_config(
         task_type,
@@ -331,21 +429,77 @@ pub fn train(
         config.init.peft_name(),
         config.init_text.clone(),
     );
-    let classifier = PromptClassifier {
-        backbone: model.backbone,
-        prompt,
-        head,
-        train_head: config.task == TaskKind::Classify,
-        labels: label_names,
-        template: config.template.clone(),
-    };
+    let template = config.template.clone();
+    let sets = (&train_set, dev_set.as_ref());
+    match config.task {
+        TaskKind::CausalLm => {
+            let lm = PromptLm {
+                lm_head: model.lm_head("--task causal-lm")?.clone(),
+                backbone: model.backbone,
+                prompt,
+                template,
+            };
+            run(&lm, sets, &peft, paths, config, resume, device, on_event)
+        }
+        TaskKind::Classify | TaskKind::Verbalizer => {
+            let (head, words) = if config.task == TaskKind::Verbalizer {
+                let t = template.as_deref().unwrap_or_default();
+                let head = model.verbalizer_head(t, &label_names, &label_words)?;
+                (head, Some(label_words))
+            } else {
+                let d = model.backbone.hidden_size();
+                let n = label_names.len();
+                let init = ClassificationHead::init(n, d, config.pool, None, &mut rng, device)?;
+                let head = model.linear_head(
+                    init.weight.as_tensor(),
+                    init.bias.as_tensor(),
+                    config.pool,
+                )?;
+                (head, None)
+            };
+            let classifier = PromptClassifier {
+                backbone: model.backbone,
+                prompt,
+                head,
+                label_words: words,
+                labels: label_names,
+                template,
+            };
+            run(
+                &classifier,
+                sets,
+                &peft,
+                paths,
+                config,
+                resume,
+                device,
+                on_event,
+            )
+        }
+    }
+}
+
+/// The loop itself, for any task: step, and every `eval_every` steps evaluate, keep the best
+/// adapter, checkpoint, maybe stop.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    trainee: &dyn Trainee,
+    (train_set, dev_set): (&TrainSet, Option<&TrainSet>),
+    peft: &PeftConfig,
+    paths: &TrainPaths,
+    config: &TrainConfig,
+    resume: bool,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event),
+) -> anyhow::Result<Summary> {
+    let checkpoint_path = paths.output.join(CHECKPOINT);
     let mut optimizer = Optimizer::new(
         OptimizerConfig {
             kind: config.optimizer,
             weight_decay: config.weight_decay,
             ..Default::default()
         },
-        &classifier.params(),
+        &trainee.params(),
     )?;
 
     std::fs::create_dir_all(&paths.output)
@@ -355,7 +509,7 @@ pub fn train(
         progress = load_checkpoint(
             &checkpoint_path,
             config,
-            &classifier,
+            &trainee.params(),
             &mut optimizer,
             device,
         )?;
@@ -378,26 +532,7 @@ pub fn train(
         resumed_at: progress.step,
         train_examples: lengths.len(),
     });
-    let save_adapter = |c: &PromptClassifier<AnyBackbone>| -> anyhow::Result<()> {
-        let head = match config.task {
-            TaskKind::Classify => AdapterHead::Linear {
-                weight: c.head.weight.as_tensor().clone(),
-                bias: c.head.bias.as_tensor().clone(),
-                pool: c.head.pool,
-            },
-            TaskKind::Verbalizer => AdapterHead::Verbalizer {
-                words: label_words.clone(),
-            },
-        };
-        Adapter {
-            config: peft.clone(),
-            prompt: c.prompt.embeddings.as_tensor().to_dtype(DType::F32)?,
-            head,
-            labels: c.labels.clone(),
-            template: c.template.clone(),
-        }
-        .save(&paths.output)
-    };
+    let save_adapter = || trainee.adapter(peft)?.save(&paths.output);
 
     let mut epoch_plan: (usize, Vec<Vec<usize>>) = (usize::MAX, Vec::new());
     while progress.step < total && !progress.stopped {
@@ -412,8 +547,8 @@ pub fn train(
         let lr = config
             .schedule
             .lr(config.lr(), progress.step, config.warmup_steps, total);
-        let batch = Batch::new(&train_set.data, Some(&train_set.labels), rows, device)?;
-        let (loss, mut grads) = classifier.loss_and_grads(&batch)?;
+        let batch = Batch::new(&train_set.data, train_set.labels.as_deref(), rows, device)?;
+        let (loss, mut grads) = trainee.loss_and_grads(&batch)?;
         if !loss.is_finite() {
             bail!(
                 "the loss became {loss} at step {}: lower --lr",
@@ -421,7 +556,7 @@ pub fn train(
             );
         }
         let grad_norm = clip_grad_norm(&mut grads, config.max_grad_norm.unwrap_or(f64::INFINITY))?;
-        optimizer.step(&classifier.params(), &grads, lr)?;
+        optimizer.step(&trainee.params(), &grads, lr)?;
         let examples_per_s = rows.len() as f64 / started.elapsed().as_secs_f64();
         progress.step += 1;
         progress.batch += 1;
@@ -442,41 +577,47 @@ pub fn train(
         if progress.step % eval_every != 0 && progress.step != total {
             continue;
         }
-        match &dev_set {
+        match dev_set {
             Some(dev) => {
-                let (report, dev_loss) = evaluate(
-                    &classifier,
-                    &dev.data,
-                    &dev.labels,
-                    config.batch_size,
-                    device,
-                )?;
-                let improved = progress.best.is_none_or(|b| report.accuracy > b);
+                let score = trainee.score(dev, config.batch_size, device)?;
+                let improved = match (progress.best, progress.best_loss) {
+                    (Some(best), best_loss) => {
+                        score.accuracy > best
+                            || (score.accuracy == best && best_loss.is_none_or(|l| score.loss < l))
+                    }
+                    (None, _) => true,
+                };
                 if improved {
-                    progress.best = Some(report.accuracy);
+                    progress.best = Some(score.accuracy);
+                    progress.best_loss = Some(score.loss);
                     progress.evals_without_gain = 0;
-                    save_adapter(&classifier)?;
+                    save_adapter()?;
                 } else {
                     progress.evals_without_gain += 1;
                 }
-                let record = serde_json::json!({"step": progress.step, "dev_accuracy": report.accuracy,
-                    "dev_macro_f1": report.macro_f1, "dev_loss": dev_loss});
+                let record = serde_json::json!({"step": progress.step, "dev_accuracy": score.accuracy,
+                    "dev_macro_f1": score.macro_f1, "dev_loss": score.loss});
                 writeln!(metrics, "{record}")?;
                 on_event(Event::Eval {
                     step: progress.step,
-                    report: &report,
-                    loss: dev_loss,
+                    score: &score,
                     improved,
                 });
             }
-            None => save_adapter(&classifier)?,
+            None => save_adapter()?,
         }
         metrics.flush()?;
         progress.optimizer_steps = optimizer.steps();
         progress.stopped = config
             .patience
             .is_some_and(|p| progress.evals_without_gain >= p);
-        save_checkpoint(&checkpoint_path, config, &classifier, &optimizer, &progress)?;
+        save_checkpoint(
+            &checkpoint_path,
+            config,
+            &trainee.params(),
+            &optimizer,
+            &progress,
+        )?;
         if progress.stopped {
             on_event(Event::EarlyStop {
                 step: progress.step,
@@ -493,13 +634,13 @@ pub fn train(
 fn save_checkpoint(
     path: &Path,
     config: &TrainConfig,
-    classifier: &PromptClassifier<AnyBackbone>,
+    params: &[&Var],
     optimizer: &Optimizer,
     progress: &Progress,
 ) -> anyhow::Result<()> {
     let mut tensors: Vec<(String, Tensor)> = PARAM_NAMES
         .iter()
-        .zip(classifier.params())
+        .zip(params)
         .map(|(name, var)| (name.to_string(), var.as_tensor().clone()))
         .collect();
     tensors.extend(optimizer.state().0);
@@ -513,7 +654,7 @@ fn save_checkpoint(
 fn load_checkpoint(
     path: &Path,
     config: &TrainConfig,
-    classifier: &PromptClassifier<AnyBackbone>,
+    params: &[&Var],
     optimizer: &mut Optimizer,
     device: &Device,
 ) -> anyhow::Result<Progress> {
@@ -532,7 +673,7 @@ fn load_checkpoint(
         );
     }
     let progress: Progress = serde_json::from_str(field("progress")?)?;
-    for (name, var) in PARAM_NAMES.into_iter().zip(classifier.params()) {
+    for (name, var) in PARAM_NAMES.into_iter().zip(params) {
         let t: &Tensor = tensors
             .get(name)
             .with_context(|| format!("{} has no tensor {name}", path.display()))?;

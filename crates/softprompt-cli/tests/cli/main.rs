@@ -445,6 +445,10 @@ fn bad_input_gets_a_clear_error() {
         ),
         &["needs a language model's output layer", "bert encoder"],
     );
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &["--task", "causal-lm"]),
+        &["--task causal-lm needs a language model's output layer"],
+    );
 
     // model directories: missing files, weights that do not match config.json
     let no_tokenizer = dir.join("no-tokenizer");
@@ -596,6 +600,109 @@ fn tiny_decoder(dir: &Path) -> String {
     )
     .unwrap();
     model.display().to_string()
+}
+
+/// `--task causal-lm` on a tiny decoder: the prompt learns to write each review's label after it
+/// (its dev loss falls), the adapter is PEFT's CAUSAL_LM prompt alone, eval scores it, generate
+/// writes with it, and classification refuses it by name.
+#[test]
+fn causal_lm_trains_a_prompt_that_writes_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_decoder(dir);
+    let out = dir.join("writer").display().to_string();
+    let task = [
+        "--task",
+        "causal-lm",
+        "--template",
+        "{text} . it was",
+        "--num-virtual-tokens",
+        "4",
+        "--lr",
+        "0.3",
+        "--max-steps",
+        "24",
+        "--eval-every",
+        "6",
+        "--patience",
+        "0",
+    ];
+    ok(&train_args(&model, &train, &dev, &out, &task));
+
+    let metrics = std::fs::read_to_string(dir.join("writer/metrics.jsonl")).unwrap();
+    let dev_loss: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev_loss"].as_f64())
+        .collect();
+    assert_eq!(dev_loss.len(), 4, "{metrics}");
+    assert!(
+        dev_loss[3] < dev_loss[0],
+        "the dev loss of the targets should fall: {dev_loss:?}"
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("writer/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    let (tensors, _) = softprompt::fsutil::load_tensors(
+        &dir.join("writer/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(tensors.keys().collect::<Vec<_>>(), ["prompt_embeddings"]);
+
+    let eval: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--data",
+        &dev,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(eval["examples"], 8, "{eval}");
+    let token_loss = eval["token_loss"].as_f64().unwrap();
+    assert!(
+        (token_loss - dev_loss.iter().copied().fold(f64::INFINITY, f64::min)).abs() < 1e-3,
+        "eval {eval} should score the kept (best) adapter as training did: {dev_loss:?}"
+    );
+    ok(&[
+        "generate",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "the good movie",
+        "--max-new-tokens",
+        "3",
+    ]);
+    fails_with(
+        &[
+            "predict",
+            "--model",
+            &model,
+            "--adapter",
+            &out,
+            "the good movie",
+        ],
+        &["generation adapter"],
+    );
+    // a target too long to fit beside the prompt
+    let long = dir.join("long.tsv");
+    std::fs::write(
+        &long,
+        format!("text\tlabel\nshort\t{}\n", vec!["good"; 600].join(" ")),
+    )
+    .unwrap();
+    let long = long.display().to_string();
+    let out = dir.join("never").display().to_string();
+    fails_with(
+        &train_args(&model, &long, &long, &out, &task),
+        &["long.tsv line 2", "the target has"],
+    );
 }
 
 #[test]

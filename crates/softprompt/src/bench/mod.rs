@@ -185,6 +185,7 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
                 .map(|_| rng.random_range(0..cfg.vocab_size as u32))
                 .collect(),
             type_ids: vec![0; config.seq],
+            target_len: 0,
         })
         .collect();
     let labels: Vec<u32> = (0..config.batch).map(|i| (i % 2) as u32).collect();
@@ -203,7 +204,7 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         backbone: bert,
         prompt: SoftPrompt::from_tensor(&prompt)?,
         head,
-        train_head: true,
+        label_words: None,
         labels: vec!["a".into(), "b".into()],
         template: None,
     };

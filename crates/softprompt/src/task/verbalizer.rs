@@ -29,8 +29,20 @@ pub fn check_template(template: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The token each label's word starts with, as the model would write it right after the template:
-/// with a leading space, unless the template already ends in whitespace.
+/// `word` as a model would write it right after `before`: with a leading space, unless one side
+/// already has whitespace there.
+pub fn continuation(before: &str, word: &str) -> String {
+    if before.is_empty()
+        || before.ends_with(char::is_whitespace)
+        || word.starts_with(char::is_whitespace)
+    {
+        word.to_string()
+    } else {
+        format!(" {word}")
+    }
+}
+
+/// The token each label's word starts with, as the model would write it right after the template.
 pub fn label_tokens(
     encoder: &TextEncoder,
     template: &str,
@@ -44,14 +56,9 @@ pub fn label_tokens(
             labels.len()
         );
     }
-    let spaced = !template.ends_with(char::is_whitespace);
     let mut ids: Vec<u32> = Vec::with_capacity(words.len());
     for (label, word) in labels.iter().zip(words) {
-        let written = if spaced {
-            format!(" {}", word.trim())
-        } else {
-            word.trim().to_string()
-        };
+        let written = continuation(template, word.trim());
         let Some(&first) = encoder.plain_ids(&written)?.first() else {
             bail!("the word {word:?} of label {label:?} tokenizes to nothing");
         };

@@ -8,14 +8,15 @@ use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, EncoderInput};
 use softprompt::batch::Batch;
-use softprompt::classifier::PromptClassifier;
+use softprompt::classifier::{prompted_forward, PromptClassifier};
 use softprompt::kernels::{
     attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward,
     gelu_tanh_forward, mask_bias, with_composed, AttentionShape, GatedMlp, LayerNorm, Linear,
     RmsNorm, Rope,
 };
 use softprompt::prompt::SoftPrompt;
-use softprompt::task::classify::{ClassificationHead, Pool};
+use softprompt::task::causal_lm::PromptLm;
+use softprompt::task::classify::{log_softmax, ClassificationHead, Pool};
 use softprompt::task::verbalizer;
 use softprompt::tokenize::Encoded;
 
@@ -346,14 +347,17 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
         Encoded {
             ids: vec![2, 5, 20, 9, 3],
             type_ids: vec![0; 5],
+            target_len: 0,
         },
         Encoded {
             ids: vec![2, 30, 3],
             type_ids: vec![0; 3],
+            target_len: 0,
         },
         Encoded {
             ids: vec![2, 40, 41, 42, 43, 3],
             type_ids: vec![0, 0, 0, 1, 1, 1],
+            target_len: 0,
         },
     ];
     let labels = [0u32, 1, 1];
@@ -374,7 +378,7 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
                 backbone: bert,
                 prompt: SoftPrompt::from_tensor(p).unwrap(),
                 head,
-                train_head: true,
+                label_words: None,
                 labels: vec!["a".into(), "b".into()],
                 template: None,
             }
@@ -390,25 +394,11 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
     }
 }
 
-/// The verbalizer on both decoders: the prompt gradient through the frozen LM head's label rows,
-/// read at each row's last real token of a right-padded batch; and a padded row scores as alone.
-#[test]
-fn verbalizer_prompt_gradient_matches_finite_differences() {
-    let data = vec![
-        Encoded {
-            ids: vec![5, 20, 9, 3],
-            type_ids: vec![0; 4],
-        },
-        Encoded {
-            ids: vec![30, 3],
-            type_ids: vec![0; 2],
-        },
-    ];
-    let labels = [1u32, 0];
-    let batch = Batch::new(&data, Some(&labels), &[0, 1], &DEV).unwrap();
-    let prompt = randn(&[3, 16], 7);
-    type Load = fn() -> AnyBackbone;
-    let decoders: [(&str, Load); 2] = [
+type Load = fn() -> AnyBackbone;
+
+/// The tiny GPT-2 and Llama fixtures, loaded in f64.
+fn tiny_decoders() -> [(&'static str, Load); 2] {
+    [
         ("gpt2", || {
             AnyBackbone::Gpt2(
                 Gpt2::load(&crate::fixtures().join("tiny-gpt2"), DType::F64, &DEV).unwrap(),
@@ -419,8 +409,29 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
                 Llama::load(&crate::fixtures().join("tiny-llama"), DType::F64, &DEV).unwrap(),
             )
         }),
+    ]
+}
+
+/// The verbalizer on both decoders: the prompt gradient through the frozen LM head's label rows,
+/// read at each row's last real token of a right-padded batch; and a padded row scores as alone.
+#[test]
+fn verbalizer_prompt_gradient_matches_finite_differences() {
+    let data = vec![
+        Encoded {
+            ids: vec![5, 20, 9, 3],
+            type_ids: vec![0; 4],
+            target_len: 0,
+        },
+        Encoded {
+            ids: vec![30, 3],
+            type_ids: vec![0; 2],
+            target_len: 0,
+        },
     ];
-    for (name, load) in decoders {
+    let labels = [1u32, 0];
+    let batch = Batch::new(&data, Some(&labels), &[0, 1], &DEV).unwrap();
+    let prompt = randn(&[3, 16], 7);
+    for (name, load) in tiny_decoders() {
         let make = |p: &Tensor| {
             let backbone = load();
             let head = verbalizer::head(backbone.lm_head().unwrap(), &[11, 17]).unwrap();
@@ -428,7 +439,7 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
                 backbone,
                 prompt: SoftPrompt::from_tensor(p).unwrap(),
                 head,
-                train_head: false,
+                label_words: Some(vec!["a".into(), "b".into()]),
                 labels: vec!["a".into(), "b".into()],
                 template: None,
             }
@@ -458,6 +469,70 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
                 single[0]
             );
         }
+    }
+}
+
+/// A causal LM on both decoders, in a right-padded batch whose rows end in targets of different
+/// lengths: the loss is the mean next-token cross-entropy over the target tokens alone (checked
+/// against the full logits of each row run alone), and the prompt gradient matches finite differences.
+#[test]
+fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_differences() {
+    let data = vec![
+        Encoded {
+            ids: vec![5, 20, 9, 3, 41, 42],
+            type_ids: vec![0; 6],
+            target_len: 2,
+        },
+        Encoded {
+            ids: vec![30, 7, 8],
+            type_ids: vec![0; 3],
+            target_len: 3,
+        },
+    ];
+    let batch = Batch::new(&data, None, &[0, 1], &DEV).unwrap();
+    let prompt = randn(&[3, 16], 7);
+    for (name, load) in tiny_decoders() {
+        let make = |p: &Tensor| {
+            let backbone = load();
+            PromptLm {
+                lm_head: backbone.lm_head().unwrap().clone(),
+                backbone,
+                prompt: SoftPrompt::from_tensor(p).unwrap(),
+                template: None,
+            }
+        };
+        let lm = make(&prompt);
+        let (loss, grads) = lm.loss_and_grads(&batch).unwrap();
+
+        // By hand: each row alone, all its logits, then -log p of each target token from the position before.
+        let mut nll = Vec::new();
+        for e in &data {
+            let row = Batch::new(std::slice::from_ref(e), None, &[0], &DEV).unwrap();
+            let hidden = prompted_forward(&lm.backbone, &lm.prompt, &row).unwrap();
+            let logits = hidden
+                .squeeze(0)
+                .unwrap()
+                .matmul(&lm.lm_head.t().unwrap())
+                .unwrap();
+            let log_probs = log_softmax(&logits).unwrap().to_vec2::<f64>().unwrap();
+            let (m, n) = (3, e.ids.len());
+            for i in n - e.target_len..n {
+                nll.push(-log_probs[m + i - 1][e.ids[i] as usize]);
+            }
+        }
+        let expected = nll.iter().sum::<f64>() / nll.len() as f64;
+        assert!(
+            (loss - expected).abs() < 1e-9,
+            "{name}: loss {loss} vs by hand {expected}"
+        );
+
+        let loss_of = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
+        check(
+            &prompt,
+            &grads[0].to_dtype(DType::F64).unwrap(),
+            loss_of,
+            &format!("causal-lm prompt gradient, {name}"),
+        );
     }
 }
 

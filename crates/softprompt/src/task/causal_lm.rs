@@ -1,0 +1,168 @@
+//! Generation as the task (`--task causal-lm`): each example is an input, written into the template,
+//! and a target the model learns to write after it. The loss is the mean cross-entropy of the frozen
+//! LM head's next-token prediction over the target tokens only: the prompt and the input are read,
+//! never scored. The target ends with EOS (as PEFT's CAUSAL_LM examples do), so that the prompt also
+//! learns where to stop.
+//!
+//! An example counts as an exact match when every target token, EOS included, is the LM head's top
+//! choice after the tokens before it: exactly when greedy decoding writes the target and stops.
+
+use crate::backbone::Backbone;
+use crate::batch::{eval_batches, Batch};
+use crate::classifier::{prompted_forward, prompted_loss_and_grads};
+use crate::data::Example;
+use crate::prompt::SoftPrompt;
+use crate::task::classify::{cross_entropy, log_softmax};
+use crate::task::verbalizer::continuation;
+use crate::tokenize::{Encoded, TextEncoder};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use std::path::Path;
+
+/// The input's tokens (special tokens included) and then the target's, as the model would write it
+/// right after the input, and EOS. The input is cut from its end when both would not fit in
+/// `encoder.max_tokens()`; a target that alone does not fit is an error.
+pub fn encode_pair(
+    encoder: &TextEncoder,
+    input: &str,
+    target: &str,
+    eos: Option<u32>,
+) -> anyhow::Result<Encoded> {
+    let mut target_ids = encoder.plain_ids(&continuation(input, target))?;
+    target_ids.extend(eos);
+    if target_ids.is_empty() {
+        bail!("the target {target:?} tokenizes to nothing");
+    }
+    let max = encoder.max_tokens();
+    if target_ids.len() >= max {
+        bail!(
+            "the target has {} tokens (EOS included); at most {} fit beside the prompt and some input",
+            target_ids.len(),
+            max.saturating_sub(1)
+        );
+    }
+    let mut encoded = encoder.encode(input, None)?;
+    let keep = encoded.ids.len().min(max - target_ids.len());
+    encoded.ids.truncate(keep);
+    encoded.type_ids.truncate(keep);
+    encoded
+        .type_ids
+        .extend(std::iter::repeat_n(0, target_ids.len()));
+    encoded.target_len = target_ids.len();
+    encoded.ids.extend(target_ids);
+    Ok(encoded)
+}
+
+/// Every (input, target) pair of a data set (the target in the label column), the inputs already
+/// written into the template; an error names the file and line.
+pub fn encode_pairs(
+    encoder: &TextEncoder,
+    examples: &[Example],
+    path: &Path,
+    eos: Option<u32>,
+) -> anyhow::Result<Vec<Encoded>> {
+    examples
+        .iter()
+        .map(|e| {
+            let target = e.label.as_deref().unwrap_or_default();
+            encode_pair(encoder, &e.text, target, eos)
+                .with_context(|| format!("{} line {}", path.display(), e.line))
+        })
+        .collect()
+}
+
+/// hidden [B, S, D], `positions` [T] flat indices into [B, S] (`Batch::target_positions`),
+/// lm_head [V, D] → logits [T, V]. Only the positions that predict a target pay for the LM head.
+pub fn target_logits(hidden: &Tensor, positions: &[u32], lm_head: &Tensor) -> Result<Tensor> {
+    let (b, s, d) = hidden.dims3()?;
+    let rows = Tensor::new(positions, hidden.device())?;
+    let picked = hidden.reshape((b * s, d))?.index_select(&rows, 0)?;
+    picked.matmul(&lm_head.t()?)
+}
+
+/// How well a prompt writes the targets of a data set.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct TargetScore {
+    pub examples: usize,
+    /// the share of examples whose every target token is the top choice (greedy decoding writes it)
+    pub exact_match: f64,
+    /// the share of target tokens that are the top choice
+    pub token_accuracy: f64,
+    /// mean cross-entropy per target token
+    pub token_loss: f64,
+}
+
+impl std::fmt::Display for TargetScore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "examples        {}", self.examples)?;
+        writeln!(f, "exact match     {:.4}", self.exact_match)?;
+        writeln!(f, "token accuracy  {:.4}", self.token_accuracy)?;
+        writeln!(f, "token loss      {:.4}", self.token_loss)
+    }
+}
+
+/// A frozen decoder and the prompt that is trained to make it write the targets.
+pub struct PromptLm<B: Backbone> {
+    pub backbone: B,
+    pub prompt: SoftPrompt,
+    /// [V, D], the decoder's own (frozen)
+    pub lm_head: Tensor,
+    pub template: Option<String>,
+}
+
+impl<B: Backbone> PromptLm<B> {
+    /// The trainable tensors: the prompt alone.
+    pub fn params(&self) -> Vec<&Var> {
+        vec![&self.prompt.embeddings]
+    }
+
+    /// The mean cross-entropy over the target tokens of a batch, and the prompt's gradient.
+    pub fn loss_and_grads(&self, batch: &Batch) -> anyhow::Result<(f64, Vec<Tensor>)> {
+        let targets = batch.targets(self.prompt.len())?;
+        if targets.tokens.is_empty() {
+            bail!("a causal-lm batch needs target tokens");
+        }
+        let tokens = Tensor::new(targets.tokens.as_slice(), self.lm_head.device())?;
+        prompted_loss_and_grads(&self.backbone, &self.prompt, batch, &[], |hidden, _| {
+            let logits = target_logits(hidden, &targets.positions, &self.lm_head)?;
+            cross_entropy(&logits, &tokens)
+        })
+    }
+
+    /// Exact match, token accuracy and token loss over encoded pairs.
+    pub fn score(
+        &self,
+        data: &[Encoded],
+        batch_size: usize,
+        device: &Device,
+    ) -> anyhow::Result<TargetScore> {
+        let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
+        let (mut exact, mut correct, mut tokens, mut loss) = (0usize, 0usize, 0usize, 0f64);
+        for rows in eval_batches(&lengths, batch_size.max(1)) {
+            let batch = Batch::new(data, None, &rows, device)?;
+            let targets = batch.targets(self.prompt.len())?;
+            let hidden = prompted_forward(&self.backbone, &self.prompt, &batch)?;
+            let log_probs =
+                log_softmax(&target_logits(&hidden, &targets.positions, &self.lm_head)?)?
+                    .to_dtype(DType::F32)?;
+            let best = log_probs.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let log_probs = log_probs.to_vec2::<f32>()?;
+            let mut missed = vec![false; batch.len()];
+            for (t, (&token, &row)) in targets.tokens.iter().zip(&targets.rows).enumerate() {
+                let hit = best[t] == token;
+                missed[row] |= !hit;
+                correct += usize::from(hit);
+                loss -= log_probs[t][token as usize] as f64;
+            }
+            exact += missed.iter().filter(|&&m| !m).count();
+            tokens += targets.tokens.len();
+        }
+        let ratio = |a: f64, b: usize| if b == 0 { 0.0 } else { a / b as f64 };
+        Ok(TargetScore {
+            examples: data.len(),
+            exact_match: ratio(exact as f64, data.len()),
+            token_accuracy: ratio(correct as f64, tokens),
+            token_loss: ratio(loss, tokens),
+        })
+    }
+}
