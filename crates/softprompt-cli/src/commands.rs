@@ -66,9 +66,9 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// train or forward (BERT shapes), or generate (GPT-2 small).
+    /// train or forward, or generate (GPT-2 small).
     mode: BenchMode,
-    /// bert-base or minilm-l6 (train, forward); generate runs on gpt2-small.
+    /// bert-base, minilm-l6 or gpt2-small (train, forward); generate runs on gpt2-small.
     #[arg(long)]
     arch: Option<String>,
     #[arg(long, default_value_t = 8)]

@@ -57,39 +57,62 @@ pub fn prompted_forward<B: Backbone>(
     backbone.forward(&prompted(backbone, prompt, batch)?.input())
 }
 
-/// [prompt; batch] through the frozen backbone, `head_loss` on its last hidden state, and back: the
-/// loss, then the gradients of the prompt and of each of `head_params`, in that order.
+/// What a task head gives back for its loss on the last hidden state.
+pub struct HeadBackward {
+    pub loss: f64,
+    /// ∂L/∂hidden [B, M + N, D]
+    pub d_hidden: Tensor,
+    /// the gradients of the head's own trainable tensors, if any
+    pub param_grads: Vec<Tensor>,
+}
+
+/// [prompt; batch] through the frozen backbone, `head` on its last hidden state, and back: the
+/// loss, then the gradients of the prompt and of the head's tensors, in that order.
 ///
-/// `head_loss` reads hidden [B, M + N, D] and the mask [B, M + N] and runs on candle's tape, which
-/// starts at the hidden state; the backbone's backward is its explicit one.
+/// `head` reads hidden [B, M + N, D] and the mask [B, M + N]; the backbone's backward is explicit.
 pub fn prompted_loss_and_grads<B: Backbone>(
     backbone: &B,
     prompt: &SoftPrompt,
     batch: &Batch,
-    head_params: &[&Var],
-    head_loss: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+    head: impl FnOnce(&Tensor, &Tensor) -> anyhow::Result<HeadBackward>,
 ) -> anyhow::Result<(f64, Vec<Tensor>)> {
     let p = prompted(backbone, prompt, batch)?;
     let (hidden, activations) = backbone.forward_train(&p.input())?;
-    // A fresh Var, so that ∂L/∂hidden comes back from the tape.
-    let hidden = Var::from_tensor(&hidden)?;
-    let loss = head_loss(hidden.as_tensor(), &p.attention_mask)?;
+    let head = head(&hidden, &p.attention_mask)?;
+    let d_embeds = backbone.backward(&head.d_hidden, activations)?;
+    let mut gradients = vec![prompt.gradient(&d_embeds)?.to_dtype(DType::F32)?];
+    gradients.extend(head.param_grads);
+    Ok((head.loss, gradients))
+}
+
+/// A head's loss from candle's tape: `loss` builds it from the hidden state, which is made a
+/// fresh `Var` so that ∂L/∂hidden comes back, with the gradients of `params`.
+pub fn taped_head(
+    hidden: &Tensor,
+    params: &[&Var],
+    loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> anyhow::Result<HeadBackward> {
+    let hidden = Var::from_tensor(hidden)?;
+    let loss = loss(hidden.as_tensor())?;
     let grads = loss.backward()?;
     let d_hidden = grads
         .get(hidden.as_tensor())
-        .context("no gradient reached the hidden state")?;
-    let d_embeds = backbone.backward(d_hidden, activations)?;
-    let mut gradients = vec![prompt.gradient(&d_embeds)?.to_dtype(DType::F32)?];
-    for v in head_params {
-        gradients.push(
+        .context("no gradient reached the hidden state")?
+        .clone();
+    let param_grads = params
+        .iter()
+        .map(|v| {
             grads
                 .get(v.as_tensor())
                 .cloned()
-                .context("no gradient reached the head")?,
-        );
-    }
-    let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok((loss, gradients))
+                .context("no gradient reached the head")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(HeadBackward {
+        loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        d_hidden,
+        param_grads,
+    })
 }
 
 impl<B: Backbone> PromptClassifier<B> {
@@ -109,13 +132,11 @@ impl<B: Backbone> PromptClassifier<B> {
             .as_ref()
             .context("a training batch needs labels")?;
         let m = self.prompt.len();
-        prompted_loss_and_grads(
-            &self.backbone,
-            &self.prompt,
-            batch,
-            &self.params()[1..],
-            |hidden, mask| cross_entropy(&self.head.forward(hidden, mask, m)?, labels),
-        )
+        prompted_loss_and_grads(&self.backbone, &self.prompt, batch, |hidden, mask| {
+            taped_head(hidden, &self.params()[1..], |hidden| {
+                cross_entropy(&self.head.forward(hidden, mask, m)?, labels)
+            })
+        })
     }
 
     /// The head as an adapter stores it.

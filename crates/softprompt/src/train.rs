@@ -198,9 +198,9 @@ struct Progress {
 }
 
 /// Tokenized examples: a label per example for classification; a causal LM's targets are in the tokens.
-struct TrainSet {
-    data: Vec<Encoded>,
-    labels: Option<Vec<u32>>,
+pub(crate) struct TrainSet {
+    pub data: Vec<Encoded>,
+    pub labels: Option<Vec<u32>>,
 }
 
 /// Reads a data set and writes each input into the template. Classification tasks tokenize the
@@ -264,8 +264,8 @@ pub fn evaluate<B: Backbone>(
     Ok((Report::new(&classifier.labels, gold, &predicted), loss))
 }
 
-/// What the loop trains, whatever the task.
-trait Trainee {
+/// What the loop (and `softprompt bench`) trains, whatever the task.
+pub(crate) trait Trainee {
     /// The trainable tensors, in the order of their gradients and of `PARAM_NAMES`.
     fn params(&self) -> Vec<&Var>;
     fn loss_and_grads(&self, batch: &Batch) -> anyhow::Result<(f64, Vec<Tensor>)>;

@@ -3,14 +3,18 @@
 
 pub mod generation;
 
+use crate::backbone::any::AnyBackbone;
 use crate::backbone::bert::{Bert, BertConfig};
+use crate::backbone::Decoder;
 use crate::batch::Batch;
 use crate::classifier::PromptClassifier;
 use crate::named_choice;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::prompt::SoftPrompt;
+use crate::task::causal_lm::PromptLm;
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::tokenize::Encoded;
+use crate::train::{TrainSet, Trainee};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
@@ -24,8 +28,10 @@ use std::time::Instant;
 pub enum Arch {
     BertBase,
     MinilmL6,
+    /// trains as a causal LM, every real token a target (as bench_pt.py's labels = input ids)
+    Gpt2Small,
 }
-named_choice!(Arch, "bert-base", "minilm-l6");
+named_choice!(Arch, "bert-base", "minilm-l6", "gpt2-small");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,12 +44,14 @@ pub enum Mode {
 named_choice!(Mode, "train", "forward");
 
 impl Arch {
-    pub fn config(self) -> BertConfig {
+    /// The BERT shapes of the reference's `BertConfig`s; `None` for GPT-2.
+    pub fn bert_config(self) -> Option<BertConfig> {
         let (layers, hidden, heads, ffn) = match self {
             Arch::BertBase => (12, 768, 12, 3072),
             Arch::MinilmL6 => (6, 384, 12, 1536),
+            Arch::Gpt2Small => return None,
         };
-        BertConfig {
+        Some(BertConfig {
             vocab_size: 30522,
             hidden_size: hidden,
             num_hidden_layers: layers,
@@ -55,6 +63,22 @@ impl Arch {
             layer_norm_eps: 1e-12,
             position_embedding_type: "absolute".into(),
             model_type: Some("bert".into()),
+        })
+    }
+
+    /// (layers, hidden, FFN width, vocabulary)
+    fn dims(self) -> (usize, usize, usize, usize) {
+        match self.bert_config() {
+            Some(c) => (
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.intermediate_size,
+                c.vocab_size,
+            ),
+            None => {
+                let c = generation::gpt2_small();
+                (c.n_layer, c.n_embd, 4 * c.n_embd, c.vocab_size)
+            }
         }
     }
 }
@@ -145,19 +169,19 @@ pub struct BenchResult {
     pub peak_rss_mib: f64,
 }
 
-/// Model FLOPs of one step, as ../shared/reference/pytorch/README.md counts them (BERT with the
-/// pooler + classifier head of SEQ_CLS).
-pub fn flops(cfg: &BertConfig, mode: Mode, batch: usize, seq: usize, vt: usize) -> f64 {
-    let (l, d, f) = (
-        cfg.num_hidden_layers as f64,
-        cfg.hidden_size as f64,
-        cfg.intermediate_size as f64,
-    );
+/// Model FLOPs of one step, as ../shared/reference/pytorch/bench_pt.py counts them: BERT with the
+/// pooler + classifier head of SEQ_CLS, GPT-2 with its LM head on every position.
+pub fn flops(arch: Arch, mode: Mode, batch: usize, seq: usize, vt: usize) -> f64 {
+    let (l, d, f, v) = arch.dims();
+    let (l, d, f, v) = (l as f64, d as f64, f as f64, v as f64);
     let (b, s) = (batch as f64, (seq + vt) as f64);
     let t = b * s;
     let lin = l * 2.0 * t * (4.0 * d * d + 2.0 * d * f);
     let attn = l * 4.0 * b * s * s * d;
-    let head = 2.0 * b * (d * d + d * 2.0);
+    let head = match arch {
+        Arch::Gpt2Small => 2.0 * t * d * v,
+        Arch::BertBase | Arch::MinilmL6 => 2.0 * b * (d * d + d * 2.0),
+    };
     match mode {
         Mode::Forward => lin + attn + head,
         Mode::Train => 2.0 * lin + 3.0 * attn + 2.0 * head,
@@ -176,49 +200,62 @@ pub fn peak_rss_mib() -> f64 {
 
 pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
     let device = Device::Cpu;
-    let cfg = config.arch.config();
-    let bert = random_bert(&cfg, &device)?;
+    let (_, hidden, _, vocab) = config.arch.dims();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let is_lm = config.arch == Arch::Gpt2Small;
     let data: Vec<Encoded> = (0..config.batch)
         .map(|_| Encoded {
             ids: (0..config.seq)
-                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .map(|_| rng.random_range(0..vocab as u32))
                 .collect(),
             type_ids: vec![0; config.seq],
-            target_len: 0,
+            target_len: if is_lm { config.seq } else { 0 },
         })
         .collect();
-    let labels: Vec<u32> = (0..config.batch).map(|i| (i % 2) as u32).collect();
-    let rows: Vec<usize> = (0..config.batch).collect();
-    let batch = Batch::new(&data, Some(&labels), &rows, &device)?;
-    let prompt = Tensor::randn(
-        0f32,
-        0.5,
-        (config.num_virtual_tokens, cfg.hidden_size),
-        &device,
-    )?;
-    let pooler = bert.pooler.clone();
-    let head =
-        ClassificationHead::init(2, cfg.hidden_size, Pool::Pooler, pooler, &mut rng, &device)?;
-    let classifier = PromptClassifier {
-        backbone: bert,
-        prompt: SoftPrompt::from_tensor(&prompt)?,
-        head,
-        label_words: None,
-        labels: vec!["a".into(), "b".into()],
-        template: None,
+    let set = TrainSet {
+        labels: (!is_lm).then(|| (0..config.batch).map(|i| (i % 2) as u32).collect()),
+        data,
     };
-    let mut optimizer = Optimizer::new(OptimizerConfig::default(), &classifier.params())?;
+    let rows: Vec<usize> = (0..config.batch).collect();
+    let batch = Batch::new(&set.data, set.labels.as_deref(), &rows, &device)?;
+    let prompt = Tensor::randn(0f32, 0.5, (config.num_virtual_tokens, hidden), &device)?;
+    let prompt = SoftPrompt::from_tensor(&prompt)?;
+    let trainee: Box<dyn Trainee> = match config.arch.bert_config() {
+        Some(cfg) => {
+            let bert = random_bert(&cfg, &device)?;
+            let pooler = bert.pooler.clone();
+            let head =
+                ClassificationHead::init(2, hidden, Pool::Pooler, pooler, &mut rng, &device)?;
+            Box::new(PromptClassifier {
+                backbone: AnyBackbone::Bert(bert),
+                prompt,
+                head,
+                label_words: None,
+                labels: vec!["a".into(), "b".into()],
+                template: None,
+            })
+        }
+        None => {
+            let gpt2 = generation::random_gpt2(&generation::gpt2_small(), &device)?;
+            Box::new(PromptLm {
+                lm_head: gpt2.lm_head().clone(),
+                backbone: AnyBackbone::Gpt2(gpt2),
+                prompt,
+                template: None,
+            })
+        }
+    };
+    let mut optimizer = Optimizer::new(OptimizerConfig::default(), &trainee.params())?;
     let mut step = || -> anyhow::Result<f64> {
         let started = Instant::now();
         match config.mode {
             Mode::Train => {
-                let (_, mut grads) = classifier.loss_and_grads(&batch)?;
+                let (_, mut grads) = trainee.loss_and_grads(&batch)?;
                 clip_grad_norm(&mut grads, 1.0)?;
-                optimizer.step(&classifier.params(), &grads, 1e-3)?;
+                optimizer.step(&trainee.params(), &grads, 1e-3)?;
             }
             Mode::Forward => {
-                classifier.predict_all(&data, config.batch, &device)?;
+                trainee.score(&set, config.batch, &device)?;
             }
         }
         Ok(started.elapsed().as_secs_f64())
@@ -232,7 +269,7 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
     times.sort_by(f64::total_cmp);
     let median_s = times[times.len() / 2];
     let gflop = flops(
-        &cfg,
+        config.arch,
         config.mode,
         config.batch,
         config.seq,

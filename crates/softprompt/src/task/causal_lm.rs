@@ -8,15 +8,16 @@
 //! choice after the tokens before it: exactly when greedy decoding writes the target and stops.
 
 use crate::backbone::Backbone;
-use crate::batch::{eval_batches, Batch};
-use crate::classifier::{prompted_forward, prompted_loss_and_grads};
+use crate::batch::{eval_batches, Batch, Targets};
+use crate::classifier::{prompted_forward, prompted_loss_and_grads, HeadBackward};
 use crate::data::Example;
 use crate::prompt::SoftPrompt;
-use crate::task::classify::{cross_entropy, log_softmax};
+use crate::task::classify::log_softmax;
 use crate::task::verbalizer::continuation;
 use crate::tokenize::{Encoded, TextEncoder};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
+use std::ops::Range;
 use std::path::Path;
 
 /// The input's tokens (special tokens included) and then the target's, as the model would write it
@@ -71,13 +72,71 @@ pub fn encode_pairs(
         .collect()
 }
 
-/// hidden [B, S, D], `positions` [T] flat indices into [B, S] (`Batch::target_positions`),
-/// lm_head [V, D] → logits [T, V]. Only the positions that predict a target pay for the LM head.
-pub fn target_logits(hidden: &Tensor, positions: &[u32], lm_head: &Tensor) -> Result<Tensor> {
+/// Positions whose logits are made at once: [256, V] f32 is 51 MB at GPT-2's vocabulary, where all
+/// of a batch's targets at once could take gigabytes.
+const LOGIT_ROWS: usize = 256;
+
+/// The LM head's logits [C, V] at the target positions of hidden [B·S, D], `LOGIT_ROWS` positions
+/// at a time, each with the range of `targets` it covers.
+fn logit_chunks<'a>(
+    flat: &'a Tensor,
+    targets: &'a Targets,
+    lm_head: &'a Tensor,
+) -> impl Iterator<Item = Result<(Range<usize>, Tensor)>> + 'a {
+    let n = targets.tokens.len();
+    (0..n).step_by(LOGIT_ROWS).map(move |start| {
+        let range = start..(start + LOGIT_ROWS).min(n);
+        let positions = Tensor::new(&targets.positions[range.clone()], flat.device())?;
+        let logits = flat.index_select(&positions, 0)?.matmul(&lm_head.t()?)?;
+        Ok((range, logits))
+    })
+}
+
+/// The mean cross-entropy of the target tokens, forward and backward together (no tape), a chunk
+/// of positions at a time:
+///   -log p(token) = log Σ_v exp(logit_v) - logit_token, and its ∂/∂h = (softmax - onehot) · W
+///   = softmax · W - W[token], so no one-hot and no [T, V] gradient is ever made.
+///
+/// hidden [B, S, D], targets (`Batch::targets`), lm_head W [V, D] → loss and d_hidden [B, S, D]
+/// (zero away from the target positions).
+pub fn target_cross_entropy(
+    hidden: &Tensor,
+    targets: &Targets,
+    lm_head: &Tensor,
+) -> anyhow::Result<HeadBackward> {
     let (b, s, d) = hidden.dims3()?;
-    let rows = Tensor::new(positions, hidden.device())?;
-    let picked = hidden.reshape((b * s, d))?.index_select(&rows, 0)?;
-    picked.matmul(&lm_head.t()?)
+    let device = hidden.device();
+    let flat = hidden.reshape((b * s, d))?;
+    let n = targets.tokens.len();
+    let scale = 1.0 / n.max(1) as f64;
+    let mut loss = 0f64;
+    let mut d_rows = Vec::with_capacity(n.div_ceil(LOGIT_ROWS));
+    for chunk in logit_chunks(&flat, targets, lm_head) {
+        let (range, logits) = chunk?;
+        let tokens = Tensor::new(&targets.tokens[range], device)?;
+        let max = logits.max_keepdim(1)?;
+        let exp = logits.broadcast_sub(&max)?.exp()?;
+        let sum = exp.sum_keepdim(1)?;
+        let picked = logits.gather(&tokens.unsqueeze(1)?, 1)?;
+        let nll = ((sum.log()? + max)? - picked)?;
+        loss += nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        let softmax = exp.broadcast_div(&sum)?;
+        let d = (softmax.matmul(lm_head)? - lm_head.index_select(&tokens, 0)?)?;
+        d_rows.push((d * scale)?);
+    }
+    let d_hidden = match n {
+        0 => flat.zeros_like()?,
+        _ => flat.zeros_like()?.index_add(
+            &Tensor::new(targets.positions.as_slice(), device)?,
+            &Tensor::cat(&d_rows, 0)?,
+            0,
+        )?,
+    };
+    Ok(HeadBackward {
+        loss: loss * scale,
+        d_hidden: d_hidden.reshape((b, s, d))?,
+        param_grads: Vec::new(),
+    })
 }
 
 /// How well a prompt writes the targets of a data set.
@@ -122,10 +181,8 @@ impl<B: Backbone> PromptLm<B> {
         if targets.tokens.is_empty() {
             bail!("a causal-lm batch needs target tokens");
         }
-        let tokens = Tensor::new(targets.tokens.as_slice(), self.lm_head.device())?;
-        prompted_loss_and_grads(&self.backbone, &self.prompt, batch, &[], |hidden, _| {
-            let logits = target_logits(hidden, &targets.positions, &self.lm_head)?;
-            cross_entropy(&logits, &tokens)
+        prompted_loss_and_grads(&self.backbone, &self.prompt, batch, |hidden, _| {
+            target_cross_entropy(hidden, &targets, &self.lm_head)
         })
     }
 
@@ -142,17 +199,21 @@ impl<B: Backbone> PromptLm<B> {
             let batch = Batch::new(data, None, &rows, device)?;
             let targets = batch.targets(self.prompt.len())?;
             let hidden = prompted_forward(&self.backbone, &self.prompt, &batch)?;
-            let log_probs =
-                log_softmax(&target_logits(&hidden, &targets.positions, &self.lm_head)?)?
-                    .to_dtype(DType::F32)?;
-            let best = log_probs.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let log_probs = log_probs.to_vec2::<f32>()?;
+            let (b, s, d) = hidden.dims3()?;
+            let flat = hidden.reshape((b * s, d))?;
             let mut missed = vec![false; batch.len()];
-            for (t, (&token, &row)) in targets.tokens.iter().zip(&targets.rows).enumerate() {
-                let hit = best[t] == token;
-                missed[row] |= !hit;
-                correct += usize::from(hit);
-                loss -= log_probs[t][token as usize] as f64;
+            for chunk in logit_chunks(&flat, &targets, &self.lm_head) {
+                let (range, logits) = chunk?;
+                let log_probs = log_softmax(&logits)?.to_dtype(DType::F32)?;
+                let best = log_probs.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                let log_probs = log_probs.to_vec2::<f32>()?;
+                for (i, t) in range.enumerate() {
+                    let token = targets.tokens[t];
+                    let hit = best[i] == token;
+                    missed[targets.rows[t]] |= !hit;
+                    correct += usize::from(hit);
+                    loss -= log_probs[i][token as usize] as f64;
+                }
             }
             exact += missed.iter().filter(|&&m| !m).count();
             tokens += targets.tokens.len();

@@ -475,9 +475,10 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
 /// A causal LM on both decoders, in a right-padded batch whose rows end in targets of different
 /// lengths: the loss is the mean next-token cross-entropy over the target tokens alone (checked
 /// against the full logits of each row run alone), and the prompt gradient matches finite differences.
+/// Ten long rows make more targets than the LM head's logits are computed for at once.
 #[test]
 fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_differences() {
-    let data = vec![
+    let mut data = vec![
         Encoded {
             ids: vec![5, 20, 9, 3, 41, 42],
             type_ids: vec![0; 6],
@@ -489,7 +490,13 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
             target_len: 3,
         },
     ];
-    let batch = Batch::new(&data, None, &[0, 1], &DEV).unwrap();
+    data.extend((0..10).map(|r| Encoded {
+        ids: (0..28).map(|i| (r * 7 + i * 3) % 60).collect(),
+        type_ids: vec![0; 28],
+        target_len: 27,
+    }));
+    let rows: Vec<usize> = (0..data.len()).collect();
+    let batch = Batch::new(&data, None, &rows, &DEV).unwrap();
     let prompt = randn(&[3, 16], 7);
     for (name, load) in tiny_decoders() {
         let make = |p: &Tensor| {
