@@ -22,6 +22,7 @@ CASES = [
     ("minilm-l6", "forward", 40, 40),
     ("bert-base", "train", 15, 15),
     ("bert-base", "forward", 20, 20),
+    ("gpt2-small", "train", 10, 10),
 ]
 
 

@@ -202,6 +202,10 @@ struct TrainArgs {
     /// Continue the interrupted run in --output from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Keep a GGUF model's quantized matrices quantized in memory, dequantizing each as it is used:
+    /// less memory, the same results, somewhat slower steps.
+    #[arg(long)]
+    keep_quantized: bool,
 }
 
 /// What inference reads: the model, the adapter, and how many texts go through at once.
@@ -226,11 +230,14 @@ struct InferenceArgs {
     label_words: Option<Vec<String>>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Keep a GGUF model's quantized matrices quantized in memory (less memory, slower).
+    #[arg(long)]
+    keep_quantized: bool,
 }
 
 impl InferenceArgs {
     fn load_model(&self) -> anyhow::Result<Model> {
-        Model::load(&self.model, DType::F32, &Device::Cpu)
+        Model::load_with(&self.model, DType::F32, &Device::Cpu, self.keep_quantized)
     }
 }
 
@@ -303,6 +310,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let paths = TrainPaths {
         model: args.model,
+        keep_quantized: args.keep_quantized,
         train: args.train,
         dev: args.dev,
         output: args.output,

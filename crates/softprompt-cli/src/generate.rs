@@ -18,6 +18,9 @@ pub struct GenerateArgs {
     /// A GPT-2 or Llama-family model directory, or a .gguf file.
     #[arg(long)]
     model: PathBuf,
+    /// Keep a GGUF model's quantized matrices quantized in memory (less memory, slower).
+    #[arg(long)]
+    keep_quantized: bool,
     /// An adapter whose prompt goes in front (any prompt-tuning adapter for this model).
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -56,7 +59,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
     };
     config.validate()?;
-    let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
+    let model = Model::load_with(&args.model, DType::F32, &Device::Cpu, args.keep_quantized)?;
     let d = model.backbone.hidden_size();
     let adapter = args
         .adapter

@@ -46,8 +46,27 @@ fn ids(value: Option<&serde_json::Value>) -> Vec<u32> {
 
 impl Model {
     pub fn load(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-            let gguf = gguf::load_llama(path, dtype, device)?;
+        Self::load_with(path, dtype, device, false)
+    }
+
+    /// `load`; with `keep_quantized`, a GGUF file's quantized matrices stay quantized in memory
+    /// and are dequantized one at a time as they are used (`--keep-quantized`): less memory, the
+    /// same numbers, some time spent dequantizing.
+    pub fn load_with(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        keep_quantized: bool,
+    ) -> anyhow::Result<Self> {
+        let is_gguf = path.extension().is_some_and(|e| e == "gguf");
+        if keep_quantized && !is_gguf {
+            bail!(
+                "--keep-quantized reads quantized GGUF files, and {} is not one",
+                path.display()
+            );
+        }
+        if path.is_file() && is_gguf {
+            let gguf = gguf::load_llama(path, dtype, device, keep_quantized)?;
             return Ok(Self {
                 path: path.to_path_buf(),
                 backbone: AnyBackbone::Llama(gguf.llama),

@@ -139,6 +139,8 @@ impl TrainConfig {
 /// Where a run reads and writes.
 pub struct TrainPaths {
     pub model: PathBuf,
+    /// keep a GGUF model's matrices quantized (`Model::load_with`): memory only, the same numbers
+    pub keep_quantized: bool,
     pub train: PathBuf,
     pub dev: Option<PathBuf>,
     pub output: PathBuf,
@@ -371,7 +373,7 @@ pub fn train(
             paths.output.display()
         );
     }
-    let model = Model::load(&paths.model, DType::F32, device)?;
+    let model = Model::load_with(&paths.model, DType::F32, device, paths.keep_quantized)?;
     if config.task == TaskKind::CausalLm {
         model.lm_head("--task causal-lm")?;
     }

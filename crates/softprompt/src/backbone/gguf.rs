@@ -4,13 +4,16 @@
 //! llama.cpp's converter permutes the rows of q and k so that RoPE rotates interleaved pairs; our
 //! RoPE rotates halves, as transformers does, so the permutation is undone here.
 
-use super::llama::{Llama, LlamaConfig};
+use super::llama::{Llama, LlamaConfig, QuantizedWeights};
+use crate::kernels::Weight;
 use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 /// What a GGUF file holds: the model, its tokenizer, and the token that ends a generation.
@@ -20,7 +23,14 @@ pub struct GgufLlama {
     pub eos_token_id: Option<u32>,
 }
 
-pub fn load_llama(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<GgufLlama> {
+/// `keep_quantized`: the quantized matrices stay quantized in memory and are dequantized at each
+/// use (`Weight::Quantized`); otherwise all is dequantized now.
+pub fn load_llama(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    keep_quantized: bool,
+) -> anyhow::Result<GgufLlama> {
     let at = path.display();
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {at}"))?;
     let content = Content::read(&mut file).with_context(|| format!("{at} is not a GGUF file"))?;
@@ -63,47 +73,75 @@ pub fn load_llama(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<
         model_type: Some("llama".into()),
     };
     let mut tensors = HashMap::new();
-    let mut get = |gguf: &str| -> anyhow::Result<Tensor> {
-        let q = content
+    let mut quantized = QuantizedWeights::new();
+    let mut read = |gguf: &str| -> anyhow::Result<QTensor> {
+        content
             .tensor(&mut file, gguf, device)
-            .with_context(|| format!("{at}: cannot read tensor {gguf}"))?;
+            .with_context(|| format!("{at}: cannot read tensor {gguf}"))
+    };
+    let dense = |q: &QTensor, gguf: &str| -> anyhow::Result<Tensor> {
         let t = q
             .dequantize(device)
             .with_context(|| format!("{at}: cannot dequantize {gguf} ({:?})", q.dtype()))?;
         Ok(t.to_dtype(dtype)?)
     };
-    tensors.insert("embed_tokens.weight".to_string(), get("token_embd.weight")?);
-    tensors.insert("norm.weight".to_string(), get("output_norm.weight")?);
-    if content.tensor_infos.contains_key("output.weight") {
-        tensors.insert("lm_head.weight".to_string(), get("output.weight")?);
+    for (gguf, hf) in [
+        ("token_embd.weight", "embed_tokens.weight"),
+        ("output_norm.weight", "norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ] {
+        if content.tensor_infos.contains_key(gguf) {
+            let q = read(gguf)?;
+            tensors.insert(hf.to_string(), dense(&q, gguf)?);
+        }
     }
     for i in 0..config.num_hidden_layers {
         let (g, h) = (format!("blk.{i}"), format!("layers.{i}"));
-        let pairs = [
+        for (gguf, hf) in [
             ("attn_norm", "input_layernorm"),
             ("ffn_norm", "post_attention_layernorm"),
+        ] {
+            let name = format!("{g}.{gguf}.weight");
+            let q = read(&name)?;
+            tensors.insert(format!("{h}.{hf}.weight"), dense(&q, &name)?);
+        }
+        for (gguf, hf) in [
+            ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"),
             ("attn_v", "self_attn.v_proj"),
             ("attn_output", "self_attn.o_proj"),
             ("ffn_gate", "mlp.gate_proj"),
             ("ffn_up", "mlp.up_proj"),
             ("ffn_down", "mlp.down_proj"),
-        ];
-        for (gguf, hf) in pairs {
-            tensors.insert(
-                format!("{h}.{hf}.weight"),
-                get(&format!("{g}.{gguf}.weight"))?,
-            );
+        ] {
+            let name = format!("{g}.{gguf}.weight");
+            let q = read(&name)?;
+            let mut weight = if keep_quantized
+                && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            {
+                Weight::Quantized {
+                    blocks: Arc::new(q),
+                    dtype,
+                }
+            } else {
+                Weight::Dense(dense(&q, &name)?)
+            };
+            if let Some(h) = match gguf {
+                "attn_q" => Some(heads),
+                "attn_k" => Some(kv_heads),
+                _ => None,
+            } {
+                weight = weight.select_rows(&unpermuted_rows(weight.dims()[0], h))?;
+            }
+            let hf = format!("{h}.{hf}.weight");
+            match weight {
+                Weight::Dense(t) => tensors.insert(hf, t).map(|_| ()),
+                quantized_weight => quantized.insert(hf, quantized_weight).map(|_| ()),
+            };
         }
-        tensors.insert(
-            format!("{h}.self_attn.q_proj.weight"),
-            unpermute(get(&format!("{g}.attn_q.weight"))?, heads)?,
-        );
-        tensors.insert(
-            format!("{h}.self_attn.k_proj.weight"),
-            unpermute(get(&format!("{g}.attn_k.weight"))?, kv_heads)?,
-        );
     }
-    let llama = Llama::from_var_builder(VarBuilder::from_tensors(tensors, dtype, device), config)
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    let llama = Llama::from_parts(vb, &quantized, config)
         .with_context(|| format!("{at}: the tensors do not fit its metadata"))?;
     let eos_token_id = content
         .metadata
@@ -117,13 +155,16 @@ pub fn load_llama(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<
     })
 }
 
-/// Undoes llama.cpp's q/k row permutation: rows (heads, K/2, 2) back to (heads, 2, K/2).
-fn unpermute(w: Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    w.reshape((heads, rows / heads / 2, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))
+/// The source row of each row once llama.cpp's q/k row permutation is undone: rows ordered
+/// (heads, K/2, 2) go back to (heads, 2, K/2).
+fn unpermuted_rows(rows: usize, heads: usize) -> Vec<usize> {
+    let k = rows / heads;
+    (0..rows)
+        .map(|r| {
+            let (head, j, i) = (r / k, (r % k) / (k / 2), r % (k / 2));
+            head * k + 2 * i + j
+        })
+        .collect()
 }
 
 /// The byte-level BPE tokenizer the metadata describes (tokenizer.ggml.model "gpt2"), with its

@@ -6,12 +6,13 @@
 use super::{Backbone, Decoder, EncoderInput, KvCache};
 use crate::kernels::{
     attention_backward, attention_forward, cached_attention, heads_of, mask_bias, AttentionShape,
-    GatedMlp, GatedMlpSaved, Linear, RmsNorm, Rope,
+    GatedMlp, GatedMlpSaved, Linear, RmsNorm, Rope, Weight,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::Path;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,23 +148,38 @@ struct LlamaLayerSaved {
     mlp: GatedMlpSaved,
 }
 
-fn linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+/// Matrices kept quantized (`--keep-quantized`), by their full name; the rest come from the VarBuilder.
+pub type QuantizedWeights = HashMap<String, Weight>;
+
+fn linear(
+    vb: &VarBuilder,
+    quantized: &QuantizedWeights,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<Linear> {
     let b = if bias {
         Some(vb.get(out, "bias")?)
     } else {
         None
     };
-    Ok(Linear::new(vb.get((out, inp), "weight")?, b))
+    let name = format!("{}.weight", vb.prefix());
+    let weight = match quantized.get(&name) {
+        Some(w) if w.dims() == [out, inp] => w.clone(),
+        Some(w) => candle_core::bail!("{name} is {:?}, expected [{out}, {inp}]", w.dims()),
+        None => Weight::Dense(vb.get((out, inp), "weight")?),
+    };
+    Ok(Linear::from_weight(weight, b))
 }
 
 impl LlamaLayer {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, quantized: &QuantizedWeights, cfg: &LlamaConfig) -> Result<Self> {
         let (d, f, k) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let (hq, hk) = (cfg.num_attention_heads * k, cfg.kv_heads() * k);
         let eps = cfg.rms_norm_eps;
         let attn = vb.pp("self_attn");
         let parts = [("q_proj", hq), ("k_proj", hk), ("v_proj", hk)]
-            .map(|(name, out)| linear(&attn.pp(name), out, d, cfg.qkv_bias()));
+            .map(|(name, out)| linear(&attn.pp(name), quantized, out, d, cfg.qkv_bias()));
         let [q, k_, v] = parts;
         let (q, k_, v) = (q?, k_?, v?);
         let bias = match (&q.bias, &k_.bias, &v.bias) {
@@ -176,17 +192,17 @@ impl LlamaLayer {
                 weight: vb.get(d, "input_layernorm.weight")?,
                 eps,
             },
-            qkv: Linear::new(Tensor::cat(&[&q.weight, &k_.weight, &v.weight], 0)?, bias),
+            qkv: Linear::from_weight(Weight::cat(&[&q.weight, &k_.weight, &v.weight])?, bias),
             // Llama biases o_proj with attention_bias; Qwen2 biases only q, k and v
-            o_proj: linear(&attn.pp("o_proj"), d, hq, cfg.attention_bias)?,
+            o_proj: linear(&attn.pp("o_proj"), quantized, d, hq, cfg.attention_bias)?,
             post_attention_layernorm: RmsNorm {
                 weight: vb.get(d, "post_attention_layernorm.weight")?,
                 eps,
             },
             mlp: GatedMlp {
-                gate: linear(&mlp.pp("gate_proj"), f, d, false)?,
-                up: linear(&mlp.pp("up_proj"), f, d, false)?,
-                down: linear(&mlp.pp("down_proj"), d, f, false)?,
+                gate: linear(&mlp.pp("gate_proj"), quantized, f, d, false)?,
+                up: linear(&mlp.pp("up_proj"), quantized, f, d, false)?,
+                down: linear(&mlp.pp("down_proj"), quantized, d, f, false)?,
             },
         })
     }
@@ -218,6 +234,15 @@ impl Llama {
     }
 
     pub fn from_var_builder(root: VarBuilder, config: LlamaConfig) -> Result<Self> {
+        Self::from_parts(root, &QuantizedWeights::new(), config)
+    }
+
+    /// `from_var_builder`, with the matrices named in `quantized` taken from there instead.
+    pub fn from_parts(
+        root: VarBuilder,
+        quantized: &QuantizedWeights,
+        config: LlamaConfig,
+    ) -> Result<Self> {
         let lm_head = match root.contains_tensor("lm_head.weight") {
             true => Some(root.get((config.vocab_size, config.hidden_size), "lm_head.weight")?),
             false => None,
@@ -229,7 +254,7 @@ impl Llama {
         };
         let d = config.hidden_size;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| LlamaLayer::load(vb.pp(format!("layers.{i}")), &config))
+            .map(|i| LlamaLayer::load(vb.pp(format!("layers.{i}")), quantized, &config))
             .collect::<Result<Vec<_>>>()?;
         let embed_tokens = vb.get((config.vocab_size, d), "embed_tokens.weight")?;
         let rope = Rope::new(

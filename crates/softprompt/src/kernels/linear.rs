@@ -1,20 +1,126 @@
-use candle_core::{Result, Tensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Result, Tensor};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// A frozen matrix [OUT, IN]: dense, or a GGUF file's quantized blocks kept as they are
+/// (`--keep-quantized`) and dequantized at each use, so that only the layer at work is ever dense.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Quantized {
+        blocks: Arc<QTensor>,
+        /// what it is dequantized to
+        dtype: DType,
+    },
+}
+
+impl Weight {
+    /// The matrix as a dense tensor; for a quantized one, a copy made now.
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Quantized { blocks, dtype } => {
+                blocks.dequantize(&blocks.device())?.to_dtype(*dtype)
+            }
+        }
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Weight::Dense(t) => t.dims(),
+            Weight::Quantized { blocks, .. } => blocks.shape().dims(),
+        }
+    }
+
+    /// Rows [OUT] in the given order: `rows[i]` is the source row of row i. Quantized blocks run
+    /// along a row, so a quantized matrix is reordered without dequantizing it.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Weight> {
+        match self {
+            Weight::Dense(t) => {
+                let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                Ok(Weight::Dense(
+                    t.index_select(&Tensor::new(ids, t.device())?, 0)?,
+                ))
+            }
+            Weight::Quantized { blocks, dtype } => {
+                let data = blocks.data()?;
+                let row_bytes = data.len() / self.dims()[0];
+                let bytes = rows
+                    .iter()
+                    .flat_map(|&r| &data[r * row_bytes..(r + 1) * row_bytes])
+                    .copied()
+                    .collect();
+                let dims = (rows.len(), self.dims()[1]);
+                Self::quantized(bytes, blocks.dtype(), dims, *dtype, blocks)
+            }
+        }
+    }
+
+    /// Matrices with the same IN stacked along OUT (q, k and v into one projection). Quantized
+    /// ones of one block type stay quantized.
+    pub fn cat(parts: &[&Weight]) -> Result<Weight> {
+        let quantized: Option<Vec<(&Arc<QTensor>, DType)>> = parts
+            .iter()
+            .map(|w| match w {
+                Weight::Quantized { blocks, dtype } => Some((blocks, *dtype)),
+                Weight::Dense(_) => None,
+            })
+            .collect();
+        match quantized {
+            Some(q) if q.iter().all(|(b, _)| b.dtype() == q[0].0.dtype()) => {
+                let mut bytes = Vec::new();
+                for (b, _) in &q {
+                    bytes.extend_from_slice(&b.data()?);
+                }
+                let rows = parts.iter().map(|w| w.dims()[0]).sum::<usize>();
+                let dims = (rows, parts[0].dims()[1]);
+                Self::quantized(bytes, q[0].0.dtype(), dims, q[0].1, q[0].0)
+            }
+            _ => {
+                let dense = parts
+                    .iter()
+                    .map(|w| w.dense())
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Weight::Dense(Tensor::cat(&dense, 0)?))
+            }
+        }
+    }
+
+    fn quantized(
+        bytes: Vec<u8>,
+        kind: GgmlDType,
+        dims: (usize, usize),
+        dtype: DType,
+        like: &QTensor,
+    ) -> Result<Weight> {
+        let storage = QStorage::from_data(Cow::Owned(bytes), &like.device(), kind)?;
+        Ok(Weight::Quantized {
+            blocks: Arc::new(QTensor::new(storage, dims)?),
+            dtype,
+        })
+    }
+}
 
 /// A frozen affine map, stored as Hugging Face stores it: `weight` [OUT, IN], `bias` [OUT].
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::from_weight(Weight::Dense(weight), bias)
+    }
+
+    pub fn from_weight(weight: Weight, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
 
     /// x [T, IN] → y [T, OUT] = x·Wᵀ + b. Nothing needs saving: the backward reads only W.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = x.matmul(&self.weight.dense()?.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -23,6 +129,6 @@ impl Linear {
 
     /// dy [T, OUT] → dx [T, IN] = dy·W. The weight gradient (dyᵀ·x) is never formed.
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
-        dy.matmul(&self.weight)
+        dy.matmul(&self.weight.dense()?)
     }
 }

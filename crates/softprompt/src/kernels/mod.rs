@@ -28,7 +28,7 @@ pub use attention::{
 };
 pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};
-pub use linear::Linear;
+pub use linear::{Linear, Weight};
 pub use mlp::{GatedMlp, GatedMlpSaved};
 pub use rms_norm::RmsNorm;
 pub use rope::Rope;

@@ -198,7 +198,7 @@ fn tiny_llama_matches_transformers_with_and_without_prompt() {
 /// The real SmolLM2-135M-Instruct from its Q4_1 GGUF (from `make assets`): the weights dequantized,
 /// q/k un-permuted, the tokenizer rebuilt from the metadata. Token ids and next-token logits match
 /// transformers reading the same file, and greedy decoding continues "The capital of France is"
-/// with " Paris".
+/// with " Paris". With the matrices kept quantized (`--keep-quantized`) the logits are the same.
 #[test]
 fn smollm2_gguf_matches_transformers_and_says_paris() {
     let path = assets().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -208,37 +208,95 @@ fn smollm2_gguf_matches_transformers_and_says_paris() {
         path.display()
     );
     let (f, meta) = fixture("smollm2_logits.safetensors");
-    let softprompt::backbone::gguf::GgufLlama {
-        llama, tokenizer, ..
-    } = softprompt::backbone::gguf::load_llama(&path, DType::F32, &Device::Cpu).unwrap();
-    let ids = tokenizer
-        .encode(meta["prompt"].as_str(), false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
-    let expected: Vec<u32> = f["ids"].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
-    assert_eq!(ids, expected, "token ids");
-    let n = ids.len();
-    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let h = hidden(
-        &llama,
-        &ids,
-        &ids.zeros_like().unwrap(),
-        &ids.ones_like().unwrap(),
-        None,
-    );
-    let logits = llama
-        .logits(&h.narrow(1, n - 1, 1).unwrap().squeeze(1).unwrap())
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    let err = relative(&logits, &f["logits"]);
-    assert!(err < 1e-4, "next-token logits: relative error {err:e}");
-    let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-    assert_eq!(tokenizer.decode(&[next], false).unwrap(), " Paris");
+    let mut dequantized: Option<Tensor> = None;
+    for keep_quantized in [false, true] {
+        let softprompt::backbone::gguf::GgufLlama {
+            llama, tokenizer, ..
+        } = softprompt::backbone::gguf::load_llama(&path, DType::F32, &Device::Cpu, keep_quantized)
+            .unwrap();
+        let ids = tokenizer
+            .encode(meta["prompt"].as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let expected: Vec<u32> = f["ids"].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+        assert_eq!(ids, expected, "token ids");
+        let n = ids.len();
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let h = hidden(
+            &llama,
+            &ids,
+            &ids.zeros_like().unwrap(),
+            &ids.ones_like().unwrap(),
+            None,
+        );
+        let logits = llama
+            .logits(&h.narrow(1, n - 1, 1).unwrap().squeeze(1).unwrap())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let err = relative(&logits, &f["logits"]);
+        assert!(err < 1e-4, "next-token logits: relative error {err:e}");
+        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(tokenizer.decode(&[next], false).unwrap(), " Paris");
+        match &dequantized {
+            None => dequantized = Some(logits),
+            Some(d) => {
+                let err = relative(&logits, d);
+                assert!(err < 1e-6, "kept quantized vs dequantized at load: {err:e}");
+            }
+        }
+    }
+}
+
+/// Quantized matrices are reordered by row and stacked without dequantizing, exactly as their
+/// dense copies are.
+#[test]
+fn quantized_weights_select_rows_and_stack_like_dense_ones() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use softprompt::kernels::Weight;
+    use std::sync::Arc;
+    let dense = |rows: usize, seed: f32| {
+        let v: Vec<f32> = (0..rows * 64)
+            .map(|i| ((i as f32 + seed) * 0.37).sin())
+            .collect();
+        Tensor::from_vec(v, (rows, 64), &Device::Cpu).unwrap()
+    };
+    for kind in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let quantized = |t: &Tensor| Weight::Quantized {
+            blocks: Arc::new(QTensor::quantize(t, kind).unwrap()),
+            dtype: DType::F32,
+        };
+        let (a, b) = (quantized(&dense(6, 0.0)), quantized(&dense(4, 1.0)));
+        let (da, db) = (
+            Weight::Dense(a.dense().unwrap()),
+            Weight::Dense(b.dense().unwrap()),
+        );
+        let order = [5, 0, 3, 1, 4, 2];
+        let pairs = [
+            (
+                a.select_rows(&order).unwrap(),
+                da.select_rows(&order).unwrap(),
+            ),
+            (
+                Weight::cat(&[&a, &b]).unwrap(),
+                Weight::cat(&[&da, &db]).unwrap(),
+            ),
+        ];
+        for (q, d) in pairs {
+            assert!(
+                matches!(q, Weight::Quantized { .. }),
+                "{kind:?} stays quantized"
+            );
+            let (q, d) = (q.dense().unwrap(), d.dense().unwrap());
+            assert_eq!(q.dims(), d.dims());
+            let diff = (q - d).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{kind:?}");
+        }
+    }
 }
 
 /// A GGUF file of an architecture this loader does not read is refused by name, never half-read.
