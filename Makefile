@@ -9,7 +9,7 @@ BIN    := target/release/softprompt
 RUN    := runs/movie-reviews
 VENV   := .venv-ref
 
-.PHONY: demo test assets build fixtures interop sweep bench clean serve-bench
+.PHONY: demo test assets build fixtures interop sweep bench clean serve-bench memory-bench
 
 assets:
 	$(PYTHON) scripts/fetch_assets.py
@@ -44,6 +44,10 @@ bench: build $(VENV)/bin/python
 
 serve-bench: assets build
 	scripts/serve_bench.sh
+
+# Peak RSS of training SmolLM2 with the GGUF dequantized at load and with --keep-quantized.
+memory-bench: assets build
+	scripts/memory_bench.sh
 
 sweep: assets build
 	scripts/sweep_defaults.sh

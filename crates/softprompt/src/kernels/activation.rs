@@ -1,43 +1,49 @@
-use super::fused::{fused_for, Gelu, GeluBackward};
+use super::fused::{fused_for, Gelu, GeluBackward, GeluKind, TANH_CUBIC, TANH_SCALE};
 use candle_core::{Result, Tensor};
 use std::f64::consts::{PI, SQRT_2};
 
+/// The fused kernel of `kind` where it serves x (f32/f64 on the CPU), else None.
+fn fused_forward(x: &Tensor, kind: GeluKind) -> Option<Result<Tensor>> {
+    fused_for(x).then(|| x.contiguous()?.apply_op1_no_bwd(&Gelu(kind)))
+}
+
+fn fused_backward(dy: &Tensor, x: &Tensor, kind: GeluKind) -> Option<Result<Tensor>> {
+    fused_for(x).then(|| {
+        dy.contiguous()?
+            .apply_op2_no_bwd(&x.contiguous()?, &GeluBackward(kind))
+    })
+}
+
 /// GELU with the exact erf: y = x·Φ(x). The backward needs x itself, which the caller keeps.
 pub fn gelu_erf_forward(x: &Tensor) -> Result<Tensor> {
-    if fused_for(x) {
-        return x.contiguous()?.apply_op1_no_bwd(&Gelu);
-    }
-    x.gelu_erf()
+    fused_forward(x, GeluKind::Erf).unwrap_or_else(|| x.gelu_erf())
 }
 
 /// dx = dy · (Φ(x) + x·φ(x)), Φ(x) = ½(1 + erf(x/√2)), φ(x) = exp(−x²/2)/√(2π).
 pub fn gelu_erf_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
-    if fused_for(x) {
-        return dy
-            .contiguous()?
-            .apply_op2_no_bwd(&x.contiguous()?, &GeluBackward);
-    }
-    let cdf = (((x / SQRT_2)?.erf()? + 1.0)? * 0.5)?;
-    let pdf = ((x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * PI).sqrt()))?;
-    dy * (cdf + (x * pdf)?)?
+    fused_backward(dy, x, GeluKind::Erf).unwrap_or_else(|| {
+        let cdf = (((x / SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+        let pdf = ((x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * PI).sqrt()))?;
+        dy * (cdf + (x * pdf)?)?
+    })
 }
-
-/// √(2/π), and the cubic coefficient of the tanh approximation.
-const TANH_SCALE: f64 = 0.797_884_560_802_865_4;
-const TANH_CUBIC: f64 = 0.044715;
 
 /// GELU with the tanh approximation (GPT-2's "gelu_new"): y = ½x(1 + tanh(u)), u = √(2/π)(x + 0.044715x³).
 pub fn gelu_tanh_forward(x: &Tensor) -> Result<Tensor> {
-    let t = tanh_arg(x)?.tanh()?;
-    (x * 0.5)? * (t + 1.0)?
+    fused_forward(x, GeluKind::Tanh).unwrap_or_else(|| {
+        let t = tanh_arg(x)?.tanh()?;
+        (x * 0.5)? * (t + 1.0)?
+    })
 }
 
 /// dx = dy · (½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)).
 pub fn gelu_tanh_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
-    let t = tanh_arg(x)?.tanh()?;
-    let du = ((x.sqr()? * (3.0 * TANH_CUBIC))? + 1.0)? * TANH_SCALE;
-    let slope = (((&t + 1.0)? * 0.5)? + (((x * 0.5)? * (1.0 - t.sqr()?)?)? * du?)?)?;
-    dy * slope
+    fused_backward(dy, x, GeluKind::Tanh).unwrap_or_else(|| {
+        let t = tanh_arg(x)?.tanh()?;
+        let du = ((x.sqr()? * (3.0 * TANH_CUBIC))? + 1.0)? * TANH_SCALE;
+        let slope = (((&t + 1.0)? * 0.5)? + (((x * 0.5)? * (1.0 - t.sqr()?)?)? * du?)?)?;
+        dy * slope
+    })
 }
 
 fn tanh_arg(x: &Tensor) -> Result<Tensor> {

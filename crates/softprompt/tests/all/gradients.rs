@@ -115,18 +115,33 @@ fn layer_norm_backward_matches_finite_differences() {
     });
 }
 
+type Forward = fn(&Tensor) -> candle_core::Result<Tensor>;
+type Backward = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+
+/// Both GELUs (BERT's erf, GPT-2's tanh), fused and composed: the backward matches finite
+/// differences, and the fused forward equals the composed one.
 #[test]
 fn gelu_backward_matches_finite_differences() {
-    on_both_paths(|path| {
-        let x = (randn(&[4, 5], 1) * 3.0).unwrap();
-        let r = randn(&[4, 5], 2);
-        check(
-            &x,
-            &gelu_erf_backward(&r, &x).unwrap(),
-            |x| weighted_sum(&gelu_erf_forward(x).unwrap(), &r),
-            &format!("gelu ({path})"),
-        );
-    });
+    let gelus: [(&str, Forward, Backward); 2] = [
+        ("erf", gelu_erf_forward, gelu_erf_backward),
+        ("tanh", gelu_tanh_forward, gelu_tanh_backward),
+    ];
+    for (name, forward, backward) in gelus {
+        on_both_paths(|path| {
+            let x = (randn(&[4, 5], 1) * 3.0).unwrap();
+            let r = randn(&[4, 5], 2);
+            check(
+                &x,
+                &backward(&r, &x).unwrap(),
+                |x| weighted_sum(&forward(x).unwrap(), &r),
+                &format!("gelu {name} ({path})"),
+            );
+        });
+        let x = (randn(&[4, 5], 3) * 3.0).unwrap();
+        let composed = with_composed(|| forward(&x).unwrap());
+        let diff = crate::max_abs_diff(&forward(&x).unwrap(), &composed);
+        assert!(diff < 1e-12, "gelu {name}: fused vs composed {diff}");
+    }
 }
 
 #[test]
@@ -198,18 +213,6 @@ fn rms_norm_backward_matches_finite_differences() {
         &norm.backward(&r, &x).unwrap(),
         |x| weighted_sum(&norm.forward(x).unwrap(), &r),
         "rms norm",
-    );
-}
-
-#[test]
-fn gelu_tanh_backward_matches_finite_differences() {
-    let x = (randn(&[4, 5], 1) * 3.0).unwrap();
-    let r = randn(&[4, 5], 2);
-    check(
-        &x,
-        &gelu_tanh_backward(&r, &x).unwrap(),
-        |x| weighted_sum(&gelu_tanh_forward(x).unwrap(), &r),
-        "gelu tanh",
     );
 }
 
