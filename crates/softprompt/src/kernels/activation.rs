@@ -1,4 +1,4 @@
-use super::fused::{fused_for, Gelu, GeluBackward, GeluKind, TANH_CUBIC, TANH_SCALE};
+use super::fused::{fused_for, scaled, Gelu, GeluKind, Pointwise, TANH_CUBIC, TANH_SCALE};
 use candle_core::{Result, Tensor};
 use std::f64::consts::{PI, SQRT_2};
 
@@ -8,10 +8,7 @@ fn fused_forward(x: &Tensor, kind: GeluKind) -> Option<Result<Tensor>> {
 }
 
 fn fused_backward(dy: &Tensor, x: &Tensor, kind: GeluKind) -> Option<Result<Tensor>> {
-    fused_for(x).then(|| {
-        dy.contiguous()?
-            .apply_op2_no_bwd(&x.contiguous()?, &GeluBackward(kind))
-    })
+    scaled(dy, x, Pointwise::GeluSlope(kind))
 }
 
 /// GELU with the exact erf: y = x·Φ(x). The backward needs x itself, which the caller keeps.

@@ -187,12 +187,37 @@ impl CustomOp1 for Gelu {
     }
 }
 
-/// dy, x [..] → dy · gelu'(x)
-pub(super) struct GeluBackward(pub GeluKind);
+/// A function of one element that scales another tensor: `Scaled`'s f.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pointwise {
+    /// gelu'(x), for GELU's backward
+    GeluSlope(GeluKind),
+    /// silu(x) = x·σ(x), for the gated MLP's forward and its up-projection's gradient
+    Silu,
+    /// silu'(x) = σ(x)·(1 + x·(1 − σ(x))), for its gate's gradient
+    SiluSlope,
+}
 
-impl CustomOp2 for GeluBackward {
+impl Pointwise {
+    fn at<T: Real>(self, x: T) -> T {
+        let sigmoid = || T::one() / (T::one() + (-x).exp());
+        match self {
+            Pointwise::GeluSlope(kind) => kind.slope(x),
+            Pointwise::Silu => x * sigmoid(),
+            Pointwise::SiluSlope => {
+                let s = sigmoid();
+                s * (T::one() + x * (T::one() - s))
+            }
+        }
+    }
+}
+
+/// a, x [..] → a ⊙ f(x)
+pub(super) struct Scaled(pub Pointwise);
+
+impl CustomOp2 for Scaled {
     fn name(&self) -> &'static str {
-        "gelu-backward"
+        "scaled-pointwise"
     }
 
     fn cpu_fwd(
@@ -203,22 +228,22 @@ impl CustomOp2 for GeluBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(
-            kind: GeluKind,
+            f: Pointwise,
             s1: &CpuStorage,
             l1: &Layout,
             s2: &CpuStorage,
             l2: &Layout,
         ) -> Result<CpuStorage> {
-            let (dy, x) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
+            let (a, x) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
             let mut out = vec![T::zero(); x.len()];
             out.par_chunks_mut(ELEMENTS_PER_TASK)
                 .zip(
-                    dy.par_chunks(ELEMENTS_PER_TASK)
+                    a.par_chunks(ELEMENTS_PER_TASK)
                         .zip(x.par_chunks(ELEMENTS_PER_TASK)),
                 )
-                .for_each(|(o, (dy, x))| {
-                    for ((o, &g), &x) in o.iter_mut().zip(dy).zip(x) {
-                        *o = g * kind.slope(x);
+                .for_each(|(o, (a, x))| {
+                    for ((o, &a), &x) in o.iter_mut().zip(a).zip(x) {
+                        *o = a * f.at(x);
                     }
                 });
             Ok(T::into_storage(out))
@@ -228,6 +253,14 @@ impl CustomOp2 for GeluBackward {
             l1.shape().clone(),
         ))
     }
+}
+
+/// a ⊙ f(x) on the fused kernel where it serves (f32/f64 on the CPU), else None.
+pub(super) fn scaled(a: &Tensor, x: &Tensor, f: Pointwise) -> Option<Result<Tensor>> {
+    fused_for(x).then(|| {
+        a.contiguous()?
+            .apply_op2_no_bwd(&x.contiguous()?, &Scaled(f))
+    })
 }
 
 /// Mean and reciprocal standard deviation of one row.

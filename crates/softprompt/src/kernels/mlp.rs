@@ -1,3 +1,4 @@
+use super::fused::{scaled, Pointwise};
 use super::Linear;
 use candle_core::{Result, Tensor};
 
@@ -19,7 +20,8 @@ impl GatedMlp {
     /// x [T, D] → y [T, D]
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, GatedMlpSaved)> {
         let (gate, up) = (self.gate.forward(x)?, self.up.forward(x)?);
-        let y = self.down.forward(&(gate.silu()? * &up)?)?;
+        let h = scaled(&up, &gate, Pointwise::Silu).unwrap_or_else(|| gate.silu()? * &up)?;
+        let y = self.down.forward(&h)?;
         Ok((y, GatedMlpSaved { gate, up }))
     }
 
@@ -27,10 +29,18 @@ impl GatedMlp {
     pub fn backward(&self, dy: &Tensor, saved: &GatedMlpSaved) -> Result<Tensor> {
         let dh = self.down.backward(dy)?;
         let g = &saved.gate;
-        let sigmoid = (g.neg()?.exp()? + 1.0)?.recip()?;
-        let d_up = (&dh * (g * &sigmoid)?)?;
-        let slope = (&sigmoid * ((g * (1.0 - &sigmoid)?)? + 1.0)?)?;
-        let d_gate = ((&dh * &saved.up)? * slope)?;
+        let dh_up = (&dh * &saved.up)?;
+        let (d_up, d_gate) = match (
+            scaled(&dh, g, Pointwise::Silu),
+            scaled(&dh_up, g, Pointwise::SiluSlope),
+        ) {
+            (Some(d_up), Some(d_gate)) => (d_up?, d_gate?),
+            _ => {
+                let sigmoid = (g.neg()?.exp()? + 1.0)?.recip()?;
+                let slope = (&sigmoid * ((g * (1.0 - &sigmoid)?)? + 1.0)?)?;
+                ((&dh * (g * &sigmoid)?)?, (dh_up * slope)?)
+            }
+        };
         self.gate.backward(&d_gate)? + self.up.backward(&d_up)?
     }
 }

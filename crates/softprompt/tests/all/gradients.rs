@@ -216,6 +216,8 @@ fn rms_norm_backward_matches_finite_differences() {
     );
 }
 
+/// The SiLU-gated MLP, fused and composed: the backward matches finite differences, and the fused
+/// forward equals the composed one.
 #[test]
 fn gated_mlp_backward_matches_finite_differences() {
     let lin = |out: usize, inp: usize, seed: u64| Linear::new(randn(&[out, inp], seed), None);
@@ -226,13 +228,18 @@ fn gated_mlp_backward_matches_finite_differences() {
     };
     let x = (randn(&[3, 4], 4) * 2.0).unwrap();
     let r = randn(&[3, 4], 5);
-    let (_, saved) = mlp.forward(&x).unwrap();
-    check(
-        &x,
-        &mlp.backward(&r, &saved).unwrap(),
-        |x| weighted_sum(&mlp.forward(x).unwrap().0, &r),
-        "gated mlp",
-    );
+    on_both_paths(|path| {
+        let (_, saved) = mlp.forward(&x).unwrap();
+        check(
+            &x,
+            &mlp.backward(&r, &saved).unwrap(),
+            |x| weighted_sum(&mlp.forward(x).unwrap().0, &r),
+            &format!("gated mlp ({path})"),
+        );
+    });
+    let composed = with_composed(|| mlp.forward(&x).unwrap().0);
+    let diff = crate::max_abs_diff(&mlp.forward(&x).unwrap().0, &composed);
+    assert!(diff < 1e-12, "gated mlp: fused vs composed {diff}");
 }
 
 #[test]
