@@ -636,12 +636,12 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     if args.inference.adapters.len() != 1 {
         bail!("inspect reads one adapter at a time");
     }
-    let Inference {
-        backbone,
-        tasks,
-        encoder,
-    } = Inference::load(args.inference.load_model()?, &args.inference, None)?;
-    let nearest = nearest_tokens(&tasks[0].prompt, backbone.word_embeddings(), args.top)?;
+    // Only the prompt is read: a generation adapter, which has no head, is inspected too.
+    let model = args.inference.load_model()?;
+    let d = model.backbone.hidden_size();
+    let adapter = Adapter::load(&args.inference.adapters[0], d, &Device::Cpu)?;
+    let encoder = model.encoder(0, None)?;
+    let nearest = nearest_tokens(&adapter.prompt, model.backbone.word_embeddings(), args.top)?;
     for (position, tokens) in nearest.iter().enumerate() {
         let names: Vec<String> = tokens
             .iter()

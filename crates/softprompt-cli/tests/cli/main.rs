@@ -690,6 +690,12 @@ fn causal_lm_trains_a_prompt_that_writes_targets() {
         ],
         &["generation adapter"],
     );
+    let nearest = ok(&["inspect", "--model", &model, "--adapter", &out]);
+    assert_eq!(
+        nearest.lines().count(),
+        4,
+        "one line per prompt vector:\n{nearest}"
+    );
     // a target too long to fit beside the prompt
     let long = dir.join("long.tsv");
     std::fs::write(
