@@ -9,7 +9,7 @@ batch=${2:-16}
 model=assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-printf '%-16s %14s %10s\n' "weights" "peak RSS MiB" "s/step"
+printf '%-16s %14s %10s  %s\n' "weights" "peak RSS MiB" "s/step" "losses (the same both ways)"
 for mode in dequantized keep-quantized; do
   flag=$([ "$mode" = keep-quantized ] && echo --keep-quantized || true)
   /usr/bin/time -f '%M' -o "$tmp/rss" target/release/softprompt train --model "$model" $flag \
@@ -17,6 +17,6 @@ for mode in dequantized keep-quantized; do
     --train assets/data/movie-reviews/train.tsv --output "$tmp/$mode" \
     --max-steps "$steps" --batch-size "$batch" --eval-every "$steps" --seed 0 >/dev/null 2>&1
   rss_kib=$(tail -1 "$tmp/rss")
-  per_step=$(python3 -c "import json,statistics as s; r=[json.loads(l) for l in open('$tmp/$mode/metrics.jsonl')]; print(f'{s.median($batch/x[\"examples_per_s\"] for x in r if \"examples_per_s\" in x):.2f}')")
-  printf '%-16s %14.0f %10s\n' "$mode" "$((rss_kib / 1024))" "$per_step"
+  read -r per_step losses < <(python3 -c "import json,statistics as s; r=[json.loads(l) for l in open('$tmp/$mode/metrics.jsonl') if 'loss' in l and 'examples_per_s' in l]; print(f'{s.median($batch/x[\"examples_per_s\"] for x in r):.2f}', ' '.join(f'{x[\"loss\"]:.6f}' for x in r))")
+  printf '%-16s %14.0f %10s  %s\n' "$mode" "$((rss_kib / 1024))" "$per_step" "$losses"
 done

@@ -203,6 +203,8 @@ impl LlamaLayer {
                 gate: linear(&mlp.pp("gate_proj"), quantized, f, d, false)?,
                 up: linear(&mlp.pp("up_proj"), quantized, f, d, false)?,
                 down: linear(&mlp.pp("down_proj"), quantized, d, f, false)?,
+                // kept-quantized weights mean memory matters more than the two matmuls
+                recompute: !quantized.is_empty(),
             },
         })
     }

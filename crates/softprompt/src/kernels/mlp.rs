@@ -8,28 +8,47 @@ pub struct GatedMlp {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    /// keep only the input [T, D] for the backward and recompute the two [T, F] projections there:
+    /// 2F − D fewer numbers a position for two more matmuls (the low-memory mode of `--keep-quantized`)
+    pub recompute: bool,
 }
 
-/// What the backward needs: the gate and up projections, [T, F] each.
-pub struct GatedMlpSaved {
-    gate: Tensor,
-    up: Tensor,
+/// What the backward needs: the gate and up projections [T, F] each, or the input [T, D] to
+/// recompute them from.
+pub enum GatedMlpSaved {
+    Projections { gate: Tensor, up: Tensor },
+    Input(Tensor),
 }
 
 impl GatedMlp {
     /// x [T, D] → y [T, D]
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, GatedMlpSaved)> {
-        let (gate, up) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let (gate, up) = self.projections(x)?;
         let h = scaled(&up, &gate, Pointwise::Silu).unwrap_or_else(|| gate.silu()? * &up)?;
         let y = self.down.forward(&h)?;
-        Ok((y, GatedMlpSaved { gate, up }))
+        let saved = match self.recompute {
+            true => GatedMlpSaved::Input(x.clone()),
+            false => GatedMlpSaved::Projections { gate, up },
+        };
+        Ok((y, saved))
+    }
+
+    fn projections(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.gate.forward(x)?, self.up.forward(x)?))
     }
 
     /// dy [T, D] → dx [T, D]. With s = σ(g): d_up = dh ⊙ g·s; d_gate = dh ⊙ up ⊙ s·(1 + g·(1 − s)).
     pub fn backward(&self, dy: &Tensor, saved: &GatedMlpSaved) -> Result<Tensor> {
         let dh = self.down.backward(dy)?;
-        let g = &saved.gate;
-        let dh_up = (&dh * &saved.up)?;
+        let recomputed;
+        let (g, up) = match saved {
+            GatedMlpSaved::Projections { gate, up } => (gate, up),
+            GatedMlpSaved::Input(x) => {
+                recomputed = self.projections(x)?;
+                (&recomputed.0, &recomputed.1)
+            }
+        };
+        let dh_up = (&dh * up)?;
         let (d_up, d_gate) = match (
             scaled(&dh, g, Pointwise::Silu),
             scaled(&dh_up, g, Pointwise::SiluSlope),

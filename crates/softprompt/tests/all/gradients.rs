@@ -216,27 +216,31 @@ fn rms_norm_backward_matches_finite_differences() {
     );
 }
 
-/// The SiLU-gated MLP, fused and composed: the backward matches finite differences, and the fused
+/// The SiLU-gated MLP, fused and composed, keeping its projections or recomputing them: the backward matches finite differences, and the fused
 /// forward equals the composed one.
 #[test]
 fn gated_mlp_backward_matches_finite_differences() {
     let lin = |out: usize, inp: usize, seed: u64| Linear::new(randn(&[out, inp], seed), None);
-    let mlp = GatedMlp {
+    let mut mlp = GatedMlp {
         gate: lin(7, 4, 1),
         up: lin(7, 4, 2),
         down: lin(4, 7, 3),
+        recompute: false,
     };
     let x = (randn(&[3, 4], 4) * 2.0).unwrap();
     let r = randn(&[3, 4], 5);
-    on_both_paths(|path| {
-        let (_, saved) = mlp.forward(&x).unwrap();
-        check(
-            &x,
-            &mlp.backward(&r, &saved).unwrap(),
-            |x| weighted_sum(&mlp.forward(x).unwrap().0, &r),
-            &format!("gated mlp ({path})"),
-        );
-    });
+    for recompute in [false, true] {
+        mlp.recompute = recompute;
+        on_both_paths(|path| {
+            let (_, saved) = mlp.forward(&x).unwrap();
+            check(
+                &x,
+                &mlp.backward(&r, &saved).unwrap(),
+                |x| weighted_sum(&mlp.forward(x).unwrap().0, &r),
+                &format!("gated mlp ({path}, recompute {recompute})"),
+            );
+        });
+    }
     let composed = with_composed(|| mlp.forward(&x).unwrap().0);
     let diff = crate::max_abs_diff(&mlp.forward(&x).unwrap().0, &composed);
     assert!(diff < 1e-12, "gated mlp: fused vs composed {diff}");
