@@ -118,6 +118,14 @@ impl Linear {
         Self { weight, bias }
     }
 
+    /// The same map with its weight dense: for a quantized one, dequantized once for several uses.
+    pub fn densified(&self) -> Result<Linear> {
+        Ok(match &self.weight {
+            Weight::Dense(_) => self.clone(),
+            Weight::Quantized { .. } => Linear::new(self.weight.dense()?, self.bias.clone()),
+        })
+    }
+
     /// x [T, IN] → y [T, OUT] = x·Wᵀ + b. Nothing needs saving: the backward reads only W.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.weight.dense()?.t()?)?;

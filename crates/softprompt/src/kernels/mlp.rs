@@ -40,15 +40,17 @@ impl GatedMlp {
     /// dy [T, D] → dx [T, D]. With s = σ(g): d_up = dh ⊙ g·s; d_gate = dh ⊙ up ⊙ s·(1 + g·(1 − s)).
     pub fn backward(&self, dy: &Tensor, saved: &GatedMlpSaved) -> Result<Tensor> {
         let dh = self.down.backward(dy)?;
+        // Recomputing reads the gate and up weights twice: dequantize them once for both.
+        let (gate, up) = (self.gate.densified()?, self.up.densified()?);
         let recomputed;
-        let (g, up) = match saved {
+        let (g, up_out) = match saved {
             GatedMlpSaved::Projections { gate, up } => (gate, up),
             GatedMlpSaved::Input(x) => {
-                recomputed = self.projections(x)?;
+                recomputed = (gate.forward(x)?, up.forward(x)?);
                 (&recomputed.0, &recomputed.1)
             }
         };
-        let dh_up = (&dh * up)?;
+        let dh_up = (&dh * up_out)?;
         let (d_up, d_gate) = match (
             scaled(&dh, g, Pointwise::Silu),
             scaled(&dh_up, g, Pointwise::SiluSlope),
@@ -60,6 +62,6 @@ impl GatedMlp {
                 ((&dh * (g * &sigmoid)?)?, (dh_up * slope)?)
             }
         };
-        self.gate.backward(&d_gate)? + self.up.backward(&d_up)?
+        gate.backward(&d_gate)? + up.backward(&d_up)?
     }
 }
