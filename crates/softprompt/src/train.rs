@@ -405,10 +405,16 @@ pub fn train(
             .map(|l| l.replace(['_', '-'], " "))
             .collect()
     });
-    let label_token_ids = label_words
-        .iter()
-        .map(|w| encoder.plain_ids(w))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Only `--init labels` reads them, and only one word per prompt vector: a causal LM may have
+    // thousands of distinct targets.
+    let label_token_ids = match config.init {
+        PromptInit::Labels => label_words
+            .iter()
+            .take(m)
+            .map(|w| encoder.plain_ids(w))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        _ => Vec::new(),
+    };
     let text_ids = match &config.init_text {
         Some(t) => encoder.plain_ids(t)?,
         None => Vec::new(),
