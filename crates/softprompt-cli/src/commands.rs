@@ -1,4 +1,5 @@
 use anyhow::{bail, Context};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -81,12 +82,26 @@ struct BenchArgs {
     /// generate: tokens to write.
     #[arg(long, default_value_t = 32)]
     new_tokens: usize,
+    /// generate: round the matrices to these GGUF blocks (q8_0, q4_1, q4_0), as --keep-quantized
+    /// holds a GGUF model; f32 by default.
+    #[arg(long)]
+    weights: Option<BenchWeights>,
     /// Timed steps (after warm-up); the median, min and max are reported.
     #[arg(long, default_value_t = 10)]
     steps: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchWeights {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -230,7 +245,7 @@ struct InferenceArgs {
     label_words: Option<Vec<String>>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Keep a GGUF model's quantized matrices quantized in memory (less memory, slower).
+    /// Keep a GGUF model's quantized matrices quantized in memory: less memory, slower to train, faster to generate.
     #[arg(long)]
     keep_quantized: bool,
 }
@@ -593,14 +608,24 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                 bail!("bench generate runs on gpt2-small, not {arch}");
             }
             let seq = args.seq.unwrap_or(16);
-            let r =
-                bench::generation::run(seq, args.num_virtual_tokens, args.new_tokens, args.steps)?;
+            let weights = args.weights.map(|w| match w {
+                BenchWeights::Q8_0 => GgmlDType::Q8_0,
+                BenchWeights::Q4_1 => GgmlDType::Q4_1,
+                BenchWeights::Q4_0 => GgmlDType::Q4_0,
+            });
+            let r = bench::generation::run(
+                seq,
+                args.num_virtual_tokens,
+                args.new_tokens,
+                args.steps,
+                weights,
+            )?;
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} generate, batch 1, {} + {} prompt tokens, {} new: median {:.3} s (min {:.3}, max {:.3}) over {} runs, {:.1} tokens/s; same tokens as without a cache: {}; peak RSS {:.0} MiB",
-                    r.arch, r.num_virtual_tokens, r.input_tokens, r.new_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.tokens_per_s, r.matches_no_cache, r.peak_rss_mib
+                    "{} ({}) generate, batch 1, {} + {} prompt tokens, {} new: median {:.3} s (min {:.3}, max {:.3}) over {} runs, {:.1} tokens/s; same tokens as without a cache: {}; peak RSS {:.0} MiB",
+                    r.arch, r.weights, r.num_virtual_tokens, r.input_tokens, r.new_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.tokens_per_s, r.matches_no_cache, r.peak_rss_mib
                 );
             }
             return Ok(());

@@ -18,7 +18,7 @@ pub struct GenerateArgs {
     /// A GPT-2 or Llama-family model directory, or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// Keep a GGUF model's quantized matrices quantized in memory (less memory, slower).
+    /// Keep a GGUF model's quantized matrices quantized in memory: less memory, slower to train, faster to generate.
     #[arg(long)]
     keep_quantized: bool,
     /// An adapter whose prompt goes in front (any prompt-tuning adapter for this model).

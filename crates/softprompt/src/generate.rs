@@ -194,8 +194,8 @@ pub fn generate_tokens(
         let embeds = backbone.word_embeddings().index_select(&ids, 0)?;
         let hidden = decoder.extend(&embeds, &mut cache)?;
         let last = hidden.narrow(0, next_input.len() - 1, 1)?;
-        let logits = last
-            .matmul(&decoder.lm_head().t()?)?
+        let logits = decoder
+            .next_token_logits(&last)?
             .squeeze(0)?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;

@@ -5,7 +5,7 @@
 //! RoPE rotates halves, as transformers does, so the permutation is undone here.
 
 use super::llama::{Llama, LlamaConfig, QuantizedWeights};
-use crate::kernels::Weight;
+use crate::kernels::{matvec_reads, Weight};
 use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -85,6 +85,10 @@ pub fn load_llama(
             .with_context(|| format!("{at}: cannot dequantize {gguf} ({:?})", q.dtype()))?;
         Ok(t.to_dtype(dtype)?)
     };
+    let head = match content.tensor_infos.contains_key("output.weight") {
+        true => "output.weight",
+        false => "token_embd.weight",
+    };
     for (gguf, hf) in [
         ("token_embd.weight", "embed_tokens.weight"),
         ("output_norm.weight", "norm.weight"),
@@ -93,6 +97,11 @@ pub fn load_llama(
         if content.tensor_infos.contains_key(gguf) {
             let q = read(gguf)?;
             tensors.insert(hf.to_string(), dense(&q, gguf)?);
+            // Training reads the head dense; generation reads it a row at a time, from its blocks.
+            if keep_quantized && gguf == head && matvec_reads(q.dtype()) {
+                let blocks = Arc::new(q);
+                quantized.insert("lm_head.weight".into(), Weight::Quantized { blocks, dtype });
+            }
         }
     }
     for i in 0..config.num_hidden_layers {

@@ -8,6 +8,7 @@ use crate::kernels::{
     heads_of, mask_bias, AttentionShape, LayerNorm, LayerNormSaved, Linear,
 };
 use anyhow::{bail, Context};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -181,6 +182,8 @@ pub struct Gpt2 {
     wpe: Tensor,
     blocks: Vec<Gpt2Block>,
     ln_f: LayerNorm,
+    /// `wte` as the output layer of generation, quantized by `quantize`
+    decode_head: Linear,
 }
 
 pub struct Gpt2Activations {
@@ -206,13 +209,33 @@ impl Gpt2 {
         let blocks = (0..config.n_layer)
             .map(|i| Gpt2Block::load(vb.pp(format!("h.{i}")), &config))
             .collect::<Result<Vec<_>>>()?;
+        let wte = vb.get((config.vocab_size, d), "wte.weight")?;
         Ok(Self {
-            wte: vb.get((config.vocab_size, d), "wte.weight")?,
+            decode_head: Linear::new(wte.clone(), None),
+            wte,
             wpe: vb.get((config.n_positions, d), "wpe.weight")?,
             blocks,
             ln_f: layer_norm(&vb.pp("ln_f"), d, config.layer_norm_epsilon)?,
             config,
         })
+    }
+
+    /// The same model with every matrix of the blocks, and the output layer of generation,
+    /// rounded to GGUF blocks of `kind`: what `--keep-quantized` holds for a GGUF file. The
+    /// embeddings stay dense, as they do there.
+    pub fn quantize(mut self, kind: GgmlDType) -> Result<Self> {
+        for block in &mut self.blocks {
+            for linear in [
+                &mut block.c_attn,
+                &mut block.attn_proj,
+                &mut block.c_fc,
+                &mut block.mlp_proj,
+            ] {
+                *linear = linear.quantize(kind)?;
+            }
+        }
+        self.decode_head = self.decode_head.quantize(kind)?;
+        Ok(self)
     }
 
     fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
@@ -318,5 +341,9 @@ impl Decoder for Gpt2 {
     /// Tied to the token embeddings.
     fn lm_head(&self) -> &Tensor {
         &self.wte
+    }
+
+    fn next_token_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.decode_head.forward(hidden)
     }
 }

@@ -219,6 +219,9 @@ pub struct Llama {
     layers: Vec<LlamaLayer>,
     norm: RmsNorm,
     rope: Rope,
+    /// the output layer of generation: the LM head, or its quantized blocks when `quantized`
+    /// holds them as `lm_head.weight`
+    decode_head: Linear,
 }
 
 pub struct LlamaActivations {
@@ -266,6 +269,15 @@ impl Llama {
             embed_tokens.dtype(),
             embed_tokens.device(),
         )?;
+        let decode_head = match quantized.get("lm_head.weight") {
+            Some(w) if w.dims() == [config.vocab_size, d] => Linear::from_weight(w.clone(), None),
+            Some(w) => candle_core::bail!(
+                "lm_head.weight is {:?}, expected [{}, {d}]",
+                w.dims(),
+                config.vocab_size
+            ),
+            None => Linear::new(lm_head.as_ref().unwrap_or(&embed_tokens).clone(), None),
+        };
         Ok(Self {
             norm: RmsNorm {
                 weight: vb.get(d, "norm.weight")?,
@@ -273,6 +285,7 @@ impl Llama {
             },
             embed_tokens,
             lm_head,
+            decode_head,
             layers,
             rope,
             config,
@@ -442,5 +455,9 @@ impl Decoder for Llama {
     /// The checkpoint's own LM head, or the embeddings it is tied to.
     fn lm_head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    fn next_token_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.decode_head.forward(hidden)
     }
 }

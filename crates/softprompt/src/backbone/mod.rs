@@ -93,6 +93,9 @@ pub trait Decoder {
     fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
     /// [V, D]: the next-token output layer.
     fn lm_head(&self) -> &Tensor;
+    /// hidden [N, D] → next-token logits [N, V] when generating: through the output layer's
+    /// quantized blocks where the model keeps them (`--keep-quantized`, `quantize`).
+    fn next_token_logits(&self, hidden: &Tensor) -> Result<Tensor>;
 }
 
 /// A config.json read into an architecture's config struct; `what` names the architecture in errors.

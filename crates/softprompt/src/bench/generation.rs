@@ -7,6 +7,7 @@ use crate::backbone::any::AnyBackbone;
 use crate::backbone::gpt2::{Gpt2, Gpt2Config};
 use crate::backbone::{Backbone, EncoderInput};
 use crate::generate::{generate_tokens, prefix_cache, SamplingConfig};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
@@ -63,6 +64,8 @@ pub fn random_gpt2(cfg: &Gpt2Config, device: &Device) -> anyhow::Result<Gpt2> {
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationBench {
     pub arch: &'static str,
+    /// "f32", or the GGUF block type the matrices were rounded to
+    pub weights: String,
     pub input_tokens: usize,
     pub num_virtual_tokens: usize,
     pub new_tokens: usize,
@@ -77,15 +80,23 @@ pub struct GenerationBench {
     pub peak_rss_mib: f64,
 }
 
+/// `weights`: None for f32, or the GGUF block type every matrix is rounded to (as
+/// `--keep-quantized` holds a GGUF file); the tokens are then checked against the same rounded
+/// model decoded without a cache.
 pub fn run(
     input_tokens: usize,
     num_virtual_tokens: usize,
     new_tokens: usize,
     steps: usize,
+    weights: Option<GgmlDType>,
 ) -> anyhow::Result<GenerationBench> {
     let device = Device::Cpu;
     let cfg = gpt2_small();
-    let backbone = AnyBackbone::Gpt2(random_gpt2(&cfg, &device)?);
+    let mut gpt2 = random_gpt2(&cfg, &device)?;
+    if let Some(kind) = weights {
+        gpt2 = gpt2.quantize(kind)?;
+    }
+    let backbone = AnyBackbone::Gpt2(gpt2);
     let prompt = Tensor::randn(0f32, 0.5, (num_virtual_tokens, cfg.n_embd), &device)?;
     let input: Vec<u32> = (0..input_tokens as u32)
         .map(|i| (i * 7919) % 50257)
@@ -112,6 +123,7 @@ pub fn run(
     let median_s = times[times.len() / 2];
     Ok(GenerationBench {
         arch: "gpt2-small",
+        weights: weights.map_or("f32".into(), |k| format!("{k:?}")),
         input_tokens,
         num_virtual_tokens,
         new_tokens,
@@ -133,8 +145,8 @@ pub fn greedy_without_cache(
     input: &[u32],
     new_tokens: usize,
 ) -> anyhow::Result<Vec<u32>> {
-    let lm_head = backbone
-        .lm_head()
+    let decoder = backbone
+        .decoder()
         .ok_or_else(|| anyhow::anyhow!("greedy decoding needs a decoder"))?;
     let mut ids = input.to_vec();
     let mut out = Vec::with_capacity(new_tokens);
@@ -151,8 +163,8 @@ pub fn greedy_without_cache(
             token_type_ids: &mask.zeros_like()?,
         })?;
         let last = hidden.squeeze(0)?.narrow(0, s - 1, 1)?;
-        let next = last
-            .matmul(&lm_head.t()?)?
+        let next = decoder
+            .next_token_logits(&last)?
             .squeeze(0)?
             .argmax(0)?
             .to_scalar::<u32>()?;

@@ -3,6 +3,13 @@ use candle_core::{DType, Result, Tensor};
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use super::quantized_matvec;
+
+/// Up to this many rows, reading the quantized blocks once per row beats dequantizing the matrix
+/// and multiplying (measured on GPT-2 small's MLP matrices, Q8_0 and Q4_1: 16 rows 39 vs 54 ms,
+/// 32 rows 64 vs 66 ms).
+const MATVEC_ROWS: usize = 32;
+
 /// A frozen matrix [OUT, IN]: dense, or a GGUF file's quantized blocks kept as they are
 /// (`--keep-quantized`) and dequantized at each use, so that only the layer at work is ever dense.
 #[derive(Debug, Clone)]
@@ -87,6 +94,15 @@ impl Weight {
         }
     }
 
+    /// The matrix rounded to GGUF blocks of `kind` (what llama.cpp's quantize would make of it).
+    pub fn quantize(&self, kind: GgmlDType) -> Result<Weight> {
+        let dense = self.dense()?;
+        Ok(Weight::Quantized {
+            blocks: Arc::new(QTensor::quantize(&dense.to_dtype(DType::F32)?, kind)?),
+            dtype: dense.dtype(),
+        })
+    }
+
     fn quantized(
         bytes: Vec<u8>,
         kind: GgmlDType,
@@ -126,9 +142,28 @@ impl Linear {
         })
     }
 
+    /// The same map with its weight rounded to GGUF blocks of `kind`.
+    pub fn quantize(&self, kind: GgmlDType) -> Result<Linear> {
+        Ok(Linear::from_weight(
+            self.weight.quantize(kind)?,
+            self.bias.clone(),
+        ))
+    }
+
     /// x [T, IN] → y [T, OUT] = x·Wᵀ + b. Nothing needs saving: the backward reads only W.
+    /// A few f32 rows (a generated token) against quantized blocks read the blocks directly.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.dense()?.t()?)?;
+        let y = match &self.weight {
+            Weight::Quantized { blocks, .. }
+                if x.dim(0)? <= MATVEC_ROWS
+                    && x.dtype() == DType::F32
+                    && x.device().is_cpu()
+                    && quantized_matvec::supports(blocks.dtype()) =>
+            {
+                quantized_matvec::matmul_t(blocks, x)?
+            }
+            _ => x.matmul(&self.weight.dense()?.t()?)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -19,6 +19,7 @@ mod fused_attention;
 mod layer_norm;
 mod linear;
 mod mlp;
+mod quantized_matvec;
 mod rms_norm;
 mod rope;
 
@@ -30,5 +31,6 @@ pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use linear::{Linear, Weight};
 pub use mlp::{GatedMlp, GatedMlpSaved};
+pub use quantized_matvec::supports as matvec_reads;
 pub use rms_norm::RmsNorm;
 pub use rope::Rope;
