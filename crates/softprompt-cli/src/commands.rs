@@ -6,6 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::Backbone;
+use softprompt::batch::Padding;
 use softprompt::bench::{self, BenchConfig, Mode};
 use softprompt::data::{label_ids, label_set, read_examples, Columns, Example, Labels};
 use softprompt::metrics::Report;
@@ -199,6 +200,9 @@ struct TrainArgs {
     max_steps: Option<usize>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Which end of a row its padding goes on: right or left (the results are the same).
+    #[arg(long, default_value_t = Padding::Right)]
+    padding_side: Padding,
     /// Clip the gradients' joint norm to this (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
@@ -245,6 +249,9 @@ struct InferenceArgs {
     label_words: Option<Vec<String>>,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Which end of a row its padding goes on: right or left (the results are the same).
+    #[arg(long, default_value_t = Padding::Right)]
+    padding_side: Padding,
     /// Keep a GGUF model's quantized matrices quantized in memory: less memory, slower to train, faster to generate.
     #[arg(long)]
     keep_quantized: bool,
@@ -317,6 +324,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         min_steps: args.min_steps,
         max_steps: args.max_steps,
         batch_size: args.batch_size,
+        padding: args.padding_side,
         max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
         eval_every: args.eval_every,
         patience: (args.patience > 0).then_some(args.patience),
@@ -459,9 +467,14 @@ impl Inference {
         })
     }
 
-    fn answers(&self, data: &[Encoded], batch_size: usize) -> anyhow::Result<Vec<EnsembleAnswer>> {
+    fn answers(
+        &self,
+        data: &[Encoded],
+        args: &InferenceArgs,
+    ) -> anyhow::Result<Vec<EnsembleAnswer>> {
         let tasks: Vec<&Task> = self.tasks.iter().collect();
-        ensemble_all(&self.backbone, &tasks, data, batch_size, &Device::Cpu)
+        let (size, padding) = (args.batch_size, args.padding_side);
+        ensemble_all(&self.backbone, &tasks, data, size, padding, &Device::Cpu)
     }
 
     fn labels(&self) -> &[String] {
@@ -498,7 +511,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let inference = Inference::load(model, &args.inference, Some(label_set(&examples)))?;
     let gold = label_ids(&examples, inference.labels(), &args.data)?;
     let data = inference.encode(&examples, &args.data)?;
-    let answers = inference.answers(&data, args.inference.batch_size)?;
+    let answers = inference.answers(&data, &args.inference)?;
     let labels = inference.labels();
     let predicted: Vec<u32> = answers
         .iter()
@@ -536,7 +549,8 @@ fn eval_generation(
         prompt: SoftPrompt::from_tensor(&adapter.prompt)?,
         template: adapter.template,
     };
-    let score = lm.score(&data, args.inference.batch_size, &Device::Cpu)?;
+    let (size, padding) = (args.inference.batch_size, args.inference.padding_side);
+    let score = lm.score(&data, size, padding, &Device::Cpu)?;
     if args.json {
         println!("{}", serde_json::to_string(&score)?);
     } else {
@@ -575,7 +589,7 @@ fn run_predict(args: PredictArgs) -> anyhow::Result<()> {
     let ensemble = inference.tasks.len() > 1;
     for (example, answer) in examples
         .iter()
-        .zip(inference.answers(&data, args.inference.batch_size)?)
+        .zip(inference.answers(&data, &args.inference)?)
     {
         if args.json {
             let scores: serde_json::Map<String, serde_json::Value> = inference

@@ -3,6 +3,7 @@
 //! company — then hands each request its own rows' logits.
 
 use crate::metrics::Metrics;
+use softprompt::batch::Padding;
 use softprompt::model::Model;
 use softprompt::multitask::{classify_rows, Task};
 use softprompt::tokenize::Encoded;
@@ -168,7 +169,12 @@ fn classify_by_length(model: &Model, rows: &[(&Task, &Encoded)]) -> anyhow::Resu
             .map_or(order.len(), |n| start + n);
         let group = &order[start..end];
         let members: Vec<(&Task, &Encoded)> = group.iter().map(|&i| rows[i]).collect();
-        let logits = classify_rows(&model.backbone, &members, &candle_core::Device::Cpu)?;
+        let logits = classify_rows(
+            &model.backbone,
+            &members,
+            Padding::Right,
+            &candle_core::Device::Cpu,
+        )?;
         for (&i, l) in group.iter().zip(logits) {
             answers[i] = l;
         }

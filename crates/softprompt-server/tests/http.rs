@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use softprompt::adapter::{Adapter, AdapterHead};
+use softprompt::batch::Padding;
 use softprompt::model::Model;
 use softprompt::multitask::{classify_rows, Task};
 use softprompt::task::classify::Pool;
@@ -268,6 +269,7 @@ fn a_mixed_batch_answers_each_request_as_alone() {
         let alone = classify_rows(
             &model.backbone,
             &[(&task, &encoder.encode(text, None).unwrap())],
+            Padding::Right,
             &Device::Cpu,
         )
         .unwrap();

@@ -1,13 +1,43 @@
 //! Encoded examples → padded batches, ordered so that each batch holds examples of similar length
 //! (less padding, less work) while the order still changes every epoch.
 
+use crate::named_choice;
 use crate::tokenize::Encoded;
 use candle_core::{Device, Result, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-/// One batch, padded on the right to its longest row. The soft prompt is not in it yet.
+/// Which end of a row its padding goes on. Results do not depend on it: the backbones count
+/// positions from the attention mask (`backbone::position_ids`), and the heads find the real
+/// tokens through the mask. With a prompt in front, a left-padded row is [prompt, padding, text].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    #[default]
+    Right,
+    Left,
+}
+named_choice!(Padding, "right", "left");
+
+impl Padding {
+    /// One row of `width` columns: its `n` real items and `width − n` fillers, in order.
+    pub fn row<T: Copy>(
+        self,
+        real: impl IntoIterator<Item = T>,
+        n: usize,
+        width: usize,
+        filler: T,
+    ) -> Vec<T> {
+        let pad = std::iter::repeat_n(filler, width - n);
+        match self {
+            Padding::Right => real.into_iter().chain(pad).collect(),
+            Padding::Left => pad.chain(real).collect(),
+        }
+    }
+}
+
+/// One batch, padded to its longest row. The soft prompt is not in it yet.
 pub struct Batch {
     /// [B, N] u32
     pub ids: Tensor,
@@ -23,6 +53,7 @@ pub struct Batch {
     pub target_lens: Vec<usize>,
     /// per row, its real tokens
     pub lengths: Vec<usize>,
+    pub padding: Padding,
 }
 
 impl Batch {
@@ -30,6 +61,7 @@ impl Batch {
         data: &[Encoded],
         labels: Option<&[u32]>,
         rows: &[usize],
+        padding: Padding,
         device: &Device,
     ) -> Result<Self> {
         let width = rows.iter().map(|&r| data[r].ids.len()).max().unwrap_or(0);
@@ -38,15 +70,10 @@ impl Batch {
         let mut mask = Vec::with_capacity(rows.len() * width);
         for &r in rows {
             let e = &data[r];
-            let pad = width - e.ids.len();
-            ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
-            type_ids.extend(
-                e.type_ids
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
-            mask.extend(std::iter::repeat_n(1u32, e.ids.len()).chain(std::iter::repeat_n(0, pad)));
+            let n = e.ids.len();
+            ids.extend(padding.row(e.ids.iter().copied(), n, width, 0));
+            type_ids.extend(padding.row(e.type_ids.iter().copied(), n, width, 0));
+            mask.extend(padding.row(std::iter::repeat_n(1u32, n), n, width, 0));
         }
         let shape = (rows.len(), width);
         Ok(Self {
@@ -59,6 +86,7 @@ impl Batch {
             rows: rows.to_vec(),
             target_lens: rows.iter().map(|&r| data[r].target_len).collect(),
             lengths: rows.iter().map(|&r| data[r].ids.len()).collect(),
+            padding,
         })
     }
 
@@ -70,8 +98,18 @@ impl Batch {
         let mut targets = Targets::default();
         for (b, row) in ids.iter().enumerate() {
             let (n, t) = (self.lengths[b], self.target_lens[b]);
-            for (i, &token) in row.iter().enumerate().take(n).skip(n - t) {
-                if let Some(before) = (prompt_len + i).checked_sub(1) {
+            // the column of the row's first real token
+            let first = match self.padding {
+                Padding::Right => 0,
+                Padding::Left => row.len() - n,
+            };
+            for (i, &token) in row.iter().enumerate().skip(first).take(n).skip(n - t) {
+                // the position before, skipping left padding back to the prompt
+                let before = match i == first {
+                    true => (prompt_len + i).checked_sub(1 + first),
+                    false => Some(prompt_len + i - 1),
+                };
+                if let Some(before) = before {
                     targets.positions.push((b * width + before) as u32);
                     targets.tokens.push(token);
                     targets.rows.push(b);

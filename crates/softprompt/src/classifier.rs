@@ -3,7 +3,7 @@
 
 use crate::adapter::AdapterHead;
 use crate::backbone::{Backbone, EncoderInput};
-use crate::batch::Batch;
+use crate::batch::{Batch, Padding};
 use crate::multitask::{ensemble_all, Task};
 use crate::prompt::{extend_front, SoftPrompt};
 use crate::task::classify::{cross_entropy, ClassificationHead};
@@ -168,10 +168,11 @@ impl<B: Backbone> PromptClassifier<B> {
         &self,
         data: &[Encoded],
         batch_size: usize,
+        padding: Padding,
         device: &Device,
     ) -> anyhow::Result<Vec<Vec<f32>>> {
         let task = self.task();
-        let answers = ensemble_all(&self.backbone, &[&task], data, batch_size, device)?;
+        let answers = ensemble_all(&self.backbone, &[&task], data, batch_size, padding, device)?;
         Ok(answers
             .into_iter()
             .map(|mut a| a.logits.swap_remove(0))

@@ -8,6 +8,7 @@
 
 use crate::adapter::Adapter;
 use crate::backbone::{Backbone, EncoderInput};
+use crate::batch::Padding;
 use crate::classifier::{argmax, softmax};
 use crate::model::Model;
 use crate::task::classify::ClassificationHead;
@@ -51,11 +52,13 @@ impl Task {
 }
 
 /// One backbone pass over rows of different tasks → each row's logits (its task's label count).
-/// A row gets exactly what it would get in a batch of its own: its prompt sits at positions
-/// 0..M of its row, its tokens after it, and the padding after that is masked out.
+/// A row gets exactly what it would get in a batch of its own: its prompt sits at columns 0..M
+/// of its row and its tokens after it, with the padding (masked out) after them, or between the
+/// prompt and the tokens with `Padding::Left`, as in a training batch.
 pub fn classify_rows<B: Backbone>(
     backbone: &B,
     rows: &[(&Task, &Encoded)],
+    padding: Padding,
     device: &Device,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     if rows.is_empty() {
@@ -82,16 +85,17 @@ pub fn classify_rows<B: Backbone>(
         let ids = Tensor::new(encoded.ids.as_slice(), device)?.unsqueeze(0)?;
         let word = backbone.embed_tokens(&ids)?.squeeze(0)?;
         let pad = Tensor::zeros((width - len, d), word.dtype(), device)?;
-        embeds.push(Tensor::cat(&[&task.prompt, &word, &pad], 0)?);
-        let m = task.prompt_len();
-        mask.extend((0..width).map(|i| (i < len) as u32));
-        types.extend((0..width).map(|i| {
-            if i >= m && i < len {
-                encoded.type_ids[i - m]
-            } else {
-                0
-            }
-        }));
+        let (m, n) = (task.prompt_len(), encoded.ids.len());
+        let text = match padding {
+            Padding::Right => [&word, &pad],
+            Padding::Left => [&pad, &word],
+        };
+        embeds.push(Tensor::cat(&[&task.prompt, text[0], text[1]], 0)?);
+        // the prompt, then the tokens padded like a training batch's
+        mask.extend(std::iter::repeat_n(1, m));
+        mask.extend(padding.row(std::iter::repeat_n(1u32, n), n, width - m, 0));
+        types.extend(std::iter::repeat_n(0, m));
+        types.extend(padding.row(encoded.type_ids.iter().copied(), n, width - m, 0));
     }
     let embeds = Tensor::stack(&embeds, 0)?;
     let shape = (rows.len(), width);
@@ -190,6 +194,7 @@ pub fn ensemble_all<B: Backbone>(
     tasks: &[&Task],
     data: &[Encoded],
     batch_size: usize,
+    padding: Padding,
     device: &Device,
 ) -> anyhow::Result<Vec<EnsembleAnswer>> {
     if tasks.is_empty() {
@@ -202,7 +207,7 @@ pub fn ensemble_all<B: Backbone>(
             .iter()
             .flat_map(|&i| tasks.iter().map(move |t| (*t, &data[i])))
             .collect();
-        let logits = classify_rows(backbone, &rows, device)?;
+        let logits = classify_rows(backbone, &rows, padding, device)?;
         for (i, member_logits) in inputs.iter().zip(logits.chunks(tasks.len())) {
             answers[*i] = Some(ensemble(tasks, member_logits)?);
         }

@@ -4,7 +4,7 @@
 use crate::adapter::{Adapter, AdapterHead, PeftConfig};
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
-use crate::batch::{epoch_batches, Batch};
+use crate::batch::{epoch_batches, Batch, Padding};
 use crate::classifier::{argmax, softmax, PromptClassifier};
 use crate::data::{label_ids, label_set, read_examples, Columns, Labels};
 use crate::fsutil::{load_tensors, save_tensors, write_atomic};
@@ -51,6 +51,8 @@ pub struct TrainConfig {
     pub min_steps: usize,
     pub max_steps: Option<usize>,
     pub batch_size: usize,
+    /// which end of a row its padding goes on (the results are the same)
+    pub padding: Padding,
     pub max_grad_norm: Option<f64>,
     /// None: four evaluations an epoch
     pub eval_every: Option<usize>,
@@ -80,6 +82,7 @@ impl Default for TrainConfig {
             min_steps: 300,
             max_steps: None,
             batch_size: 32,
+            padding: Padding::Right,
             max_grad_norm: Some(1.0),
             eval_every: None,
             patience: Some(4),
@@ -253,9 +256,10 @@ pub fn evaluate<B: Backbone>(
     data: &[Encoded],
     gold: &[u32],
     batch_size: usize,
+    padding: Padding,
     device: &Device,
 ) -> anyhow::Result<(Report, f64)> {
-    let logits = classifier.predict_all(data, batch_size, device)?;
+    let logits = classifier.predict_all(data, batch_size, padding, device)?;
     let predicted: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
     let loss = logits
         .iter()
@@ -271,8 +275,13 @@ pub(crate) trait Trainee {
     /// The trainable tensors, in the order of their gradients and of `PARAM_NAMES`.
     fn params(&self) -> Vec<&Var>;
     fn loss_and_grads(&self, batch: &Batch) -> anyhow::Result<(f64, Vec<Tensor>)>;
-    fn score(&self, set: &TrainSet, batch_size: usize, device: &Device)
-        -> anyhow::Result<DevScore>;
+    fn score(
+        &self,
+        set: &TrainSet,
+        batch_size: usize,
+        padding: Padding,
+        device: &Device,
+    ) -> anyhow::Result<DevScore>;
     /// The adapter as it stands.
     fn adapter(&self, peft: &PeftConfig) -> anyhow::Result<Adapter>;
 }
@@ -290,13 +299,14 @@ impl Trainee for PromptClassifier<AnyBackbone> {
         &self,
         set: &TrainSet,
         batch_size: usize,
+        padding: Padding,
         device: &Device,
     ) -> anyhow::Result<DevScore> {
         let gold = set
             .labels
             .as_deref()
             .context("classification needs labels")?;
-        let (report, loss) = evaluate(self, &set.data, gold, batch_size, device)?;
+        let (report, loss) = evaluate(self, &set.data, gold, batch_size, padding, device)?;
         Ok(DevScore {
             accuracy: report.accuracy,
             macro_f1: Some(report.macro_f1),
@@ -328,9 +338,10 @@ impl Trainee for PromptLm<AnyBackbone> {
         &self,
         set: &TrainSet,
         batch_size: usize,
+        padding: Padding,
         device: &Device,
     ) -> anyhow::Result<DevScore> {
-        let score = PromptLm::score(self, &set.data, batch_size, device)?;
+        let score = PromptLm::score(self, &set.data, batch_size, padding, device)?;
         Ok(DevScore {
             accuracy: score.exact_match,
             macro_f1: None,
@@ -555,7 +566,13 @@ fn run(
         let lr = config
             .schedule
             .lr(config.lr(), progress.step, config.warmup_steps, total);
-        let batch = Batch::new(&train_set.data, train_set.labels.as_deref(), rows, device)?;
+        let batch = Batch::new(
+            &train_set.data,
+            train_set.labels.as_deref(),
+            rows,
+            config.padding,
+            device,
+        )?;
         let (loss, mut grads) = trainee.loss_and_grads(&batch)?;
         if !loss.is_finite() {
             bail!(
@@ -587,7 +604,7 @@ fn run(
         }
         match dev_set {
             Some(dev) => {
-                let score = trainee.score(dev, config.batch_size, device)?;
+                let score = trainee.score(dev, config.batch_size, config.padding, device)?;
                 let improved = match (progress.best, progress.best_loss) {
                     (Some(best), best_loss) => {
                         score.accuracy > best

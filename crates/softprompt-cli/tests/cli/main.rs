@@ -669,6 +669,25 @@ fn causal_lm_trains_a_prompt_that_writes_targets() {
         (token_loss - dev_loss.iter().copied().fold(f64::INFINITY, f64::min)).abs() < 1e-3,
         "eval {eval} should score the kept (best) adapter as training did: {dev_loss:?}"
     );
+    let left: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--data",
+        &dev,
+        "--json",
+        "--padding-side",
+        "left",
+    ]))
+    .unwrap();
+    assert_eq!(left["exact_match"], eval["exact_match"], "{left} vs {eval}");
+    let left_loss = left["token_loss"].as_f64().unwrap();
+    assert!(
+        (left_loss - token_loss).abs() < 1e-5,
+        "left padding scores as right padding does: {left} vs {eval}"
+    );
     ok(&[
         "generate",
         "--model",

@@ -125,15 +125,16 @@ impl BertEmbeddings {
         })
     }
 
-    /// embeds [B, S, D], token types [B, S] → x [T, D]. Positions count from 0 at the first
-    /// prompt vector, as when PEFT passes `inputs_embeds`.
+    /// embeds [B, S, D], token types and mask [B, S] → x [T, D]. Positions count from 0 at the
+    /// first prompt vector, as when PEFT passes `inputs_embeds`, and skip padding.
     fn forward(
         &self,
         embeds: &Tensor,
         token_type_ids: &Tensor,
+        mask: &Tensor,
     ) -> Result<(Tensor, LayerNormSaved)> {
         let (b, s, d) = embeds.dims3()?;
-        let positions = self.position_embeddings.narrow(0, 0, s)?;
+        let positions = super::learned_positions(&self.position_embeddings, mask)?;
         let types = self
             .token_type_embeddings
             .index_select(&token_type_ids.flatten_all()?, 0)?
@@ -322,9 +323,9 @@ impl Backbone for Bert {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
-        let (mut x, embeddings) = self
-            .embeddings
-            .forward(input.embeds, input.token_type_ids)?;
+        let (mut x, embeddings) =
+            self.embeddings
+                .forward(input.embeds, input.token_type_ids, input.attention_mask)?;
         let attention = self.attention_shape(b, s);
         let mut layers = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         for layer in &self.layers {

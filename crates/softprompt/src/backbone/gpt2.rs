@@ -260,7 +260,7 @@ impl Backbone for Gpt2 {
         let attention = self.attention_shape(b, s);
         let mut x = input
             .embeds
-            .broadcast_add(&self.wpe.narrow(0, 0, s)?)?
+            .broadcast_add(&super::learned_positions(&self.wpe, input.attention_mask)?)?
             .reshape((b * s, d))?;
         let mut blocks = Vec::with_capacity(if keep { self.blocks.len() } else { 0 });
         for block in &self.blocks {

@@ -6,7 +6,7 @@
 use super::{Backbone, Decoder, EncoderInput, KvCache};
 use crate::kernels::{
     attention_backward, attention_forward, cached_attention, heads_of, mask_bias, AttentionShape,
-    GatedMlp, GatedMlpSaved, Linear, RmsNorm, Rope, Weight,
+    GatedMlp, GatedMlpSaved, Linear, Positions, RmsNorm, Rope, Weight,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -226,6 +226,8 @@ pub struct Llama {
 
 pub struct LlamaActivations {
     shape: (usize, usize, usize),
+    /// [B, S], when not 0..S (`position_ids`)
+    position_ids: Option<Tensor>,
     layers: Vec<LlamaLayerSaved>,
     /// [T, D], the input of the final norm
     last: Tensor,
@@ -315,6 +317,7 @@ impl Llama {
         qkv: &Tensor,
         batch: usize,
         seq: usize,
+        positions: Positions,
         backward: bool,
     ) -> Result<Tensor> {
         let (k, hq, hk) = (
@@ -329,9 +332,9 @@ impl Llama {
                 .transpose(1, 2)?
                 .contiguous()?;
             let y = if backward {
-                self.rope.backward(&x, 0)?
+                self.rope.backward(&x, positions)?
             } else {
-                self.rope.forward(&x, 0)?
+                self.rope.forward(&x, positions)?
             };
             y.transpose(1, 2)?.reshape((batch * seq, heads * k))
         };
@@ -354,11 +357,15 @@ impl Backbone for Llama {
         let (b, s, d) = shape;
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
         let attention = self.attention_shape(b, s);
+        let position_ids = super::position_ids(input.attention_mask)?;
+        let positions = position_ids
+            .as_ref()
+            .map_or(Positions::From(0), Positions::Ids);
         let mut x = input.embeds.reshape((b * s, d))?;
         let mut layers = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         for layer in &self.layers {
             let qkv = layer.qkv.forward(&layer.input_layernorm.forward(&x)?)?;
-            let qkv = self.rope_packed(&qkv, b, s, false)?;
+            let qkv = self.rope_packed(&qkv, b, s, positions, false)?;
             let (context, probs) = attention_forward(&qkv, &bias, attention)?;
             let x1 = (&x + layer.o_proj.forward(&context)?)?;
             let (m, mlp) = layer
@@ -381,6 +388,7 @@ impl Backbone for Llama {
             hidden,
             keep.then_some(LlamaActivations {
                 shape,
+                position_ids,
                 layers,
                 last: x,
             }),
@@ -402,6 +410,10 @@ impl Backbone for Llama {
     fn backward(&self, d_hidden: &Tensor, activations: LlamaActivations) -> Result<Tensor> {
         let (b, s, d) = activations.shape;
         let attention = self.attention_shape(b, s);
+        let positions = activations
+            .position_ids
+            .as_ref()
+            .map_or(Positions::From(0), Positions::Ids);
         let mut dx = self
             .norm
             .backward(&d_hidden.reshape((b * s, d))?, &activations.last)?;
@@ -417,7 +429,7 @@ impl Backbone for Llama {
                 &saved.probs,
                 attention,
             )?;
-            let d_qkv = self.rope_packed(&d_qkv, b, s, true)?;
+            let d_qkv = self.rope_packed(&d_qkv, b, s, positions, true)?;
             let d_norm1 = layer.qkv.backward(&d_qkv)?;
             dx = (&dx1 + layer.input_layernorm.backward(&d_norm1, &saved.x)?)?;
         }
@@ -434,7 +446,11 @@ impl Decoder for Llama {
             self.config.num_attention_heads,
             self.config.kv_heads(),
         );
-        let rotate = |x: Tensor| self.rope.forward(&x.unsqueeze(0)?, start)?.squeeze(0);
+        let rotate = |x: Tensor| {
+            self.rope
+                .forward(&x.unsqueeze(0)?, Positions::From(start))?
+                .squeeze(0)
+        };
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let qkv = layer.qkv.forward(&layer.input_layernorm.forward(&x)?)?;

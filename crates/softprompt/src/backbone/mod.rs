@@ -98,6 +98,44 @@ pub trait Decoder {
     fn next_token_logits(&self, hidden: &Tensor) -> Result<Tensor>;
 }
 
+/// The position of every column of an attention mask [B, S]: in each row the real columns count
+/// 0, 1, 2, … whatever padding lies before or between them (a padding column takes the next
+/// real column's number; it is masked out anyway). None when every row's real columns already
+/// start at column 0 and run unbroken, as with padding on the right only: positions 0..S then.
+///
+/// This is what makes left padding correct: counting positions by column instead would shift a
+/// left-padded row's tokens, and with a prompt in front ([prompt, padding, text]) would also
+/// open a gap between the prompt and the text.
+pub fn position_ids(mask: &Tensor) -> Result<Option<Tensor>> {
+    let rows = mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    if rows.iter().all(|r| r.windows(2).all(|w| w[0] >= w[1])) {
+        return Ok(None);
+    }
+    let ids: Vec<u32> = rows
+        .iter()
+        .flat_map(|row| {
+            row.iter().scan(0u32, |real_before, &m| {
+                let position = *real_before;
+                *real_before += (m != 0) as u32;
+                Some(position)
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(ids, mask.dims2()?, mask.device())?))
+}
+
+/// The rows of a learned position table [P, D] for the columns of a mask [B, S]: [S, D] when
+/// positions are 0..S, else [B, S, D] (see `position_ids`). Added to embeddings [B, S, D].
+pub(crate) fn learned_positions(table: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    match position_ids(mask)? {
+        None => table.narrow(0, 0, s),
+        Some(ids) => table
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, table.dim(1)?)),
+    }
+}
+
 /// A config.json read into an architecture's config struct; `what` names the architecture in errors.
 pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
     path: &Path,

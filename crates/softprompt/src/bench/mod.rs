@@ -6,7 +6,7 @@ pub mod generation;
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::bert::{Bert, BertConfig};
 use crate::backbone::Decoder;
-use crate::batch::Batch;
+use crate::batch::{Batch, Padding};
 use crate::classifier::PromptClassifier;
 use crate::named_choice;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
@@ -217,7 +217,13 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         data,
     };
     let rows: Vec<usize> = (0..config.batch).collect();
-    let batch = Batch::new(&set.data, set.labels.as_deref(), &rows, &device)?;
+    let batch = Batch::new(
+        &set.data,
+        set.labels.as_deref(),
+        &rows,
+        Padding::Right,
+        &device,
+    )?;
     let prompt = Tensor::randn(0f32, 0.5, (config.num_virtual_tokens, hidden), &device)?;
     let prompt = SoftPrompt::from_tensor(&prompt)?;
     let trainee: Box<dyn Trainee> = match config.arch.bert_config() {
@@ -255,7 +261,7 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
                 optimizer.step(&trainee.params(), &grads, 1e-3)?;
             }
             Mode::Forward => {
-                trainee.score(&set, config.batch, &device)?;
+                trainee.score(&set, config.batch, Padding::Right, &device)?;
             }
         }
         Ok(started.elapsed().as_secs_f64())

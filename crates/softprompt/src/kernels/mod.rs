@@ -33,4 +33,4 @@ pub use linear::{Linear, Weight};
 pub use mlp::{GatedMlp, GatedMlpSaved};
 pub use quantized_matvec::supports as matvec_reads;
 pub use rms_norm::RmsNorm;
-pub use rope::Rope;
+pub use rope::{Positions, Rope};

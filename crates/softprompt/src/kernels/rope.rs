@@ -37,28 +37,52 @@ impl Rope {
         })
     }
 
-    /// x [B, H, S, K], positions starting at `offset` → rotated x [B, H, S, K]
-    pub fn forward(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (cos, sin) = self.tables(x, offset)?;
+    /// x [B, H, S, K] at `positions` → rotated x [B, H, S, K]
+    pub fn forward(&self, x: &Tensor, positions: Positions) -> Result<Tensor> {
+        let (cos, sin) = self.tables(x, positions)?;
         x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
     }
 
     /// dy [B, H, S, K] → dx = dy·cos + rotate_halfᵀ(dy·sin), with rotate_halfᵀ([z₁, z₂]) = [z₂, −z₁].
-    pub fn backward(&self, dy: &Tensor, offset: usize) -> Result<Tensor> {
-        let (cos, sin) = self.tables(dy, offset)?;
+    pub fn backward(&self, dy: &Tensor, positions: Positions) -> Result<Tensor> {
+        let (cos, sin) = self.tables(dy, positions)?;
         let z = dy.broadcast_mul(&sin)?;
         let half = z.dim(3)? / 2;
         let transposed = Tensor::cat(&[z.narrow(3, half, half)?, z.narrow(3, 0, half)?.neg()?], 3)?;
         dy.broadcast_mul(&cos)? + transposed
     }
 
-    fn tables(&self, x: &Tensor, offset: usize) -> Result<(Tensor, Tensor)> {
-        let s = x.dim(2)?;
-        Ok((
-            self.cos.narrow(0, offset, s)?,
-            self.sin.narrow(0, offset, s)?,
-        ))
+    /// cos and sin at the positions, [S, K] or [B, 1, S, K]
+    fn tables(&self, x: &Tensor, positions: Positions) -> Result<(Tensor, Tensor)> {
+        match positions {
+            Positions::From(offset) => {
+                let s = x.dim(2)?;
+                Ok((
+                    self.cos.narrow(0, offset, s)?,
+                    self.sin.narrow(0, offset, s)?,
+                ))
+            }
+            Positions::Ids(ids) => {
+                let (b, s) = ids.dims2()?;
+                let k = self.cos.dim(1)?;
+                let at = |table: &Tensor| {
+                    table
+                        .index_select(&ids.flatten_all()?, 0)?
+                        .reshape((b, 1, s, k))
+                };
+                Ok((at(&self.cos)?, at(&self.sin)?))
+            }
+        }
     }
+}
+
+/// The position of each of S columns.
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// offset, offset + 1, … in every row
+    From(usize),
+    /// [B, S] u32, per row: a left-padded row's first real token is not at column 0
+    Ids(&'a Tensor),
 }
 
 fn rotate_half(x: &Tensor) -> Result<Tensor> {

@@ -8,7 +8,7 @@
 //! choice after the tokens before it: exactly when greedy decoding writes the target and stops.
 
 use crate::backbone::Backbone;
-use crate::batch::{eval_batches, Batch, Targets};
+use crate::batch::{eval_batches, Batch, Padding, Targets};
 use crate::classifier::{prompted_forward, prompted_loss_and_grads, HeadBackward};
 use crate::data::Example;
 use crate::prompt::SoftPrompt;
@@ -191,12 +191,13 @@ impl<B: Backbone> PromptLm<B> {
         &self,
         data: &[Encoded],
         batch_size: usize,
+        padding: Padding,
         device: &Device,
     ) -> anyhow::Result<TargetScore> {
         let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
         let (mut exact, mut correct, mut tokens, mut loss) = (0usize, 0usize, 0usize, 0f64);
         for rows in eval_batches(&lengths, batch_size.max(1)) {
-            let batch = Batch::new(data, None, &rows, device)?;
+            let batch = Batch::new(data, None, &rows, padding, device)?;
             let targets = batch.targets(self.prompt.len())?;
             let hidden = prompted_forward(&self.backbone, &self.prompt, &batch)?;
             let (b, s, d) = hidden.dims3()?;

@@ -20,11 +20,11 @@ pub enum Pool {
     /// The checkpoint's frozen BERT pooler (dense + tanh) on position 0: PEFT's SEQ_CLS with
     /// BertForSequenceClassification.
     Pooler,
-    /// The hidden state of the real [CLS] token, right after the prompt.
+    /// The hidden state of the real [CLS] token: the first real token after the prompt.
     Cls,
     /// The mean over the real tokens (prompt and padding left out).
     Mean,
-    /// The last real token: what a decoder has read everything before (padding is on the right).
+    /// The last real token: what a decoder has read everything before.
     Last,
 }
 named_choice!(Pool, "first", "pooler", "cls", "mean", "last");
@@ -83,7 +83,9 @@ impl ClassificationHead {
     fn pooled(&self, hidden: &Tensor, mask: &Tensor, prompt_len: usize) -> Result<Tensor> {
         match self.pool {
             Pool::First => hidden.narrow(1, 0, 1)?.squeeze(1),
-            Pool::Cls => hidden.narrow(1, prompt_len, 1)?.squeeze(1),
+            Pool::Cls => pick_real(hidden, mask, |real| {
+                real.iter().find(|&&i| i >= prompt_len).copied()
+            }),
             Pool::Pooler => {
                 let pooler = self.pooler.as_ref().expect("checked at construction");
                 pooler.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()
@@ -100,17 +102,7 @@ impl ClassificationHead {
                     .sum(1)?;
                 sum.broadcast_div(&real.sum(1)?)
             }
-            Pool::Last => {
-                let (b, s, d) = hidden.dims3()?;
-                let lengths = mask.to_dtype(DType::F32)?.sum(1)?.to_vec1::<f32>()?;
-                let rows: Vec<u32> = lengths
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &n)| (i * s + (n as usize).max(1) - 1) as u32)
-                    .collect();
-                let rows = Tensor::from_vec(rows, b, hidden.device())?;
-                hidden.reshape((b * s, d))?.index_select(&rows, 0)
-            }
+            Pool::Last => pick_real(hidden, mask, |real| real.last().copied()),
         }
     }
 
@@ -121,6 +113,29 @@ impl ClassificationHead {
         let bias = self.bias.as_tensor().to_dtype(pooled.dtype())?;
         pooled.matmul(&weight.t()?)?.broadcast_add(&bias)
     }
+}
+
+/// hidden [B, S, D] → [B, D]: in each row, the column `choose` picks from the row's real columns
+/// (mask 1, in order), or column 0 when it picks none.
+fn pick_real(
+    hidden: &Tensor,
+    mask: &Tensor,
+    choose: impl Fn(&[usize]) -> Option<usize>,
+) -> Result<Tensor> {
+    let (b, s, d) = hidden.dims3()?;
+    let rows: Vec<u32> = mask
+        .to_dtype(DType::U32)?
+        .to_vec2::<u32>()?
+        .iter()
+        .enumerate()
+        .map(|(row, m)| {
+            let real: Vec<usize> = (0..s).filter(|&i| m[i] != 0).collect();
+            (row * s + choose(&real).unwrap_or(0)) as u32
+        })
+        .collect();
+    hidden
+        .reshape((b * s, d))?
+        .index_select(&Tensor::from_vec(rows, b, hidden.device())?, 0)
 }
 
 /// logits [B, C], labels [B] u32 → mean cross-entropy (a scalar).

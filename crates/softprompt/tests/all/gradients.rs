@@ -7,12 +7,12 @@ use softprompt::backbone::bert::{Bert, BertConfig};
 use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, EncoderInput};
-use softprompt::batch::Batch;
+use softprompt::batch::{Batch, Padding};
 use softprompt::classifier::{prompted_forward, PromptClassifier};
 use softprompt::kernels::{
     attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward,
     gelu_tanh_forward, mask_bias, with_composed, AttentionShape, GatedMlp, LayerNorm, Linear,
-    RmsNorm, Rope,
+    Positions, RmsNorm, Rope,
 };
 use softprompt::prompt::SoftPrompt;
 use softprompt::task::causal_lm::PromptLm;
@@ -252,14 +252,31 @@ fn rope_backward_matches_finite_differences() {
     let x = randn(&[2, 3, 5, 6], 1);
     let r = randn(&[2, 3, 5, 6], 2);
     for offset in [0, 4] {
-        let dx = rope.backward(&r, offset).unwrap();
+        let at = Positions::From(offset);
+        let dx = rope.backward(&r, at).unwrap();
         check(
             &x,
             &dx,
-            |x| weighted_sum(&rope.forward(x, offset).unwrap(), &r),
+            |x| weighted_sum(&rope.forward(x, at).unwrap(), &r),
             &format!("rope, offset {offset}"),
         );
     }
+    // per-row positions, as a left-padded batch has them
+    let ids = Tensor::new(&[[0u32, 0, 1, 2, 3], [0, 1, 2, 3, 4]], &DEV).unwrap();
+    let at = Positions::Ids(&ids);
+    let dx = rope.backward(&r, at).unwrap();
+    check(
+        &x,
+        &dx,
+        |x| weighted_sum(&rope.forward(x, at).unwrap(), &r),
+        "rope, position ids",
+    );
+    // row 1 of the ids is 0..5: the same as no ids
+    let by_ids = rope.forward(&x, at).unwrap().narrow(0, 1, 1).unwrap();
+    let by_offset = rope
+        .forward(&x.narrow(0, 1, 1).unwrap(), Positions::From(0))
+        .unwrap();
+    assert!(crate::max_abs_diff(&by_ids, &by_offset) < 1e-12);
 }
 
 /// RoPE rotates each (c, c + K/2) channel pair by position·θ^(−2c/K), as transformers does.
@@ -271,7 +288,7 @@ fn rope_rotates_pairs_by_position() {
         .reshape((1, 1, 1, 4))
         .unwrap();
     let y = rope
-        .forward(&x, 3)
+        .forward(&x, Positions::From(3))
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -375,7 +392,7 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
         },
     ];
     let labels = [0u32, 1, 1];
-    let batch = Batch::new(&data, Some(&labels), &[0, 1, 2], &DEV).unwrap();
+    let [batch, left] = both_paddings(&data, Some(&labels), &[0, 1, 2]);
     let prompt = randn(&[3, 16], 7);
     for pool in [Pool::First, Pool::Pooler, Pool::Cls, Pool::Mean, Pool::Last] {
         let make = |p: &Tensor| {
@@ -397,13 +414,37 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
                 template: None,
             }
         };
-        let (_, grads) = make(&prompt).loss_and_grads(&batch).unwrap();
+        let right = make(&prompt).loss_and_grads(&batch).unwrap();
         let loss = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
         check(
             &prompt,
-            &grads[0].to_dtype(DType::F64).unwrap(),
+            &right.1[0].to_dtype(DType::F64).unwrap(),
             loss,
             &format!("prompt gradient, pool {pool}"),
+        );
+        let left = make(&prompt).loss_and_grads(&left).unwrap();
+        assert_padding_free(&format!("pool {pool}"), &right, &left);
+    }
+}
+
+/// A batch of `rows` padded on each side: [right, left].
+fn both_paddings(data: &[Encoded], labels: Option<&[u32]>, rows: &[usize]) -> [Batch; 2] {
+    [Padding::Right, Padding::Left].map(|p| Batch::new(data, labels, rows, p, &DEV).unwrap())
+}
+
+/// Left padding gives what right padding gives: the same loss and gradients.
+fn assert_padding_free(what: &str, right: &(f64, Vec<Tensor>), left: &(f64, Vec<Tensor>)) {
+    assert!(
+        (right.0 - left.0).abs() < 1e-10,
+        "{what}: loss {} right-padded, {} left-padded",
+        right.0,
+        left.0
+    );
+    for (r, l) in right.1.iter().zip(&left.1) {
+        let diff = crate::max_abs_diff(r, l);
+        assert!(
+            diff < 1e-10,
+            "{what}: gradients differ by {diff:e} between paddings"
         );
     }
 }
@@ -443,7 +484,7 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
         },
     ];
     let labels = [1u32, 0];
-    let batch = Batch::new(&data, Some(&labels), &[0, 1], &DEV).unwrap();
+    let [batch, left] = both_paddings(&data, Some(&labels), &[0, 1]);
     let prompt = randn(&[3, 16], 7);
     for (name, load) in tiny_decoders() {
         let make = |p: &Tensor| {
@@ -464,24 +505,30 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
             1,
             "a verbalizer trains the prompt only"
         );
-        let (_, grads) = classifier.loss_and_grads(&batch).unwrap();
+        let right = classifier.loss_and_grads(&batch).unwrap();
         let loss = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
         check(
             &prompt,
-            &grads[0].to_dtype(DType::F64).unwrap(),
+            &right.1[0].to_dtype(DType::F64).unwrap(),
             loss,
             &format!("verbalizer prompt gradient, {name}"),
         );
-        // the short row, padded in `batch`, against itself alone: same logits
-        let padded = classifier.predict_all(&data, 2, &DEV).unwrap();
-        let single = classifier.predict_all(&data[1..], 1, &DEV).unwrap();
-        for (a, b) in padded[1].iter().zip(&single[0]) {
-            assert!(
-                (a - b).abs() < 1e-6,
-                "{name}: padded {:?} vs alone {:?}",
-                padded[1],
-                single[0]
-            );
+        let left = classifier.loss_and_grads(&left).unwrap();
+        assert_padding_free(&format!("verbalizer, {name}"), &right, &left);
+        // the short row, padded on either side, against itself alone: same logits
+        let single = classifier
+            .predict_all(&data[1..], 1, Padding::Right, &DEV)
+            .unwrap();
+        for padding in [Padding::Right, Padding::Left] {
+            let padded = classifier.predict_all(&data, 2, padding, &DEV).unwrap();
+            for (a, b) in padded[1].iter().zip(&single[0]) {
+                assert!(
+                    (a - b).abs() < 1e-6,
+                    "{name}: padded ({padding}) {:?} vs alone {:?}",
+                    padded[1],
+                    single[0]
+                );
+            }
         }
     }
 }
@@ -510,7 +557,7 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
         target_len: 27,
     }));
     let rows: Vec<usize> = (0..data.len()).collect();
-    let batch = Batch::new(&data, None, &rows, &DEV).unwrap();
+    let [batch, left] = both_paddings(&data, None, &rows);
     let prompt = randn(&[3, 16], 7);
     for (name, load) in tiny_decoders() {
         let make = |p: &Tensor| {
@@ -523,12 +570,19 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
             }
         };
         let lm = make(&prompt);
-        let (loss, grads) = lm.loss_and_grads(&batch).unwrap();
+        let right = lm.loss_and_grads(&batch).unwrap();
+        assert_padding_free(
+            &format!("causal-lm, {name}"),
+            &right,
+            &lm.loss_and_grads(&left).unwrap(),
+        );
+        let (loss, grads) = right;
 
         // By hand: each row alone, all its logits, then -log p of each target token from the position before.
         let mut nll = Vec::new();
         for e in &data {
-            let row = Batch::new(std::slice::from_ref(e), None, &[0], &DEV).unwrap();
+            let row =
+                Batch::new(std::slice::from_ref(e), None, &[0], Padding::Right, &DEV).unwrap();
             let hidden = prompted_forward(&lm.backbone, &lm.prompt, &row).unwrap();
             let logits = hidden
                 .squeeze(0)

@@ -3,6 +3,7 @@
 use crate::fixtures;
 use candle_core::{DType, Device, Tensor};
 use softprompt::adapter::{Adapter, AdapterHead};
+use softprompt::batch::Padding;
 use softprompt::model::Model;
 use softprompt::multitask::{classify_rows, ensemble, Task};
 use softprompt::task::classify::Pool;
@@ -50,18 +51,23 @@ fn a_mixed_batch_gives_each_row_what_it_gets_alone() {
     let rows: Vec<_> = (0..8)
         .map(|i| (&tasks[i % 4], &encoded[(i * 3) % 4]))
         .collect();
-    let mixed = classify_rows(&model.backbone, &rows, &Device::Cpu).unwrap();
-    for (i, row) in rows.iter().enumerate() {
-        let alone = classify_rows(&model.backbone, &[*row], &Device::Cpu)
-            .unwrap()
-            .remove(0);
-        assert_eq!(mixed[i].len(), row.0.labels.len());
-        let diff = mixed[i]
-            .iter()
-            .zip(&alone)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(diff < 1e-5, "row {i}: mixed and alone differ by {diff:e}");
+    for padding in [Padding::Right, Padding::Left] {
+        let mixed = classify_rows(&model.backbone, &rows, padding, &Device::Cpu).unwrap();
+        for (i, row) in rows.iter().enumerate() {
+            let alone = classify_rows(&model.backbone, &[*row], Padding::Right, &Device::Cpu)
+                .unwrap()
+                .remove(0);
+            assert_eq!(mixed[i].len(), row.0.labels.len());
+            let diff = mixed[i]
+                .iter()
+                .zip(&alone)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-5,
+                "row {i}, {padding} padding: mixed and alone differ by {diff:e}"
+            );
+        }
     }
 }
 

@@ -4,6 +4,7 @@ use crate::{fixtures, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::backbone::Backbone;
+use softprompt::batch::Padding;
 use softprompt::fsutil::load_tensors;
 use softprompt::model::Model;
 use softprompt::multitask::{classify_rows, Task};
@@ -42,7 +43,7 @@ fn peft_written_adapter_gives_peft_logits() {
         .collect();
     let task = Task::new(&model, &adapter).unwrap();
     let rows: Vec<_> = data.iter().map(|e| (&task, e)).collect();
-    let logits = classify_rows(&model.backbone, &rows, &Device::Cpu).unwrap();
+    let logits = classify_rows(&model.backbone, &rows, Padding::Right, &Device::Cpu).unwrap();
     let classes = logits[0].len();
     let ours = Tensor::from_vec(logits.concat(), (texts.len(), classes), &Device::Cpu).unwrap();
     let err = max_abs_diff(&ours, &reference["logits"]);
