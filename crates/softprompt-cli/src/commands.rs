@@ -446,7 +446,7 @@ impl Inference {
             let words = args.label_words.clone().unwrap_or_else(|| labels.clone());
             let table = model.backbone.word_embeddings();
             vec![Task {
-                prompt: Tensor::zeros((0, d), table.dtype(), table.device())?,
+                prompt: Tensor::zeros((0, d), table.dtype(), &table.device())?,
                 head: model.verbalizer_head(&template, &labels, &words)?,
                 labels,
                 template: Some(template),
@@ -544,7 +544,7 @@ fn eval_generation(
         .collect();
     let data = encode_pairs(&encoder, &rendered, &args.data, eos)?;
     let lm = PromptLm {
-        lm_head: model.lm_head("a generation adapter")?.clone(),
+        lm_head: model.lm_head("a generation adapter")?.dense()?,
         backbone: model.backbone,
         prompt: SoftPrompt::from_tensor(&adapter.prompt)?,
         template: adapter.template,
@@ -680,7 +680,11 @@ fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
     let d = model.backbone.hidden_size();
     let adapter = Adapter::load(&args.inference.adapters[0], d, &Device::Cpu)?;
     let encoder = model.encoder(0, None)?;
-    let nearest = nearest_tokens(&adapter.prompt, model.backbone.word_embeddings(), args.top)?;
+    let nearest = nearest_tokens(
+        &adapter.prompt,
+        &model.backbone.word_embeddings().dense()?,
+        args.top,
+    )?;
     for (position, tokens) in nearest.iter().enumerate() {
         let names: Vec<String> = tokens
             .iter()

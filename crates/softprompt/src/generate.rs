@@ -190,8 +190,8 @@ pub fn generate_tokens(
         if cache.len() + next_input.len() > room {
             break FinishReason::ContextFull;
         }
-        let ids = Tensor::new(next_input.as_slice(), backbone.word_embeddings().device())?;
-        let embeds = backbone.word_embeddings().index_select(&ids, 0)?;
+        let table = backbone.word_embeddings();
+        let embeds = table.rows(&Tensor::new(next_input.as_slice(), &table.device())?)?;
         let hidden = decoder.extend(&embeds, &mut cache)?;
         let last = hidden.narrow(0, next_input.len() - 1, 1)?;
         let logits = decoder

@@ -7,6 +7,7 @@ use crate::backbone::bert::Bert;
 use crate::backbone::gpt2::Gpt2;
 use crate::backbone::llama::Llama;
 use crate::backbone::{gguf, read_config, Backbone};
+use crate::kernels::Weight;
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::task::verbalizer;
 use crate::tokenize::TextEncoder;
@@ -128,7 +129,7 @@ impl Model {
     /// Drops EOS ids the model has no embedding for (tiny test checkpoints keep GPT-2's 50256
     /// with a smaller vocabulary): they could never be written, and reading one would fail.
     fn without_unknown_eos(mut self) -> Self {
-        let vocab = self.backbone.word_embeddings().dim(0).unwrap_or(0);
+        let vocab = self.backbone.word_embeddings().dims()[0];
         self.eos_token_ids.retain(|&id| (id as usize) < vocab);
         self
     }
@@ -209,7 +210,7 @@ impl Model {
     }
 
     /// [V, D]: the decoder's output layer, which `what` needs; an encoder has none.
-    pub fn lm_head(&self, what: &str) -> anyhow::Result<&Tensor> {
+    pub fn lm_head(&self, what: &str) -> anyhow::Result<&Weight> {
         self.backbone.lm_head().with_context(|| {
             format!(
                 "{what} needs a language model's output layer, and {} is a {} encoder (use a GPT-2 or Llama-family model)",
@@ -228,7 +229,7 @@ impl Model {
     ) -> anyhow::Result<ClassificationHead> {
         match head {
             AdapterHead::Linear { weight, bias, pool } => {
-                let device = self.backbone.word_embeddings().device();
+                let device = &self.backbone.word_embeddings().device();
                 self.linear_head(&weight.to_device(device)?, &bias.to_device(device)?, *pool)
             }
             AdapterHead::Verbalizer { words } => {

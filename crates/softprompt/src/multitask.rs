@@ -31,7 +31,7 @@ impl Task {
         let table = model.backbone.word_embeddings();
         let prompt = adapter
             .prompt
-            .to_device(table.device())?
+            .to_device(&table.device())?
             .to_dtype(table.dtype())?;
         Ok(Self {
             prompt,

@@ -1,6 +1,7 @@
 //! The soft prompt: M trainable vectors put in front of the word embeddings, and the ways to
 //! initialise them (Lester et al. 2021, sections 2.2 and 3.2).
 
+use crate::kernels::Weight;
 use crate::named_choice;
 use anyhow::{bail, Context};
 use candle_core::{Result, Tensor, Var};
@@ -42,7 +43,7 @@ impl PromptInit {
 /// What an init strategy may read: token ids come from the task's tokenizer.
 pub struct InitSource<'a> {
     /// [V, D] frozen token embeddings
-    pub word_embeddings: &'a Tensor,
+    pub word_embeddings: &'a Weight,
     /// ids of ordinary word tokens (no special, unused or sub-word pieces) to draw from
     pub vocab_ids: &'a [u32],
     /// the init text's token ids (for `Text`)
@@ -73,14 +74,12 @@ impl SoftPrompt {
             bail!("the prompt needs at least one virtual token");
         }
         let table = source.word_embeddings;
-        let (_, d) = table.dims2()?;
+        let (d, device) = (table.dims()[1], table.device());
         let random = |rng: &mut ChaCha8Rng, f: &dyn Fn(&mut ChaCha8Rng) -> f32| -> Result<Tensor> {
             let values: Vec<f32> = (0..length * d).map(|_| f(rng)).collect();
-            Tensor::from_vec(values, (length, d), table.device())?.to_dtype(table.dtype())
+            Tensor::from_vec(values, (length, d), &device)?.to_dtype(table.dtype())
         };
-        let rows = |ids: &[u32]| -> Result<Tensor> {
-            table.index_select(&Tensor::new(ids, table.device())?, 0)
-        };
+        let rows = |ids: &[u32]| -> Result<Tensor> { table.rows(&Tensor::new(ids, &device)?) };
         let sample_vocab = |rng: &mut ChaCha8Rng, n: usize| -> anyhow::Result<Vec<u32>> {
             if source.vocab_ids.is_empty() {
                 bail!("the tokenizer has no ordinary word tokens to draw the prompt from");

@@ -453,7 +453,7 @@ pub fn train(
     match config.task {
         TaskKind::CausalLm => {
             let lm = PromptLm {
-                lm_head: model.lm_head("--task causal-lm")?.clone(),
+                lm_head: model.lm_head("--task causal-lm")?.dense()?,
                 backbone: model.backbone,
                 prompt,
                 template,

@@ -5,7 +5,7 @@ use super::bert::{Bert, BertActivations};
 use super::gpt2::{Gpt2, Gpt2Activations};
 use super::llama::{Llama, LlamaActivations};
 use super::{Backbone, Decoder, EncoderInput};
-use crate::kernels::Linear;
+use crate::kernels::{Linear, Weight};
 use candle_core::{Result, Tensor};
 
 pub enum AnyBackbone {
@@ -81,7 +81,7 @@ impl AnyBackbone {
     }
 
     /// [V, D]: the next-token output layer of a decoder; `None` for an encoder, which has none.
-    pub fn lm_head(&self) -> Option<&Tensor> {
+    pub fn lm_head(&self) -> Option<&Weight> {
         self.decoder().map(|d| d.lm_head())
     }
 }
@@ -97,7 +97,7 @@ impl Backbone for AnyBackbone {
         each!(self, b => b.max_positions())
     }
 
-    fn word_embeddings(&self) -> &Tensor {
+    fn word_embeddings(&self) -> &Weight {
         each!(self, b => b.word_embeddings())
     }
 

@@ -5,7 +5,7 @@
 use super::{Backbone, EncoderInput};
 use crate::kernels::{
     attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, mask_bias,
-    AttentionShape, LayerNorm, LayerNormSaved, Linear,
+    AttentionShape, LayerNorm, LayerNormSaved, Linear, Weight,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -103,7 +103,7 @@ fn layer_norm(vb: &VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
 
 /// `embeddings.*`: word + position + token type, then LayerNorm.
 struct BertEmbeddings {
-    word_embeddings: Tensor,
+    word_embeddings: Weight,
     position_embeddings: Tensor,
     token_type_embeddings: Tensor,
     layer_norm: LayerNorm,
@@ -112,7 +112,9 @@ struct BertEmbeddings {
 impl BertEmbeddings {
     fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         Ok(Self {
-            word_embeddings: vb.get((cfg.vocab_size, cfg.hidden_size), "word_embeddings.weight")?,
+            word_embeddings: Weight::Dense(
+                vb.get((cfg.vocab_size, cfg.hidden_size), "word_embeddings.weight")?,
+            ),
             position_embeddings: vb.get(
                 (cfg.max_position_embeddings, cfg.hidden_size),
                 "position_embeddings.weight",
@@ -351,7 +353,7 @@ impl Backbone for Bert {
         self.config.max_position_embeddings
     }
 
-    fn word_embeddings(&self) -> &Tensor {
+    fn word_embeddings(&self) -> &Weight {
         &self.embeddings.word_embeddings
     }
 

@@ -5,7 +5,7 @@
 //! RoPE rotates halves, as transformers does, so the permutation is undone here.
 
 use super::llama::{Llama, LlamaConfig, QuantizedWeights};
-use crate::kernels::{matvec_reads, Weight};
+use crate::kernels::Weight;
 use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -85,9 +85,8 @@ pub fn load_llama(
             .with_context(|| format!("{at}: cannot dequantize {gguf} ({:?})", q.dtype()))?;
         Ok(t.to_dtype(dtype)?)
     };
-    let head = match content.tensor_infos.contains_key("output.weight") {
-        true => "output.weight",
-        false => "token_embd.weight",
+    let keep = |q: &QTensor| {
+        keep_quantized && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
     };
     for (gguf, hf) in [
         ("token_embd.weight", "embed_tokens.weight"),
@@ -96,11 +95,12 @@ pub fn load_llama(
     ] {
         if content.tensor_infos.contains_key(gguf) {
             let q = read(gguf)?;
-            tensors.insert(hf.to_string(), dense(&q, gguf)?);
-            // Training reads the head dense; generation reads it a row at a time, from its blocks.
-            if keep_quantized && gguf == head && matvec_reads(q.dtype()) {
+            // kept quantized, the embeddings dequantize only the rows looked up
+            if keep(&q) {
                 let blocks = Arc::new(q);
-                quantized.insert("lm_head.weight".into(), Weight::Quantized { blocks, dtype });
+                quantized.insert(hf.to_string(), Weight::Quantized { blocks, dtype });
+            } else {
+                tensors.insert(hf.to_string(), dense(&q, gguf)?);
             }
         }
     }
@@ -125,9 +125,7 @@ pub fn load_llama(
         ] {
             let name = format!("{g}.{gguf}.weight");
             let q = read(&name)?;
-            let mut weight = if keep_quantized
-                && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-            {
+            let mut weight = if keep(&q) {
                 Weight::Quantized {
                     blocks: Arc::new(q),
                     dtype,

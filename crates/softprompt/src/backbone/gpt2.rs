@@ -5,7 +5,7 @@
 use super::{Backbone, Decoder, EncoderInput, KvCache};
 use crate::kernels::{
     attention_backward, attention_forward, cached_attention, gelu_tanh_backward, gelu_tanh_forward,
-    heads_of, mask_bias, AttentionShape, LayerNorm, LayerNormSaved, Linear,
+    heads_of, mask_bias, AttentionShape, LayerNorm, LayerNormSaved, Linear, Weight,
 };
 use anyhow::{bail, Context};
 use candle_core::quantized::GgmlDType;
@@ -178,12 +178,11 @@ impl Gpt2Block {
 /// The frozen GPT-2 decoder stack (token and position embeddings, blocks, final LayerNorm).
 pub struct Gpt2 {
     pub config: Gpt2Config,
-    wte: Tensor,
+    /// also the LM head (tied)
+    wte: Weight,
     wpe: Tensor,
     blocks: Vec<Gpt2Block>,
     ln_f: LayerNorm,
-    /// `wte` as the output layer of generation, quantized by `quantize`
-    decode_head: Linear,
 }
 
 pub struct Gpt2Activations {
@@ -209,10 +208,8 @@ impl Gpt2 {
         let blocks = (0..config.n_layer)
             .map(|i| Gpt2Block::load(vb.pp(format!("h.{i}")), &config))
             .collect::<Result<Vec<_>>>()?;
-        let wte = vb.get((config.vocab_size, d), "wte.weight")?;
         Ok(Self {
-            decode_head: Linear::new(wte.clone(), None),
-            wte,
+            wte: Weight::Dense(vb.get((config.vocab_size, d), "wte.weight")?),
             wpe: vb.get((config.n_positions, d), "wpe.weight")?,
             blocks,
             ln_f: layer_norm(&vb.pp("ln_f"), d, config.layer_norm_epsilon)?,
@@ -220,9 +217,8 @@ impl Gpt2 {
         })
     }
 
-    /// The same model with every matrix of the blocks, and the output layer of generation,
-    /// rounded to GGUF blocks of `kind`: what `--keep-quantized` holds for a GGUF file. The
-    /// embeddings stay dense, as they do there.
+    /// The same model with every matrix, the token embeddings (the LM head) included, rounded to
+    /// GGUF blocks of `kind`: what `--keep-quantized` holds for a GGUF file.
     pub fn quantize(mut self, kind: GgmlDType) -> Result<Self> {
         for block in &mut self.blocks {
             for linear in [
@@ -234,7 +230,7 @@ impl Gpt2 {
                 *linear = linear.quantize(kind)?;
             }
         }
-        self.decode_head = self.decode_head.quantize(kind)?;
+        self.wte = self.wte.quantize(kind)?;
         Ok(self)
     }
 
@@ -289,7 +285,7 @@ impl Backbone for Gpt2 {
         self.config.n_positions
     }
 
-    fn word_embeddings(&self) -> &Tensor {
+    fn word_embeddings(&self) -> &Weight {
         &self.wte
     }
 
@@ -339,11 +335,7 @@ impl Decoder for Gpt2 {
     }
 
     /// Tied to the token embeddings.
-    fn lm_head(&self) -> &Tensor {
+    fn lm_head(&self) -> &Weight {
         &self.wte
-    }
-
-    fn next_token_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.decode_head.forward(hidden)
     }
 }

@@ -199,12 +199,16 @@ impl LlamaLayer {
                 weight: vb.get(d, "post_attention_layernorm.weight")?,
                 eps,
             },
-            mlp: GatedMlp {
-                gate: linear(&mlp.pp("gate_proj"), quantized, f, d, false)?,
-                up: linear(&mlp.pp("up_proj"), quantized, f, d, false)?,
-                down: linear(&mlp.pp("down_proj"), quantized, d, f, false)?,
+            mlp: {
+                let gate = linear(&mlp.pp("gate_proj"), quantized, f, d, false)?;
                 // kept-quantized weights mean memory matters more than the two matmuls
-                recompute: !quantized.is_empty(),
+                let recompute = matches!(gate.weight, Weight::Quantized { .. });
+                GatedMlp {
+                    gate,
+                    up: linear(&mlp.pp("up_proj"), quantized, f, d, false)?,
+                    down: linear(&mlp.pp("down_proj"), quantized, d, f, false)?,
+                    recompute,
+                }
             },
         })
     }
@@ -213,15 +217,12 @@ impl LlamaLayer {
 /// The frozen Llama-family decoder stack: token embeddings, blocks, final RMSNorm.
 pub struct Llama {
     pub config: LlamaConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Weight,
     /// `lm_head.weight` [V, D] when the checkpoint does not tie it to the embeddings
-    lm_head: Option<Tensor>,
+    lm_head: Option<Weight>,
     layers: Vec<LlamaLayer>,
     norm: RmsNorm,
     rope: Rope,
-    /// the output layer of generation: the LM head, or its quantized blocks when `quantized`
-    /// holds them as `lm_head.weight`
-    decode_head: Linear,
 }
 
 pub struct LlamaActivations {
@@ -250,8 +251,11 @@ impl Llama {
         quantized: &QuantizedWeights,
         config: LlamaConfig,
     ) -> Result<Self> {
-        let lm_head = match root.contains_tensor("lm_head.weight") {
-            true => Some(root.get((config.vocab_size, config.hidden_size), "lm_head.weight")?),
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let lm_head = match root.contains_tensor("lm_head.weight")
+            || quantized.contains_key("lm_head.weight")
+        {
+            true => Some(linear(&root.pp("lm_head"), quantized, v, d, false)?.weight),
             false => None,
         };
         let vb = if root.contains_tensor("model.embed_tokens.weight") {
@@ -259,27 +263,17 @@ impl Llama {
         } else {
             root
         };
-        let d = config.hidden_size;
         let layers = (0..config.num_hidden_layers)
             .map(|i| LlamaLayer::load(vb.pp(format!("layers.{i}")), quantized, &config))
             .collect::<Result<Vec<_>>>()?;
-        let embed_tokens = vb.get((config.vocab_size, d), "embed_tokens.weight")?;
+        let embed_tokens = linear(&vb.pp("embed_tokens"), quantized, v, d, false)?.weight;
         let rope = Rope::new(
             config.head_dim(),
             config.max_position_embeddings,
             config.rope_theta(),
             embed_tokens.dtype(),
-            embed_tokens.device(),
+            &embed_tokens.device(),
         )?;
-        let decode_head = match quantized.get("lm_head.weight") {
-            Some(w) if w.dims() == [config.vocab_size, d] => Linear::from_weight(w.clone(), None),
-            Some(w) => candle_core::bail!(
-                "lm_head.weight is {:?}, expected [{}, {d}]",
-                w.dims(),
-                config.vocab_size
-            ),
-            None => Linear::new(lm_head.as_ref().unwrap_or(&embed_tokens).clone(), None),
-        };
         Ok(Self {
             norm: RmsNorm {
                 weight: vb.get(d, "norm.weight")?,
@@ -287,16 +281,10 @@ impl Llama {
             },
             embed_tokens,
             lm_head,
-            decode_head,
             layers,
             rope,
             config,
         })
-    }
-
-    /// hidden [.., D] → next-token logits [.., V].
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        hidden.broadcast_matmul(&self.lm_head().t()?)
     }
 
     fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
@@ -403,7 +391,7 @@ impl Backbone for Llama {
         self.config.max_position_embeddings
     }
 
-    fn word_embeddings(&self) -> &Tensor {
+    fn word_embeddings(&self) -> &Weight {
         &self.embed_tokens
     }
 
@@ -469,11 +457,7 @@ impl Decoder for Llama {
     }
 
     /// The checkpoint's own LM head, or the embeddings it is tied to.
-    fn lm_head(&self) -> &Tensor {
+    fn lm_head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
-    }
-
-    fn next_token_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.decode_head.forward(hidden)
     }
 }

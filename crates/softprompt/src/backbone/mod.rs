@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 
+use crate::kernels::Weight;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -29,13 +30,14 @@ pub trait Backbone {
     fn hidden_size(&self) -> usize;
     /// The longest sequence, prompt included, the model can read.
     fn max_positions(&self) -> usize;
-    /// [V, D]: the token embedding table (prompt initialisation reads it).
-    fn word_embeddings(&self) -> &Tensor;
+    /// [V, D]: the token embedding table (prompt initialisation reads it); quantized with
+    /// `--keep-quantized`.
+    fn word_embeddings(&self) -> &Weight;
     /// ids [B, N] u32 → [B, N, D]
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         self.word_embeddings()
-            .index_select(&ids.flatten_all()?, 0)?
+            .rows(&ids.flatten_all()?)?
             .reshape((b, n, self.hidden_size()))
     }
     /// → last hidden state [B, S, D], and with `keep` the activations for `backward` (without, each
@@ -91,11 +93,13 @@ pub trait Decoder {
     /// embeds [N, D] of the next N positions (after `cache.len()` read before) → hidden [N, D]
     /// after the final norm; the cache grows by N.
     fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
-    /// [V, D]: the next-token output layer.
-    fn lm_head(&self) -> &Tensor;
-    /// hidden [N, D] → next-token logits [N, V] when generating: through the output layer's
-    /// quantized blocks where the model keeps them (`--keep-quantized`, `quantize`).
-    fn next_token_logits(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// [V, D]: the next-token output layer; quantized with `--keep-quantized`.
+    fn lm_head(&self) -> &Weight;
+    /// hidden [N, D] → next-token logits [N, V], for generating: one token's row reads a
+    /// quantized head block by block.
+    fn next_token_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head().apply(hidden)
+    }
 }
 
 /// The position of every column of an attention mask [B, S]: in each row the real columns count

@@ -153,7 +153,7 @@ pub fn greedy_without_cache(
     for _ in 0..new_tokens {
         let words = backbone
             .word_embeddings()
-            .index_select(&Tensor::new(ids.as_slice(), prompt.device())?, 0)?;
+            .rows(&Tensor::new(ids.as_slice(), prompt.device())?)?;
         let embeds = Tensor::cat(&[prompt, &words], 0)?.unsqueeze(0)?;
         let s = embeds.dim(1)?;
         let mask = Tensor::ones((1, s), DType::U32, prompt.device())?;

@@ -244,7 +244,7 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
         None => {
             let gpt2 = generation::random_gpt2(&generation::gpt2_small(), &device)?;
             Box::new(PromptLm {
-                lm_head: gpt2.lm_head().clone(),
+                lm_head: gpt2.lm_head().dense()?,
                 backbone: AnyBackbone::Gpt2(gpt2),
                 prompt,
                 template: None,

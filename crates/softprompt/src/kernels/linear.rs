@@ -1,5 +1,5 @@
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -37,6 +37,56 @@ impl Weight {
         match self {
             Weight::Dense(t) => t.dims(),
             Weight::Quantized { blocks, .. } => blocks.shape().dims(),
+        }
+    }
+
+    /// What it is, or dequantizes to.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Quantized { dtype, .. } => *dtype,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Weight::Dense(t) => t.device().clone(),
+            Weight::Quantized { blocks, .. } => blocks.device(),
+        }
+    }
+
+    /// Rows `ids` [N] u32 as a dense [N, IN]: an embedding lookup. A quantized matrix
+    /// dequantizes only those rows.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => t.index_select(ids, 0),
+            Weight::Quantized { .. } => {
+                let ids: Vec<usize> = ids.to_vec1::<u32>()?.iter().map(|&i| i as usize).collect();
+                if let Some(&bad) = ids.iter().find(|&&i| i >= self.dims()[0]) {
+                    candle_core::bail!(
+                        "row {bad} of a [{}, {}] matrix",
+                        self.dims()[0],
+                        self.dims()[1]
+                    );
+                }
+                self.select_rows(&ids)?.dense()
+            }
+        }
+    }
+
+    /// x [T, IN] → x·Wᵀ [T, OUT]. A few f32 rows (a generated token) against quantized blocks
+    /// read the blocks directly; otherwise the matrix is dense for the product.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Quantized { blocks, .. }
+                if x.dim(0)? <= MATVEC_ROWS
+                    && x.dtype() == DType::F32
+                    && x.device().is_cpu()
+                    && quantized_matvec::supports(blocks.dtype()) =>
+            {
+                quantized_matvec::matmul_t(blocks, x)
+            }
+            _ => x.matmul(&self.dense()?.t()?),
         }
     }
 
@@ -151,19 +201,8 @@ impl Linear {
     }
 
     /// x [T, IN] → y [T, OUT] = x·Wᵀ + b. Nothing needs saving: the backward reads only W.
-    /// A few f32 rows (a generated token) against quantized blocks read the blocks directly.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            Weight::Quantized { blocks, .. }
-                if x.dim(0)? <= MATVEC_ROWS
-                    && x.dtype() == DType::F32
-                    && x.device().is_cpu()
-                    && quantized_matvec::supports(blocks.dtype()) =>
-            {
-                quantized_matvec::matmul_t(blocks, x)?
-            }
-            _ => x.matmul(&self.weight.dense()?.t()?)?,
-        };
+        let y = self.weight.apply(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

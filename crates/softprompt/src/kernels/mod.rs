@@ -31,6 +31,5 @@ pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use linear::{Linear, Weight};
 pub use mlp::{GatedMlp, GatedMlpSaved};
-pub use quantized_matvec::supports as matvec_reads;
 pub use rms_norm::RmsNorm;
 pub use rope::{Positions, Rope};

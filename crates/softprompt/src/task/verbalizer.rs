@@ -6,6 +6,7 @@
 //! (frozen), with no bias, reading the last real position: the same head code and the same tape
 //! as a trained linear head.
 
+use crate::kernels::Weight;
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::tokenize::TextEncoder;
 use anyhow::bail;
@@ -75,9 +76,11 @@ pub fn label_tokens(
 }
 
 /// The scoring head: lm_head [V, D] rows of `tokens` → a frozen [C, D] head on the last position.
-pub fn head(lm_head: &Tensor, tokens: &[u32]) -> anyhow::Result<ClassificationHead> {
-    let ids = Tensor::new(tokens, lm_head.device())?;
-    let weight = lm_head.index_select(&ids, 0)?.to_dtype(DType::F32)?;
-    let bias = Tensor::zeros(tokens.len(), DType::F32, lm_head.device())?;
+pub fn head(lm_head: &Weight, tokens: &[u32]) -> anyhow::Result<ClassificationHead> {
+    let device = lm_head.device();
+    let weight = lm_head
+        .rows(&Tensor::new(tokens, &device)?)?
+        .to_dtype(DType::F32)?;
+    let bias = Tensor::zeros(tokens.len(), DType::F32, &device)?;
     ClassificationHead::from_tensors(&weight, &bias, Pool::Last, None)
 }

@@ -563,7 +563,7 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
         let make = |p: &Tensor| {
             let backbone = load();
             PromptLm {
-                lm_head: backbone.lm_head().unwrap().clone(),
+                lm_head: backbone.lm_head().unwrap().dense().unwrap(),
                 backbone,
                 prompt: SoftPrompt::from_tensor(p).unwrap(),
                 template: None,

@@ -3,6 +3,7 @@
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use softprompt::kernels::Weight;
 use softprompt::prompt::{InitSource, PromptInit, SoftPrompt};
 
 fn table() -> Tensor {
@@ -14,7 +15,7 @@ fn table() -> Tensor {
 }
 
 fn init(kind: PromptInit, length: usize, text: &[u32], labels: &[Vec<u32>]) -> Vec<Vec<f32>> {
-    let t = table();
+    let t = Weight::Dense(table());
     let source = InitSource {
         word_embeddings: &t,
         vocab_ids: &[7, 8, 9],
