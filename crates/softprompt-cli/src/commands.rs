@@ -16,7 +16,7 @@ use softprompt::optim::{OptimizerKind, Schedule};
 use softprompt::prompt::{nearest_tokens, PromptInit, SoftPrompt};
 use softprompt::task::causal_lm::{encode_pairs, PromptLm};
 use softprompt::task::classify::Pool;
-use softprompt::task::verbalizer::{check_template, render};
+use softprompt::task::verbalizer::check_template;
 use softprompt::task::TaskKind;
 use softprompt::tokenize::Encoded;
 use softprompt::tokenize::{encode_all, TextEncoder};
@@ -483,14 +483,8 @@ impl Inference {
 
     /// Inputs written into the members' template, then tokenized.
     fn encode(&self, examples: &[Example], path: &Path) -> anyhow::Result<Vec<Encoded>> {
-        let rendered: Vec<Example> = examples
-            .iter()
-            .map(|e| Example {
-                text: self.tasks[0].render(&e.text),
-                ..e.clone()
-            })
-            .collect();
-        encode_all(&self.encoder, &rendered, path)
+        let template = self.tasks[0].template.as_deref();
+        encode_all(&self.encoder, examples, template, path)
     }
 }
 
@@ -535,14 +529,8 @@ fn eval_generation(
 ) -> anyhow::Result<()> {
     let encoder = model.encoder(adapter.prompt.dim(0)?, None)?;
     let eos = model.eos_token_ids.first().copied();
-    let rendered: Vec<Example> = examples
-        .into_iter()
-        .map(|e| Example {
-            text: render(adapter.template.as_deref(), &e.text),
-            ..e
-        })
-        .collect();
-    let data = encode_pairs(&encoder, &rendered, &args.data, eos)?;
+    let template = adapter.template.as_deref();
+    let data = encode_pairs(&encoder, &examples, template, &args.data, eos)?;
     let lm = PromptLm {
         lm_head: model.lm_head("a generation adapter")?.dense()?,
         backbone: model.backbone,

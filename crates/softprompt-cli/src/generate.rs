@@ -9,7 +9,7 @@ use softprompt::adapter::Adapter;
 use softprompt::backbone::Backbone;
 use softprompt::generate::{generate, prefix_cache, SamplingConfig};
 use softprompt::model::Model;
-use softprompt::task::verbalizer::{check_template, render};
+use softprompt::task::verbalizer::check_template;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -86,10 +86,10 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         if text.trim().is_empty() {
             bail!("a text to continue is empty");
         }
-        let input = render(template.as_deref(), text);
         let ids = encoder
-            .encode(&input, None)
+            .encode_fitted(template.as_deref(), text, None, encoder.max_tokens())
             .with_context(|| format!("cannot tokenize {text:?}"))?
+            .0
             .ids;
         let mut stream = |piece: &str| {
             if !args.json {

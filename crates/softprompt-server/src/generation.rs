@@ -16,7 +16,6 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 use softprompt::generate::{generate, Generation, SamplingConfig};
-use softprompt::task::verbalizer::render;
 use std::convert::Infallible;
 
 #[derive(Deserialize)]
@@ -69,7 +68,7 @@ pub(crate) async fn generate_text(
         )));
     }
     let ids = state
-        .encode(&render(generator.template.as_deref(), &request.input), 0)?
+        .encode(generator.template.as_deref(), &request.input, 0)?
         .ids;
     let slot = state.slot()?;
     let registry = state.registry.clone();

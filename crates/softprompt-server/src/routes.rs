@@ -158,11 +158,16 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 impl AppState {
     /// Input `i` of a request, tokenized, cut or refused (422) past --max-input-tokens.
-    pub(crate) fn encode(&self, text: &str, i: usize) -> Result<Encoded, ApiError> {
-        let (encoded, truncated) = self
-            .registry
-            .encoder
-            .encode_noting_truncation(text, None)
+    /// `text` written into `template` and tokenized; too long, it is cut or refused (`overlong`).
+    pub(crate) fn encode(
+        &self,
+        template: Option<&str>,
+        text: &str,
+        i: usize,
+    ) -> Result<Encoded, ApiError> {
+        let encoder = &self.registry.encoder;
+        let (encoded, truncated) = encoder
+            .encode_fitted(template, text, None, encoder.max_tokens())
             .map_err(|e| unprocessable(format!("input {i}: {e:#}")))?;
         if truncated && self.config.overlong == Overlong::Reject {
             return Err(unprocessable(format!(
@@ -326,7 +331,7 @@ async fn classify(
         if text.trim().is_empty() {
             return Err(unprocessable(format!("input {i} is empty")));
         }
-        let encoded = state.encode(&members[0].render(text), i)?;
+        let encoded = state.encode(members[0].template.as_deref(), text, i)?;
         rows.extend(tasks.iter().map(|t| (t.clone(), encoded.clone())));
     }
     let logits = state

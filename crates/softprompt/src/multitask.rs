@@ -44,11 +44,6 @@ impl Task {
     pub fn prompt_len(&self) -> usize {
         self.prompt.dim(0).unwrap_or(0)
     }
-
-    /// The input as this task's model reads it.
-    pub fn render(&self, text: &str) -> String {
-        crate::task::verbalizer::render(self.template.as_deref(), text)
-    }
 }
 
 /// One backbone pass over rows of different tasks → each row's logits (its task's label count).

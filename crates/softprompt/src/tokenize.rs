@@ -1,5 +1,6 @@
 //! Text → token ids with the model's own `tokenizer.json`.
 
+use crate::task::verbalizer::render;
 use anyhow::{anyhow, Context};
 use std::path::Path;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
@@ -14,7 +15,10 @@ pub struct Encoded {
 }
 
 pub struct TextEncoder {
+    /// cuts an encoding at the most tokens an example may have
     tokenizer: Tokenizer,
+    /// the same without the cut, to measure and to cut more carefully (`encode_fitted`)
+    whole: Tokenizer,
 }
 
 impl TextEncoder {
@@ -29,6 +33,8 @@ impl TextEncoder {
     /// `from_file` for a tokenizer already in memory (a GGUF file's).
     pub fn new(mut tokenizer: Tokenizer, max_tokens: usize) -> anyhow::Result<Self> {
         tokenizer.with_padding(None);
+        let mut whole = tokenizer.clone();
+        whole.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: max_tokens,
@@ -37,33 +43,76 @@ impl TextEncoder {
                 stride: 0,
             }))
             .map_err(|e| anyhow!("cannot set truncation to {max_tokens} tokens: {e}"))?;
-        Ok(Self { tokenizer })
+        Ok(Self { tokenizer, whole })
     }
 
+    /// `encode_fitted` without a template, in at most `max_tokens`.
     pub fn encode(&self, text: &str, text_pair: Option<&str>) -> anyhow::Result<Encoded> {
-        Ok(self.encode_noting_truncation(text, text_pair)?.0)
+        Ok(self
+            .encode_fitted(None, text, text_pair, self.max_tokens())?
+            .0)
     }
 
-    /// Like `encode`, and says whether the text was cut to fit (a server may refuse it instead).
-    pub fn encode_noting_truncation(
+    /// `text` written into `template` (`verbalizer::render`), with `text_pair` after it, encoded
+    /// in at most `room` tokens (and at most `max_tokens`); says whether anything was cut. What is
+    /// cut is the end of `text`, at a token boundary, never the template around it: a template's
+    /// tail ("…\nSentiment:") is what the model answers after. Only when the template and the
+    /// pair do not fit even with no text at all does the tokenizer cut the whole.
+    pub fn encode_fitted(
         &self,
+        template: Option<&str>,
         text: &str,
         text_pair: Option<&str>,
+        room: usize,
     ) -> anyhow::Result<(Encoded, bool)> {
-        let encoding = match text_pair {
-            Some(pair) => self.tokenizer.encode((text, pair), true),
-            None => self.tokenizer.encode(text, true),
-        }
-        .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
-        let truncated = !encoding.get_overflowing().is_empty();
-        Ok((
-            Encoded {
-                ids: encoding.get_ids().to_vec(),
-                type_ids: encoding.get_type_ids().to_vec(),
+        let room = room.min(self.max_tokens());
+        let encode = |tokenizer: &Tokenizer, text: &str| {
+            let input = render(template, text);
+            match text_pair {
+                Some(pair) => tokenizer.encode((input.as_str(), pair), true),
+                None => tokenizer.encode(input.as_str(), true),
+            }
+            .map(|e| Encoded {
+                ids: e.get_ids().to_vec(),
+                type_ids: e.get_type_ids().to_vec(),
                 target_len: 0,
-            },
-            truncated,
-        ))
+            })
+            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))
+        };
+        let whole = encode(&self.whole, text)?;
+        if whole.ids.len() <= room {
+            return Ok((whole, false));
+        }
+        // where the text may be cut: after each of its tokens, longest kept first found by bisection
+        let ends: Vec<usize> = self
+            .whole
+            .encode(text, false)
+            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?
+            .get_offsets()
+            .iter()
+            .map(|&(_, end)| end)
+            .filter(|&end| text.is_char_boundary(end))
+            .collect();
+        let cut_at = |keep: usize| &text[..if keep == 0 { 0 } else { ends[keep - 1] }];
+        let (mut fits, mut fails) = (None, ends.len());
+        let mut lo = 0;
+        while lo < fails {
+            let mid = (lo + fails) / 2;
+            let encoded = encode(&self.whole, cut_at(mid))?;
+            if encoded.ids.len() <= room {
+                fits = Some(encoded);
+                lo = mid + 1;
+            } else {
+                fails = mid;
+            }
+        }
+        let mut encoded = match fits {
+            Some(encoded) => encoded,
+            None => encode(&self.tokenizer, text)?,
+        };
+        encoded.ids.truncate(room);
+        encoded.type_ids.truncate(room);
+        Ok((encoded, true))
     }
 
     /// The most tokens an encoding may have.
@@ -75,9 +124,8 @@ impl TextEncoder {
 
     /// Token ids without special tokens or truncation (prompt init text, label words).
     pub fn plain_ids(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        let mut plain = self.tokenizer.clone();
-        plain.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
-        let encoding = plain
+        let encoding = self
+            .whole
             .encode(text, false)
             .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
         Ok(encoding.get_ids().to_vec())
@@ -108,18 +156,21 @@ impl TextEncoder {
     }
 }
 
-/// Encodes every example, naming the file and line of one that fails.
+/// Encodes every example, written into `template`, naming the file and line of one that fails.
 pub fn encode_all(
     encoder: &TextEncoder,
     examples: &[crate::data::Example],
+    template: Option<&str>,
     path: &Path,
 ) -> anyhow::Result<Vec<Encoded>> {
     examples
         .iter()
         .map(|e| {
-            encoder
-                .encode(&e.text, e.text_pair.as_deref())
-                .with_context(|| format!("{} line {}", path.display(), e.line))
+            let room = encoder.max_tokens();
+            Ok(encoder
+                .encode_fitted(template, &e.text, e.text_pair.as_deref(), room)
+                .with_context(|| format!("{} line {}", path.display(), e.line))?
+                .0)
         })
         .collect()
 }

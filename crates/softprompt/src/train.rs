@@ -14,7 +14,7 @@ use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig, OptimizerKind, Sc
 use crate::prompt::{InitSource, PromptInit, SoftPrompt};
 use crate::task::causal_lm::{encode_pairs, PromptLm};
 use crate::task::classify::{ClassificationHead, Pool};
-use crate::task::verbalizer::{check_template, render};
+use crate::task::verbalizer::check_template;
 use crate::task::TaskKind;
 use crate::tokenize::{encode_all, Encoded, TextEncoder};
 use anyhow::{bail, Context};
@@ -219,22 +219,20 @@ fn load_set(
     config: &TrainConfig,
     eos: Option<u32>,
 ) -> anyhow::Result<(TrainSet, Vec<String>)> {
-    let mut examples = read_examples(path, columns, Labels::Required)?;
-    for e in &mut examples {
-        e.text = render(config.template.as_deref(), &e.text);
-    }
+    let examples = read_examples(path, columns, Labels::Required)?;
+    let template = config.template.as_deref();
     let names = match label_names {
         Some(n) => n.to_vec(),
         None => label_set(&examples),
     };
     let set = match config.task {
         TaskKind::CausalLm => TrainSet {
-            data: encode_pairs(encoder, &examples, path, eos)?,
+            data: encode_pairs(encoder, &examples, template, path, eos)?,
             labels: None,
         },
         TaskKind::Classify | TaskKind::Verbalizer => TrainSet {
             labels: Some(label_ids(&examples, &names, path)?),
-            data: encode_all(encoder, &examples, path)?,
+            data: encode_all(encoder, &examples, template, path)?,
         },
     };
     Ok((set, names))

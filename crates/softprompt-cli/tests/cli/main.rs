@@ -620,7 +620,7 @@ fn causal_lm_trains_a_prompt_that_writes_targets() {
         "--num-virtual-tokens",
         "4",
         "--lr",
-        "0.3",
+        "0.1",
         "--max-steps",
         "24",
         "--eval-every",

@@ -13,7 +13,7 @@ use crate::classifier::{prompted_forward, prompted_loss_and_grads, HeadBackward}
 use crate::data::Example;
 use crate::prompt::SoftPrompt;
 use crate::task::classify::log_softmax;
-use crate::task::verbalizer::continuation;
+use crate::task::verbalizer::{continuation, render};
 use crate::tokenize::{Encoded, TextEncoder};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -25,11 +25,12 @@ use std::path::Path;
 /// `encoder.max_tokens()`; a target that alone does not fit is an error.
 pub fn encode_pair(
     encoder: &TextEncoder,
+    template: Option<&str>,
     input: &str,
     target: &str,
     eos: Option<u32>,
 ) -> anyhow::Result<Encoded> {
-    let mut target_ids = encoder.plain_ids(&continuation(input, target))?;
+    let mut target_ids = encoder.plain_ids(&continuation(&render(template, input), target))?;
     target_ids.extend(eos);
     if target_ids.is_empty() {
         bail!("the target {target:?} tokenizes to nothing");
@@ -42,10 +43,7 @@ pub fn encode_pair(
             max.saturating_sub(1)
         );
     }
-    let mut encoded = encoder.encode(input, None)?;
-    let keep = encoded.ids.len().min(max - target_ids.len());
-    encoded.ids.truncate(keep);
-    encoded.type_ids.truncate(keep);
+    let (mut encoded, _) = encoder.encode_fitted(template, input, None, max - target_ids.len())?;
     encoded
         .type_ids
         .extend(std::iter::repeat_n(0, target_ids.len()));
@@ -54,11 +52,12 @@ pub fn encode_pair(
     Ok(encoded)
 }
 
-/// Every (input, target) pair of a data set (the target in the label column), the inputs already
-/// written into the template; an error names the file and line.
+/// Every (input, target) pair of a data set (the target in the label column), the inputs written
+/// into `template`; an error names the file and line.
 pub fn encode_pairs(
     encoder: &TextEncoder,
     examples: &[Example],
+    template: Option<&str>,
     path: &Path,
     eos: Option<u32>,
 ) -> anyhow::Result<Vec<Encoded>> {
@@ -66,7 +65,7 @@ pub fn encode_pairs(
         .iter()
         .map(|e| {
             let target = e.label.as_deref().unwrap_or_default();
-            encode_pair(encoder, &e.text, target, eos)
+            encode_pair(encoder, template, &e.text, target, eos)
                 .with_context(|| format!("{} line {}", path.display(), e.line))
         })
         .collect()

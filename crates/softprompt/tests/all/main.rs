@@ -7,6 +7,7 @@ mod multitask;
 mod parity;
 mod peft;
 mod prompt_init;
+mod tokenize;
 
 use std::path::PathBuf;
 
