@@ -15,18 +15,29 @@ fn encoder(max_tokens: usize) -> TextEncoder {
 fn a_long_input_is_cut_inside_the_text_not_the_template() {
     let encoder = encoder(14);
     let long = "a good movie and a fun story but the acting was weak and the plot was dull";
-    let (cut, truncated) = encoder.encode_fitted(Some(TEMPLATE), long, None, 14).unwrap();
+    let (cut, truncated) = encoder
+        .encode_fitted(Some(TEMPLATE), long, None, 14)
+        .unwrap();
     assert!(truncated);
     let text = encoder.decode(&cut.ids).unwrap();
     // [CLS] the story a good movie … so it was [SEP]: the head, as much text as fits, the tail
     assert_eq!(cut.ids.len(), 14, "{text}");
     assert!(text.starts_with("the story a good movie"), "{text}");
     assert!(text.ends_with("so it was"), "{text}");
-    assert_eq!(cut.ids.last(), encoder.encode("", None).unwrap().ids.last(), "[SEP] stays");
+    assert_eq!(
+        cut.ids.last(),
+        encoder.encode("", None).unwrap().ids.last(),
+        "[SEP] stays"
+    );
 
-    let (short, truncated) = encoder.encode_fitted(Some(TEMPLATE), "fun", None, 14).unwrap();
+    let (short, truncated) = encoder
+        .encode_fitted(Some(TEMPLATE), "fun", None, 14)
+        .unwrap();
     assert!(!truncated);
-    assert_eq!(encoder.decode(&short.ids).unwrap(), "the story fun so it was");
+    assert_eq!(
+        encoder.decode(&short.ids).unwrap(),
+        "the story fun so it was"
+    );
 }
 
 /// `--task causal-lm`: the target stays whole after the template's tail, the text gives way.
