@@ -15,10 +15,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pool {
-    /// The raw hidden state at position 0, the first prompt vector (the starting example).
+    /// The raw hidden state of the first prompt vector (the starting example).
     First,
-    /// The checkpoint's frozen BERT pooler (dense + tanh) on position 0: PEFT's SEQ_CLS with
-    /// BertForSequenceClassification.
+    /// The checkpoint's frozen BERT pooler (dense + tanh) on the first prompt vector: PEFT's
+    /// SEQ_CLS with BertForSequenceClassification.
     Pooler,
     /// The hidden state of the real [CLS] token: the first real token after the prompt.
     Cls,
@@ -82,13 +82,13 @@ impl ClassificationHead {
     /// hidden [B, M + N, D], mask [B, M + N] (u32) → pooled [B, D]
     fn pooled(&self, hidden: &Tensor, mask: &Tensor, prompt_len: usize) -> Result<Tensor> {
         match self.pool {
-            Pool::First => hidden.narrow(1, 0, 1)?.squeeze(1),
+            Pool::First => first_real(hidden, mask),
             Pool::Cls => pick_real(hidden, mask, |real| {
                 real.iter().find(|&&i| i >= prompt_len).copied()
             }),
             Pool::Pooler => {
                 let pooler = self.pooler.as_ref().expect("checked at construction");
-                pooler.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()
+                pooler.forward(&first_real(hidden, mask)?)?.tanh()
             }
             Pool::Mean => {
                 let (b, s, _) = hidden.dims3()?;
@@ -113,6 +113,11 @@ impl ClassificationHead {
         let bias = self.bias.as_tensor().to_dtype(pooled.dtype())?;
         pooled.matmul(&weight.t()?)?.broadcast_add(&bias)
     }
+}
+
+/// The first prompt vector; with no prompt, the first real token wherever padding puts it.
+fn first_real(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pick_real(hidden, mask, |real| real.first().copied())
 }
 
 /// hidden [B, S, D] → [B, D]: in each row, the column `choose` picks from the row's real columns
