@@ -91,15 +91,27 @@ impl Task<'_> {
     /// w: the blocks from this task's first row on; y_t [rows, T].
     #[inline(always)]
     fn run(&self, w: &[u8], y_t: &mut [f32]) {
+        match self.kind {
+            GgmlDType::Q8_0 => self.rows::<Q8_0>(w, y_t),
+            GgmlDType::Q4_1 => self.rows::<Q4_1>(w, y_t),
+            _ => self.rows::<Q4_0>(w, y_t),
+        }
+    }
+
+    /// w: the blocks from this task's first row on; y_t [rows, T].
+    #[inline(always)]
+    fn rows<B: Block>(&self, w: &[u8], y_t: &mut [f32]) {
         let rows = self.xs.len() / self.in_dim;
         let mut dense = vec![0f32; if rows > 1 { self.in_dim } else { 0 }];
         for (w, y) in w.chunks(self.row_bytes).zip(y_t.chunks_mut(rows)) {
             if rows == 1 {
-                y[0] = dot_portable(self.kind, w, self.xs, self.block_sums);
+                y[0] = dot_blocks::<B>(w, self.xs, self.block_sums);
                 continue;
             }
             // several x rows: expand the matrix row once, then plain dot products
-            dequantize_row(self.kind, w, &mut dense);
+            for (block, out) in w.chunks_exact(B::BYTES).zip(dense.chunks_exact_mut(BLOCK)) {
+                out.copy_from_slice(&B::values(block));
+            }
             for (y, x) in y.iter_mut().zip(self.xs.chunks_exact(self.in_dim)) {
                 *y = dot_f32(&dense, x);
             }
@@ -118,54 +130,7 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
-#[inline(always)]
-fn dequantize_row(kind: GgmlDType, w: &[u8], out: &mut [f32]) {
-    let header = header_bytes(kind);
-    for (block, out) in w
-        .chunks_exact(kind.type_size())
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
-        let d = half_at(block, 0);
-        let qs = &block[header..];
-        match kind {
-            GgmlDType::Q8_0 => {
-                for j in 0..BLOCK {
-                    out[j] = d * (qs[j] as i8) as f32;
-                }
-            }
-            _ => {
-                let m = match kind {
-                    GgmlDType::Q4_1 => half_at(block, 2),
-                    _ => -8.0 * d,
-                };
-                for j in 0..16 {
-                    out[j] = d * (qs[j] & 15) as f32 + m;
-                    out[j + 16] = d * (qs[j] >> 4) as f32 + m;
-                }
-            }
-        }
-    }
-}
-
-/// Bytes before a block's quants: its f16 scale, and for Q4_1 its f16 offset.
-fn header_bytes(kind: GgmlDType) -> usize {
-    match kind {
-        GgmlDType::Q4_1 => 4,
-        _ => 2,
-    }
-}
-
-/// One quantized row · one x row, without expanding the row to memory.
-#[inline(always)]
-fn dot_portable(kind: GgmlDType, w: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-    match kind {
-        GgmlDType::Q8_0 => dot_blocks::<Q8_0>(w, x, sums),
-        GgmlDType::Q4_1 => dot_blocks::<Q4_1>(w, x, sums),
-        _ => dot_blocks::<Q4_0>(w, x, sums),
-    }
-}
-
-/// A block type, as `dot_blocks` reads it. (Generic functions, not closures: a closure is
+/// A block type, as the loops read it. (Generic functions, not closures: a closure is
 /// compiled on its own, without the caller's AVX2, and called per block.)
 trait Block {
     const BYTES: usize;
@@ -173,6 +138,8 @@ trait Block {
     fn lanes(block: &[u8], x: &[f32; BLOCK]) -> [f32; 16];
     /// the block's term that does not depend on q: m·Σx (Σ (d·q + m)·x = d·Σ q·x + m·Σ x)
     fn offset(block: &[u8], x_sum: f32) -> f32;
+    /// the 32 values d·q + m
+    fn values(block: &[u8]) -> [f32; BLOCK];
 }
 
 struct Q8_0;
@@ -194,6 +161,18 @@ impl Block for Q8_0 {
     fn offset(_: &[u8], _: f32) -> f32 {
         0.0
     }
+    #[inline(always)]
+    fn values(block: &[u8]) -> [f32; BLOCK] {
+        let (d, qs): (f32, &[u8; 32]) = (
+            half_at(block, 0),
+            block[2..34].try_into().expect("a Q8_0 block"),
+        );
+        let mut v = [0f32; BLOCK];
+        for j in 0..BLOCK {
+            v[j] = d * (qs[j] as i8) as f32;
+        }
+        v
+    }
 }
 
 impl Block for Q4_0 {
@@ -206,6 +185,11 @@ impl Block for Q4_0 {
     fn offset(block: &[u8], x_sum: f32) -> f32 {
         -8.0 * half_at(block, 0) * x_sum
     }
+    #[inline(always)]
+    fn values(block: &[u8]) -> [f32; BLOCK] {
+        let d = half_at(block, 0);
+        nibble_values(&block[2..18], d, -8.0 * d)
+    }
 }
 
 impl Block for Q4_1 {
@@ -217,6 +201,10 @@ impl Block for Q4_1 {
     #[inline(always)]
     fn offset(block: &[u8], x_sum: f32) -> f32 {
         half_at(block, 2) * x_sum
+    }
+    #[inline(always)]
+    fn values(block: &[u8]) -> [f32; BLOCK] {
+        nibble_values(&block[4..20], half_at(block, 0), half_at(block, 2))
     }
 }
 
@@ -249,6 +237,18 @@ fn nibbles_times(qs: &[u8], x: &[f32; BLOCK]) -> [f32; 16] {
         s[j] = (qs[j] & 15) as f32 * x[j] + (qs[j] >> 4) as f32 * x[j + 16];
     }
     s
+}
+
+/// The 4-bit quants as d·q + m.
+#[inline(always)]
+fn nibble_values(qs: &[u8], d: f32, m: f32) -> [f32; BLOCK] {
+    let qs: &[u8; 16] = qs.try_into().expect("16 bytes of nibbles");
+    let mut v = [0f32; BLOCK];
+    for j in 0..16 {
+        v[j] = d * (qs[j] & 15) as f32 + m;
+        v[j + 16] = d * (qs[j] >> 4) as f32 + m;
+    }
+    v
 }
 
 /// The f16 at a byte offset; the const conversion inlines into the vector loop, where `to_f32`
