@@ -346,9 +346,7 @@ impl Backbone for Llama {
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
         let attention = self.attention_shape(b, s);
         let position_ids = super::position_ids(input.attention_mask)?;
-        let positions = position_ids
-            .as_ref()
-            .map_or(Positions::From(0), Positions::Ids);
+        let positions = Positions::from_ids(position_ids.as_ref());
         let mut x = input.embeds.reshape((b * s, d))?;
         let mut layers = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         for layer in &self.layers {
@@ -398,10 +396,7 @@ impl Backbone for Llama {
     fn backward(&self, d_hidden: &Tensor, activations: LlamaActivations) -> Result<Tensor> {
         let (b, s, d) = activations.shape;
         let attention = self.attention_shape(b, s);
-        let positions = activations
-            .position_ids
-            .as_ref()
-            .map_or(Positions::From(0), Positions::Ids);
+        let positions = Positions::from_ids(activations.position_ids.as_ref());
         let mut dx = self
             .norm
             .backward(&d_hidden.reshape((b * s, d))?, &activations.last)?;

@@ -85,6 +85,13 @@ pub enum Positions<'a> {
     Ids(&'a Tensor),
 }
 
+impl<'a> Positions<'a> {
+    /// `backbone::position_ids`' answer: per-row ids, or none for 0..S.
+    pub fn from_ids(ids: Option<&'a Tensor>) -> Self {
+        ids.map_or(Positions::From(0), Positions::Ids)
+    }
+}
+
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let half = x.dim(3)? / 2;
     Tensor::cat(&[x.narrow(3, half, half)?.neg()?, x.narrow(3, 0, half)?], 3)
