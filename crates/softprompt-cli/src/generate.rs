@@ -1,26 +1,23 @@
 //! `softprompt generate`: continue texts with a decoder, optionally behind an adapter's prompt,
 //! streaming the tokens to the terminal as they come.
 
-use crate::commands::unescape;
+use crate::args::{template, unescaped, ModelArgs};
+use crate::output::emit;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Args;
+use serde::Serialize;
 use softprompt::adapter::Adapter;
 use softprompt::backbone::Backbone;
-use softprompt::generate::{generate, prefix_cache, SamplingConfig};
-use softprompt::model::Model;
-use softprompt::task::verbalizer::check_template;
+use softprompt::generate::{generate, prefix_cache, FinishReason, SamplingConfig};
+use softprompt::template::Template;
 use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A GPT-2 or Llama-family model directory, or a .gguf file.
-    #[arg(long)]
-    model: PathBuf,
-    /// Keep a GGUF model's quantized matrices quantized in memory: less memory, slower to train, faster to generate.
-    #[arg(long)]
-    keep_quantized: bool,
+    #[command(flatten)]
+    model: ModelArgs,
     /// An adapter whose prompt goes in front (any prompt-tuning adapter for this model).
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -28,8 +25,8 @@ pub struct GenerateArgs {
     #[arg(required = true)]
     texts: Vec<String>,
     /// What each text is written into, {text} marking where [default: the adapter's template].
-    #[arg(long)]
-    template: Option<String>,
+    #[arg(long, value_parser = template)]
+    template: Option<Template>,
     #[arg(long, default_value_t = SamplingConfig::default().max_new_tokens)]
     max_new_tokens: usize,
     /// 0 is greedy.
@@ -40,7 +37,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     top_p: Option<f64>,
     /// Stop before this text (repeatable); \n is a newline.
-    #[arg(long)]
+    #[arg(long, value_parser = unescaped)]
     stop: Vec<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -49,31 +46,36 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+/// One `--json` line.
+#[derive(Serialize)]
+struct Written<'a> {
+    input: &'a str,
+    text: &'a str,
+    tokens: &'a [u32],
+    finish: FinishReason,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let config = SamplingConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
-        stop: args.stop.iter().map(|s| unescape(s)).collect(),
+        stop: args.stop.clone(),
         seed: args.seed,
     };
     config.validate()?;
-    let model = Model::load_with(&args.model, DType::F32, &Device::Cpu, args.keep_quantized)?;
+    let model = args.model.load()?;
     let d = model.backbone.hidden_size();
     let adapter = args
         .adapter
         .as_deref()
         .map(|a| Adapter::load(a, d, &Device::Cpu))
         .transpose()?;
-    let template = match (&args.template, &adapter) {
-        (Some(t), _) => Some(unescape(t)),
-        (None, Some(a)) => a.template.clone(),
-        (None, None) => None,
-    };
-    if let Some(t) = &template {
-        check_template(t)?;
-    }
+    let template = args
+        .template
+        .clone()
+        .or_else(|| adapter.as_ref().and_then(|a| a.template.clone()));
     let prompt = match &adapter {
         Some(a) => a.prompt.clone(),
         None => candle_core::Tensor::zeros((0, d), DType::F32, &Device::Cpu)?,
@@ -87,7 +89,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             bail!("a text to continue is empty");
         }
         let ids = encoder
-            .encode_fitted(template.as_deref(), text, None, encoder.max_tokens())
+            .encode_fitted(template.as_ref(), text, None, encoder.max_tokens())
             .with_context(|| format!("cannot tokenize {text:?}"))?
             .0
             .ids;
@@ -107,15 +109,14 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             &config,
             &mut stream,
         )?;
-        if args.json {
-            println!(
-                "{}",
-                serde_json::json!({"input": text, "text": generated.text,
-                    "tokens": generated.tokens, "finish": generated.finish})
-            );
-        } else {
-            println!();
-        }
+        let written = Written {
+            input: text,
+            text: &generated.text,
+            tokens: &generated.tokens,
+            finish: generated.finish,
+        };
+        // the text itself was streamed as it came
+        emit(args.json, &written, "\n")?;
     }
     Ok(())
 }

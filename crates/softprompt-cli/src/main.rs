@@ -1,10 +1,64 @@
-//! The `softprompt` command: thin wrappers over the library, one function per subcommand.
+//! The `softprompt` command: thin wrappers over the library, one file per subcommand; `args`
+//! holds the argument groups they share, `output` the `--json`-or-text printing, `adapters` what
+//! eval and predict run on.
 
-mod commands;
+mod adapters;
+mod args;
+mod bench;
+mod eval;
 mod generate;
+mod inspect;
+mod loadgen;
+mod output;
+mod predict;
 mod serve;
+mod train;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "softprompt",
+    version,
+    about = "Prompt tuning of frozen transformers (Lester et al. 2021)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a soft prompt (and the task's head: a classifier, a verbalizer or a causal LM) on a frozen model.
+    Train(train::TrainArgs),
+    /// Score an adapter on labelled data: accuracy, macro-F1, per-class precision / recall, confusion.
+    Eval(eval::EvalArgs),
+    /// Label texts with an adapter.
+    Predict(predict::PredictArgs),
+    /// Time a train step or a forward pass on random weights of a known shape (no assets needed).
+    Bench(bench::BenchArgs),
+    /// Show the vocabulary tokens nearest to each prompt vector (cosine similarity).
+    Inspect(inspect::InspectArgs),
+    /// Serve every adapter of the given directories from one model over HTTP, batching across tasks.
+    Serve(serve::ServeArgs),
+    /// Continue texts with a decoder (GPT-2, Llama family), optionally behind an adapter's prompt.
+    Generate(generate::GenerateArgs),
+    /// Drive a running server with classify requests for many adapters; report throughput and latency.
+    Loadgen(loadgen::LoadgenArgs),
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Predict(args) => predict::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Loadgen(args) => loadgen::run(args),
+    }
+}
 
 fn main() -> std::process::ExitCode {
     // Output piped into `head` and the like ends quietly, as for any Unix tool, instead of a panic
@@ -21,8 +75,7 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = commands::Cli::parse();
-    match commands::run(cli) {
+    match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

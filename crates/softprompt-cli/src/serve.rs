@@ -1,19 +1,16 @@
-//! `softprompt serve` and `softprompt loadgen`: the HTTP server and the load that measures it.
+//! `softprompt serve`: every adapter of the given directories from one model over HTTP.
 
+use crate::args::ModelArgs;
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
 use clap::Args;
-use softprompt::data::{read_examples, Columns, Labels};
-use softprompt::model::Model;
-use softprompt_server::loadgen::{self, LoadConfig};
 use softprompt_server::{AppState, Overlong, ServerConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
     /// A directory whose subdirectories are adapters, served under their subdirectory names
     /// (repeatable). POST /v1/adapters loads more from these directories only.
     #[arg(long = "adapters", required = true)]
@@ -58,7 +55,7 @@ pub struct ServeArgs {
     max_new_tokens: usize,
 }
 
-pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         adapter_dirs: args.adapters,
         max_batch_tokens: args.max_batch_tokens,
@@ -74,7 +71,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens,
     };
     config.validate()?;
-    let model = Model::load(&args.model, DType::F32, &Device::Cpu)?;
+    let model = args.model.load()?;
     let state = AppState::new(model, config)?;
     if state.registry.is_empty() {
         bail!("no adapters found under {:?}", state.config.adapter_dirs);
@@ -107,83 +104,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-#[derive(Args)]
-pub struct LoadgenArgs {
-    /// The server's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// Adapters to spread the requests over, at random (repeatable).
-    #[arg(long = "adapter", required = true)]
-    adapters: Vec<String>,
-    /// Texts to send, from the `text` column of a TSV, CSV or JSONL file.
-    #[arg(long)]
-    data: PathBuf,
-    /// Clients, each with one request in flight.
-    #[arg(long, default_value_t = 32)]
-    concurrency: usize,
-    /// Seconds to run.
-    #[arg(long, default_value_t = 30.0)]
-    duration: f64,
-    /// Stop after this many requests.
-    #[arg(long)]
-    requests: Option<usize>,
-    /// Requests per second over all clients (default: as fast as answered).
-    #[arg(long)]
-    rate: Option<f64>,
-    #[arg(long, default_value_t = 1)]
-    inputs_per_request: usize,
-    #[arg(long, env = "SOFTPROMPT_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Print one JSON object.
-    #[arg(long)]
-    json: bool,
-}
-
-pub fn run_loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
-    let columns = Columns {
-        text: "text".into(),
-        text_pair: None,
-        label: "label".into(),
-    };
-    let texts = read_examples(&args.data, &columns, Labels::Optional)?
-        .into_iter()
-        .map(|e| e.text)
-        .collect();
-    if !(args.duration > 0.0 && args.duration.is_finite()) {
-        bail!("--duration must be a positive number of seconds");
-    }
-    let config = LoadConfig {
-        url: args.url,
-        adapters: args.adapters,
-        texts,
-        inputs_per_request: args.inputs_per_request,
-        concurrency: args.concurrency,
-        duration: Duration::from_secs_f64(args.duration),
-        max_requests: args.requests,
-        rate: args.rate,
-        api_key: args.api_key,
-        seed: args.seed,
-    };
-    let report = tokio::runtime::Runtime::new()?.block_on(loadgen::run(&config))?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!(
-            "{} requests ({} ok) in {:.1} s: {:.1} inputs/s; latency p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; errors {:?}",
-            report.requests,
-            report.ok,
-            report.seconds,
-            report.inputs_per_second,
-            report.p50_ms,
-            report.p90_ms,
-            report.p99_ms,
-            report.max_ms,
-            report.errors
-        );
-    }
-    Ok(())
 }

@@ -2,10 +2,11 @@
 //! for any mix of adapters, into one batch — up to a token budget, waiting at most `max_wait` for
 //! company — then hands each request its own rows' logits.
 
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 use softprompt::batch::Padding;
+use softprompt::inference::{classify_rows, LoadedAdapter};
 use softprompt::model::Model;
-use softprompt::multitask::{classify_rows, Task};
 use softprompt::tokenize::Encoded;
 use std::collections::VecDeque;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -22,11 +23,11 @@ pub struct BatcherConfig {
 }
 
 /// One request's rows: (task, tokens), answered with one logits vector per row.
-pub type Rows = Vec<(Arc<Task>, Encoded)>;
+pub type Rows = Vec<(Arc<LoadedAdapter>, Encoded)>;
 
 struct Job {
     rows: Rows,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, ApiError>>,
 }
 
 impl Job {
@@ -39,7 +40,7 @@ impl Job {
 
     /// The adapters a job uses, by identity: jobs may share a batch without mixing only if
     /// these are equal.
-    fn adapters(&self) -> Vec<*const Task> {
+    fn adapters(&self) -> Vec<*const LoadedAdapter> {
         let mut tasks: Vec<_> = self.rows.iter().map(|(t, _)| Arc::as_ptr(t)).collect();
         tasks.dedup();
         tasks
@@ -65,15 +66,15 @@ impl Batcher {
 
     /// Queues rows and waits for their logits. Dropping the future takes the rows out of the
     /// queue before they cost a backbone pass.
-    pub async fn run(&self, rows: Rows) -> Result<Vec<Vec<f32>>, String> {
+    pub async fn run(&self, rows: Rows) -> Result<Vec<Vec<f32>>, ApiError> {
         let (reply, answer) = oneshot::channel();
         self.metrics.queue_depth.inc();
         self.queue
             .send(Job { rows, reply })
-            .map_err(|_| "the batcher has stopped".to_string())?;
+            .map_err(|_| ApiError::Internal("the batcher has stopped".into()))?;
         answer
             .await
-            .map_err(|_| "the batcher dropped the request".to_string())?
+            .map_err(|_| ApiError::Internal("the batcher dropped the request".into()))?
     }
 }
 
@@ -129,7 +130,7 @@ fn work(model: &Model, jobs: mpsc::Receiver<Job>, config: &BatcherConfig, metric
 const MAX_PADDING_RATIO: f64 = 1.25;
 
 fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
-    let rows: Vec<(&Task, &Encoded)> = batch
+    let rows: Vec<(&LoadedAdapter, &Encoded)> = batch
         .iter()
         .flat_map(|job| job.rows.iter().map(|(t, e)| (t.as_ref(), e)))
         .collect();
@@ -146,8 +147,9 @@ fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
             }
         }
         Err(e) => {
+            let message = e.chain();
             for job in batch {
-                let _ = job.reply.send(Err(format!("{e:#}")));
+                let _ = job.reply.send(Err(ApiError::Internal(message.clone())));
             }
         }
     }
@@ -155,7 +157,10 @@ fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
 
 /// `classify_rows` on groups of rows of similar length (the longest at most `MAX_PADDING_RATIO`
 /// times the shortest), answers in the rows' order.
-fn classify_by_length(model: &Model, rows: &[(&Task, &Encoded)]) -> anyhow::Result<Vec<Vec<f32>>> {
+fn classify_by_length(
+    model: &Model,
+    rows: &[(&LoadedAdapter, &Encoded)],
+) -> softprompt::Result<Vec<Vec<f32>>> {
     let length = |i: usize| rows[i].0.prompt_len() + rows[i].1.ids.len();
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| length(i));
@@ -168,7 +173,7 @@ fn classify_by_length(model: &Model, rows: &[(&Task, &Encoded)]) -> anyhow::Resu
             .position(|&i| length(i) as f64 > longest)
             .map_or(order.len(), |n| start + n);
         let group = &order[start..end];
-        let members: Vec<(&Task, &Encoded)> = group.iter().map(|&i| rows[i]).collect();
+        let members: Vec<(&LoadedAdapter, &Encoded)> = group.iter().map(|&i| rows[i]).collect();
         let logits = classify_rows(
             &model.backbone,
             &members,

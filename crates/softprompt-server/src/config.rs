@@ -1,7 +1,7 @@
 //! What a server is told at start: where its adapters live, how it batches, and the limits that
 //! keep one client from starving the others.
 
-use anyhow::bail;
+use softprompt::bail;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -64,7 +64,7 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> softprompt::Result<()> {
         if self.adapter_dirs.is_empty() {
             bail!("give at least one adapters directory");
         }

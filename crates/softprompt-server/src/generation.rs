@@ -5,40 +5,18 @@
 //! Generation is not batched across requests: each decodes at batch 1, bounded by the same
 //! request slots as classification and by `max_new_tokens`.
 
-use crate::routes::{parse, unprocessable, ApiError, AppState};
+use crate::api::{ErrorBody, GenerateRequest, GenerateResponse, TextPiece};
+use crate::error::ApiError;
+use crate::routes::parse;
+use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::json;
-use softprompt::generate::{generate, Generation, SamplingConfig};
+use softprompt::generate::{generate, SamplingConfig};
 use std::convert::Infallible;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GenerateRequest {
-    adapter: String,
-    input: String,
-    max_new_tokens: Option<usize>,
-    #[serde(default)]
-    temperature: f64,
-    top_k: Option<usize>,
-    top_p: Option<f64>,
-    #[serde(default)]
-    stop: Vec<String>,
-    #[serde(default)]
-    seed: u64,
-    #[serde(default)]
-    stream: bool,
-}
-
-fn answer(g: &Generation) -> serde_json::Value {
-    json!({"text": g.text, "tokens": g.tokens, "finish": g.finish})
-}
 
 pub(crate) async fn generate_text(
     State(state): State<AppState>,
@@ -47,7 +25,7 @@ pub(crate) async fn generate_text(
     let request: GenerateRequest = parse(body)?;
     let generator = state.registry.generator(&request.adapter)?;
     if request.input.trim().is_empty() {
-        return Err(unprocessable("\"input\" is empty"));
+        return Err(ApiError::Invalid("\"input\" is empty".into()));
     }
     let limit = state.config.max_new_tokens;
     let config = SamplingConfig {
@@ -58,17 +36,15 @@ pub(crate) async fn generate_text(
         stop: request.stop,
         seed: request.seed,
     };
-    config
-        .validate()
-        .map_err(|e| unprocessable(format!("{e:#}")))?;
+    config.validate()?;
     if config.max_new_tokens > limit {
-        return Err(unprocessable(format!(
+        return Err(ApiError::Invalid(format!(
             "max_new_tokens {} is over this server's limit of {limit}",
             config.max_new_tokens
         )));
     }
     let ids = state
-        .encode(generator.template.as_deref(), &request.input, 0)?
+        .encode(generator.template.as_ref(), &request.input, 0)?
         .ids;
     let slot = state.slot()?;
     let registry = state.registry.clone();
@@ -89,35 +65,24 @@ pub(crate) async fn generate_text(
         let work = tokio::task::spawn_blocking(move || run(&mut |_| true));
         let generated = tokio::time::timeout(state.config.request_timeout, work)
             .await
-            .map_err(|_| {
-                ApiError(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "no answer within {} ms",
-                        state.config.request_timeout.as_millis()
-                    ),
-                )
-            })?
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-        return Ok(Json(answer(&generated)).into_response());
+            .map_err(|_| state.timed_out())?
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        return Ok(Json::<GenerateResponse>(generated).into_response());
     }
     let (events, receiver) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::task::spawn_blocking(move || {
         let result = run(&mut |piece| {
-            events
-                .blocking_send(
-                    Event::default()
-                        .json_data(json!({"text": piece}))
-                        .expect("JSON"),
-                )
-                .is_ok()
+            let piece = TextPiece {
+                text: piece.to_string(),
+            };
+            let event = Event::default().json_data(piece).expect("JSON");
+            events.blocking_send(event).is_ok()
         });
         let last = match result {
-            Ok(generated) => Event::default().event("done").json_data(answer(&generated)),
-            Err(e) => Event::default()
-                .event("error")
-                .json_data(json!({"error": format!("{e:#}")})),
+            Ok(generated) => Event::default().event("done").json_data(generated),
+            Err(e) => Event::default().event("error").json_data(ErrorBody {
+                error: ApiError::from(e).to_string(),
+            }),
         };
         let _ = events.blocking_send(last.expect("JSON"));
     });

@@ -2,25 +2,31 @@
 //! into one backbone pass.
 //!
 //! ```text
-//! HTTP requests (routes) → Batcher queue → one worker thread forms batches across adapters
-//!                        → multitask::classify_rows (rows of similar length share a backbone pass)
-//!                        → each request its answers
+//! HTTP request → routes (metrics, API key, slot) → classify: its inputs × member adapters → rows
+//!              → batcher: one worker thread forms batches across adapters
+//!              → softprompt::inference::classify_rows (rows of similar length share a pass)
+//!              → each request its answers
 //! ```
 //!
 //! `generation` answers /v1/generate (one decoding loop per request, from the adapter's prefix
-//! cache). `registry` holds the adapters by name (loaded and unloaded while serving), `config` the limits,
-//! `metrics` what /metrics reports, and `loadgen` drives a server for measurements.
+//! cache). `api` holds the request and response bodies, `error` the errors and their HTTP
+//! statuses, `state` what handlers share, `registry` the adapters by name (loaded and unloaded
+//! while serving), `config` the limits, `metrics` what /metrics reports.
 
+pub mod api;
 pub mod batcher;
+mod classify;
 pub mod config;
+pub mod error;
 mod generation;
-pub mod loadgen;
 pub mod metrics;
 pub mod registry;
 pub mod routes;
+pub mod state;
 
 pub use config::{Overlong, ServerConfig};
-pub use routes::{router, AppState};
+pub use routes::router;
+pub use state::AppState;
 
 /// Serves until `shutdown` resolves, then lets the requests in flight finish.
 pub async fn serve(

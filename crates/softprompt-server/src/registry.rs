@@ -2,66 +2,50 @@
 //! start, and while serving whatever `POST /v1/adapters` loads from those same directories (a name
 //! is one plain path component, so a request cannot reach outside them).
 
-use anyhow::Context;
 use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::backbone::{Backbone, KvCache};
 use softprompt::generate::prefix_cache;
+use softprompt::inference::LoadedAdapter;
 use softprompt::model::Model;
-use softprompt::multitask::Task;
+use softprompt::template::Template;
 use softprompt::tokenize::TextEncoder;
+use softprompt::{bail, Context};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    /// not a plain directory name
+    #[error(
+        "{0:?} is not an adapter name (letters, digits, '-', '_' and '.', not starting with '.')"
+    )]
     BadName(String),
+    #[error("no adapter named {0:?}")]
     NotFound(String),
+    #[error("adapter {0:?} is already loaded")]
     AlreadyLoaded(String),
     /// the directory is there but is not an adapter for this model
-    Invalid(String, anyhow::Error),
+    #[error("adapter {0:?}: {chain}", chain = .1.chain())]
+    Invalid(String, softprompt::Error),
     /// a generation adapter asked to classify
+    #[error("adapter {0:?} generates text and has no labels: use /v1/generate")]
     NotAClassifier(String),
     /// generation asked of an encoder model's adapter
+    #[error("adapter {0:?} cannot generate: the model is an encoder (generation needs GPT-2 or the Llama family)")]
     NotAGenerator(String),
 }
-
-impl std::fmt::Display for RegistryError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::BadName(n) => write!(
-                f,
-                "{n:?} is not an adapter name (letters, digits, '-', '_' and '.', not starting with '.')"
-            ),
-            Self::NotFound(n) => write!(f, "no adapter named {n:?}"),
-            Self::AlreadyLoaded(n) => write!(f, "adapter {n:?} is already loaded"),
-            Self::Invalid(n, e) => write!(f, "adapter {n:?}: {e:#}"),
-            Self::NotAClassifier(n) => write!(
-                f,
-                "adapter {n:?} generates text and has no labels: use /v1/generate"
-            ),
-            Self::NotAGenerator(n) => write!(
-                f,
-                "adapter {n:?} cannot generate: the model is an encoder (generation needs GPT-2 or the Llama family)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for RegistryError {}
 
 /// What `/v1/generate` needs of an adapter: its prompt already read (a prefix cache) and its template.
 pub struct Generator {
     pub prefix: KvCache,
-    pub template: Option<String>,
+    pub template: Option<Template>,
 }
 
 /// One loaded adapter: what it can do on this model.
 #[derive(Clone)]
 pub struct Entry {
     /// label scores (a linear head or a verbalizer); none for a generation adapter
-    pub task: Option<Arc<Task>>,
+    pub classifier: Option<Arc<LoadedAdapter>>,
     /// on a decoder model
     pub generator: Option<Arc<Generator>>,
     pub prompt_len: usize,
@@ -70,7 +54,7 @@ pub struct Entry {
 pub struct Registry {
     pub model: Arc<Model>,
     roots: Vec<PathBuf>,
-    tasks: RwLock<BTreeMap<String, Entry>>,
+    entries: RwLock<BTreeMap<String, Entry>>,
     /// cuts inputs to `max_input_tokens`; every loaded prompt leaves room for that many
     pub encoder: TextEncoder,
 }
@@ -82,7 +66,7 @@ impl Registry {
         model: Arc<Model>,
         roots: &[PathBuf],
         max_input_tokens: Option<usize>,
-    ) -> anyhow::Result<Self> {
+    ) -> softprompt::Result<Self> {
         let mut found = BTreeMap::new();
         for root in roots {
             let entries = std::fs::read_dir(root)
@@ -98,7 +82,7 @@ impl Registry {
                     .to_string();
                 let adapter = read_adapter(&model, &path)?;
                 if let Some((first, _)) = found.insert(name.clone(), (path.clone(), adapter)) {
-                    anyhow::bail!(
+                    bail!(
                         "two adapters are named {name:?}: {} and {}",
                         first.display(),
                         path.display()
@@ -117,21 +101,23 @@ impl Registry {
         let encoder = model.encoder(positions.saturating_sub(max_input_tokens), None)?;
         let registry = Self {
             roots: roots.to_vec(),
-            tasks: RwLock::new(BTreeMap::new()),
+            entries: RwLock::new(BTreeMap::new()),
             encoder,
             model,
         };
         for (name, (_, adapter)) in found {
-            registry.insert(name, &adapter)?;
+            registry
+                .insert(name.clone(), &adapter)
+                .map_err(softprompt::Error::invalid)?;
         }
         Ok(registry)
     }
 
     /// The classifier named `name`.
-    pub fn task(&self, name: &str) -> Result<Arc<Task>, RegistryError> {
+    pub fn classifier(&self, name: &str) -> Result<Arc<LoadedAdapter>, RegistryError> {
         let entry = self.entry(name)?;
         entry
-            .task
+            .classifier
             .ok_or_else(|| RegistryError::NotAClassifier(name.into()))
     }
 
@@ -187,12 +173,11 @@ impl Registry {
         let adapter =
             read_adapter(&self.model, &path).map_err(|e| RegistryError::Invalid(name.into(), e))?;
         self.insert(name.to_string(), &adapter)
-            .map_err(|e| RegistryError::Invalid(name.into(), e))
     }
 
     /// Forgets `name`; requests already holding it finish with it.
     pub fn unload(&self, name: &str) -> Result<(), RegistryError> {
-        self.tasks
+        self.entries
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name)
@@ -200,19 +185,34 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(name.into()))
     }
 
-    fn insert(&self, name: String, adapter: &Adapter) -> anyhow::Result<Entry> {
+    /// Makes `adapter` ready to serve as `name`; a name taken meanwhile (a concurrent load of the
+    /// same adapter) is `AlreadyLoaded`.
+    fn insert(&self, name: String, adapter: &Adapter) -> Result<Entry, RegistryError> {
+        let entry = self
+            .prepare(adapter)
+            .map_err(|e| RegistryError::Invalid(name.clone(), e))?;
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if entries.contains_key(&name) {
+            return Err(RegistryError::AlreadyLoaded(name));
+        }
+        entries.insert(name, entry.clone());
+        Ok(entry)
+    }
+
+    /// What serving `adapter` on this model needs: its loaded head, its prefix cache.
+    fn prepare(&self, adapter: &Adapter) -> softprompt::Result<Entry> {
         let room = self.model.backbone.max_positions();
         let needs = adapter.config.num_virtual_tokens + self.encoder.max_tokens();
         if needs > room {
-            anyhow::bail!(
+            bail!(
                 "its prompt of {} vectors and inputs of up to {} tokens need {needs} positions; the model has {room} (lower --max-input-tokens)",
                 adapter.config.num_virtual_tokens,
                 self.encoder.max_tokens()
             );
         }
-        let task = match adapter.head {
+        let classifier = match adapter.head {
             AdapterHead::Generation => None,
-            _ => Some(Arc::new(Task::new(&self.model, adapter)?)),
+            _ => Some(Arc::new(LoadedAdapter::new(&self.model, adapter)?)),
         };
         let generator = match self.model.backbone.decoder() {
             Some(_) => Some(Arc::new(Generator {
@@ -221,29 +221,23 @@ impl Registry {
             })),
             None => None,
         };
-        if task.is_none() && generator.is_none() {
-            anyhow::bail!("a generation adapter needs a decoder model, and this one is an encoder");
+        if classifier.is_none() && generator.is_none() {
+            bail!("a generation adapter needs a decoder model, and this one is an encoder");
         }
-        let entry = Entry {
-            task,
+        Ok(Entry {
+            classifier,
             generator,
             prompt_len: adapter.config.num_virtual_tokens,
-        };
-        let mut tasks = self.tasks.write().unwrap_or_else(|e| e.into_inner());
-        if tasks.contains_key(&name) {
-            anyhow::bail!("adapter {name:?} is already loaded");
-        }
-        tasks.insert(name, entry.clone());
-        Ok(entry)
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
         // a panic elsewhere while holding the lock leaves the map itself intact
-        self.tasks.read().unwrap_or_else(|e| e.into_inner())
+        self.entries.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-fn read_adapter(model: &Model, path: &Path) -> anyhow::Result<Adapter> {
+fn read_adapter(model: &Model, path: &Path) -> softprompt::Result<Adapter> {
     Adapter::load(
         path,
         model.backbone.hidden_size(),

@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::batch::Padding;
+use softprompt::inference::{classify_rows, LoadedAdapter};
 use softprompt::model::Model;
-use softprompt::multitask::{classify_rows, Task};
 use softprompt::task::classify::Pool;
 use softprompt_server::{AppState, Overlong, ServerConfig};
 use std::io::{Read, Write};
@@ -261,7 +261,7 @@ fn a_mixed_batch_answers_each_request_as_alone() {
         .cycle()
         .zip(answers.iter().chain(&unmixed_answers));
     for ((adapter, text), answer) in pairs {
-        let task = Task::new(
+        let task = LoadedAdapter::new(
             &model,
             &Adapter::load(&tmp.path().join(adapter), 16, &Device::Cpu).unwrap(),
         )
@@ -273,7 +273,7 @@ fn a_mixed_batch_answers_each_request_as_alone() {
             &Device::Cpu,
         )
         .unwrap();
-        let probs = softprompt::classifier::softmax(&alone[0]);
+        let probs = softprompt::task::classify::softmax(&alone[0]);
         let served = &answer["results"][0]["scores"];
         for (label, p) in task.labels.iter().zip(probs) {
             let got = served[label].as_f64().unwrap();
@@ -519,7 +519,7 @@ fn decoder_and_adapters(dir: &Path) -> (PathBuf, PathBuf) {
     let adapters = dir.join("adapters");
     let mut writer =
         Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
-    writer.config.task_type = Some("CAUSAL_LM".into());
+    writer.config.task_type = Some(softprompt::adapter::TaskType::CausalLm);
     writer.config.num_virtual_tokens = 3;
     writer.prompt = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu).unwrap();
     writer.head = AdapterHead::Generation;
@@ -530,7 +530,7 @@ fn decoder_and_adapters(dir: &Path) -> (PathBuf, PathBuf) {
         words: vec!["bad".into(), "good".into()],
     };
     critic.labels = vec!["negative".into(), "positive".into()];
-    critic.template = Some("{text} it was".into());
+    critic.template = Some(softprompt::template::Template::parse("{text} it was").unwrap());
     critic.save(&adapters.join("critic")).unwrap();
     (model, adapters)
 }

@@ -10,9 +10,11 @@
 //! BertForSequenceClassification) and labels LABEL_0, LABEL_1, ... A verbalizer adapter is
 //! task_type CAUSAL_LM with only prompt_embeddings: the frozen LM head scores the label words.
 
-use crate::fsutil::{load_tensors, save_tensors, write_atomic};
+use crate::files::{load_tensors, save_tensors, write_atomic};
 use crate::task::classify::Pool;
-use anyhow::{bail, Context};
+use crate::task::TaskKind;
+use crate::template::Template;
+use crate::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -24,11 +26,44 @@ const PROMPT_KEY: &str = "prompt_embeddings";
 const HEAD_WEIGHT_KEY: &str = "base_model.classifier.weight";
 const HEAD_BIAS_KEY: &str = "base_model.classifier.bias";
 
+/// PEFT's `PeftType`: which method an adapter holds. softprompt reads and writes prompt tuning;
+/// any other value is kept as it is written, so that the error can name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeftType {
+    #[serde(rename = "PROMPT_TUNING")]
+    PromptTuning,
+    #[serde(untagged)]
+    Other(String),
+}
+
+/// PEFT's `TaskType`: what the base model does with the prompt. Values equal PEFT's names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskType {
+    /// sequence classification: a `classifier` head on the pooled hidden state
+    #[serde(rename = "SEQ_CLS")]
+    SeqCls,
+    /// a decoder: the verbalizer's label words, or generation
+    #[serde(rename = "CAUSAL_LM")]
+    CausalLm,
+    #[serde(untagged)]
+    Other(String),
+}
+
+impl TaskType {
+    /// The task type of an adapter trained for `task`.
+    pub fn of(task: TaskKind) -> Self {
+        match task {
+            TaskKind::Classify => Self::SeqCls,
+            TaskKind::Verbalizer | TaskKind::CausalLm => Self::CausalLm,
+        }
+    }
+}
+
 /// The fields of PEFT's PromptTuningConfig (peft/tuners/prompt_tuning/config.py and its bases).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeftConfig {
-    pub peft_type: String,
-    pub task_type: Option<String>,
+    pub peft_type: PeftType,
+    pub task_type: Option<TaskType>,
     pub num_virtual_tokens: usize,
     pub token_dim: Option<usize>,
     #[serde(default = "one")]
@@ -70,7 +105,7 @@ pub struct Extra {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_words: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub template: Option<String>,
+    pub template: Option<Template>,
 }
 
 /// What turns the backbone's last hidden state into label scores.
@@ -90,19 +125,19 @@ pub enum AdapterHead {
     Generation,
 }
 
-/// A classification adapter in memory.
+/// An adapter in memory: a prompt, and what reads the hidden state behind it.
 pub struct Adapter {
     pub config: PeftConfig,
     /// [M, D]
     pub prompt: Tensor,
     pub head: AdapterHead,
     pub labels: Vec<String>,
-    /// the text each input is written into, with `{text}` where the input goes
-    pub template: Option<String>,
+    /// the text each input is written into
+    pub template: Option<Template>,
 }
 
 impl Adapter {
-    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+    pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create adapter directory {}", dir.display()))?;
         let mut tensors = vec![(PROMPT_KEY.to_string(), self.prompt.clone())];
@@ -134,18 +169,15 @@ impl Adapter {
     }
 
     /// Loads and checks an adapter for a model of hidden size `hidden`.
-    pub fn load(dir: &Path, hidden: usize, device: &Device) -> anyhow::Result<Self> {
+    pub fn load(dir: &Path, hidden: usize, device: &Device) -> Result<Self> {
         let at = dir.display();
         let config_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&config_path)
             .with_context(|| format!("{at} is not an adapter: cannot read {CONFIG_FILE}"))?;
         let config: PeftConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a PEFT adapter config", config_path.display()))?;
-        if config.peft_type != "PROMPT_TUNING" {
-            bail!(
-                "adapter {at} has peft_type {:?}; softprompt reads PROMPT_TUNING adapters",
-                config.peft_type
-            );
+        if let PeftType::Other(other) = &config.peft_type {
+            bail!("adapter {at} has peft_type {other:?}; softprompt reads PROMPT_TUNING adapters");
         }
         if let Some(dim) = config.token_dim.filter(|&d| d != hidden) {
             bail!("adapter {at} has token_dim {dim}, but the model's hidden size is {hidden}: it was trained for another model");
@@ -175,9 +207,9 @@ impl Adapter {
                 prompt.dims()
             );
         }
-        let task = config.task_type.as_deref().unwrap_or("SEQ_CLS");
+        let task = config.task_type.clone().unwrap_or(TaskType::SeqCls);
         let (head, labels, template) = match (task, extra) {
-            ("SEQ_CLS", extra) => {
+            (TaskType::SeqCls, extra) => {
                 let (weight, bias) = (take(HEAD_WEIGHT_KEY)?, take(HEAD_BIAS_KEY)?);
                 let classes = weight.dim(0)?;
                 if weight.dims() != [classes, hidden] || bias.dims() != [classes] {
@@ -203,18 +235,18 @@ impl Adapter {
                 }
                 (AdapterHead::Linear { weight, bias, pool }, labels, template)
             }
-            ("CAUSAL_LM", Some(Extra { labels, label_words: Some(words), template, .. })) => {
+            (TaskType::CausalLm, Some(Extra { labels, label_words: Some(words), template, .. })) => {
                 if words.len() != labels.len() {
                     bail!("adapter {at}: {} label words for {} labels", words.len(), labels.len());
                 }
                 (AdapterHead::Verbalizer { words }, labels, template)
             }
-            ("CAUSAL_LM", extra) => (
+            (TaskType::CausalLm, extra) => (
                 AdapterHead::Generation,
                 Vec::new(),
                 extra.and_then(|e| e.template),
             ),
-            (other, _) => bail!(
+            (TaskType::Other(other), _) => bail!(
                 "adapter {at} is for task_type {other}; softprompt reads SEQ_CLS and CAUSAL_LM adapters"
             ),
         };

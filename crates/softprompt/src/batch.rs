@@ -37,6 +37,13 @@ impl Padding {
     }
 }
 
+/// A tokenized data set: a label per example for classification (a causal LM's targets are in
+/// the tokens).
+pub struct EncodedSet {
+    pub data: Vec<Encoded>,
+    pub labels: Option<Vec<u32>>,
+}
+
 /// One batch, padded to its longest row. The soft prompt is not in it yet.
 pub struct Batch {
     /// [B, N] u32

@@ -1,7 +1,7 @@
 //! Labelled text files → examples. TSV (no quoting), CSV (RFC 4180 quoting) and JSON lines, told
 //! apart by the file's extension. Every error names the file, the line and the field.
 
-use anyhow::{bail, Context};
+use crate::{bail, Context};
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -39,7 +39,7 @@ enum Format {
     JsonLines,
 }
 
-fn format_of(path: &Path) -> anyhow::Result<Format> {
+fn format_of(path: &Path) -> crate::Result<Format> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -68,12 +68,12 @@ pub fn read_examples(
     path: &Path,
     columns: &Columns,
     labels: Labels,
-) -> anyhow::Result<Vec<Example>> {
+) -> crate::Result<Vec<Example>> {
     let format = format_of(path)?;
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read data file {}", path.display()))?;
     let text = String::from_utf8(bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text: {e}", path.display()))?;
+        .map_err(|e| crate::invalid!("{}: not UTF-8 text: {e}", path.display()))?;
     let examples = match format {
         Format::JsonLines => read_json_lines(path, &text, columns, labels)?,
         Format::Tsv | Format::Csv => read_delimited(path, &text, format, columns, labels)?,
@@ -90,7 +90,7 @@ fn read_delimited(
     format: Format,
     columns: &Columns,
     labels: Labels,
-) -> anyhow::Result<Vec<Example>> {
+) -> crate::Result<Vec<Example>> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(if format == Format::Tsv { b'\t' } else { b',' })
         .quoting(format == Format::Csv)
@@ -103,7 +103,7 @@ fn read_delimited(
         .clone();
     let find = |name: &str| headers.iter().position(|h| h.trim() == name);
     let missing = |name: &str| {
-        anyhow::anyhow!(
+        crate::invalid!(
             "{file} line 1: no column '{name}' in the header (columns: {})",
             headers.iter().collect::<Vec<_>>().join(", ")
         )
@@ -121,7 +121,7 @@ fn read_delimited(
     for record in reader.records() {
         let record = record.with_context(|| format!("{file}: malformed row"))?;
         let line = record.position().map_or(0, |p| p.line() as usize);
-        let field = |col: usize, name: &str| -> anyhow::Result<String> {
+        let field = |col: usize, name: &str| -> crate::Result<String> {
             match record.get(col) {
                 Some(v) => Ok(v.to_string()),
                 None => bail!(
@@ -154,7 +154,7 @@ fn read_json_lines(
     text: &str,
     columns: &Columns,
     labels: Labels,
-) -> anyhow::Result<Vec<Example>> {
+) -> crate::Result<Vec<Example>> {
     let file = path.display();
     let mut examples = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -166,8 +166,8 @@ fn read_json_lines(
             .with_context(|| format!("{file} line {line}: not valid JSON"))?;
         let object = value
             .as_object()
-            .ok_or_else(|| anyhow::anyhow!("{file} line {line}: not a JSON object"))?;
-        let field = |name: &str, required: bool| -> anyhow::Result<Option<String>> {
+            .ok_or_else(|| crate::invalid!("{file} line {line}: not a JSON object"))?;
+        let field = |name: &str, required: bool| -> crate::Result<Option<String>> {
             match object.get(name) {
                 None | Some(serde_json::Value::Null) if required => {
                     bail!("{file} line {line}: field '{name}' is missing")
@@ -196,7 +196,7 @@ fn read_json_lines(
     Ok(examples)
 }
 
-fn check(example: Example, path: &Path, columns: &Columns) -> anyhow::Result<Example> {
+fn check(example: Example, path: &Path, columns: &Columns) -> crate::Result<Example> {
     let at = |name: &str| format!("{} line {}: field '{name}'", path.display(), example.line);
     if example.text.trim().is_empty() {
         bail!("{} is empty", at(&columns.text));
@@ -227,7 +227,7 @@ pub fn label_set(examples: &[Example]) -> Vec<String> {
 }
 
 /// Label name → id, with an error naming the file and line of a label the adapter does not know.
-pub fn label_ids(examples: &[Example], labels: &[String], path: &Path) -> anyhow::Result<Vec<u32>> {
+pub fn label_ids(examples: &[Example], labels: &[String], path: &Path) -> crate::Result<Vec<u32>> {
     examples
         .iter()
         .map(|e| {
@@ -237,7 +237,7 @@ pub fn label_ids(examples: &[Example], labels: &[String], path: &Path) -> anyhow
                 .position(|l| l == name)
                 .map(|i| i as u32)
                 .ok_or_else(|| {
-                    anyhow::anyhow!(
+                    crate::invalid!(
                         "{} line {}: label '{name}' was never seen in training (known labels: {})",
                         path.display(),
                         e.line,

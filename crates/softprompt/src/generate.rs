@@ -9,11 +9,11 @@
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::{Backbone, KvCache};
 use crate::tokenize::TextEncoder;
-use anyhow::{bail, Context};
+use crate::{bail, Context};
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How tokens are picked and when to stop.
 #[derive(Debug, Clone)]
@@ -44,7 +44,7 @@ impl Default for SamplingConfig {
 }
 
 impl SamplingConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> crate::Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             bail!("the temperature must be 0 (greedy) or positive");
         }
@@ -61,7 +61,7 @@ impl SamplingConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// max_new_tokens reached
@@ -76,7 +76,7 @@ pub enum FinishReason {
     Cancelled,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Generation {
     pub text: String,
     pub tokens: Vec<u32>,
@@ -84,7 +84,7 @@ pub struct Generation {
 }
 
 /// The keys and values of a prompt [M, D], read once and shared by every request of its adapter.
-pub fn prefix_cache(backbone: &AnyBackbone, prompt: &Tensor) -> anyhow::Result<KvCache> {
+pub fn prefix_cache(backbone: &AnyBackbone, prompt: &Tensor) -> crate::Result<KvCache> {
     let mut cache = KvCache::default();
     if prompt.dim(0)? > 0 {
         decoder(backbone)?.extend(prompt, &mut cache)?;
@@ -92,7 +92,7 @@ pub fn prefix_cache(backbone: &AnyBackbone, prompt: &Tensor) -> anyhow::Result<K
     Ok(cache)
 }
 
-fn decoder(backbone: &AnyBackbone) -> anyhow::Result<&dyn crate::backbone::Decoder> {
+fn decoder(backbone: &AnyBackbone) -> crate::Result<&dyn crate::backbone::Decoder> {
     backbone.decoder().with_context(|| {
         format!(
             "generation needs a decoder (GPT-2 or Llama family); this model is a {} encoder",
@@ -112,7 +112,7 @@ pub fn generate(
     eos: &[u32],
     config: &SamplingConfig,
     on_text: &mut dyn FnMut(&str) -> bool,
-) -> anyhow::Result<Generation> {
+) -> crate::Result<Generation> {
     let mut text = String::new();
     let mut emitted = 0;
     let mut cancelled = false;
@@ -165,8 +165,8 @@ pub fn generate_tokens(
     input_ids: &[u32],
     eos: &[u32],
     config: &SamplingConfig,
-    on_token: &mut dyn FnMut(&[u32]) -> anyhow::Result<bool>,
-) -> anyhow::Result<(Vec<u32>, FinishReason)> {
+    on_token: &mut dyn FnMut(&[u32]) -> crate::Result<bool>,
+) -> crate::Result<(Vec<u32>, FinishReason)> {
     config.validate()?;
     let decoder = decoder(backbone)?;
     if input_ids.is_empty() {
@@ -216,7 +216,7 @@ pub fn generate_tokens(
 /// top-k / top-p part of the tempered distribution.
 pub fn sample(logits: &[f32], config: &SamplingConfig, rng: &mut ChaCha8Rng) -> u32 {
     if config.temperature == 0.0 {
-        return crate::classifier::argmax(logits);
+        return crate::task::classify::argmax(logits);
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));

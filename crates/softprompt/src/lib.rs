@@ -1,42 +1,49 @@
 //! softprompt: prompt tuning (Lester, Al-Rfou, Constant 2021) of frozen transformers.
 //!
-//! The data flows through the modules in this order:
+//! The data flows through the modules in this order (docs/DESIGN.md says why it is built so):
 //!
 //! ```text
 //! data        file rows → Example { text, label }
+//! template    where an input goes in the text a model reads ("Review: {text}\nSentiment:")
 //! tokenize    text → token ids (the model's tokenizer.json)
 //! batch       ids → padded, length-bucketed batches
-//! prompt      word embeddings [B, N, D] → [P; X] [B, M + N, D]
-//! backbone    frozen BERT / GPT-2 / Llama forward, keeping activations; explicit backward to the
-//!             embeddings; a decoder's cached forward for generation
+//! prompt      the soft prompt: its initialisations; [B, N, D] → [P; X] [B, M + N, D]
+//! backbone    frozen BERT / GPT-2 / Llama: a forward that keeps what the explicit backward to the
+//!             embeddings needs; a decoder's cached forward for generation
 //! kernels     the forward / input-gradient pairs the backbones are built from
-//! model       a model directory or GGUF file: backbone, tokenizer, heads made from adapters
-//! task        pooled hidden state → head → cross-entropy (candle's autograd, small); the
-//!             verbalizer's label words scored by a decoder's frozen LM head
-//! classifier  all of the above for one batch; the prompt's gradient
+//! task        heads on the last hidden state: classification, verbalizer, causal LM; their losses
+//! prompted    the method: [P; X] → backbone → head → loss, and the gradient back to the prompt
 //! optim       AdamW, Adafactor, schedules, clipping
-//! train       the loop: evaluation, early stopping, checkpoints, resume
+//! train       the loop: evaluation, early stopping, checkpoints, resume, metrics.jsonl
 //! adapter     PEFT-format adapter directories
-//! multitask   many adapters in one batch: each row its own prompt and head; prompt ensembles
+//! model       a model directory or GGUF file: backbone, tokenizer, heads made from adapters
+//! inference   any number of adapters in one batch: each row its own prompt and head; ensembles
 //! metrics     accuracy, macro-F1, per-class precision / recall, confusion matrix
 //! generate    [prompt; input] → tokens, with a KV cache and a per-adapter prefix cache
+//! bench       timed train steps, forwards and generation on random weights of known shapes
 //! ```
+//! `error` is the library's error type, `files` writes files atomically, `enum_names` gives the
+//! option enums their command-line names.
 
 pub mod adapter;
 pub mod backbone;
 pub mod batch;
 pub mod bench;
-mod choice;
-pub mod classifier;
 pub mod data;
-pub mod fsutil;
+mod enum_names;
+pub mod error;
+pub mod files;
 pub mod generate;
+pub mod inference;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
-pub mod multitask;
 pub mod optim;
 pub mod prompt;
+pub mod prompted;
 pub mod task;
+pub mod template;
 pub mod tokenize;
 pub mod train;
+
+pub use error::{Context, Error, Result};

@@ -1,7 +1,7 @@
 //! A frozen model and its tokenizer: a Hugging Face directory (config.json, *.safetensors,
 //! tokenizer.json) of BERT, GPT-2 or the Llama family, or a Llama-family GGUF file.
 
-use crate::adapter::{AdapterHead, PeftConfig};
+use crate::adapter::{AdapterHead, PeftConfig, PeftType, TaskType};
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::bert::Bert;
 use crate::backbone::gpt2::Gpt2;
@@ -10,8 +10,9 @@ use crate::backbone::{gguf, read_config, Backbone};
 use crate::kernels::Weight;
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::task::verbalizer;
+use crate::template::Template;
 use crate::tokenize::TextEncoder;
-use anyhow::{anyhow, bail, Context};
+use crate::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -46,7 +47,7 @@ fn ids(value: Option<&serde_json::Value>) -> Vec<u32> {
 }
 
 impl Model {
-    pub fn load(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         Self::load_with(path, dtype, device, false)
     }
 
@@ -58,7 +59,7 @@ impl Model {
         dtype: DType,
         device: &Device,
         keep_quantized: bool,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
         if keep_quantized && !is_gguf {
             bail!(
@@ -106,7 +107,7 @@ impl Model {
         };
         let tokenizer_file = path.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tokenizer_file).map_err(|e| {
-            anyhow!(
+            crate::invalid!(
                 "cannot load the tokenizer {}: {e}",
                 tokenizer_file.display()
             )
@@ -139,7 +140,7 @@ impl Model {
         &self,
         prompt_len: usize,
         max_tokens: Option<usize>,
-    ) -> anyhow::Result<TextEncoder> {
+    ) -> crate::Result<TextEncoder> {
         let limit = self.backbone.max_positions().saturating_sub(prompt_len);
         if limit < 2 {
             bail!(
@@ -156,16 +157,18 @@ impl Model {
     /// The PEFT config that describes a prompt for this model.
     pub fn peft_config(
         &self,
-        task_type: &str,
+        task_type: TaskType,
         num_virtual_tokens: usize,
         init: &str,
         init_text: Option<String>,
     ) -> PeftConfig {
         let shape = self.backbone.shape();
         let name = Some(self.path.display().to_string());
+        let modules_to_save =
+            (task_type == TaskType::SeqCls).then(|| vec!["classifier".into(), "score".into()]);
         PeftConfig {
-            peft_type: "PROMPT_TUNING".into(),
-            task_type: Some(task_type.into()),
+            peft_type: PeftType::PromptTuning,
+            task_type: Some(task_type),
             num_virtual_tokens,
             token_dim: Some(self.backbone.hidden_size()),
             num_transformer_submodules: 1,
@@ -176,8 +179,7 @@ impl Model {
             tokenizer_name_or_path: name.clone(),
             base_model_name_or_path: name,
             inference_mode: true,
-            modules_to_save: (task_type == "SEQ_CLS")
-                .then(|| vec!["classifier".into(), "score".into()]),
+            modules_to_save,
             revision: None,
             auto_mapping: None,
             tokenizer_kwargs: None,
@@ -190,7 +192,7 @@ impl Model {
         weight: &Tensor,
         bias: &Tensor,
         pool: Pool,
-    ) -> anyhow::Result<ClassificationHead> {
+    ) -> crate::Result<ClassificationHead> {
         let pooler = (pool == Pool::Pooler)
             .then(|| self.backbone.pooler())
             .flatten();
@@ -203,14 +205,14 @@ impl Model {
         template: &str,
         labels: &[String],
         words: &[String],
-    ) -> anyhow::Result<ClassificationHead> {
+    ) -> crate::Result<ClassificationHead> {
         let lm_head = self.lm_head("a verbalizer")?;
         let tokens = verbalizer::label_tokens(&self.encoder(0, None)?, template, labels, words)?;
         verbalizer::head(lm_head, &tokens)
     }
 
     /// [V, D]: the decoder's output layer, which `what` needs; an encoder has none.
-    pub fn lm_head(&self, what: &str) -> anyhow::Result<&Weight> {
+    pub fn lm_head(&self, what: &str) -> crate::Result<&Weight> {
         self.backbone.lm_head().with_context(|| {
             format!(
                 "{what} needs a language model's output layer, and {} is a {} encoder (use a GPT-2 or Llama-family model)",
@@ -225,15 +227,16 @@ impl Model {
         &self,
         head: &AdapterHead,
         labels: &[String],
-        template: Option<&str>,
-    ) -> anyhow::Result<ClassificationHead> {
+        template: Option<&Template>,
+    ) -> crate::Result<ClassificationHead> {
         match head {
             AdapterHead::Linear { weight, bias, pool } => {
                 let device = &self.backbone.word_embeddings().device();
                 self.linear_head(&weight.to_device(device)?, &bias.to_device(device)?, *pool)
             }
             AdapterHead::Verbalizer { words } => {
-                self.verbalizer_head(template.unwrap_or(""), labels, words)
+                let template = template.map_or("", |t| t.as_str());
+                self.verbalizer_head(template, labels, words)
             }
             AdapterHead::Generation => bail!(
                 "this is a generation adapter (causal LM, no labels): it writes text with `softprompt generate` and cannot classify"

@@ -2,7 +2,7 @@
 //! Their state is plain named tensors so a checkpoint can store it and a resumed run continue exactly.
 
 use crate::named_choice;
-use anyhow::{bail, Context};
+use crate::{bail, Context};
 use candle_core::{Result, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -185,7 +185,7 @@ impl Optimizer {
         &mut self,
         tensors: &HashMap<String, Tensor>,
         steps: u64,
-    ) -> anyhow::Result<()> {
+    ) -> crate::Result<()> {
         for (i, (a, b)) in self.moments.iter_mut().enumerate() {
             for (slot, name) in [(a, format!("optim.{i}.m1")), (b, format!("optim.{i}.m2"))] {
                 let t = tensors

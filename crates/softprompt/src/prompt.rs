@@ -3,7 +3,7 @@
 
 use crate::kernels::Weight;
 use crate::named_choice;
-use anyhow::{bail, Context};
+use crate::{bail, Context};
 use candle_core::{Result, Tensor, Var};
 use rand::seq::IndexedRandom;
 use rand::Rng;
@@ -69,7 +69,7 @@ impl SoftPrompt {
         length: usize,
         source: &InitSource,
         rng: &mut ChaCha8Rng,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         if length == 0 {
             bail!("the prompt needs at least one virtual token");
         }
@@ -80,7 +80,7 @@ impl SoftPrompt {
             Tensor::from_vec(values, (length, d), &device)?.to_dtype(table.dtype())
         };
         let rows = |ids: &[u32]| -> Result<Tensor> { table.rows(&Tensor::new(ids, &device)?) };
-        let sample_vocab = |rng: &mut ChaCha8Rng, n: usize| -> anyhow::Result<Vec<u32>> {
+        let sample_vocab = |rng: &mut ChaCha8Rng, n: usize| -> crate::Result<Vec<u32>> {
             if source.vocab_ids.is_empty() {
                 bail!("the tokenizer has no ordinary word tokens to draw the prompt from");
             }

@@ -1,7 +1,7 @@
 //! Text → token ids with the model's own `tokenizer.json`.
 
-use crate::task::verbalizer::render;
-use anyhow::{anyhow, Context};
+use crate::template::{render, Template};
+use crate::Context;
 use std::path::Path;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
@@ -24,17 +24,19 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// Loads `tokenizer.json` and makes every encoding at most `max_tokens` long. The file's own
     /// padding is turned off (some ship with fixed-length padding): batches pad themselves.
-    pub fn from_file(path: &Path, max_tokens: usize) -> anyhow::Result<Self> {
+    pub fn from_file(path: &Path, max_tokens: usize) -> crate::Result<Self> {
         let tokenizer = Tokenizer::from_file(path)
-            .map_err(|e| anyhow!("cannot load the tokenizer {}: {e}", path.display()))?;
+            .map_err(|e| crate::invalid!("cannot load the tokenizer {}: {e}", path.display()))?;
         Self::new(tokenizer, max_tokens)
     }
 
     /// `from_file` for a tokenizer already in memory (a GGUF file's).
-    pub fn new(mut tokenizer: Tokenizer, max_tokens: usize) -> anyhow::Result<Self> {
+    pub fn new(mut tokenizer: Tokenizer, max_tokens: usize) -> crate::Result<Self> {
         tokenizer.with_padding(None);
         let mut whole = tokenizer.clone();
-        whole.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
+        whole
+            .with_truncation(None)
+            .map_err(|e| crate::invalid!("{e}"))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: max_tokens,
@@ -42,29 +44,29 @@ impl TextEncoder {
                 direction: TruncationDirection::Right,
                 stride: 0,
             }))
-            .map_err(|e| anyhow!("cannot set truncation to {max_tokens} tokens: {e}"))?;
+            .map_err(|e| crate::invalid!("cannot set truncation to {max_tokens} tokens: {e}"))?;
         Ok(Self { tokenizer, whole })
     }
 
     /// `encode_fitted` without a template, in at most `max_tokens`.
-    pub fn encode(&self, text: &str, text_pair: Option<&str>) -> anyhow::Result<Encoded> {
+    pub fn encode(&self, text: &str, text_pair: Option<&str>) -> crate::Result<Encoded> {
         Ok(self
             .encode_fitted(None, text, text_pair, self.max_tokens())?
             .0)
     }
 
-    /// `text` written into `template` (`verbalizer::render`), with `text_pair` after it, encoded
+    /// `text` written into `template`, with `text_pair` after it, encoded
     /// in at most `room` tokens (and at most `max_tokens`); says whether anything was cut. What is
     /// cut is the end of `text`, at a token boundary, never the template around it: a template's
     /// tail ("…\nSentiment:") is what the model answers after. Only when the template and the
     /// pair do not fit even with no text at all does the tokenizer cut the whole.
     pub fn encode_fitted(
         &self,
-        template: Option<&str>,
+        template: Option<&Template>,
         text: &str,
         text_pair: Option<&str>,
         room: usize,
-    ) -> anyhow::Result<(Encoded, bool)> {
+    ) -> crate::Result<(Encoded, bool)> {
         let room = room.min(self.max_tokens());
         let encode = |tokenizer: &Tokenizer, text: &str| {
             let input = render(template, text);
@@ -77,7 +79,7 @@ impl TextEncoder {
                 type_ids: e.get_type_ids().to_vec(),
                 target_len: 0,
             })
-            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))
+            .map_err(|e| crate::invalid!("cannot tokenize {text:?}: {e}"))
         };
         let whole = encode(&self.whole, text)?;
         if whole.ids.len() <= room {
@@ -87,7 +89,7 @@ impl TextEncoder {
         let ends: Vec<usize> = self
             .whole
             .encode(text, false)
-            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?
+            .map_err(|e| crate::invalid!("cannot tokenize {text:?}: {e}"))?
             .get_offsets()
             .iter()
             .map(|&(_, end)| end)
@@ -123,11 +125,11 @@ impl TextEncoder {
     }
 
     /// Token ids without special tokens or truncation (prompt init text, label words).
-    pub fn plain_ids(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+    pub fn plain_ids(&self, text: &str) -> crate::Result<Vec<u32>> {
         let encoding = self
             .whole
             .encode(text, false)
-            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
+            .map_err(|e| crate::invalid!("cannot tokenize {text:?}: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -145,10 +147,10 @@ impl TextEncoder {
     }
 
     /// Ids → text, special tokens left out.
-    pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+    pub fn decode(&self, ids: &[u32]) -> crate::Result<String> {
         self.tokenizer
             .decode(ids, true)
-            .map_err(|e| anyhow!("cannot decode {ids:?}: {e}"))
+            .map_err(|e| crate::invalid!("cannot decode {ids:?}: {e}"))
     }
 
     pub fn token(&self, id: u32) -> Option<String> {
@@ -160,9 +162,9 @@ impl TextEncoder {
 pub fn encode_all(
     encoder: &TextEncoder,
     examples: &[crate::data::Example],
-    template: Option<&str>,
+    template: Option<&Template>,
     path: &Path,
-) -> anyhow::Result<Vec<Encoded>> {
+) -> crate::Result<Vec<Encoded>> {
     examples
         .iter()
         .map(|e| {

@@ -645,7 +645,7 @@ fn causal_lm_trains_a_prompt_that_writes_targets() {
     )
     .unwrap();
     assert_eq!(config["task_type"], "CAUSAL_LM");
-    let (tensors, _) = softprompt::fsutil::load_tensors(
+    let (tensors, _) = softprompt::files::load_tensors(
         &dir.join("writer/adapter_model.safetensors"),
         &candle_core::Device::Cpu,
     )
@@ -762,7 +762,7 @@ fn verbalizer_trains_only_the_prompt_of_a_decoder() {
     .unwrap();
     assert_eq!(extra["label_words"], serde_json::json!(["bad", "good"]));
     assert_eq!(extra["template"], "{text} it was");
-    let (tensors, _) = softprompt::fsutil::load_tensors(
+    let (tensors, _) = softprompt::files::load_tensors(
         &dir.join("verbalizer/adapter_model.safetensors"),
         &candle_core::Device::Cpu,
     )

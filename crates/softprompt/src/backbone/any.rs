@@ -4,7 +4,7 @@
 use super::bert::{Bert, BertActivations};
 use super::gpt2::{Gpt2, Gpt2Activations};
 use super::llama::{Llama, LlamaActivations};
-use super::{Backbone, Decoder, EncoderInput};
+use super::{Backbone, BackboneInput, Decoder};
 use crate::kernels::{Linear, Weight};
 use candle_core::{Result, Tensor};
 
@@ -101,7 +101,7 @@ impl Backbone for AnyBackbone {
         each!(self, b => b.word_embeddings())
     }
 
-    fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<AnyActivations>)> {
+    fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<AnyActivations>)> {
         Ok(match self {
             Self::Bert(b) => {
                 let (h, a) = b.run(input, keep)?;

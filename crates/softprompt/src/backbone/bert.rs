@@ -2,12 +2,12 @@
 //! Struct and tensor names follow `transformers`' modeling_bert.py; a `bert.` prefix (as in
 //! BertForSequenceClassification checkpoints) is accepted too.
 
-use super::{Backbone, EncoderInput};
+use super::{Backbone, BackboneInput};
 use crate::kernels::{
     attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, mask_bias,
     AttentionShape, LayerNorm, LayerNormSaved, Linear, Weight,
 };
-use anyhow::{bail, Context};
+use crate::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -48,14 +48,14 @@ fn default_position_embedding_type() -> String {
 }
 
 impl BertConfig {
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
         let cfg: Self = super::read_config(path, "BERT")?;
         cfg.validate()
             .with_context(|| format!("unsupported model in {}", path.display()))?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    fn validate(&self) -> crate::Result<()> {
         if let Some(t) = &self.model_type {
             if t != "bert" {
                 bail!("model_type is {t:?}; this backbone reads \"bert\"");
@@ -273,7 +273,7 @@ pub struct BertActivations {
 
 impl Bert {
     /// Loads config.json and model.safetensors (or every *.safetensors file) from `dir`.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let vb = super::mmap_weights(dir, dtype, device)?;
         Self::from_var_builder(vb, config).with_context(|| super::mismatch(dir, "BERT"))
@@ -321,7 +321,7 @@ impl Bert {
 impl Backbone for Bert {
     type Activations = BertActivations;
 
-    fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<BertActivations>)> {
+    fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<BertActivations>)> {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;

@@ -6,7 +6,7 @@
 
 use super::llama::{Llama, LlamaConfig, QuantizedWeights};
 use crate::kernels::Weight;
-use anyhow::{bail, Context};
+use crate::{bail, Context};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -30,7 +30,7 @@ pub fn load_llama(
     dtype: DType,
     device: &Device,
     keep_quantized: bool,
-) -> anyhow::Result<GgufLlama> {
+) -> crate::Result<GgufLlama> {
     let at = path.display();
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {at}"))?;
     let content = Content::read(&mut file).with_context(|| format!("{at} is not a GGUF file"))?;
@@ -44,11 +44,11 @@ pub fn load_llama(
     if arch != "llama" {
         bail!("{at}: GGUF architecture {arch:?} is not supported (llama)");
     }
-    let int = |key: &str| -> anyhow::Result<usize> {
+    let int = |key: &str| -> crate::Result<usize> {
         Ok(meta(&format!("llama.{key}"))?.to_u32()? as usize)
     };
     let float =
-        |key: &str| -> anyhow::Result<f64> { Ok(meta(&format!("llama.{key}"))?.to_f32()? as f64) };
+        |key: &str| -> crate::Result<f64> { Ok(meta(&format!("llama.{key}"))?.to_f32()? as f64) };
     let (heads, kv_heads) = (
         int("attention.head_count")?,
         int("attention.head_count_kv")?,
@@ -74,12 +74,12 @@ pub fn load_llama(
     };
     let mut tensors = HashMap::new();
     let mut quantized = QuantizedWeights::new();
-    let mut read = |gguf: &str| -> anyhow::Result<QTensor> {
+    let mut read = |gguf: &str| -> crate::Result<QTensor> {
         content
             .tensor(&mut file, gguf, device)
             .with_context(|| format!("{at}: cannot read tensor {gguf}"))
     };
-    let dense = |q: &QTensor, gguf: &str| -> anyhow::Result<Tensor> {
+    let dense = |q: &QTensor, gguf: &str| -> crate::Result<Tensor> {
         let t = q
             .dequantize(device)
             .with_context(|| format!("{at}: cannot dequantize {gguf} ({:?})", q.dtype()))?;
@@ -176,7 +176,7 @@ fn unpermuted_rows(rows: usize, heads: usize) -> Vec<usize> {
 
 /// The byte-level BPE tokenizer the metadata describes (tokenizer.ggml.model "gpt2"), with its
 /// control tokens as special tokens; digits are split one by one, as SmolLM's and Llama 3's are.
-fn tokenizer(content: &Content, tokens: &[Value]) -> anyhow::Result<Tokenizer> {
+fn tokenizer(content: &Content, tokens: &[Value]) -> crate::Result<Tokenizer> {
     let model = content
         .metadata
         .get("tokenizer.ggml.model")
@@ -236,5 +236,5 @@ fn tokenizer(content: &Content, tokens: &[Value]) -> anyhow::Result<Tokenizer> {
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges}
     });
-    Tokenizer::from_bytes(serde_json::to_vec(&json)?).map_err(|e| anyhow::anyhow!("{e}"))
+    Tokenizer::from_bytes(serde_json::to_vec(&json)?).map_err(|e| crate::invalid!("{e}"))
 }

@@ -2,12 +2,12 @@
 //! `transformer.` prefix of GPT2LMHeadModel checkpoints is accepted too. GPT-2 stores its projections
 //! as Conv1D, weight [IN, OUT]: they are transposed once at load into Linear's [OUT, IN].
 
-use super::{Backbone, Decoder, EncoderInput, KvCache};
+use super::{Backbone, BackboneInput, Decoder, KvCache};
 use crate::kernels::{
     attention_backward, attention_forward, cached_attention, gelu_tanh_backward, gelu_tanh_forward,
     heads_of, mask_bias, AttentionShape, LayerNorm, LayerNormSaved, Linear, Weight,
 };
-use anyhow::{bail, Context};
+use crate::{bail, Context};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -41,7 +41,7 @@ fn default_eps() -> f64 {
 }
 
 impl Gpt2Config {
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
         let cfg: Self = super::read_config(path, "GPT-2")?;
         if let Some(t) = cfg.model_type.as_deref().filter(|t| *t != "gpt2") {
             bail!(
@@ -192,7 +192,7 @@ pub struct Gpt2Activations {
 }
 
 impl Gpt2 {
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         let vb = super::mmap_weights(dir, dtype, device)?;
         Self::from_var_builder(vb, config).with_context(|| super::mismatch(dir, "GPT-2"))
@@ -249,7 +249,7 @@ impl Gpt2 {
 impl Backbone for Gpt2 {
     type Activations = Gpt2Activations;
 
-    fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<Gpt2Activations>)> {
+    fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<Gpt2Activations>)> {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;

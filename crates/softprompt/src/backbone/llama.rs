@@ -3,12 +3,12 @@
 //! accepted too. Pre-norm blocks: RMSNorm, attention with rotary positions and grouped-query heads,
 //! RMSNorm, SiLU-gated MLP.
 
-use super::{Backbone, Decoder, EncoderInput, KvCache};
+use super::{Backbone, BackboneInput, Decoder, KvCache};
 use crate::kernels::{
     attention_backward, attention_forward, cached_attention, heads_of, mask_bias, AttentionShape,
     GatedMlp, GatedMlpSaved, Linear, Positions, RmsNorm, Rope, Weight,
 };
-use anyhow::{bail, Context};
+use crate::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -69,7 +69,7 @@ fn default_act() -> String {
 }
 
 impl LlamaConfig {
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
         let cfg: Self = super::read_config(path, "Llama-family")?;
         let at = path.display();
         if let Some(t) = cfg
@@ -235,7 +235,7 @@ pub struct LlamaActivations {
 }
 
 impl Llama {
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let vb = super::mmap_weights(dir, dtype, device)?;
         Self::from_var_builder(vb, config).with_context(|| super::mismatch(dir, "Llama"))
@@ -340,7 +340,7 @@ impl Llama {
 impl Backbone for Llama {
     type Activations = LlamaActivations;
 
-    fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<LlamaActivations>)> {
+    fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<LlamaActivations>)> {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;

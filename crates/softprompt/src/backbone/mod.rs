@@ -8,13 +8,13 @@ pub mod gpt2;
 pub mod llama;
 
 use crate::kernels::Weight;
-use anyhow::{bail, Context};
+use crate::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
 
 /// What a backbone reads besides the embeddings. All [B, S], prompt positions included.
-pub struct EncoderInput<'a> {
+pub struct BackboneInput<'a> {
     /// [B, S, D] word embeddings with the soft prompt in front
     pub embeds: &'a Tensor,
     /// [B, S] u32, 1 for a position to attend to, 0 for padding
@@ -42,13 +42,14 @@ pub trait Backbone {
     }
     /// → last hidden state [B, S, D], and with `keep` the activations for `backward` (without, each
     /// layer's are dropped as soon as the next layer has run).
-    fn run(&self, input: &EncoderInput, keep: bool) -> Result<(Tensor, Option<Self::Activations>)>;
+    fn run(&self, input: &BackboneInput, keep: bool)
+        -> Result<(Tensor, Option<Self::Activations>)>;
     /// → last hidden state [B, S, D]; keeps nothing.
-    fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
+    fn forward(&self, input: &BackboneInput) -> Result<Tensor> {
         Ok(self.run(input, false)?.0)
     }
     /// → last hidden state [B, S, D] and the activations for `backward`.
-    fn forward_train(&self, input: &EncoderInput) -> Result<(Tensor, Self::Activations)> {
+    fn forward_train(&self, input: &BackboneInput) -> Result<(Tensor, Self::Activations)> {
         match self.run(input, true)? {
             (hidden, Some(activations)) => Ok((hidden, activations)),
             _ => candle_core::bail!("the backbone kept no activations"),
@@ -144,7 +145,7 @@ pub(crate) fn learned_positions(table: &Tensor, mask: &Tensor) -> Result<Tensor>
 pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
     path: &Path,
     what: &str,
-) -> anyhow::Result<T> {
+) -> crate::Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text)
@@ -156,7 +157,7 @@ pub(crate) fn mmap_weights(
     dir: &Path,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<VarBuilder<'static>> {
+) -> crate::Result<VarBuilder<'static>> {
     let files = safetensors_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; changing them while loaded is the user's error.
     unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
@@ -172,7 +173,7 @@ pub(crate) fn mismatch(dir: &Path, architecture: &str) -> String {
 }
 
 /// model.safetensors, or the shards of a sharded checkpoint, in name order.
-fn safetensors_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn safetensors_files(dir: &Path) -> crate::Result<Vec<PathBuf>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read the model directory {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))

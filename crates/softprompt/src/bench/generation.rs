@@ -5,7 +5,7 @@
 
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::gpt2::{Gpt2, Gpt2Config};
-use crate::backbone::{Backbone, EncoderInput};
+use crate::backbone::{Backbone, BackboneInput};
 use crate::generate::{generate_tokens, prefix_cache, SamplingConfig};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
@@ -29,7 +29,7 @@ pub fn gpt2_small() -> Gpt2Config {
 }
 
 /// A GPT-2 of the given shape with N(0, 0.02) weights, unit LayerNorm gains and zero biases.
-pub fn random_gpt2(cfg: &Gpt2Config, device: &Device) -> anyhow::Result<Gpt2> {
+pub fn random_gpt2(cfg: &Gpt2Config, device: &Device) -> crate::Result<Gpt2> {
     let (d, f) = (cfg.n_embd, cfg.n_inner.unwrap_or(4 * cfg.n_embd));
     let mut tensors = HashMap::new();
     let normal = |shape: (usize, usize)| Tensor::randn(0f32, 0.02, shape, device);
@@ -89,7 +89,7 @@ pub fn run(
     new_tokens: usize,
     steps: usize,
     weights: Option<GgmlDType>,
-) -> anyhow::Result<GenerationBench> {
+) -> crate::Result<GenerationBench> {
     let device = Device::Cpu;
     let cfg = gpt2_small();
     let mut gpt2 = random_gpt2(&cfg, &device)?;
@@ -105,7 +105,7 @@ pub fn run(
         max_new_tokens: new_tokens,
         ..Default::default()
     };
-    let once = || -> anyhow::Result<Vec<u32>> {
+    let once = || -> crate::Result<Vec<u32>> {
         let prefix = prefix_cache(&backbone, &prompt)?;
         Ok(generate_tokens(&backbone, &prefix, &input, &[], &config, &mut |_| Ok(true))?.0)
     };
@@ -144,10 +144,10 @@ pub fn greedy_without_cache(
     prompt: &Tensor,
     input: &[u32],
     new_tokens: usize,
-) -> anyhow::Result<Vec<u32>> {
+) -> crate::Result<Vec<u32>> {
     let decoder = backbone
         .decoder()
-        .ok_or_else(|| anyhow::anyhow!("greedy decoding needs a decoder"))?;
+        .ok_or_else(|| crate::invalid!("greedy decoding needs a decoder"))?;
     let mut ids = input.to_vec();
     let mut out = Vec::with_capacity(new_tokens);
     for _ in 0..new_tokens {
@@ -157,7 +157,7 @@ pub fn greedy_without_cache(
         let embeds = Tensor::cat(&[prompt, &words], 0)?.unsqueeze(0)?;
         let s = embeds.dim(1)?;
         let mask = Tensor::ones((1, s), DType::U32, prompt.device())?;
-        let hidden = backbone.forward(&EncoderInput {
+        let hidden = backbone.forward(&BackboneInput {
             embeds: &embeds,
             attention_mask: &mask,
             token_type_ids: &mask.zeros_like()?,

@@ -6,15 +6,14 @@ pub mod generation;
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::bert::{Bert, BertConfig};
 use crate::backbone::Decoder;
-use crate::batch::{Batch, Padding};
-use crate::classifier::PromptClassifier;
+use crate::batch::{Batch, EncodedSet, Padding};
 use crate::named_choice;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::prompt::SoftPrompt;
-use crate::task::causal_lm::PromptLm;
+use crate::prompted::{CausalLm, Classifier, PromptedModel};
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::tokenize::Encoded;
-use crate::train::{TrainSet, Trainee};
+use crate::train::Trainee;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
@@ -85,7 +84,7 @@ impl Arch {
 
 /// A BERT of the given shape with N(0, 0.02) weights, unit LayerNorm gains and zero biases, under
 /// the Hugging Face tensor names.
-pub fn random_bert(cfg: &BertConfig, device: &Device) -> anyhow::Result<Bert> {
+pub fn random_bert(cfg: &BertConfig, device: &Device) -> crate::Result<Bert> {
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let mut tensors = HashMap::new();
     let mut dense = |name: String, rows: usize, cols: usize| -> candle_core::Result<()> {
@@ -198,7 +197,7 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
+pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
     let device = Device::Cpu;
     let (_, hidden, _, vocab) = config.arch.dims();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -212,7 +211,7 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
             target_len: if is_lm { config.seq } else { 0 },
         })
         .collect();
-    let set = TrainSet {
+    let set = EncodedSet {
         labels: (!is_lm).then(|| (0..config.batch).map(|i| (i % 2) as u32).collect()),
         data,
     };
@@ -232,27 +231,32 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
             let pooler = bert.pooler.clone();
             let head =
                 ClassificationHead::init(2, hidden, Pool::Pooler, pooler, &mut rng, &device)?;
-            Box::new(PromptClassifier {
+            Box::new(PromptedModel {
                 backbone: AnyBackbone::Bert(bert),
                 prompt,
-                head,
-                label_words: None,
-                labels: vec!["a".into(), "b".into()],
+                head: Classifier {
+                    head,
+                    labels: vec!["a".into(), "b".into()],
+                    label_words: None,
+                },
                 template: None,
             })
         }
         None => {
             let gpt2 = generation::random_gpt2(&generation::gpt2_small(), &device)?;
-            Box::new(PromptLm {
+            let head = CausalLm {
                 lm_head: gpt2.lm_head().dense()?,
+            };
+            Box::new(PromptedModel {
                 backbone: AnyBackbone::Gpt2(gpt2),
                 prompt,
+                head,
                 template: None,
             })
         }
     };
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), &trainee.params())?;
-    let mut step = || -> anyhow::Result<f64> {
+    let mut step = || -> crate::Result<f64> {
         let started = Instant::now();
         match config.mode {
             Mode::Train => {
@@ -271,7 +275,7 @@ pub fn run(config: &BenchConfig) -> anyhow::Result<BenchResult> {
     }
     let mut times = (0..config.steps.max(1))
         .map(|_| step())
-        .collect::<anyhow::Result<Vec<f64>>>()?;
+        .collect::<crate::Result<Vec<f64>>>()?;
     times.sort_by(f64::total_cmp);
     let median_s = times[times.len() / 2];
     let gflop = flops(

@@ -7,16 +7,13 @@
 //! An example counts as an exact match when every target token, EOS included, is the LM head's top
 //! choice after the tokens before it: exactly when greedy decoding writes the target and stops.
 
-use crate::backbone::Backbone;
-use crate::batch::{eval_batches, Batch, Padding, Targets};
-use crate::classifier::{prompted_forward, prompted_loss_and_grads, HeadBackward};
+use crate::batch::Targets;
 use crate::data::Example;
-use crate::prompt::SoftPrompt;
-use crate::task::classify::log_softmax;
-use crate::task::verbalizer::{continuation, render};
+use crate::task::HeadBackward;
+use crate::template::{continuation, render, Template};
 use crate::tokenize::{Encoded, TextEncoder};
-use anyhow::{bail, Context};
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use crate::{bail, Context};
+use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 use std::path::Path;
 
@@ -25,11 +22,11 @@ use std::path::Path;
 /// `encoder.max_tokens()`; a target that alone does not fit is an error.
 pub fn encode_pair(
     encoder: &TextEncoder,
-    template: Option<&str>,
+    template: Option<&Template>,
     input: &str,
     target: &str,
     eos: Option<u32>,
-) -> anyhow::Result<Encoded> {
+) -> crate::Result<Encoded> {
     let mut target_ids = encoder.plain_ids(&continuation(&render(template, input), target))?;
     target_ids.extend(eos);
     if target_ids.is_empty() {
@@ -57,10 +54,10 @@ pub fn encode_pair(
 pub fn encode_pairs(
     encoder: &TextEncoder,
     examples: &[Example],
-    template: Option<&str>,
+    template: Option<&Template>,
     path: &Path,
     eos: Option<u32>,
-) -> anyhow::Result<Vec<Encoded>> {
+) -> crate::Result<Vec<Encoded>> {
     examples
         .iter()
         .map(|e| {
@@ -77,7 +74,7 @@ const LOGIT_ROWS: usize = 256;
 
 /// The LM head's logits [C, V] at the target positions of hidden [B·S, D], `LOGIT_ROWS` positions
 /// at a time, each with the range of `targets` it covers.
-fn logit_chunks<'a>(
+pub(crate) fn logit_chunks<'a>(
     flat: &'a Tensor,
     targets: &'a Targets,
     lm_head: &'a Tensor,
@@ -102,7 +99,7 @@ pub fn target_cross_entropy(
     hidden: &Tensor,
     targets: &Targets,
     lm_head: &Tensor,
-) -> anyhow::Result<HeadBackward> {
+) -> crate::Result<HeadBackward> {
     let (b, s, d) = hidden.dims3()?;
     let device = hidden.device();
     let flat = hidden.reshape((b * s, d))?;
@@ -156,74 +153,5 @@ impl std::fmt::Display for TargetScore {
         writeln!(f, "exact match     {:.4}", self.exact_match)?;
         writeln!(f, "token accuracy  {:.4}", self.token_accuracy)?;
         writeln!(f, "token loss      {:.4}", self.token_loss)
-    }
-}
-
-/// A frozen decoder and the prompt that is trained to make it write the targets.
-pub struct PromptLm<B: Backbone> {
-    pub backbone: B,
-    pub prompt: SoftPrompt,
-    /// [V, D], the decoder's own (frozen)
-    pub lm_head: Tensor,
-    pub template: Option<String>,
-}
-
-impl<B: Backbone> PromptLm<B> {
-    /// The trainable tensors: the prompt alone.
-    pub fn params(&self) -> Vec<&Var> {
-        vec![&self.prompt.embeddings]
-    }
-
-    /// The mean cross-entropy over the target tokens of a batch, and the prompt's gradient.
-    pub fn loss_and_grads(&self, batch: &Batch) -> anyhow::Result<(f64, Vec<Tensor>)> {
-        let targets = batch.targets(self.prompt.len())?;
-        if targets.tokens.is_empty() {
-            bail!("a causal-lm batch needs target tokens");
-        }
-        prompted_loss_and_grads(&self.backbone, &self.prompt, batch, |hidden, _| {
-            target_cross_entropy(hidden, &targets, &self.lm_head)
-        })
-    }
-
-    /// Exact match, token accuracy and token loss over encoded pairs.
-    pub fn score(
-        &self,
-        data: &[Encoded],
-        batch_size: usize,
-        padding: Padding,
-        device: &Device,
-    ) -> anyhow::Result<TargetScore> {
-        let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
-        let (mut exact, mut correct, mut tokens, mut loss) = (0usize, 0usize, 0usize, 0f64);
-        for rows in eval_batches(&lengths, batch_size.max(1)) {
-            let batch = Batch::new(data, None, &rows, padding, device)?;
-            let targets = batch.targets(self.prompt.len())?;
-            let hidden = prompted_forward(&self.backbone, &self.prompt, &batch)?;
-            let (b, s, d) = hidden.dims3()?;
-            let flat = hidden.reshape((b * s, d))?;
-            let mut missed = vec![false; batch.len()];
-            for chunk in logit_chunks(&flat, &targets, &self.lm_head) {
-                let (range, logits) = chunk?;
-                let log_probs = log_softmax(&logits)?.to_dtype(DType::F32)?;
-                let best = log_probs.argmax(D::Minus1)?.to_vec1::<u32>()?;
-                let log_probs = log_probs.to_vec2::<f32>()?;
-                for (i, t) in range.enumerate() {
-                    let token = targets.tokens[t];
-                    let hit = best[i] == token;
-                    missed[targets.rows[t]] |= !hit;
-                    correct += usize::from(hit);
-                    loss -= log_probs[i][token as usize] as f64;
-                }
-            }
-            exact += missed.iter().filter(|&&m| !m).count();
-            tokens += targets.tokens.len();
-        }
-        let ratio = |a: f64, b: usize| if b == 0 { 0.0 } else { a / b as f64 };
-        Ok(TargetScore {
-            examples: data.len(),
-            exact_match: ratio(exact as f64, data.len()),
-            token_accuracy: ratio(correct as f64, tokens),
-            token_loss: ratio(loss, tokens),
-        })
     }
 }

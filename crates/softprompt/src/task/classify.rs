@@ -48,7 +48,7 @@ impl ClassificationHead {
         pooler: Option<Linear>,
         rng: &mut ChaCha8Rng,
         device: &Device,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let normal = Normal::new(0.0f32, 0.02).expect("valid std");
         let w: Vec<f32> = (0..num_labels * hidden)
             .map(|_| rng.sample(normal))
@@ -63,9 +63,9 @@ impl ClassificationHead {
         bias: &Tensor,
         pool: Pool,
         pooler: Option<Linear>,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         if pool == Pool::Pooler && pooler.is_none() {
-            anyhow::bail!("--pool pooler needs the checkpoint's pooler.dense weights, and this model has none");
+            crate::bail!("--pool pooler needs the checkpoint's pooler.dense weights, and this model has none");
         }
         Ok(Self {
             weight: Var::from_tensor(weight)?,
@@ -154,4 +154,23 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// Index of the largest value (the predicted class).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Probabilities from logits.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
 }

@@ -8,40 +8,10 @@
 
 use crate::kernels::Weight;
 use crate::task::classify::{ClassificationHead, Pool};
+use crate::template::continuation;
 use crate::tokenize::TextEncoder;
-use anyhow::bail;
+use crate::{bail, Result};
 use candle_core::{DType, Tensor};
-
-/// Where the text goes in a template.
-pub const TEXT_SLOT: &str = "{text}";
-
-/// The input written into a template; without one, the input as it is.
-pub fn render(template: Option<&str>, text: &str) -> String {
-    match template {
-        Some(t) => t.replace(TEXT_SLOT, text),
-        None => text.to_string(),
-    }
-}
-
-pub fn check_template(template: &str) -> anyhow::Result<()> {
-    if !template.contains(TEXT_SLOT) {
-        bail!("the template {template:?} has no {TEXT_SLOT} to put the input in");
-    }
-    Ok(())
-}
-
-/// `word` as a model would write it right after `before`: with a leading space, unless one side
-/// already has whitespace there.
-pub fn continuation(before: &str, word: &str) -> String {
-    if before.is_empty()
-        || before.ends_with(char::is_whitespace)
-        || word.starts_with(char::is_whitespace)
-    {
-        word.to_string()
-    } else {
-        format!(" {word}")
-    }
-}
 
 /// The token each label's word starts with, as the model would write it right after the template.
 pub fn label_tokens(
@@ -49,7 +19,7 @@ pub fn label_tokens(
     template: &str,
     labels: &[String],
     words: &[String],
-) -> anyhow::Result<Vec<u32>> {
+) -> Result<Vec<u32>> {
     if words.len() != labels.len() {
         bail!(
             "{} label words for {} labels ({labels:?}); give one word per label, in the labels' order",
@@ -76,7 +46,7 @@ pub fn label_tokens(
 }
 
 /// The scoring head: lm_head [V, D] rows of `tokens` → a frozen [C, D] head on the last position.
-pub fn head(lm_head: &Weight, tokens: &[u32]) -> anyhow::Result<ClassificationHead> {
+pub fn head(lm_head: &Weight, tokens: &[u32]) -> Result<ClassificationHead> {
     let device = lm_head.device();
     let weight = lm_head
         .rows(&Tensor::new(tokens, &device)?)?

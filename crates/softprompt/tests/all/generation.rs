@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
-use softprompt::backbone::{Backbone, EncoderInput, KvCache};
+use softprompt::backbone::{Backbone, BackboneInput, KvCache};
 use softprompt::generate::{generate, prefix_cache, sample, FinishReason, SamplingConfig};
 use softprompt::model::Model;
 
@@ -33,7 +33,7 @@ fn full_forward(backbone: &AnyBackbone, embeds: &Tensor) -> Tensor {
     let s = embeds.dim(0).unwrap();
     let mask = Tensor::ones((1, s), DType::U32, &Device::Cpu).unwrap();
     backbone
-        .forward(&EncoderInput {
+        .forward(&BackboneInput {
             embeds: &embeds.unsqueeze(0).unwrap(),
             attention_mask: &mask,
             token_type_ids: &mask.zeros_like().unwrap(),

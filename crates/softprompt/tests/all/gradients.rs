@@ -6,16 +6,15 @@ use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::bert::{Bert, BertConfig};
 use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
-use softprompt::backbone::{Backbone, EncoderInput};
+use softprompt::backbone::{Backbone, BackboneInput};
 use softprompt::batch::{Batch, Padding};
-use softprompt::classifier::{prompted_forward, PromptClassifier};
 use softprompt::kernels::{
     attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward,
     gelu_tanh_forward, mask_bias, with_composed, AttentionShape, GatedMlp, LayerNorm, Linear,
     Positions, RmsNorm, Rope,
 };
 use softprompt::prompt::SoftPrompt;
-use softprompt::task::causal_lm::PromptLm;
+use softprompt::prompted::{prompted_forward, CausalLm, Classifier, PromptedModel};
 use softprompt::task::classify::{log_softmax, ClassificationHead, Pool};
 use softprompt::task::verbalizer;
 use softprompt::tokenize::Encoded;
@@ -316,7 +315,7 @@ fn bert_backward_matches_finite_differences() {
         let r = randn(&[2, 5, 16], 2);
         let input = |e: &'_ Tensor| -> f64 {
             let hidden = bert
-                .forward(&EncoderInput {
+                .forward(&BackboneInput {
                     embeds: e,
                     attention_mask: &mask,
                     token_type_ids: &types,
@@ -325,7 +324,7 @@ fn bert_backward_matches_finite_differences() {
             weighted_sum(&hidden, &r)
         };
         let (_, acts) = bert
-            .forward_train(&EncoderInput {
+            .forward_train(&BackboneInput {
                 embeds: &embeds,
                 attention_mask: &mask,
                 token_type_ids: &types,
@@ -352,7 +351,7 @@ fn check_backbone<B: Backbone>(backbone: &B, what: &str) {
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &DEV).unwrap();
     let types = mask.zeros_like().unwrap();
     let r = randn(&[2, 5, 16], 2);
-    let input = EncoderInput {
+    let input = BackboneInput {
         embeds: &embeds,
         attention_mask: &mask,
         token_type_ids: &types,
@@ -360,7 +359,7 @@ fn check_backbone<B: Backbone>(backbone: &B, what: &str) {
     let (_, acts) = backbone.forward_train(&input).unwrap();
     let d_embeds = backbone.backward(&r, acts).unwrap();
     let loss = |e: &Tensor| {
-        let hidden = backbone.forward(&EncoderInput {
+        let hidden = backbone.forward(&BackboneInput {
             embeds: e,
             attention_mask: &mask,
             token_type_ids: &types,
@@ -405,12 +404,14 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
                 pooler,
             )
             .unwrap();
-            PromptClassifier {
+            PromptedModel {
                 backbone: bert,
                 prompt: SoftPrompt::from_tensor(p).unwrap(),
-                head,
-                label_words: None,
-                labels: vec!["a".into(), "b".into()],
+                head: Classifier {
+                    head,
+                    labels: vec!["a".into(), "b".into()],
+                    label_words: None,
+                },
                 template: None,
             }
         };
@@ -490,12 +491,14 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
         let make = |p: &Tensor| {
             let backbone = load();
             let head = verbalizer::head(backbone.lm_head().unwrap(), &[11, 17]).unwrap();
-            PromptClassifier {
+            PromptedModel {
                 backbone,
                 prompt: SoftPrompt::from_tensor(p).unwrap(),
-                head,
-                label_words: Some(vec!["a".into(), "b".into()]),
-                labels: vec!["a".into(), "b".into()],
+                head: Classifier {
+                    head,
+                    labels: vec!["a".into(), "b".into()],
+                    label_words: Some(vec!["a".into(), "b".into()]),
+                },
                 template: None,
             }
         };
@@ -562,10 +565,13 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
     for (name, load) in tiny_decoders() {
         let make = |p: &Tensor| {
             let backbone = load();
-            PromptLm {
+            let head = CausalLm {
                 lm_head: backbone.lm_head().unwrap().dense().unwrap(),
+            };
+            PromptedModel {
                 backbone,
                 prompt: SoftPrompt::from_tensor(p).unwrap(),
+                head,
                 template: None,
             }
         };
@@ -587,7 +593,7 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
             let logits = hidden
                 .squeeze(0)
                 .unwrap()
-                .matmul(&lm.lm_head.t().unwrap())
+                .matmul(&lm.head.lm_head.t().unwrap())
                 .unwrap();
             let log_probs = log_softmax(&logits).unwrap().to_vec2::<f64>().unwrap();
             let (m, n) = (3, e.ids.len());

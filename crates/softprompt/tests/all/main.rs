@@ -3,7 +3,7 @@
 mod data;
 mod generation;
 mod gradients;
-mod multitask;
+mod inference;
 mod parity;
 mod peft;
 mod prompt_init;

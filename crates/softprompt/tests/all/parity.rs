@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use softprompt::backbone::bert::Bert;
 use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
-use softprompt::backbone::{Backbone, Decoder, EncoderInput};
-use softprompt::fsutil::load_tensors;
+use softprompt::backbone::{Backbone, BackboneInput, Decoder};
+use softprompt::files::load_tensors;
 use softprompt::prompt::{extend_front, SoftPrompt};
 use softprompt::tokenize::TextEncoder;
 use std::collections::HashMap;
@@ -42,7 +42,7 @@ fn hidden<B: Backbone>(
         None => (word, mask.clone(), types.clone()),
     };
     backbone
-        .forward(&EncoderInput {
+        .forward(&BackboneInput {
             embeds: &embeds,
             attention_mask: &mask,
             token_type_ids: &types,
@@ -143,7 +143,7 @@ fn fused_kernels_match_the_composed_reference_on_minilm() {
     let types = mask.zeros_like().unwrap();
     let upstream = Tensor::randn(0f32, 1.0, (b, s, d), &Device::Cpu).unwrap();
     let run = || {
-        let input = EncoderInput {
+        let input = BackboneInput {
             embeds: &embeds,
             attention_mask: &mask,
             token_type_ids: &types,

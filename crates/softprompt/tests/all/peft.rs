@@ -5,9 +5,9 @@ use candle_core::{DType, Device, Tensor};
 use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::backbone::Backbone;
 use softprompt::batch::Padding;
-use softprompt::fsutil::load_tensors;
+use softprompt::files::load_tensors;
+use softprompt::inference::{classify_rows, LoadedAdapter};
 use softprompt::model::Model;
-use softprompt::multitask::{classify_rows, Task};
 use softprompt::task::classify::Pool;
 
 #[test]
@@ -41,7 +41,7 @@ fn peft_written_adapter_gives_peft_logits() {
         .iter()
         .map(|t| encoder.encode(t, None).unwrap())
         .collect();
-    let task = Task::new(&model, &adapter).unwrap();
+    let task = LoadedAdapter::new(&model, &adapter).unwrap();
     let rows: Vec<_> = data.iter().map(|e| (&task, e)).collect();
     let logits = classify_rows(&model.backbone, &rows, Padding::Right, &Device::Cpu).unwrap();
     let classes = logits[0].len();

@@ -3,9 +3,14 @@
 
 use crate::fixtures;
 use softprompt::task::causal_lm::encode_pair;
+use softprompt::template::Template;
 use softprompt::tokenize::TextEncoder;
 
 const TEMPLATE: &str = "the story {text} so it was";
+
+fn template() -> Template {
+    Template::parse(TEMPLATE).unwrap()
+}
 
 fn encoder(max_tokens: usize) -> TextEncoder {
     TextEncoder::from_file(&fixtures().join("tiny-bert/tokenizer.json"), max_tokens).unwrap()
@@ -16,7 +21,7 @@ fn a_long_input_is_cut_inside_the_text_not_the_template() {
     let encoder = encoder(14);
     let long = "a good movie and a fun story but the acting was weak and the plot was dull";
     let (cut, truncated) = encoder
-        .encode_fitted(Some(TEMPLATE), long, None, 14)
+        .encode_fitted(Some(&template()), long, None, 14)
         .unwrap();
     assert!(truncated);
     let text = encoder.decode(&cut.ids).unwrap();
@@ -31,7 +36,7 @@ fn a_long_input_is_cut_inside_the_text_not_the_template() {
     );
 
     let (short, truncated) = encoder
-        .encode_fitted(Some(TEMPLATE), "fun", None, 14)
+        .encode_fitted(Some(&template()), "fun", None, 14)
         .unwrap();
     assert!(!truncated);
     assert_eq!(
@@ -45,7 +50,7 @@ fn a_long_input_is_cut_inside_the_text_not_the_template() {
 fn a_long_pair_keeps_its_target_and_the_template_tail() {
     let encoder = encoder(16);
     let long = "a good movie and a fun story but the acting was weak and the plot was dull";
-    let pair = encode_pair(&encoder, Some(TEMPLATE), long, "not good", None).unwrap();
+    let pair = encode_pair(&encoder, Some(&template()), long, "not good", None).unwrap();
     assert_eq!(pair.ids.len(), 16);
     assert_eq!(pair.target_len, 2);
     let text = encoder.decode(&pair.ids).unwrap();

@@ -1,33 +1,33 @@
-//! Many tasks on one frozen model (the paper's section 6 promise): every row of a batch carries its
-//! own adapter's prompt and head, so requests for different tasks share one backbone pass, and a
-//! prompt ensemble is N rows of the same text with N prompts.
+//! Inference for any number of adapters on one frozen model (the paper's section 6 promise): every
+//! row of a batch carries its own adapter's prompt and head, so requests for different tasks share
+//! one backbone pass, and a prompt ensemble is N rows of the same text with N prompts.
 //!
 //! ```text
-//! rows (task, tokens) → [P_task; X] per row, right-padded → one backbone pass → each row's own head
+//! rows (adapter, tokens) → [P_adapter; X] per row, right-padded → one backbone pass → each row's own head
 //! ```
 
 use crate::adapter::Adapter;
-use crate::backbone::{Backbone, EncoderInput};
+use crate::backbone::{Backbone, BackboneInput};
 use crate::batch::Padding;
-use crate::classifier::{argmax, softmax};
 use crate::model::Model;
-use crate::task::classify::ClassificationHead;
+use crate::task::classify::{argmax, softmax, ClassificationHead};
+use crate::template::Template;
 use crate::tokenize::Encoded;
-use anyhow::{bail, Context};
+use crate::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// An adapter made ready to run on a model: its prompt in the backbone's dtype and device, its head.
-pub struct Task {
+pub struct LoadedAdapter {
     /// [M, D]
     pub prompt: Tensor,
     pub head: ClassificationHead,
     pub labels: Vec<String>,
-    /// what each input is written into before tokenizing (`verbalizer::render`)
-    pub template: Option<String>,
+    /// what each input is written into before tokenizing
+    pub template: Option<Template>,
 }
 
-impl Task {
-    pub fn new(model: &Model, adapter: &Adapter) -> anyhow::Result<Self> {
+impl LoadedAdapter {
+    pub fn new(model: &Model, adapter: &Adapter) -> Result<Self> {
         let table = model.backbone.word_embeddings();
         let prompt = adapter
             .prompt
@@ -35,7 +35,7 @@ impl Task {
             .to_dtype(table.dtype())?;
         Ok(Self {
             prompt,
-            head: model.head(&adapter.head, &adapter.labels, adapter.template.as_deref())?,
+            head: model.head(&adapter.head, &adapter.labels, adapter.template.as_ref())?,
             labels: adapter.labels.clone(),
             template: adapter.template.clone(),
         })
@@ -46,16 +46,16 @@ impl Task {
     }
 }
 
-/// One backbone pass over rows of different tasks → each row's logits (its task's label count).
+/// One backbone pass over rows of different adapters → each row's logits (its adapter's label count).
 /// A row gets exactly what it would get in a batch of its own: its prompt sits at columns 0..M
 /// of its row and its tokens after it, with the padding (masked out) after them, or between the
 /// prompt and the tokens with `Padding::Left`, as in a training batch.
 pub fn classify_rows<B: Backbone>(
     backbone: &B,
-    rows: &[(&Task, &Encoded)],
+    rows: &[(&LoadedAdapter, &Encoded)],
     padding: Padding,
     device: &Device,
-) -> anyhow::Result<Vec<Vec<f32>>> {
+) -> Result<Vec<Vec<f32>>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -76,16 +76,16 @@ pub fn classify_rows<B: Backbone>(
         Vec::with_capacity(rows.len() * width),
         Vec::with_capacity(rows.len() * width),
     );
-    for ((task, encoded), &len) in rows.iter().zip(&lengths) {
+    for ((adapter, encoded), &len) in rows.iter().zip(&lengths) {
         let ids = Tensor::new(encoded.ids.as_slice(), device)?.unsqueeze(0)?;
         let word = backbone.embed_tokens(&ids)?.squeeze(0)?;
         let pad = Tensor::zeros((width - len, d), word.dtype(), device)?;
-        let (m, n) = (task.prompt_len(), encoded.ids.len());
+        let (m, n) = (adapter.prompt_len(), encoded.ids.len());
         let text = match padding {
             Padding::Right => [&word, &pad],
             Padding::Left => [&pad, &word],
         };
-        embeds.push(Tensor::cat(&[&task.prompt, text[0], text[1]], 0)?);
+        embeds.push(Tensor::cat(&[&adapter.prompt, text[0], text[1]], 0)?);
         // the prompt, then the tokens padded like a training batch's
         mask.extend(std::iter::repeat_n(1, m));
         mask.extend(padding.row(std::iter::repeat_n(1u32, n), n, width - m, 0));
@@ -98,18 +98,18 @@ pub fn classify_rows<B: Backbone>(
         Tensor::from_vec(mask, shape, device)?,
         Tensor::from_vec(types, shape, device)?,
     );
-    let hidden = backbone.forward(&EncoderInput {
+    let hidden = backbone.forward(&BackboneInput {
         embeds: &embeds,
         attention_mask: &mask,
         token_type_ids: &types,
     })?;
     rows.iter()
         .enumerate()
-        .map(|(i, (task, _))| {
-            let logits = task.head.forward(
+        .map(|(i, (adapter, _))| {
+            let logits = adapter.head.forward(
                 &hidden.narrow(0, i, 1)?,
                 &mask.narrow(0, i, 1)?,
-                task.prompt_len(),
+                adapter.prompt_len(),
             )?;
             Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         })
@@ -129,12 +129,12 @@ pub struct EnsembleAnswer {
 }
 
 /// An ensemble needs members, and they must share one label set.
-pub fn check_members(tasks: &[&Task]) -> anyhow::Result<()> {
-    let labels = &tasks
+pub fn check_members(members: &[&LoadedAdapter]) -> Result<()> {
+    let labels = &members
         .first()
         .context("an ensemble needs at least one member")?
         .labels;
-    if let Some(odd) = tasks.iter().find(|t| &t.labels != labels) {
+    if let Some(odd) = members.iter().find(|t| &t.labels != labels) {
         bail!(
             "ensemble members disagree on the labels: {:?} vs {:?}",
             labels,
@@ -142,10 +142,10 @@ pub fn check_members(tasks: &[&Task]) -> anyhow::Result<()> {
         );
     }
     // the members read one encoding of each input
-    if let Some(odd) = tasks.iter().find(|t| t.template != tasks[0].template) {
+    if let Some(odd) = members.iter().find(|t| t.template != members[0].template) {
         bail!(
             "ensemble members write their inputs into different templates: {:?} vs {:?}",
-            tasks[0].template,
+            members[0].template,
             odd.template
         );
     }
@@ -153,19 +153,19 @@ pub fn check_members(tasks: &[&Task]) -> anyhow::Result<()> {
 }
 
 /// Combines the members' logits for one input; the members must share one label set.
-pub fn ensemble(tasks: &[&Task], logits: &[Vec<f32>]) -> anyhow::Result<EnsembleAnswer> {
-    check_members(tasks)?;
-    let labels = &tasks[0].labels;
+pub fn ensemble(members: &[&LoadedAdapter], logits: &[Vec<f32>]) -> Result<EnsembleAnswer> {
+    check_members(members)?;
+    let labels = &members[0].labels;
     let mut scores = vec![0f32; labels.len()];
     let mut votes = vec![0usize; labels.len()];
-    let mut members = Vec::with_capacity(logits.len());
+    let mut chosen = Vec::with_capacity(logits.len());
     for l in logits {
         for (s, p) in scores.iter_mut().zip(softmax(l)) {
             *s += p / logits.len() as f32;
         }
         let choice = argmax(l) as usize;
         votes[choice] += 1;
-        members.push(labels[choice].clone());
+        chosen.push(labels[choice].clone());
     }
     let best = (0..labels.len())
         .max_by(|&a, &b| {
@@ -177,7 +177,7 @@ pub fn ensemble(tasks: &[&Task], logits: &[Vec<f32>]) -> anyhow::Result<Ensemble
     Ok(EnsembleAnswer {
         label: labels[best].clone(),
         scores,
-        members,
+        members: chosen,
         logits: logits.to_vec(),
     })
 }
@@ -186,25 +186,25 @@ pub fn ensemble(tasks: &[&Task], logits: &[Vec<f32>]) -> anyhow::Result<Ensemble
 /// the inputs' order. One member is plain prediction.
 pub fn ensemble_all<B: Backbone>(
     backbone: &B,
-    tasks: &[&Task],
+    members: &[&LoadedAdapter],
     data: &[Encoded],
     batch_size: usize,
     padding: Padding,
     device: &Device,
-) -> anyhow::Result<Vec<EnsembleAnswer>> {
-    if tasks.is_empty() {
+) -> Result<Vec<EnsembleAnswer>> {
+    if members.is_empty() {
         bail!("no adapter to predict with");
     }
     let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
     let mut answers: Vec<Option<EnsembleAnswer>> = (0..data.len()).map(|_| None).collect();
     for inputs in crate::batch::eval_batches(&lengths, batch_size.max(1)) {
-        let rows: Vec<(&Task, &Encoded)> = inputs
+        let rows: Vec<(&LoadedAdapter, &Encoded)> = inputs
             .iter()
-            .flat_map(|&i| tasks.iter().map(move |t| (*t, &data[i])))
+            .flat_map(|&i| members.iter().map(move |t| (*t, &data[i])))
             .collect();
         let logits = classify_rows(backbone, &rows, padding, device)?;
-        for (i, member_logits) in inputs.iter().zip(logits.chunks(tasks.len())) {
-            answers[*i] = Some(ensemble(tasks, member_logits)?);
+        for (i, member_logits) in inputs.iter().zip(logits.chunks(members.len())) {
+            answers[*i] = Some(ensemble(members, member_logits)?);
         }
     }
     Ok(answers.into_iter().flatten().collect())

@@ -4,8 +4,8 @@ use crate::fixtures;
 use candle_core::{DType, Device, Tensor};
 use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::batch::Padding;
+use softprompt::inference::{classify_rows, ensemble, LoadedAdapter};
 use softprompt::model::Model;
-use softprompt::multitask::{classify_rows, ensemble, Task};
 use softprompt::task::classify::Pool;
 
 fn model() -> Model {
@@ -32,10 +32,10 @@ fn a_mixed_batch_gives_each_row_what_it_gets_alone() {
     let model = model();
     let peft = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
     let tasks = [
-        Task::new(&model, &peft).unwrap(),
-        Task::new(&model, &adapter(3, 3, Pool::Mean)).unwrap(),
-        Task::new(&model, &adapter(6, 2, Pool::Cls)).unwrap(),
-        Task::new(&model, &adapter(1, 4, Pool::First)).unwrap(),
+        LoadedAdapter::new(&model, &peft).unwrap(),
+        LoadedAdapter::new(&model, &adapter(3, 3, Pool::Mean)).unwrap(),
+        LoadedAdapter::new(&model, &adapter(6, 2, Pool::Cls)).unwrap(),
+        LoadedAdapter::new(&model, &adapter(1, 4, Pool::First)).unwrap(),
     ];
     let encoder = model.encoder(6, None).unwrap();
     let texts = [
@@ -74,9 +74,9 @@ fn a_mixed_batch_gives_each_row_what_it_gets_alone() {
 #[test]
 fn an_ensemble_votes_and_averages() {
     let model = model();
-    let a = Task::new(&model, &adapter(2, 2, Pool::Mean)).unwrap();
-    let b = Task::new(&model, &adapter(2, 2, Pool::Mean)).unwrap();
-    let c = Task::new(&model, &adapter(2, 2, Pool::Mean)).unwrap();
+    let a = LoadedAdapter::new(&model, &adapter(2, 2, Pool::Mean)).unwrap();
+    let b = LoadedAdapter::new(&model, &adapter(2, 2, Pool::Mean)).unwrap();
+    let c = LoadedAdapter::new(&model, &adapter(2, 2, Pool::Mean)).unwrap();
     // two members say c1 weakly, one says c0 strongly: the vote is c1, the mean favours c0
     let logits = vec![vec![0.0, 0.1], vec![0.0, 0.1], vec![5.0, 0.0]];
     let answer = ensemble(&[&a, &b, &c], &logits).unwrap();
@@ -85,7 +85,7 @@ fn an_ensemble_votes_and_averages() {
     assert!(answer.scores[0] > answer.scores[1]);
     assert!((answer.scores.iter().sum::<f32>() - 1.0).abs() < 1e-6);
 
-    let three = Task::new(&model, &adapter(2, 3, Pool::Mean)).unwrap();
+    let three = LoadedAdapter::new(&model, &adapter(2, 3, Pool::Mean)).unwrap();
     let err = ensemble(&[&a, &three], &logits[..2]).unwrap_err();
     assert!(format!("{err}").contains("disagree on the labels"));
 }

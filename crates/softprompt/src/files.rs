@@ -1,11 +1,11 @@
 //! Files are written whole or not at all: to a temporary name in the same directory, then renamed.
 
-use anyhow::Context;
+use crate::Context;
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -18,7 +18,7 @@ pub fn save_tensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let contiguous: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
@@ -32,7 +32,7 @@ pub fn save_tensors(
 pub fn load_tensors(
     path: &Path,
     device: &candle_core::Device,
-) -> anyhow::Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+) -> crate::Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;

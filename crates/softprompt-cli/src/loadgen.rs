@@ -1,15 +1,94 @@
-//! A bounded load generator for `softprompt serve`: a fixed number of concurrent clients send
-//! classify requests for adapters picked at random, for a fixed time or request count, optionally
-//! paced to a fixed rate, and report throughput and latency percentiles.
+//! `softprompt loadgen`: a bounded load generator for `softprompt serve`. A fixed number of
+//! concurrent clients send classify requests for adapters picked at random, for a fixed time or
+//! request count, optionally paced to a fixed rate, and report throughput and latency percentiles.
 
+use crate::output::emit;
 use anyhow::{bail, Context};
+use clap::Args;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use softprompt::data::{read_examples, Columns, Labels};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct LoadgenArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Adapters to spread the requests over, at random (repeatable).
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<String>,
+    /// Texts to send, from the `text` column of a TSV, CSV or JSONL file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Clients, each with one request in flight.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// Stop after this many requests.
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Requests per second over all clients (default: as fast as answered).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    inputs_per_request: usize,
+    #[arg(long, env = "SOFTPROMPT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    let columns = Columns {
+        text: "text".into(),
+        text_pair: None,
+        label: "label".into(),
+    };
+    let texts = read_examples(&args.data, &columns, Labels::Optional)?
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    let config = LoadConfig {
+        url: args.url,
+        adapters: args.adapters,
+        texts,
+        inputs_per_request: args.inputs_per_request,
+        concurrency: args.concurrency,
+        duration: Duration::from_secs_f64(args.duration),
+        max_requests: args.requests,
+        rate: args.rate,
+        api_key: args.api_key,
+        seed: args.seed,
+    };
+    let report = tokio::runtime::Runtime::new()?.block_on(drive(&config))?;
+    let text = format!(
+            "{} requests ({} ok) in {:.1} s: {:.1} inputs/s; latency p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; errors {:?}\n",
+            report.requests,
+            report.ok,
+            report.seconds,
+            report.inputs_per_second,
+            report.p50_ms,
+            report.p90_ms,
+            report.p99_ms,
+            report.max_ms,
+            report.errors
+        );
+    emit(args.json, &report, text)
+}
 
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -63,7 +142,7 @@ pub struct LoadReport {
 }
 
 /// Runs the load and reports. Latency is from sending a request to reading its whole answer.
-pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
+pub async fn drive(config: &LoadConfig) -> anyhow::Result<LoadReport> {
     config.validate()?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(config.concurrency)

@@ -1,0 +1,102 @@
+//! Argument groups that several subcommands share, and the parsing of free-text flags.
+
+use clap::Args;
+use softprompt::batch::Padding;
+use softprompt::data::Columns;
+use softprompt::model::Model;
+use softprompt::template::Template;
+use softprompt::train::TrainConfig;
+use std::path::PathBuf;
+
+/// "\n" and "\t" typed on a command line, as the characters: every free-text flag (templates,
+/// label words, init text, stop strings) reads its value through this.
+pub fn unescaped(text: &str) -> Result<String, String> {
+    Ok(text.replace("\\n", "\n").replace("\\t", "\t"))
+}
+
+/// A `--template` value: unescaped, then checked for its `{text}`.
+pub fn template(text: &str) -> Result<Template, String> {
+    Template::parse(&unescaped(text)?).map_err(|e| e.to_string())
+}
+
+/// The model to load, and how.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json) of BERT,
+    /// GPT-2 or the Llama family, or a Llama-family .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Keep a GGUF model's quantized matrices quantized in memory, dequantizing each as it is used:
+    /// less memory, the same results; slower training steps, faster generation.
+    #[arg(long)]
+    pub keep_quantized: bool,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Model> {
+        let device = candle_core::Device::Cpu;
+        let dtype = candle_core::DType::F32;
+        Ok(Model::load_with(
+            &self.model,
+            dtype,
+            &device,
+            self.keep_quantized,
+        )?)
+    }
+}
+
+#[derive(Args)]
+pub struct ColumnArgs {
+    /// Column (or JSON field) holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Column holding a second text, for sentence-pair tasks.
+    #[arg(long)]
+    pub text_pair_column: Option<String>,
+    /// Column holding the label (with --task causal-lm, the target text).
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+}
+
+impl ColumnArgs {
+    pub fn columns(&self) -> Columns {
+        Columns {
+            text: self.text_column.clone(),
+            text_pair: self.text_pair_column.clone(),
+            label: self.label_column.clone(),
+        }
+    }
+}
+
+/// How many rows go through the model at once, and which end of a row its padding goes on.
+#[derive(Args)]
+pub struct BatchArgs {
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Which end of a row its padding goes on: right or left (the results are the same).
+    #[arg(long, default_value_t = Padding::Right)]
+    pub padding_side: Padding,
+}
+
+/// What inference reads: the model and the adapters (or none, for a zero-shot baseline).
+#[derive(Args)]
+pub struct InferenceArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Adapter directory (softprompt's or PEFT's); give several for a prompt ensemble (majority vote,
+    /// mean probability), all members in one batch.
+    #[arg(long = "adapter", required_unless_present = "zero_shot")]
+    pub adapters: Vec<PathBuf>,
+    /// No adapter: the decoder alone scores each label's word after --template (the baseline a
+    /// verbalizer prompt should beat). Labels come from the data.
+    #[arg(long, conflicts_with = "adapters", requires = "template")]
+    pub zero_shot: bool,
+    /// With --zero-shot: what each input is written into, {text} marking where (\n is a newline).
+    #[arg(long, requires = "zero_shot", value_parser = template)]
+    pub template: Option<Template>,
+    /// With --zero-shot: one word per label, comma-separated [default: the labels themselves].
+    #[arg(long, value_delimiter = ',', requires = "zero_shot", value_parser = unescaped)]
+    pub label_words: Option<Vec<String>>,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+}

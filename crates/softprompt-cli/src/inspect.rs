@@ -1,0 +1,66 @@
+//! `softprompt inspect`: the vocabulary tokens nearest to each prompt vector (the paper's
+//! section 7 reading of what a prompt learned).
+
+use crate::args::ModelArgs;
+use crate::output::emit;
+use candle_core::Device;
+use clap::Args;
+use serde::Serialize;
+use softprompt::adapter::Adapter;
+use softprompt::backbone::Backbone;
+use softprompt::prompt::nearest_tokens;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The adapter directory whose prompt to read.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Tokens to show per prompt vector.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Print JSON lines: position, tokens, cosines.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One prompt vector's nearest tokens.
+#[derive(Serialize)]
+struct Nearest {
+    position: usize,
+    tokens: Vec<String>,
+    cosines: Vec<f32>,
+}
+
+pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    // Only the prompt is read: a generation adapter, which has no head, is inspected too.
+    let model = args.model.load()?;
+    let d = model.backbone.hidden_size();
+    let adapter = Adapter::load(&args.adapter, d, &Device::Cpu)?;
+    let encoder = model.encoder(0, None)?;
+    let table = model.backbone.word_embeddings().dense()?;
+    for (position, tokens) in nearest_tokens(&adapter.prompt, &table, args.top)?
+        .into_iter()
+        .enumerate()
+    {
+        let nearest = Nearest {
+            position,
+            tokens: tokens
+                .iter()
+                .map(|(id, _)| encoder.token(*id).unwrap_or_else(|| format!("#{id}")))
+                .collect(),
+            cosines: tokens.iter().map(|(_, c)| *c).collect(),
+        };
+        let shown: Vec<String> = nearest
+            .tokens
+            .iter()
+            .zip(&nearest.cosines)
+            .map(|(n, c)| format!("{n} ({c:.2})"))
+            .collect();
+        let text = format!("{position:>3}  {}\n", shown.join("  "));
+        emit(args.json, &nearest, text)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! `softprompt train`: a soft prompt (and the task's head) on a frozen model, with a progress bar.
+
+use crate::args::{template, unescaped, ColumnArgs, ModelArgs};
+use candle_core::Device;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use softprompt::batch::Padding;
+use softprompt::optim::{OptimizerKind, Schedule};
+use softprompt::prompt::PromptInit;
+use softprompt::task::classify::Pool;
+use softprompt::task::TaskKind;
+use softprompt::template::Template;
+use softprompt::train::{train, Event, TrainConfig, TrainPaths};
+use std::path::PathBuf;
+
+fn defaults() -> TrainConfig {
+    TrainConfig::default()
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// classify (a linear head on a pooled vector), verbalizer (a decoder's frozen LM head
+    /// scores each label's word after --template; only the prompt trains), or causal-lm (a
+    /// decoder learns to write the label column's text after the input, scored on those tokens only).
+    #[arg(long, default_value_t = defaults().task)]
+    task: TaskKind,
+    /// What each input is written into, {text} marking where, e.g. "Review: {text}\nSentiment:"
+    /// (\n is a newline).
+    #[arg(long, value_parser = template)]
+    template: Option<Template>,
+    /// Verbalizer: one word per label, comma-separated, in the labels' sorted order
+    /// [default: the labels themselves].
+    #[arg(long, value_delimiter = ',', value_parser = unescaped)]
+    label_words: Option<Vec<String>>,
+    /// Training data: .tsv, .csv or .jsonl.
+    #[arg(long)]
+    train: PathBuf,
+    /// Development data, for evaluation, early stopping and keeping the best adapter.
+    #[arg(long)]
+    dev: Option<PathBuf>,
+    /// Adapter directory to write (also holds metrics.jsonl and the training checkpoint).
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    columns: ColumnArgs,
+    /// Soft prompt length M.
+    #[arg(long, default_value_t = defaults().num_virtual_tokens)]
+    num_virtual_tokens: usize,
+    /// Prompt initialisation: uniform, normal, vocab, text, labels.
+    #[arg(long, default_value_t = defaults().init)]
+    init: PromptInit,
+    /// Text whose token embeddings start the prompt (with --init text).
+    #[arg(long, value_parser = unescaped)]
+    init_text: Option<String>,
+    /// What the head reads: first, pooler, cls, mean, last.
+    #[arg(long, default_value_t = defaults().pool)]
+    pool: Pool,
+    /// adamw or adafactor.
+    #[arg(long, default_value_t = defaults().optimizer)]
+    optimizer: OptimizerKind,
+    /// Learning rate [default: 1e-2 for adamw, 0.3 for adafactor].
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long, default_value_t = defaults().weight_decay)]
+    weight_decay: f64,
+    /// constant, or linear (warm-up, then linear decay to 0).
+    #[arg(long, default_value_t = defaults().schedule)]
+    schedule: Schedule,
+    #[arg(long, default_value_t = defaults().warmup_steps)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = defaults().epochs)]
+    epochs: usize,
+    /// Train at least this many steps, even past --epochs (small data sets).
+    #[arg(long, default_value_t = defaults().min_steps)]
+    min_steps: usize,
+    /// Stop after this many steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = defaults().batch_size)]
+    batch_size: usize,
+    /// Which end of a row its padding goes on: right or left (the results are the same).
+    #[arg(long, default_value_t = defaults().padding)]
+    padding_side: Padding,
+    /// Clip the gradients' joint norm to this (0: no clipping).
+    #[arg(long, default_value_t = defaults().max_grad_norm.unwrap_or(0.0))]
+    max_grad_norm: f64,
+    /// Evaluate on dev (and checkpoint) every N steps [default: four times an epoch].
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Stop after N evaluations without a better dev accuracy (ties go to the lower dev loss;
+    /// 0: never stop early).
+    #[arg(long, default_value_t = defaults().patience.unwrap_or(0))]
+    patience: usize,
+    #[arg(long, default_value_t = defaults().seed)]
+    seed: u64,
+    /// Cut each example to at most this many tokens (never more than the model's limit minus the prompt).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Continue the interrupted run in --output from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+impl TrainArgs {
+    fn config(&self) -> TrainConfig {
+        TrainConfig {
+            task: self.task,
+            template: self.template.clone(),
+            label_words: self.label_words.clone(),
+            num_virtual_tokens: self.num_virtual_tokens,
+            init: self.init,
+            init_text: self.init_text.clone(),
+            pool: self.pool,
+            optimizer: self.optimizer,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            schedule: self.schedule,
+            warmup_steps: self.warmup_steps,
+            epochs: self.epochs,
+            min_steps: self.min_steps,
+            max_steps: self.max_steps,
+            batch_size: self.batch_size,
+            padding: self.padding_side,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            eval_every: self.eval_every,
+            patience: (self.patience > 0).then_some(self.patience),
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+        }
+    }
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let config = args.config();
+    let paths = TrainPaths {
+        model: args.model.model,
+        keep_quantized: args.model.keep_quantized,
+        train: args.train,
+        dev: args.dev,
+        output: args.output,
+        columns: args.columns.columns(),
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let say = |bar: &ProgressBar, line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
+    let mut last_dev = String::new();
+    let summary = train(
+        &paths,
+        &config,
+        args.resume,
+        &Device::Cpu,
+        &mut |event| match event {
+            Event::Start {
+                total_steps,
+                steps_per_epoch,
+                resumed_at,
+                train_examples,
+            } => {
+                bar.set_length(total_steps as u64);
+                bar.set_position(resumed_at as u64);
+                bar.reset_eta();
+                say(&bar, format!("training on {train_examples} examples: {steps_per_epoch} steps an epoch, {total_steps} steps in all"));
+                if resumed_at > 0 {
+                    say(&bar, format!("resumed at step {resumed_at}"));
+                }
+            }
+            Event::Step {
+                step,
+                loss,
+                examples_per_s,
+                ..
+            } => {
+                bar.set_position(step as u64);
+                bar.set_message(format!(
+                    "loss {loss:.4}{last_dev}  {examples_per_s:.0} ex/s"
+                ));
+            }
+            Event::Eval {
+                step,
+                score,
+                improved,
+            } => {
+                last_dev = format!("  dev acc {:.4}", score.accuracy);
+                let mark = if improved { "  (best, saved)" } else { "" };
+                let measures = match score.macro_f1 {
+                    Some(f1) => format!("accuracy {:.4}, macro-F1 {f1:.4}", score.accuracy),
+                    None => format!("exact match {:.4}", score.accuracy),
+                };
+                say(
+                    &bar,
+                    format!("step {step}: dev {measures}, loss {:.4}{mark}", score.loss),
+                );
+            }
+            Event::EarlyStop { step } => say(
+                &bar,
+                format!("stopping early at step {step}: dev accuracy stopped improving"),
+            ),
+        },
+    )?;
+    bar.finish_and_clear();
+    match summary.best_dev_accuracy {
+        Some(acc) => println!(
+            "best dev accuracy {acc:.4}; adapter in {}",
+            summary.adapter.display()
+        ),
+        None => println!(
+            "trained {} steps; adapter in {}",
+            summary.steps,
+            summary.adapter.display()
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! A decoder learning to write targets (`--task causal-lm`): the loss is the frozen LM head's
+//! next-token cross-entropy on the target tokens only (`task::causal_lm`), and the score is how
+//! often greedy decoding would write each target exactly.
+
+use super::{prompted_forward, DevScore, Head};
+use crate::adapter::AdapterHead;
+use crate::backbone::Backbone;
+use crate::batch::{eval_batches, Batch, EncodedSet, Padding};
+use crate::prompt::SoftPrompt;
+use crate::task::causal_lm::{logit_chunks, target_cross_entropy, TargetScore};
+use crate::task::classify::log_softmax;
+use crate::task::HeadBackward;
+use crate::tokenize::Encoded;
+use crate::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+
+/// The decoder's own LM head [V, D], frozen: nothing of it trains or is stored.
+pub struct CausalLm {
+    pub lm_head: Tensor,
+}
+
+impl CausalLm {
+    /// Exact match, token accuracy and token loss of `prompt` over encoded (input, target) pairs.
+    pub fn target_score<B: Backbone>(
+        &self,
+        backbone: &B,
+        prompt: &SoftPrompt,
+        data: &[Encoded],
+        batch_size: usize,
+        padding: Padding,
+        device: &Device,
+    ) -> Result<TargetScore> {
+        let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
+        let (mut exact, mut correct, mut tokens, mut loss) = (0usize, 0usize, 0usize, 0f64);
+        for rows in eval_batches(&lengths, batch_size.max(1)) {
+            let batch = Batch::new(data, None, &rows, padding, device)?;
+            let targets = batch.targets(prompt.len())?;
+            let hidden = prompted_forward(backbone, prompt, &batch)?;
+            let (b, s, d) = hidden.dims3()?;
+            let flat = hidden.reshape((b * s, d))?;
+            let mut missed = vec![false; batch.len()];
+            for chunk in logit_chunks(&flat, &targets, &self.lm_head) {
+                let (range, logits) = chunk?;
+                let log_probs = log_softmax(&logits)?.to_dtype(DType::F32)?;
+                let best = log_probs.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                let log_probs = log_probs.to_vec2::<f32>()?;
+                for (i, t) in range.enumerate() {
+                    let token = targets.tokens[t];
+                    let hit = best[i] == token;
+                    missed[targets.rows[t]] |= !hit;
+                    correct += usize::from(hit);
+                    loss -= log_probs[i][token as usize] as f64;
+                }
+            }
+            exact += missed.iter().filter(|&&m| !m).count();
+            tokens += targets.tokens.len();
+        }
+        let ratio = |a: f64, b: usize| if b == 0 { 0.0 } else { a / b as f64 };
+        Ok(TargetScore {
+            examples: data.len(),
+            exact_match: ratio(exact as f64, data.len()),
+            token_accuracy: ratio(correct as f64, tokens),
+            token_loss: ratio(loss, tokens),
+        })
+    }
+}
+
+impl Head for CausalLm {
+    fn params(&self) -> Vec<&Var> {
+        Vec::new()
+    }
+
+    fn loss(
+        &self,
+        hidden: &Tensor,
+        _mask: &Tensor,
+        batch: &Batch,
+        prompt_len: usize,
+    ) -> Result<HeadBackward> {
+        let targets = batch.targets(prompt_len)?;
+        if targets.tokens.is_empty() {
+            bail!("a causal-lm batch needs target tokens");
+        }
+        target_cross_entropy(hidden, &targets, &self.lm_head)
+    }
+
+    fn score<B: Backbone>(
+        &self,
+        backbone: &B,
+        prompt: &SoftPrompt,
+        set: &EncodedSet,
+        batch_size: usize,
+        padding: Padding,
+        device: &Device,
+    ) -> Result<DevScore> {
+        let score = self.target_score(backbone, prompt, &set.data, batch_size, padding, device)?;
+        Ok(DevScore {
+            accuracy: score.exact_match,
+            macro_f1: None,
+            loss: score.token_loss,
+        })
+    }
+
+    fn saved(&self) -> (AdapterHead, Vec<String>) {
+        (AdapterHead::Generation, Vec::new())
+    }
+}

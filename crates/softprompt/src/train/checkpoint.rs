@@ -1,0 +1,86 @@
+//! `checkpoint.safetensors`: the trainable tensors, the optimizer's state and where the loop
+//! stands, so that `--resume` continues exactly where an interrupted run was.
+
+use super::config::TrainConfig;
+use crate::files::{load_tensors, save_tensors};
+use crate::optim::Optimizer;
+use crate::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+/// checkpoint names of `Trainee::params()`, in order (a verbalizer and a causal LM have the first only)
+const PARAM_NAMES: [&str; 3] = ["prompt", "head.weight", "head.bias"];
+
+/// Where the loop stands: what a checkpoint stores besides tensors.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub step: usize,
+    pub epoch: usize,
+    /// batches of `epoch` already done
+    pub batch: usize,
+    pub best: Option<f64>,
+    /// the dev loss of the best evaluation, which breaks ties in accuracy
+    #[serde(default)]
+    pub best_loss: Option<f64>,
+    pub evals_without_gain: usize,
+    pub optimizer_steps: u64,
+    /// stopped early: a resumed run has nothing left to do
+    pub stopped: bool,
+}
+
+pub fn save(
+    path: &Path,
+    config: &TrainConfig,
+    params: &[&Var],
+    optimizer: &Optimizer,
+    progress: &Progress,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = PARAM_NAMES
+        .iter()
+        .zip(params)
+        .map(|(name, var)| (name.to_string(), var.as_tensor().clone()))
+        .collect();
+    tensors.extend(optimizer.state().0);
+    let metadata = HashMap::from([
+        ("config".to_string(), serde_json::to_string(config)?),
+        ("progress".to_string(), serde_json::to_string(progress)?),
+    ]);
+    save_tensors(path, &tensors, Some(metadata))
+}
+
+/// Sets `params` and `optimizer` to the checkpoint's, after checking that it was written with
+/// the same `config`.
+pub fn load(
+    path: &Path,
+    config: &TrainConfig,
+    params: &[&Var],
+    optimizer: &mut Optimizer,
+    device: &Device,
+) -> Result<Progress> {
+    let (tensors, metadata) = load_tensors(path, device)?;
+    let field = |k: &str| {
+        metadata
+            .get(k)
+            .with_context(|| format!("{} lacks its {k} record", path.display()))
+    };
+    let saved: TrainConfig = serde_json::from_str(field("config")?)?;
+    if &saved != config {
+        bail!(
+            "--resume: the options differ from the interrupted run's; resume with the same options.\n  checkpoint: {}\n  now:        {}",
+            serde_json::to_string(&saved)?,
+            serde_json::to_string(config)?
+        );
+    }
+    let progress: Progress = serde_json::from_str(field("progress")?)?;
+    for (name, var) in PARAM_NAMES.into_iter().zip(params) {
+        let t: &Tensor = tensors
+            .get(name)
+            .with_context(|| format!("{} has no tensor {name}", path.display()))?;
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    optimizer.load_state(&tensors, progress.optimizer_steps)?;
+    Ok(progress)
+}

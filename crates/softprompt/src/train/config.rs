@@ -1,0 +1,133 @@
+//! What a training run computes, with its defaults in one place: the command line, the Python
+//! binding and the checkpoint all read them from `TrainConfig::default()`.
+
+use crate::batch::Padding;
+use crate::data::Columns;
+use crate::optim::{OptimizerKind, Schedule};
+use crate::prompt::PromptInit;
+use crate::task::classify::Pool;
+use crate::task::TaskKind;
+use crate::template::Template;
+use crate::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Everything that decides what a run computes. Stored in the checkpoint: a resumed run must use the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub task: TaskKind,
+    /// the text each input is written into (a verbalizer needs one)
+    pub template: Option<Template>,
+    /// verbalizer: one word per label, in the labels' sorted order; default the labels themselves
+    pub label_words: Option<Vec<String>>,
+    pub num_virtual_tokens: usize,
+    pub init: PromptInit,
+    pub init_text: Option<String>,
+    pub pool: Pool,
+    pub optimizer: OptimizerKind,
+    /// None: the optimizer's default (`OptimizerKind::default_lr`)
+    pub lr: Option<f64>,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub epochs: usize,
+    /// Without `max_steps`, train at least this many steps even if that takes more than `epochs`
+    /// epochs: a small data set otherwise ends before the prompt has moved.
+    pub min_steps: usize,
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    /// which end of a row its padding goes on (the results are the same)
+    pub padding: Padding,
+    pub max_grad_norm: Option<f64>,
+    /// None: four evaluations an epoch
+    pub eval_every: Option<usize>,
+    /// stop after this many evaluations without a better dev accuracy
+    pub patience: Option<usize>,
+    pub seed: u64,
+    /// cap on tokens per example (the model's limit minus the prompt is always the upper bound)
+    pub max_tokens: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            task: TaskKind::Classify,
+            template: None,
+            label_words: None,
+            num_virtual_tokens: 20,
+            init: PromptInit::Vocab,
+            init_text: None,
+            pool: Pool::Mean,
+            optimizer: OptimizerKind::Adamw,
+            lr: None,
+            weight_decay: 0.0,
+            schedule: Schedule::Linear,
+            warmup_steps: 0,
+            epochs: 3,
+            min_steps: 300,
+            max_steps: None,
+            batch_size: 32,
+            padding: Padding::Right,
+            max_grad_norm: Some(1.0),
+            eval_every: None,
+            patience: Some(4),
+            seed: 0,
+            max_tokens: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.num_virtual_tokens == 0 {
+            bail!("--num-virtual-tokens must be at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            bail!("--epochs must be at least 1 (or give --max-steps)");
+        }
+        if self.max_steps == Some(0) || self.eval_every == Some(0) {
+            bail!("--max-steps and --eval-every must be at least 1");
+        }
+        if self.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
+            bail!("--lr must be a positive number");
+        }
+        if self.init == PromptInit::Text
+            && self
+                .init_text
+                .as_deref()
+                .is_none_or(|t| t.trim().is_empty())
+        {
+            bail!("--init text needs --init-text \"...\"");
+        }
+        if self.max_grad_norm.is_some_and(|n| n <= 0.0) {
+            bail!("--max-grad-norm must be positive");
+        }
+        match self.task {
+            TaskKind::Verbalizer if self.template.is_none() => bail!(
+                "--task verbalizer needs --template, e.g. \"Review: {{text}}\\nSentiment:\" (the label word comes next)"
+            ),
+            TaskKind::Classify | TaskKind::CausalLm if self.label_words.is_some() => {
+                bail!("--label-words is for --task verbalizer")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.lr.unwrap_or(self.optimizer.default_lr())
+    }
+}
+
+/// Where a run reads and writes.
+pub struct TrainPaths {
+    pub model: PathBuf,
+    /// keep a GGUF model's matrices quantized (`Model::load_with`): memory only, the same numbers
+    pub keep_quantized: bool,
+    pub train: PathBuf,
+    pub dev: Option<PathBuf>,
+    pub output: PathBuf,
+    pub columns: Columns,
+}

@@ -1,0 +1,261 @@
+//! Training: read and encode the data, build the prompted model for the task, and run the loop.
+//!
+//! ```text
+//! config.rs      TrainConfig (every option and its default), TrainPaths
+//! trainer.rs     Trainer::run: the loop, evaluation, the best adapter, early stopping
+//! checkpoint.rs  checkpoint.safetensors: tensors, optimizer state, progress (exact --resume)
+//! log.rs         metrics.jsonl as typed records
+//! ```
+
+mod checkpoint;
+mod config;
+pub mod log;
+mod trainer;
+
+pub use config::{TrainConfig, TrainPaths};
+pub use trainer::{Event, Summary, Trainer};
+
+use crate::adapter::{PeftConfig, TaskType, CONFIG_FILE};
+use crate::backbone::any::AnyBackbone;
+use crate::backbone::Backbone;
+use crate::batch::{Batch, EncodedSet, Padding};
+use crate::data::{label_ids, label_set, read_examples, Columns, Labels};
+use crate::model::Model;
+use crate::prompt::{InitSource, PromptInit, SoftPrompt};
+use crate::prompted::{CausalLm, Classifier, DevScore, Head, PromptedModel};
+use crate::task::causal_lm::encode_pairs;
+use crate::task::classify::ClassificationHead;
+use crate::task::TaskKind;
+use crate::tokenize::{encode_all, TextEncoder};
+use crate::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use checkpoint::CHECKPOINT;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+
+/// What the loop (and `softprompt bench`) trains, whatever the head: a `PromptedModel`.
+pub trait Trainee {
+    /// The trainable tensors, in the order of their gradients and of the checkpoint's names.
+    fn params(&self) -> Vec<&Var>;
+    fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)>;
+    fn score(
+        &self,
+        set: &EncodedSet,
+        batch_size: usize,
+        padding: Padding,
+        device: &Device,
+    ) -> Result<DevScore>;
+    /// The adapter as it stands.
+    fn adapter(&self, peft: &PeftConfig) -> Result<crate::adapter::Adapter>;
+}
+
+impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
+    fn params(&self) -> Vec<&Var> {
+        PromptedModel::params(self)
+    }
+
+    fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)> {
+        PromptedModel::loss_and_grads(self, batch)
+    }
+
+    fn score(
+        &self,
+        set: &EncodedSet,
+        batch_size: usize,
+        padding: Padding,
+        device: &Device,
+    ) -> Result<DevScore> {
+        PromptedModel::score(self, set, batch_size, padding, device)
+    }
+
+    fn adapter(&self, peft: &PeftConfig) -> Result<crate::adapter::Adapter> {
+        PromptedModel::adapter(self, peft)
+    }
+}
+
+/// Reads a data set and writes each input into the template. Classification tasks tokenize the
+/// inputs and map the labels to `label_names` (or to the set's own, sorted); a causal LM appends
+/// each target to its input.
+fn load_set(
+    path: &Path,
+    columns: &Columns,
+    label_names: Option<&[String]>,
+    encoder: &TextEncoder,
+    config: &TrainConfig,
+    eos: Option<u32>,
+) -> Result<(EncodedSet, Vec<String>)> {
+    let examples = read_examples(path, columns, Labels::Required)?;
+    let template = config.template.as_ref();
+    let names = match label_names {
+        Some(n) => n.to_vec(),
+        None => label_set(&examples),
+    };
+    let set = match config.task {
+        TaskKind::CausalLm => EncodedSet {
+            data: encode_pairs(encoder, &examples, template, path, eos)?,
+            labels: None,
+        },
+        TaskKind::Classify | TaskKind::Verbalizer => EncodedSet {
+            labels: Some(label_ids(&examples, &names, path)?),
+            data: encode_all(encoder, &examples, template, path)?,
+        },
+    };
+    Ok((set, names))
+}
+
+/// Trains a prompt (and the task's head) on `paths.train` and writes the adapter to
+/// `paths.output`; with `resume`, continues the run whose checkpoint is there.
+pub fn train(
+    paths: &TrainPaths,
+    config: &TrainConfig,
+    resume: bool,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Summary> {
+    config.validate()?;
+    let output = paths.output.display();
+    let checkpoint_path = paths.output.join(CHECKPOINT);
+    if !resume && checkpoint_path.exists() {
+        bail!("{output} already holds a training run; pass --resume to continue it, or choose another --output");
+    }
+    if !resume && paths.output.join(CONFIG_FILE).exists() {
+        bail!(
+            "{output} already holds an adapter; choose another --output (nothing was overwritten)"
+        );
+    }
+    if resume && !checkpoint_path.exists() {
+        bail!("--resume: there is no checkpoint in {output}");
+    }
+    let model = Model::load_with(&paths.model, DType::F32, device, paths.keep_quantized)?;
+    if config.task == TaskKind::CausalLm {
+        model.lm_head("--task causal-lm")?;
+    }
+    let m = config.num_virtual_tokens;
+    let encoder = model.encoder(m, config.max_tokens)?;
+    let eos = model.eos_token_ids.first().copied();
+    let (train_set, label_names) =
+        load_set(&paths.train, &paths.columns, None, &encoder, config, eos)?;
+    if config.task != TaskKind::CausalLm && label_names.len() < 2 {
+        bail!(
+            "{}: training needs at least two different labels, found {:?}",
+            paths.train.display(),
+            label_names
+        );
+    }
+    let dev_set = match &paths.dev {
+        Some(dev) => {
+            let known = (config.task != TaskKind::CausalLm).then_some(label_names.as_slice());
+            Some(load_set(dev, &paths.columns, known, &encoder, config, eos)?.0)
+        }
+        None => None,
+    };
+
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    // A causal LM's "labels" are its distinct targets: `--init labels` starts from their words.
+    let label_words = config.label_words.clone().unwrap_or_else(|| {
+        label_names
+            .iter()
+            .map(|l| l.replace(['_', '-'], " "))
+            .collect()
+    });
+    let prompt = initial_prompt(&model, &encoder, config, &label_words, &mut rng)?;
+    let peft = model.peft_config(
+        TaskType::of(config.task),
+        m,
+        config.init.peft_name(),
+        config.init_text.clone(),
+    );
+    let template = config.template.clone();
+    let trainer = |trainee: &dyn Trainee, on_event: &mut dyn FnMut(Event)| {
+        Trainer {
+            trainee,
+            train_set: &train_set,
+            dev_set: dev_set.as_ref(),
+            peft: &peft,
+            config,
+            output: &paths.output,
+            device,
+        }
+        .run(resume, on_event)
+    };
+    match config.task {
+        TaskKind::CausalLm => {
+            let head = CausalLm {
+                lm_head: model.lm_head("--task causal-lm")?.dense()?,
+            };
+            let backbone = model.backbone;
+            trainer(&prompted(backbone, prompt, head, template), on_event)
+        }
+        TaskKind::Classify | TaskKind::Verbalizer => {
+            let (head, words) = if config.task == TaskKind::Verbalizer {
+                let t = template.as_ref().map(|t| t.as_str()).unwrap_or_default();
+                let head = model.verbalizer_head(t, &label_names, &label_words)?;
+                (head, Some(label_words))
+            } else {
+                let d = model.backbone.hidden_size();
+                let n = label_names.len();
+                let init = ClassificationHead::init(n, d, config.pool, None, &mut rng, device)?;
+                let head = model.linear_head(
+                    init.weight.as_tensor(),
+                    init.bias.as_tensor(),
+                    config.pool,
+                )?;
+                (head, None)
+            };
+            let head = Classifier {
+                head,
+                labels: label_names,
+                label_words: words,
+            };
+            trainer(&prompted(model.backbone, prompt, head, template), on_event)
+        }
+    }
+}
+
+fn prompted<H: Head>(
+    backbone: AnyBackbone,
+    prompt: SoftPrompt,
+    head: H,
+    template: Option<crate::template::Template>,
+) -> PromptedModel<AnyBackbone, H> {
+    PromptedModel {
+        backbone,
+        prompt,
+        head,
+        template,
+    }
+}
+
+/// The prompt as `config.init` starts it, from the model's embeddings and the task's tokens.
+fn initial_prompt(
+    model: &Model,
+    encoder: &TextEncoder,
+    config: &TrainConfig,
+    label_words: &[String],
+    rng: &mut ChaCha8Rng,
+) -> Result<SoftPrompt> {
+    let m = config.num_virtual_tokens;
+    // Only `--init labels` reads them, and only one word per prompt vector: a causal LM may have
+    // thousands of distinct targets.
+    let label_token_ids = match config.init {
+        PromptInit::Labels => label_words
+            .iter()
+            .take(m)
+            .map(|w| encoder.plain_ids(w))
+            .collect::<Result<Vec<_>>>()?,
+        _ => Vec::new(),
+    };
+    let text_ids = match &config.init_text {
+        Some(t) => encoder.plain_ids(t)?,
+        None => Vec::new(),
+    };
+    let vocab_ids = encoder.word_ids();
+    let source = InitSource {
+        word_embeddings: model.backbone.word_embeddings(),
+        vocab_ids: &vocab_ids,
+        text_ids: &text_ids,
+        label_ids: &label_token_ids,
+    };
+    SoftPrompt::init(config.init, m, &source, rng)
+}

@@ -1,0 +1,220 @@
+//! The loop, top to bottom, as nanoGPT's `train.py` reads: set the learning rate, forward and
+//! backward, stop on a non-finite loss, clip, step, log; every `eval_every` steps evaluate on
+//! dev, keep the best adapter, checkpoint, maybe stop early.
+
+use super::checkpoint::{self, Progress, CHECKPOINT};
+use super::config::TrainConfig;
+use super::log::{EvalRecord, MetricsLog, Record, StepRecord};
+use super::Trainee;
+use crate::adapter::PeftConfig;
+use crate::batch::{epoch_batches, Batch, EncodedSet};
+use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
+use crate::prompted::DevScore;
+use crate::{bail, Context, Result};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What the loop reports as it goes (the CLI draws a progress bar from it).
+pub enum Event<'a> {
+    Start {
+        total_steps: usize,
+        steps_per_epoch: usize,
+        resumed_at: usize,
+        train_examples: usize,
+    },
+    Step {
+        step: usize,
+        loss: f64,
+        lr: f64,
+        examples_per_s: f64,
+    },
+    Eval {
+        step: usize,
+        score: &'a DevScore,
+        improved: bool,
+    },
+    EarlyStop {
+        step: usize,
+    },
+}
+
+pub struct Summary {
+    pub steps: usize,
+    pub best_dev_accuracy: Option<f64>,
+    pub adapter: PathBuf,
+}
+
+/// One run: what it trains, on what, and where it writes.
+pub struct Trainer<'a> {
+    pub trainee: &'a dyn Trainee,
+    pub train_set: &'a EncodedSet,
+    pub dev_set: Option<&'a EncodedSet>,
+    /// the adapter_config.json of every adapter it saves
+    pub peft: &'a PeftConfig,
+    pub config: &'a TrainConfig,
+    pub output: &'a Path,
+    pub device: &'a Device,
+}
+
+impl Trainer<'_> {
+    pub fn run(&self, resume: bool, on_event: &mut dyn FnMut(Event)) -> Result<Summary> {
+        let config = self.config;
+        let params = self.trainee.params();
+        let mut optimizer = Optimizer::new(
+            OptimizerConfig {
+                kind: config.optimizer,
+                weight_decay: config.weight_decay,
+                ..Default::default()
+            },
+            &params,
+        )?;
+        std::fs::create_dir_all(self.output)
+            .with_context(|| format!("cannot create {}", self.output.display()))?;
+        let checkpoint_path = self.output.join(CHECKPOINT);
+        let mut progress = match resume {
+            true => checkpoint::load(
+                &checkpoint_path,
+                config,
+                &params,
+                &mut optimizer,
+                self.device,
+            )?,
+            false => Progress::default(),
+        };
+        let mut log = MetricsLog::open(self.output, resume.then_some(progress.step))?;
+
+        let lengths: Vec<usize> = self.train_set.data.iter().map(|e| e.ids.len()).collect();
+        let steps_per_epoch = lengths.len().div_ceil(config.batch_size);
+        let total = config
+            .max_steps
+            .unwrap_or((steps_per_epoch * config.epochs).max(config.min_steps));
+        let eval_every = config.eval_every.unwrap_or((steps_per_epoch / 4).max(1));
+        on_event(Event::Start {
+            total_steps: total,
+            steps_per_epoch,
+            resumed_at: progress.step,
+            train_examples: lengths.len(),
+        });
+
+        let mut epoch_plan: (usize, Vec<Vec<usize>>) = (usize::MAX, Vec::new());
+        while progress.step < total && !progress.stopped {
+            if epoch_plan.0 != progress.epoch {
+                let batches =
+                    epoch_batches(&lengths, config.batch_size, config.seed, progress.epoch);
+                epoch_plan = (progress.epoch, batches);
+            }
+            let rows = &epoch_plan.1[progress.batch];
+            let _span = tracing::debug_span!("step", step = progress.step + 1).entered();
+            let started = Instant::now();
+            let lr = config
+                .schedule
+                .lr(config.lr(), progress.step, config.warmup_steps, total);
+            let set = self.train_set;
+            let batch = Batch::new(
+                &set.data,
+                set.labels.as_deref(),
+                rows,
+                config.padding,
+                self.device,
+            )?;
+            let (loss, mut grads) = self.trainee.loss_and_grads(&batch)?;
+            if !loss.is_finite() {
+                bail!(
+                    "the loss became {loss} at step {}: lower --lr",
+                    progress.step + 1
+                );
+            }
+            let grad_norm =
+                clip_grad_norm(&mut grads, config.max_grad_norm.unwrap_or(f64::INFINITY))?;
+            optimizer.step(&params, &grads, lr)?;
+            let examples_per_s = rows.len() as f64 / started.elapsed().as_secs_f64();
+
+            progress.step += 1;
+            progress.batch += 1;
+            if progress.batch == epoch_plan.1.len() {
+                progress.epoch += 1;
+                progress.batch = 0;
+            }
+            on_event(Event::Step {
+                step: progress.step,
+                loss,
+                lr,
+                examples_per_s,
+            });
+            log.write(&Record::Step(StepRecord {
+                epoch: progress.epoch,
+                examples_per_s,
+                grad_norm,
+                loss,
+                lr,
+                step: progress.step,
+            }))?;
+
+            if progress.step % eval_every == 0 || progress.step == total {
+                self.evaluate(&mut progress, &mut log, on_event)?;
+                progress.optimizer_steps = optimizer.steps();
+                progress.stopped = config
+                    .patience
+                    .is_some_and(|p| progress.evals_without_gain >= p);
+                checkpoint::save(&checkpoint_path, config, &params, &optimizer, &progress)?;
+                if progress.stopped {
+                    on_event(Event::EarlyStop {
+                        step: progress.step,
+                    });
+                }
+            }
+        }
+        Ok(Summary {
+            steps: progress.step,
+            best_dev_accuracy: progress.best,
+            adapter: self.output.to_path_buf(),
+        })
+    }
+
+    /// Scores the dev set and saves the adapter when it is the best so far (ties in accuracy go
+    /// to the lower dev loss); without a dev set, saves it every time.
+    fn evaluate(
+        &self,
+        progress: &mut Progress,
+        log: &mut MetricsLog,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        let save_adapter = || self.trainee.adapter(self.peft)?.save(self.output);
+        let Some(dev) = self.dev_set else {
+            save_adapter()?;
+            return log.flush();
+        };
+        let config = self.config;
+        let score = self
+            .trainee
+            .score(dev, config.batch_size, config.padding, self.device)?;
+        let improved = match (progress.best, progress.best_loss) {
+            (Some(best), best_loss) => {
+                score.accuracy > best
+                    || (score.accuracy == best && best_loss.is_none_or(|l| score.loss < l))
+            }
+            (None, _) => true,
+        };
+        if improved {
+            progress.best = Some(score.accuracy);
+            progress.best_loss = Some(score.loss);
+            progress.evals_without_gain = 0;
+            save_adapter()?;
+        } else {
+            progress.evals_without_gain += 1;
+        }
+        log.write(&Record::Eval(EvalRecord {
+            dev_accuracy: score.accuracy,
+            dev_loss: score.loss,
+            dev_macro_f1: score.macro_f1,
+            step: progress.step,
+        }))?;
+        on_event(Event::Eval {
+            step: progress.step,
+            score: &score,
+            improved,
+        });
+        log.flush()
+    }
+}
