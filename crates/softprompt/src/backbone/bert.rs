@@ -2,10 +2,11 @@
 //! Struct and tensor names follow `transformers`' modeling_bert.py; a `bert.` prefix (as in
 //! BertForSequenceClassification checkpoints) is accepted too.
 
+use super::stack::{self, kept, Attend, Block, Pass};
 use super::{Backbone, BackboneInput};
 use crate::kernels::{
-    attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, mask_bias,
-    AttentionShape, LayerNorm, LayerNormSaved, Linear, Weight,
+    attention_backward, gelu_erf_backward, gelu_erf_forward, mask_bias, AttentionSaved,
+    AttentionShape, GeluSaved, LayerNorm, LayerNormSaved, Linear, Positions, Weight,
 };
 use crate::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -169,13 +170,11 @@ struct BertLayer {
 
 /// What one layer's backward needs.
 struct BertLayerSaved {
-    /// [T, 3D], the fused query / key / value projection
-    qkv: Tensor,
-    /// [B, H, S, S]
-    probs: Tensor,
+    /// the fused query / key / value projection [T, 3D] and the probabilities
+    attention: Option<AttentionSaved>,
     attention_ln: LayerNormSaved,
     /// [T, F], before GELU
-    intermediate: Tensor,
+    gelu: GeluSaved,
     output_ln: LayerNormSaved,
 }
 
@@ -208,49 +207,49 @@ impl BertLayer {
             output_layer_norm: layer_norm(&vb.pp("output").pp("LayerNorm"), d, eps)?,
         })
     }
+}
 
-    /// x [T, D], bias [B, 1, 1, S] → y [T, D]
+impl Block for BertLayer {
+    type Saved = BertLayerSaved;
+
     fn forward(
         &self,
+        layer: usize,
         x: &Tensor,
-        bias: &Tensor,
-        shape: AttentionShape,
+        pass: &mut Pass,
     ) -> Result<(Tensor, BertLayerSaved)> {
         let qkv = self.qkv.forward(x)?;
-        let (context, probs) = attention_forward(&qkv, bias, shape)?;
+        let (context, attention) = pass.attend(layer, &qkv)?;
         let attended = self.attention_output.forward(&context)?;
         let (h1, attention_ln) = self.attention_layer_norm.forward(&(attended + x)?)?;
-        let intermediate = self.intermediate.forward(&h1)?;
-        let out = self.output.forward(&gelu_erf_forward(&intermediate)?)?;
+        let (h, gelu) = gelu_erf_forward(&self.intermediate.forward(&h1)?)?;
+        let out = self.output.forward(&h)?;
         let (y, output_ln) = self.output_layer_norm.forward(&(out + &h1)?)?;
-        Ok((
-            y,
-            BertLayerSaved {
-                qkv,
-                probs,
-                attention_ln,
-                intermediate,
-                output_ln,
-            },
-        ))
+        let saved = BertLayerSaved {
+            attention,
+            attention_ln,
+            gelu,
+            output_ln,
+        };
+        Ok((y, saved))
     }
 
-    /// dy [T, D] → dx [T, D]
     fn backward(
         &self,
         dy: &Tensor,
         saved: &BertLayerSaved,
         shape: AttentionShape,
+        _positions: Positions,
     ) -> Result<Tensor> {
         let d_sum2 = self.output_layer_norm.backward(dy, &saved.output_ln)?;
         let d_gelu = self.output.backward(&d_sum2)?;
-        let d_intermediate = gelu_erf_backward(&d_gelu, &saved.intermediate)?;
+        let d_intermediate = gelu_erf_backward(&d_gelu, &saved.gelu)?;
         let d_h1 = (self.intermediate.backward(&d_intermediate)? + d_sum2)?;
         let d_sum1 = self
             .attention_layer_norm
             .backward(&d_h1, &saved.attention_ln)?;
         let d_context = self.attention_output.backward(&d_sum1)?;
-        let d_qkv = attention_backward(&d_context, &saved.qkv, &saved.probs, shape)?;
+        let d_qkv = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
         self.qkv.backward(&d_qkv)? + d_sum1
     }
 }
@@ -325,18 +324,15 @@ impl Backbone for Bert {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
-        let (mut x, embeddings) =
+        let (x, embeddings) =
             self.embeddings
                 .forward(input.embeds, input.token_type_ids, input.attention_mask)?;
-        let attention = self.attention_shape(b, s);
-        let mut layers = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
-        for layer in &self.layers {
-            let (y, saved) = layer.forward(&x, &bias, attention)?;
-            if keep {
-                layers.push(saved);
-            }
-            x = y;
-        }
+        let mut pass = Pass {
+            shape: self.attention_shape(b, s),
+            positions: Positions::From(0),
+            attend: Attend::Rows { bias: &bias },
+        };
+        let (x, layers) = stack::forward(&self.layers, x, &mut pass, keep)?;
         let activations = keep.then_some(BertActivations {
             shape,
             embeddings,
@@ -359,11 +355,15 @@ impl Backbone for Bert {
 
     fn backward(&self, d_hidden: &Tensor, activations: BertActivations) -> Result<Tensor> {
         let (b, s, d) = activations.shape;
-        let mut dx = d_hidden.reshape((b * s, d))?;
-        let attention = self.attention_shape(b, s);
-        for (layer, saved) in self.layers.iter().zip(&activations.layers).rev() {
-            dx = layer.backward(&dx, saved, attention)?;
-        }
+        let dx = d_hidden.reshape((b * s, d))?;
+        let shape = self.attention_shape(b, s);
+        let dx = stack::backward(
+            &self.layers,
+            dx,
+            &activations.layers,
+            shape,
+            Positions::From(0),
+        )?;
         self.embeddings
             .backward(&dx, &activations.embeddings, activations.shape)
     }

@@ -2,10 +2,11 @@
 //! `transformer.` prefix of GPT2LMHeadModel checkpoints is accepted too. GPT-2 stores its projections
 //! as Conv1D, weight [IN, OUT]: they are transposed once at load into Linear's [OUT, IN].
 
+use super::stack::{self, kept, Attend, Block, Pass};
 use super::{Backbone, BackboneInput, Decoder, KvCache};
 use crate::kernels::{
-    attention_backward, attention_forward, cached_attention, gelu_tanh_backward, gelu_tanh_forward,
-    heads_of, mask_bias, AttentionShape, LayerNorm, LayerNormSaved, Linear, Weight,
+    attention_backward, gelu_tanh_backward, gelu_tanh_forward, mask_bias, AttentionSaved,
+    AttentionShape, GeluSaved, LayerNorm, LayerNormSaved, Linear, Positions, Weight,
 };
 use crate::{bail, Context};
 use candle_core::quantized::GgmlDType;
@@ -103,13 +104,11 @@ struct Gpt2Block {
 
 struct Gpt2BlockSaved {
     ln_1: LayerNormSaved,
-    /// [T, 3D]
-    qkv: Tensor,
-    /// [B, H, S, S]
-    probs: Tensor,
+    /// the packed [T, 3D] projection and the probabilities (a rows pass)
+    attention: Option<AttentionSaved>,
     ln_2: LayerNormSaved,
     /// [T, F], before GELU
-    fc: Tensor,
+    gelu: GeluSaved,
 }
 
 impl Gpt2Block {
@@ -124,51 +123,47 @@ impl Gpt2Block {
             mlp_proj: conv1d(&vb.pp("mlp").pp("c_proj"), f, d)?,
         })
     }
+}
 
-    /// x [T, D] → y [T, D]
+impl Block for Gpt2Block {
+    type Saved = Gpt2BlockSaved;
+
     fn forward(
         &self,
+        layer: usize,
         x: &Tensor,
-        bias: &Tensor,
-        shape: AttentionShape,
+        pass: &mut Pass,
     ) -> Result<(Tensor, Gpt2BlockSaved)> {
         let (a_in, ln_1) = self.ln_1.forward(x)?;
         let qkv = self.c_attn.forward(&a_in)?;
-        let (context, probs) = attention_forward(&qkv, bias, shape)?;
+        let (context, attention) = pass.attend(layer, &qkv)?;
         let x1 = (x + self.attn_proj.forward(&context)?)?;
         let (m_in, ln_2) = self.ln_2.forward(&x1)?;
-        let fc = self.c_fc.forward(&m_in)?;
-        let y = (&x1 + self.mlp_proj.forward(&gelu_tanh_forward(&fc)?)?)?;
-        Ok((
-            y,
-            Gpt2BlockSaved {
-                ln_1,
-                qkv,
-                probs,
-                ln_2,
-                fc,
-            },
-        ))
+        let (h, gelu) = gelu_tanh_forward(&self.c_fc.forward(&m_in)?)?;
+        let y = (&x1 + self.mlp_proj.forward(&h)?)?;
+        let saved = Gpt2BlockSaved {
+            ln_1,
+            attention,
+            ln_2,
+            gelu,
+        };
+        Ok((y, saved))
     }
 
-    /// dy [T, D] → dx [T, D]
     fn backward(
         &self,
         dy: &Tensor,
         saved: &Gpt2BlockSaved,
         shape: AttentionShape,
+        _positions: Positions,
     ) -> Result<Tensor> {
-        let d_fc = gelu_tanh_backward(&self.mlp_proj.backward(dy)?, &saved.fc)?;
+        let d_fc = gelu_tanh_backward(&self.mlp_proj.backward(dy)?, &saved.gelu)?;
         let dx1 = (dy
             + self
                 .ln_2
                 .backward(&self.c_fc.backward(&d_fc)?, &saved.ln_2)?)?;
-        let d_qkv = attention_backward(
-            &self.attn_proj.backward(&dx1)?,
-            &saved.qkv,
-            &saved.probs,
-            shape,
-        )?;
+        let d_context = self.attn_proj.backward(&dx1)?;
+        let d_qkv = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
         &dx1 + self
             .ln_1
             .backward(&self.c_attn.backward(&d_qkv)?, &saved.ln_1)?
@@ -253,19 +248,16 @@ impl Backbone for Gpt2 {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
-        let attention = self.attention_shape(b, s);
-        let mut x = input
+        let x = input
             .embeds
             .broadcast_add(&super::learned_positions(&self.wpe, input.attention_mask)?)?
             .reshape((b * s, d))?;
-        let mut blocks = Vec::with_capacity(if keep { self.blocks.len() } else { 0 });
-        for block in &self.blocks {
-            let (y, saved) = block.forward(&x, &bias, attention)?;
-            if keep {
-                blocks.push(saved);
-            }
-            x = y;
-        }
+        let mut pass = Pass {
+            shape: self.attention_shape(b, s),
+            positions: Positions::From(0),
+            attend: Attend::Rows { bias: &bias },
+        };
+        let (x, blocks) = stack::forward(&self.blocks, x, &mut pass, keep)?;
         let (hidden, ln_f) = self.ln_f.forward(&x)?;
         Ok((
             hidden.reshape(shape)?,
@@ -293,13 +285,17 @@ impl Backbone for Gpt2 {
     /// residual stream's gradient at the bottom.
     fn backward(&self, d_hidden: &Tensor, activations: Gpt2Activations) -> Result<Tensor> {
         let (b, s, d) = activations.shape;
-        let attention = self.attention_shape(b, s);
-        let mut dx = self
+        let dx = self
             .ln_f
             .backward(&d_hidden.reshape((b * s, d))?, &activations.ln_f)?;
-        for (block, saved) in self.blocks.iter().zip(&activations.blocks).rev() {
-            dx = block.backward(&dx, saved, attention)?;
-        }
+        let shape = self.attention_shape(b, s);
+        let dx = stack::backward(
+            &self.blocks,
+            dx,
+            &activations.blocks,
+            shape,
+            Positions::From(0),
+        )?;
         dx.reshape(activations.shape)
     }
 }
@@ -315,22 +311,13 @@ impl Decoder for Gpt2 {
                 start + n
             );
         }
-        let (h, k) = (self.config.n_head, self.config.n_embd / self.config.n_head);
-        let mut x = embeds.broadcast_add(&self.wpe.narrow(0, start, n)?)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (a_in, _) = block.ln_1.forward(&x)?;
-            let qkv = block.c_attn.forward(&a_in)?;
-            let (keys, values) =
-                cache.append(i, heads_of(&qkv, h, h, k)?, heads_of(&qkv, 2 * h, h, k)?)?;
-            let context = cached_attention(&heads_of(&qkv, 0, h, k)?, &keys, &values, start)?;
-            let x1 = (&x + block.attn_proj.forward(&context)?)?;
-            let (m_in, _) = block.ln_2.forward(&x1)?;
-            let m = block
-                .mlp_proj
-                .forward(&gelu_tanh_forward(&block.c_fc.forward(&m_in)?)?)?;
-            x = (&x1 + m)?;
-        }
-        cache.len += n;
+        let x = embeds.broadcast_add(&self.wpe.narrow(0, start, n)?)?;
+        let mut pass = Pass {
+            shape: self.attention_shape(1, n),
+            positions: Positions::From(start),
+            attend: Attend::Cached { cache },
+        };
+        let (x, _) = stack::forward(&self.blocks, x, &mut pass, false)?;
         Ok(self.ln_f.forward(&x)?.0)
     }
 

@@ -3,10 +3,11 @@
 //! accepted too. Pre-norm blocks: RMSNorm, attention with rotary positions and grouped-query heads,
 //! RMSNorm, SiLU-gated MLP.
 
+use super::stack::{self, kept, Attend, Block, Pass};
 use super::{Backbone, BackboneInput, Decoder, KvCache};
 use crate::kernels::{
-    attention_backward, attention_forward, cached_attention, heads_of, mask_bias, AttentionShape,
-    GatedMlp, GatedMlpSaved, Linear, Positions, RmsNorm, Rope, Weight,
+    attention_backward, mask_bias, AttentionSaved, AttentionShape, GatedMlp, GatedMlpSaved, Linear,
+    Positions, RmsNorm, RmsNormSaved, Rope, Weight,
 };
 use crate::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -134,17 +135,24 @@ struct LlamaLayer {
     o_proj: Linear,
     post_attention_layernorm: RmsNorm,
     mlp: GatedMlp,
+    /// the model's RoPE tables (shared, not copied) and head layout
+    rope: Rope,
+    heads: HeadLayout,
+}
+
+/// How the packed projection [T, (H + 2·Hkv)·K] splits into heads, resolved once from the config.
+#[derive(Debug, Clone, Copy)]
+struct HeadLayout {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
 }
 
 struct LlamaLayerSaved {
-    /// [T, D], the block's input (RMSNorm keeps no statistics)
-    x: Tensor,
-    /// [T, (H + 2·Hkv)·K] after RoPE
-    qkv: Tensor,
-    /// [B, H, S, S]
-    probs: Tensor,
-    /// [T, D], after attention
-    x1: Tensor,
+    input_layernorm: RmsNormSaved,
+    /// the packed projection after RoPE and the probabilities (a rows pass)
+    attention: Option<AttentionSaved>,
+    post_attention_layernorm: RmsNormSaved,
     mlp: GatedMlpSaved,
 }
 
@@ -173,7 +181,12 @@ fn linear(
 }
 
 impl LlamaLayer {
-    fn load(vb: VarBuilder, quantized: &QuantizedWeights, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        quantized: &QuantizedWeights,
+        cfg: &LlamaConfig,
+        rope: &Rope,
+    ) -> Result<Self> {
         let (d, f, k) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let (hq, hk) = (cfg.num_attention_heads * k, cfg.kv_heads() * k);
         let eps = cfg.rms_norm_eps;
@@ -210,7 +223,98 @@ impl LlamaLayer {
                     recompute,
                 }
             },
+            rope: rope.clone(),
+            heads: HeadLayout {
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.kv_heads(),
+                head_dim: cfg.head_dim(),
+            },
         })
+    }
+
+    /// Rotates (or, with `backward`, un-rotates the gradient of) the query and key columns of a
+    /// packed projection [T, (H + 2·Hkv)·K] of B rows of S positions; the value columns pass through.
+    fn rope_packed(
+        &self,
+        qkv: &Tensor,
+        shape: AttentionShape,
+        positions: Positions,
+        backward: bool,
+    ) -> Result<Tensor> {
+        let HeadLayout {
+            heads,
+            kv_heads,
+            head_dim: k,
+        } = self.heads;
+        let (batch, seq) = (shape.batch, shape.seq);
+        let rotate = |start: usize, count: usize| -> Result<Tensor> {
+            let x = qkv
+                .narrow(1, start * k, count * k)?
+                .reshape((batch, seq, count, k))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let y = if backward {
+                self.rope.backward(&x, positions)?
+            } else {
+                self.rope.forward(&x, positions)?
+            };
+            y.transpose(1, 2)?.reshape((batch * seq, count * k))
+        };
+        Tensor::cat(
+            &[
+                rotate(0, heads)?,
+                rotate(heads, kv_heads)?,
+                qkv.narrow(1, (heads + kv_heads) * k, kv_heads * k)?,
+            ],
+            1,
+        )
+    }
+}
+
+impl Block for LlamaLayer {
+    type Saved = LlamaLayerSaved;
+
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        pass: &mut Pass,
+    ) -> Result<(Tensor, LlamaLayerSaved)> {
+        let (normed, input_layernorm) = self.input_layernorm.forward(x)?;
+        let qkv = self.qkv.forward(&normed)?;
+        let qkv = self.rope_packed(&qkv, pass.shape, pass.positions, false)?;
+        let (context, attention) = pass.attend(layer, &qkv)?;
+        let x1 = (x + self.o_proj.forward(&context)?)?;
+        let (normed, post_attention_layernorm) = self.post_attention_layernorm.forward(&x1)?;
+        let (m, mlp) = self.mlp.forward(&normed)?;
+        let saved = LlamaLayerSaved {
+            input_layernorm,
+            attention,
+            post_attention_layernorm,
+            mlp,
+        };
+        Ok(((&x1 + m)?, saved))
+    }
+
+    fn backward(
+        &self,
+        dy: &Tensor,
+        saved: &LlamaLayerSaved,
+        shape: AttentionShape,
+        positions: Positions,
+    ) -> Result<Tensor> {
+        let d_norm2 = self.mlp.backward(dy, &saved.mlp)?;
+        let dx1 = (dy
+            + self
+                .post_attention_layernorm
+                .backward(&d_norm2, &saved.post_attention_layernorm)?)?;
+        let d_context = self.o_proj.backward(&dx1)?;
+        let d_qkv = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
+        let d_qkv = self.rope_packed(&d_qkv, shape, positions, true)?;
+        let d_norm1 = self.qkv.backward(&d_qkv)?;
+        &dx1 + self
+            .input_layernorm
+            .backward(&d_norm1, &saved.input_layernorm)?
     }
 }
 
@@ -222,7 +326,6 @@ pub struct Llama {
     lm_head: Option<Weight>,
     layers: Vec<LlamaLayer>,
     norm: RmsNorm,
-    rope: Rope,
 }
 
 pub struct LlamaActivations {
@@ -230,8 +333,7 @@ pub struct LlamaActivations {
     /// [B, S], when not 0..S (`position_ids`)
     position_ids: Option<Tensor>,
     layers: Vec<LlamaLayerSaved>,
-    /// [T, D], the input of the final norm
-    last: Tensor,
+    norm: RmsNormSaved,
 }
 
 impl Llama {
@@ -263,9 +365,6 @@ impl Llama {
         } else {
             root
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| LlamaLayer::load(vb.pp(format!("layers.{i}")), quantized, &config))
-            .collect::<Result<Vec<_>>>()?;
         let embed_tokens = linear(&vb.pp("embed_tokens"), quantized, v, d, false)?.weight;
         let rope = Rope::new(
             config.head_dim(),
@@ -274,6 +373,9 @@ impl Llama {
             embed_tokens.dtype(),
             &embed_tokens.device(),
         )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| LlamaLayer::load(vb.pp(format!("layers.{i}")), quantized, &config, &rope))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: RmsNorm {
                 weight: vb.get(d, "norm.weight")?,
@@ -282,7 +384,6 @@ impl Llama {
             embed_tokens,
             lm_head,
             layers,
-            rope,
             config,
         })
     }
@@ -297,44 +398,6 @@ impl Llama {
             causal: true,
         }
     }
-
-    /// Rotates (or, with `backward`, un-rotates the gradient of) the query and key columns of a
-    /// packed projection [T, (H + 2·Hkv)·K]; the value columns pass through.
-    fn rope_packed(
-        &self,
-        qkv: &Tensor,
-        batch: usize,
-        seq: usize,
-        positions: Positions,
-        backward: bool,
-    ) -> Result<Tensor> {
-        let (k, hq, hk) = (
-            self.config.head_dim(),
-            self.config.num_attention_heads,
-            self.config.kv_heads(),
-        );
-        let rotate = |start: usize, heads: usize| -> Result<Tensor> {
-            let x = qkv
-                .narrow(1, start * k, heads * k)?
-                .reshape((batch, seq, heads, k))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let y = if backward {
-                self.rope.backward(&x, positions)?
-            } else {
-                self.rope.forward(&x, positions)?
-            };
-            y.transpose(1, 2)?.reshape((batch * seq, heads * k))
-        };
-        Tensor::cat(
-            &[
-                rotate(0, hq)?,
-                rotate(hq, hk)?,
-                qkv.narrow(1, (hq + hk) * k, hk * k)?,
-            ],
-            1,
-        )
-    }
 }
 
 impl Backbone for Llama {
@@ -344,41 +407,22 @@ impl Backbone for Llama {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
-        let attention = self.attention_shape(b, s);
         let position_ids = super::position_ids(input.attention_mask)?;
-        let positions = Positions::from_ids(position_ids.as_ref());
-        let mut x = input.embeds.reshape((b * s, d))?;
-        let mut layers = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
-        for layer in &self.layers {
-            let qkv = layer.qkv.forward(&layer.input_layernorm.forward(&x)?)?;
-            let qkv = self.rope_packed(&qkv, b, s, positions, false)?;
-            let (context, probs) = attention_forward(&qkv, &bias, attention)?;
-            let x1 = (&x + layer.o_proj.forward(&context)?)?;
-            let (m, mlp) = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x1)?)?;
-            let y = (&x1 + m)?;
-            if keep {
-                layers.push(LlamaLayerSaved {
-                    x,
-                    qkv,
-                    probs,
-                    x1,
-                    mlp,
-                });
-            }
-            x = y;
-        }
-        let hidden = self.norm.forward(&x)?.reshape(shape)?;
-        Ok((
-            hidden,
-            keep.then_some(LlamaActivations {
-                shape,
-                position_ids,
-                layers,
-                last: x,
-            }),
-        ))
+        let mut pass = Pass {
+            shape: self.attention_shape(b, s),
+            positions: Positions::from_ids(position_ids.as_ref()),
+            attend: Attend::Rows { bias: &bias },
+        };
+        let x = input.embeds.reshape((b * s, d))?;
+        let (x, layers) = stack::forward(&self.layers, x, &mut pass, keep)?;
+        let (hidden, norm) = self.norm.forward(&x)?;
+        let activations = keep.then_some(LlamaActivations {
+            shape,
+            position_ids: position_ids.clone(),
+            layers,
+            norm,
+        });
+        Ok((hidden.reshape(shape)?, activations))
     }
 
     fn hidden_size(&self) -> usize {
@@ -395,27 +439,12 @@ impl Backbone for Llama {
 
     fn backward(&self, d_hidden: &Tensor, activations: LlamaActivations) -> Result<Tensor> {
         let (b, s, d) = activations.shape;
-        let attention = self.attention_shape(b, s);
-        let positions = Positions::from_ids(activations.position_ids.as_ref());
-        let mut dx = self
+        let dx = self
             .norm
-            .backward(&d_hidden.reshape((b * s, d))?, &activations.last)?;
-        for (layer, saved) in self.layers.iter().zip(&activations.layers).rev() {
-            let d_norm2 = layer.mlp.backward(&dx, &saved.mlp)?;
-            let dx1 = (&dx
-                + layer
-                    .post_attention_layernorm
-                    .backward(&d_norm2, &saved.x1)?)?;
-            let d_qkv = attention_backward(
-                &layer.o_proj.backward(&dx1)?,
-                &saved.qkv,
-                &saved.probs,
-                attention,
-            )?;
-            let d_qkv = self.rope_packed(&d_qkv, b, s, positions, true)?;
-            let d_norm1 = layer.qkv.backward(&d_qkv)?;
-            dx = (&dx1 + layer.input_layernorm.backward(&d_norm1, &saved.x)?)?;
-        }
+            .backward(&d_hidden.reshape((b * s, d))?, &activations.norm)?;
+        let shape = self.attention_shape(b, s);
+        let positions = Positions::from_ids(activations.position_ids.as_ref());
+        let dx = stack::backward(&self.layers, dx, &activations.layers, shape, positions)?;
         dx.reshape(activations.shape)
     }
 }
@@ -423,32 +452,13 @@ impl Backbone for Llama {
 impl Decoder for Llama {
     fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let n = embeds.dim(0)?;
-        let start = cache.len();
-        let (k, hq, hk) = (
-            self.config.head_dim(),
-            self.config.num_attention_heads,
-            self.config.kv_heads(),
-        );
-        let rotate = |x: Tensor| {
-            self.rope
-                .forward(&x.unsqueeze(0)?, Positions::From(start))?
-                .squeeze(0)
+        let mut pass = Pass {
+            shape: self.attention_shape(1, n),
+            positions: Positions::From(cache.len()),
+            attend: Attend::Cached { cache },
         };
-        let mut x = embeds.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let qkv = layer.qkv.forward(&layer.input_layernorm.forward(&x)?)?;
-            let q = rotate(heads_of(&qkv, 0, hq, k)?)?;
-            let new_keys = rotate(heads_of(&qkv, hq, hk, k)?)?;
-            let (keys, values) = cache.append(i, new_keys, heads_of(&qkv, hq + hk, hk, k)?)?;
-            let context = cached_attention(&q, &keys, &values, start)?;
-            let x1 = (&x + layer.o_proj.forward(&context)?)?;
-            let (m, _) = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x1)?)?;
-            x = (&x1 + m)?;
-        }
-        cache.len += n;
-        self.norm.forward(&x)
+        let (x, _) = stack::forward(&self.layers, embeds.clone(), &mut pass, false)?;
+        Ok(self.norm.forward(&x)?.0)
     }
 
     /// The checkpoint's own LM head, or the embeddings it is tied to.

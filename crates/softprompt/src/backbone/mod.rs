@@ -6,6 +6,7 @@ pub mod bert;
 pub mod gguf;
 pub mod gpt2;
 pub mod llama;
+mod stack;
 
 use crate::kernels::Weight;
 use crate::{bail, Context};

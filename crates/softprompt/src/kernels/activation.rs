@@ -11,13 +11,20 @@ fn fused_backward(dy: &Tensor, x: &Tensor, kind: GeluKind) -> Option<Result<Tens
     scaled(dy, x, Pointwise::GeluSlope(kind))
 }
 
-/// GELU with the exact erf: y = x·Φ(x). The backward needs x itself, which the caller keeps.
-pub fn gelu_erf_forward(x: &Tensor) -> Result<Tensor> {
-    fused_forward(x, GeluKind::Erf).unwrap_or_else(|| x.gelu_erf())
+/// What a GELU's backward reads: its input.
+pub struct GeluSaved {
+    x: Tensor,
 }
 
-/// dx = dy · (Φ(x) + x·φ(x)), Φ(x) = ½(1 + erf(x/√2)), φ(x) = exp(−x²/2)/√(2π).
-pub fn gelu_erf_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+/// GELU with the exact erf: x [..] → y [..] = x·Φ(x).
+pub fn gelu_erf_forward(x: &Tensor) -> Result<(Tensor, GeluSaved)> {
+    let y = fused_forward(x, GeluKind::Erf).unwrap_or_else(|| x.gelu_erf())?;
+    Ok((y, GeluSaved { x: x.clone() }))
+}
+
+/// dy [..] → dx [..] = dy · (Φ(x) + x·φ(x)), Φ(x) = ½(1 + erf(x/√2)), φ(x) = exp(−x²/2)/√(2π).
+pub fn gelu_erf_backward(dy: &Tensor, saved: &GeluSaved) -> Result<Tensor> {
+    let x = &saved.x;
     fused_backward(dy, x, GeluKind::Erf).unwrap_or_else(|| {
         let cdf = (((x / SQRT_2)?.erf()? + 1.0)? * 0.5)?;
         let pdf = ((x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * PI).sqrt()))?;
@@ -25,16 +32,19 @@ pub fn gelu_erf_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// GELU with the tanh approximation (GPT-2's "gelu_new"): y = ½x(1 + tanh(u)), u = √(2/π)(x + 0.044715x³).
-pub fn gelu_tanh_forward(x: &Tensor) -> Result<Tensor> {
-    fused_forward(x, GeluKind::Tanh).unwrap_or_else(|| {
+/// GELU with the tanh approximation (GPT-2's "gelu_new"): x [..] → y [..] = ½x(1 + tanh(u)),
+/// u = √(2/π)(x + 0.044715x³).
+pub fn gelu_tanh_forward(x: &Tensor) -> Result<(Tensor, GeluSaved)> {
+    let y = fused_forward(x, GeluKind::Tanh).unwrap_or_else(|| {
         let t = tanh_arg(x)?.tanh()?;
         (x * 0.5)? * (t + 1.0)?
-    })
+    })?;
+    Ok((y, GeluSaved { x: x.clone() }))
 }
 
-/// dx = dy · (½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)).
-pub fn gelu_tanh_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+/// dy [..] → dx [..] = dy · (½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)).
+pub fn gelu_tanh_backward(dy: &Tensor, saved: &GeluSaved) -> Result<Tensor> {
+    let x = &saved.x;
     fused_backward(dy, x, GeluKind::Tanh).unwrap_or_else(|| {
         let t = tanh_arg(x)?.tanh()?;
         let du = ((x.sqr()? * (3.0 * TANH_CUBIC))? + 1.0)? * TANH_SCALE;

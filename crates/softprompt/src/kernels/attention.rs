@@ -50,20 +50,29 @@ impl AttentionShape {
     }
 }
 
+/// What attention's backward reads: the packed projection and the probabilities.
+pub struct AttentionSaved {
+    /// [T, (H + 2·Hkv)·K]
+    qkv: Tensor,
+    /// [B, H, S, S]
+    probs: Tensor,
+}
+
 /// Softmax attention with a padding mask (and a causal one for decoders), scaled by 1/√K.
-/// qkv [T, (H + 2·Hkv)·K] (packed: queries, keys, values), bias [B, 1, 1, S]
-/// → (context [T, H·K], probabilities [B, H, S, S]); the probabilities are kept for the backward.
+/// qkv [T, (H + 2·Hkv)·K] (packed: queries, keys, values), bias [B, 1, 1, S] → context [T, H·K].
 pub fn attention_forward(
     qkv: &Tensor,
     bias: &Tensor,
     shape: AttentionShape,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, AttentionSaved)> {
     let h = shape.resolve(qkv.dim(1)?)?;
-    match qkv.dtype() {
+    let (context, probs) = match qkv.dtype() {
         DType::F32 if fused_for(qkv) => fused_attention::forward::<f32>(qkv, bias, h),
         DType::F64 if fused_for(qkv) => fused_attention::forward::<f64>(qkv, bias, h),
         _ => composed_forward(qkv, bias, h),
-    }
+    }?;
+    let qkv = qkv.clone();
+    Ok((context, AttentionSaved { qkv, probs }))
 }
 
 /// d_context [T, H·K] → d_qkv [T, (H + 2·Hkv)·K].
@@ -71,10 +80,10 @@ pub fn attention_forward(
 /// gradients of a shared key/value head are summed over its query heads.
 pub fn attention_backward(
     dcontext: &Tensor,
-    qkv: &Tensor,
-    probs: &Tensor,
+    saved: &AttentionSaved,
     shape: AttentionShape,
 ) -> Result<Tensor> {
+    let (qkv, probs) = (&saved.qkv, &saved.probs);
     let h = shape.resolve(qkv.dim(1)?)?;
     match qkv.dtype() {
         DType::F32 if fused_for(qkv) => fused_attention::backward::<f32>(dcontext, qkv, probs, h),

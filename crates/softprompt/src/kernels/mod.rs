@@ -1,6 +1,7 @@
 //! Forward / input-gradient-backward pairs: the primitives every frozen backbone is built from.
 //!
-//! Each forward returns its output and keeps what its backward needs; each backward returns only the
+//! Each forward returns its output and what its backward needs (`*Saved`; a linear layer and RoPE
+//! need nothing); each backward returns only the
 //! gradient with respect to the input (the weights are frozen, so their gradients are never formed).
 //! The pairs are written with candle tensor ops, so they run in f32 for training and in f64 for the
 //! finite-difference tests, on CPU or CUDA alike; layer norm, GELU and attention also have fused,
@@ -23,13 +24,16 @@ mod quantized_matvec;
 mod rms_norm;
 mod rope;
 
-pub use activation::{gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward};
+pub use activation::{
+    gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, GeluSaved,
+};
 pub use attention::{
-    attention_backward, attention_forward, cached_attention, heads_of, mask_bias, AttentionShape,
+    attention_backward, attention_forward, cached_attention, heads_of, mask_bias, AttentionSaved,
+    AttentionShape,
 };
 pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use linear::{Linear, Weight};
 pub use mlp::{GatedMlp, GatedMlpSaved};
-pub use rms_norm::RmsNorm;
+pub use rms_norm::{RmsNorm, RmsNormSaved};
 pub use rope::{Positions, Rope};

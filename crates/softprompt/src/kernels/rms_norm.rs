@@ -7,14 +7,23 @@ pub struct RmsNorm {
     pub eps: f64,
 }
 
+/// What the backward reads: the input (the statistics are cheaper to recompute than to keep).
+pub struct RmsNormSaved {
+    x: Tensor,
+}
+
 impl RmsNorm {
-    /// x [.., D] → y [.., D]; the backward needs x, which the caller keeps.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&self.rrms(x)?)?.broadcast_mul(&self.weight)
+    /// x [.., D] → y [.., D]
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+        let y = x
+            .broadcast_mul(&self.rrms(x)?)?
+            .broadcast_mul(&self.weight)?;
+        Ok((y, RmsNormSaved { x: x.clone() }))
     }
 
     /// dy [.., D] → dx [.., D] = rrms · (g − x̂ · mean(g · x̂)), with g = dy·γ and x̂ = x·rrms.
-    pub fn backward(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    pub fn backward(&self, dy: &Tensor, saved: &RmsNormSaved) -> Result<Tensor> {
+        let x = &saved.x;
         let rrms = self.rrms(x)?;
         let xhat = x.broadcast_mul(&rrms)?;
         let g = dy.broadcast_mul(&self.weight)?;

@@ -10,8 +10,8 @@ use softprompt::backbone::{Backbone, BackboneInput};
 use softprompt::batch::{Batch, Padding};
 use softprompt::kernels::{
     attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward,
-    gelu_tanh_forward, mask_bias, with_composed, AttentionShape, GatedMlp, LayerNorm, Linear,
-    Positions, RmsNorm, Rope,
+    gelu_tanh_forward, mask_bias, with_composed, AttentionShape, GatedMlp, GeluSaved, LayerNorm,
+    Linear, Positions, RmsNorm, Rope,
 };
 use softprompt::prompt::SoftPrompt;
 use softprompt::prompted::{prompted_forward, CausalLm, Classifier, PromptedModel};
@@ -114,8 +114,8 @@ fn layer_norm_backward_matches_finite_differences() {
     });
 }
 
-type Forward = fn(&Tensor) -> candle_core::Result<Tensor>;
-type Backward = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+type Forward = fn(&Tensor) -> candle_core::Result<(Tensor, GeluSaved)>;
+type Backward = fn(&Tensor, &GeluSaved) -> candle_core::Result<Tensor>;
 
 /// Both GELUs (BERT's erf, GPT-2's tanh), fused and composed: the backward matches finite
 /// differences, and the fused forward equals the composed one.
@@ -131,14 +131,14 @@ fn gelu_backward_matches_finite_differences() {
             let r = randn(&[4, 5], 2);
             check(
                 &x,
-                &backward(&r, &x).unwrap(),
-                |x| weighted_sum(&forward(x).unwrap(), &r),
+                &backward(&r, &forward(&x).unwrap().1).unwrap(),
+                |x| weighted_sum(&forward(x).unwrap().0, &r),
                 &format!("gelu {name} ({path})"),
             );
         });
         let x = (randn(&[4, 5], 3) * 3.0).unwrap();
-        let composed = with_composed(|| forward(&x).unwrap());
-        let diff = crate::max_abs_diff(&forward(&x).unwrap(), &composed);
+        let composed = with_composed(|| forward(&x).unwrap().0);
+        let diff = crate::max_abs_diff(&forward(&x).unwrap().0, &composed);
         assert!(diff < 1e-12, "gelu {name}: fused vs composed {diff}");
     }
 }
@@ -161,8 +161,8 @@ fn attention_backward_matches_finite_differences() {
             let mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 1, 1]], &DEV).unwrap();
             let bias = mask_bias(&mask, DType::F64).unwrap();
             let r = randn(&[2 * 4, heads * k], 4);
-            let (_, probs) = attention_forward(&qkv, &bias, shape).unwrap();
-            let d_qkv = attention_backward(&r, &qkv, &probs, shape).unwrap();
+            let (_, saved) = attention_forward(&qkv, &bias, shape).unwrap();
+            let d_qkv = attention_backward(&r, &saved, shape).unwrap();
             let out = |x: &Tensor| weighted_sum(&attention_forward(x, &bias, shape).unwrap().0, &r);
             check(
                 &qkv,
@@ -209,8 +209,8 @@ fn rms_norm_backward_matches_finite_differences() {
     let r = randn(&[2, 3, 6], 4);
     check(
         &x,
-        &norm.backward(&r, &x).unwrap(),
-        |x| weighted_sum(&norm.forward(x).unwrap(), &r),
+        &norm.backward(&r, &norm.forward(&x).unwrap().1).unwrap(),
+        |x| weighted_sum(&norm.forward(x).unwrap().0, &r),
         "rms norm",
     );
 }

@@ -1,0 +1,119 @@
+//! The layer stack every backbone is: blocks run in order, each returning what its backward
+//! needs, and the backward runs them in reverse. One driver serves the training pass (keep every
+//! block's saved tensors), inference (drop them as soon as the next block has run) and a
+//! decoder's cached generation pass (new positions on top of a KV cache), so each block is
+//! written once.
+
+use super::KvCache;
+use crate::kernels::{
+    attention_forward, cached_attention, heads_of, AttentionSaved, AttentionShape, Positions,
+};
+use candle_core::{Result, Tensor};
+
+/// How a block's self-attention reads the positions.
+pub(crate) enum Attend<'a> {
+    /// B whole rows of S positions under the padding (and causal) mask [B, 1, 1, S]: training
+    /// and inference.
+    Rows { bias: &'a Tensor },
+    /// N new positions on top of every position a KV cache holds: generation.
+    Cached { cache: &'a mut KvCache },
+}
+
+/// One pass through the stack: its geometry, the position of every column (RoPE reads them) and
+/// how attention reads the positions.
+pub(crate) struct Pass<'a> {
+    /// B rows of S positions (a cached pass: 1 row of the N new positions)
+    pub shape: AttentionShape,
+    pub positions: Positions<'a>,
+    pub attend: Attend<'a>,
+}
+
+impl Pass<'_> {
+    /// Self-attention of block `layer` on its packed projection qkv [T, (H + 2·Hkv)·K] → context
+    /// [T, H·K], and what the backward needs (a rows pass only: generation has no backward).
+    pub fn attend(
+        &mut self,
+        layer: usize,
+        qkv: &Tensor,
+    ) -> Result<(Tensor, Option<AttentionSaved>)> {
+        let shape = self.shape;
+        match &mut self.attend {
+            Attend::Rows { bias } => {
+                let (context, saved) = attention_forward(qkv, bias, shape)?;
+                Ok((context, Some(saved)))
+            }
+            Attend::Cached { cache } => {
+                let (h, hk) = (shape.heads, shape.kv_heads);
+                let k = qkv.dim(1)? / (h + 2 * hk);
+                let start = cache.len();
+                let keys = heads_of(qkv, h, hk, k)?;
+                let values = heads_of(qkv, h + hk, hk, k)?;
+                let (keys, values) = cache.append(layer, keys, values)?;
+                let context = cached_attention(&heads_of(qkv, 0, h, k)?, &keys, &values, start)?;
+                Ok((context, None))
+            }
+        }
+    }
+}
+
+/// What a rows pass kept of a block's attention, for its backward.
+pub(crate) fn kept(saved: &Option<AttentionSaved>) -> Result<&AttentionSaved> {
+    match saved {
+        Some(saved) => Ok(saved),
+        None => candle_core::bail!("a cached pass keeps nothing for a backward"),
+    }
+}
+
+/// One layer of a stack: x [T, D] → y [T, D], and back.
+pub(crate) trait Block {
+    /// What the block's backward reads.
+    type Saved;
+    /// x [T, D] → y [T, D] in block `layer` of `pass`.
+    fn forward(&self, layer: usize, x: &Tensor, pass: &mut Pass) -> Result<(Tensor, Self::Saved)>;
+    /// dy [T, D] → dx [T, D] under the rows pass's `shape` and `positions`.
+    fn backward(
+        &self,
+        dy: &Tensor,
+        saved: &Self::Saved,
+        shape: AttentionShape,
+        positions: Positions,
+    ) -> Result<Tensor>;
+}
+
+/// x [T, D] through every block → y [T, D], and with `keep` each block's saved tensors for
+/// `backward` (without, each block's are dropped once the next has run).
+pub(crate) fn forward<B: Block>(
+    blocks: &[B],
+    mut x: Tensor,
+    pass: &mut Pass,
+    keep: bool,
+) -> Result<(Tensor, Vec<B::Saved>)> {
+    let mut kept = Vec::with_capacity(if keep { blocks.len() } else { 0 });
+    for (layer, block) in blocks.iter().enumerate() {
+        let _span = tracing::trace_span!("forward", layer).entered();
+        let (y, saved) = block.forward(layer, &x, pass)?;
+        if keep {
+            kept.push(saved);
+        }
+        x = y;
+    }
+    if let Attend::Cached { cache } = &mut pass.attend {
+        cache.len += x.dim(0)?;
+    }
+    Ok((x, kept))
+}
+
+/// dy [T, D] at the top of the stack → dx [T, D] at its bottom.
+pub(crate) fn backward<B: Block>(
+    blocks: &[B],
+    mut dy: Tensor,
+    saved: &[B::Saved],
+    shape: AttentionShape,
+    positions: Positions,
+) -> Result<Tensor> {
+    for (layer, (block, saved)) in blocks.iter().zip(saved).enumerate().rev() {
+        let _span = tracing::trace_span!("backward", layer).entered();
+        dy = block.backward(&dy, saved, shape, positions)?;
+    }
+    Ok(dy)
+}
