@@ -660,3 +660,181 @@ fn generation_over_http_plain_and_streamed() {
         "{body}"
     );
 }
+
+/// Loading one adapter from many clients at once: one load wins (201), every other answer is
+/// 409 "already loaded" (the name was taken while the others read the files), never 422.
+#[test]
+fn a_concurrent_double_load_is_a_conflict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (served, outside) = (tmp.path().join("served"), tmp.path().join("outside"));
+    adapters_dir(&outside);
+    std::fs::create_dir(&served).unwrap();
+    copy_dir(&outside.join("peft"), &served.join("peft"));
+    copy_dir(&outside.join("three"), &served.join("three"));
+    let address = start(config(&served, Duration::from_millis(1)));
+    assert_eq!(http(&address, "DELETE", "/v1/adapters/three", None).0, 200);
+    for round in 0..10 {
+        let statuses: Vec<(u16, Value)> = std::thread::scope(|scope| {
+            let loads: Vec<_> = (0..6)
+                .map(|_| {
+                    scope.spawn(|| {
+                        http(
+                            &address,
+                            "POST",
+                            "/v1/adapters",
+                            Some(r#"{"name": "three"}"#),
+                        )
+                    })
+                })
+                .collect();
+            loads.into_iter().map(|l| l.join().unwrap()).collect()
+        });
+        let created = statuses.iter().filter(|(s, _)| *s == 201).count();
+        assert_eq!(created, 1, "round {round}: {statuses:?}");
+        for (status, body) in statuses.iter().filter(|(s, _)| *s != 201) {
+            assert_eq!(*status, 409, "round {round}: {body}");
+        }
+        assert_eq!(http(&address, "DELETE", "/v1/adapters/three", None).0, 200);
+    }
+}
+
+/// Every body type the API takes or gives has exactly the fields its schema in openapi.json
+/// lists, and always carries the ones the schema requires.
+#[test]
+fn openapi_schemas_match_the_api_types() {
+    use softprompt::generate::{FinishReason, Generation};
+    use softprompt_server::api::*;
+    let document: Value = serde_json::from_str(softprompt_server::routes::OPENAPI).unwrap();
+    let schemas = &document["components"]["schemas"];
+    let load_schema = &document["paths"]["/v1/adapters"]["post"]["requestBody"]["content"]
+        ["application/json"]["schema"];
+    let keys = |v: Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let check = |name: &str, schema: &Value, full: Value, minimal: Value| {
+        assert_eq!(
+            keys(full),
+            keys(schema["properties"].clone()),
+            "{name}: the type's fields against openapi.json"
+        );
+        let present = keys(minimal);
+        for required in schema["required"].as_array().into_iter().flatten() {
+            let required = required.as_str().unwrap();
+            assert!(
+                present.iter().any(|p| p == required),
+                "{name}: {required} is required by openapi.json but can be left out"
+            );
+        }
+    };
+    let to = |v: &dyn erased::Json| v.json();
+    let error = ErrorBody { error: "x".into() };
+    check("Error", &schemas["Error"], to(&error), to(&error));
+    let full = AdapterInfo {
+        name: "a".into(),
+        labels: Some(vec!["x".into()]),
+        num_virtual_tokens: 3,
+        pool: Some("mean".into()),
+        template: Some("{text}".into()),
+        can: vec!["classify".into()],
+    };
+    let minimal = AdapterInfo {
+        labels: None,
+        pool: None,
+        template: None,
+        ..full.clone()
+    };
+    check("Adapter", &schemas["Adapter"], to(&full), to(&minimal));
+    let full = ClassifyRequest {
+        adapter: Some("a".into()),
+        adapters: Some(vec!["a".into()]),
+        inputs: vec!["t".into()],
+    };
+    let minimal = ClassifyRequest {
+        adapter: None,
+        adapters: None,
+        ..full.clone()
+    };
+    check(
+        "ClassifyRequest",
+        &schemas["ClassifyRequest"],
+        to(&full),
+        to(&minimal),
+    );
+    let full = ClassifyResult {
+        label: "x".into(),
+        scores: [("x".to_string(), 1.0)].into(),
+        members: Some(vec![MemberLabel {
+            adapter: "a".into(),
+            label: "x".into(),
+        }]),
+    };
+    let minimal = ClassifyResult {
+        members: None,
+        ..full.clone()
+    };
+    check(
+        "ClassifyResult",
+        &schemas["ClassifyResult"],
+        to(&full),
+        to(&minimal),
+    );
+    let member = &schemas["ClassifyResult"]["properties"]["members"]["items"];
+    let label = MemberLabel {
+        adapter: "a".into(),
+        label: "x".into(),
+    };
+    check("ClassifyResult.members", member, to(&label), to(&label));
+    let full = GenerateRequest {
+        adapter: "a".into(),
+        input: "t".into(),
+        max_new_tokens: Some(4),
+        temperature: 0.0,
+        top_k: Some(1),
+        top_p: Some(0.5),
+        stop: vec![],
+        seed: 0,
+        stream: false,
+    };
+    let minimal = GenerateRequest {
+        max_new_tokens: None,
+        top_k: None,
+        top_p: None,
+        ..full.clone()
+    };
+    check(
+        "GenerateRequest",
+        &schemas["GenerateRequest"],
+        to(&full),
+        to(&minimal),
+    );
+    let generation = Generation {
+        text: "t".into(),
+        tokens: vec![1],
+        finish: FinishReason::Length,
+    };
+    check(
+        "Generation",
+        &schemas["Generation"],
+        to(&generation),
+        to(&generation),
+    );
+    let load = LoadRequest { name: "a".into() };
+    check("LoadRequest", load_schema, to(&load), to(&load));
+    // the requests refuse what the schema does not list
+    let extra = json!({"inputs": ["t"], "adapter": "a", "unknown": 1});
+    assert!(serde_json::from_value::<ClassifyRequest>(extra).is_err());
+}
+
+/// `serde_json::to_value` behind a trait object, so that one closure takes every body type.
+mod erased {
+    pub trait Json {
+        fn json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap()
+        }
+    }
+}

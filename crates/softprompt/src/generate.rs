@@ -113,6 +113,8 @@ pub fn generate(
     config: &SamplingConfig,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> crate::Result<Generation> {
+    // an empty stop string would make `hold` underflow (and would stop at once)
+    config.validate()?;
     let mut text = String::new();
     let mut emitted = 0;
     let mut cancelled = false;

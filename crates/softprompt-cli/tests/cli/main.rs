@@ -282,7 +282,15 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
         .spawn()
         .unwrap();
     let checkpoint = Path::new(&cut).join("checkpoint.safetensors");
+    let waiting = std::time::Instant::now();
     while !checkpoint.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("training ended ({status}) before its first checkpoint");
+        }
+        assert!(
+            waiting.elapsed() < std::time::Duration::from_secs(120),
+            "no checkpoint after 120 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     child.kill().unwrap();
@@ -824,4 +832,40 @@ fn verbalizer_trains_only_the_prompt_of_a_decoder() {
     );
     bad_words("bad, ", &["tokenizes to nothing"]);
     bad_words("bad", &["1 label words for 2 labels"]);
+}
+
+/// Every free-text flag reads `\n` and `\t` as the characters, as --template always did.
+#[test]
+fn free_text_flags_unescape_the_same_way() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_decoder(dir);
+    let out = dir.join("escaped").display().to_string();
+    let flags = [
+        "--task",
+        "verbalizer",
+        "--template",
+        "{text}\\nit was",
+        "--label-words",
+        "bad\\t,good",
+        "--init",
+        "text",
+        "--init-text",
+        "a good\\nfilm",
+        "--num-virtual-tokens",
+        "2",
+        "--max-steps",
+        "1",
+    ];
+    ok(&train_args(&model, &train, &dev, &out, &flags));
+    let (_, metadata) = softprompt::files::load_tensors(
+        &dir.join("escaped/checkpoint.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let config: serde_json::Value = serde_json::from_str(&metadata["config"]).unwrap();
+    assert_eq!(config["template"], "{text}\nit was");
+    assert_eq!(config["label_words"], serde_json::json!(["bad\t", "good"]));
+    assert_eq!(config["init_text"], "a good\nfilm");
 }

@@ -117,7 +117,7 @@ fn softmax_rows<T: Real>(p: &mut [T], bias: &[T], h: &Heads) {
     }
 }
 
-/// qkv [B·S, W], bias [B, S] (0 or a large negative) → (context [B·S, H·K], probabilities [B, H, S, S])
+/// qkv [B·S, W], bias [B, 1, 1, S] read as [B, S] (0 or a large negative) → (context [B·S, H·K], probabilities [B, H, S, S])
 pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<(Tensor, Tensor)> {
     let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
     let ((qkv_s, qkv_l), (bias_s, bias_l)) = (qkv.storage_and_layout(), bias.storage_and_layout());

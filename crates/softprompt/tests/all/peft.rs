@@ -61,3 +61,30 @@ fn adapter_for_another_model_is_refused_with_the_mismatch_named() {
         "{msg}"
     );
 }
+
+/// A `softprompt.json` whose template has no `{text}` would encode every input the same: it is
+/// refused when the adapter is read, naming the template.
+#[test]
+fn an_adapter_whose_template_lacks_the_text_slot_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut adapter = Adapter::load(
+        &crate::fixtures().join("peft-tiny-adapter"),
+        16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    adapter.template = Some(softprompt::template::Template::parse("{text} it was").unwrap());
+    adapter.save(tmp.path()).unwrap();
+    Adapter::load(tmp.path(), 16, &Device::Cpu).unwrap();
+    let extra = tmp.path().join("softprompt.json");
+    let text = std::fs::read_to_string(&extra).unwrap();
+    std::fs::write(&extra, text.replace("{text} it was", "it was")).unwrap();
+    let err = Adapter::load(tmp.path(), 16, &Device::Cpu)
+        .err()
+        .expect("a template without {text} must not load");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("softprompt.json") && message.contains("has no {text}"),
+        "{message}"
+    );
+}

@@ -15,6 +15,16 @@ fn table() -> Tensor {
 }
 
 fn init(kind: PromptInit, length: usize, text: &[u32], labels: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    init_seeded(kind, length, text, labels, 0)
+}
+
+fn init_seeded(
+    kind: PromptInit,
+    length: usize,
+    text: &[u32],
+    labels: &[Vec<u32>],
+    seed: u64,
+) -> Vec<Vec<f32>> {
     let t = Weight::Dense(table());
     let source = InitSource {
         word_embeddings: &t,
@@ -23,7 +33,7 @@ fn init(kind: PromptInit, length: usize, text: &[u32], labels: &[Vec<u32>]) -> V
         label_ids: labels,
     };
     let prompt =
-        SoftPrompt::init(kind, length, &source, &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
+        SoftPrompt::init(kind, length, &source, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
     prompt.embeddings.as_tensor().to_vec2::<f32>().unwrap()
 }
 
@@ -58,10 +68,19 @@ fn random_inits_have_their_documented_spread() {
 
 #[test]
 fn same_seed_same_prompt() {
-    assert_eq!(
-        init(PromptInit::Normal, 3, &[], &[]),
-        init(PromptInit::Normal, 3, &[], &[])
-    );
+    for kind in [PromptInit::Uniform, PromptInit::Normal, PromptInit::Vocab] {
+        assert_eq!(
+            init_seeded(kind, 6, &[], &[], 1),
+            init_seeded(kind, 6, &[], &[], 1),
+            "{kind}"
+        );
+        // and the seed is what decides it
+        assert_ne!(
+            init_seeded(kind, 6, &[], &[], 1),
+            init_seeded(kind, 6, &[], &[], 2),
+            "{kind}"
+        );
+    }
 }
 
 #[test]
