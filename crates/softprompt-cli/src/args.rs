@@ -1,7 +1,7 @@
 //! Argument groups that several subcommands share, and the parsing of free-text flags.
 
 use clap::Args;
-use softprompt::batch::Padding;
+use softprompt::batch::{Batching, Padding};
 use softprompt::data::Columns;
 use softprompt::model::Model;
 use softprompt::template::Template;
@@ -76,6 +76,16 @@ pub struct BatchArgs {
     /// Which end of a row its padding goes on: right or left (the results are the same).
     #[arg(long, default_value_t = Padding::Right)]
     pub padding_side: Padding,
+}
+
+impl BatchArgs {
+    pub fn batching(&self) -> Batching {
+        Batching {
+            size: self.batch_size,
+            padding: self.padding_side,
+            device: candle_core::Device::Cpu,
+        }
+    }
 }
 
 /// What inference reads: the model and the adapters (or none, for a zero-shot baseline).

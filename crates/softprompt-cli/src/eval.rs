@@ -73,8 +73,7 @@ fn eval_generation(
         lm_head: model.lm_head("a generation adapter")?.dense()?,
     };
     let prompt = SoftPrompt::from_tensor(&adapter.prompt)?;
-    let batch = &args.inference.batch;
-    let (size, padding) = (batch.batch_size, batch.padding_side);
-    let score = head.target_score(&model.backbone, &prompt, &data, size, padding, &Device::Cpu)?;
+    let batching = args.inference.batch.batching();
+    let score = head.target_score(&model.backbone, &prompt, &data, &batching)?;
     emit(args.json, &score, score)
 }

@@ -37,6 +37,15 @@ impl Padding {
     }
 }
 
+/// How examples go through the model in evaluation: rows per batch, which end of a row is
+/// padded, and on which device.
+#[derive(Debug, Clone)]
+pub struct Batching {
+    pub size: usize,
+    pub padding: Padding,
+    pub device: Device,
+}
+
 /// A tokenized data set: a label per example for classification (a causal LM's targets are in
 /// the tokens).
 pub struct EncodedSet {

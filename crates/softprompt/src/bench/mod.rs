@@ -6,14 +6,13 @@ pub mod generation;
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::bert::{Bert, BertConfig};
 use crate::backbone::Decoder;
-use crate::batch::{Batch, EncodedSet, Padding};
+use crate::batch::{Batch, Batching, EncodedSet, Padding};
 use crate::named_choice;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::prompt::SoftPrompt;
-use crate::prompted::{CausalLm, Classifier, PromptedModel};
+use crate::prompted::{CausalLm, Classifier, PromptedModel, Trainee};
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::tokenize::Encoded;
-use crate::train::Trainee;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
@@ -265,7 +264,12 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
                 optimizer.step(&trainee.params(), &grads, 1e-3)?;
             }
             Mode::Forward => {
-                trainee.score(&set, config.batch, Padding::Right, &device)?;
+                let batching = Batching {
+                    size: config.batch,
+                    padding: Padding::Right,
+                    device: device.clone(),
+                };
+                trainee.score(&set, &batching)?;
             }
         }
         Ok(started.elapsed().as_secs_f64())

@@ -5,14 +5,14 @@
 use super::{prompted_forward, DevScore, Head};
 use crate::adapter::AdapterHead;
 use crate::backbone::Backbone;
-use crate::batch::{eval_batches, Batch, EncodedSet, Padding};
+use crate::batch::{eval_batches, Batch, Batching, EncodedSet};
 use crate::prompt::SoftPrompt;
 use crate::task::causal_lm::{logit_chunks, target_cross_entropy, TargetScore};
 use crate::task::classify::log_softmax;
 use crate::task::HeadBackward;
 use crate::tokenize::Encoded;
 use crate::{bail, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 
 /// The decoder's own LM head [V, D], frozen: nothing of it trains or is stored.
 pub struct CausalLm {
@@ -26,14 +26,12 @@ impl CausalLm {
         backbone: &B,
         prompt: &SoftPrompt,
         data: &[Encoded],
-        batch_size: usize,
-        padding: Padding,
-        device: &Device,
+        batching: &Batching,
     ) -> Result<TargetScore> {
         let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
         let (mut exact, mut correct, mut tokens, mut loss) = (0usize, 0usize, 0usize, 0f64);
-        for rows in eval_batches(&lengths, batch_size.max(1)) {
-            let batch = Batch::new(data, None, &rows, padding, device)?;
+        for rows in eval_batches(&lengths, batching.size.max(1)) {
+            let batch = Batch::new(data, None, &rows, batching.padding, &batching.device)?;
             let targets = batch.targets(prompt.len())?;
             let hidden = prompted_forward(backbone, prompt, &batch)?;
             let (b, s, d) = hidden.dims3()?;
@@ -89,11 +87,9 @@ impl Head for CausalLm {
         backbone: &B,
         prompt: &SoftPrompt,
         set: &EncodedSet,
-        batch_size: usize,
-        padding: Padding,
-        device: &Device,
+        batching: &Batching,
     ) -> Result<DevScore> {
-        let score = self.target_score(backbone, prompt, &set.data, batch_size, padding, device)?;
+        let score = self.target_score(backbone, prompt, &set.data, batching)?;
         Ok(DevScore {
             accuracy: score.exact_match,
             macro_f1: None,

@@ -6,12 +6,13 @@
 use super::{DevScore, Head, PromptedModel};
 use crate::adapter::AdapterHead;
 use crate::backbone::Backbone;
-use crate::batch::{Batch, EncodedSet, Padding};
+use crate::batch::{Batch, Batching, EncodedSet, Padding};
 use crate::inference::{ensemble_all, LoadedAdapter};
 use crate::metrics::Report;
 use crate::prompt::SoftPrompt;
 use crate::task::classify::{argmax, cross_entropy, softmax, ClassificationHead};
 use crate::task::{taped_head, HeadBackward};
+use crate::tokenize::Encoded;
 use crate::{Context, Result};
 use candle_core::{Device, Tensor, Var};
 
@@ -29,10 +30,8 @@ impl Classifier {
         &self,
         backbone: &B,
         prompt: &SoftPrompt,
-        data: &[crate::tokenize::Encoded],
-        batch_size: usize,
-        padding: Padding,
-        device: &Device,
+        data: &[Encoded],
+        batching: &Batching,
     ) -> Result<Vec<Vec<f32>>> {
         let adapter = LoadedAdapter {
             prompt: prompt.embeddings.as_tensor().detach(),
@@ -40,7 +39,12 @@ impl Classifier {
             labels: self.labels.clone(),
             template: None,
         };
-        let answers = ensemble_all(backbone, &[&adapter], data, batch_size, padding, device)?;
+        let Batching {
+            size,
+            padding,
+            device,
+        } = batching;
+        let answers = ensemble_all(backbone, &[&adapter], data, *size, *padding, device)?;
         Ok(answers
             .into_iter()
             .map(|mut a| a.logits.swap_remove(0))
@@ -78,15 +82,13 @@ impl Head for Classifier {
         backbone: &B,
         prompt: &SoftPrompt,
         set: &EncodedSet,
-        batch_size: usize,
-        padding: Padding,
-        device: &Device,
+        batching: &Batching,
     ) -> Result<DevScore> {
         let gold = set
             .labels
             .as_deref()
             .context("classification needs labels")?;
-        let logits = self.logits(backbone, prompt, &set.data, batch_size, padding, device)?;
+        let logits = self.logits(backbone, prompt, &set.data, batching)?;
         let predicted: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
         let loss = logits
             .iter()
@@ -121,18 +123,17 @@ impl<B: Backbone> PromptedModel<B, Classifier> {
     /// Logits [N, C] for every example, in the data set's order.
     pub fn predict_all(
         &self,
-        data: &[crate::tokenize::Encoded],
+        data: &[Encoded],
         batch_size: usize,
         padding: Padding,
         device: &Device,
     ) -> Result<Vec<Vec<f32>>> {
-        self.head.logits(
-            &self.backbone,
-            &self.prompt,
-            data,
-            batch_size,
+        let batching = Batching {
+            size: batch_size,
             padding,
-            device,
-        )
+            device: device.clone(),
+        };
+        self.head
+            .logits(&self.backbone, &self.prompt, data, &batching)
     }
 }

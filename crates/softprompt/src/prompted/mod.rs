@@ -10,7 +10,7 @@
 //!
 //! `PromptedModel` is that for any `Head`: the classifier (a linear layer, or the verbalizer's
 //! frozen LM-head rows; `classifier.rs`) and the causal LM that learns to write targets
-//! (`causal_lm.rs`). The training loop and the bench drive it through `train::Trainee`.
+//! (`causal_lm.rs`). The training loop and the bench drive it through `Trainee`, whatever the head.
 
 mod causal_lm;
 mod classifier;
@@ -20,12 +20,12 @@ pub use classifier::Classifier;
 
 use crate::adapter::{Adapter, AdapterHead, PeftConfig};
 use crate::backbone::{Backbone, BackboneInput};
-use crate::batch::{Batch, EncodedSet, Padding};
+use crate::batch::{Batch, Batching, EncodedSet};
 use crate::prompt::{extend_front, SoftPrompt};
 use crate::task::HeadBackward;
 use crate::template::Template;
 use crate::Result;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 /// A batch with the prompt in front: embeddings [B, M + N, D], mask and token types [B, M + N].
 pub struct Prompted {
@@ -96,9 +96,7 @@ pub trait Head {
         backbone: &B,
         prompt: &SoftPrompt,
         set: &EncodedSet,
-        batch_size: usize,
-        padding: Padding,
-        device: &Device,
+        batching: &Batching,
     ) -> Result<DevScore>;
 
     /// What an adapter stores of the head, and the label names.
@@ -114,17 +112,28 @@ pub struct PromptedModel<B: Backbone, H: Head> {
     pub template: Option<Template>,
 }
 
-impl<B: Backbone, H: Head> PromptedModel<B, H> {
-    /// The trainable tensors: the prompt, then the head's, in the order of `loss_and_grads`.
-    pub fn params(&self) -> Vec<&Var> {
+/// What the training loop (and `softprompt bench`) trains: one object-safe face for a
+/// `PromptedModel` of any head.
+pub trait Trainee {
+    /// The trainable tensors: the prompt, then the head's, in the order of their gradients and of
+    /// the checkpoint's names.
+    fn params(&self) -> Vec<&Var>;
+    /// [prompt; batch] through the frozen backbone, the head on its last hidden state, and back:
+    /// the loss, then the gradients of `params()`.
+    fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)>;
+    fn score(&self, set: &EncodedSet, batching: &Batching) -> Result<DevScore>;
+    /// The adapter as it stands.
+    fn adapter(&self, peft: &PeftConfig) -> Result<Adapter>;
+}
+
+impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
+    fn params(&self) -> Vec<&Var> {
         let mut params = vec![&self.prompt.embeddings];
         params.extend(self.head.params());
         params
     }
 
-    /// [prompt; batch] through the frozen backbone, the head on its last hidden state, and back:
-    /// the loss, then the gradients of `params()`.
-    pub fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)> {
+    fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)> {
         let p = Prompted::new(&self.backbone, &self.prompt, batch)?;
         let (hidden, activations) = self.backbone.forward_train(&p.input())?;
         let head = self
@@ -136,25 +145,11 @@ impl<B: Backbone, H: Head> PromptedModel<B, H> {
         Ok((head.loss, gradients))
     }
 
-    pub fn score(
-        &self,
-        set: &EncodedSet,
-        batch_size: usize,
-        padding: Padding,
-        device: &Device,
-    ) -> Result<DevScore> {
-        self.head.score(
-            &self.backbone,
-            &self.prompt,
-            set,
-            batch_size,
-            padding,
-            device,
-        )
+    fn score(&self, set: &EncodedSet, batching: &Batching) -> Result<DevScore> {
+        self.head.score(&self.backbone, &self.prompt, set, batching)
     }
 
-    /// The adapter as it stands.
-    pub fn adapter(&self, peft: &PeftConfig) -> Result<Adapter> {
+    fn adapter(&self, peft: &PeftConfig) -> Result<Adapter> {
         let (head, labels) = self.head.saved();
         Ok(Adapter {
             config: peft.clone(),

@@ -15,64 +15,24 @@ mod trainer;
 pub use config::{TrainConfig, TrainPaths};
 pub use trainer::{Event, Summary, Trainer};
 
-use crate::adapter::{PeftConfig, TaskType, CONFIG_FILE};
+use crate::adapter::{TaskType, CONFIG_FILE};
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
-use crate::batch::{Batch, EncodedSet, Padding};
+use crate::batch::EncodedSet;
 use crate::data::{label_ids, label_set, read_examples, Columns, Labels};
 use crate::model::Model;
 use crate::prompt::{InitSource, PromptInit, SoftPrompt};
-use crate::prompted::{CausalLm, Classifier, DevScore, Head, PromptedModel};
+use crate::prompted::{CausalLm, Classifier, Head, PromptedModel, Trainee};
 use crate::task::causal_lm::encode_pairs;
 use crate::task::classify::ClassificationHead;
 use crate::task::TaskKind;
 use crate::tokenize::{encode_all, TextEncoder};
 use crate::{bail, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device};
 use checkpoint::CHECKPOINT;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
-
-/// What the loop (and `softprompt bench`) trains, whatever the head: a `PromptedModel`.
-pub trait Trainee {
-    /// The trainable tensors, in the order of their gradients and of the checkpoint's names.
-    fn params(&self) -> Vec<&Var>;
-    fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)>;
-    fn score(
-        &self,
-        set: &EncodedSet,
-        batch_size: usize,
-        padding: Padding,
-        device: &Device,
-    ) -> Result<DevScore>;
-    /// The adapter as it stands.
-    fn adapter(&self, peft: &PeftConfig) -> Result<crate::adapter::Adapter>;
-}
-
-impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
-    fn params(&self) -> Vec<&Var> {
-        PromptedModel::params(self)
-    }
-
-    fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)> {
-        PromptedModel::loss_and_grads(self, batch)
-    }
-
-    fn score(
-        &self,
-        set: &EncodedSet,
-        batch_size: usize,
-        padding: Padding,
-        device: &Device,
-    ) -> Result<DevScore> {
-        PromptedModel::score(self, set, batch_size, padding, device)
-    }
-
-    fn adapter(&self, peft: &PeftConfig) -> Result<crate::adapter::Adapter> {
-        PromptedModel::adapter(self, peft)
-    }
-}
 
 /// Reads a data set and writes each input into the template. Classification tasks tokenize the
 /// inputs and map the labels to `label_names` (or to the set's own, sorted); a causal LM appends

@@ -5,11 +5,10 @@
 use super::checkpoint::{self, Progress, CHECKPOINT};
 use super::config::TrainConfig;
 use super::log::{EvalRecord, MetricsLog, Record, StepRecord};
-use super::Trainee;
 use crate::adapter::PeftConfig;
-use crate::batch::{epoch_batches, Batch, EncodedSet};
+use crate::batch::{epoch_batches, Batch, Batching, EncodedSet};
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
-use crate::prompted::DevScore;
+use crate::prompted::{DevScore, Trainee};
 use crate::{bail, Context, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
@@ -186,9 +185,12 @@ impl Trainer<'_> {
             return log.flush();
         };
         let config = self.config;
-        let score = self
-            .trainee
-            .score(dev, config.batch_size, config.padding, self.device)?;
+        let batching = Batching {
+            size: config.batch_size,
+            padding: config.padding,
+            device: self.device.clone(),
+        };
+        let score = self.trainee.score(dev, &batching)?;
         let improved = match (progress.best, progress.best_loss) {
             (Some(best), best_loss) => {
                 score.accuracy > best

@@ -14,7 +14,7 @@ use softprompt::kernels::{
     Linear, Positions, RmsNorm, Rope,
 };
 use softprompt::prompt::SoftPrompt;
-use softprompt::prompted::{prompted_forward, CausalLm, Classifier, PromptedModel};
+use softprompt::prompted::{prompted_forward, CausalLm, Classifier, PromptedModel, Trainee};
 use softprompt::task::classify::{log_softmax, ClassificationHead, Pool};
 use softprompt::task::verbalizer;
 use softprompt::tokenize::Encoded;
