@@ -3,7 +3,7 @@
 //! BertForSequenceClassification checkpoints) is accepted too.
 
 use super::stack::{self, kept, Attend, Block, Pass};
-use super::{Backbone, BackboneInput};
+use super::{Activation, Backbone, BackboneInput};
 use crate::kernels::{
     attention_backward, gelu_erf_backward, gelu_erf_forward, mask_bias, AttentionSaved,
     AttentionShape, GeluSaved, LayerNorm, LayerNormSaved, Linear, Positions, Weight,
@@ -23,7 +23,7 @@ pub struct BertConfig {
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
     #[serde(default = "default_hidden_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
     pub max_position_embeddings: usize,
     #[serde(default = "default_type_vocab_size")]
     pub type_vocab_size: usize,
@@ -35,8 +35,8 @@ pub struct BertConfig {
     pub model_type: Option<String>,
 }
 
-fn default_hidden_act() -> String {
-    "gelu".into()
+fn default_hidden_act() -> Activation {
+    Activation::Gelu
 }
 fn default_type_vocab_size() -> usize {
     2
@@ -62,10 +62,10 @@ impl BertConfig {
                 bail!("model_type is {t:?}; this backbone reads \"bert\"");
             }
         }
-        if self.hidden_act != "gelu" {
+        if self.hidden_act != Activation::Gelu {
             bail!(
                 "hidden_act {:?} is not supported (only \"gelu\", the exact erf form)",
-                self.hidden_act
+                self.hidden_act.name()
             );
         }
         if self.position_embedding_type != "absolute" {

@@ -68,7 +68,7 @@ pub fn load_llama(
         rope_scaling: None,
         rope_parameters: None,
         mlp_bias: false,
-        hidden_act: "silu".into(),
+        hidden_act: super::Activation::Silu,
         attention_bias: false,
         model_type: Some("llama".into()),
     };

@@ -3,7 +3,7 @@
 //! as Conv1D, weight [IN, OUT]: they are transposed once at load into Linear's [OUT, IN].
 
 use super::stack::{self, kept, Attend, Block, Pass};
-use super::{Backbone, BackboneInput, Decoder, KvCache};
+use super::{Activation, Backbone, BackboneInput, Decoder, KvCache};
 use crate::kernels::{
     attention_backward, gelu_tanh_backward, gelu_tanh_forward, mask_bias, AttentionSaved,
     AttentionShape, GeluSaved, LayerNorm, LayerNormSaved, Linear, Positions, Weight,
@@ -27,15 +27,15 @@ pub struct Gpt2Config {
     #[serde(default)]
     pub n_inner: Option<usize>,
     #[serde(default = "default_activation")]
-    pub activation_function: String,
+    pub activation_function: Activation,
     #[serde(default = "default_eps")]
     pub layer_norm_epsilon: f64,
     #[serde(default)]
     pub model_type: Option<String>,
 }
 
-fn default_activation() -> String {
-    "gelu_new".into()
+fn default_activation() -> Activation {
+    Activation::GeluNew
 }
 fn default_eps() -> f64 {
     1e-5
@@ -50,14 +50,11 @@ impl Gpt2Config {
                 path.display()
             );
         }
-        if !matches!(
-            cfg.activation_function.as_str(),
-            "gelu_new" | "gelu_pytorch_tanh"
-        ) {
+        if cfg.activation_function != Activation::GeluNew {
             bail!(
                 "{}: activation_function {:?} is not supported (gelu_new)",
                 path.display(),
-                cfg.activation_function
+                cfg.activation_function.name()
             );
         }
         if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {

@@ -4,7 +4,7 @@
 //! RMSNorm, SiLU-gated MLP.
 
 use super::stack::{self, kept, Attend, Block, Pass};
-use super::{Backbone, BackboneInput, Decoder, KvCache};
+use super::{Activation, Backbone, BackboneInput, Decoder, KvCache};
 use crate::kernels::{
     attention_backward, mask_bias, AttentionSaved, AttentionShape, GatedMlp, GatedMlpSaved, Linear,
     Positions, RmsNorm, RmsNormSaved, Rope, Weight,
@@ -41,7 +41,7 @@ pub struct LlamaConfig {
     #[serde(default)]
     pub mlp_bias: bool,
     #[serde(default = "default_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
     /// q/k/v biases (Qwen2 always has them)
     #[serde(default)]
     pub attention_bias: bool,
@@ -65,8 +65,8 @@ fn default_eps() -> f64 {
 fn default_theta() -> f64 {
     10_000.0
 }
-fn default_act() -> String {
-    "silu".into()
+fn default_act() -> Activation {
+    Activation::Silu
 }
 
 impl LlamaConfig {
@@ -80,10 +80,10 @@ impl LlamaConfig {
         {
             bail!("{at}: model_type {t:?} is not in the Llama family this backbone reads (llama, qwen2, mistral)");
         }
-        if cfg.hidden_act != "silu" {
+        if cfg.hidden_act != Activation::Silu {
             bail!(
                 "{at}: hidden_act {:?} is not supported (silu)",
-                cfg.hidden_act
+                cfg.hidden_act.name()
             );
         }
         let rope_type = cfg

@@ -14,6 +14,33 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
 
+/// The activation a config.json names (`hidden_act`, `activation_function`). Each architecture
+/// says which it supports; an unknown name is kept, so that the error can show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// GELU with the exact erf (BERT's "gelu")
+    Gelu,
+    /// GELU's tanh approximation (GPT-2's "gelu_new"; "gelu_pytorch_tanh" is the same function)
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+    /// x·σ(x) (the Llama family's gated MLP)
+    Silu,
+    #[serde(untagged)]
+    Other(String),
+}
+
+impl Activation {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Gelu => "gelu",
+            Self::GeluNew => "gelu_new",
+            Self::Silu => "silu",
+            Self::Other(name) => name,
+        }
+    }
+}
+
 /// What a backbone reads besides the embeddings. All [B, S], prompt positions included.
 pub struct BackboneInput<'a> {
     /// [B, S, D] word embeddings with the soft prompt in front
@@ -188,4 +215,19 @@ fn safetensors_files(dir: &Path) -> crate::Result<Vec<PathBuf>> {
         );
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Activation;
+
+    #[test]
+    fn activations_read_by_their_config_names() {
+        let read = |name: &str| serde_json::from_value::<Activation>(name.into()).unwrap();
+        assert_eq!(read("gelu"), Activation::Gelu);
+        assert_eq!(read("gelu_new"), Activation::GeluNew);
+        assert_eq!(read("gelu_pytorch_tanh"), Activation::GeluNew);
+        assert_eq!(read("silu"), Activation::Silu);
+        assert_eq!(read("relu"), Activation::Other("relu".into()));
+    }
 }

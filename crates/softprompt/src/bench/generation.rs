@@ -22,7 +22,7 @@ pub fn gpt2_small() -> Gpt2Config {
         n_layer: 12,
         n_head: 12,
         n_inner: None,
-        activation_function: "gelu_new".into(),
+        activation_function: crate::backbone::Activation::GeluNew,
         layer_norm_epsilon: 1e-5,
         model_type: Some("gpt2".into()),
     }

@@ -55,7 +55,7 @@ impl Arch {
             num_hidden_layers: layers,
             num_attention_heads: heads,
             intermediate_size: ffn,
-            hidden_act: "gelu".into(),
+            hidden_act: crate::backbone::Activation::Gelu,
             max_position_embeddings: 512,
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
