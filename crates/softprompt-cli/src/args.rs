@@ -14,6 +14,15 @@ pub fn unescaped(text: &str) -> Result<String, String> {
     Ok(text.replace("\\n", "\n").replace("\\t", "\t"))
 }
 
+/// A count that must be at least 1 (`--batch-size`).
+pub fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A `--template` value: unescaped, then checked for its `{text}`.
 pub fn template(text: &str) -> Result<Template, String> {
     Template::parse(&unescaped(text)?).map_err(|e| e.to_string())
@@ -71,7 +80,7 @@ impl ColumnArgs {
 /// How many rows go through the model at once, and which end of a row its padding goes on.
 #[derive(Args)]
 pub struct BatchArgs {
-    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    #[arg(long, default_value_t = TrainConfig::default().batch_size, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Which end of a row its padding goes on: right or left (the results are the same).
     #[arg(long, default_value_t = Padding::Right)]

@@ -59,8 +59,12 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|e| e.text)
         .collect();
-    if !(args.duration > 0.0 && args.duration.is_finite()) {
-        bail!("--duration must be a positive number of seconds");
+    // a day at most: a longer load is a typo, and far larger ones do not fit a Duration
+    if !(args.duration > 0.0 && args.duration <= 86_400.0) {
+        bail!("--duration must be a number of seconds above 0 and at most 86400 (a day)");
+    }
+    if args.rate.is_some_and(|r| !(1e-3..=1e6).contains(&r)) {
+        bail!("--rate must be between 0.001 and 1000000 requests per second");
     }
     let config = LoadConfig {
         url: args.url,
@@ -87,7 +91,11 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             report.max_ms,
             report.errors
         );
-    emit(args.json, &report, text)
+    emit(args.json, &report, text)?;
+    if report.requests > 0 && report.ok == 0 {
+        bail!("every one of the {} requests failed", report.requests);
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -204,7 +212,9 @@ pub async fn drive(config: &LoadConfig) -> anyhow::Result<LoadReport> {
                             .lock()
                             .expect("no panics while held")
                             .entry(kind)
-                            .or_default() += 1
+                            .or_default() += 1;
+                        // a failing server is not hammered: each client pauses before its next try
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
             }

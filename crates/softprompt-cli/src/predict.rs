@@ -3,7 +3,7 @@
 
 use crate::adapters::Inference;
 use crate::args::{ColumnArgs, InferenceArgs};
-use crate::output::emit;
+use crate::output::{emit, one_line};
 use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
@@ -86,7 +86,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         emit(
             args.json,
             &prediction,
-            format_args!("{}\t{}\n", answer.label, example.text),
+            format_args!("{}\t{}\n", answer.label, one_line(&example.text)),
         )?;
     }
     Ok(())

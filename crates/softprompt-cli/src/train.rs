@@ -123,7 +123,7 @@ impl TrainArgs {
             max_steps: self.max_steps,
             batch_size: self.batch_size,
             padding: self.padding_side,
-            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            max_grad_norm: (self.max_grad_norm != 0.0).then_some(self.max_grad_norm),
             eval_every: self.eval_every,
             patience: (self.patience > 0).then_some(self.patience),
             seed: self.seed,

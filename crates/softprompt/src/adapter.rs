@@ -138,6 +138,8 @@ pub struct Adapter {
 
 impl Adapter {
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.check_finite()
+            .with_context(|| format!("refusing to write the adapter {}", dir.display()))?;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create adapter directory {}", dir.display()))?;
         let mut tensors = vec![(PROMPT_KEY.to_string(), self.prompt.clone())];
@@ -200,7 +202,16 @@ impl Adapter {
                 .with_context(|| format!("adapter {at}: {WEIGHTS_FILE} has no tensor '{key}'"))
         };
         let prompt = take(PROMPT_KEY)?;
-        let m = config.num_virtual_tokens * config.num_transformer_submodules;
+        let m = config
+            .num_virtual_tokens
+            .checked_mul(config.num_transformer_submodules)
+            .filter(|&m| m > 0)
+            .with_context(|| {
+                format!(
+                    "adapter {at}: num_virtual_tokens {} × num_transformer_submodules {} is no prompt length",
+                    config.num_virtual_tokens, config.num_transformer_submodules
+                )
+            })?;
         if prompt.dims() != [m, hidden] {
             bail!(
                 "adapter {at}: prompt_embeddings has shape {:?}, expected [{m}, {hidden}]",
@@ -250,12 +261,52 @@ impl Adapter {
                 "adapter {at} is for task_type {other}; softprompt reads SEQ_CLS and CAUSAL_LM adapters"
             ),
         };
-        Ok(Self {
+        if !matches!(head, AdapterHead::Generation) {
+            check_labels(&labels).with_context(|| format!("adapter {at}"))?;
+        }
+        let adapter = Self {
             config,
             prompt,
             head,
             labels,
             template,
-        })
+        };
+        adapter
+            .check_finite()
+            .with_context(|| format!("adapter {at}"))?;
+        Ok(adapter)
     }
+
+    /// An adapter with a NaN or infinite number in it answers nonsense: refused on both sides.
+    fn check_finite(&self) -> Result<()> {
+        let mut tensors = vec![(PROMPT_KEY, &self.prompt)];
+        if let AdapterHead::Linear { weight, bias, .. } = &self.head {
+            tensors.extend([(HEAD_WEIGHT_KEY, weight), (HEAD_BIAS_KEY, bias)]);
+        }
+        for (name, tensor) in tensors {
+            let values = tensor.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+            if values.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
+                bail!("{name} holds NaN or infinite values");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Label names a classifier can be read by: at least two, none empty, no two alike.
+pub fn check_labels(labels: &[String]) -> Result<()> {
+    if labels.len() < 2 {
+        bail!(
+            "a classifier needs at least two labels, and this one has {}",
+            labels.len()
+        );
+    }
+    if let Some(empty) = labels.iter().position(|l| l.trim().is_empty()) {
+        bail!("label {empty} has an empty name");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(twice) = labels.iter().find(|l| !seen.insert(l.as_str())) {
+        bail!("the label {twice:?} appears twice");
+    }
+    Ok(())
 }

@@ -74,9 +74,11 @@ pub fn read_examples(
         std::fs::read(path).with_context(|| format!("cannot read data file {}", path.display()))?;
     let text = String::from_utf8(bytes)
         .map_err(|e| crate::invalid!("{}: not UTF-8 text: {e}", path.display()))?;
+    // a byte-order mark is no part of the first line, in any format
+    let text = text.strip_prefix('\u{FEFF}').unwrap_or(&text);
     let examples = match format {
-        Format::JsonLines => read_json_lines(path, &text, columns, labels)?,
-        Format::Tsv | Format::Csv => read_delimited(path, &text, format, columns, labels)?,
+        Format::JsonLines => read_json_lines(path, text, columns, labels)?,
+        Format::Tsv | Format::Csv => read_delimited(path, text, format, columns, labels)?,
     };
     if examples.is_empty() {
         bail!("{}: no examples", path.display());
@@ -105,7 +107,7 @@ fn read_delimited(
     let missing = |name: &str| {
         crate::invalid!(
             "{file} line 1: no column '{name}' in the header (columns: {})",
-            headers.iter().collect::<Vec<_>>().join(", ")
+            listing(&headers.iter().collect::<Vec<_>>())
         )
     };
     let text_col = find(&columns.text).ok_or_else(|| missing(&columns.text))?;
@@ -117,9 +119,21 @@ fn read_delimited(
         (None, Labels::Required) => return Err(missing(&columns.label)),
         (col, _) => col,
     };
+    let records = reader
+        .records()
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{file}: malformed row"))?;
+    // a quote that is never closed swallows the rest of the file, lines and all, into the last
+    // row's field (an unquoted field cannot hold a line break)
+    let swallowed = records
+        .last()
+        .filter(|r| format == Format::Csv && r.iter().any(|f| f.contains('\n')));
+    if let Some(last) = swallowed.filter(|_| text.matches('"').count() % 2 == 1) {
+        let line = last.position().map_or(1, |p| p.line());
+        bail!("{file} line {line}: a quoted field is never closed (a \" without its pair)");
+    }
     let mut examples = Vec::new();
-    for record in reader.records() {
-        let record = record.with_context(|| format!("{file}: malformed row"))?;
+    for record in records {
         let line = record.position().map_or(0, |p| p.line() as usize);
         let field = |col: usize, name: &str| -> crate::Result<String> {
             match record.get(col) {
@@ -133,6 +147,18 @@ fn read_delimited(
         if record.len() == 1 && record.get(0).is_some_and(|f| f.trim().is_empty()) {
             continue; // a blank line
         }
+        if record.len() > headers.len() {
+            bail!(
+                "{file} line {line}: the row has {} fields and the header {} (a stray {}?)",
+                record.len(),
+                headers.len(),
+                if format == Format::Tsv {
+                    "tab"
+                } else {
+                    "comma, or a text that needs quotes"
+                }
+            );
+        }
         let example = Example {
             text: field(text_col, &columns.text)?,
             text_pair: match (pair_col, &columns.text_pair) {
@@ -140,7 +166,7 @@ fn read_delimited(
                 _ => None,
             },
             label: label_col
-                .map(|col| field(col, &columns.label))
+                .map(|col| field(col, &columns.label).map(|l| l.trim().to_string()))
                 .transpose()?,
             line,
         };
@@ -188,7 +214,7 @@ fn read_json_lines(
                 Some(name) => field(name, true)?,
                 None => None,
             },
-            label: field(&columns.label, labels == Labels::Required)?,
+            label: field(&columns.label, labels == Labels::Required)?.map(|l| l.trim().to_string()),
             line,
         };
         examples.push(check(example, path, columns)?);
@@ -241,9 +267,19 @@ pub fn label_ids(examples: &[Example], labels: &[String], path: &Path) -> crate:
                         "{} line {}: label '{name}' was never seen in training (known labels: {})",
                         path.display(),
                         e.line,
-                        labels.join(", ")
+                        listing(labels)
                     )
                 })
         })
         .collect()
+}
+
+/// Names for an error message: all of a few, the first ones of many.
+pub fn listing(names: &[impl AsRef<str>]) -> String {
+    const SHOWN: usize = 20;
+    let shown: Vec<&str> = names.iter().take(SHOWN).map(AsRef::as_ref).collect();
+    match names.len() > SHOWN {
+        true => format!("{}, … ({} in all)", shown.join(", "), names.len()),
+        false => shown.join(", "),
+    }
 }

@@ -69,13 +69,14 @@ impl Model {
         }
         if path.is_file() && is_gguf {
             let gguf = gguf::load_llama(path, dtype, device, keep_quantized)?;
-            return Ok(Self {
+            return Self {
                 path: path.to_path_buf(),
                 backbone: AnyBackbone::Llama(gguf.llama),
                 tokenizer: gguf.tokenizer,
                 eos_token_ids: gguf.eos_token_id.into_iter().collect(),
             }
-            .without_unknown_eos());
+            .without_unknown_eos()
+            .check_vocabulary();
         }
         if !path.is_dir() {
             bail!(
@@ -118,13 +119,34 @@ impl Model {
             let generation: ModelType = read_config(&generation, "generation")?;
             eos_token_ids = ids(generation.eos_token_id.as_ref());
         }
-        Ok(Self {
+        Self {
             path: path.to_path_buf(),
             backbone,
             tokenizer,
             eos_token_ids,
         }
-        .without_unknown_eos())
+        .without_unknown_eos()
+        .check_vocabulary()
+    }
+
+    /// A tokenizer that can write ids the model has no embedding for fails only when such a
+    /// token appears: refuse the pair at load instead.
+    fn check_vocabulary(self) -> crate::Result<Self> {
+        let rows = self.backbone.word_embeddings().dims()[0];
+        let ids = self
+            .tokenizer
+            .get_vocab(true)
+            .into_values()
+            .max()
+            .map_or(0, |m| m + 1);
+        if ids as usize > rows {
+            bail!(
+                "{}: the tokenizer has ids up to {} and the model embeds {rows} tokens: they do not belong together",
+                self.path.display(),
+                ids - 1
+            );
+        }
+        Ok(self)
     }
 
     /// Drops EOS ids the model has no embedding for (tiny test checkpoints keep GPT-2's 50256

@@ -869,3 +869,129 @@ fn free_text_flags_unescape_the_same_way() {
     assert_eq!(config["label_words"], serde_json::json!(["bad\t", "good"]));
     assert_eq!(config["init_text"], "a good\nfilm");
 }
+
+/// Hostile options and races (issue 13, items 2, 5, 6, 7 and 10): each of these was accepted,
+/// panicked, or wrote something it should not have.
+#[test]
+fn hostile_options_get_a_clear_error_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let out = dir.join("out").display().to_string();
+    let bad = [
+        (vec!["--lr", "1e30"], "became NaN or infinite"),
+        (vec!["--weight-decay=-1"], "--weight-decay must be"),
+        (vec!["--weight-decay", "NaN"], "--weight-decay must be"),
+        (vec!["--max-grad-norm", "NaN"], "--max-grad-norm must be"),
+        (vec!["--max-grad-norm=-2"], "--max-grad-norm must be"),
+        (vec!["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    ];
+    for (i, (flags, expected)) in bad.into_iter().enumerate() {
+        let mut flags = flags.clone();
+        flags.extend(["--max-steps", "3"]);
+        let out = format!("{out}{i}");
+        fails_with(&train_args(&model, &train, &dev, &out, &flags), &[expected]);
+        // what an earlier evaluation kept as the best is finite: it loads
+        if Path::new(&out).join("adapter_model.safetensors").exists() {
+            softprompt::adapter::Adapter::load(Path::new(&out), 16, &candle_core::Device::Cpu)
+                .unwrap_or_else(|e| panic!("{flags:?} wrote an adapter that does not load: {e:#}"));
+        }
+    }
+    let good = dir.join("good").display().to_string();
+    ok(&train_args(
+        &model,
+        &train,
+        &dev,
+        &good,
+        &["--max-steps", "2"],
+    ));
+    for command in ["eval", "predict"] {
+        let mut args = vec![
+            command,
+            "--model",
+            &model,
+            "--adapter",
+            &good,
+            "--batch-size",
+            "0",
+        ];
+        if command == "eval" {
+            args.extend(["--data", &dev]);
+        } else {
+            args.push("a text");
+        }
+        fails_with(&args, &["must be at least 1"]);
+    }
+    // a text with a line break stays on its line
+    let answer = ok(&[
+        "predict",
+        "--model",
+        &model,
+        "--adapter",
+        &good,
+        "a good\nfilm",
+    ]);
+    assert_eq!(answer.lines().count(), 1, "{answer}");
+    assert!(answer.contains("a good\\nfilm"), "{answer}");
+    for (flag, value) in [("--duration", "1.8e19"), ("--rate", "1e-300")] {
+        fails_with(
+            &["loadgen", "--adapter", "a", "--data", &dev, flag, value],
+            &[flag],
+        );
+    }
+}
+
+/// Two trainings into one --output: the second is refused while the first runs (before, both
+/// could exit 0 and one run's adapter replaced the other's).
+#[test]
+fn a_second_training_into_the_same_output_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let out = dir.join("out").display().to_string();
+    let extra = [
+        "--max-steps",
+        "100000",
+        "--eval-every",
+        "50",
+        "--patience",
+        "0",
+    ];
+    let mut first = softprompt(&train_args(&model, &train, &dev, &out, &extra))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = Path::new(&out).join(".lock");
+    let waiting = std::time::Instant::now();
+    while !lock.exists() {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run ended early"
+        );
+        assert!(waiting.elapsed().as_secs() < 60, "no lock after 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &extra),
+        &["is in use by another training run", "process"],
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // the killed run's lock is stale: resuming takes it over
+    let mut resume = train_args(
+        &model,
+        &train,
+        &dev,
+        &out,
+        &["--max-steps", "60", "--eval-every", "50", "--patience", "0"],
+    );
+    resume.push("--resume");
+    let o = run(&resume);
+    assert!(
+        !stderr(&o).contains("in use"),
+        "a dead run's lock must not hold: {}",
+        stderr(&o)
+    );
+}

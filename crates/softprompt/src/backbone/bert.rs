@@ -68,6 +68,9 @@ impl BertConfig {
                 self.hidden_act.name()
             );
         }
+        if self.num_hidden_layers == 0 {
+            bail!("num_hidden_layers is 0: the checkpoint's layers would be ignored");
+        }
         if self.position_embedding_type != "absolute" {
             bail!(
                 "position_embedding_type {:?} is not supported (only \"absolute\")",

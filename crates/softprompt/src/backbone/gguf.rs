@@ -40,20 +40,30 @@ pub fn load_llama(
             .get(key)
             .with_context(|| format!("{at}: no {key} in the GGUF metadata"))
     };
-    let arch = meta("general.architecture")?.to_string()?.clone();
+    let arch = meta("general.architecture")?
+        .to_string()
+        .with_context(|| format!("{at}: general.architecture is not a string"))?
+        .clone();
     if arch != "llama" {
         bail!("{at}: GGUF architecture {arch:?} is not supported (llama)");
     }
     let int = |key: &str| -> crate::Result<usize> {
-        Ok(meta(&format!("llama.{key}"))?.to_u32()? as usize)
+        let key = format!("llama.{key}");
+        let value = meta(&key)?.to_u32();
+        Ok(value.with_context(|| format!("{at}: {key} is not an unsigned integer"))? as usize)
     };
-    let float =
-        |key: &str| -> crate::Result<f64> { Ok(meta(&format!("llama.{key}"))?.to_f32()? as f64) };
+    let float = |key: &str| -> crate::Result<f64> {
+        let key = format!("llama.{key}");
+        let value = meta(&key)?.to_f32();
+        Ok(value.with_context(|| format!("{at}: {key} is not a float"))? as f64)
+    };
     let (heads, kv_heads) = (
         int("attention.head_count")?,
         int("attention.head_count_kv")?,
     );
-    let tokens = meta("tokenizer.ggml.tokens")?.to_vec()?;
+    let tokens = meta("tokenizer.ggml.tokens")?
+        .to_vec()
+        .with_context(|| format!("{at}: tokenizer.ggml.tokens is not a list"))?;
     let config = LlamaConfig {
         vocab_size: tokens.len(),
         hidden_size: int("embedding_length")?,
@@ -72,6 +82,7 @@ pub fn load_llama(
         attention_bias: false,
         model_type: Some("llama".into()),
     };
+    config.validate(&at.to_string())?;
     let mut tensors = HashMap::new();
     let mut quantized = QuantizedWeights::new();
     let mut read = |gguf: &str| -> crate::Result<QTensor> {

@@ -57,6 +57,12 @@ impl Gpt2Config {
                 cfg.activation_function.name()
             );
         }
+        if cfg.n_layer == 0 {
+            bail!(
+                "{}: n_layer is 0: the checkpoint's layers would be ignored",
+                path.display()
+            );
+        }
         if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
             bail!(
                 "{}: n_embd {} is not a multiple of n_head {}",

@@ -72,7 +72,14 @@ fn default_act() -> Activation {
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> crate::Result<Self> {
         let cfg: Self = super::read_config(path, "Llama-family")?;
-        let at = path.display();
+        cfg.validate(&path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Refuses what this backbone cannot run, or what would make no sense (no layers, heads that
+    /// do not divide the width); `at` names the file in the error.
+    pub fn validate(&self, at: &str) -> crate::Result<()> {
+        let cfg = self;
         if let Some(t) = cfg
             .model_type
             .as_deref()
@@ -97,14 +104,31 @@ impl LlamaConfig {
         if cfg.mlp_bias {
             bail!("{at}: mlp_bias is not supported");
         }
-        let kv = cfg.kv_heads();
-        if kv == 0 || !cfg.num_attention_heads.is_multiple_of(kv) {
+        let (heads, kv) = (cfg.num_attention_heads, cfg.kv_heads());
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+            bail!("{at}: {heads} attention heads do not split into {kv} key/value heads");
+        }
+        if cfg.head_dim.is_none() && !cfg.hidden_size.is_multiple_of(heads) {
             bail!(
-                "{at}: {} attention heads do not split into {kv} key/value heads",
-                cfg.num_attention_heads
+                "{at}: the hidden size {} is not a multiple of the {heads} attention heads",
+                cfg.hidden_size
             );
         }
-        Ok(cfg)
+        if cfg.head_dim() == 0 || !cfg.head_dim().is_multiple_of(2) {
+            bail!(
+                "{at}: a head width of {} cannot be rotated (RoPE needs an even width)",
+                cfg.head_dim()
+            );
+        }
+        if cfg.num_hidden_layers == 0 || cfg.vocab_size == 0 || cfg.hidden_size == 0 {
+            bail!(
+                "{at}: {} layers, a vocabulary of {} and a hidden size of {}: nothing to run",
+                cfg.num_hidden_layers,
+                cfg.vocab_size,
+                cfg.hidden_size
+            );
+        }
+        Ok(())
     }
 
     fn kv_heads(&self) -> usize {

@@ -102,8 +102,17 @@ impl TrainConfig {
         {
             bail!("--init text needs --init-text \"...\"");
         }
-        if self.max_grad_norm.is_some_and(|n| n <= 0.0) {
-            bail!("--max-grad-norm must be positive");
+        if self
+            .max_grad_norm
+            .is_some_and(|n| !(n > 0.0 && n.is_finite()))
+        {
+            bail!("--max-grad-norm must be a positive number");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            bail!("--weight-decay must be 0 or a positive number");
+        }
+        if self.max_tokens == Some(0) {
+            bail!("--max-tokens must be at least 1");
         }
         match self.task {
             TaskKind::Verbalizer if self.template.is_none() => bail!(

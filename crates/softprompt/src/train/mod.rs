@@ -20,6 +20,7 @@ use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
 use crate::batch::EncodedSet;
 use crate::data::{label_ids, label_set, read_examples, Columns, Labels};
+use crate::files::DirLock;
 use crate::model::Model;
 use crate::prompt::{InitSource, PromptInit, SoftPrompt};
 use crate::prompted::{CausalLm, Classifier, Head, PromptedModel, Trainee};
@@ -74,6 +75,8 @@ pub fn train(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Summary> {
     config.validate()?;
+    // held until the run ends: a second run into the same directory is refused, not interleaved
+    let _lock = DirLock::acquire(&paths.output, "training run")?;
     let output = paths.output.display();
     let checkpoint_path = paths.output.join(CHECKPOINT);
     if !resume && checkpoint_path.exists() {

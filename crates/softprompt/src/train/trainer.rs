@@ -10,7 +10,7 @@ use crate::batch::{epoch_batches, Batch, Batching, EncodedSet};
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::prompted::{DevScore, Trainee};
 use crate::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device, Var};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -42,6 +42,16 @@ pub struct Summary {
     pub steps: usize,
     pub best_dev_accuracy: Option<f64>,
     pub adapter: PathBuf,
+}
+
+fn all_finite(params: &[&Var]) -> Result<bool> {
+    for p in params {
+        let values = p.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+        if values.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// One run: what it trains, on what, and where it writes.
@@ -127,6 +137,12 @@ impl Trainer<'_> {
             let grad_norm =
                 clip_grad_norm(&mut grads, config.max_grad_norm.unwrap_or(f64::INFINITY))?;
             optimizer.step(&params, &grads, lr)?;
+            if !all_finite(&params)? {
+                bail!(
+                    "the prompt became NaN or infinite at step {}: lower --lr",
+                    progress.step + 1
+                );
+            }
             let examples_per_s = rows.len() as f64 / started.elapsed().as_secs_f64();
 
             progress.step += 1;

@@ -153,3 +153,76 @@ fn a_label_never_seen_in_training_is_named() {
         "{msg}"
     );
 }
+
+/// Hostile-input regressions (issue 13, item 7 and 10): each of these was accepted or misreported.
+#[test]
+fn a_row_with_more_fields_than_the_header_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(
+        tmp.path(),
+        "a.tsv",
+        "text\tlabel\ngood\tpos\na stray\ttab\tneg\n",
+    );
+    let err = error(&path, &Columns::default());
+    assert!(
+        err.contains("line 3") && err.contains("3 fields and the header 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn labels_are_trimmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(
+        tmp.path(),
+        "a.tsv",
+        "text\tlabel\ngood\tpositive \nbad\tpositive\n",
+    );
+    let examples = read_examples(&path, &Columns::default(), Labels::Required).unwrap();
+    assert_eq!(label_set(&examples), ["positive"]);
+}
+
+#[test]
+fn a_byte_order_mark_is_read_past_in_every_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        (
+            "a.jsonl",
+            "\u{feff}{\"text\": \"good\", \"label\": \"pos\"}\n",
+        ),
+        ("a.tsv", "\u{feff}text\tlabel\ngood\tpos\n"),
+        ("a.csv", "\u{feff}text,label\ngood,pos\n"),
+    ] {
+        let path = write(tmp.path(), name, text);
+        let examples = read_examples(&path, &Columns::default(), Labels::Required).unwrap();
+        assert_eq!(examples[0].text, "good", "{name}");
+    }
+}
+
+#[test]
+fn an_unclosed_csv_quote_is_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(
+        tmp.path(),
+        "a.csv",
+        "text,label\ngood,pos\n\"never closed,neg\nbad,neg\n",
+    );
+    let err = error(&path, &Columns::default());
+    assert!(
+        err.contains("line 3") && err.contains("never closed"),
+        "{err}"
+    );
+    // a quote inside an unquoted field is a character like any other
+    let path = write(tmp.path(), "b.csv", "text,label\na 5\" screen,pos\n");
+    read_examples(&path, &Columns::default(), Labels::Required).unwrap();
+}
+
+#[test]
+fn an_error_lists_a_few_labels_not_a_thousand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(tmp.path(), "a.tsv", "text\tlabel\ngood\tunknown\n");
+    let examples = read_examples(&path, &Columns::default(), Labels::Required).unwrap();
+    let labels: Vec<String> = (0..1000).map(|i| format!("label{i}")).collect();
+    let err = format!("{:#}", label_ids(&examples, &labels, &path).unwrap_err());
+    assert!(err.contains("(1000 in all)") && err.len() < 400, "{err}");
+}

@@ -4,6 +4,7 @@ mod data;
 mod generation;
 mod gradients;
 mod inference;
+mod models;
 mod parity;
 mod peft;
 mod prompt_init;

@@ -9,6 +9,7 @@ use softprompt::files::load_tensors;
 use softprompt::inference::{classify_rows, LoadedAdapter};
 use softprompt::model::Model;
 use softprompt::task::classify::Pool;
+use std::path::Path;
 
 #[test]
 fn peft_written_adapter_gives_peft_logits() {
@@ -86,5 +87,86 @@ fn an_adapter_whose_template_lacks_the_text_slot_is_refused() {
     assert!(
         message.contains("softprompt.json") && message.contains("has no {text}"),
         "{message}"
+    );
+}
+
+/// Adapters from other people (issue 13, items 2, 5 and 8): each of these loaded before.
+#[test]
+fn broken_adapters_are_refused_with_what_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
+    let refused = |name: &str, edit: &dyn Fn(&Path), expected: &str| {
+        let dir = tmp.path().join(name);
+        good.save(&dir).unwrap();
+        edit(&dir);
+        let err = Adapter::load(&dir, 16, &Device::Cpu)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: must not load"));
+        let message = format!("{err:#}");
+        assert!(message.contains(expected), "{name}: {message}");
+    };
+    let edit_json = |file: &'static str, from: &'static str, to: &'static str| {
+        move |dir: &Path| {
+            let path = dir.join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains(from), "{text}");
+            std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+        }
+    };
+    let labels = |names: &'static str| {
+        move |dir: &Path| {
+            let path = dir.join("softprompt.json");
+            let mut extra: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            extra["labels"] = serde_json::from_str(names).unwrap();
+            std::fs::write(&path, extra.to_string()).unwrap();
+        }
+    };
+    refused(
+        "no-labels",
+        &labels("[]"),
+        "label names for a classifier of 2",
+    );
+    refused("same-label", &labels(r#"["a", "a"]"#), "appears twice");
+    refused("empty-label", &labels(r#"["a", " "]"#), "empty name");
+    refused(
+        "wrapping",
+        &edit_json(
+            "adapter_config.json",
+            "\"num_transformer_submodules\": 1",
+            "\"num_transformer_submodules\": 4611686018427387904",
+        ),
+        "is no prompt length",
+    );
+    refused(
+        "no-prompt",
+        &edit_json(
+            "adapter_config.json",
+            "\"num_virtual_tokens\": 4",
+            "\"num_virtual_tokens\": 0",
+        ),
+        "is no prompt length",
+    );
+    let nan = Adapter {
+        prompt: (good.prompt.clone() * f64::NAN).unwrap(),
+        ..Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap()
+    };
+    let err = nan.save(&tmp.path().join("nan")).unwrap_err();
+    assert!(format!("{err:#}").contains("NaN"), "{err:#}");
+    assert!(!tmp.path().join("nan").exists(), "nothing is written");
+    refused(
+        "nan-on-disk",
+        &|dir: &Path| {
+            let path = dir.join("adapter_model.safetensors");
+            let (mut tensors, _) = load_tensors(&path, &Device::Cpu).unwrap();
+            let prompt = tensors.remove("prompt_embeddings").unwrap();
+            tensors.insert(
+                "prompt_embeddings".into(),
+                (prompt * f64::INFINITY).unwrap(),
+            );
+            let named: Vec<(String, Tensor)> = tensors.into_iter().collect();
+            softprompt::files::save_tensors(&path, &named, None).unwrap();
+        },
+        "NaN or infinite",
     );
 }
