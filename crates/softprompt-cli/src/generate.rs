@@ -88,11 +88,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         if text.trim().is_empty() {
             bail!("a text to continue is empty");
         }
-        let ids = encoder
-            .encode_fitted(template.as_ref(), text, None, encoder.max_tokens())
-            .with_context(|| format!("cannot tokenize {text:?}"))?
-            .0
-            .ids;
+        let room = encoder.max_tokens();
+        let (encoded, truncated) = encoder
+            .encode_fitted(template.as_ref(), text, None, room)
+            .with_context(|| format!("cannot tokenize {text:?}"))?;
+        if truncated {
+            bail!("the text has more than {room} tokens, and generation continues the end of a text, so it is not cut: shorten it");
+        }
+        let ids = encoded.ids;
         let mut stream = |piece: &str| {
             if !args.json {
                 let _ = write!(stdout, "{piece}");

@@ -51,8 +51,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
     /// The most tokens one /v1/generate request may ask for.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = ServerConfig::default().max_new_tokens)]
     max_new_tokens: usize,
+    /// The most adapters one classify request may name (an ensemble's members).
+    #[arg(long, default_value_t = ServerConfig::default().max_ensemble)]
+    max_ensemble: usize,
+    /// The most backbone rows (inputs × adapters) one classify request may cost (422 beyond).
+    #[arg(long, default_value_t = ServerConfig::default().max_rows_per_request)]
+    max_rows_per_request: usize,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -69,6 +75,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_concurrent_requests: args.max_concurrent_requests,
         request_timeout: Duration::from_millis(args.timeout_ms),
         max_new_tokens: args.max_new_tokens,
+        max_ensemble: args.max_ensemble,
+        max_rows_per_request: args.max_rows_per_request,
     };
     config.validate()?;
     let model = args.model.load()?;

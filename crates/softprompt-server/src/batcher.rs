@@ -121,22 +121,26 @@ fn work(model: &Model, jobs: mpsc::Receiver<Job>, config: &BatcherConfig, metric
         if batch.is_empty() {
             continue;
         }
-        run_batch(model, batch, metrics);
+        run_batch(model, batch, config, metrics);
     }
 }
 
 /// Rows of similar length share a backbone pass: every row is padded to the longest of its pass,
 /// and on a CPU a pass costs the same per row at any size, so splitting by length only saves.
+/// A pass also holds at most `max_batch_tokens` positions, so one large request is cut into
+/// bounded passes rather than run as one pass of any size.
 const MAX_PADDING_RATIO: f64 = 1.25;
 
-fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
-    let rows: Vec<(&LoadedAdapter, &Encoded)> = batch
+fn run_batch(model: &Model, batch: Vec<Job>, config: &BatcherConfig, metrics: &Metrics) {
+    let rows: Vec<(usize, &LoadedAdapter, &Encoded)> = batch
         .iter()
-        .flat_map(|job| job.rows.iter().map(|(t, e)| (t.as_ref(), e)))
+        .enumerate()
+        .flat_map(|(j, job)| job.rows.iter().map(move |(t, e)| (j, t.as_ref(), e)))
         .collect();
     metrics.batch_rows.observe(rows.len() as f64);
     let timer = metrics.batch_seconds.start_timer();
-    let result = classify_by_length(model, &rows);
+    let gone = |j: usize| batch[j].reply.is_closed();
+    let result = classify_by_length(model, &rows, config.max_batch_tokens, &gone);
     timer.observe_duration();
     match result {
         Ok(logits) => {
@@ -155,35 +159,52 @@ fn run_batch(model: &Model, batch: Vec<Job>, metrics: &Metrics) {
     }
 }
 
-/// `classify_rows` on groups of rows of similar length (the longest at most `MAX_PADDING_RATIO`
-/// times the shortest), answers in the rows' order.
+/// `classify_rows` on passes of rows of similar length (the longest at most `MAX_PADDING_RATIO`
+/// times the shortest) and of at most `max_positions` positions (one row at least), answers in
+/// the rows' order. Before each pass, the rows of jobs whose client has `gone` are dropped (their
+/// answers stay empty): a request past its deadline stops costing.
 fn classify_by_length(
     model: &Model,
-    rows: &[(&LoadedAdapter, &Encoded)],
+    rows: &[(usize, &LoadedAdapter, &Encoded)],
+    max_positions: usize,
+    gone: &dyn Fn(usize) -> bool,
 ) -> softprompt::Result<Vec<Vec<f32>>> {
-    let length = |i: usize| rows[i].0.prompt_len() + rows[i].1.ids.len();
+    let length = |i: usize| rows[i].1.prompt_len() + rows[i].2.ids.len();
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| length(i));
     let mut answers = vec![Vec::new(); rows.len()];
     let mut start = 0;
     while start < order.len() {
         let longest = MAX_PADDING_RATIO * length(order[start]) as f64;
-        let end = order[start..]
+        let mut end = start;
+        let mut positions = 0;
+        while end < order.len()
+            && length(order[end]) as f64 <= longest
+            && (end == start || positions + length(order[end]) <= max_positions)
+        {
+            positions += length(order[end]);
+            end += 1;
+        }
+        let pass: Vec<usize> = order[start..end]
             .iter()
-            .position(|&i| length(i) as f64 > longest)
-            .map_or(order.len(), |n| start + n);
-        let group = &order[start..end];
-        let members: Vec<(&LoadedAdapter, &Encoded)> = group.iter().map(|&i| rows[i]).collect();
+            .copied()
+            .filter(|&i| !gone(rows[i].0))
+            .collect();
+        start = end;
+        if pass.is_empty() {
+            continue;
+        }
+        let members: Vec<(&LoadedAdapter, &Encoded)> =
+            pass.iter().map(|&i| (rows[i].1, rows[i].2)).collect();
         let logits = classify_rows(
             &model.backbone,
             &members,
             Padding::Right,
             &candle_core::Device::Cpu,
         )?;
-        for (&i, l) in group.iter().zip(logits) {
+        for (&i, l) in pass.iter().zip(logits) {
             answers[i] = l;
         }
-        start = end;
     }
     Ok(answers)
 }

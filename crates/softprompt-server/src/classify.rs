@@ -1,5 +1,7 @@
 //! `POST /v1/classify`: a request's inputs, once per member adapter, become rows of the batching
-//! queue; each input's answer is its members' vote.
+//! queue; each input's answer is its members' vote. The request takes its slot only once its body
+//! is read and checked (a slow upload holds none), and its work is bounded: at most
+//! `max_ensemble` adapters and `max_rows_per_request` rows.
 
 use crate::api::{ClassifyRequest, ClassifyResponse, ClassifyResult, MemberLabel};
 use crate::error::ApiError;
@@ -32,8 +34,9 @@ pub(crate) async fn classify(
         .collect::<Result<_, _>>()?;
     let members: Vec<&LoadedAdapter> = adapters.iter().map(|a| a.as_ref()).collect();
     check_members(&members)?;
-    let limit = state.config.max_inputs_per_request;
-    match request.inputs.len() {
+    let config = &state.config;
+    let (inputs, limit) = (request.inputs.len(), config.max_inputs_per_request);
+    match inputs {
         0 => return Err(ApiError::Invalid("\"inputs\" is empty".into())),
         n if n > limit => {
             return Err(ApiError::Invalid(format!(
@@ -42,15 +45,47 @@ pub(crate) async fn classify(
         }
         _ => {}
     }
-    let mut rows = Vec::with_capacity(request.inputs.len() * adapters.len());
-    for (i, text) in request.inputs.iter().enumerate() {
-        if text.trim().is_empty() {
-            return Err(ApiError::Invalid(format!("input {i} is empty")));
-        }
-        let encoded = state.encode(members[0].template.as_ref(), text, i)?;
-        rows.extend(adapters.iter().map(|a| (a.clone(), encoded.clone())));
+    if names.len() > config.max_ensemble {
+        return Err(ApiError::Invalid(format!(
+            "{} adapters; an ensemble may have at most {}",
+            names.len(),
+            config.max_ensemble
+        )));
     }
-    let logits = state.batcher.run(rows).await?;
+    if inputs * names.len() > config.max_rows_per_request {
+        return Err(ApiError::Invalid(format!(
+            "{inputs} inputs × {} adapters is {} rows; a request may cost at most {}",
+            names.len(),
+            inputs * names.len(),
+            config.max_rows_per_request
+        )));
+    }
+    if let Some(i) = request.inputs.iter().position(|t| t.trim().is_empty()) {
+        return Err(ApiError::Invalid(format!("input {i} is empty")));
+    }
+    let _slot = state.slot()?;
+    let work = async {
+        // tokenizing is CPU work: off the async runtime, which answers /health meanwhile
+        let (encoder_state, texts) = (state.clone(), request.inputs.clone());
+        let template = members[0].template.clone();
+        let encoded = tokio::task::spawn_blocking(move || {
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, text)| encoder_state.encode(template.as_ref(), text, i))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let rows = encoded
+            .iter()
+            .flat_map(|e| adapters.iter().map(move |a| (a.clone(), e.clone())))
+            .collect();
+        state.batcher.run(rows).await
+    };
+    let logits = tokio::time::timeout(config.request_timeout, work)
+        .await
+        .map_err(|_| state.timed_out())??;
     let mut results = Vec::with_capacity(request.inputs.len());
     for member_logits in logits.chunks(adapters.len()) {
         let answer = ensemble(&members, member_logits)?;

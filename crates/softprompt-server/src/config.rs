@@ -42,6 +42,10 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// The most tokens one /v1/generate request may ask for.
     pub max_new_tokens: usize,
+    /// The most adapters one classify request may name (a prompt ensemble's members).
+    pub max_ensemble: usize,
+    /// The most backbone rows (inputs × adapters) one classify request may cost.
+    pub max_rows_per_request: usize,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +63,8 @@ impl Default for ServerConfig {
             max_concurrent_requests: 256,
             request_timeout: Duration::from_secs(30),
             max_new_tokens: 256,
+            max_ensemble: 16,
+            max_rows_per_request: 256,
         }
     }
 }
@@ -82,8 +88,14 @@ impl ServerConfig {
         if self.max_input_tokens == Some(0) {
             bail!("max_input_tokens must be at least 1");
         }
-        if self.request_timeout.is_zero() {
-            bail!("the request timeout must be longer than 0");
+        if self.request_timeout.is_zero() || self.request_timeout > Duration::from_secs(3600) {
+            bail!("the request timeout must be longer than 0 and at most an hour");
+        }
+        if self.max_wait > Duration::from_secs(10) {
+            bail!("max_wait (--max-wait-ms) is at most 10 s: every request waits that long for company");
+        }
+        if self.max_rows_per_request == 0 || self.max_ensemble == 0 {
+            bail!("max_rows_per_request and max_ensemble must be at least 1");
         }
         if self.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
             bail!("the API key is empty");

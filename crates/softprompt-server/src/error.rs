@@ -19,6 +19,10 @@ pub enum ApiError {
     Body(StatusCode, String),
     #[error("missing or wrong API key (send Authorization: Bearer KEY)")]
     Unauthorized,
+    #[error("no such path (see /openapi.json)")]
+    NoRoute,
+    #[error("this path does not take that method (see /openapi.json)")]
+    MethodNotAllowed,
     #[error("the server is handling {0} requests already; retry later")]
     Busy(usize),
     #[error("no answer within {0} ms")]
@@ -42,6 +46,8 @@ impl From<&ApiError> for StatusCode {
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Body(status, _) => *status,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -3,7 +3,10 @@
 //! comes as server-sent events while it is written; a client that goes away stops the loop.
 //!
 //! Generation is not batched across requests: each decodes at batch 1, bounded by the same
-//! request slots as classification and by `max_new_tokens`.
+//! request slots as classification and by `max_new_tokens`. A decode stops at the next token once
+//! its answer is no longer awaited: past the request timeout, or when the client goes away.
+//! An input longer than the model's room is refused, not cut: the model continues the end of
+//! a text, and cutting that end would continue a text the user never wrote.
 
 use crate::api::{ErrorBody, GenerateRequest, GenerateResponse, TextPiece};
 use crate::error::ApiError;
@@ -17,6 +20,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use softprompt::generate::{generate, SamplingConfig};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 pub(crate) async fn generate_text(
     State(state): State<AppState>,
@@ -43,11 +48,21 @@ pub(crate) async fn generate_text(
             config.max_new_tokens
         )));
     }
-    let ids = state
-        .encode(generator.template.as_ref(), &request.input, 0)?
-        .ids;
+    let encoder = &state.registry.encoder;
+    let room = encoder.max_tokens();
+    let (encoded, truncated) = encoder
+        .encode_fitted(generator.template.as_ref(), &request.input, None, room)
+        .map_err(|e| ApiError::Invalid(format!("input: {}", e.chain())))?;
+    if truncated {
+        return Err(ApiError::Invalid(format!(
+            "the input has more than {room} tokens, and generation continues the end of a text, so it is not cut: shorten it"
+        )));
+    }
+    let ids = encoded.ids;
     let slot = state.slot()?;
     let registry = state.registry.clone();
+    let abandoned = Abandoned::default();
+    let stop = abandoned.flag.clone();
     let run = move |on_text: &mut dyn FnMut(&str) -> bool| {
         let _slot = slot;
         let model = &registry.model;
@@ -62,7 +77,9 @@ pub(crate) async fn generate_text(
         )
     };
     if !request.stream {
-        let work = tokio::task::spawn_blocking(move || run(&mut |_| true));
+        let work = tokio::task::spawn_blocking(move || run(&mut |_| !stop.load(Ordering::Relaxed)));
+        // dropped when the answer is no longer awaited (timeout, client gone): the decode stops
+        let _abandoned = abandoned;
         let generated = tokio::time::timeout(state.config.request_timeout, work)
             .await
             .map_err(|_| state.timed_out())?
@@ -72,6 +89,9 @@ pub(crate) async fn generate_text(
     let (events, receiver) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::task::spawn_blocking(move || {
         let result = run(&mut |piece| {
+            if piece.is_empty() {
+                return !events.is_closed();
+            }
             let piece = TextPiece {
                 text: piece.to_string(),
             };
@@ -93,4 +113,16 @@ pub(crate) async fn generate_text(
             .map(|event| (Ok::<_, Infallible>(event), receiver))
     });
     Ok(Sse::new(stream).into_response())
+}
+
+/// Raised when dropped: the decode of an answer nobody awaits any more stops at its next token.
+#[derive(Default)]
+struct Abandoned {
+    flag: Arc<AtomicBool>,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
 }

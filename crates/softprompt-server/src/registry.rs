@@ -2,7 +2,7 @@
 //! start, and while serving whatever `POST /v1/adapters` loads from those same directories (a name
 //! is one plain path component, so a request cannot reach outside them).
 
-use softprompt::adapter::{Adapter, AdapterHead};
+use softprompt::adapter::{Adapter, AdapterHead, CONFIG_FILE};
 use softprompt::backbone::{Backbone, KvCache};
 use softprompt::generate::prefix_cache;
 use softprompt::inference::LoadedAdapter;
@@ -72,15 +72,26 @@ impl Registry {
             let entries = std::fs::read_dir(root)
                 .with_context(|| format!("cannot read adapters directory {}", root.display()))?;
             for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
-                if !path.is_dir() {
+                let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                    tracing::warn!("skipping {}: not a UTF-8 name", path.display());
+                    continue;
+                };
+                let name = name.to_string();
+                // .git, lost+found and the like sit beside adapters and are none
+                if !is_plain_name(&name) || !path.join(CONFIG_FILE).is_file() {
+                    tracing::warn!("skipping {}: not an adapter directory", path.display());
                     continue;
                 }
-                let name = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .with_context(|| format!("{} is not a UTF-8 name", path.display()))?
-                    .to_string();
-                let adapter = read_adapter(&model, &path)?;
+                let path = match inside(root, &path) {
+                    Ok(path) => path,
+                    Err(e) => {
+                        tracing::warn!("skipping {}: {}", path.display(), e.chain());
+                        continue;
+                    }
+                };
+                let adapter = read_adapter(&model, &path).map_err(|e| {
+                    softprompt::Error::invalid(RegistryError::Invalid(name.clone(), e))
+                })?;
                 if let Some((first, _)) = found.insert(name.clone(), (path.clone(), adapter)) {
                     bail!(
                         "two adapters are named {name:?}: {} and {}",
@@ -153,25 +164,21 @@ impl Registry {
 
     /// Loads `name` from the first adapters directory that has it.
     pub fn load(&self, name: &str) -> Result<Entry, RegistryError> {
-        let plain = !name.is_empty()
-            && !name.starts_with('.')
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !plain {
+        if !is_plain_name(name) {
             return Err(RegistryError::BadName(name.into()));
         }
         if self.read().contains_key(name) {
             return Err(RegistryError::AlreadyLoaded(name.into()));
         }
-        let path = self
+        let (root, path) = self
             .roots
             .iter()
-            .map(|root| root.join(name))
-            .find(|p| p.is_dir())
+            .map(|root| (root, root.join(name)))
+            .find(|(_, p)| p.is_dir())
             .ok_or_else(|| RegistryError::NotFound(name.into()))?;
-        let adapter =
-            read_adapter(&self.model, &path).map_err(|e| RegistryError::Invalid(name.into(), e))?;
+        let invalid = |e| RegistryError::Invalid(name.into(), e);
+        let path = inside(root, &path).map_err(invalid)?;
+        let adapter = read_adapter(&self.model, &path).map_err(invalid)?;
         self.insert(name.to_string(), &adapter)
     }
 
@@ -237,10 +244,32 @@ impl Registry {
     }
 }
 
+/// The adapter in `path`; its errors name it by its directory's name, not by where the server
+/// keeps it.
 fn read_adapter(model: &Model, path: &Path) -> softprompt::Result<Adapter> {
-    Adapter::load(
-        path,
-        model.backbone.hidden_size(),
-        &candle_core::Device::Cpu,
-    )
+    let hidden = model.backbone.hidden_size();
+    Adapter::load(path, hidden, &candle_core::Device::Cpu).map_err(|e| {
+        let name = path.file_name().map_or("?".into(), |n| n.to_string_lossy());
+        let message = e.chain().replace(&path.display().to_string(), &name);
+        softprompt::Error::Invalid(message)
+    })
+}
+
+/// A name that is one plain path component: letters, digits, '-', '_' and '.', not starting with '.'.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// `path`, which must stay inside `root` once symbolic links are followed: an adapters directory
+/// is the only place adapters come from.
+fn inside(root: &Path, path: &Path) -> softprompt::Result<PathBuf> {
+    let (root, real) = (root.canonicalize()?, path.canonicalize()?);
+    if !real.starts_with(&root) {
+        bail!("it is a link to outside the adapters directory");
+    }
+    Ok(real)
 }

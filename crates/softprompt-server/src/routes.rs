@@ -20,14 +20,11 @@ use tracing::Instrument;
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
 pub fn router(state: AppState) -> Router {
-    // the work routes hold a slot while they run; listing and metrics never wait
-    let work = Router::new()
-        .route("/v1/classify", post(crate::classify::classify))
-        .route_layer(middleware::from_fn_with_state(state.clone(), limit));
-    // generation holds its slot for as long as it streams, so it takes the slot itself
-    let work = work.route("/v1/generate", post(crate::generation::generate_text));
+    // the work routes take a request slot once their body is read (classify for its answer,
+    // generation for as long as it writes); listing and metrics never wait
     let api = Router::new()
-        .merge(work)
+        .route("/v1/classify", post(crate::classify::classify))
+        .route("/v1/generate", post(crate::generation::generate_text))
         .route("/v1/adapters", get(list_adapters).post(load_adapter))
         .route("/v1/adapters/{name}", delete(unload_adapter))
         .route("/metrics", get(metrics))
@@ -36,6 +33,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .route("/health", get(health))
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
@@ -87,18 +86,6 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
 /// Compares in time that does not depend on where the first difference is.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// 429 when every slot is taken; 504 when the answer takes longer than the request timeout.
-async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let _slot = match state.slot() {
-        Ok(slot) => slot,
-        Err(e) => return e.into_response(),
-    };
-    match tokio::time::timeout(state.config.request_timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => state.timed_out().into_response(),
-    }
 }
 
 async fn health() -> Json<Health> {

@@ -838,3 +838,118 @@ mod erased {
         }
     }
 }
+
+/// Hostile requests and adapters directories (issue 13, items 1, 3 and 9).
+#[test]
+fn hostile_requests_are_bounded_and_answered_in_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let served = tmp.path().join("served");
+    std::fs::create_dir(&served).unwrap();
+    adapters_dir(&served);
+    // what sits beside adapters and is none: the server still starts
+    std::fs::create_dir_all(served.join(".git/objects")).unwrap();
+    std::fs::create_dir(served.join("lost+found")).unwrap();
+    let outside = tmp.path().join("outside");
+    adapters_dir(&outside);
+    std::os::unix::fs::symlink(outside.join("three"), served.join("linked")).unwrap();
+    let address = start(ServerConfig {
+        max_concurrent_requests: 2,
+        ..config(&served, Duration::from_millis(1))
+    });
+    let (_, list) = http(&address, "GET", "/v1/adapters", None);
+    let names: Vec<&str> = list["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["peft", "three"],
+        "a link out of the directory is not served"
+    );
+    expect_error(
+        &address,
+        "/v1/adapters",
+        r#"{"name": "linked"}"#,
+        422,
+        "outside the adapters directory",
+    );
+
+    // one small request must not cost a thousand backbone rows
+    let many = vec!["peft"; 1000];
+    let body = json!({"adapters": many, "inputs": vec!["a good movie"; 64]}).to_string();
+    expect_error(
+        &address,
+        "/v1/classify",
+        &body,
+        422,
+        "an ensemble may have at most 16",
+    );
+    let body = json!({"adapters": vec!["peft"; 8], "inputs": vec!["a good movie"; 64]}).to_string();
+    expect_error(
+        &address,
+        "/v1/classify",
+        &body,
+        422,
+        "a request may cost at most 256",
+    );
+
+    // slow uploads hold no request slot: with 2 slots, three half-sent bodies lock nobody out
+    let slow: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(&address).unwrap();
+            write!(
+                stream,
+                "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"ad"
+            )
+            .unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let body = json!({"adapter": "peft", "inputs": ["a good movie"]}).to_string();
+    let (status, answer) = http(&address, "POST", "/v1/classify", Some(&body));
+    assert_eq!(status, 200, "{answer}");
+    drop(slow);
+
+    // unknown paths and methods answer {"error": ...} like every other error
+    let (status, answer) = http(&address, "GET", "/nowhere", None);
+    assert_eq!(status, 404);
+    assert!(answer["error"].is_string(), "{answer}");
+    let (status, answer) = http(&address, "PUT", "/v1/classify", None);
+    assert_eq!(status, 405);
+    assert!(answer["error"].is_string(), "{answer}");
+
+    // an adapter that does not load is named by its name, not by where the server keeps it
+    std::fs::create_dir(served.join("broken")).unwrap();
+    std::fs::write(served.join("broken/adapter_config.json"), "{").unwrap();
+    let (status, answer) = http(
+        &address,
+        "POST",
+        "/v1/adapters",
+        Some(r#"{"name": "broken"}"#),
+    );
+    assert_eq!(status, 422, "{answer}");
+    let message = answer["error"].as_str().unwrap();
+    assert!(
+        message.contains("broken") && !message.contains(&tmp.path().display().to_string()),
+        "{message}"
+    );
+}
+
+#[test]
+fn absurd_server_limits_are_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    adapters_dir(tmp.path());
+    for config in [
+        config(tmp.path(), Duration::from_secs(3600)),
+        ServerConfig {
+            request_timeout: Duration::from_secs(1 << 40),
+            ..config(tmp.path(), Duration::from_millis(1))
+        },
+    ] {
+        let err = config.validate().unwrap_err();
+        assert!(format!("{err:#}").contains("at most"), "{err:#}");
+    }
+}

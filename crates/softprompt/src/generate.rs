@@ -101,8 +101,8 @@ fn decoder(backbone: &AnyBackbone) -> crate::Result<&dyn crate::backbone::Decode
     })
 }
 
-/// Continues `input_ids` after the prefix, calling `on_text` with each piece of text as soon as
-/// it is final (a piece that could be the start of a stop string waits); `on_text` answers
+/// Continues `input_ids` after the prefix, calling `on_text` after every token with the piece of
+/// text that became final (empty while a possible stop string is held back); `on_text` answers
 /// false to stop early (`Cancelled`).
 pub fn generate(
     backbone: &AnyBackbone,
@@ -139,10 +139,8 @@ pub fn generate(
             while !text.is_char_boundary(safe) {
                 safe -= 1;
             }
-            if safe > emitted {
-                cancelled = !on_text(&text[emitted..safe]);
-                emitted = safe;
-            }
+            cancelled = !on_text(&text[emitted..safe.max(emitted)]);
+            emitted = safe.max(emitted);
             Ok(!cancelled)
         })?;
     if text.len() > emitted && !cancelled {
@@ -158,6 +156,10 @@ pub fn generate(
         },
     })
 }
+
+/// Positions one pass reads while the input is read in: a pass's attention scores are
+/// [H, N, T], which for a whole long input at once would take gigabytes.
+const PREFILL_CHUNK: usize = 256;
 
 /// The token loop under `generate`: extend the cache, pick the next token, until EOS, the token
 /// limit, the model's positions, or `on_token` (shown every token so far) answers false (`Stop`).
@@ -193,9 +195,13 @@ pub fn generate_tokens(
             break FinishReason::ContextFull;
         }
         let table = backbone.word_embeddings();
-        let embeds = table.rows(&Tensor::new(next_input.as_slice(), &table.device())?)?;
-        let hidden = decoder.extend(&embeds, &mut cache)?;
-        let last = hidden.narrow(0, next_input.len() - 1, 1)?;
+        let mut hidden = None;
+        for chunk in next_input.chunks(PREFILL_CHUNK) {
+            let embeds = table.rows(&Tensor::new(chunk, &table.device())?)?;
+            hidden = Some(decoder.extend(&embeds, &mut cache)?);
+        }
+        let hidden = hidden.context("nothing to read")?;
+        let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
         let logits = decoder
             .next_token_logits(&last)?
             .squeeze(0)?
