@@ -995,3 +995,79 @@ fn a_second_training_into_the_same_output_is_refused() {
         stderr(&o)
     );
 }
+
+/// kill -9 at moments spread over a run (20 trials, some inside a checkpoint or adapter write),
+/// then --resume until it finishes: the adapter is byte-identical to an uninterrupted run's every
+/// time, and no trial leaves a directory that a rerun refuses.
+#[test]
+fn chaos_kills_then_resume_give_the_uninterrupted_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let extra = [
+        "--max-steps",
+        "300",
+        "--eval-every",
+        "10",
+        "--patience",
+        "0",
+        "--num-virtual-tokens",
+        "4",
+    ];
+    let whole = dir.join("whole").display().to_string();
+    let started = std::time::Instant::now();
+    ok(&train_args(&model, &train, &dev, &whole, &extra));
+    let run_ms = started.elapsed().as_millis() as u64;
+    let expected = std::fs::read(Path::new(&whole).join("adapter_model.safetensors")).unwrap();
+    for trial in 0..20u64 {
+        let out = dir.join(format!("trial{trial}")).display().to_string();
+        // spread over the run, with the process start-up in front
+        let delay = 20 + (trial * 7919 % 20) * run_ms / 20;
+        let mut child = softprompt(&train_args(&model, &train, &dev, &out, &extra))
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let checkpoint = Path::new(&out).join("checkpoint.safetensors");
+        let mut again = train_args(&model, &train, &dev, &out, &extra);
+        if checkpoint.exists() {
+            again.push("--resume");
+        }
+        let o = run(&again);
+        assert!(
+            o.status.success(),
+            "trial {trial} (killed after {delay} ms): the rerun {again:?} failed:\n{}",
+            stderr(&o)
+        );
+        let got = std::fs::read(Path::new(&out).join("adapter_model.safetensors")).unwrap();
+        assert!(
+            got == expected,
+            "trial {trial} (killed after {delay} ms): the adapter differs from the uninterrupted run's"
+        );
+    }
+}
+
+/// --resume with other data (or another model) than the interrupted run's is refused, naming it.
+#[test]
+fn resume_checks_the_model_and_data_it_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let out = dir.join("out").display().to_string();
+    let extra = ["--max-steps", "20", "--eval-every", "10"];
+    ok(&train_args(&model, &train, &dev, &out, &extra));
+    let mut text = std::fs::read_to_string(&train).unwrap();
+    text.push_str("one more good film\tpositive\n");
+    std::fs::write(&train, text).unwrap();
+    let mut resumed = train_args(&model, &train, &dev, &out, &extra);
+    resumed.push("--resume");
+    fails_with(
+        &resumed,
+        &["the training data differ from the interrupted run's"],
+    );
+}

@@ -29,11 +29,52 @@ pub struct Progress {
     pub optimizer_steps: u64,
     /// stopped early: a resumed run has nothing left to do
     pub stopped: bool,
+    /// the step whose parameters the adapter on disk holds (the best, or without dev the last)
+    #[serde(default)]
+    pub adapter_step: Option<usize>,
+}
+
+/// What a run reads, as hashes: a resumed run must read the same model and data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// the architecture, its shapes and the first rows of its token embeddings
+    pub model: String,
+    /// the training file's bytes
+    pub train: String,
+    /// the dev file's bytes, if there is one
+    pub dev: Option<String>,
+}
+
+impl Fingerprint {
+    /// Names what differs from `saved`, if anything.
+    fn differences(&self, saved: &Fingerprint) -> Vec<&'static str> {
+        let mut differ = Vec::new();
+        if self.model != saved.model {
+            differ.push("the model");
+        }
+        if self.train != saved.train {
+            differ.push("the training data");
+        }
+        if self.dev != saved.dev {
+            differ.push("the dev data");
+        }
+        differ
+    }
+}
+
+/// FNV-1a, 64 bits, as hex: stable across builds and platforms, unlike std's hasher.
+pub fn hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 pub fn save(
     path: &Path,
     config: &TrainConfig,
+    fingerprint: &Fingerprint,
     params: &[&Var],
     optimizer: &Optimizer,
     progress: &Progress,
@@ -47,15 +88,20 @@ pub fn save(
     let metadata = HashMap::from([
         ("config".to_string(), serde_json::to_string(config)?),
         ("progress".to_string(), serde_json::to_string(progress)?),
+        (
+            "fingerprint".to_string(),
+            serde_json::to_string(fingerprint)?,
+        ),
     ]);
     save_tensors(path, &tensors, Some(metadata))
 }
 
 /// Sets `params` and `optimizer` to the checkpoint's, after checking that it was written with
-/// the same `config`.
+/// the same `config`, model and data.
 pub fn load(
     path: &Path,
     config: &TrainConfig,
+    fingerprint: &Fingerprint,
     params: &[&Var],
     optimizer: &mut Optimizer,
     device: &Device,
@@ -73,6 +119,17 @@ pub fn load(
             serde_json::to_string(&saved)?,
             serde_json::to_string(config)?
         );
+    }
+    // checkpoints written before fingerprints were kept have none to compare
+    if let Some(saved) = metadata.get("fingerprint") {
+        let saved: Fingerprint = serde_json::from_str(saved)?;
+        let differ = fingerprint.differences(&saved);
+        if !differ.is_empty() {
+            bail!(
+                "--resume: {} differ from the interrupted run's; resume with the same model and data",
+                differ.join(" and ")
+            );
+        }
     }
     let progress: Progress = serde_json::from_str(field("progress")?)?;
     for (name, var) in PARAM_NAMES.into_iter().zip(params) {

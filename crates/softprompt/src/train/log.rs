@@ -54,13 +54,12 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens `dir/metrics.jsonl` for appending; a resumed run first drops the lines written after
-    /// its checkpoint's `step`, so that the log reads as one run.
-    pub fn open(dir: &Path, resumed_at: Option<usize>) -> Result<Self> {
+    /// Opens `dir/metrics.jsonl` for appending after the lines of steps up to `step` (the step a
+    /// run resumes at; 0 for a new run): later lines, from a run killed after its checkpoint, are
+    /// dropped, so that the log reads as one run.
+    pub fn open(dir: &Path, step: usize) -> Result<Self> {
         let path = dir.join(METRICS);
-        if let Some(step) = resumed_at {
-            truncate(&path, step)?;
-        }
+        truncate(&path, step)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

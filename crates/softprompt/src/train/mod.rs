@@ -28,9 +28,9 @@ use crate::task::causal_lm::encode_pairs;
 use crate::task::classify::ClassificationHead;
 use crate::task::TaskKind;
 use crate::tokenize::{encode_all, TextEncoder};
-use crate::{bail, Result};
+use crate::{bail, Context, Result};
 use candle_core::{DType, Device};
-use checkpoint::CHECKPOINT;
+use checkpoint::{Fingerprint, CHECKPOINT};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
@@ -130,6 +130,7 @@ pub fn train(
         config.init_text.clone(),
     );
     let template = config.template.clone();
+    let fingerprint = fingerprint(&model, paths)?;
     let trainer = |trainee: &dyn Trainee, on_event: &mut dyn FnMut(Event)| {
         Trainer {
             trainee,
@@ -137,6 +138,7 @@ pub fn train(
             dev_set: dev_set.as_ref(),
             peft: &peft,
             config,
+            fingerprint: &fingerprint,
             output: &paths.output,
             device,
         }
@@ -188,6 +190,44 @@ fn prompted<H: Head>(
         head,
         template,
     }
+}
+
+/// What this run reads, for `--resume` to check.
+fn fingerprint(model: &Model, paths: &TrainPaths) -> Result<Fingerprint> {
+    let file = |path: &Path| -> Result<String> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(checkpoint::hash(&bytes))
+    };
+    let backbone = &model.backbone;
+    let table = backbone.word_embeddings();
+    let rows = table.dims()[0].min(64);
+    let first_rows = table
+        .rows(&candle_core::Tensor::arange(
+            0u32,
+            rows as u32,
+            &table.device(),
+        )?)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let shape = backbone.shape();
+    let mut described = format!(
+        "{} d{} l{} h{} v{} p{}",
+        backbone.architecture(),
+        backbone.hidden_size(),
+        shape.layers,
+        shape.heads,
+        table.dims()[0],
+        backbone.max_positions()
+    )
+    .into_bytes();
+    described.extend(first_rows.iter().flat_map(|v| v.to_le_bytes()));
+    Ok(Fingerprint {
+        model: checkpoint::hash(&described),
+        train: file(&paths.train)?,
+        dev: paths.dev.as_deref().map(file).transpose()?,
+    })
 }
 
 /// The prompt as `config.init` starts it, from the model's embeddings and the task's tokens.

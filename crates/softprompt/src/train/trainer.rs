@@ -2,7 +2,7 @@
 //! backward, stop on a non-finite loss, clip, step, log; every `eval_every` steps evaluate on
 //! dev, keep the best adapter, checkpoint, maybe stop early.
 
-use super::checkpoint::{self, Progress, CHECKPOINT};
+use super::checkpoint::{self, Fingerprint, Progress, CHECKPOINT};
 use super::config::TrainConfig;
 use super::log::{EvalRecord, MetricsLog, Record, StepRecord};
 use crate::adapter::PeftConfig;
@@ -62,6 +62,8 @@ pub struct Trainer<'a> {
     /// the adapter_config.json of every adapter it saves
     pub peft: &'a PeftConfig,
     pub config: &'a TrainConfig,
+    /// what the run reads (model, data), which a resumed run must read too
+    pub fingerprint: &'a Fingerprint,
     pub output: &'a Path,
     pub device: &'a Device,
 }
@@ -82,16 +84,24 @@ impl Trainer<'_> {
             .with_context(|| format!("cannot create {}", self.output.display()))?;
         let checkpoint_path = self.output.join(CHECKPOINT);
         let mut progress = match resume {
-            true => checkpoint::load(
-                &checkpoint_path,
-                config,
-                &params,
-                &mut optimizer,
-                self.device,
-            )?,
+            true => {
+                let progress = checkpoint::load(
+                    &checkpoint_path,
+                    config,
+                    self.fingerprint,
+                    &params,
+                    &mut optimizer,
+                    self.device,
+                )?;
+                // killed between the checkpoint and the adapter it promised: write it now
+                if progress.adapter_step == Some(progress.step) {
+                    self.save_adapter()?;
+                }
+                progress
+            }
             false => Progress::default(),
         };
-        let mut log = MetricsLog::open(self.output, resume.then_some(progress.step))?;
+        let mut log = MetricsLog::open(self.output, progress.step)?;
 
         let lengths: Vec<usize> = self.train_set.data.iter().map(|e| e.ids.len()).collect();
         let steps_per_epoch = lengths.len().div_ceil(config.batch_size);
@@ -172,7 +182,20 @@ impl Trainer<'_> {
                 progress.stopped = config
                     .patience
                     .is_some_and(|p| progress.evals_without_gain >= p);
-                checkpoint::save(&checkpoint_path, config, &params, &optimizer, &progress)?;
+                // the checkpoint first, then the adapter it records: a run killed between the two
+                // writes the adapter when it resumes
+                let fingerprint = self.fingerprint;
+                checkpoint::save(
+                    &checkpoint_path,
+                    config,
+                    fingerprint,
+                    &params,
+                    &optimizer,
+                    &progress,
+                )?;
+                if progress.adapter_step == Some(progress.step) {
+                    self.save_adapter()?;
+                }
                 if progress.stopped {
                     on_event(Event::EarlyStop {
                         step: progress.step,
@@ -187,17 +210,20 @@ impl Trainer<'_> {
         })
     }
 
-    /// Scores the dev set and saves the adapter when it is the best so far (ties in accuracy go
-    /// to the lower dev loss); without a dev set, saves it every time.
+    fn save_adapter(&self) -> Result<()> {
+        self.trainee.adapter(self.peft)?.save(self.output)
+    }
+
+    /// Scores the dev set and marks the adapter for saving when it is the best so far (ties in
+    /// accuracy go to the lower dev loss); without a dev set, every time.
     fn evaluate(
         &self,
         progress: &mut Progress,
         log: &mut MetricsLog,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<()> {
-        let save_adapter = || self.trainee.adapter(self.peft)?.save(self.output);
         let Some(dev) = self.dev_set else {
-            save_adapter()?;
+            progress.adapter_step = Some(progress.step);
             return log.flush();
         };
         let config = self.config;
@@ -218,7 +244,7 @@ impl Trainer<'_> {
             progress.best = Some(score.accuracy);
             progress.best_loss = Some(score.loss);
             progress.evals_without_gain = 0;
-            save_adapter()?;
+            progress.adapter_step = Some(progress.step);
         } else {
             progress.evals_without_gain += 1;
         }
