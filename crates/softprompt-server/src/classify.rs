@@ -4,8 +4,8 @@
 //! `max_ensemble` adapters and `max_rows_per_request` rows.
 
 use crate::api::{ClassifyRequest, ClassifyResponse, ClassifyResult, MemberLabel};
+use crate::body::parse;
 use crate::error::ApiError;
-use crate::routes::parse;
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

@@ -9,8 +9,8 @@
 //! a text, and cutting that end would continue a text the user never wrote.
 
 use crate::api::{ErrorBody, GenerateRequest, GenerateResponse, TextPiece};
+use crate::body::parse;
 use crate::error::ApiError;
-use crate::routes::parse;
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

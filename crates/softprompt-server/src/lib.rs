@@ -9,12 +9,13 @@
 //! ```
 //!
 //! `generation` answers /v1/generate (one decoding loop per request, from the adapter's prefix
-//! cache). `api` holds the request and response bodies, `error` the errors and their HTTP
+//! cache). `api` holds the request and response bodies (`body` reads them), `error` the errors and their HTTP
 //! statuses, `state` what handlers share, `registry` the adapters by name (loaded and unloaded
 //! while serving), `config` the limits, `metrics` what /metrics reports.
 
 pub mod api;
 pub mod batcher;
+mod body;
 mod classify;
 pub mod config;
 pub mod error;

@@ -40,15 +40,6 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// A request body as `T`: 413 and the like for a body that could not be read, 422 for JSON that
-/// is not a `T`.
-pub(crate) fn parse<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError::Body(e.status(), e.body_text()))?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(format!("malformed request: {e}")))
-}
-
 /// Counts every answer by route and status, and times it.
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let endpoint = request
@@ -139,7 +130,7 @@ async fn load_adapter(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<AdapterInfo>), ApiError> {
-    let request: LoadRequest = parse(body)?;
+    let request: LoadRequest = crate::body::parse(body)?;
     let registry = state.registry.clone();
     let name = request.name.clone();
     // reading safetensors is blocking file work
