@@ -104,7 +104,7 @@ impl Registry {
         let positions = model.backbone.max_positions();
         let longest = found
             .values()
-            .map(|(_, a)| a.config.num_virtual_tokens)
+            .map(|(_, a)| a.prompt.dims()[0])
             .max()
             .unwrap_or(0);
         let max_input_tokens =
@@ -209,11 +209,12 @@ impl Registry {
     /// What serving `adapter` on this model needs: its loaded head, its prefix cache.
     fn prepare(&self, adapter: &Adapter) -> softprompt::Result<Entry> {
         let room = self.model.backbone.max_positions();
-        let needs = adapter.config.num_virtual_tokens + self.encoder.max_tokens();
+        let prompt_len = adapter.prompt.dims()[0];
+        let needs = prompt_len + self.encoder.max_tokens();
         if needs > room {
             bail!(
                 "its prompt of {} vectors and inputs of up to {} tokens need {needs} positions; the model has {room} (lower --max-input-tokens)",
-                adapter.config.num_virtual_tokens,
+                prompt_len,
                 self.encoder.max_tokens()
             );
         }
@@ -234,7 +235,7 @@ impl Registry {
         Ok(Entry {
             classifier,
             generator,
-            prompt_len: adapter.config.num_virtual_tokens,
+            prompt_len,
         })
     }
 

@@ -128,7 +128,10 @@ fn read_delimited(
     let swallowed = records
         .last()
         .filter(|r| format == Format::Csv && r.iter().any(|f| f.contains('\n')));
-    if let Some(last) = swallowed.filter(|_| text.matches('"').count() % 2 == 1) {
+    let from = |r: &csv::StringRecord| r.position().map_or(0, |p| p.byte() as usize);
+    let unclosed =
+        |r: &&csv::StringRecord| text[from(r).min(text.len())..].matches('"').count() % 2 == 1;
+    if let Some(last) = swallowed.filter(unclosed) {
         let line = last.position().map_or(1, |p| p.line());
         bail!("{file} line {line}: a quoted field is never closed (a \" without its pair)");
     }
@@ -147,7 +150,12 @@ fn read_delimited(
         if record.len() == 1 && record.get(0).is_some_and(|f| f.trim().is_empty()) {
             continue; // a blank line
         }
-        if record.len() > headers.len() {
+        // fields past the header are a stray delimiter, unless empty (a trailing tab or comma)
+        if record
+            .iter()
+            .skip(headers.len())
+            .any(|f| !f.trim().is_empty())
+        {
             bail!(
                 "{file} line {line}: the row has {} fields and the header {} (a stray {}?)",
                 record.len(),
@@ -166,7 +174,7 @@ fn read_delimited(
                 _ => None,
             },
             label: label_col
-                .map(|col| field(col, &columns.label).map(|l| l.trim().to_string()))
+                .map(|col| field(col, &columns.label))
                 .transpose()?,
             line,
         };
@@ -214,7 +222,7 @@ fn read_json_lines(
                 Some(name) => field(name, true)?,
                 None => None,
             },
-            label: field(&columns.label, labels == Labels::Required)?.map(|l| l.trim().to_string()),
+            label: field(&columns.label, labels == Labels::Required)?,
             line,
         };
         examples.push(check(example, path, columns)?);
@@ -243,10 +251,11 @@ fn check(example: Example, path: &Path, columns: &Columns) -> crate::Result<Exam
 }
 
 /// The label names a training file defines, sorted so the same file always gives the same ids.
+/// A class label is its text without surrounding spaces ("positive " is "positive").
 pub fn label_set(examples: &[Example]) -> Vec<String> {
     examples
         .iter()
-        .filter_map(|e| e.label.clone())
+        .filter_map(|e| e.label.as_deref().map(|l| l.trim().to_string()))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
@@ -257,7 +266,7 @@ pub fn label_ids(examples: &[Example], labels: &[String], path: &Path) -> crate:
     examples
         .iter()
         .map(|e| {
-            let name = e.label.as_deref().unwrap_or_default();
+            let name = e.label.as_deref().unwrap_or_default().trim();
             labels
                 .iter()
                 .position(|l| l == name)

@@ -4,7 +4,7 @@ use crate::Context;
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
@@ -50,10 +50,12 @@ pub fn load_tensors(
     Ok((tensors, meta.metadata().clone().unwrap_or_default()))
 }
 
-/// A directory that one process writes at a time: `DIR/.lock` holds the writer's process id, and
-/// goes when the lock is dropped. A lock whose process is gone (killed) is taken over.
+/// A directory that one process writes at a time, held by the operating system's lock on
+/// `DIR/.lock` (which also holds the writer's process id, for the message): the lock goes with
+/// the process, however it ends, so a killed run leaves nothing that blocks the next one.
 pub struct DirLock {
-    path: PathBuf,
+    /// locked while open
+    _file: std::fs::File,
 }
 
 impl DirLock {
@@ -61,52 +63,33 @@ impl DirLock {
     pub fn acquire(dir: &Path, what: &str) -> crate::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(".lock");
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut file) => {
-                    write!(file, "{}", std::process::id())
-                        .with_context(|| format!("cannot write {}", path.display()))?;
-                    return Ok(Self { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    match holder.trim().parse::<u32>() {
-                        Ok(pid) if process_alive(pid) => crate::bail!(
-                            "{} is in use by another {what} (process {pid}); wait for it to end, or choose another directory",
-                            dir.display()
-                        ),
-                        // its process is gone: the lock is stale
-                        _ => {
-                            let _ = std::fs::remove_file(&path);
-                        }
-                    }
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot create {}", path.display()))
-                }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => String::new(),
+                    pid => format!(" (process {pid})"),
+                };
+                crate::bail!(
+                    "{} is in use by another {what}{holder}; wait for it to end, or choose another directory",
+                    dir.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()))
             }
         }
-        crate::bail!(
-            "{} is being taken by another {what} right now",
-            dir.display()
-        )
-    }
-}
-
-impl Drop for DirLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Whether a process of that id runs on this machine; where that cannot be told, it is assumed to.
-fn process_alive(pid: u32) -> bool {
-    match Path::new("/proc/self").exists() {
-        true => Path::new(&format!("/proc/{pid}")).exists(),
-        false => true,
+        file.set_len(0)?;
+        write!(file, "{}", std::process::id())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Self { _file: file })
     }
 }

@@ -963,9 +963,13 @@ fn a_second_training_into_the_same_output_is_refused() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // the holder writes its pid once it has the lock
     let lock = Path::new(&out).join(".lock");
     let waiting = std::time::Instant::now();
-    while !lock.exists() {
+    while std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .is_empty()
+    {
         assert!(
             first.try_wait().unwrap().is_none(),
             "the first run ended early"

@@ -223,9 +223,15 @@ fn fingerprint(model: &Model, paths: &TrainPaths) -> Result<Fingerprint> {
     )
     .into_bytes();
     described.extend(first_rows.iter().flat_map(|v| v.to_le_bytes()));
+    let columns = format!("{:?}", paths.columns);
     Ok(Fingerprint {
         model: checkpoint::hash(&described),
-        train: file(&paths.train)?,
+        // which columns are read is part of what the data is
+        train: format!(
+            "{} {}",
+            file(&paths.train)?,
+            checkpoint::hash(columns.as_bytes())
+        ),
         dev: paths.dev.as_deref().map(file).transpose()?,
     })
 }

@@ -168,6 +168,9 @@ fn a_row_with_more_fields_than_the_header_is_refused() {
         err.contains("line 3") && err.contains("3 fields and the header 2"),
         "{err}"
     );
+    // a trailing tab (an export's empty last field) is no stray field
+    let path = write(tmp.path(), "b.tsv", "text\tlabel\ngood\tpos\t\n");
+    read_examples(&path, &Columns::default(), Labels::Required).unwrap();
 }
 
 #[test]
@@ -180,6 +183,12 @@ fn labels_are_trimmed() {
     );
     let examples = read_examples(&path, &Columns::default(), Labels::Required).unwrap();
     assert_eq!(label_set(&examples), ["positive"]);
+    // the column itself stays as written: a causal LM's target keeps its spaces
+    assert_eq!(examples[0].label.as_deref(), Some("positive "));
+    assert_eq!(
+        label_ids(&examples, &label_set(&examples), &path).unwrap(),
+        [0, 0]
+    );
 }
 
 #[test]
@@ -212,8 +221,13 @@ fn an_unclosed_csv_quote_is_named_as_such() {
         err.contains("line 3") && err.contains("never closed"),
         "{err}"
     );
-    // a quote inside an unquoted field is a character like any other
-    let path = write(tmp.path(), "b.csv", "text,label\na 5\" screen,pos\n");
+    // a quote inside an unquoted field is a character like any other, also before a last row
+    // whose quoted text spans lines
+    let path = write(
+        tmp.path(),
+        "b.csv",
+        "text,label\na 5\" screen,pos\n\"two\nlines\",neg\n",
+    );
     read_examples(&path, &Columns::default(), Labels::Required).unwrap();
 }
 
