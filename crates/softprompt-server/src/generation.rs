@@ -22,6 +22,8 @@ use softprompt::generate::{generate, SamplingConfig};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::error::TrySendError;
 
 pub(crate) async fn generate_text(
     State(state): State<AppState>,
@@ -87,24 +89,42 @@ pub(crate) async fn generate_text(
         return Ok(Json::<GenerateResponse>(generated).into_response());
     }
     let (events, receiver) = tokio::sync::mpsc::channel::<Event>(64);
+    // a stream is bounded by the request timeout too: a client that stays connected but stops
+    // reading fills the channel, and the decode gives its slot back at the deadline
+    let timeout = state.config.request_timeout;
+    let deadline = Instant::now() + timeout;
     tokio::task::spawn_blocking(move || {
+        let send = |event: Event| loop {
+            match events.try_send(event.clone()) {
+                Ok(()) => return true,
+                Err(TrySendError::Closed(_)) => return false,
+                Err(TrySendError::Full(_)) if Instant::now() >= deadline => return false,
+                Err(TrySendError::Full(_)) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
         let result = run(&mut |piece| {
+            if Instant::now() >= deadline || events.is_closed() {
+                return false;
+            }
             if piece.is_empty() {
-                return !events.is_closed();
+                return true;
             }
             let piece = TextPiece {
                 text: piece.to_string(),
             };
-            let event = Event::default().json_data(piece).expect("JSON");
-            events.blocking_send(event).is_ok()
+            send(Event::default().json_data(piece).expect("JSON"))
         });
         let last = match result {
-            Ok(generated) => Event::default().event("done").json_data(generated),
-            Err(e) => Event::default().event("error").json_data(ErrorBody {
-                error: ApiError::from(e).to_string(),
-            }),
+            Ok(_) if Instant::now() >= deadline => {
+                error_event(ApiError::Timeout(timeout.as_millis()))
+            }
+            Ok(generated) => Event::default()
+                .event("done")
+                .json_data(generated)
+                .expect("JSON"),
+            Err(e) => error_event(ApiError::from(e)),
         };
-        let _ = events.blocking_send(last.expect("JSON"));
+        send(last);
     });
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver
@@ -125,4 +145,15 @@ impl Drop for Abandoned {
     fn drop(&mut self) {
         self.flag.store(true, Ordering::Relaxed);
     }
+}
+
+/// The last event of a stream that failed.
+fn error_event(error: ApiError) -> Event {
+    let body = ErrorBody {
+        error: error.to_string(),
+    };
+    Event::default()
+        .event("error")
+        .json_data(body)
+        .expect("JSON")
 }

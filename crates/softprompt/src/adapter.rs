@@ -284,13 +284,18 @@ impl Adapter {
             tensors.extend([(HEAD_WEIGHT_KEY, weight), (HEAD_BIAS_KEY, bias)]);
         }
         for (name, tensor) in tensors {
-            let values = tensor.to_dtype(candle_core::DType::F32)?.flatten_all()?;
-            if values.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
+            if !all_finite(tensor)? {
                 bail!("{name} holds NaN or infinite values");
             }
         }
         Ok(())
     }
+}
+
+/// Whether every value of `tensor` is a finite number.
+pub fn all_finite(tensor: &Tensor) -> Result<bool> {
+    let values = tensor.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+    Ok(values.to_vec1::<f32>()?.iter().all(|v| v.is_finite()))
 }
 
 /// Label names a classifier can be read by: at least two, none empty, no two alike.

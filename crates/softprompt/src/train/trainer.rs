@@ -5,12 +5,12 @@
 use super::checkpoint::{self, Fingerprint, Progress, CHECKPOINT};
 use super::config::TrainConfig;
 use super::log::{EvalRecord, MetricsLog, Record, StepRecord};
-use crate::adapter::PeftConfig;
+use crate::adapter::{all_finite, PeftConfig};
 use crate::batch::{epoch_batches, Batch, Batching, EncodedSet};
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::prompted::{DevScore, Trainee};
 use crate::{bail, Context, Result};
-use candle_core::{DType, Device, Var};
+use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -42,16 +42,6 @@ pub struct Summary {
     pub steps: usize,
     pub best_dev_accuracy: Option<f64>,
     pub adapter: PathBuf,
-}
-
-fn all_finite(params: &[&Var]) -> Result<bool> {
-    for p in params {
-        let values = p.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
-        if values.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 /// One run: what it trains, on what, and where it writes.
@@ -147,7 +137,8 @@ impl Trainer<'_> {
             let grad_norm =
                 clip_grad_norm(&mut grads, config.max_grad_norm.unwrap_or(f64::INFINITY))?;
             optimizer.step(&params, &grads, lr)?;
-            if !all_finite(&params)? {
+            let finite = params.iter().map(|p| all_finite(p.as_tensor()));
+            if !finite.collect::<Result<Vec<bool>>>()?.iter().all(|&f| f) {
                 bail!(
                     "the prompt became NaN or infinite at step {}: lower --lr",
                     progress.step + 1
