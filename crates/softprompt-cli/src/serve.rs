@@ -59,6 +59,13 @@ pub struct ServeArgs {
     /// The most backbone rows (inputs × adapters) one classify request may cost (422 beyond).
     #[arg(long, default_value_t = ServerConfig::default().max_rows_per_request)]
     max_rows_per_request: usize,
+    /// A request's headers, then its body, must arrive within this many milliseconds (a slow
+    /// body gets 408; a half-sent header loses its connection).
+    #[arg(long, default_value_t = ServerConfig::default().read_timeout.as_millis() as u64)]
+    read_timeout_ms: u64,
+    /// At SIGTERM or Ctrl-C, how long the requests in flight get to finish, in milliseconds.
+    #[arg(long, default_value_t = ServerConfig::default().drain_timeout.as_millis() as u64)]
+    drain_timeout_ms: u64,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -77,6 +84,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens,
         max_ensemble: args.max_ensemble,
         max_rows_per_request: args.max_rows_per_request,
+        read_timeout: Duration::from_millis(args.read_timeout_ms),
+        drain_timeout: Duration::from_millis(args.drain_timeout_ms),
     };
     config.validate()?;
     let model = args.model.load()?;
@@ -86,7 +95,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let names: Vec<String> = state.registry.list().into_iter().map(|(n, _)| n).collect();
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let address = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&address)
             .await
@@ -96,9 +105,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             names.join(", "),
             listener.local_addr()?
         );
-        softprompt_server::serve(listener, state, shutdown_signal()).await?;
+        softprompt_server::serve(listener, state, shutdown_signal()).await;
         anyhow::Ok(())
-    })
+    });
+    // a decode on a blocking thread past the drain would otherwise hold the exit
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    served
 }
 
 /// Ctrl-C or SIGTERM.

@@ -4,11 +4,9 @@
 //! `max_ensemble` adapters and `max_rows_per_request` rows.
 
 use crate::api::{ClassifyRequest, ClassifyResponse, ClassifyResult, MemberLabel};
-use crate::body::parse;
 use crate::error::ApiError;
 use crate::state::AppState;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::Json;
 use softprompt::inference::{check_members, ensemble, LoadedAdapter};
@@ -16,9 +14,9 @@ use std::sync::Arc;
 
 pub(crate) async fn classify(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
-    let request: ClassifyRequest = parse(body)?;
+    let request: ClassifyRequest = crate::body::read(&state.config, body).await?;
     let names = match (request.adapter, request.adapters) {
         (Some(one), None) => vec![one],
         (None, Some(many)) if !many.is_empty() => many,

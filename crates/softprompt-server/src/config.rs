@@ -46,6 +46,11 @@ pub struct ServerConfig {
     pub max_ensemble: usize,
     /// The most backbone rows (inputs × adapters) one classify request may cost.
     pub max_rows_per_request: usize,
+    /// A request's headers, and then its body, must arrive within this: a body gets 408, a
+    /// half-sent header loses its connection. Slow clients cost a connection, never a slot.
+    pub read_timeout: Duration,
+    /// At shutdown, how long the requests in flight get to finish before the server exits anyway.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +70,8 @@ impl Default for ServerConfig {
             max_new_tokens: 256,
             max_ensemble: 16,
             max_rows_per_request: 256,
+            read_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -90,6 +97,14 @@ impl ServerConfig {
         }
         if self.request_timeout.is_zero() || self.request_timeout > Duration::from_secs(3600) {
             bail!("the request timeout must be longer than 0 and at most an hour");
+        }
+        if self.read_timeout.is_zero() || self.read_timeout > Duration::from_secs(600) {
+            bail!(
+                "the read timeout (--read-timeout-ms) must be longer than 0 and at most 10 minutes"
+            );
+        }
+        if self.drain_timeout > Duration::from_secs(600) {
+            bail!("the drain timeout (--drain-timeout-ms) is at most 10 minutes");
         }
         if self.max_wait > Duration::from_secs(10) {
             bail!("max_wait (--max-wait-ms) is at most 10 s: every request waits that long for company");

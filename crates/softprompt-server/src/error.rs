@@ -27,6 +27,8 @@ pub enum ApiError {
     Busy(usize),
     #[error("no answer within {0} ms")]
     Timeout(u128),
+    #[error("the request body did not arrive within {0} ms")]
+    SlowBody(u128),
     /// the server's own failure: the model, a thread
     #[error("{0}")]
     Internal(String),
@@ -50,6 +52,7 @@ impl From<&ApiError> for StatusCode {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

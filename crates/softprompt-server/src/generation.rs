@@ -9,11 +9,9 @@
 //! a text, and cutting that end would continue a text the user never wrote.
 
 use crate::api::{ErrorBody, GenerateRequest, GenerateResponse, TextPiece};
-use crate::body::parse;
 use crate::error::ApiError;
 use crate::state::AppState;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -27,9 +25,9 @@ use tokio::sync::mpsc::error::TrySendError;
 
 pub(crate) async fn generate_text(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let request: GenerateRequest = parse(body)?;
+    let request: GenerateRequest = crate::body::read(&state.config, body).await?;
     let generator = state.registry.generator(&request.adapter)?;
     if request.input.trim().is_empty() {
         return Err(ApiError::Invalid("\"input\" is empty".into()));

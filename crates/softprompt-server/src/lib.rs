@@ -8,7 +8,7 @@
 //!              → each request its answers
 //! ```
 //!
-//! `generation` answers /v1/generate (one decoding loop per request, from the adapter's prefix
+//! `connections` accepts them (header-read timeout, bounded drain at shutdown). `generation` answers /v1/generate (one decoding loop per request, from the adapter's prefix
 //! cache). `api` holds the request and response bodies (`body` reads them), `error` the errors and their HTTP
 //! statuses, `state` what handlers share, `registry` the adapters by name (loaded and unloaded
 //! while serving), `config` the limits, `metrics` what /metrics reports.
@@ -18,6 +18,7 @@ pub mod batcher;
 mod body;
 mod classify;
 pub mod config;
+mod connections;
 pub mod error;
 mod generation;
 pub mod metrics;
@@ -29,13 +30,13 @@ pub use config::{Overlong, ServerConfig};
 pub use routes::router;
 pub use state::AppState;
 
-/// Serves until `shutdown` resolves, then lets the requests in flight finish.
+/// Serves until `shutdown` resolves, then gives the requests in flight the configured drain
+/// timeout to finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let config = state.config.clone();
+    connections::accept(listener, router(state), &config, shutdown).await
 }

@@ -6,9 +6,8 @@ use crate::api::{AdapterInfo, AdapterList, Health, LoadRequest, Unloaded};
 use crate::error::ApiError;
 use crate::registry::Entry;
 use crate::state::AppState;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -36,7 +35,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }
 
@@ -128,9 +126,9 @@ async fn list_adapters(State(state): State<AppState>) -> Json<AdapterList> {
 /// Loads the subdirectory NAME of an adapters directory given at start.
 async fn load_adapter(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<(StatusCode, Json<AdapterInfo>), ApiError> {
-    let request: LoadRequest = crate::body::parse(body)?;
+    let request: LoadRequest = crate::body::read(&state.config, body).await?;
     let registry = state.registry.clone();
     let name = request.name.clone();
     // reading safetensors is blocking file work

@@ -39,21 +39,29 @@ fn start(config: ServerConfig) -> String {
 }
 
 fn start_with(model: &Path, config: ServerConfig) -> String {
+    spawn_server(model, config, std::future::pending()).0
+}
+
+/// A server that stops when `shutdown` resolves; its thread ends when `serve` returns.
+fn spawn_server(
+    model: &Path,
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (String, std::thread::JoinHandle<()>) {
     let model = Model::load(model, DType::F32, &Device::Cpu).unwrap();
     let state = AppState::new(model, config).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
     listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
+    let server = std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            softprompt_server::serve(listener, state, std::future::pending())
-                .await
-                .unwrap();
+            softprompt_server::serve(listener, state, shutdown).await;
         });
+        runtime.shutdown_timeout(Duration::from_millis(100));
     });
-    address
+    (address, server)
 }
 
 fn config(adapters: &Path, max_wait: Duration) -> ServerConfig {
@@ -442,7 +450,7 @@ fn limits_answer_with_clear_errors() {
         (
             json!({"adapter": "peft", "inputs": vec!["good"; 40]}),
             413,
-            "length limit",
+            "the body is over 300 bytes",
         ),
         (
             json!({"adapter": "peft", "inputs": ["a", "b", "c"]}),
@@ -948,8 +956,83 @@ fn absurd_server_limits_are_refused_at_start() {
             request_timeout: Duration::from_secs(1 << 40),
             ..config(tmp.path(), Duration::from_millis(1))
         },
+        ServerConfig {
+            read_timeout: Duration::ZERO,
+            ..config(tmp.path(), Duration::from_millis(1))
+        },
+        ServerConfig {
+            drain_timeout: Duration::from_secs(1 << 20),
+            ..config(tmp.path(), Duration::from_millis(1))
+        },
     ] {
         let err = config.validate().unwrap_err();
         assert!(format!("{err:#}").contains("at most"), "{err:#}");
     }
+}
+
+/// Reads what the server sends until it closes; `None` if it has not closed within `limit`.
+fn read_until_closed(stream: &mut std::net::TcpStream, limit: Duration) -> Option<String> {
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => Some(String::from_utf8_lossy(&answer).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(String::new()),
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn slow_clients_get_408_or_lose_their_connection_and_never_hold_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    adapters_dir(tmp.path());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (address, server) = spawn_server(
+        &fixtures().join("tiny-bert"),
+        ServerConfig {
+            read_timeout: Duration::from_millis(400),
+            drain_timeout: Duration::from_millis(400),
+            max_concurrent_requests: 1,
+            ..config(tmp.path(), Duration::from_millis(1))
+        },
+        async {
+            let _ = stopped.await;
+        },
+    );
+    let connect = |opening: &str| {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        stream.write_all(opening.as_bytes()).unwrap();
+        stream
+    };
+    let slow_body = "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"ad";
+    let half_header = "GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+
+    // a body that stops coming gets 408 (and never took the one slot meanwhile)
+    let mut uploading = connect(slow_body);
+    let body = json!({"adapter": "peft", "inputs": ["a good movie"]}).to_string();
+    assert_eq!(http(&address, "POST", "/v1/classify", Some(&body)).0, 200);
+    let answer = read_until_closed(&mut uploading, Duration::from_secs(5)).expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within 400 ms"), "{answer}");
+
+    // a header that is never finished loses its connection
+    let mut heading = connect(half_header);
+    assert!(
+        read_until_closed(&mut heading, Duration::from_secs(5)).is_some(),
+        "a half-sent header kept its connection past the read timeout"
+    );
+
+    // shutdown ends within the drain timeout however many clients are stuck half-way
+    let stuck: Vec<_> = (0..4)
+        .map(|i| connect(if i % 2 == 0 { slow_body } else { half_header }))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let asked = std::time::Instant::now();
+    stop.send(()).unwrap();
+    server.join().unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        asked.elapsed()
+    );
+    drop(stuck);
 }

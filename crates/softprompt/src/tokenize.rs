@@ -68,6 +68,7 @@ impl TextEncoder {
         room: usize,
     ) -> crate::Result<(Encoded, bool)> {
         let room = room.min(self.max_tokens());
+        let text = self.long_enough_head(text, room)?;
         let encode = |tokenizer: &Tokenizer, text: &str| {
             let input = render(template, text);
             match text_pair {
@@ -79,7 +80,7 @@ impl TextEncoder {
                 type_ids: e.get_type_ids().to_vec(),
                 target_len: 0,
             })
-            .map_err(|e| crate::invalid!("cannot tokenize {text:?}: {e}"))
+            .map_err(|e| crate::invalid!("cannot tokenize {:?}: {e}", preview(text)))
         };
         let whole = encode(&self.whole, text)?;
         if whole.ids.len() <= room {
@@ -89,7 +90,7 @@ impl TextEncoder {
         let ends: Vec<usize> = self
             .whole
             .encode(text, false)
-            .map_err(|e| crate::invalid!("cannot tokenize {text:?}: {e}"))?
+            .map_err(|e| crate::invalid!("cannot tokenize {:?}: {e}", preview(text)))?
             .get_offsets()
             .iter()
             .map(|&(_, end)| end)
@@ -115,6 +116,29 @@ impl TextEncoder {
         encoded.ids.truncate(room);
         encoded.type_ids.truncate(room);
         Ok((encoded, true))
+    }
+
+    /// A text far longer than `room` tokens can hold is cut to a head that still holds over
+    /// twice as many, so that the cut point is found in that head (a 1 MB input costs what its
+    /// first kilobytes do). Where the head holds fewer (runs of whitespace, say), the whole text
+    /// is kept, so the answer is the same either way.
+    fn long_enough_head<'t>(&self, text: &'t str, room: usize) -> crate::Result<&'t str> {
+        // no tokenizer here spends more than this many bytes on one token of ordinary text
+        const BYTES_PER_TOKEN: usize = 64;
+        let mut end = room.saturating_mul(BYTES_PER_TOKEN);
+        if end >= text.len() {
+            return Ok(text);
+        }
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let head = &text[..end];
+        let tokens = self
+            .whole
+            .encode(head, false)
+            .map_err(|e| crate::invalid!("cannot tokenize {:?}: {e}", preview(head)))?
+            .len();
+        Ok(if tokens > 2 * room { head } else { text })
     }
 
     /// The most tokens an encoding may have.
@@ -175,4 +199,13 @@ pub fn encode_all(
                 .0)
         })
         .collect()
+}
+
+/// The start of a text, for an error message about it.
+fn preview(text: &str) -> String {
+    const SHOWN: usize = 80;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
 }

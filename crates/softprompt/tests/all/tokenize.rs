@@ -57,3 +57,30 @@ fn a_long_pair_keeps_its_target_and_the_template_tail() {
     assert!(text.starts_with("the story a good"), "{text}");
     assert!(text.ends_with("so it was not good"), "{text}");
 }
+
+/// A megabyte of text is cut in its head, with the answer the whole text gets, and a text of
+/// mostly whitespace (whose head holds no tokens) is still cut at its real tokens.
+#[test]
+fn a_huge_input_is_cut_as_the_whole_text_would_be() {
+    let encoder = encoder(14);
+    let sentence = "a good movie and a fun story but the acting was weak ";
+    let huge = sentence.repeat(20_000);
+    // within the 14 × 64 bytes that are tokenized whole, so this one takes the exact path
+    let exact = &huge[..14 * 64 - 1];
+    let fitted = |text: &str| {
+        encoder
+            .encode_fitted(Some(&template()), text, None, 14)
+            .unwrap()
+    };
+    assert_eq!(fitted(&huge), fitted(exact));
+    assert!(fitted(&huge).1);
+
+    let spaced = format!(
+        "{}a good movie and a fun story but the acting was weak",
+        " ".repeat(100_000)
+    );
+    let (cut, truncated) = fitted(&spaced);
+    assert!(truncated);
+    let text = encoder.decode(&cut.ids).unwrap();
+    assert!(text.starts_with("the story a good movie"), "{text}");
+}
