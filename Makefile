@@ -9,7 +9,7 @@ BIN    := target/release/softprompt
 RUN    := runs/movie-reviews
 VENV   := .venv-ref
 
-.PHONY: demo test assets build fixtures interop sweep bench clean serve-bench memory-bench
+.PHONY: demo test assets build fixtures interop sweep bench clean serve-bench memory-bench fuzz api-check soak
 
 assets:
 	$(PYTHON) scripts/fetch_assets.py
@@ -48,6 +48,27 @@ serve-bench: assets build
 # Peak RSS of training SmolLM2 with the GGUF dequantized at load and with --keep-quantized.
 memory-bench: assets build
 	scripts/memory_bench.sh
+
+# Every parser of other people's bytes under libFuzzer (cargo-fuzz, nightly): FUZZ_RUNS executions
+# per target from a corpus of real files; a crash stops it and leaves its input in fuzz/artifacts.
+FUZZ_RUNS    ?= 1000000
+FUZZ_TARGETS := data_rows adapter_dir safetensors_file gguf_file server_bodies
+fuzz: assets
+	command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	cd fuzz && $(CARGO) +nightly fuzz build -O && target/x86_64-unknown-linux-gnu/release/seed_corpus
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		echo "== $$t"; \
+		$(CARGO) +nightly fuzz run -O $$t corpus/$$t -- -runs=$(FUZZ_RUNS) -rss_limit_mb=2048 \
+			-max_len=65536 -print_final_stats=1 > fuzz-$$t.log 2>&1 || { tail -40 fuzz-$$t.log; exit 1; }; \
+		grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb)" fuzz-$$t.log; \
+	done
+
+# The HTTP API against its own OpenAPI document (schemathesis), and the 10-minute hostile soak.
+api-check: assets build
+	scripts/server_checks.sh api
+
+soak: assets build
+	scripts/server_checks.sh soak
 
 sweep: assets build
 	scripts/sweep_defaults.sh
