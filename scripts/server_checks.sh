@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The server tried as an attacker would, in two checks that share their set-up (a decoder, one
-# verbalizer adapter "critic" and one generation adapter "writer", a few steps of training each):
+# verbalizer adapter "sentiment" and one generation adapter "writer", a few steps of training each):
 #   api   (make api-check): schemathesis (PyPI, in .venv-api) generates requests for every operation
 #         of crates/softprompt-server/openapi.json; every response must match its schema, none a 5xx.
 #         On the tiny decoder of the fixtures, so it takes a minute.
@@ -31,9 +31,9 @@ esac
 
 head -n 33 "$DATA/train.tsv" > "$WORK/train.tsv"
 few=(--model "$MODEL" --train "$WORK/train.tsv" --max-steps 2 --min-steps 2 --batch-size 4
-     --num-virtual-tokens 4 --eval-every 0)
+     --num-virtual-tokens 4)
 "$BIN" train "${few[@]}" --task verbalizer --template '{text} It was' --label-words bad,good \
-  --output "$WORK/adapters/critic" > /dev/null
+  --output "$WORK/adapters/sentiment" > /dev/null
 "$BIN" train "${few[@]}" --task causal-lm --template '{text} It was' \
   --output "$WORK/adapters/writer" > /dev/null
 
@@ -50,7 +50,7 @@ case "$MODE" in
       --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
       --max-examples "${API_EXAMPLES:-200}" --workers 2 ;;
   soak)
-    python3 scripts/hostile_soak.py --pid "$server_pid" --url "$URL" --classify critic \
+    python3 scripts/hostile_soak.py --pid "$server_pid" --url "$URL" --classify sentiment \
       --generate writer --data "$DATA/test.tsv" --duration "${SOAK_SECONDS:-600}"
     server_pid= ;;
 esac
