@@ -48,16 +48,22 @@ pub(crate) async fn generate_text(
             config.max_new_tokens
         )));
     }
-    let encoder = &state.registry.encoder;
-    let room = encoder.max_tokens();
-    let (encoded, truncated) = encoder
-        .encode_fitted(generator.template.as_ref(), &request.input, None, room)
-        .map_err(|e| ApiError::Invalid(format!("input: {}", e.chain())))?;
-    if truncated {
+    // tokenizing is CPU work: off the async runtime
+    let (registry, template) = (state.registry.clone(), generator.template.clone());
+    let room = registry.encoder.max_tokens();
+    let encoded = tokio::task::spawn_blocking(move || {
+        registry
+            .encoder
+            .encode_within(template.as_ref(), &request.input, room)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Invalid(format!("input: {}", e.chain())))?;
+    let Some(encoded) = encoded else {
         return Err(ApiError::Invalid(format!(
             "the input has more than {room} tokens, and generation continues the end of a text, so it is not cut: shorten it"
         )));
-    }
+    };
     let ids = encoded.ids;
     let slot = state.slot()?;
     let registry = state.registry.clone();

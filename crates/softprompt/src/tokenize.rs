@@ -69,19 +69,8 @@ impl TextEncoder {
     ) -> crate::Result<(Encoded, bool)> {
         let room = room.min(self.max_tokens());
         let text = self.long_enough_head(text, room)?;
-        let encode = |tokenizer: &Tokenizer, text: &str| {
-            let input = render(template, text);
-            match text_pair {
-                Some(pair) => tokenizer.encode((input.as_str(), pair), true),
-                None => tokenizer.encode(input.as_str(), true),
-            }
-            .map(|e| Encoded {
-                ids: e.get_ids().to_vec(),
-                type_ids: e.get_type_ids().to_vec(),
-                target_len: 0,
-            })
-            .map_err(|e| crate::invalid!("cannot tokenize {:?}: {e}", preview(text)))
-        };
+        let encode =
+            |tokenizer: &Tokenizer, text: &str| encode_with(tokenizer, template, text, text_pair);
         let whole = encode(&self.whole, text)?;
         if whole.ids.len() <= room {
             return Ok((whole, false));
@@ -116,6 +105,23 @@ impl TextEncoder {
         encoded.ids.truncate(room);
         encoded.type_ids.truncate(room);
         Ok((encoded, true))
+    }
+
+    /// `text` written into `template` and encoded whole, or `None` if that is more than `room`
+    /// tokens (generation continues a text's end, so it is never cut). A text whose head alone is
+    /// over twice that is refused without tokenizing the rest.
+    pub fn encode_within(
+        &self,
+        template: Option<&Template>,
+        text: &str,
+        room: usize,
+    ) -> crate::Result<Option<Encoded>> {
+        let room = room.min(self.max_tokens());
+        if self.long_enough_head(text, room)?.len() < text.len() {
+            return Ok(None);
+        }
+        let encoded = encode_with(&self.whole, template, text, None)?;
+        Ok((encoded.ids.len() <= room).then_some(encoded))
     }
 
     /// A text far longer than `room` tokens can hold is cut to a head that still holds over
@@ -199,6 +205,26 @@ pub fn encode_all(
                 .0)
         })
         .collect()
+}
+
+/// `text` written into `template`, with `text_pair` after it, encoded with special tokens.
+fn encode_with(
+    tokenizer: &Tokenizer,
+    template: Option<&Template>,
+    text: &str,
+    text_pair: Option<&str>,
+) -> crate::Result<Encoded> {
+    let input = render(template, text);
+    match text_pair {
+        Some(pair) => tokenizer.encode((input.as_str(), pair), true),
+        None => tokenizer.encode(input.as_str(), true),
+    }
+    .map(|e| Encoded {
+        ids: e.get_ids().to_vec(),
+        type_ids: e.get_type_ids().to_vec(),
+        target_len: 0,
+    })
+    .map_err(|e| crate::invalid!("cannot tokenize {:?}: {e}", preview(text)))
 }
 
 /// The start of a text, for an error message about it.

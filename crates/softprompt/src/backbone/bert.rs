@@ -333,9 +333,9 @@ impl Backbone for Bert {
         let mut pass = Pass {
             shape: self.attention_shape(b, s),
             positions: Positions::From(0),
-            attend: Attend::Rows { bias: &bias },
+            attend: Attend::Rows { bias: &bias, keep },
         };
-        let (x, layers) = stack::forward(&self.layers, x, &mut pass, keep)?;
+        let (x, layers) = stack::forward(&self.layers, x, &mut pass)?;
         let activations = keep.then_some(BertActivations {
             shape,
             embeddings,

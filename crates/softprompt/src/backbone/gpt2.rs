@@ -258,9 +258,9 @@ impl Backbone for Gpt2 {
         let mut pass = Pass {
             shape: self.attention_shape(b, s),
             positions: Positions::From(0),
-            attend: Attend::Rows { bias: &bias },
+            attend: Attend::Rows { bias: &bias, keep },
         };
-        let (x, blocks) = stack::forward(&self.blocks, x, &mut pass, keep)?;
+        let (x, blocks) = stack::forward(&self.blocks, x, &mut pass)?;
         let (hidden, ln_f) = self.ln_f.forward(&x)?;
         Ok((
             hidden.reshape(shape)?,
@@ -320,7 +320,7 @@ impl Decoder for Gpt2 {
             positions: Positions::From(start),
             attend: Attend::Cached { cache },
         };
-        let (x, _) = stack::forward(&self.blocks, x, &mut pass, false)?;
+        let (x, _) = stack::forward(&self.blocks, x, &mut pass)?;
         Ok(self.ln_f.forward(&x)?.0)
     }
 

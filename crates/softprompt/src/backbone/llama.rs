@@ -435,10 +435,10 @@ impl Backbone for Llama {
         let mut pass = Pass {
             shape: self.attention_shape(b, s),
             positions: Positions::from_ids(position_ids.as_ref()),
-            attend: Attend::Rows { bias: &bias },
+            attend: Attend::Rows { bias: &bias, keep },
         };
         let x = input.embeds.reshape((b * s, d))?;
-        let (x, layers) = stack::forward(&self.layers, x, &mut pass, keep)?;
+        let (x, layers) = stack::forward(&self.layers, x, &mut pass)?;
         let (hidden, norm) = self.norm.forward(&x)?;
         let activations = keep.then_some(LlamaActivations {
             shape,
@@ -481,7 +481,7 @@ impl Decoder for Llama {
             positions: Positions::From(cache.len()),
             attend: Attend::Cached { cache },
         };
-        let (x, _) = stack::forward(&self.layers, embeds.clone(), &mut pass, false)?;
+        let (x, _) = stack::forward(&self.layers, embeds.clone(), &mut pass)?;
         Ok(self.norm.forward(&x)?.0)
     }
 

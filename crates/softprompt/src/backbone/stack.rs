@@ -6,15 +6,17 @@
 
 use super::KvCache;
 use crate::kernels::{
-    attention_forward, cached_attention, heads_of, AttentionSaved, AttentionShape, Positions,
+    attention_forward, attention_inference, cached_attention, heads_of, AttentionSaved,
+    AttentionShape, Positions,
 };
 use candle_core::{Result, Tensor};
 
 /// How a block's self-attention reads the positions.
 pub(crate) enum Attend<'a> {
     /// B whole rows of S positions under the padding (and causal) mask [B, 1, 1, S]: training
-    /// and inference.
-    Rows { bias: &'a Tensor },
+    /// (`keep`: each block keeps what its backward needs) and inference (nothing kept, and
+    /// attention's memory grows with S, not S²).
+    Rows { bias: &'a Tensor, keep: bool },
     /// N new positions on top of every position a KV cache holds: generation.
     Cached { cache: &'a mut KvCache },
 }
@@ -38,9 +40,12 @@ impl Pass<'_> {
     ) -> Result<(Tensor, Option<AttentionSaved>)> {
         let shape = self.shape;
         match &mut self.attend {
-            Attend::Rows { bias } => {
+            Attend::Rows { bias, keep: true } => {
                 let (context, saved) = attention_forward(qkv, bias, shape)?;
                 Ok((context, Some(saved)))
+            }
+            Attend::Rows { bias, keep: false } => {
+                Ok((attention_inference(qkv, bias, shape)?, None))
             }
             Attend::Cached { cache } => {
                 let (h, hk) = (shape.heads, shape.kv_heads);
@@ -80,14 +85,14 @@ pub(crate) trait Block {
     ) -> Result<Tensor>;
 }
 
-/// x [T, D] through every block → y [T, D], and with `keep` each block's saved tensors for
+/// x [T, D] through every block → y [T, D], and for a pass that keeps (training) each block's saved tensors for
 /// `backward` (without, each block's are dropped once the next has run).
 pub(crate) fn forward<B: Block>(
     blocks: &[B],
     mut x: Tensor,
     pass: &mut Pass,
-    keep: bool,
 ) -> Result<(Tensor, Vec<B::Saved>)> {
+    let keep = matches!(pass.attend, Attend::Rows { keep: true, .. });
     let mut kept = Vec::with_capacity(if keep { blocks.len() } else { 0 });
     for (layer, block) in blocks.iter().enumerate() {
         let _span = tracing::trace_span!("forward", layer).entered();

@@ -75,6 +75,17 @@ pub fn attention_forward(
     Ok((context, AttentionSaved { qkv, probs }))
 }
 
+/// `attention_forward` where no backward follows (inference): the same context, and on the CPU
+/// memory that grows with S, not S², so one long input cannot take the machine's memory.
+pub fn attention_inference(qkv: &Tensor, bias: &Tensor, shape: AttentionShape) -> Result<Tensor> {
+    let h = shape.resolve(qkv.dim(1)?)?;
+    match qkv.dtype() {
+        DType::F32 if fused_for(qkv) => fused_attention::forward_unkept::<f32>(qkv, bias, h),
+        DType::F64 if fused_for(qkv) => fused_attention::forward_unkept::<f64>(qkv, bias, h),
+        _ => Ok(composed_forward(qkv, bias, h)?.0),
+    }
+}
+
 /// d_context [T, H·K] → d_qkv [T, (H + 2·Hkv)·K].
 /// dP = dC·Vᵀ; dV = Pᵀ·dC; dS = P ⊙ (dP − rowsum(dP ⊙ P))·scale; dQ = dS·K; dK = dSᵀ·Q; the
 /// gradients of a shared key/value head are summed over its query heads.

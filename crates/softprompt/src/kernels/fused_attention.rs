@@ -95,12 +95,13 @@ impl Heads {
     }
 }
 
-/// scores [S, S] (raw q·kᵀ) → probabilities, in place: scale, padding bias, causal mask, softmax.
-fn softmax_rows<T: Real>(p: &mut [T], bias: &[T], h: &Heads) {
+/// scores [R, S] of the queries `first..first + R` (raw q·kᵀ) → probabilities, in place: scale,
+/// padding bias, causal mask, softmax.
+fn softmax_rows<T: Real>(p: &mut [T], first: usize, bias: &[T], h: &Heads) {
     let s = h.seq;
     let scale = T::lit(h.scale);
     for (i, row) in p.chunks_mut(s).enumerate() {
-        let visible = if h.causal { i + 1 } else { s };
+        let visible = if h.causal { first + i + 1 } else { s };
         let mut max = T::neg_infinity();
         for (x, &m) in row[..visible].iter_mut().zip(bias) {
             *x = *x * scale + m;
@@ -117,6 +118,54 @@ fn softmax_rows<T: Real>(p: &mut [T], bias: &[T], h: &Heads) {
     }
 }
 
+/// The queries `first..first + R` of row `b`, query head `head`: their probabilities into `p`
+/// [R, S] and their context into rows `first..first + R` of that head's columns.
+///
+/// # Safety
+/// `qkv` holds [B·S, W]; `context` points to [B·S, H·K] of which this call alone writes that block.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_queries<T: Real>(
+    qkv: &[T],
+    bias: &[T],
+    h: &Heads,
+    (b, head): (usize, usize),
+    first: usize,
+    p: &mut [T],
+    context: Shared<T>,
+) {
+    let (s, kd, w, d) = (h.seq, h.head_dim, h.width(), h.heads * h.head_dim);
+    let rows = p.len() / s;
+    let kv = head / h.group();
+    let row0 = b * s * w;
+    let (q, k, v) = (
+        &qkv[row0 + first * w + h.q_col(head)..],
+        &qkv[row0 + h.k_col(kv)..],
+        &qkv[row0 + h.v_col(kv)..],
+    );
+    matmul::<T>(
+        (rows, s, kd),
+        p.as_mut_ptr(),
+        s,
+        false,
+        q.as_ptr(),
+        (w, 1),
+        k.as_ptr(),
+        (1, w),
+    );
+    softmax_rows(p, first, &bias[b * s..(b + 1) * s], h);
+    let out = context.ptr().add((b * s + first) * d + head * kd);
+    matmul::<T>(
+        (rows, kd, s),
+        out,
+        d,
+        false,
+        p.as_ptr(),
+        (s, 1),
+        v.as_ptr(),
+        (w, 1),
+    );
+}
+
 /// qkv [B·S, W], bias [B, 1, 1, S] read as [B, S] (0 or a large negative) → (context [B·S, H·K], probabilities [B, H, S, S])
 pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<(Tensor, Tensor)> {
     let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
@@ -125,7 +174,7 @@ pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<
         cpu_slice::<T>(&qkv_s, qkv_l)?,
         cpu_slice::<T>(&bias_s, bias_l)?,
     );
-    let (s, kd, w, d) = (h.seq, h.head_dim, h.width(), h.heads * h.head_dim);
+    let (s, d) = (h.seq, h.heads * h.head_dim);
     let mut probs = vec![T::zero(); h.batch * h.heads * s * s];
     let mut context = vec![T::zero(); h.batch * s * d];
     let ctx = Shared(context.as_mut_ptr());
@@ -133,39 +182,18 @@ pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<
         .par_chunks_mut(s * s)
         .enumerate()
         .for_each(|(pair, p)| {
-            let (b, head) = (pair / h.heads, pair % h.heads);
-            let kv = head / h.group();
-            let row0 = b * s * w;
-            let (q, k, v) = (
-                &qkv_v[row0 + h.q_col(head)..],
-                &qkv_v[row0 + h.k_col(kv)..],
-                &qkv_v[row0 + h.v_col(kv)..],
-            );
-            // SAFETY: q, k, v are read within qkv; p is this task's own [S, S]; each task writes a
-            // disjoint [S, K] block of the context.
+            // SAFETY: p is this task's own [S, S]; each task writes a disjoint [S, K] block of
+            // the context.
             unsafe {
-                matmul::<T>(
-                    (s, s, kd),
-                    p.as_mut_ptr(),
-                    s,
-                    false,
-                    q.as_ptr(),
-                    (w, 1),
-                    k.as_ptr(),
-                    (1, w),
-                );
-                softmax_rows(p, &bias_v[b * s..(b + 1) * s], &h);
-                let out = ctx.ptr().add(b * s * d + head * kd);
-                matmul::<T>(
-                    (s, kd, s),
-                    out,
-                    d,
-                    false,
-                    p.as_ptr(),
-                    (s, 1),
-                    v.as_ptr(),
-                    (w, 1),
-                );
+                attend_queries(
+                    qkv_v,
+                    bias_v,
+                    &h,
+                    (pair / h.heads, pair % h.heads),
+                    0,
+                    p,
+                    ctx,
+                )
             }
         });
     let device = qkv.device();
@@ -173,6 +201,49 @@ pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<
         Tensor::from_vec(context, (h.batch * s, d), device)?,
         Tensor::from_vec(probs, (h.batch, h.heads, s, s), device)?,
     ))
+}
+
+/// Queries per task when the probabilities are not kept: a task's scores are [QUERY_BLOCK, S],
+/// so inference on S positions needs O(S) memory per thread where training keeps [B, H, S, S].
+const QUERY_BLOCK: usize = 64;
+
+/// `forward` for inference: qkv [B·S, W], bias [B, 1, 1, S] → context [B·S, H·K], the same
+/// numbers, without the probabilities.
+pub(super) fn forward_unkept<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<Tensor> {
+    let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
+    let ((qkv_s, qkv_l), (bias_s, bias_l)) = (qkv.storage_and_layout(), bias.storage_and_layout());
+    let (qkv_v, bias_v) = (
+        cpu_slice::<T>(&qkv_s, qkv_l)?,
+        cpu_slice::<T>(&bias_s, bias_l)?,
+    );
+    let (s, d) = (h.seq, h.heads * h.head_dim);
+    let blocks = s.div_ceil(QUERY_BLOCK);
+    let mut context = vec![T::zero(); h.batch * s * d];
+    let ctx = Shared(context.as_mut_ptr());
+    (0..h.batch * h.heads * blocks)
+        .into_par_iter()
+        .for_each_init(
+            || vec![T::zero(); QUERY_BLOCK * s],
+            |scratch, task| {
+                let (pair, block) = (task / blocks, task % blocks);
+                let first = block * QUERY_BLOCK;
+                let rows = QUERY_BLOCK.min(s - first);
+                // SAFETY: the scratch is this thread's own; each task writes a disjoint
+                // [rows, K] block of the context.
+                unsafe {
+                    attend_queries(
+                        qkv_v,
+                        bias_v,
+                        &h,
+                        (pair / h.heads, pair % h.heads),
+                        first,
+                        &mut scratch[..rows * s],
+                        ctx,
+                    )
+                }
+            },
+        );
+    Tensor::from_vec(context, (h.batch * s, d), qkv.device())
 }
 
 /// d_context [B·S, H·K], qkv [B·S, W], probabilities [B, H, S, S] → d_qkv [B·S, W]

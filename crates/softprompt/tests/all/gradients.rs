@@ -9,9 +9,9 @@ use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, BackboneInput};
 use softprompt::batch::{Batch, Padding};
 use softprompt::kernels::{
-    attention_backward, attention_forward, gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward,
-    gelu_tanh_forward, mask_bias, with_composed, AttentionShape, GatedMlp, GeluSaved, LayerNorm,
-    Linear, Positions, RmsNorm, Rope,
+    attention_backward, attention_forward, attention_inference, gelu_erf_backward,
+    gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, mask_bias, with_composed,
+    AttentionShape, GatedMlp, GeluSaved, LayerNorm, Linear, Positions, RmsNorm, Rope,
 };
 use softprompt::prompt::SoftPrompt;
 use softprompt::prompted::{prompted_forward, CausalLm, Classifier, PromptedModel, Trainee};
@@ -195,6 +195,35 @@ fn fused_attention_matches_composed() {
         let (fused, _) = attention_forward(&qkv, &bias, shape).unwrap();
         let (composed, _) = with_composed(|| attention_forward(&qkv, &bias, shape).unwrap());
         let diff = crate::max_abs_diff(&fused, &composed);
+        assert!(diff < 1e-12, "{heads}/{kv_heads} causal {causal}: {diff:e}");
+    }
+}
+
+/// Inference attention, query block by query block with no probabilities kept, gives the
+/// context training's attention gives: 150 positions (two full blocks of 64 and a part), padding,
+/// causal and grouped-query.
+#[test]
+fn inference_attention_matches_training_attention() {
+    for (heads, kv_heads, causal) in [(2, 2, false), (4, 2, true)] {
+        let (batch, seq) = (2, 150);
+        let shape = AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            causal,
+        };
+        let qkv = randn(&[batch * seq, (heads + 2 * kv_heads) * 4], 5);
+        let lengths = [seq, 97];
+        let mask: Vec<u32> = lengths
+            .iter()
+            .flat_map(|&n| (0..seq).map(move |j| u32::from(j < n)))
+            .collect();
+        let mask = Tensor::from_vec(mask, (batch, seq), &DEV).unwrap();
+        let bias = mask_bias(&mask, DType::F64).unwrap();
+        let (trained, _) = attention_forward(&qkv, &bias, shape).unwrap();
+        let inferred = attention_inference(&qkv, &bias, shape).unwrap();
+        let diff = crate::max_abs_diff(&trained, &inferred);
         assert!(diff < 1e-12, "{heads}/{kv_heads} causal {causal}: {diff:e}");
     }
 }

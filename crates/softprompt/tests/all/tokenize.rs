@@ -84,3 +84,18 @@ fn a_huge_input_is_cut_as_the_whole_text_would_be() {
     let text = encoder.decode(&cut.ids).unwrap();
     assert!(text.starts_with("the story a good movie"), "{text}");
 }
+
+/// Generation's input is whole or refused: never cut, and a megabyte is refused from its head.
+#[test]
+fn a_generation_input_is_encoded_whole_or_refused() {
+    let encoder = encoder(14);
+    let fits = encoder
+        .encode_within(Some(&template()), "fun", 14)
+        .unwrap()
+        .expect("fits");
+    assert_eq!(encoder.decode(&fits.ids).unwrap(), "the story fun so it was");
+    let long = "a good movie and a fun story but the acting was weak";
+    assert_eq!(encoder.encode_within(Some(&template()), long, 14).unwrap(), None);
+    let huge = long.repeat(20_000);
+    assert_eq!(encoder.encode_within(None, &huge, 14).unwrap(), None);
+}
