@@ -35,6 +35,9 @@ args = p.parse_args()
 host, port = urllib.parse.urlsplit(args.url).hostname, urllib.parse.urlsplit(args.url).port
 texts = [line.split("\t")[0] for line in open(args.data, encoding="utf-8").read().splitlines()[1:]]
 stop = threading.Event()
+# set at SIGTERM: no new ordinary requests from then on (those in flight must still succeed), while
+# the hostile connections stay open through the shutdown
+draining = threading.Event()
 lock = threading.Lock()
 tally = {}
 
@@ -84,28 +87,30 @@ def capacity(seconds=20, concurrency=8):
 def ordinary(rate):
     """Open-loop: one request every 1/rate s, each on its own thread."""
     next_at = time.time()
-    while not stop.is_set():
+    while not draining.is_set():
         threading.Thread(target=ordinary_once, daemon=True).start()
         next_at += random.expovariate(rate)
         time.sleep(max(0.0, next_at - time.time()))
 
 
 def amplified():
-    bodies = [
-        json.dumps({"adapters": [args.classify] * 1000, "inputs": [random.choice(texts) * 8] * 64}),
-        json.dumps({"adapter": args.classify, "inputs": ["word " * 200_000]}),
-        json.dumps({"adapter": args.classify, "inputs": ["x" * (2 << 20)]}),
-        json.dumps({"adapter": args.generate, "input": "a " * 50_000, "max_new_tokens": 100000}),
+    """Small bodies that would cost many backbone passes, and bodies past the size limit."""
+    long_text = " ".join(texts[:20])
+    classify = [
+        {"adapters": [args.classify] * 1000, "inputs": [texts[0]] * 64},
+        {"adapter": args.classify, "inputs": [long_text] * 64},
+        {"adapter": args.classify, "inputs": ["word " * 200_000]},
+        {"adapter": args.classify, "inputs": ["x" * (2 << 20)]},
     ]
+    generate = {"adapter": args.generate, "input": "a " * 50_000, "max_new_tokens": 100000}
     while not stop.is_set():
-        try:
-            status, _ = request("POST", "/v1/classify", random.choice(bodies[:3]))
-            count("amplified", status)
-            status, _ = request("POST", "/v1/generate", bodies[3])
-            count("amplified", status)
-        except Exception as e:
-            count("amplified", type(e).__name__)
-        time.sleep(0.2)
+        for path, body in [("/v1/classify", random.choice(classify)), ("/v1/generate", generate)]:
+            try:
+                status, _ = request("POST", path, json.dumps(body))
+                count("amplified", status)
+            except Exception as e:
+                count("amplified", type(e).__name__)
+            time.sleep(0.5)
 
 
 def slow_upload():
@@ -197,6 +202,8 @@ while time.time() - start < args.duration:
           f"{json.dumps(tally)}", flush=True)
 peak = rss_mb("VmHWM")
 # the hostile connections stay open through the shutdown: they must not hold it
+draining.set()
+time.sleep(0.2)  # the last ordinary requests started are connected by now
 asked = time.time()
 os.kill(args.pid, signal.SIGTERM)
 while os.path.exists(f"/proc/{args.pid}") and time.time() - asked < 60:

@@ -38,7 +38,8 @@ pub struct ServeArgs {
     /// Most inputs one classify request may carry (422 beyond).
     #[arg(long, default_value_t = 64)]
     max_inputs_per_request: usize,
-    /// Most tokens per input; default: what the longest prompt leaves of the model's positions.
+    /// Most tokens per input (classify and generate); default: 512, or what the longest prompt
+    /// leaves of the model's positions where that is less.
     #[arg(long)]
     max_input_tokens: Option<usize>,
     /// An input over --max-input-tokens: truncate, or reject with 422.
@@ -59,6 +60,9 @@ pub struct ServeArgs {
     /// The most backbone rows (inputs × adapters) one classify request may cost (422 beyond).
     #[arg(long, default_value_t = ServerConfig::default().max_rows_per_request)]
     max_rows_per_request: usize,
+    /// The most positions (rows × (prompt + tokens)) one classify request may cost (422 beyond).
+    #[arg(long, default_value_t = ServerConfig::default().max_positions_per_request)]
+    max_positions_per_request: usize,
     /// A request's headers, then its body, must arrive within this many milliseconds (a slow
     /// body gets 408; a half-sent header loses its connection).
     #[arg(long, default_value_t = ServerConfig::default().read_timeout.as_millis() as u64)]
@@ -84,6 +88,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens,
         max_ensemble: args.max_ensemble,
         max_rows_per_request: args.max_rows_per_request,
+        max_positions_per_request: args.max_positions_per_request,
         read_timeout: Duration::from_millis(args.read_timeout_ms),
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
     };

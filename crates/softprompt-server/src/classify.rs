@@ -1,7 +1,7 @@
 //! `POST /v1/classify`: a request's inputs, once per member adapter, become rows of the batching
 //! queue; each input's answer is its members' vote. The request takes its slot only once its body
 //! is read and checked (a slow upload holds none), and its work is bounded: at most
-//! `max_ensemble` adapters and `max_rows_per_request` rows.
+//! `max_ensemble` adapters, `max_rows_per_request` rows and `max_positions_per_request` positions.
 
 use crate::api::{ClassifyRequest, ClassifyResponse, ClassifyResult, MemberLabel};
 use crate::error::ApiError;
@@ -75,6 +75,17 @@ pub(crate) async fn classify(
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+        // what the request costs the backbone: every input once per member, behind its prompt
+        let positions: usize = encoded
+            .iter()
+            .flat_map(|e| adapters.iter().map(move |a| a.prompt_len() + e.ids.len()))
+            .sum();
+        if positions > config.max_positions_per_request {
+            return Err(ApiError::Invalid(format!(
+                "this request costs {positions} positions (inputs × adapters, prompts included); a request may cost at most {}",
+                config.max_positions_per_request
+            )));
+        }
         let rows = encoded
             .iter()
             .flat_map(|e| adapters.iter().map(move |a| (a.clone(), e.clone())))

@@ -16,6 +16,11 @@ pub enum Overlong {
 }
 softprompt::named_choice!(Overlong, "truncate", "reject");
 
+/// Tokens per input unless `--max-input-tokens` says otherwise: a classifier's input rarely
+/// needs more, and a model's whole context (8k for SmolLM2) would make one input cost as much as
+/// hundreds of ordinary ones.
+pub const DEFAULT_MAX_INPUT_TOKENS: usize = 512;
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Directories whose subdirectories are adapters; also the only places `POST /v1/adapters`
@@ -32,8 +37,8 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub max_inputs_per_request: usize,
-    /// Tokens per input, special tokens included; `None`: what the longest prompt leaves of the
-    /// model's positions at start.
+    /// Tokens per input, special tokens included; `None`: `DEFAULT_MAX_INPUT_TOKENS`, or less
+    /// where the longest prompt leaves less of the model's positions.
     pub max_input_tokens: Option<usize>,
     pub overlong: Overlong,
     /// Requests handled at once; more get 429.
@@ -46,6 +51,9 @@ pub struct ServerConfig {
     pub max_ensemble: usize,
     /// The most backbone rows (inputs × adapters) one classify request may cost.
     pub max_rows_per_request: usize,
+    /// The most positions (rows × (prompt + tokens)) one classify request may cost: what bounds
+    /// its backbone time, whatever its size in bytes.
+    pub max_positions_per_request: usize,
     /// A request's headers, and then its body, must arrive within this: a body gets 408, a
     /// half-sent header loses its connection. Slow clients cost a connection, never a slot.
     pub read_timeout: Duration,
@@ -70,6 +78,7 @@ impl Default for ServerConfig {
             max_new_tokens: 256,
             max_ensemble: 16,
             max_rows_per_request: 256,
+            max_positions_per_request: 4096,
             read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
         }
@@ -109,8 +118,11 @@ impl ServerConfig {
         if self.max_wait > Duration::from_secs(10) {
             bail!("max_wait (--max-wait-ms) is at most 10 s: every request waits that long for company");
         }
-        if self.max_rows_per_request == 0 || self.max_ensemble == 0 {
-            bail!("max_rows_per_request and max_ensemble must be at least 1");
+        if self.max_rows_per_request == 0
+            || self.max_ensemble == 0
+            || self.max_positions_per_request == 0
+        {
+            bail!("max_rows_per_request, max_positions_per_request and max_ensemble must be at least 1");
         }
         if self.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
             bail!("the API key is empty");

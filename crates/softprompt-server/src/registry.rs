@@ -107,8 +107,9 @@ impl Registry {
             .map(|(_, a)| a.prompt.dims()[0])
             .max()
             .unwrap_or(0);
+        let room = positions.saturating_sub(longest);
         let max_input_tokens =
-            max_input_tokens.unwrap_or_else(|| positions.saturating_sub(longest));
+            max_input_tokens.unwrap_or(room.min(crate::config::DEFAULT_MAX_INPUT_TOKENS));
         let encoder = model.encoder(positions.saturating_sub(max_input_tokens), None)?;
         let registry = Self {
             roots: roots.to_vec(),

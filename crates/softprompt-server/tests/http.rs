@@ -862,6 +862,7 @@ fn hostile_requests_are_bounded_and_answered_in_json() {
     std::os::unix::fs::symlink(outside.join("three"), served.join("linked")).unwrap();
     let address = start(ServerConfig {
         max_concurrent_requests: 2,
+        max_positions_per_request: 120,
         ..config(&served, Duration::from_millis(1))
     });
     let (_, list) = http(&address, "GET", "/v1/adapters", None);
@@ -901,6 +902,16 @@ fn hostile_requests_are_bounded_and_answered_in_json() {
         &body,
         422,
         "a request may cost at most 256",
+    );
+
+    // nor may few bytes cost many positions: the budget counts tokens, not rows or bytes
+    let body = json!({"adapters": ["peft", "peft"], "inputs": vec!["a good movie"; 16]}).to_string();
+    expect_error(
+        &address,
+        "/v1/classify",
+        &body,
+        422,
+        "a request may cost at most 120",
     );
 
     // slow uploads hold no request slot: with 2 slots, three half-sent bodies lock nobody out

@@ -93,9 +93,15 @@ fn a_generation_input_is_encoded_whole_or_refused() {
         .encode_within(Some(&template()), "fun", 14)
         .unwrap()
         .expect("fits");
-    assert_eq!(encoder.decode(&fits.ids).unwrap(), "the story fun so it was");
+    assert_eq!(
+        encoder.decode(&fits.ids).unwrap(),
+        "the story fun so it was"
+    );
     let long = "a good movie and a fun story but the acting was weak";
-    assert_eq!(encoder.encode_within(Some(&template()), long, 14).unwrap(), None);
+    assert_eq!(
+        encoder.encode_within(Some(&template()), long, 14).unwrap(),
+        None
+    );
     let huge = long.repeat(20_000);
     assert_eq!(encoder.encode_within(None, &huge, 14).unwrap(), None);
 }
