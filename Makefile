@@ -50,15 +50,17 @@ memory-bench: assets build
 	scripts/memory_bench.sh
 
 # Every parser of other people's bytes under libFuzzer (cargo-fuzz, nightly): FUZZ_RUNS executions
-# per target from a corpus of real files; a crash stops it and leaves its input in fuzz/artifacts.
+# per target (or FUZZ_SECONDS, whichever comes first) from a corpus of real files; a crash stops it
+# and leaves its input in fuzz/artifacts.
 FUZZ_RUNS    ?= 1000000
+FUZZ_SECONDS ?= 1800
 FUZZ_TARGETS := data_rows adapter_dir safetensors_file gguf_file server_bodies
 fuzz: assets
 	command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
 	cd fuzz && $(CARGO) +nightly fuzz build -O && target/x86_64-unknown-linux-gnu/release/seed_corpus
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 		echo "== $$t"; \
-		$(CARGO) +nightly fuzz run -O $$t corpus/$$t -- -runs=$(FUZZ_RUNS) -rss_limit_mb=2048 \
+		$(CARGO) +nightly fuzz run -O $$t corpus/$$t -- -runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 			-max_len=65536 -print_final_stats=1 > fuzz-$$t.log 2>&1 || { tail -40 fuzz-$$t.log; exit 1; }; \
 		grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb)" fuzz-$$t.log; \
 	done
