@@ -905,7 +905,8 @@ fn hostile_requests_are_bounded_and_answered_in_json() {
     );
 
     // nor may few bytes cost many positions: the budget counts tokens, not rows or bytes
-    let body = json!({"adapters": ["peft", "peft"], "inputs": vec!["a good movie"; 16]}).to_string();
+    let body =
+        json!({"adapters": ["peft", "peft"], "inputs": vec!["a good movie"; 16]}).to_string();
     expect_error(
         &address,
         "/v1/classify",

@@ -34,6 +34,12 @@ pub fn load_llama(
     let at = path.display();
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {at}"))?;
     let content = Content::read(&mut file).with_context(|| format!("{at} is not a GGUF file"))?;
+    let file_len = file
+        .metadata()
+        .with_context(|| format!("cannot read the size of {at}"))?
+        .len();
+    check_tensor_sizes(&content, file_len)
+        .with_context(|| format!("{at} is not a model this loader can read"))?;
     let meta = |key: &str| {
         content
             .metadata
@@ -248,4 +254,27 @@ fn tokenizer(content: &Content, tokens: &[Value]) -> crate::Result<Tokenizer> {
             "vocab": vocab, "merges": merges}
     });
     Tokenizer::from_bytes(serde_json::to_vec(&json)?).map_err(|e| crate::invalid!("{e}"))
+}
+
+/// Every tensor's declared shape fits in usize, and in the file, dequantized to f32 included:
+/// candle multiplies the dimensions unchecked, so a shape that wraps passed its size check and
+/// then asked for more memory than exists (found by `fuzz/fuzz_targets/gguf_file.rs`).
+fn check_tensor_sizes(content: &Content, file_len: u64) -> crate::Result<()> {
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        let elements = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let (block, block_bytes) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+        let bytes = elements.and_then(|n| (n / block).checked_mul(block_bytes));
+        let fits = match (elements, bytes) {
+            (Some(n), Some(b)) => n.checked_mul(4).is_some() && b as u64 <= file_len,
+            _ => false,
+        };
+        if !fits {
+            bail!(
+                "tensor {name} claims shape {dims:?} of {:?}, more than the file's {file_len} bytes hold",
+                info.ggml_dtype
+            );
+        }
+    }
+    Ok(())
 }

@@ -302,6 +302,21 @@ fn quantized_weights_select_rows_and_stack_like_dense_ones() {
     }
 }
 
+/// A GGUF tensor whose declared shape wraps around usize (the fuzzer's find: it passed candle's
+/// size check and then panicked asking for exabytes) is refused by name.
+#[test]
+fn a_gguf_tensor_larger_than_its_file_is_refused() {
+    let path = crate::fixtures().join("hostile/gguf-wrapping-tensor-shape.gguf");
+    let err = softprompt::model::Model::load(&path, DType::F32, &Device::Cpu)
+        .err()
+        .expect("a tensor of that shape must not load");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("more than the file's 639 bytes hold"),
+        "{message}"
+    );
+}
+
 /// A GGUF file of an architecture this loader does not read is refused by name, never half-read.
 #[test]
 fn a_gguf_of_another_architecture_is_refused() {
