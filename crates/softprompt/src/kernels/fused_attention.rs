@@ -168,82 +168,76 @@ unsafe fn attend_queries<T: Real>(
 
 /// qkv [B·S, W], bias [B, 1, 1, S] read as [B, S] (0 or a large negative) → (context [B·S, H·K], probabilities [B, H, S, S])
 pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<(Tensor, Tensor)> {
-    let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
-    let ((qkv_s, qkv_l), (bias_s, bias_l)) = (qkv.storage_and_layout(), bias.storage_and_layout());
-    let (qkv_v, bias_v) = (
-        cpu_slice::<T>(&qkv_s, qkv_l)?,
-        cpu_slice::<T>(&bias_s, bias_l)?,
-    );
-    let (s, d) = (h.seq, h.heads * h.head_dim);
-    let mut probs = vec![T::zero(); h.batch * h.heads * s * s];
-    let mut context = vec![T::zero(); h.batch * s * d];
-    let ctx = Shared(context.as_mut_ptr());
-    probs
-        .par_chunks_mut(s * s)
-        .enumerate()
-        .for_each(|(pair, p)| {
-            // SAFETY: p is this task's own [S, S]; each task writes a disjoint [S, K] block of
-            // the context.
-            unsafe {
-                attend_queries(
-                    qkv_v,
-                    bias_v,
-                    &h,
-                    (pair / h.heads, pair % h.heads),
-                    0,
-                    p,
-                    ctx,
-                )
-            }
-        });
+    let (context, probs) = attend::<T>(qkv, bias, h, true)?;
     let device = qkv.device();
+    let s = h.seq;
     Ok((
-        Tensor::from_vec(context, (h.batch * s, d), device)?,
+        Tensor::from_vec(context, (h.batch * s, h.heads * h.head_dim), device)?,
         Tensor::from_vec(probs, (h.batch, h.heads, s, s), device)?,
     ))
+}
+
+/// `forward` for inference: qkv [B·S, W], bias [B, 1, 1, S] → context [B·S, H·K], the same
+/// numbers, without the probabilities.
+pub(super) fn forward_unkept<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<Tensor> {
+    let (context, _) = attend::<T>(qkv, bias, h, false)?;
+    Tensor::from_vec(
+        context,
+        (h.batch * h.seq, h.heads * h.head_dim),
+        qkv.device(),
+    )
 }
 
 /// Queries per task when the probabilities are not kept: a task's scores are [QUERY_BLOCK, S],
 /// so inference on S positions needs O(S) memory per thread where training keeps [B, H, S, S].
 const QUERY_BLOCK: usize = 64;
 
-/// `forward` for inference: qkv [B·S, W], bias [B, 1, 1, S] → context [B·S, H·K], the same
-/// numbers, without the probabilities.
-pub(super) fn forward_unkept<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<Tensor> {
+/// The context [B·S, H·K], and with `keep` the probabilities [B, H, S, S] (else none): kept,
+/// each task is one (row, head) pair's [S, S]; not kept, QUERY_BLOCK queries of a pair in a
+/// scratch its thread reuses.
+fn attend<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads, keep: bool) -> Result<(Vec<T>, Vec<T>)> {
     let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
     let ((qkv_s, qkv_l), (bias_s, bias_l)) = (qkv.storage_and_layout(), bias.storage_and_layout());
     let (qkv_v, bias_v) = (
         cpu_slice::<T>(&qkv_s, qkv_l)?,
         cpu_slice::<T>(&bias_s, bias_l)?,
     );
-    let (s, d) = (h.seq, h.heads * h.head_dim);
-    let blocks = s.div_ceil(QUERY_BLOCK);
-    let mut context = vec![T::zero(); h.batch * s * d];
+    let s = h.seq;
+    let mut context = vec![T::zero(); h.batch * s * h.heads * h.head_dim];
     let ctx = Shared(context.as_mut_ptr());
-    (0..h.batch * h.heads * blocks)
-        .into_par_iter()
-        .for_each_init(
-            || vec![T::zero(); QUERY_BLOCK * s],
-            |scratch, task| {
-                let (pair, block) = (task / blocks, task % blocks);
-                let first = block * QUERY_BLOCK;
-                let rows = QUERY_BLOCK.min(s - first);
-                // SAFETY: the scratch is this thread's own; each task writes a disjoint
-                // [rows, K] block of the context.
-                unsafe {
-                    attend_queries(
-                        qkv_v,
-                        bias_v,
-                        &h,
-                        (pair / h.heads, pair % h.heads),
-                        first,
-                        &mut scratch[..rows * s],
-                        ctx,
-                    )
-                }
-            },
-        );
-    Tensor::from_vec(context, (h.batch * s, d), qkv.device())
+    // SAFETY: each call gets its own scores and writes a block of the context no other call does
+    let queries = |pair: usize, first: usize, p: &mut [T]| unsafe {
+        attend_queries(
+            qkv_v,
+            bias_v,
+            &h,
+            (pair / h.heads, pair % h.heads),
+            first,
+            p,
+            ctx,
+        )
+    };
+    let mut probs = Vec::new();
+    if keep {
+        probs = vec![T::zero(); h.batch * h.heads * s * s];
+        probs
+            .par_chunks_mut(s * s)
+            .enumerate()
+            .for_each(|(pair, p)| queries(pair, 0, p));
+    } else {
+        let blocks = s.div_ceil(QUERY_BLOCK);
+        (0..h.batch * h.heads * blocks)
+            .into_par_iter()
+            .for_each_init(
+                || vec![T::zero(); QUERY_BLOCK * s],
+                |scratch, task| {
+                    let first = (task % blocks) * QUERY_BLOCK;
+                    let rows = QUERY_BLOCK.min(s - first);
+                    queries(task / blocks, first, &mut scratch[..rows * s]);
+                },
+            );
+    }
+    Ok((context, probs))
 }
 
 /// d_context [B·S, H·K], qkv [B·S, W], probabilities [B, H, S, S] → d_qkv [B·S, W]
