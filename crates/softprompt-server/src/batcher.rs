@@ -25,6 +25,11 @@ pub struct BatcherConfig {
 /// One request's rows: (task, tokens), answered with one logits vector per row.
 pub type Rows = Vec<(Arc<LoadedAdapter>, Encoded)>;
 
+/// The positions rows take in backbone passes: each row's prompt and tokens.
+pub fn positions(rows: &Rows) -> usize {
+    rows.iter().map(|(t, e)| t.prompt_len() + e.ids.len()).sum()
+}
+
 struct Job {
     rows: Rows,
     reply: oneshot::Sender<Result<Vec<Vec<f32>>, ApiError>>,
@@ -32,10 +37,7 @@ struct Job {
 
 impl Job {
     fn positions(&self) -> usize {
-        self.rows
-            .iter()
-            .map(|(t, e)| t.prompt_len() + e.ids.len())
-            .sum()
+        positions(&self.rows)
     }
 
     /// The adapters a job uses, by identity: jobs may share a batch without mixing only if

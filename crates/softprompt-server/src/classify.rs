@@ -4,6 +4,7 @@
 //! `max_ensemble` adapters, `max_rows_per_request` rows and `max_positions_per_request` positions.
 
 use crate::api::{ClassifyRequest, ClassifyResponse, ClassifyResult, MemberLabel};
+use crate::batcher::Rows;
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::body::Body;
@@ -75,21 +76,18 @@ pub(crate) async fn classify(
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-        // what the request costs the backbone: every input once per member, behind its prompt
-        let positions: usize = encoded
+        let rows: Rows = encoded
             .iter()
-            .flat_map(|e| adapters.iter().map(move |a| a.prompt_len() + e.ids.len()))
-            .sum();
+            .flat_map(|e| adapters.iter().map(move |a| (a.clone(), e.clone())))
+            .collect();
+        // what the request costs the backbone: every input once per member, behind its prompt
+        let positions = crate::batcher::positions(&rows);
         if positions > config.max_positions_per_request {
             return Err(ApiError::Invalid(format!(
                 "this request costs {positions} positions (inputs × adapters, prompts included); a request may cost at most {}",
                 config.max_positions_per_request
             )));
         }
-        let rows = encoded
-            .iter()
-            .flat_map(|e| adapters.iter().map(move |a| (a.clone(), e.clone())))
-            .collect();
         state.batcher.run(rows).await
     };
     let logits = tokio::time::timeout(config.request_timeout, work)

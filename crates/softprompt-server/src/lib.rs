@@ -8,8 +8,9 @@
 //!              → each request its answers
 //! ```
 //!
-//! `connections` accepts them (header-read timeout, bounded drain at shutdown). `generation` answers /v1/generate (one decoding loop per request, from the adapter's prefix
-//! cache). `api` holds the request and response bodies (`body` reads them), `error` the errors and their HTTP
+//! `connections` accepts them (header-read timeout, bounded drain at shutdown). `generation`
+//! answers /v1/generate (one decoding loop per request, from the adapter's prefix cache). `api`
+//! holds the request and response bodies (`body` reads them), `error` the errors and their HTTP
 //! statuses, `state` what handlers share, `registry` the adapters by name (loaded and unloaded
 //! while serving), `config` the limits, `metrics` what /metrics reports.
 

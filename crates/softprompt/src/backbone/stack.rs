@@ -85,8 +85,8 @@ pub(crate) trait Block {
     ) -> Result<Tensor>;
 }
 
-/// x [T, D] through every block → y [T, D], and for a pass that keeps (training) each block's saved tensors for
-/// `backward` (without, each block's are dropped once the next has run).
+/// x [T, D] through every block → y [T, D], and for a pass that keeps (training) each block's
+/// saved tensors for `backward` (otherwise each block's are dropped once the next has run).
 pub(crate) fn forward<B: Block>(
     blocks: &[B],
     mut x: Tensor,
