@@ -119,3 +119,16 @@ pub struct InferenceArgs {
     #[command(flatten)]
     pub batch: BatchArgs,
 }
+
+/// `--profile`: where the time goes, by span (phase, layer, kernel), each matmul's GFLOP/s.
+#[derive(Args)]
+pub struct ProfileArgs {
+    /// Print where the time went: each phase, layer and kernel's seconds, and each matmul's
+    /// GFLOP/s.
+    #[arg(long)]
+    pub profile: bool,
+    /// The machine's FMA peak in GFLOP/s (scripts/fma_peak.sh measures it), so that rates are also
+    /// given as a share of it.
+    #[arg(long)]
+    pub fma_peak: Option<f64>,
+}

@@ -1,11 +1,13 @@
 //! `softprompt bench`: a train step, a forward pass or greedy generation, timed on random weights
 //! of a known shape (no assets needed).
 
+use crate::args::ProfileArgs;
 use crate::output::emit;
 use anyhow::bail;
 use candle_core::quantized::GgmlDType;
 use clap::Args;
 use softprompt::bench::{self, BenchConfig, Mode};
+use softprompt::profile::Profiler;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -34,6 +36,8 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pub profile: ProfileArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -53,7 +57,7 @@ enum BenchMode {
     Generate,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(args: BenchArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
     let mode = match args.mode {
         BenchMode::Train => Mode::Train,
         BenchMode::Forward => Mode::Forward,
@@ -72,12 +76,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         num_virtual_tokens: args.num_virtual_tokens,
         steps: args.steps,
         warmup: 3,
+        profiler,
+        fma_peak_gflop_per_s: args.profile.fma_peak,
     };
     let r = bench::run(&config)?;
-    let text = format!(
-        "{} {} batch {} x ({} + {}): median {:.3} s (min {:.3}, max {:.3}) over {} steps, {:.1} GFLOP/s, peak RSS {:.0} MiB\n",
+    let peak = r
+        .share_of_peak
+        .map_or(String::new(), |s| format!(" ({:.0} % of the FMA peak)", 100.0 * s));
+    let mut text = format!(
+        "{} {} batch {} x ({} + {}): median {:.3} s (min {:.3}, max {:.3}) over {} steps, {:.1} GFLOP/s{peak}, peak RSS {:.0} MiB\n",
         r.arch, r.mode, r.batch, r.seq, r.num_virtual_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.gflop_per_s, r.peak_rss_mib
     );
+    if let Some(profile) = &r.profile {
+        text.push_str(&profile.table(0.002));
+    }
     emit(args.json, &r, text)
 }
 

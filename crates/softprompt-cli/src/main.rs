@@ -15,6 +15,10 @@ mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
+use softprompt::profile::Profiler;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 #[derive(Parser)]
 #[command(
@@ -47,12 +51,22 @@ enum Command {
     Loadgen(loadgen::LoadgenArgs),
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+impl Command {
+    fn profiles(&self) -> bool {
+        match self {
+            Command::Train(args) => args.profile.profile,
+            Command::Bench(args) => args.profile.profile,
+            _ => false,
+        }
+    }
+}
+
+fn run(cli: Cli, profiler: Option<Profiler>) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(args, profiler),
         Command::Eval(args) => eval::run(args),
         Command::Predict(args) => predict::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(args, profiler),
         Command::Inspect(args) => inspect::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
@@ -68,14 +82,23 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
+    let cli = Cli::parse();
+    let profiler = cli.command.profiles().then(Profiler::default);
+    let log = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(
             tracing_subscriber::EnvFilter::try_from_env("SOFTPROMPT_LOG")
                 .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
+        );
+    // the profiler hears every span of the engine, whatever SOFTPROMPT_LOG lets through
+    let engine_spans = tracing_subscriber::filter::filter_fn(|meta| {
+        meta.is_span() && meta.target().starts_with("softprompt")
+    });
+    tracing_subscriber::registry()
+        .with(log)
+        .with(profiler.clone().map(|p| p.with_filter(engine_spans)))
         .init();
-    match run(Cli::parse()) {
+    match run(cli, profiler) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

@@ -1,11 +1,12 @@
 //! `softprompt train`: a soft prompt (and the task's head) on a frozen model, with a progress bar.
 
-use crate::args::{template, unescaped, ColumnArgs, ModelArgs};
+use crate::args::{template, unescaped, ColumnArgs, ModelArgs, ProfileArgs};
 use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::batch::Padding;
 use softprompt::optim::{OptimizerKind, Schedule};
+use softprompt::profile::Profiler;
 use softprompt::prompt::PromptInit;
 use softprompt::task::classify::Pool;
 use softprompt::task::TaskKind;
@@ -101,6 +102,8 @@ pub struct TrainArgs {
     /// Continue the interrupted run in --output from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    #[command(flatten)]
+    pub profile: ProfileArgs,
 }
 
 impl TrainArgs {
@@ -132,7 +135,7 @@ impl TrainArgs {
     }
 }
 
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
     let config = args.config();
     let paths = TrainPaths {
         model: args.model.model,
@@ -211,6 +214,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         },
     )?;
     bar.finish_and_clear();
+    if let Some(profiler) = profiler {
+        eprint!("{}", profiler.profile(args.profile.fma_peak).table(0.002));
+    }
     match summary.best_dev_accuracy {
         Some(acc) => println!(
             "best dev accuracy {acc:.4}; adapter in {}",

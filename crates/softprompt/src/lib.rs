@@ -21,6 +21,7 @@
 //! metrics     accuracy, macro-F1, per-class precision / recall, confusion matrix
 //! generate    [prompt; input] → tokens, with a KV cache and a per-adapter prefix cache
 //! bench       timed train steps, forwards and generation on random weights of known shapes
+//! profile     where a step's time goes: every span's time, and each matmul's GFLOP/s
 //! ```
 //! `error` is the library's error type, `files` writes files atomically, `enum_names` gives the
 //! option enums their command-line names.
@@ -40,6 +41,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod prompt;
+pub mod profile;
 pub mod prompted;
 pub mod task;
 pub mod template;

@@ -10,6 +10,7 @@ use crate::batch::{Batch, Batching, EncodedSet, Padding};
 use crate::named_choice;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::prompt::SoftPrompt;
+use crate::profile::{Profile, Profiler};
 use crate::prompted::{CausalLm, Classifier, PromptedModel, Trainee};
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::tokenize::Encoded;
@@ -149,6 +150,10 @@ pub struct BenchConfig {
     pub num_virtual_tokens: usize,
     pub steps: usize,
     pub warmup: usize,
+    /// reset after the warm-up, so that its profile covers the timed steps only
+    pub profiler: Option<Profiler>,
+    /// what the profile's rates are a share of
+    pub fma_peak_gflop_per_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,7 +169,11 @@ pub struct BenchResult {
     pub max_s: f64,
     pub gflop: f64,
     pub gflop_per_s: f64,
+    /// `gflop_per_s` over the FMA peak, where that was given
+    pub share_of_peak: Option<f64>,
     pub peak_rss_mib: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
 }
 
 /// Model FLOPs of one step, as ../shared/reference/pytorch/bench_pt.py counts them: BERT with the
@@ -256,10 +265,12 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
     };
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), &trainee.params())?;
     let mut step = || -> crate::Result<f64> {
+        let _span = tracing::debug_span!("step").entered();
         let started = Instant::now();
         match config.mode {
             Mode::Train => {
                 let (_, mut grads) = trainee.loss_and_grads(&batch)?;
+                let _span = tracing::trace_span!("optimizer").entered();
                 clip_grad_norm(&mut grads, 1.0)?;
                 optimizer.step(&trainee.params(), &grads, 1e-3)?;
             }
@@ -276,6 +287,9 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
     };
     for _ in 0..config.warmup {
         step()?;
+    }
+    if let Some(profiler) = &config.profiler {
+        profiler.reset();
     }
     let mut times = (0..config.steps.max(1))
         .map(|_| step())
@@ -301,6 +315,11 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
         max_s: times[times.len() - 1],
         gflop,
         gflop_per_s: gflop / median_s,
+        share_of_peak: config.fma_peak_gflop_per_s.map(|p| gflop / median_s / p),
         peak_rss_mib: peak_rss_mib(),
+        profile: config
+            .profiler
+            .as_ref()
+            .map(|p| p.profile(config.fma_peak_gflop_per_s)),
     })
 }

@@ -4,10 +4,12 @@ use std::f64::consts::{PI, SQRT_2};
 
 /// The fused kernel of `kind` where it serves x (f32/f64 on the CPU), else None.
 fn fused_forward(x: &Tensor, kind: GeluKind) -> Option<Result<Tensor>> {
+    let _span = tracing::trace_span!("gelu.forward").entered();
     fused_for(x).then(|| x.contiguous()?.apply_op1_no_bwd(&Gelu(kind)))
 }
 
 fn fused_backward(dy: &Tensor, x: &Tensor, kind: GeluKind) -> Option<Result<Tensor>> {
+    let _span = tracing::trace_span!("gelu.backward").entered();
     scaled(dy, x, Pointwise::GeluSlope(kind))
 }
 

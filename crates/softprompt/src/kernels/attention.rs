@@ -66,6 +66,7 @@ pub fn attention_forward(
     shape: AttentionShape,
 ) -> Result<(Tensor, AttentionSaved)> {
     let h = shape.resolve(qkv.dim(1)?)?;
+    let _span = tracing::trace_span!("attention.forward", flops = h.flops()).entered();
     let (context, probs) = match qkv.dtype() {
         DType::F32 if fused_for(qkv) => fused_attention::forward::<f32>(qkv, bias, h),
         DType::F64 if fused_for(qkv) => fused_attention::forward::<f64>(qkv, bias, h),
@@ -79,6 +80,7 @@ pub fn attention_forward(
 /// memory that grows with S, not S², so one long input cannot take the machine's memory.
 pub fn attention_inference(qkv: &Tensor, bias: &Tensor, shape: AttentionShape) -> Result<Tensor> {
     let h = shape.resolve(qkv.dim(1)?)?;
+    let _span = tracing::trace_span!("attention.forward", flops = h.flops()).entered();
     match qkv.dtype() {
         DType::F32 if fused_for(qkv) => fused_attention::forward_unkept::<f32>(qkv, bias, h),
         DType::F64 if fused_for(qkv) => fused_attention::forward_unkept::<f64>(qkv, bias, h),
@@ -96,6 +98,8 @@ pub fn attention_backward(
 ) -> Result<Tensor> {
     let (qkv, probs) = (&saved.qkv, &saved.probs);
     let h = shape.resolve(qkv.dim(1)?)?;
+    // four products to the forward's two
+    let _span = tracing::trace_span!("attention.backward", flops = 2 * h.flops()).entered();
     match qkv.dtype() {
         DType::F32 if fused_for(qkv) => fused_attention::backward::<f32>(dcontext, qkv, probs, h),
         DType::F64 if fused_for(qkv) => fused_attention::backward::<f64>(dcontext, qkv, probs, h),

@@ -76,6 +76,12 @@ pub(super) struct Heads {
 }
 
 impl Heads {
+    /// The forward's model FLOPs: Q·Kᵀ and P·V, 2·S²·K each per row and query head (the causal
+    /// mask's zeros counted, as the reference counts them).
+    pub fn flops(&self) -> u64 {
+        (4 * self.batch * self.heads * self.seq * self.seq * self.head_dim) as u64
+    }
+
     /// Columns of the packed projection: queries, then keys, then values.
     fn width(&self) -> usize {
         (self.heads + 2 * self.kv_heads) * self.head_dim

@@ -19,6 +19,7 @@ pub struct LayerNormSaved {
 impl LayerNorm {
     /// x [.., D] → y [.., D]
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LayerNormSaved)> {
+        let _span = tracing::trace_span!("layer_norm.forward").entered();
         let x = x.contiguous()?;
         let y = if fused_for(&x) {
             x.apply_op3_no_bwd(
@@ -36,6 +37,7 @@ impl LayerNorm {
 
     /// dy [.., D] → dx [.., D] = rstd · (g − mean(g) − x̂ · mean(g·x̂)), with g = dy·γ.
     pub fn backward(&self, dy: &Tensor, saved: &LayerNormSaved) -> Result<Tensor> {
+        let _span = tracing::trace_span!("layer_norm.backward").entered();
         let dy = dy.contiguous()?;
         if fused_for(&dy) {
             return dy.apply_op3_no_bwd(

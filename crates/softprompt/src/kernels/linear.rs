@@ -202,15 +202,35 @@ impl Linear {
 
     /// x [T, IN] → y [T, OUT] = x·Wᵀ + b. Nothing needs saving: the backward reads only W.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.apply(x)?;
+        let y = {
+            let _span = tracing::trace_span!("linear.forward", shape = %self.shape(), flops = self.flops(x)?)
+                .entered();
+            self.weight.apply(x)?
+        };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => {
+                let _span = tracing::trace_span!("bias").entered();
+                y.broadcast_add(b)
+            }
             None => Ok(y),
         }
     }
 
     /// dy [T, OUT] → dx [T, IN] = dy·W. The weight gradient (dyᵀ·x) is never formed.
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
+        let _span = tracing::trace_span!("linear.backward", shape = %self.shape(), flops = self.flops(dy)?)
+            .entered();
         dy.matmul(&self.weight.dense()?)
+    }
+
+    /// "IN→OUT", which tells the profiler's matmuls apart.
+    fn shape(&self) -> String {
+        format!("{}→{}", self.weight.dims()[1], self.weight.dims()[0])
+    }
+
+    /// The FLOPs of one product of T `rows` [T, ..] with the weight: 2·T·IN·OUT.
+    fn flops(&self, rows: &Tensor) -> Result<u64> {
+        let t = rows.elem_count() / rows.dim(candle_core::D::Minus1)?.max(1);
+        Ok((2 * t * self.weight.dims().iter().product::<usize>()) as u64)
     }
 }

@@ -24,7 +24,10 @@ impl GatedMlp {
     /// x [T, D] → y [T, D]
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, GatedMlpSaved)> {
         let (gate, up) = self.projections(x)?;
-        let h = scaled(&up, &gate, Pointwise::Silu).unwrap_or_else(|| gate.silu()? * &up)?;
+        let h = {
+            let _span = tracing::trace_span!("silu_gate.forward").entered();
+            scaled(&up, &gate, Pointwise::Silu).unwrap_or_else(|| gate.silu()? * &up)?
+        };
         let y = self.down.forward(&h)?;
         let saved = match self.recompute {
             true => GatedMlpSaved::Input(x.clone()),
@@ -50,16 +53,19 @@ impl GatedMlp {
                 (&recomputed.0, &recomputed.1)
             }
         };
-        let dh_up = (&dh * up_out)?;
-        let (d_up, d_gate) = match (
-            scaled(&dh, g, Pointwise::Silu),
-            scaled(&dh_up, g, Pointwise::SiluSlope),
-        ) {
-            (Some(d_up), Some(d_gate)) => (d_up?, d_gate?),
-            _ => {
-                let sigmoid = (g.neg()?.exp()? + 1.0)?.recip()?;
-                let slope = (&sigmoid * ((g * (1.0 - &sigmoid)?)? + 1.0)?)?;
-                ((&dh * (g * &sigmoid)?)?, (dh_up * slope)?)
+        let (d_up, d_gate) = {
+            let _span = tracing::trace_span!("silu_gate.backward").entered();
+            let dh_up = (&dh * up_out)?;
+            match (
+                scaled(&dh, g, Pointwise::Silu),
+                scaled(&dh_up, g, Pointwise::SiluSlope),
+            ) {
+                (Some(d_up), Some(d_gate)) => (d_up?, d_gate?),
+                _ => {
+                    let sigmoid = (g.neg()?.exp()? + 1.0)?.recip()?;
+                    let slope = (&sigmoid * ((g * (1.0 - &sigmoid)?)? + 1.0)?)?;
+                    ((&dh * (g * &sigmoid)?)?, (dh_up * slope)?)
+                }
             }
         };
         gate.backward(&d_gate)? + up.backward(&d_up)?

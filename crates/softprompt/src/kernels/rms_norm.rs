@@ -15,6 +15,7 @@ pub struct RmsNormSaved {
 impl RmsNorm {
     /// x [.., D] → y [.., D]
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, RmsNormSaved)> {
+        let _span = tracing::trace_span!("rms_norm.forward").entered();
         let y = x
             .broadcast_mul(&self.rrms(x)?)?
             .broadcast_mul(&self.weight)?;
@@ -23,6 +24,7 @@ impl RmsNorm {
 
     /// dy [.., D] → dx [.., D] = rrms · (g − x̂ · mean(g · x̂)), with g = dy·γ and x̂ = x·rrms.
     pub fn backward(&self, dy: &Tensor, saved: &RmsNormSaved) -> Result<Tensor> {
+        let _span = tracing::trace_span!("rms_norm.backward").entered();
         let x = &saved.x;
         let rrms = self.rrms(x)?;
         let xhat = x.broadcast_mul(&rrms)?;

@@ -39,12 +39,14 @@ impl Rope {
 
     /// x [B, H, S, K] at `positions` → rotated x [B, H, S, K]
     pub fn forward(&self, x: &Tensor, positions: Positions) -> Result<Tensor> {
+        let _span = tracing::trace_span!("rope.forward").entered();
         let (cos, sin) = self.tables(x, positions)?;
         x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
     }
 
     /// dy [B, H, S, K] → dx = dy·cos + rotate_halfᵀ(dy·sin), with rotate_halfᵀ([z₁, z₂]) = [z₂, −z₁].
     pub fn backward(&self, dy: &Tensor, positions: Positions) -> Result<Tensor> {
+        let _span = tracing::trace_span!("rope.backward").entered();
         let (cos, sin) = self.tables(dy, positions)?;
         let z = dy.broadcast_mul(&sin)?;
         let half = z.dim(3)? / 2;

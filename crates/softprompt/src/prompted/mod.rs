@@ -134,12 +134,24 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
     }
 
     fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)> {
-        let p = Prompted::new(&self.backbone, &self.prompt, batch)?;
-        let (hidden, activations) = self.backbone.forward_train(&p.input())?;
-        let head = self
-            .head
-            .loss(&hidden, &p.attention_mask, batch, self.prompt.len())?;
-        let d_embeds = self.backbone.backward(&head.d_hidden, activations)?;
+        let p = {
+            let _span = tracing::trace_span!("embed").entered();
+            Prompted::new(&self.backbone, &self.prompt, batch)?
+        };
+        let (hidden, activations) = {
+            let _span = tracing::trace_span!("backbone.forward").entered();
+            self.backbone.forward_train(&p.input())?
+        };
+        let head = {
+            let _span = tracing::trace_span!("head").entered();
+            self.head
+                .loss(&hidden, &p.attention_mask, batch, self.prompt.len())?
+        };
+        let d_embeds = {
+            let _span = tracing::trace_span!("backbone.backward").entered();
+            self.backbone.backward(&head.d_hidden, activations)?
+        };
+        let _span = tracing::trace_span!("prompt.gradient").entered();
         let mut gradients = vec![self.prompt.gradient(&d_embeds)?.to_dtype(DType::F32)?];
         gradients.extend(head.param_grads);
         Ok((head.loss, gradients))

@@ -114,7 +114,7 @@ impl Trainer<'_> {
                 epoch_plan = (progress.epoch, batches);
             }
             let rows = &epoch_plan.1[progress.batch];
-            let _span = tracing::debug_span!("step", step = progress.step + 1).entered();
+            let span = tracing::debug_span!("step", step = progress.step + 1).entered();
             let started = Instant::now();
             let lr = config
                 .schedule
@@ -134,9 +134,13 @@ impl Trainer<'_> {
                     progress.step + 1
                 );
             }
-            let grad_norm =
-                clip_grad_norm(&mut grads, config.max_grad_norm.unwrap_or(f64::INFINITY))?;
-            optimizer.step(&params, &grads, lr)?;
+            let grad_norm = {
+                let _span = tracing::trace_span!("optimizer").entered();
+                let norm =
+                    clip_grad_norm(&mut grads, config.max_grad_norm.unwrap_or(f64::INFINITY))?;
+                optimizer.step(&params, &grads, lr)?;
+                norm
+            };
             let finite = params.iter().map(|p| all_finite(p.as_tensor()));
             if !finite.collect::<Result<Vec<bool>>>()?.iter().all(|&f| f) {
                 bail!(
@@ -145,6 +149,7 @@ impl Trainer<'_> {
                 );
             }
             let examples_per_s = rows.len() as f64 / started.elapsed().as_secs_f64();
+            drop(span);
 
             progress.step += 1;
             progress.batch += 1;
@@ -168,6 +173,7 @@ impl Trainer<'_> {
             }))?;
 
             if progress.step % eval_every == 0 || progress.step == total {
+                let _span = tracing::debug_span!("evaluate").entered();
                 self.evaluate(&mut progress, &mut log, on_event)?;
                 progress.optimizer_steps = optimizer.steps();
                 progress.stopped = config
