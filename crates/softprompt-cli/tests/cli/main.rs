@@ -1075,3 +1075,81 @@ fn resume_checks_the_model_and_data_it_continues() {
         &["the training data differ from the interrupted run's"],
     );
 }
+
+/// `--profile`: the matmul spans declare exactly the FLOPs the reference's formulas count (less the
+/// classifier head's, which candle's autograd computes outside any span), every layer's matmuls are
+/// there, and training prints the same table.
+#[test]
+fn profile_counts_the_flops_of_the_formulas_and_where_the_time_went() {
+    let out = ok(&[
+        "bench",
+        "train",
+        "--arch",
+        "minilm-l6",
+        "--batch",
+        "2",
+        "--seq",
+        "12",
+        "--num-virtual-tokens",
+        "4",
+        "--steps",
+        "2",
+        "--profile",
+        "--fma-peak",
+        "100",
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = r["profile"]["rows"].as_array().unwrap();
+    let declared: f64 = rows.iter().map(|row| row["gflop"].as_f64().unwrap()).sum();
+    let (b, d) = (2.0, 384.0);
+    // two steps of the head's train FLOPs, less the pooler's forward (a span): the pooler's
+    // backward and the classifier run on candle's autograd
+    let head_outside_spans = 2.0 * (2.0 * 2.0 * b * (d * d + 2.0 * d) - 2.0 * b * d * d) / 1e9;
+    let formulas = 2.0 * r["gflop"].as_f64().unwrap();
+    assert!(
+        (formulas - declared - head_outside_spans).abs() < 1e-9,
+        "spans {declared} GFLOP, formulas {formulas} GFLOP over 2 steps"
+    );
+    let calls = |span: &str, detail: &str| {
+        rows.iter()
+            .find(|row| row["span"] == span && row["detail"] == detail)
+            .map(|row| row["calls"].as_u64().unwrap())
+    };
+    for shape in ["384→1152", "384→384", "384→1536", "1536→384"] {
+        assert_eq!(calls("linear.backward", shape), Some(2 * 6), "{shape}");
+    }
+    assert_eq!(calls("attention.forward", ""), Some(2 * 6));
+    assert_eq!(calls("backward", "layer 5"), Some(2));
+    let shares: f64 = rows.iter().map(|row| row["share"].as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 1e-9, "shares add up to {shares}");
+    let matmul = rows
+        .iter()
+        .find(|row| row["span"] == "linear.forward")
+        .unwrap();
+    let rate = matmul["gflop_per_s"].as_f64().unwrap();
+    assert!((matmul["share_of_peak"].as_f64().unwrap() - rate / 100.0).abs() < 1e-9);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, dev) = toy_data(tmp.path());
+    let model = tiny_model().display().to_string();
+    let adapter = tmp.path().join("adapter").display().to_string();
+    let o = run(&train_args(
+        &model,
+        &train,
+        &dev,
+        &adapter,
+        &["--max-steps", "3", "--profile"],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for span in [
+        "step",
+        "optimizer",
+        "evaluate",
+        "linear.forward",
+        "attention.backward",
+        "profiled",
+    ] {
+        assert!(stderr(&o).contains(span), "no {span} in:\n{}", stderr(&o));
+    }
+}
