@@ -3,8 +3,9 @@
 //! elementwise ops run on one thread). f32 and f64; the callers in this module's siblings pick
 //! them on the CPU and fall back to composed candle ops elsewhere (and under `with_composed`).
 
+use super::fast_math::{erf_f32, exp_f32, vectorized};
 use candle_core::backend::BackendStorage;
-use candle_core::cpu::erf::{erf_f32, erf_f64};
+use candle_core::cpu::erf::erf_f64;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
@@ -32,17 +33,25 @@ pub(super) fn fused_for(t: &Tensor) -> bool {
 
 /// The float types the kernels are written for.
 pub(super) trait Real: Float + candle_core::WithDType + Send + Sync + 'static {
+    /// f32: the vectorizing approximations of `fast_math`; f64: libm's
     fn erf(self) -> Self;
+    fn exp_fast(self) -> Self;
     fn of(storage: &CpuStorage) -> Result<&[Self]>;
     fn into_storage(values: Vec<Self>) -> CpuStorage;
+    #[inline(always)]
     fn lit(v: f64) -> Self {
         Self::from(v).expect("representable")
     }
 }
 
 impl Real for f32 {
+    #[inline(always)]
     fn erf(self) -> Self {
         erf_f32(self)
+    }
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        exp_f32(self)
     }
     fn of(storage: &CpuStorage) -> Result<&[Self]> {
         storage.as_slice::<f32>()
@@ -53,8 +62,13 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    #[inline(always)]
     fn erf(self) -> Self {
         erf_f64(self)
+    }
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        self.exp()
     }
     fn of(storage: &CpuStorage) -> Result<&[Self]> {
         storage.as_slice::<f64>()
@@ -127,6 +141,7 @@ pub(super) const TANH_CUBIC: f64 = 0.044715;
 
 impl GeluKind {
     /// erf: x·Φ(x); tanh: ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³)
+    #[inline(always)]
     fn value<T: Real>(self, x: T) -> T {
         let half = T::lit(0.5);
         match self {
@@ -138,12 +153,14 @@ impl GeluKind {
     }
 
     /// erf: Φ(x) + x·φ(x); tanh: ½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)
+    #[inline(always)]
     fn slope<T: Real>(self, x: T) -> T {
         let half = T::lit(0.5);
         match self {
             GeluKind::Erf => {
                 let cdf = half * (T::one() + (x * T::lit(std::f64::consts::FRAC_1_SQRT_2)).erf());
-                let pdf = (-half * x * x).exp() * T::lit(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+                let pdf =
+                    (-half * x * x).exp_fast() * T::lit(1.0 / (2.0 * std::f64::consts::PI).sqrt());
                 cdf + x * pdf
             }
             GeluKind::Tanh => {
@@ -156,9 +173,26 @@ impl GeluKind {
 
     /// tanh u as 1 − 2/(e^{2u} + 1): one exp, several times faster than libm's tanh, and exactly
     /// ±1 where e^{2u} overflows or vanishes.
+    #[inline(always)]
     fn tanh_u<T: Real>(x: T) -> T {
         let u = T::lit(TANH_SCALE) * (x + T::lit(TANH_CUBIC) * x * x * x);
-        T::one() - T::lit(2.0) / ((u + u).exp() + T::one())
+        T::one() - T::lit(2.0) / ((u + u).exp_fast() + T::one())
+    }
+}
+
+/// o = f(x), with `f` a constant the compiler sees, so that the loop vectorizes.
+#[inline(always)]
+fn map<T: Real>(o: &mut [T], x: &[T], f: impl Fn(T) -> T) {
+    for (o, &x) in o.iter_mut().zip(x) {
+        *o = f(x);
+    }
+}
+
+/// o = a ⊙ f(x), likewise.
+#[inline(always)]
+fn scale<T: Real>(o: &mut [T], a: &[T], x: &[T], f: impl Fn(T) -> T) {
+    for ((o, &a), &x) in o.iter_mut().zip(a).zip(x) {
+        *o = a * f(x);
     }
 }
 
@@ -177,9 +211,10 @@ impl CustomOp1 for Gelu {
             out.par_chunks_mut(ELEMENTS_PER_TASK)
                 .zip(x.par_chunks(ELEMENTS_PER_TASK))
                 .for_each(|(o, x)| {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = kind.value(x);
-                    }
+                    vectorized(|| match kind {
+                        GeluKind::Erf => map(o, x, |x| GeluKind::Erf.value(x)),
+                        GeluKind::Tanh => map(o, x, |x| GeluKind::Tanh.value(x)),
+                    })
                 });
             Ok(T::into_storage(out))
         }
@@ -199,8 +234,9 @@ pub(super) enum Pointwise {
 }
 
 impl Pointwise {
+    #[inline(always)]
     fn at<T: Real>(self, x: T) -> T {
-        let sigmoid = || T::one() / (T::one() + (-x).exp());
+        let sigmoid = || T::one() / (T::one() + (-x).exp_fast());
         match self {
             Pointwise::GeluSlope(kind) => kind.slope(x),
             Pointwise::Silu => x * sigmoid(),
@@ -242,9 +278,16 @@ impl CustomOp2 for Scaled {
                         .zip(x.par_chunks(ELEMENTS_PER_TASK)),
                 )
                 .for_each(|(o, (a, x))| {
-                    for ((o, &a), &x) in o.iter_mut().zip(a).zip(x) {
-                        *o = a * f.at(x);
-                    }
+                    vectorized(|| match f {
+                        Pointwise::GeluSlope(GeluKind::Erf) => {
+                            scale(o, a, x, |x| GeluKind::Erf.slope(x))
+                        }
+                        Pointwise::GeluSlope(GeluKind::Tanh) => {
+                            scale(o, a, x, |x| GeluKind::Tanh.slope(x))
+                        }
+                        Pointwise::Silu => scale(o, a, x, |x| Pointwise::Silu.at(x)),
+                        Pointwise::SiluSlope => scale(o, a, x, |x| Pointwise::SiluSlope.at(x)),
+                    })
                 });
             Ok(T::into_storage(out))
         }

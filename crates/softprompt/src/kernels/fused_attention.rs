@@ -5,6 +5,7 @@
 //! key/value head, so the gradients of keys and values shared by several query heads (grouped-query
 //! attention) accumulate inside one task.
 
+use super::fast_math::vectorized;
 use super::fused::{cpu_slice, Real};
 use candle_core::{Result, Tensor};
 use gemm::{gemm, Parallelism};
@@ -106,22 +107,41 @@ impl Heads {
 fn softmax_rows<T: Real>(p: &mut [T], first: usize, bias: &[T], h: &Heads) {
     let s = h.seq;
     let scale = T::lit(h.scale);
-    for (i, row) in p.chunks_mut(s).enumerate() {
-        let visible = if h.causal { first + i + 1 } else { s };
-        let mut max = T::neg_infinity();
-        for (x, &m) in row[..visible].iter_mut().zip(bias) {
-            *x = *x * scale + m;
-            max = Float::max(max, *x);
+    vectorized(|| {
+        for (i, row) in p.chunks_mut(s).enumerate() {
+            let visible = if h.causal { first + i + 1 } else { s };
+            let (row, hidden) = row.split_at_mut(visible);
+            for (x, &m) in row.iter_mut().zip(bias) {
+                *x = *x * scale + m;
+            }
+            let max = lanes(row, T::neg_infinity(), Float::max);
+            for x in row.iter_mut() {
+                *x = (*x - max).exp_fast();
+            }
+            let inv = T::one() / lanes(row, T::zero(), |a, b| a + b);
+            row.iter_mut().for_each(|x| *x *= inv);
+            hidden.iter_mut().for_each(|x| *x = T::zero());
         }
-        let mut sum = T::zero();
-        for x in row[..visible].iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+    })
+}
+
+/// A reduction of `x` by `f` in eight independent lanes, so that it vectorizes (one running value
+/// would order every step after the last).
+#[inline(always)]
+fn lanes<T: Real>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [init; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, v);
         }
-        let inv = T::one() / sum;
-        row[..visible].iter_mut().for_each(|x| *x *= inv);
-        row[visible..].iter_mut().for_each(|x| *x = T::zero());
     }
+    let mut total = rest.iter().fold(init, |a, &v| f(a, v));
+    for a in acc {
+        total = f(total, a);
+    }
+    total
 }
 
 /// The queries `first..first + R` of row `b`, query head `head`: their probabilities into `p`

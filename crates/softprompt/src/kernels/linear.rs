@@ -218,8 +218,9 @@ impl Linear {
 
     /// dy [T, OUT] → dx [T, IN] = dy·W. The weight gradient (dyᵀ·x) is never formed.
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
-        let _span = tracing::trace_span!("linear.backward", shape = %self.shape(), flops = self.flops(dy)?)
-            .entered();
+        let _span =
+            tracing::trace_span!("linear.backward", shape = %self.shape(), flops = self.flops(dy)?)
+                .entered();
         dy.matmul(&self.weight.dense()?)
     }
 

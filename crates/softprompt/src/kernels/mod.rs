@@ -15,6 +15,7 @@
 
 mod activation;
 mod attention;
+mod fast_math;
 mod fused;
 mod fused_attention;
 mod layer_norm;
