@@ -80,9 +80,9 @@ pub fn run(args: BenchArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
         fma_peak_gflop_per_s: args.profile.fma_peak,
     };
     let r = bench::run(&config)?;
-    let peak = r
-        .share_of_peak
-        .map_or(String::new(), |s| format!(" ({:.0} % of the FMA peak)", 100.0 * s));
+    let peak = r.share_of_peak.map_or(String::new(), |s| {
+        format!(" ({:.0} % of the FMA peak)", 100.0 * s)
+    });
     let mut text = format!(
         "{} {} batch {} x ({} + {}): median {:.3} s (min {:.3}, max {:.3}) over {} steps, {:.1} GFLOP/s{peak}, peak RSS {:.0} MiB\n",
         r.arch, r.mode, r.batch, r.seq, r.num_virtual_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.gflop_per_s, r.peak_rss_mib

@@ -187,7 +187,11 @@ impl Profiler {
                     calls: t.calls,
                     self_s,
                     total_s,
-                    share: if profiled_s > 0.0 { self_s / profiled_s } else { 0.0 },
+                    share: if profiled_s > 0.0 {
+                        self_s / profiled_s
+                    } else {
+                        0.0
+                    },
                     gflop: t.flops / 1e9,
                     gflop_per_s,
                     share_of_peak: gflop_per_s.zip(fma_peak_gflop_per_s).map(|(r, p)| r / p),
@@ -256,7 +260,11 @@ impl Profile {
             gflop / seconds.max(f64::MIN_POSITIVE)
         );
         if let Some(peak) = self.fma_peak_gflop_per_s {
-            let _ = write!(out, " ({:.0} % of the {peak:.0} GFLOP/s FMA peak)", 100.0 * gflop / seconds.max(f64::MIN_POSITIVE) / peak);
+            let _ = write!(
+                out,
+                " ({:.0} % of the {peak:.0} GFLOP/s FMA peak)",
+                100.0 * gflop / seconds.max(f64::MIN_POSITIVE) / peak
+            );
         }
         out.push('\n');
         out
@@ -276,8 +284,9 @@ mod tests {
             for layer in 0..2u64 {
                 let _outer = tracing::trace_span!("forward", layer).entered();
                 std::thread::sleep(Duration::from_millis(5));
-                let _inner = tracing::trace_span!("matmul", shape = "4→8", flops = 2_000_000_000u64)
-                    .entered();
+                let _inner =
+                    tracing::trace_span!("matmul", shape = "4→8", flops = 2_000_000_000u64)
+                        .entered();
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
@@ -294,7 +303,10 @@ mod tests {
         assert!(matmul.self_s >= 0.040, "{matmul:?}");
         assert!((matmul.gflop - 4.0).abs() < 1e-9);
         let rate = matmul.gflop_per_s.unwrap();
-        assert!((rate - 4.0 / matmul.self_s).abs() < 1e-9 && rate <= 100.0, "4 GFLOP in over 40 ms: {rate}");
+        assert!(
+            (rate - 4.0 / matmul.self_s).abs() < 1e-9 && rate <= 100.0,
+            "4 GFLOP in over 40 ms: {rate}"
+        );
         assert!((matmul.share_of_peak.unwrap() - rate / 100.0).abs() < 1e-12);
         for layer in ["layer 0", "layer 1"] {
             let outer = row("forward", layer);
