@@ -84,8 +84,8 @@ pub fn run(args: BenchArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
         format!(" ({:.0} % of the FMA peak)", 100.0 * s)
     });
     let mut text = format!(
-        "{} {} batch {} x ({} + {}): median {:.3} s (min {:.3}, max {:.3}) over {} steps, {:.1} GFLOP/s{peak}, peak RSS {:.0} MiB\n",
-        r.arch, r.mode, r.batch, r.seq, r.num_virtual_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.gflop_per_s, r.peak_rss_mib
+        "{} {} batch {} x ({} + {}): median {:.3} s (min {:.3}, max {:.3}) over {} steps, {:.1} GFLOP/s done{peak} ({:.1} GFLOP/s of the reference's model FLOPs), peak RSS {:.0} MiB\n",
+        r.arch, r.mode, r.batch, r.seq, r.num_virtual_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.gflop_per_s, r.model_gflop_per_s, r.peak_rss_mib
     );
     if let Some(profile) = &r.profile {
         text.push_str(&profile.table(0.002));

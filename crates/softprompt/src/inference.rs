@@ -102,6 +102,7 @@ pub fn classify_rows<B: Backbone>(
         embeds: &embeds,
         attention_mask: &mask,
         token_type_ids: &types,
+        reads: None,
     })?;
     rows.iter()
         .enumerate()

@@ -1076,9 +1076,10 @@ fn resume_checks_the_model_and_data_it_continues() {
     );
 }
 
-/// `--profile`: the matmul spans declare exactly the FLOPs the reference's formulas count (less the
-/// classifier head's, which candle's autograd computes outside any span), every layer's matmuls are
-/// there, and training prints the same table.
+/// `--profile`: the matmul spans declare exactly the FLOPs the bench counts as done (the reference's
+/// formulas less the last layer's skipped rows, and less the classifier head's, which candle's
+/// autograd computes outside any span), every layer's matmuls are there, and training prints the
+/// same table.
 #[test]
 fn profile_counts_the_flops_of_the_formulas_and_where_the_time_went() {
     let out = ok(&[
@@ -1120,6 +1121,13 @@ fn profile_counts_the_flops_of_the_formulas_and_where_the_time_went() {
         assert_eq!(calls("linear.backward", shape), Some(2 * 6), "{shape}");
     }
     assert_eq!(calls("attention.forward", ""), Some(2 * 6));
+    // the last layer's MLP on the pooled rows only: five layers of 2 × 16 rows, then 2 rows
+    let up = rows
+        .iter()
+        .find(|row| row["span"] == "linear.forward" && row["detail"] == "384→1536")
+        .unwrap();
+    let expected = 2.0 * (5.0 * 32.0 + 2.0) * 2.0 * 384.0 * 1536.0 / 1e9;
+    assert!((up["gflop"].as_f64().unwrap() - expected).abs() < 1e-12, "{up}");
     assert_eq!(calls("backward", "layer 5"), Some(2));
     let shares: f64 = rows.iter().map(|row| row["share"].as_f64().unwrap()).sum();
     assert!((shares - 1.0).abs() < 1e-9, "shares add up to {shares}");

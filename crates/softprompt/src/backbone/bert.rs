@@ -5,8 +5,9 @@
 use super::stack::{self, kept, Attend, Block, Pass};
 use super::{Activation, Backbone, BackboneInput};
 use crate::kernels::{
-    attention_backward, gelu_erf_backward, gelu_erf_forward, mask_bias, AttentionSaved,
-    AttentionShape, GeluSaved, LayerNorm, LayerNormSaved, Linear, Positions, Weight,
+    attention_backward, gelu_erf_backward, gelu_erf_forward, mask_bias, rows_read, spread,
+    AttentionSaved, AttentionShape, GeluSaved, LayerNorm, LayerNormSaved, Linear, Positions,
+    Weight,
 };
 use crate::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -173,6 +174,8 @@ struct BertLayer {
 
 /// What one layer's backward needs.
 struct BertLayerSaved {
+    /// the rows [B·R] it computed, when it computed only those (`Pass::reading`)
+    read: Option<Tensor>,
     /// the fused query / key / value projection [T, 3D] and the probabilities
     attention: Option<AttentionSaved>,
     attention_ln: LayerNormSaved,
@@ -221,20 +224,24 @@ impl Block for BertLayer {
         x: &Tensor,
         pass: &mut Pass,
     ) -> Result<(Tensor, BertLayerSaved)> {
+        // every row's keys and values, but after attention only the rows read, if it reads some
         let qkv = self.qkv.forward(x)?;
+        let read = pass.reading();
         let (context, attention) = pass.attend(layer, &qkv)?;
         let attended = self.attention_output.forward(&context)?;
-        let (h1, attention_ln) = self.attention_layer_norm.forward(&(attended + x)?)?;
+        let residual = rows_read(x, read)?;
+        let (h1, attention_ln) = self.attention_layer_norm.forward(&(attended + residual)?)?;
         let (h, gelu) = gelu_erf_forward(&self.intermediate.forward(&h1)?)?;
         let out = self.output.forward(&h)?;
         let (y, output_ln) = self.output_layer_norm.forward(&(out + &h1)?)?;
         let saved = BertLayerSaved {
+            read: read.cloned(),
             attention,
             attention_ln,
             gelu,
             output_ln,
         };
-        Ok((y, saved))
+        Ok((spread(y, read, x.dim(0)?)?, saved))
     }
 
     fn backward(
@@ -244,7 +251,9 @@ impl Block for BertLayer {
         shape: AttentionShape,
         _positions: Positions,
     ) -> Result<Tensor> {
-        let d_sum2 = self.output_layer_norm.backward(dy, &saved.output_ln)?;
+        let read = saved.read.as_ref();
+        let dy = rows_read(dy, read)?;
+        let d_sum2 = self.output_layer_norm.backward(&dy, &saved.output_ln)?;
         let d_gelu = self.output.backward(&d_sum2)?;
         let d_intermediate = gelu_erf_backward(&d_gelu, &saved.gelu)?;
         let d_h1 = (self.intermediate.backward(&d_intermediate)? + d_sum2)?;
@@ -253,7 +262,8 @@ impl Block for BertLayer {
             .backward(&d_h1, &saved.attention_ln)?;
         let d_context = self.attention_output.backward(&d_sum1)?;
         let d_qkv = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
-        self.qkv.backward(&d_qkv)? + d_sum1
+        let rows = d_qkv.dim(0)?;
+        self.qkv.backward(&d_qkv)? + spread(d_sum1, read, rows)?
     }
 }
 
@@ -330,11 +340,12 @@ impl Backbone for Bert {
         let (x, embeddings) =
             self.embeddings
                 .forward(input.embeds, input.token_type_ids, input.attention_mask)?;
-        let mut pass = Pass {
-            shape: self.attention_shape(b, s),
-            positions: Positions::From(0),
-            attend: Attend::Rows { bias: &bias, keep },
-        };
+        let mut pass = Pass::new(
+            self.attention_shape(b, s),
+            Positions::From(0),
+            Attend::Rows { bias: &bias, keep },
+        );
+        pass.reads = input.reads;
         let (x, layers) = stack::forward(&self.layers, x, &mut pass)?;
         let activations = keep.then_some(BertActivations {
             shape,

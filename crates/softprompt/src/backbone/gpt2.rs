@@ -255,11 +255,11 @@ impl Backbone for Gpt2 {
             .embeds
             .broadcast_add(&super::learned_positions(&self.wpe, input.attention_mask)?)?
             .reshape((b * s, d))?;
-        let mut pass = Pass {
-            shape: self.attention_shape(b, s),
-            positions: Positions::From(0),
-            attend: Attend::Rows { bias: &bias, keep },
-        };
+        let mut pass = Pass::new(
+            self.attention_shape(b, s),
+            Positions::From(0),
+            Attend::Rows { bias: &bias, keep },
+        );
         let (x, blocks) = stack::forward(&self.blocks, x, &mut pass)?;
         let (hidden, ln_f) = self.ln_f.forward(&x)?;
         Ok((
@@ -315,11 +315,11 @@ impl Decoder for Gpt2 {
             );
         }
         let x = embeds.broadcast_add(&self.wpe.narrow(0, start, n)?)?;
-        let mut pass = Pass {
-            shape: self.attention_shape(1, n),
-            positions: Positions::From(start),
-            attend: Attend::Cached { cache },
-        };
+        let mut pass = Pass::new(
+            self.attention_shape(1, n),
+            Positions::From(start),
+            Attend::Cached { cache },
+        );
         let (x, _) = stack::forward(&self.blocks, x, &mut pass)?;
         Ok(self.ln_f.forward(&x)?.0)
     }

@@ -432,11 +432,11 @@ impl Backbone for Llama {
         let (b, s, d) = shape;
         let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
         let position_ids = super::position_ids(input.attention_mask)?;
-        let mut pass = Pass {
-            shape: self.attention_shape(b, s),
-            positions: Positions::from_ids(position_ids.as_ref()),
-            attend: Attend::Rows { bias: &bias, keep },
-        };
+        let mut pass = Pass::new(
+            self.attention_shape(b, s),
+            Positions::from_ids(position_ids.as_ref()),
+            Attend::Rows { bias: &bias, keep },
+        );
         let x = input.embeds.reshape((b * s, d))?;
         let (x, layers) = stack::forward(&self.layers, x, &mut pass)?;
         let (hidden, norm) = self.norm.forward(&x)?;
@@ -476,11 +476,11 @@ impl Backbone for Llama {
 impl Decoder for Llama {
     fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let n = embeds.dim(0)?;
-        let mut pass = Pass {
-            shape: self.attention_shape(1, n),
-            positions: Positions::From(cache.len()),
-            attend: Attend::Cached { cache },
-        };
+        let mut pass = Pass::new(
+            self.attention_shape(1, n),
+            Positions::From(cache.len()),
+            Attend::Cached { cache },
+        );
         let (x, _) = stack::forward(&self.layers, embeds.clone(), &mut pass)?;
         Ok(self.norm.forward(&x)?.0)
     }

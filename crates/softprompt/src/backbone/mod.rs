@@ -49,6 +49,10 @@ pub struct BackboneInput<'a> {
     pub attention_mask: &'a Tensor,
     /// [B, S] u32 segment ids (BERT's token types); zeros for the prompt
     pub token_type_ids: &'a Tensor,
+    /// [B·R] u32: the rows of the B·S that the head reads, the same number R in each batch row, in
+    /// order. A backbone may then leave every other row of its last hidden state zero (BERT
+    /// computes only these in its last layer, forward and backward).
+    pub reads: Option<&'a Tensor>,
 }
 
 pub trait Backbone {

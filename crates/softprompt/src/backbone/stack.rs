@@ -6,8 +6,8 @@
 
 use super::KvCache;
 use crate::kernels::{
-    attention_forward, attention_inference, cached_attention, heads_of, AttentionSaved,
-    AttentionShape, Positions,
+    attention_at_forward, attention_forward, attention_inference, cached_attention, heads_of,
+    AttentionSaved, AttentionShape, Positions,
 };
 use candle_core::{Result, Tensor};
 
@@ -28,9 +28,29 @@ pub(crate) struct Pass<'a> {
     pub shape: AttentionShape,
     pub positions: Positions<'a>,
     pub attend: Attend<'a>,
+    /// the rows of T the head reads [B·R], R in each batch row: the last block computes only those
+    /// (a rows pass; `BackboneInput::reads`)
+    pub reads: Option<&'a Tensor>,
+    /// whether the block at work is the last
+    last: bool,
 }
 
-impl Pass<'_> {
+impl<'a> Pass<'a> {
+    pub fn new(shape: AttentionShape, positions: Positions<'a>, attend: Attend<'a>) -> Self {
+        Self {
+            shape,
+            positions,
+            attend,
+            reads: None,
+            last: false,
+        }
+    }
+
+    /// The rows [B·R] the block at work computes, when it computes only those: x [T, D] → y [B·R, D].
+    pub fn reading(&self) -> Option<&'a Tensor> {
+        self.reads.filter(|_| self.last)
+    }
+
     /// Self-attention of block `layer` on its packed projection qkv [T, (H + 2·Hkv)·K] → context
     /// [T, H·K], and what the backward needs (a rows pass only: generation has no backward).
     pub fn attend(
@@ -39,7 +59,13 @@ impl Pass<'_> {
         qkv: &Tensor,
     ) -> Result<(Tensor, Option<AttentionSaved>)> {
         let shape = self.shape;
+        let reading = self.reading();
         match &mut self.attend {
+            Attend::Rows { bias, keep } if reading.is_some() => {
+                let at = reading.expect("matched");
+                let (context, saved) = attention_at_forward(qkv, bias, shape, at)?;
+                Ok((context, keep.then_some(saved)))
+            }
             Attend::Rows { bias, keep: true } => {
                 let (context, saved) = attention_forward(qkv, bias, shape)?;
                 Ok((context, Some(saved)))
@@ -96,6 +122,7 @@ pub(crate) fn forward<B: Block>(
     let mut kept = Vec::with_capacity(if keep { blocks.len() } else { 0 });
     for (layer, block) in blocks.iter().enumerate() {
         let _span = tracing::trace_span!("forward", layer).entered();
+        pass.last = layer + 1 == blocks.len();
         let (y, saved) = block.forward(layer, &x, pass)?;
         if keep {
             kept.push(saved);

@@ -161,6 +161,7 @@ pub fn greedy_without_cache(
             embeds: &embeds,
             attention_mask: &mask,
             token_type_ids: &mask.zeros_like()?,
+            reads: None,
         })?;
         let last = hidden.squeeze(0)?.narrow(0, s - 1, 1)?;
         let next = decoder

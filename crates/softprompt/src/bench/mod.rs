@@ -167,8 +167,13 @@ pub struct BenchResult {
     pub median_s: f64,
     pub min_s: f64,
     pub max_s: f64,
+    /// what the step computes: the reference's model FLOPs less the work skipped (`flops`)
     pub gflop: f64,
     pub gflop_per_s: f64,
+    /// the reference's model FLOPs (all of the work), and their rate: what the same step costs
+    /// PyTorch + peft
+    pub model_gflop: f64,
+    pub model_gflop_per_s: f64,
     /// `gflop_per_s` over the FMA peak, where that was given
     pub share_of_peak: Option<f64>,
     pub peak_rss_mib: f64,
@@ -177,13 +182,22 @@ pub struct BenchResult {
 }
 
 /// Model FLOPs of one step, as ../shared/reference/pytorch/bench_pt.py counts them: BERT with the
-/// pooler + classifier head of SEQ_CLS, GPT-2 with its LM head on every position.
-pub fn flops(arch: Arch, mode: Mode, batch: usize, seq: usize, vt: usize) -> f64 {
+/// pooler + classifier head of SEQ_CLS, GPT-2 with its LM head on every position. `skipped`: less
+/// the work the prompt never needs, as softprompt skips it (the FLOPs actually done): BERT's last
+/// layer computes keys, values and attention for every position and the rest for the pooled one.
+pub fn flops(arch: Arch, mode: Mode, batch: usize, seq: usize, vt: usize, skipped: bool) -> f64 {
     let (l, d, f, v) = arch.dims();
     let (l, d, f, v) = (l as f64, d as f64, f as f64, v as f64);
     let (b, s) = (batch as f64, (seq + vt) as f64);
     let t = b * s;
-    let lin = l * 2.0 * t * (4.0 * d * d + 2.0 * d * f);
+    let per_row = 2.0 * (4.0 * d * d + 2.0 * d * f);
+    let lin = match arch {
+        Arch::BertBase | Arch::MinilmL6 if skipped => {
+            let qkv = 2.0 * 3.0 * d * d;
+            (l - 1.0) * t * per_row + t * qkv + b * (per_row - qkv)
+        }
+        _ => l * t * per_row,
+    };
     let attn = l * 4.0 * b * s * s * d;
     let head = match arch {
         Arch::Gpt2Small => 2.0 * t * d * v,
@@ -296,13 +310,18 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
         .collect::<crate::Result<Vec<f64>>>()?;
     times.sort_by(f64::total_cmp);
     let median_s = times[times.len() / 2];
-    let gflop = flops(
-        config.arch,
-        config.mode,
-        config.batch,
-        config.seq,
-        config.num_virtual_tokens,
-    ) / 1e9;
+    let count = |skipped| {
+        flops(
+            config.arch,
+            config.mode,
+            config.batch,
+            config.seq,
+            config.num_virtual_tokens,
+            skipped,
+        ) / 1e9
+    };
+    // only training skips work the prompt never needs: inference still computes every position
+    let (gflop, model_gflop) = (count(config.mode == Mode::Train), count(false));
     Ok(BenchResult {
         arch: config.arch,
         mode: config.mode,
@@ -315,6 +334,8 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
         max_s: times[times.len() - 1],
         gflop,
         gflop_per_s: gflop / median_s,
+        model_gflop,
+        model_gflop_per_s: model_gflop / median_s,
         share_of_peak: config.fma_peak_gflop_per_s.map(|p| gflop / median_s / p),
         peak_rss_mib: peak_rss_mib(),
         profile: config

@@ -56,6 +56,8 @@ pub struct AttentionSaved {
     qkv: Tensor,
     /// [B, H, S, S]
     probs: Tensor,
+    /// the rows of T [B·R] its context was read at (`attention_at_forward`)
+    at: Option<Tensor>,
 }
 
 /// Softmax attention with a padding mask (and a causal one for decoders), scaled by 1/√K.
@@ -73,7 +75,29 @@ pub fn attention_forward(
         _ => composed_forward(qkv, bias, h),
     }?;
     let qkv = qkv.clone();
-    Ok((context, AttentionSaved { qkv, probs }))
+    let saved = AttentionSaved {
+        qkv,
+        probs,
+        at: None,
+    };
+    Ok((context, saved))
+}
+
+/// `attention_forward` read at R queries in each batch row: what a block needs when the head reads
+/// only those positions (the last layer under a pooled classifier: one; under the mean: the
+/// positions after the prompt), so that what follows attention runs on those rows only.
+/// qkv [T, (H + 2·Hkv)·K], bias [B, 1, 1, S], `at` [B·R] u32 (rows of T) → context [B·R, H·K].
+/// Attention itself still runs for every query: the fused kernel does all S at the speed a
+/// composed one does a few.
+pub fn attention_at_forward(
+    qkv: &Tensor,
+    bias: &Tensor,
+    shape: AttentionShape,
+    at: &Tensor,
+) -> Result<(Tensor, AttentionSaved)> {
+    let (context, mut saved) = attention_forward(qkv, bias, shape)?;
+    saved.at = Some(at.clone());
+    Ok((context.index_select(at, 0)?, saved))
 }
 
 /// `attention_forward` where no backward follows (inference): the same context, and on the CPU
@@ -98,6 +122,8 @@ pub fn attention_backward(
 ) -> Result<Tensor> {
     let (qkv, probs) = (&saved.qkv, &saved.probs);
     let h = shape.resolve(qkv.dim(1)?)?;
+    // read at a few queries: the others' gradient is zero
+    let dcontext = &spread(dcontext.clone(), saved.at.as_ref(), qkv.dim(0)?)?;
     // four products to the forward's two
     let _span = tracing::trace_span!("attention.backward", flops = 2 * h.flops()).entered();
     match qkv.dtype() {
@@ -170,14 +196,23 @@ fn composed_backward(dcontext: &Tensor, qkv: &Tensor, probs: &Tensor, h: Heads) 
     let dscores = ((dprobs.broadcast_sub(&row)? * probs)? * h.scale)?;
     let dq = dscores.matmul(&k)?;
     let dk = dscores.t()?.matmul(&q)?;
-    // a repeated key/value head collects the gradients of all its query heads
-    let gather = |x: Tensor| -> Result<Tensor> {
-        let grouped = x
-            .reshape((h.batch, h.kv_heads, h.heads / h.kv_heads, h.seq, h.head_dim))?
-            .sum(2)?;
-        rows_first(&grouped, &h)
-    };
-    Tensor::cat(&[rows_first(&dq, &h)?, gather(dk)?, gather(dv)?], 1)
+    Tensor::cat(
+        &[
+            rows_first(&dq, &h)?,
+            kv_gradient(dk, &h)?,
+            kv_gradient(dv, &h)?,
+        ],
+        1,
+    )
+}
+
+/// [B, H, S, K] of every query head → [T, Hkv·K]: a repeated key/value head collects the
+/// gradients of all its query heads.
+fn kv_gradient(x: Tensor, h: &Heads) -> Result<Tensor> {
+    let grouped = x
+        .reshape((h.batch, h.kv_heads, h.heads / h.kv_heads, h.seq, h.head_dim))?
+        .sum(2)?;
+    rows_first(&grouped, h)
 }
 
 /// Attention of N new positions, the first at `start`, over a cache of every position so far.
@@ -222,4 +257,21 @@ pub fn heads_of(packed: &Tensor, first: usize, count: usize, head_dim: usize) ->
         .reshape((n, count, head_dim))?
         .transpose(0, 1)?
         .contiguous()
+}
+
+/// The rows `at` [B·R] of x [T, D] → [B·R, D], or x itself when the block computes every row.
+pub fn rows_read(x: &Tensor, at: Option<&Tensor>) -> Result<Tensor> {
+    match at {
+        Some(at) => x.index_select(at, 0),
+        None => Ok(x.clone()),
+    }
+}
+
+/// y [B·R, D] of the rows `at` → [T, D] with zeros in every other row (no head reads them), or y
+/// itself when it already has every row.
+pub fn spread(y: Tensor, at: Option<&Tensor>, rows: usize) -> Result<Tensor> {
+    match at {
+        Some(at) => Tensor::zeros((rows, y.dim(1)?), y.dtype(), y.device())?.index_add(at, &y, 0),
+        None => Ok(y),
+    }
 }

@@ -117,6 +117,10 @@ impl Head for Classifier {
         };
         (head, self.labels.clone())
     }
+
+    fn reads(&self, mask: &Tensor, prompt_len: usize) -> Result<Option<Tensor>> {
+        Ok(Some(self.head.reads(mask, prompt_len)?))
+    }
 }
 
 impl<B: Backbone> PromptedModel<B, Classifier> {

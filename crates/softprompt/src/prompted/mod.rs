@@ -50,6 +50,7 @@ impl Prompted {
             embeds: &self.embeds,
             attention_mask: &self.attention_mask,
             token_type_ids: &self.token_type_ids,
+            reads: None,
         }
     }
 }
@@ -101,6 +102,12 @@ pub trait Head {
 
     /// What an adapter stores of the head, and the label names.
     fn saved(&self) -> (AdapterHead, Vec<String>);
+
+    /// The rows of the B·S [B·R] that `loss` reads of the hidden state, R in each batch row
+    /// (`BackboneInput::reads`); `None` when it reads them all.
+    fn reads(&self, _mask: &Tensor, _prompt_len: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// A frozen backbone, the trainable prompt in front of it and a task head behind it.
@@ -138,9 +145,14 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
             let _span = tracing::trace_span!("embed").entered();
             Prompted::new(&self.backbone, &self.prompt, batch)?
         };
+        let reads = self.head.reads(&p.attention_mask, self.prompt.len())?;
         let (hidden, activations) = {
             let _span = tracing::trace_span!("backbone.forward").entered();
-            self.backbone.forward_train(&p.input())?
+            let input = BackboneInput {
+                reads: reads.as_ref(),
+                ..p.input()
+            };
+            self.backbone.forward_train(&input)?
         };
         let head = {
             let _span = tracing::trace_span!("head").entered();

@@ -79,19 +79,43 @@ impl ClassificationHead {
         self.weight.dim(0).unwrap_or(0)
     }
 
+    /// The rows of the B·S that the pooled vectors come from (mask [B, M + N]): one a batch row
+    /// [B] u32, or for the mean the N after the prompt [B·N] (padding included).
+    pub fn reads(&self, mask: &Tensor, prompt_len: usize) -> Result<Tensor> {
+        Ok(match self.pool {
+            // the first prompt vector; with no prompt, the first real token wherever padding puts it
+            Pool::First | Pool::Pooler => real_rows(mask, |real| real.first().copied())?,
+            Pool::Cls => real_rows(mask, |real| {
+                real.iter().find(|&&i| i >= prompt_len).copied()
+            })?,
+            Pool::Last => real_rows(mask, |real| real.last().copied())?,
+            Pool::Mean => {
+                let (b, s) = mask.dims2()?;
+                let rows =
+                    (0..b).flat_map(|row| (row * s + prompt_len..(row + 1) * s).map(|r| r as u32));
+                Tensor::from_vec(
+                    rows.collect::<Vec<u32>>(),
+                    b * (s - prompt_len),
+                    mask.device(),
+                )?
+            }
+        })
+    }
+
     /// hidden [B, M + N, D], mask [B, M + N] (u32) → pooled [B, D]
     fn pooled(&self, hidden: &Tensor, mask: &Tensor, prompt_len: usize) -> Result<Tensor> {
+        let (b, s, d) = hidden.dims3()?;
         match self.pool {
-            Pool::First => first_real(hidden, mask),
-            Pool::Cls => pick_real(hidden, mask, |real| {
-                real.iter().find(|&&i| i >= prompt_len).copied()
-            }),
-            Pool::Pooler => {
-                let pooler = self.pooler.as_ref().expect("checked at construction");
-                pooler.forward(&first_real(hidden, mask)?)?.tanh()
+            Pool::First | Pool::Pooler | Pool::Cls | Pool::Last => {
+                let rows = self.reads(mask, prompt_len)?;
+                let picked = hidden.reshape((b * s, d))?.index_select(&rows, 0)?;
+                match &self.pooler {
+                    Some(pooler) if self.pool == Pool::Pooler => pooler.forward(&picked)?.tanh(),
+                    _ => Ok(picked),
+                }
             }
+            // over the real tokens
             Pool::Mean => {
-                let (b, s, _) = hidden.dims3()?;
                 let real = mask
                     .narrow(1, prompt_len, s - prompt_len)?
                     .to_dtype(hidden.dtype())?;
@@ -102,7 +126,6 @@ impl ClassificationHead {
                     .sum(1)?;
                 sum.broadcast_div(&real.sum(1)?)
             }
-            Pool::Last => pick_real(hidden, mask, |real| real.last().copied()),
         }
     }
 
@@ -115,19 +138,10 @@ impl ClassificationHead {
     }
 }
 
-/// The first prompt vector; with no prompt, the first real token wherever padding puts it.
-fn first_real(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    pick_real(hidden, mask, |real| real.first().copied())
-}
-
-/// hidden [B, S, D] → [B, D]: in each row, the column `choose` picks from the row's real columns
-/// (mask 1, in order), or column 0 when it picks none.
-fn pick_real(
-    hidden: &Tensor,
-    mask: &Tensor,
-    choose: impl Fn(&[usize]) -> Option<usize>,
-) -> Result<Tensor> {
-    let (b, s, d) = hidden.dims3()?;
+/// mask [B, S] → [B] u32: in each row, the column `choose` picks from the row's real columns
+/// (mask 1, in order), or column 0 when it picks none, as a row of the B·S.
+fn real_rows(mask: &Tensor, choose: impl Fn(&[usize]) -> Option<usize>) -> Result<Tensor> {
+    let (b, s) = mask.dims2()?;
     let rows: Vec<u32> = mask
         .to_dtype(DType::U32)?
         .to_vec2::<u32>()?
@@ -138,9 +152,7 @@ fn pick_real(
             (row * s + choose(&real).unwrap_or(0)) as u32
         })
         .collect();
-    hidden
-        .reshape((b * s, d))?
-        .index_select(&Tensor::from_vec(rows, b, hidden.device())?, 0)
+    Tensor::from_vec(rows, b, mask.device())
 }
 
 /// logits [B, C], labels [B] u32 → mean cross-entropy (a scalar).

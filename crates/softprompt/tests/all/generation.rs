@@ -37,6 +37,7 @@ fn full_forward(backbone: &AnyBackbone, embeds: &Tensor) -> Tensor {
             embeds: &embeds.unsqueeze(0).unwrap(),
             attention_mask: &mask,
             token_type_ids: &mask.zeros_like().unwrap(),
+            reads: None,
         })
         .unwrap()
         .squeeze(0)

@@ -9,12 +9,15 @@ use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, BackboneInput};
 use softprompt::batch::{Batch, Padding};
 use softprompt::kernels::{
-    attention_backward, attention_forward, attention_inference, gelu_erf_backward,
-    gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, mask_bias, with_composed,
-    AttentionShape, GatedMlp, GeluSaved, LayerNorm, Linear, Positions, RmsNorm, Rope,
+    attention_at_forward, attention_backward, attention_forward, attention_inference,
+    gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, mask_bias,
+    with_composed, AttentionShape, GatedMlp, GeluSaved, LayerNorm, Linear, Positions, RmsNorm,
+    Rope,
 };
 use softprompt::prompt::SoftPrompt;
-use softprompt::prompted::{prompted_forward, CausalLm, Classifier, PromptedModel, Trainee};
+use softprompt::prompted::{
+    prompted_forward, CausalLm, Classifier, Head, Prompted, PromptedModel, Trainee,
+};
 use softprompt::task::classify::{log_softmax, ClassificationHead, Pool};
 use softprompt::task::verbalizer;
 use softprompt::tokenize::Encoded;
@@ -172,6 +175,133 @@ fn attention_backward_matches_finite_differences() {
             );
         }
     });
+}
+
+/// Attention at a few queries a row (what the last layer computes under a pooled head: one, or
+/// the positions after the prompt) is those rows of full attention, forward and backward, and its
+/// backward matches finite differences.
+#[test]
+fn attention_at_the_read_rows_is_full_attention_there() {
+    // row 0 reads position 2, row 1 its last; then two a row
+    let reads: [&[u32]; 2] = [&[2, 5 + 4], &[1, 3, 5 + 3, 5 + 4]];
+    for ((heads, kv_heads, causal), at) in [(2, 2, false), (4, 2, true)]
+        .into_iter()
+        .flat_map(|case| reads.map(|at| (case, at)))
+    {
+        let (batch, seq, k) = (2, 5, 3);
+        let shape = AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            causal,
+        };
+        let qkv = randn(&[batch * seq, (heads + 2 * kv_heads) * k], 11);
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &DEV).unwrap();
+        let bias = mask_bias(&mask, DType::F64).unwrap();
+        let at = Tensor::new(at, &DEV).unwrap();
+        let what = format!(
+            "{heads}/{kv_heads} causal {causal}, {} reads",
+            at.dim(0).unwrap()
+        );
+        let (full, full_saved) = attention_forward(&qkv, &bias, shape).unwrap();
+        let (read, saved) = attention_at_forward(&qkv, &bias, shape, &at).unwrap();
+        let diff = crate::max_abs_diff(&full.index_select(&at, 0).unwrap(), &read);
+        assert!(diff < 1e-12, "{what}: forward {diff:e}");
+
+        let r = randn(&[at.dim(0).unwrap(), heads * k], 12);
+        let r_everywhere = Tensor::zeros((batch * seq, heads * k), DType::F64, &DEV)
+            .unwrap()
+            .index_add(&at, &r, 0)
+            .unwrap();
+        let d_full = attention_backward(&r_everywhere, &full_saved, shape).unwrap();
+        let d_read = attention_backward(&r, &saved, shape).unwrap();
+        let diff = crate::max_abs_diff(&d_full, &d_read);
+        assert!(diff < 1e-12, "{what}: backward {diff:e}");
+        let out =
+            |x: &Tensor| weighted_sum(&attention_at_forward(x, &bias, shape, &at).unwrap().0, &r);
+        check(
+            &qkv,
+            &d_read,
+            out,
+            &format!("attention at the read rows {what}"),
+        );
+    }
+}
+
+/// BERT's last layer computing only the rows the head reads gives the loss and gradients of
+/// computing every row, for every pool.
+#[test]
+fn computing_only_the_rows_the_head_reads_changes_no_loss_or_gradient() {
+    let data: Vec<Encoded> = [
+        vec![2, 5, 20, 9, 3],
+        vec![2, 30, 3],
+        vec![2, 40, 41, 42, 43, 3],
+    ]
+    .into_iter()
+    .map(|ids| Encoded {
+        type_ids: vec![0; ids.len()],
+        ids,
+        target_len: 0,
+    })
+    .collect();
+    let labels = [0u32, 1, 1];
+    for batch in both_paddings(&data, Some(&labels), &[0, 1, 2]) {
+        for pool in [Pool::First, Pool::Pooler, Pool::Cls, Pool::Mean, Pool::Last] {
+            let bert = tiny_bert(DType::F64);
+            let pooler = bert.pooler.clone();
+            let head = ClassificationHead::from_tensors(
+                &randn(&[2, 16], 8),
+                &randn(&[2], 9),
+                pool,
+                pooler,
+            )
+            .unwrap();
+            let model = PromptedModel {
+                backbone: bert,
+                prompt: SoftPrompt::from_tensor(&randn(&[3, 16], 7)).unwrap(),
+                head: Classifier {
+                    head,
+                    labels: vec!["a".into(), "b".into()],
+                    label_words: None,
+                },
+                template: None,
+            };
+            let (loss, grads) = model.loss_and_grads(&batch).unwrap();
+
+            // every row, by hand
+            let p = Prompted::new(&model.backbone, &model.prompt, &batch).unwrap();
+            assert!(model.head.reads(&p.attention_mask, 3).unwrap().is_some());
+            let (hidden, activations) = model.backbone.forward_train(&p.input()).unwrap();
+            let head = model
+                .head
+                .loss(&hidden, &p.attention_mask, &batch, 3)
+                .unwrap();
+            let d_embeds = model
+                .backbone
+                .backward(&head.d_hidden, activations)
+                .unwrap();
+            // the trainer hands the prompt's gradient over in f32: its rounding, no more
+            let prompt_gradient = model.prompt.gradient(&d_embeds).unwrap();
+            let rounding = 1e-7
+                * crate::max_abs_diff(&prompt_gradient, &prompt_gradient.zeros_like().unwrap());
+            let mut every_row = vec![(prompt_gradient, rounding)];
+            every_row.extend(head.param_grads.into_iter().map(|g| (g, 1e-12)));
+
+            assert!(
+                (loss - head.loss).abs() < 1e-12,
+                "pool {pool}: loss {loss} vs {}",
+                head.loss
+            );
+            for (i, (read, (all, tolerance))) in grads.iter().zip(&every_row).enumerate() {
+                let diff = crate::max_abs_diff(read, all);
+                assert!(
+                    diff < *tolerance,
+                    "pool {pool}: gradient {i} differs by {diff:e}"
+                );
+            }
+        }
+    }
 }
 
 /// The fused and composed attention give the same output, causal and grouped-query included.
@@ -348,6 +478,7 @@ fn bert_backward_matches_finite_differences() {
                     embeds: e,
                     attention_mask: &mask,
                     token_type_ids: &types,
+                    reads: None,
                 })
                 .unwrap();
             weighted_sum(&hidden, &r)
@@ -357,6 +488,7 @@ fn bert_backward_matches_finite_differences() {
                 embeds: &embeds,
                 attention_mask: &mask,
                 token_type_ids: &types,
+                reads: None,
             })
             .unwrap();
         let d_embeds = bert.backward(&r, acts).unwrap();
@@ -384,6 +516,7 @@ fn check_backbone<B: Backbone>(backbone: &B, what: &str) {
         embeds: &embeds,
         attention_mask: &mask,
         token_type_ids: &types,
+        reads: None,
     };
     let (_, acts) = backbone.forward_train(&input).unwrap();
     let d_embeds = backbone.backward(&r, acts).unwrap();
@@ -392,6 +525,7 @@ fn check_backbone<B: Backbone>(backbone: &B, what: &str) {
             embeds: e,
             attention_mask: &mask,
             token_type_ids: &types,
+            reads: None,
         });
         weighted_sum(&hidden.unwrap(), &r)
     };

@@ -46,6 +46,7 @@ fn hidden<B: Backbone>(
             embeds: &embeds,
             attention_mask: &mask,
             token_type_ids: &types,
+            reads: None,
         })
         .unwrap()
 }
@@ -147,6 +148,7 @@ fn fused_kernels_match_the_composed_reference_on_minilm() {
             embeds: &embeds,
             attention_mask: &mask,
             token_type_ids: &types,
+            reads: None,
         };
         let (hidden, acts) = bert.forward_train(&input).unwrap();
         (hidden, bert.backward(&upstream, acts).unwrap())
