@@ -1127,7 +1127,10 @@ fn profile_counts_the_flops_of_the_formulas_and_where_the_time_went() {
         .find(|row| row["span"] == "linear.forward" && row["detail"] == "384→1536")
         .unwrap();
     let expected = 2.0 * (5.0 * 32.0 + 2.0) * 2.0 * 384.0 * 1536.0 / 1e9;
-    assert!((up["gflop"].as_f64().unwrap() - expected).abs() < 1e-12, "{up}");
+    assert!(
+        (up["gflop"].as_f64().unwrap() - expected).abs() < 1e-12,
+        "{up}"
+    );
     assert_eq!(calls("backward", "layer 5"), Some(2));
     let shares: f64 = rows.iter().map(|row| row["share"].as_f64().unwrap()).sum();
     assert!((shares - 1.0).abs() < 1e-9, "shares add up to {shares}");

@@ -3,7 +3,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::quantized_matvec;
+use super::fused::fused_for;
+use super::{fused_linear, quantized_matvec};
 
 /// Up to this many rows, reading the quantized blocks once per row beats dequantizing the matrix
 /// and multiplying (measured on GPT-2 small's MLP matrices, Q8_0 and Q4_1: 16 rows 39 vs 54 ms,
@@ -205,6 +206,13 @@ impl Linear {
         let y = {
             let _span = tracing::trace_span!("linear.forward", shape = %self.shape(), flops = self.flops(x)?)
                 .entered();
+            if let Some(w) = self.fused_weight(x) {
+                let bias = self.bias.as_ref();
+                return match x.dtype() {
+                    DType::F64 => fused_linear::forward::<f64>(x, w, bias),
+                    _ => fused_linear::forward::<f32>(x, w, bias),
+                };
+            }
             self.weight.apply(x)?
         };
         match &self.bias {
@@ -221,7 +229,31 @@ impl Linear {
         let _span =
             tracing::trace_span!("linear.backward", shape = %self.shape(), flops = self.flops(dy)?)
                 .entered();
-        dy.matmul(&self.weight.dense()?)
+        match self.fused_weight(dy) {
+            Some(w) if dy.dtype() == DType::F64 => fused_linear::backward::<f64>(dy, w),
+            Some(w) => fused_linear::backward::<f32>(dy, w),
+            None => dy.matmul(&self.weight.dense()?),
+        }
+    }
+
+    /// The dense weight, where the fused CPU products serve `rows` [T, ..]: f32 or f64 on the
+    /// CPU, everything contiguous and of one dtype, and no candle autograd to record (a taped
+    /// head's pooler goes through candle's matmul, which it can differentiate).
+    fn fused_weight(&self, rows: &Tensor) -> Option<&Tensor> {
+        let fits = |t: &Tensor| t.is_contiguous() && t.dtype() == rows.dtype();
+        match &self.weight {
+            Weight::Dense(w)
+                if fused_for(rows)
+                    && !rows.track_op()
+                    && rows.rank() == 2
+                    && fits(rows)
+                    && fits(w)
+                    && self.bias.as_ref().is_none_or(fits) =>
+            {
+                Some(w)
+            }
+            _ => None,
+        }
     }
 
     /// "IN→OUT", which tells the profiler's matmuls apart.

@@ -18,6 +18,7 @@ mod attention;
 mod fast_math;
 mod fused;
 mod fused_attention;
+mod fused_linear;
 mod layer_norm;
 mod linear;
 mod mlp;

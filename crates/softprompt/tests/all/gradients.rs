@@ -86,15 +86,41 @@ fn weighted_sum(y: &Tensor, r: &Tensor) -> f64 {
 
 #[test]
 fn linear_backward_matches_finite_differences() {
-    let lin = Linear::new(randn(&[5, 4], 1), Some(randn(&[5], 2)));
-    let x = randn(&[3, 4], 3);
-    let r = randn(&[3, 5], 4);
-    check(
-        &x,
-        &lin.backward(&r).unwrap(),
-        |x| weighted_sum(&lin.forward(x).unwrap(), &r),
-        "linear",
-    );
+    on_both_paths(|path| {
+        for bias in [Some(randn(&[5], 2)), None] {
+            let lin = Linear::new(randn(&[5, 4], 1), bias);
+            let x = randn(&[3, 4], 3);
+            let r = randn(&[3, 5], 4);
+            check(
+                &x,
+                &lin.backward(&r).unwrap(),
+                |x| weighted_sum(&lin.forward(x).unwrap(), &r),
+                &format!("linear ({path})"),
+            );
+        }
+    });
+}
+
+/// The fused CPU products (straight into gemm, the bias first) equal candle's matmul and add.
+#[test]
+fn fused_linear_matches_composed() {
+    for bias in [Some(randn(&[70], 2)), None] {
+        let lin = Linear::new(randn(&[70, 33], 1), bias);
+        let x = randn(&[41, 33], 3);
+        let dy = randn(&[41, 70], 4);
+        let forward = crate::max_abs_diff(
+            &lin.forward(&x).unwrap(),
+            &with_composed(|| lin.forward(&x).unwrap()),
+        );
+        let backward = crate::max_abs_diff(
+            &lin.backward(&dy).unwrap(),
+            &with_composed(|| lin.backward(&dy).unwrap()),
+        );
+        assert!(
+            forward < 1e-12 && backward < 1e-12,
+            "{forward:e}, {backward:e}"
+        );
+    }
 }
 
 #[test]
