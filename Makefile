@@ -39,7 +39,7 @@ interop: assets build $(VENV)/bin/python
 	$(VENV)/bin/python scripts/interop.py
 
 # Speed against PyTorch + peft, measured alternately on this machine (needs ../shared/reference).
-bench: build $(VENV)/bin/python
+bench: assets build $(VENV)/bin/python
 	$(PYTHON) scripts/bench_compare.py --python $(VENV)/bin/python
 
 serve-bench: assets build

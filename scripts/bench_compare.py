@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """make bench: softprompt and the PyTorch + peft reference, alternately (never both at once), on the
-same shapes; prints one table of times and ratios (softprompt / reference; below 1 is faster).
+same shapes; prints one table of times, ratios (softprompt / reference; below 1 is faster) and
+shares of the machine's FMA peak (scripts/fma_peak.sh), then the real job: training examples/s
+on the movie-review train split (softprompt train with its defaults, and the reference's
+train_throughput_pt.py on the same rows).
 
     python3 scripts/bench_compare.py --python .venv-ref/bin/python [--quick]
 """
@@ -15,6 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference" / "pytorch"
 BIN = ROOT / "target" / "release" / "softprompt"
+MODEL = ROOT / "assets" / "models" / "all-MiniLM-L6-v2"
+TRAIN = ROOT / "assets" / "data" / "movie-reviews" / "train.tsv"
+# the reference formulas' FLOPs of one training example of the real job (docs/DESIGN.md, section 7)
+REAL_JOB_GFLOP = 2.055
 
 # (arch, mode, softprompt steps, reference steps): the reference README's step counts
 CASES = [
@@ -24,6 +31,26 @@ CASES = [
     ("bert-base", "forward", 20, 20),
     ("gpt2-small", "train", 10, 10),
 ]
+
+
+def fma_peak() -> float:
+    return float(subprocess.run([str(ROOT / "scripts" / "fma_peak.sh")], check=True, capture_output=True,
+                                text=True).stdout)
+
+
+def real_job(python: str, steps: int) -> tuple[float, float]:
+    """Median training examples/s over `steps` steps after 5 of warm-up: (softprompt, reference)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([str(BIN), "train", "--model", str(MODEL), "--train", str(TRAIN), "--output", tmp,
+                        "--max-steps", str(steps + 5)], check=True, capture_output=True)
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        rates = sorted(r["examples_per_s"] for r in records if "examples_per_s" in r and r["step"] > 5)
+        out = Path(tmp) / "r.jsonl"
+        subprocess.run([python, str(REFERENCE / "train_throughput_pt.py"), "--model", str(MODEL), "--data",
+                        str(TRAIN), "--steps", str(steps), "--out", str(out)], check=True, capture_output=True,
+                       text=True, cwd=REFERENCE)
+        reference = json.loads(out.read_text().splitlines()[-1])["examples_per_s"]
+    return rates[len(rates) // 2], reference
 
 
 def ours(arch: str, mode: str, steps: int, *extra: str) -> dict:
@@ -72,16 +99,28 @@ def main() -> int:
     p.add_argument("--only-generate", action="store_true", help="just the gpt2-small generation cases")
     args = p.parse_args()
     machine = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True).stdout.strip()
-    print(f"machine: {machine}, {os.cpu_count()} CPUs; batch 8 x (128 + 20 virtual tokens), f32, 2 threads")
-    print(f"{'case':<20} {'softprompt s':>13} {'reference s':>12} {'ratio':>6} {'GFLOP/s':>8} {'RSS MiB (ours/ref)':>19}")
+    peak = fma_peak()
+    python = str(Path(args.python).absolute())
+    print(f"machine: {machine}, {os.cpu_count()} CPUs; FMA peak {peak:.1f} GFLOP/s (f32, 2 threads); "
+          "batch 8 x (128 + 20 virtual tokens), f32, 2 threads")
+    print("GFLOP/s: what softprompt computes (done); of peak: done / peak; ref: the reference's model FLOPs / peak")
+    print(f"{'case':<20} {'softprompt s':>13} {'reference s':>12} {'ratio':>6} {'GFLOP/s':>8} {'of peak':>8} "
+          f"{'ref':>5} {'RSS MiB (ours/ref)':>19}")
     for arch, mode, steps, ref_steps in ([] if args.only_generate else CASES):
         if args.quick:
             steps, ref_steps = max(steps // 3, 3), max(ref_steps // 3, 3)
         a = ours(arch, mode, steps)
-        b = reference(str(Path(args.python).absolute()), arch, mode, ref_steps)
+        b = reference(python, arch, mode, ref_steps)
+        ref_share = a["model_gflop"] / b["median_s"] / peak
         print(f"{arch + ' ' + mode:<20} {a['median_s']:>13.3f} {b['median_s']:>12.3f} {a['median_s'] / b['median_s']:>6.2f} "
-              f"{a['gflop_per_s']:>8.1f} {a['peak_rss_mib']:>9.0f}/{b['peak_rss_mib']:<9.0f}", flush=True)
-    generation(str(Path(args.python).absolute()), 3 if args.quick else 10)
+              f"{a['gflop_per_s']:>8.1f} {a['gflop_per_s'] / peak:>7.0%} {ref_share:>5.0%} "
+              f"{a['peak_rss_mib']:>9.0f}/{b['peak_rss_mib']:<9.0f}", flush=True)
+    if not args.only_generate:
+        a, b = real_job(python, 20 if args.quick else 60)
+        print(f"{'real job (ex/s)':<20} {a:>13.1f} {b:>12.1f} {b / a:>6.2f} {a * REAL_JOB_GFLOP:>8.1f} "
+              f"{a * REAL_JOB_GFLOP / peak:>7.0%} {b * REAL_JOB_GFLOP / peak:>5.0%}   "
+              "(movie-review train split, batch 32, 20 virtual tokens; ratio = reference / ours time)", flush=True)
+    generation(python, 3 if args.quick else 10)
     return 0
 
 
