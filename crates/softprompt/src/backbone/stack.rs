@@ -6,16 +6,15 @@
 
 use super::KvCache;
 use crate::kernels::{
-    attention_at_forward, attention_forward, attention_inference, cached_attention, heads_of,
-    AttentionSaved, AttentionShape, Positions,
+    attention_at_forward, attention_forward, cached_attention, heads_of, AttentionSaved,
+    AttentionShape, Positions,
 };
 use candle_core::{Result, Tensor};
 
 /// How a block's self-attention reads the positions.
 pub(crate) enum Attend<'a> {
     /// B whole rows of S positions under the padding (and causal) mask [B, 1, 1, S]: training
-    /// (`keep`: each block keeps what its backward needs) and inference (nothing kept, and
-    /// attention's memory grows with S, not S²).
+    /// (`keep`: each block keeps what its backward needs) and inference (nothing kept).
     Rows { bias: &'a Tensor, keep: bool },
     /// N new positions on top of every position a KV cache holds: generation.
     Cached { cache: &'a mut KvCache },
@@ -61,17 +60,12 @@ impl<'a> Pass<'a> {
         let shape = self.shape;
         let reading = self.reading();
         match &mut self.attend {
-            Attend::Rows { bias, keep } if reading.is_some() => {
-                let at = reading.expect("matched");
-                let (context, saved) = attention_at_forward(qkv, bias, shape, at)?;
+            Attend::Rows { bias, keep } => {
+                let (context, saved) = match reading {
+                    Some(at) => attention_at_forward(qkv, bias, shape, at)?,
+                    None => attention_forward(qkv, bias, shape)?,
+                };
                 Ok((context, keep.then_some(saved)))
-            }
-            Attend::Rows { bias, keep: true } => {
-                let (context, saved) = attention_forward(qkv, bias, shape)?;
-                Ok((context, Some(saved)))
-            }
-            Attend::Rows { bias, keep: false } => {
-                Ok((attention_inference(qkv, bias, shape)?, None))
             }
             Attend::Cached { cache } => {
                 let (h, hk) = (shape.heads, shape.kv_heads);

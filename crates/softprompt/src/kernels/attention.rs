@@ -50,18 +50,22 @@ impl AttentionShape {
     }
 }
 
-/// What attention's backward reads: the packed projection and the probabilities.
+/// What attention's backward reads: the packed projection and the mask; the composed kernels also
+/// keep the probabilities, which the fused CPU backward recomputes instead.
 pub struct AttentionSaved {
     /// [T, (H + 2·Hkv)·K]
     qkv: Tensor,
-    /// [B, H, S, S]
-    probs: Tensor,
+    /// [B, 1, 1, S]
+    bias: Tensor,
+    /// [B, H, S, S] (composed kernels only)
+    probs: Option<Tensor>,
     /// the rows of T [B·R] its context was read at (`attention_at_forward`)
     at: Option<Tensor>,
 }
 
 /// Softmax attention with a padding mask (and a causal one for decoders), scaled by 1/√K.
 /// qkv [T, (H + 2·Hkv)·K] (packed: queries, keys, values), bias [B, 1, 1, S] → context [T, H·K].
+/// On the CPU its memory grows with S, not S², in training too: nothing [B, H, S, S] is kept.
 pub fn attention_forward(
     qkv: &Tensor,
     bias: &Tensor,
@@ -70,13 +74,16 @@ pub fn attention_forward(
     let h = shape.resolve(qkv.dim(1)?)?;
     let _span = tracing::trace_span!("attention.forward", flops = h.flops()).entered();
     let (context, probs) = match qkv.dtype() {
-        DType::F32 if fused_for(qkv) => fused_attention::forward::<f32>(qkv, bias, h),
-        DType::F64 if fused_for(qkv) => fused_attention::forward::<f64>(qkv, bias, h),
-        _ => composed_forward(qkv, bias, h),
-    }?;
-    let qkv = qkv.clone();
+        DType::F32 if fused_for(qkv) => (fused_attention::forward::<f32>(qkv, bias, h)?, None),
+        DType::F64 if fused_for(qkv) => (fused_attention::forward::<f64>(qkv, bias, h)?, None),
+        _ => {
+            let (context, probs) = composed_forward(qkv, bias, h)?;
+            (context, Some(probs))
+        }
+    };
     let saved = AttentionSaved {
-        qkv,
+        qkv: qkv.clone(),
+        bias: bias.clone(),
         probs,
         at: None,
     };
@@ -100,18 +107,6 @@ pub fn attention_at_forward(
     Ok((context.index_select(at, 0)?, saved))
 }
 
-/// `attention_forward` where no backward follows (inference): the same context, and on the CPU
-/// memory that grows with S, not S², so one long input cannot take the machine's memory.
-pub fn attention_inference(qkv: &Tensor, bias: &Tensor, shape: AttentionShape) -> Result<Tensor> {
-    let h = shape.resolve(qkv.dim(1)?)?;
-    let _span = tracing::trace_span!("attention.forward", flops = h.flops()).entered();
-    match qkv.dtype() {
-        DType::F32 if fused_for(qkv) => fused_attention::forward_unkept::<f32>(qkv, bias, h),
-        DType::F64 if fused_for(qkv) => fused_attention::forward_unkept::<f64>(qkv, bias, h),
-        _ => Ok(composed_forward(qkv, bias, h)?.0),
-    }
-}
-
 /// d_context [T, H·K] → d_qkv [T, (H + 2·Hkv)·K].
 /// dP = dC·Vᵀ; dV = Pᵀ·dC; dS = P ⊙ (dP − rowsum(dP ⊙ P))·scale; dQ = dS·K; dK = dSᵀ·Q; the
 /// gradients of a shared key/value head are summed over its query heads.
@@ -120,16 +115,23 @@ pub fn attention_backward(
     saved: &AttentionSaved,
     shape: AttentionShape,
 ) -> Result<Tensor> {
-    let (qkv, probs) = (&saved.qkv, &saved.probs);
+    let (qkv, bias) = (&saved.qkv, &saved.bias);
     let h = shape.resolve(qkv.dim(1)?)?;
     // read at a few queries: the others' gradient is zero
     let dcontext = &spread(dcontext.clone(), saved.at.as_ref(), qkv.dim(0)?)?;
-    // four products to the forward's two
+    // the model FLOPs: four products to the forward's two (the fused kernel's recomputation of
+    // the probabilities is a third more, not counted)
     let _span = tracing::trace_span!("attention.backward", flops = 2 * h.flops()).entered();
     match qkv.dtype() {
-        DType::F32 if fused_for(qkv) => fused_attention::backward::<f32>(dcontext, qkv, probs, h),
-        DType::F64 if fused_for(qkv) => fused_attention::backward::<f64>(dcontext, qkv, probs, h),
-        _ => composed_backward(dcontext, qkv, probs, h),
+        DType::F32 if fused_for(qkv) => fused_attention::backward::<f32>(dcontext, qkv, bias, h),
+        DType::F64 if fused_for(qkv) => fused_attention::backward::<f64>(dcontext, qkv, bias, h),
+        _ => {
+            let probs = match &saved.probs {
+                Some(probs) => probs.clone(),
+                None => composed_forward(qkv, bias, h)?.1,
+            };
+            composed_backward(dcontext, qkv, &probs, h)
+        }
     }
 }
 

@@ -144,220 +144,214 @@ fn lanes<T: Real>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
     total
 }
 
-/// The queries `first..first + R` of row `b`, query head `head`: their probabilities into `p`
-/// [R, S] and their context into rows `first..first + R` of that head's columns.
-///
-/// # Safety
-/// `qkv` holds [B·S, W]; `context` points to [B·S, H·K] of which this call alone writes that block.
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_queries<T: Real>(
+/// The probabilities [R, S] of the queries `first..first + R` of row `b`, query head `head`, into
+/// `p`: the one place they are computed, so that the backward's recomputation equals the forward.
+fn probabilities<T: Real>(
     qkv: &[T],
     bias: &[T],
     h: &Heads,
     (b, head): (usize, usize),
     first: usize,
     p: &mut [T],
-    context: Shared<T>,
 ) {
-    let (s, kd, w, d) = (h.seq, h.head_dim, h.width(), h.heads * h.head_dim);
+    let (s, kd, w) = (h.seq, h.head_dim, h.width());
     let rows = p.len() / s;
-    let kv = head / h.group();
     let row0 = b * s * w;
-    let (q, k, v) = (
+    let (q, k) = (
         &qkv[row0 + first * w + h.q_col(head)..],
-        &qkv[row0 + h.k_col(kv)..],
-        &qkv[row0 + h.v_col(kv)..],
+        &qkv[row0 + h.k_col(head / h.group())..],
     );
-    matmul::<T>(
-        (rows, s, kd),
-        p.as_mut_ptr(),
-        s,
-        false,
-        q.as_ptr(),
-        (w, 1),
-        k.as_ptr(),
-        (1, w),
-    );
+    // SAFETY: q [R, K] and k [S, K] lie within qkv [B·S, W]; p holds [R, S]
+    unsafe {
+        matmul::<T>(
+            (rows, s, kd),
+            p.as_mut_ptr(),
+            s,
+            false,
+            q.as_ptr(),
+            (w, 1),
+            k.as_ptr(),
+            (1, w),
+        );
+    }
     softmax_rows(p, first, &bias[b * s..(b + 1) * s], h);
-    let out = context.ptr().add((b * s + first) * d + head * kd);
-    matmul::<T>(
-        (rows, kd, s),
-        out,
-        d,
-        false,
-        p.as_ptr(),
-        (s, 1),
-        v.as_ptr(),
-        (w, 1),
-    );
 }
 
-/// qkv [B·S, W], bias [B, 1, 1, S] read as [B, S] (0 or a large negative) → (context [B·S, H·K], probabilities [B, H, S, S])
-pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<(Tensor, Tensor)> {
-    let (context, probs) = attend::<T>(qkv, bias, h, true)?;
-    let device = qkv.device();
-    let s = h.seq;
-    Ok((
-        Tensor::from_vec(context, (h.batch * s, h.heads * h.head_dim), device)?,
-        Tensor::from_vec(probs, (h.batch, h.heads, s, s), device)?,
-    ))
-}
-
-/// `forward` for inference: qkv [B·S, W], bias [B, 1, 1, S] → context [B·S, H·K], the same
-/// numbers, without the probabilities.
-pub(super) fn forward_unkept<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<Tensor> {
-    let (context, _) = attend::<T>(qkv, bias, h, false)?;
-    Tensor::from_vec(
-        context,
-        (h.batch * h.seq, h.heads * h.head_dim),
-        qkv.device(),
-    )
-}
-
-/// Queries per task when the probabilities are not kept: a task's scores are [QUERY_BLOCK, S],
-/// so inference on S positions needs O(S) memory per thread where training keeps [B, H, S, S].
+/// Queries per task: a task's scores are [QUERY_BLOCK, S], in a scratch its thread reuses, so
+/// attention on S positions needs O(S) memory per thread, forward and backward, and the
+/// probabilities [B, H, S, S] are never held (the backward recomputes them, block by block).
 const QUERY_BLOCK: usize = 64;
 
-/// The context [B·S, H·K], and with `keep` the probabilities [B, H, S, S] (else none): kept,
-/// each task is one (row, head) pair's [S, S]; not kept, QUERY_BLOCK queries of a pair in a
-/// scratch its thread reuses.
-fn attend<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads, keep: bool) -> Result<(Vec<T>, Vec<T>)> {
+/// The query blocks of S positions: (first query, queries).
+fn query_blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..s)
+        .step_by(QUERY_BLOCK)
+        .map(move |first| (first, QUERY_BLOCK.min(s - first)))
+}
+
+/// qkv [B·S, W], bias [B, 1, 1, S] read as [B, S] (0 or a large negative) → context [B·S, H·K].
+/// Each task is QUERY_BLOCK queries of one (row, head) pair.
+pub(super) fn forward<T: Real>(qkv: &Tensor, bias: &Tensor, h: Heads) -> Result<Tensor> {
     let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
     let ((qkv_s, qkv_l), (bias_s, bias_l)) = (qkv.storage_and_layout(), bias.storage_and_layout());
     let (qkv_v, bias_v) = (
         cpu_slice::<T>(&qkv_s, qkv_l)?,
         cpu_slice::<T>(&bias_s, bias_l)?,
     );
-    let s = h.seq;
-    let mut context = vec![T::zero(); h.batch * s * h.heads * h.head_dim];
-    let ctx = Shared(context.as_mut_ptr());
-    // SAFETY: each call gets its own scores and writes a block of the context no other call does
-    let queries = |pair: usize, first: usize, p: &mut [T]| unsafe {
-        attend_queries(
-            qkv_v,
-            bias_v,
-            &h,
-            (pair / h.heads, pair % h.heads),
-            first,
-            p,
-            ctx,
-        )
-    };
-    let mut probs = Vec::new();
-    if keep {
-        probs = vec![T::zero(); h.batch * h.heads * s * s];
-        probs
-            .par_chunks_mut(s * s)
-            .enumerate()
-            .for_each(|(pair, p)| queries(pair, 0, p));
-    } else {
-        let blocks = s.div_ceil(QUERY_BLOCK);
-        (0..h.batch * h.heads * blocks)
-            .into_par_iter()
-            .for_each_init(
-                || vec![T::zero(); QUERY_BLOCK * s],
-                |scratch, task| {
-                    let first = (task % blocks) * QUERY_BLOCK;
-                    let rows = QUERY_BLOCK.min(s - first);
-                    queries(task / blocks, first, &mut scratch[..rows * s]);
-                },
-            );
-    }
-    Ok((context, probs))
+    let (s, kd, w, d) = (h.seq, h.head_dim, h.width(), h.heads * h.head_dim);
+    let mut context = vec![T::zero(); h.batch * s * d];
+    let out = Shared(context.as_mut_ptr());
+    let blocks: Vec<(usize, usize)> = query_blocks(s).collect();
+    (0..h.batch * h.heads * blocks.len())
+        .into_par_iter()
+        .for_each_init(
+            || vec![T::zero(); QUERY_BLOCK * s],
+            |scratch, task| {
+                let (pair, (first, rows)) = (task / blocks.len(), blocks[task % blocks.len()]);
+                let (b, head) = (pair / h.heads, pair % h.heads);
+                let p = &mut scratch[..rows * s];
+                probabilities(qkv_v, bias_v, &h, (b, head), first, p);
+                let v = &qkv_v[b * s * w + h.v_col(head / h.group())..];
+                // SAFETY: this task alone writes rows first..first + R of the head's columns
+                unsafe {
+                    matmul::<T>(
+                        (rows, kd, s),
+                        out.ptr().add((b * s + first) * d + head * kd),
+                        d,
+                        false,
+                        p.as_ptr(),
+                        (s, 1),
+                        v.as_ptr(),
+                        (w, 1),
+                    );
+                }
+            },
+        );
+    Tensor::from_vec(context, (h.batch * s, d), qkv.device())
 }
 
-/// d_context [B·S, H·K], qkv [B·S, W], probabilities [B, H, S, S] → d_qkv [B·S, W]
+/// d_context [B·S, H·K], qkv [B·S, W], bias [B, 1, 1, S] → d_qkv [B·S, W]. Each task is one
+/// (row, key/value head) group: for each of its query heads and each block of queries, the
+/// probabilities P again, dP = dC·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, then dQ = dS·K for
+/// the block and dK += dSᵀ·Q, dV += Pᵀ·dC.
 pub(super) fn backward<T: Real>(
     dcontext: &Tensor,
     qkv: &Tensor,
-    probs: &Tensor,
+    bias: &Tensor,
     h: Heads,
 ) -> Result<Tensor> {
-    let (dcontext, qkv, probs) = (
+    let (dcontext, qkv, bias) = (
         dcontext.contiguous()?,
         qkv.contiguous()?,
-        probs.contiguous()?,
+        bias.contiguous()?,
     );
-    let ((dc_s, dc_l), (qkv_s, qkv_l), (p_s, p_l)) = (
+    let ((dc_s, dc_l), (qkv_s, qkv_l), (bias_s, bias_l)) = (
         dcontext.storage_and_layout(),
         qkv.storage_and_layout(),
-        probs.storage_and_layout(),
+        bias.storage_and_layout(),
     );
     let dc_v = cpu_slice::<T>(&dc_s, dc_l)?;
-    let (qkv_v, p_v) = (cpu_slice::<T>(&qkv_s, qkv_l)?, cpu_slice::<T>(&p_s, p_l)?);
+    let (qkv_v, bias_v) = (
+        cpu_slice::<T>(&qkv_s, qkv_l)?,
+        cpu_slice::<T>(&bias_s, bias_l)?,
+    );
     let (s, kd, w, d) = (h.seq, h.head_dim, h.width(), h.heads * h.head_dim);
     let mut dqkv = vec![T::zero(); h.batch * s * w];
     let out = Shared(dqkv.as_mut_ptr());
     let scale = T::lit(h.scale);
     (0..h.batch * h.kv_heads).into_par_iter().for_each_init(
-        || vec![T::zero(); s * s],
-        |ds, task| {
+        || {
+            (
+                vec![T::zero(); QUERY_BLOCK * s],
+                vec![T::zero(); QUERY_BLOCK * s],
+            )
+        },
+        |(p_scratch, ds_scratch), task| {
             let (b, kv) = (task / h.kv_heads, task % h.kv_heads);
             let row0 = b * s * w;
             let (k, v) = (&qkv_v[row0 + h.k_col(kv)..], &qkv_v[row0 + h.v_col(kv)..]);
+            let base = out.ptr().wrapping_add(row0);
             for (n, head) in (kv * h.group()..(kv + 1) * h.group()).enumerate() {
-                let q = &qkv_v[row0 + h.q_col(head)..];
-                let dc = &dc_v[b * s * d + head * kd..];
-                let pair = b * h.heads + head;
-                let p = &p_v[pair * s * s..(pair + 1) * s * s];
-                // SAFETY: reads stay within the inputs; this task alone writes the rows of batch b
-                // in the columns of its query heads and of its key/value head.
-                unsafe {
-                    // dP = dC·Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, in place
-                    matmul::<T>(
-                        (s, s, kd),
-                        ds.as_mut_ptr(),
-                        s,
-                        false,
-                        dc.as_ptr(),
-                        (d, 1),
-                        v.as_ptr(),
-                        (1, w),
-                    );
-                    for (drow, prow) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                        let dot = drow
-                            .iter()
-                            .zip(prow)
-                            .fold(T::zero(), |a, (&x, &y)| a + x * y);
-                        for (x, &y) in drow.iter_mut().zip(prow) {
-                            *x = y * (*x - dot) * scale;
-                        }
+                for (first, rows) in query_blocks(s) {
+                    let (p, ds) = (&mut p_scratch[..rows * s], &mut ds_scratch[..rows * s]);
+                    probabilities(qkv_v, bias_v, &h, (b, head), first, p);
+                    let q = &qkv_v[row0 + first * w + h.q_col(head)..];
+                    let dc = &dc_v[(b * s + first) * d + head * kd..];
+                    // the first block of the first query head writes dK and dV, the others add
+                    let accumulate = n > 0 || first > 0;
+                    // SAFETY: reads stay within the inputs; this task alone writes the rows of
+                    // batch b in the columns of its query heads and of its key/value head.
+                    unsafe {
+                        matmul::<T>(
+                            (rows, s, kd),
+                            ds.as_mut_ptr(),
+                            s,
+                            false,
+                            dc.as_ptr(),
+                            (d, 1),
+                            v.as_ptr(),
+                            (1, w),
+                        );
+                        vectorized(|| {
+                            for (drow, prow) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                                let dot = lanes_dot(drow, prow);
+                                for (x, &y) in drow.iter_mut().zip(prow) {
+                                    *x = y * (*x - dot) * scale;
+                                }
+                            }
+                        });
+                        matmul::<T>(
+                            (rows, kd, s),
+                            base.add(first * w + h.q_col(head)),
+                            w,
+                            false,
+                            ds.as_ptr(),
+                            (s, 1),
+                            k.as_ptr(),
+                            (w, 1),
+                        );
+                        matmul::<T>(
+                            (s, kd, rows),
+                            base.add(h.k_col(kv)),
+                            w,
+                            accumulate,
+                            ds.as_ptr(),
+                            (1, s),
+                            q.as_ptr(),
+                            (w, 1),
+                        );
+                        matmul::<T>(
+                            (s, kd, rows),
+                            base.add(h.v_col(kv)),
+                            w,
+                            accumulate,
+                            p.as_ptr(),
+                            (1, s),
+                            dc.as_ptr(),
+                            (d, 1),
+                        );
                     }
-                    let base = out.ptr().add(row0);
-                    let first = n == 0;
-                    matmul::<T>(
-                        (s, kd, s),
-                        base.add(h.q_col(head)),
-                        w,
-                        false,
-                        ds.as_ptr(),
-                        (s, 1),
-                        k.as_ptr(),
-                        (w, 1),
-                    );
-                    matmul::<T>(
-                        (s, kd, s),
-                        base.add(h.k_col(kv)),
-                        w,
-                        !first,
-                        ds.as_ptr(),
-                        (1, s),
-                        q.as_ptr(),
-                        (w, 1),
-                    );
-                    matmul::<T>(
-                        (s, kd, s),
-                        base.add(h.v_col(kv)),
-                        w,
-                        !first,
-                        p.as_ptr(),
-                        (1, s),
-                        dc.as_ptr(),
-                        (d, 1),
-                    );
                 }
             }
         },
     );
     Tensor::from_vec(dqkv, (h.batch * s, w), dcontext.device())
+}
+
+/// Σ a ⊙ b in eight lanes (`lanes`).
+#[inline(always)]
+fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: T = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
+    for (ca, cb) in chunks_a.zip(chunks_b) {
+        for ((acc, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *acc = *acc + x * y;
+        }
+    }
+    acc.iter().fold(rest, |s, &x| s + x)
 }

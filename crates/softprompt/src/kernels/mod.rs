@@ -30,8 +30,8 @@ pub use activation::{
     gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, GeluSaved,
 };
 pub use attention::{
-    attention_at_forward, attention_backward, attention_forward, attention_inference,
-    cached_attention, heads_of, mask_bias, rows_read, spread, AttentionSaved, AttentionShape,
+    attention_at_forward, attention_backward, attention_forward, cached_attention, heads_of,
+    mask_bias, rows_read, spread, AttentionSaved, AttentionShape,
 };
 pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};

@@ -9,7 +9,7 @@ use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, BackboneInput};
 use softprompt::batch::{Batch, Padding};
 use softprompt::kernels::{
-    attention_at_forward, attention_backward, attention_forward, attention_inference,
+    attention_at_forward, attention_backward, attention_forward,
     gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, mask_bias,
     with_composed, AttentionShape, GatedMlp, GeluSaved, LayerNorm, Linear, Positions, RmsNorm,
     Rope,
@@ -355,11 +355,11 @@ fn fused_attention_matches_composed() {
     }
 }
 
-/// Inference attention, query block by query block with no probabilities kept, gives the
-/// context training's attention gives: 150 positions (two full blocks of 64 and a part), padding,
-/// causal and grouped-query.
+/// The fused attention runs query block by query block and its backward recomputes the
+/// probabilities block by block; at 150 positions (two full blocks of 64 and a part), with padding,
+/// causal and grouped-query, forward and backward equal the composed kernels that keep [B, H, S, S].
 #[test]
-fn inference_attention_matches_training_attention() {
+fn blocked_attention_matches_composed_over_several_blocks() {
     for (heads, kv_heads, causal) in [(2, 2, false), (4, 2, true)] {
         let (batch, seq) = (2, 150);
         let shape = AttentionShape {
@@ -377,10 +377,18 @@ fn inference_attention_matches_training_attention() {
             .collect();
         let mask = Tensor::from_vec(mask, (batch, seq), &DEV).unwrap();
         let bias = mask_bias(&mask, DType::F64).unwrap();
-        let (trained, _) = attention_forward(&qkv, &bias, shape).unwrap();
-        let inferred = attention_inference(&qkv, &bias, shape).unwrap();
-        let diff = crate::max_abs_diff(&trained, &inferred);
-        assert!(diff < 1e-12, "{heads}/{kv_heads} causal {causal}: {diff:e}");
+        let dcontext = randn(&[batch * seq, heads * 4], 6);
+        let run = || {
+            let (context, saved) = attention_forward(&qkv, &bias, shape).unwrap();
+            (context, attention_backward(&dcontext, &saved, shape).unwrap())
+        };
+        let (fused, composed) = (run(), with_composed(run));
+        let forward = crate::max_abs_diff(&fused.0, &composed.0);
+        let backward = crate::max_abs_diff(&fused.1, &composed.1);
+        assert!(
+            forward < 1e-12 && backward < 1e-12,
+            "{heads}/{kv_heads} causal {causal}: forward {forward:e}, backward {backward:e}"
+        );
     }
 }
 
