@@ -350,7 +350,7 @@ fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
         .fold(T::zero(), |s, (&x, &y)| s + x * y);
     for (ca, cb) in chunks_a.zip(chunks_b) {
         for ((acc, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
-            *acc = *acc + x * y;
+            *acc += x * y;
         }
     }
     acc.iter().fold(rest, |s, &x| s + x)
