@@ -4,9 +4,10 @@
 //! need nothing); each backward returns only the
 //! gradient with respect to the input (the weights are frozen, so their gradients are never formed).
 //! The pairs are written with candle tensor ops, so they run in f32 for training and in f64 for the
-//! finite-difference tests, on CPU or CUDA alike; layer norm, GELU and attention also have fused,
-//! multithreaded CPU versions (`fused`, `fused_attention`) that the CPU takes by default, with the
-//! composed ones as their tested reference (`with_composed`). candle-nn's own fused softmax and
+//! finite-difference tests, on CPU or CUDA alike; linear layers, layer norm, GELU and attention also
+//! have fused, multithreaded CPU versions (`fused_linear`, `fused`, `fused_attention`; f32 exp and
+//! erf in `fast_math`) that the CPU takes by default, with the composed ones as their tested
+//! reference (`with_composed`). candle-nn's own fused softmax and
 //! norm ops have no backward, so none of them is used here: see docs/DESIGN.md (candle pitfalls).
 //! RMS norm, RoPE, the SiLU-gated MLP and tanh GELU are the decoder families' pairs.
 //!
