@@ -9,6 +9,7 @@ use candle_core::cpu::erf::erf_f64;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
+use gemm::{gemm, Parallelism};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -95,6 +96,46 @@ fn view<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]
         Some((start, end)) => Ok(&T::of(storage)?[start..end]),
         None => candle_core::bail!("fused kernels need contiguous inputs"),
     }
+}
+
+/// C[m×n] = A[m×k]·B[k×n] (or C += A·B with `accumulate`) through gemm, each operand given by its
+/// pointer and (row, column) strides.
+///
+/// # Safety
+/// The pointers and strides must describe memory valid for those shapes; `c` must not alias a or b.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut T,
+    c_rs: usize,
+    accumulate: bool,
+    a: *const T,
+    (a_rs, a_cs): (usize, usize),
+    b: *const T,
+    (b_rs, b_cs): (usize, usize),
+    parallelism: Parallelism,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        c_rs as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 /// Rows handed to one rayon task at a time: enough work to pay for the hand-off.

@@ -6,9 +6,9 @@
 //! attention) accumulate inside one task.
 
 use super::fast_math::vectorized;
-use super::fused::{cpu_slice, Real};
+use super::fused::{self, cpu_slice, Real};
 use candle_core::{Result, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -25,41 +25,30 @@ impl<T> Shared<T> {
     }
 }
 
-/// C[m×n] = A[m×k]·B[k×n] (or C += A·B with `accumulate`), each operand given by its pointer and
-/// (row, column) strides.
+/// `fused::matmul` on the calling thread: attention's tasks are already one a core.
 ///
 /// # Safety
-/// The pointers and strides must describe memory valid for those shapes; `c` must not alias a or b.
+/// As `fused::matmul`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul<T: Real>(
-    (m, n, k): (usize, usize, usize),
+    shape: (usize, usize, usize),
     c: *mut T,
     c_rs: usize,
     accumulate: bool,
     a: *const T,
-    (a_rs, a_cs): (usize, usize),
+    a_strides: (usize, usize),
     b: *const T,
-    (b_rs, b_cs): (usize, usize),
+    b_strides: (usize, usize),
 ) {
-    gemm(
-        m,
-        n,
-        k,
+    fused::matmul(
+        shape,
         c,
-        1,
-        c_rs as isize,
+        c_rs,
         accumulate,
         a,
-        a_cs as isize,
-        a_rs as isize,
+        a_strides,
         b,
-        b_cs as isize,
-        b_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
+        b_strides,
         Parallelism::None,
     )
 }

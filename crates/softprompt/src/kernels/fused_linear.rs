@@ -3,9 +3,9 @@
 //! Here the output starts as the bias rows (or as nothing at all) and gemm adds the product into
 //! it, on every core.
 
-use super::fused::{cpu_slice, Real};
+use super::fused::{cpu_slice, matmul, Real};
 use candle_core::{Result, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 fn parallelism() -> Parallelism {
@@ -22,7 +22,7 @@ pub(super) fn forward<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
     let ((x_s, x_l), (w_s, w_l)) = (x.storage_and_layout(), w.storage_and_layout());
     let (x_v, w_v) = (cpu_slice::<T>(&x_s, x_l)?, cpu_slice::<T>(&w_s, w_l)?);
     let mut out: Vec<T> = Vec::with_capacity(rows * out_dim);
-    let read_dst = match bias {
+    let accumulate = match bias {
         Some(b) => {
             let (b_s, b_l) = b.storage_and_layout();
             let b_v = cpu_slice::<T>(&b_s, b_l)?;
@@ -35,27 +35,17 @@ pub(super) fn forward<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
     };
     // SAFETY: x [rows, inner], w [out_dim, inner] read as Wᵀ [inner, out_dim] (row stride 1,
     // column stride inner), out has room for [rows, out_dim]; without a bias gemm writes every
-    // element before anything reads it (read_dst false), and the length is set after.
+    // element before anything reads it (no accumulating), and the length is set after.
     unsafe {
-        gemm(
-            rows,
-            out_dim,
-            inner,
+        matmul(
+            (rows, out_dim, inner),
             out.as_mut_ptr(),
-            1,
-            out_dim as isize,
-            read_dst,
+            out_dim,
+            accumulate,
             x_v.as_ptr(),
-            1,
-            inner as isize,
+            (inner, 1),
             w_v.as_ptr(),
-            inner as isize,
-            1,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
+            (1, inner),
             parallelism(),
         );
         out.set_len(rows * out_dim);
@@ -71,27 +61,17 @@ pub(super) fn backward<T: Real>(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (dy_v, w_v) = (cpu_slice::<T>(&dy_s, dy_l)?, cpu_slice::<T>(&w_s, w_l)?);
     let mut dx: Vec<T> = Vec::with_capacity(rows * inner);
     // SAFETY: dy [rows, out_dim], w [out_dim, inner], dx has room for [rows, inner], every
-    // element of which gemm writes (read_dst false) before the length is set.
+    // element of which gemm writes (no accumulating) before the length is set.
     unsafe {
-        gemm(
-            rows,
-            inner,
-            out_dim,
+        matmul(
+            (rows, inner, out_dim),
             dx.as_mut_ptr(),
-            1,
-            inner as isize,
+            inner,
             false,
             dy_v.as_ptr(),
-            1,
-            out_dim as isize,
+            (out_dim, 1),
             w_v.as_ptr(),
-            1,
-            inner as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
+            (inner, 1),
             parallelism(),
         );
         dx.set_len(rows * inner);

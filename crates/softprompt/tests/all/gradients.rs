@@ -9,10 +9,9 @@ use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, BackboneInput};
 use softprompt::batch::{Batch, Padding};
 use softprompt::kernels::{
-    attention_at_forward, attention_backward, attention_forward,
-    gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, mask_bias,
-    with_composed, AttentionShape, GatedMlp, GeluSaved, LayerNorm, Linear, Positions, RmsNorm,
-    Rope,
+    attention_at_forward, attention_backward, attention_forward, gelu_erf_backward,
+    gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, mask_bias, with_composed,
+    AttentionShape, GatedMlp, GeluSaved, LayerNorm, Linear, Positions, RmsNorm, Rope,
 };
 use softprompt::prompt::SoftPrompt;
 use softprompt::prompted::{
@@ -380,7 +379,10 @@ fn blocked_attention_matches_composed_over_several_blocks() {
         let dcontext = randn(&[batch * seq, heads * 4], 6);
         let run = || {
             let (context, saved) = attention_forward(&qkv, &bias, shape).unwrap();
-            (context, attention_backward(&dcontext, &saved, shape).unwrap())
+            (
+                context,
+                attention_backward(&dcontext, &saved, shape).unwrap(),
+            )
         };
         let (fused, composed) = (run(), with_composed(run));
         let forward = crate::max_abs_diff(&fused.0, &composed.0);
