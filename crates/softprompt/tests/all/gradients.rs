@@ -273,25 +273,7 @@ fn computing_only_the_rows_the_head_reads_changes_no_loss_or_gradient() {
     let labels = [0u32, 1, 1];
     for batch in both_paddings(&data, Some(&labels), &[0, 1, 2]) {
         for pool in [Pool::First, Pool::Pooler, Pool::Cls, Pool::Mean, Pool::Last] {
-            let bert = tiny_bert(DType::F64);
-            let pooler = bert.pooler.clone();
-            let head = ClassificationHead::from_tensors(
-                &randn(&[2, 16], 8),
-                &randn(&[2], 9),
-                pool,
-                pooler,
-            )
-            .unwrap();
-            let model = PromptedModel {
-                backbone: bert,
-                prompt: SoftPrompt::from_tensor(&randn(&[3, 16], 7)).unwrap(),
-                head: Classifier {
-                    head,
-                    labels: vec!["a".into(), "b".into()],
-                    label_words: None,
-                },
-                template: None,
-            };
+            let model = tiny_classifier(pool, &randn(&[3, 16], 7));
             let (loss, grads) = model.loss_and_grads(&batch).unwrap();
 
             // every row, by hand
@@ -593,27 +575,7 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
     let [batch, left] = both_paddings(&data, Some(&labels), &[0, 1, 2]);
     let prompt = randn(&[3, 16], 7);
     for pool in [Pool::First, Pool::Pooler, Pool::Cls, Pool::Mean, Pool::Last] {
-        let make = |p: &Tensor| {
-            let bert = tiny_bert(DType::F64);
-            let pooler = bert.pooler.clone();
-            let head = ClassificationHead::from_tensors(
-                &randn(&[2, 16], 8),
-                &randn(&[2], 9),
-                pool,
-                pooler,
-            )
-            .unwrap();
-            PromptedModel {
-                backbone: bert,
-                prompt: SoftPrompt::from_tensor(p).unwrap(),
-                head: Classifier {
-                    head,
-                    labels: vec!["a".into(), "b".into()],
-                    label_words: None,
-                },
-                template: None,
-            }
-        };
+        let make = |p: &Tensor| tiny_classifier(pool, p);
         let right = make(&prompt).loss_and_grads(&batch).unwrap();
         let loss = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
         check(
@@ -624,6 +586,24 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
         );
         let left = make(&prompt).loss_and_grads(&left).unwrap();
         assert_padding_free(&format!("pool {pool}"), &right, &left);
+    }
+}
+
+/// The tiny BERT in f64 with `prompt` in front and a two-label head (fixed weights) on `pool`.
+fn tiny_classifier(pool: Pool, prompt: &Tensor) -> PromptedModel<Bert, Classifier> {
+    let bert = tiny_bert(DType::F64);
+    let pooler = bert.pooler.clone();
+    let head = ClassificationHead::from_tensors(&randn(&[2, 16], 8), &randn(&[2], 9), pool, pooler)
+        .unwrap();
+    PromptedModel {
+        backbone: bert,
+        prompt: SoftPrompt::from_tensor(prompt).unwrap(),
+        head: Classifier {
+            head,
+            labels: vec!["a".into(), "b".into()],
+            label_words: None,
+        },
+        template: None,
     }
 }
 
