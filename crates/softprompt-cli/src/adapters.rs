@@ -1,22 +1,18 @@
-//! What `eval`, `predict` and `inspect` run on: the backbone, one loaded adapter per `--adapter`
-//! (or the zero-shot verbalizer), and a tokenizer that leaves room for the longest prompt.
+//! What `eval` and `predict` run on: the backbone and one loaded adapter per `--adapter` (or the
+//! zero-shot verbalizer), made ready by the library's `Members`.
 
-use crate::args::{BatchArgs, InferenceArgs};
+use crate::args::InferenceArgs;
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 use softprompt::adapter::Adapter;
 use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::Backbone;
-use softprompt::data::Example;
-use softprompt::inference::{check_members, ensemble_all, EnsembleAnswer, LoadedAdapter};
+use softprompt::inference::{LoadedAdapter, Members};
 use softprompt::model::Model;
-use softprompt::tokenize::{encode_all, Encoded, TextEncoder};
-use std::path::Path;
 
 pub struct Inference {
     pub backbone: AnyBackbone,
-    pub adapters: Vec<LoadedAdapter>,
-    pub encoder: TextEncoder,
+    pub members: Members,
 }
 
 impl Inference {
@@ -48,45 +44,10 @@ impl Inference {
                 .map(|a| LoadedAdapter::new(&model, &Adapter::load(a, d, &Device::Cpu)?))
                 .collect::<softprompt::Result<Vec<_>>>()?
         };
-        check_members(&adapters.iter().collect::<Vec<_>>())?;
-        let longest = adapters
-            .iter()
-            .map(LoadedAdapter::prompt_len)
-            .max()
-            .unwrap_or(0);
-        let encoder = model.encoder(longest, None)?;
+        let members = Members::new(&model, adapters)?;
         Ok(Self {
             backbone: model.backbone,
-            adapters,
-            encoder,
+            members,
         })
-    }
-
-    /// Every input through every adapter, in the inputs' order.
-    pub fn answers(
-        &self,
-        data: &[Encoded],
-        batch: &BatchArgs,
-    ) -> anyhow::Result<Vec<EnsembleAnswer>> {
-        let members: Vec<&LoadedAdapter> = self.adapters.iter().collect();
-        let (size, padding) = (batch.batch_size, batch.padding_side);
-        Ok(ensemble_all(
-            &self.backbone,
-            &members,
-            data,
-            size,
-            padding,
-            &Device::Cpu,
-        )?)
-    }
-
-    pub fn labels(&self) -> &[String] {
-        &self.adapters[0].labels
-    }
-
-    /// Inputs written into the members' template, then tokenized.
-    pub fn encode(&self, examples: &[Example], path: &Path) -> anyhow::Result<Vec<Encoded>> {
-        let template = self.adapters[0].template.as_ref();
-        Ok(encode_all(&self.encoder, examples, template, path)?)
     }
 }

@@ -67,14 +67,16 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         bail!("text {} is empty", e.line);
     }
     let inference = Inference::load(args.inference.model.load()?, &args.inference, None)?;
-    let data = inference.encode(&examples, Path::new("input"))?;
-    let ensemble = inference.adapters.len() > 1;
-    let answers = inference.answers(&data, &args.inference.batch)?;
+    let members = &inference.members;
+    let data = members.encode(&examples, Path::new("input"))?;
+    let ensemble = members.adapters.len() > 1;
+    let batching = args.inference.batch.batching();
+    let answers = members.answers(&inference.backbone, &data, &batching)?;
     for (example, answer) in examples.iter().zip(&answers) {
         let prediction = Prediction {
             text: &example.text,
             label: &answer.label,
-            scores: inference
+            scores: members
                 .labels()
                 .iter()
                 .map(String::as_str)

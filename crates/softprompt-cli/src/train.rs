@@ -2,17 +2,21 @@
 
 use crate::args::{template, unescaped, ColumnArgs, ModelArgs, ProfileArgs};
 use candle_core::Device;
+use anyhow::bail;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::batch::Padding;
+use softprompt::data::DataSource;
 use softprompt::optim::{OptimizerKind, Schedule};
 use softprompt::profile::Profiler;
 use softprompt::prompt::PromptInit;
 use softprompt::task::classify::Pool;
 use softprompt::task::TaskKind;
 use softprompt::template::Template;
-use softprompt::train::{train, Event, TrainConfig, TrainPaths};
+use softprompt::train::{train, Event, TrainConfig, TrainData, TrainPaths};
+use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 fn defaults() -> TrainConfig {
     TrainConfig::default()
@@ -135,16 +139,34 @@ impl TrainArgs {
     }
 }
 
+/// Set by Ctrl-C: the run stops at the end of its step, checkpointed there.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    // a second Ctrl-C ends the process at once
+    // SAFETY: signal() is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}
+
 pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
     let config = args.config();
     let paths = TrainPaths {
         model: args.model.model,
         keep_quantized: args.model.keep_quantized,
-        train: args.train,
-        dev: args.dev,
+        data: TrainData {
+            train: DataSource::File(args.train),
+            dev: args.dev.map(DataSource::File),
+            columns: args.columns.columns(),
+        },
         output: args.output,
-        columns: args.columns.columns(),
     };
+    // SAFETY: the handler only stores to an atomic and resets the disposition.
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+    }
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -160,12 +182,8 @@ pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
         }
     };
     let mut last_dev = String::new();
-    let summary = train(
-        &paths,
-        &config,
-        args.resume,
-        &Device::Cpu,
-        &mut |event| match event {
+    let summary = train(&paths, &config, args.resume, &Device::Cpu, &mut |event| {
+        match event {
             Event::Start {
                 total_steps,
                 steps_per_epoch,
@@ -180,42 +198,47 @@ pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
                     say(&bar, format!("resumed at step {resumed_at}"));
                 }
             }
-            Event::Step {
-                step,
-                loss,
-                examples_per_s,
-                ..
-            } => {
-                bar.set_position(step as u64);
+            Event::Step(record) => {
+                bar.set_position(record.step as u64);
                 bar.set_message(format!(
-                    "loss {loss:.4}{last_dev}  {examples_per_s:.0} ex/s"
+                    "loss {:.4}{last_dev}  {:.0} ex/s",
+                    record.loss, record.examples_per_s
                 ));
             }
-            Event::Eval {
-                step,
-                score,
-                improved,
-            } => {
-                last_dev = format!("  dev acc {:.4}", score.accuracy);
+            Event::Eval { record, improved } => {
+                last_dev = format!("  dev acc {:.4}", record.dev_accuracy);
                 let mark = if improved { "  (best, saved)" } else { "" };
-                let measures = match score.macro_f1 {
-                    Some(f1) => format!("accuracy {:.4}, macro-F1 {f1:.4}", score.accuracy),
-                    None => format!("exact match {:.4}", score.accuracy),
+                let measures = match record.dev_macro_f1 {
+                    Some(f1) => format!("accuracy {:.4}, macro-F1 {f1:.4}", record.dev_accuracy),
+                    None => format!("exact match {:.4}", record.dev_accuracy),
                 };
                 say(
                     &bar,
-                    format!("step {step}: dev {measures}, loss {:.4}{mark}", score.loss),
+                    format!(
+                        "step {}: dev {measures}, loss {:.4}{mark}",
+                        record.step, record.dev_loss
+                    ),
                 );
             }
             Event::EarlyStop { step } => say(
                 &bar,
                 format!("stopping early at step {step}: dev accuracy stopped improving"),
             ),
-        },
-    )?;
+        }
+        match INTERRUPTED.load(Ordering::SeqCst) {
+            true => ControlFlow::Break(()),
+            false => ControlFlow::Continue(()),
+        }
+    })?;
     bar.finish_and_clear();
     if let Some(profiler) = profiler {
         eprint!("{}", profiler.profile(args.profile.fma_peak).table(0.002));
+    }
+    if summary.interrupted {
+        bail!(
+            "interrupted at step {}; checkpointed there: the same command with --resume continues it",
+            summary.steps
+        );
     }
     match summary.best_dev_accuracy {
         Some(acc) => println!(

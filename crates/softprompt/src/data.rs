@@ -2,8 +2,9 @@
 //! apart by the file's extension. Every error names the file, the line and the field.
 
 use crate::{bail, Context};
+use std::borrow::Cow;
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Which columns (or JSON fields) hold the text, the optional second text of a pair, and the label.
 #[derive(Debug, Clone)]
@@ -62,6 +63,80 @@ fn format_of(path: &Path) -> crate::Result<Format> {
 pub enum Labels {
     Required,
     Optional,
+}
+
+/// Where a data set comes from: a file, or rows already in memory (the Python binding's lists,
+/// dicts and DataFrames), checked as a file's rows are and named in errors as a file is.
+#[derive(Debug, Clone)]
+pub enum DataSource {
+    File(PathBuf),
+    Rows { name: PathBuf, examples: Vec<Example> },
+}
+
+impl DataSource {
+    /// Rows from memory, each `line` its 1-based row number; `name` stands for the file in errors
+    /// ("<train> line 3: field 'text' is empty").
+    pub fn rows(
+        name: &str,
+        examples: Vec<Example>,
+        columns: &Columns,
+        labels: Labels,
+    ) -> crate::Result<Self> {
+        let name = PathBuf::from(name);
+        if examples.is_empty() {
+            bail!("{}: no examples", name.display());
+        }
+        let examples = examples
+            .into_iter()
+            .map(|e| {
+                if labels == Labels::Required && e.label.is_none() {
+                    bail!(
+                        "{} line {}: field '{}' is missing",
+                        name.display(),
+                        e.line,
+                        columns.label
+                    );
+                }
+                check(e, &name, columns)
+            })
+            .collect::<crate::Result<_>>()?;
+        Ok(Self::Rows { name, examples })
+    }
+
+    /// What errors call it: the file's path, or the rows' name.
+    pub fn name(&self) -> &Path {
+        match self {
+            Self::File(path) => path,
+            Self::Rows { name, .. } => name,
+        }
+    }
+
+    pub fn examples(&self, columns: &Columns, labels: Labels) -> crate::Result<Cow<'_, [Example]>> {
+        match self {
+            Self::File(path) => Ok(Cow::Owned(read_examples(path, columns, labels)?)),
+            Self::Rows { examples, .. } => Ok(Cow::Borrowed(examples)),
+        }
+    }
+
+    /// The bytes that decide what the examples are (a file's own; the rows' fields), which a
+    /// resumed run checks are unchanged.
+    pub fn content(&self) -> crate::Result<Vec<u8>> {
+        match self {
+            Self::File(path) => {
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+            }
+            Self::Rows { examples, .. } => Ok(examples
+                .iter()
+                .flat_map(|e| {
+                    let fields = [Some(&e.text), e.text_pair.as_ref(), e.label.as_ref()];
+                    fields.into_iter().flat_map(|f| {
+                        let bytes = f.map_or(&[0xff][..], |f| f.as_bytes());
+                        bytes.iter().copied().chain([0])
+                    })
+                })
+                .collect()),
+        }
+    }
 }
 
 pub fn read_examples(

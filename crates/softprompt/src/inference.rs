@@ -8,13 +8,16 @@
 
 use crate::adapter::Adapter;
 use crate::backbone::{Backbone, BackboneInput};
-use crate::batch::Padding;
+use crate::batch::{Batching, Padding};
+use crate::data::{label_ids, Example};
+use crate::metrics::Report;
 use crate::model::Model;
 use crate::task::classify::{argmax, softmax, ClassificationHead};
 use crate::template::Template;
-use crate::tokenize::Encoded;
+use crate::tokenize::{encode_all, Encoded, TextEncoder};
 use crate::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use std::path::Path;
 
 /// An adapter made ready to run on a model: its prompt in the backbone's dtype and device, its head.
 pub struct LoadedAdapter {
@@ -209,4 +212,60 @@ pub fn ensemble_all<B: Backbone>(
         }
     }
     Ok(answers.into_iter().flatten().collect())
+}
+
+/// Adapters ready on one model, with a tokenizer that leaves room for the longest prompt: what
+/// eval, predict and the Python binding run. One member is plain prediction; more, an ensemble.
+pub struct Members {
+    pub adapters: Vec<LoadedAdapter>,
+    pub encoder: TextEncoder,
+}
+
+impl Members {
+    pub fn new(model: &Model, adapters: Vec<LoadedAdapter>) -> Result<Self> {
+        check_members(&adapters.iter().collect::<Vec<_>>())?;
+        let longest = adapters.iter().map(LoadedAdapter::prompt_len).max();
+        let encoder = model.encoder(longest.unwrap_or(0), None)?;
+        Ok(Self { adapters, encoder })
+    }
+
+    pub fn labels(&self) -> &[String] {
+        &self.adapters[0].labels
+    }
+
+    /// Inputs written into the members' template, then tokenized; errors name `source`.
+    pub fn encode(&self, examples: &[Example], source: &Path) -> Result<Vec<Encoded>> {
+        let template = self.adapters[0].template.as_ref();
+        encode_all(&self.encoder, examples, template, source)
+    }
+
+    /// Every input through every member, in the inputs' order.
+    pub fn answers<B: Backbone>(
+        &self,
+        backbone: &B,
+        data: &[Encoded],
+        batching: &Batching,
+    ) -> Result<Vec<EnsembleAnswer>> {
+        let members: Vec<&LoadedAdapter> = self.adapters.iter().collect();
+        let (size, padding) = (batching.size, batching.padding);
+        ensemble_all(backbone, &members, data, size, padding, &batching.device)
+    }
+
+    /// Accuracy, macro-F1, per-class figures and the confusion matrix on labelled examples.
+    pub fn report<B: Backbone>(
+        &self,
+        backbone: &B,
+        examples: &[Example],
+        source: &Path,
+        batching: &Batching,
+    ) -> Result<Report> {
+        let labels = self.labels();
+        let gold = label_ids(examples, labels, source)?;
+        let answers = self.answers(backbone, &self.encode(examples, source)?, batching)?;
+        let predicted: Vec<u32> = answers
+            .iter()
+            .map(|a| labels.iter().position(|l| *l == a.label).unwrap_or(0) as u32)
+            .collect();
+        Ok(Report::new(labels, &gold, &predicted))
+    }
 }

@@ -91,6 +91,35 @@ pub trait Backbone {
     fn backward(&self, d_hidden: &Tensor, activations: Self::Activations) -> Result<Tensor>;
 }
 
+/// A borrowed backbone trains as the backbone itself: a run borrows the model its caller keeps
+/// (the Python binding trains many prompts on one loaded model).
+impl<B: Backbone> Backbone for &B {
+    type Activations = B::Activations;
+
+    fn hidden_size(&self) -> usize {
+        (**self).hidden_size()
+    }
+    fn max_positions(&self) -> usize {
+        (**self).max_positions()
+    }
+    fn word_embeddings(&self) -> &Weight {
+        (**self).word_embeddings()
+    }
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        (**self).embed_tokens(ids)
+    }
+    fn run(
+        &self,
+        input: &BackboneInput,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Self::Activations>)> {
+        (**self).run(input, keep)
+    }
+    fn backward(&self, d_hidden: &Tensor, activations: Self::Activations) -> Result<Tensor> {
+        (**self).backward(d_hidden, activations)
+    }
+}
+
 /// The keys and values of every position a decoder has read, per layer, each [Hkv, T, K] (keys
 /// after RoPE). Cloning is cheap (tensors are shared): a prefix cache is cloned per request.
 #[derive(Clone, Default)]

@@ -3,16 +3,19 @@
 //! often greedy decoding would write each target exactly.
 
 use super::{prompted_forward, DevScore, Head};
-use crate::adapter::AdapterHead;
+use crate::adapter::{Adapter, AdapterHead};
 use crate::backbone::Backbone;
 use crate::batch::{eval_batches, Batch, Batching, EncodedSet};
+use crate::data::Example;
+use crate::model::Model;
 use crate::prompt::SoftPrompt;
-use crate::task::causal_lm::{logit_chunks, target_cross_entropy, TargetScore};
+use crate::task::causal_lm::{encode_pairs, logit_chunks, target_cross_entropy, TargetScore};
 use crate::task::classify::log_softmax;
 use crate::task::HeadBackward;
 use crate::tokenize::Encoded;
 use crate::{bail, Result};
 use candle_core::{DType, Tensor, Var, D};
+use std::path::Path;
 
 /// The decoder's own LM head [V, D], frozen: nothing of it trains or is stored.
 pub struct CausalLm {
@@ -100,4 +103,23 @@ impl Head for CausalLm {
     fn saved(&self) -> (AdapterHead, Vec<String>) {
         (AdapterHead::Generation, Vec::new())
     }
+}
+
+/// A generation adapter's exact match, token accuracy and token loss on (input, target) pairs.
+pub fn generation_score(
+    model: &Model,
+    adapter: &Adapter,
+    examples: &[Example],
+    source: &Path,
+    batching: &Batching,
+) -> Result<TargetScore> {
+    let encoder = model.encoder(adapter.prompt.dim(0)?, None)?;
+    let eos = model.eos_token_ids.first().copied();
+    let template = adapter.template.as_ref();
+    let data = encode_pairs(&encoder, examples, template, source, eos)?;
+    let head = CausalLm {
+        lm_head: model.lm_head("a generation adapter")?.dense()?,
+    };
+    let prompt = SoftPrompt::from_tensor(&adapter.prompt)?;
+    head.target_score(&model.backbone, &prompt, &data, batching)
 }

@@ -15,7 +15,7 @@
 mod causal_lm;
 mod classifier;
 
-pub use causal_lm::CausalLm;
+pub use causal_lm::{generation_score, CausalLm};
 pub use classifier::Classifier;
 
 use crate::adapter::{Adapter, AdapterHead, PeftConfig};

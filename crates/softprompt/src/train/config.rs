@@ -2,7 +2,7 @@
 //! binding and the checkpoint all read them from `TrainConfig::default()`.
 
 use crate::batch::Padding;
-use crate::data::Columns;
+use crate::data::{Columns, DataSource};
 use crate::optim::{OptimizerKind, Schedule};
 use crate::prompt::PromptInit;
 use crate::task::classify::Pool;
@@ -135,8 +135,15 @@ pub struct TrainPaths {
     pub model: PathBuf,
     /// keep a GGUF model's matrices quantized (`Model::load_with`): memory only, the same numbers
     pub keep_quantized: bool,
-    pub train: PathBuf,
-    pub dev: Option<PathBuf>,
+    pub data: TrainData,
     pub output: PathBuf,
+}
+
+/// What a run learns from and is judged on.
+pub struct TrainData {
+    pub train: DataSource,
+    /// for evaluation, early stopping and keeping the best adapter
+    pub dev: Option<DataSource>,
+    /// which columns of a file hold the text and the label
     pub columns: Columns,
 }

@@ -12,14 +12,14 @@ mod config;
 pub mod log;
 mod trainer;
 
-pub use config::{TrainConfig, TrainPaths};
+pub use config::{TrainConfig, TrainData, TrainPaths};
 pub use trainer::{Event, Summary, Trainer};
 
 use crate::adapter::{TaskType, CONFIG_FILE};
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
 use crate::batch::EncodedSet;
-use crate::data::{label_ids, label_set, read_examples, Columns, Labels};
+use crate::data::{label_ids, label_set, Columns, DataSource, Labels};
 use crate::files::DirLock;
 use crate::model::Model;
 use crate::prompt::{InitSource, PromptInit, SoftPrompt};
@@ -28,69 +28,105 @@ use crate::task::causal_lm::encode_pairs;
 use crate::task::classify::ClassificationHead;
 use crate::task::TaskKind;
 use crate::tokenize::{encode_all, TextEncoder};
-use crate::{bail, Context, Result};
+use crate::{bail, Error, Result};
 use candle_core::{DType, Device};
 use checkpoint::{Fingerprint, CHECKPOINT};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 /// Reads a data set and writes each input into the template. Classification tasks tokenize the
 /// inputs and map the labels to `label_names` (or to the set's own, sorted); a causal LM appends
 /// each target to its input.
 fn load_set(
-    path: &Path,
+    source: &DataSource,
     columns: &Columns,
     label_names: Option<&[String]>,
     encoder: &TextEncoder,
     config: &TrainConfig,
     eos: Option<u32>,
 ) -> Result<(EncodedSet, Vec<String>)> {
-    let examples = read_examples(path, columns, Labels::Required)?;
-    let template = config.template.as_ref();
+    let examples = source.examples(columns, Labels::Required)?;
+    let (template, name) = (config.template.as_ref(), source.name());
     let names = match label_names {
         Some(n) => n.to_vec(),
         None => label_set(&examples),
     };
     let set = match config.task {
         TaskKind::CausalLm => EncodedSet {
-            data: encode_pairs(encoder, &examples, template, path, eos)?,
+            data: encode_pairs(encoder, &examples, template, name, eos)?,
             labels: None,
         },
         TaskKind::Classify | TaskKind::Verbalizer => EncodedSet {
-            labels: Some(label_ids(&examples, &names, path)?),
-            data: encode_all(encoder, &examples, template, path)?,
+            labels: Some(label_ids(&examples, &names, name)?),
+            data: encode_all(encoder, &examples, template, name)?,
         },
     };
     Ok((set, names))
 }
 
-/// Trains a prompt (and the task's head) on `paths.train` and writes the adapter to
-/// `paths.output`; with `resume`, continues the run whose checkpoint is there.
+/// Trains a prompt (and the task's head) on `paths.data` and writes the adapter to
+/// `paths.output`; with `resume`, continues the run whose checkpoint is there. `on_event` hears
+/// every step and evaluation; when it answers `Break`, the run stops at the end of that step,
+/// checkpointed there, and `resume` continues it exactly.
 pub fn train(
     paths: &TrainPaths,
     config: &TrainConfig,
     resume: bool,
     device: &Device,
-    on_event: &mut dyn FnMut(Event),
+    on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
 ) -> Result<Summary> {
+    // options and the output directory are checked before a model that may take minutes to load
+    let _lock = claim_output(&paths.output, config, resume)?;
+    let model = Model::load_with(&paths.model, DType::F32, device, paths.keep_quantized)?;
+    train_claimed(&model, &paths.data, &paths.output, config, resume, device, on_event)
+}
+
+/// `train` on a model already loaded (the Python binding keeps one for many runs).
+pub fn train_model(
+    model: &Model,
+    data: &TrainData,
+    output: &Path,
+    config: &TrainConfig,
+    resume: bool,
+    on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
+) -> Result<Summary> {
+    let _lock = claim_output(output, config, resume)?;
+    let device = model.backbone.word_embeddings().device();
+    train_claimed(model, data, output, config, resume, &device, on_event)
+}
+
+/// Checks the options, and that `output` holds a run to resume or none at all; the lock it
+/// returns refuses a second run into the same directory until this one ends.
+fn claim_output(output: &Path, config: &TrainConfig, resume: bool) -> Result<DirLock> {
     config.validate()?;
-    // held until the run ends: a second run into the same directory is refused, not interleaved
-    let _lock = DirLock::acquire(&paths.output, "training run")?;
-    let output = paths.output.display();
-    let checkpoint_path = paths.output.join(CHECKPOINT);
+    let lock = DirLock::acquire(output, "training run")?;
+    let shown = output.display();
+    let checkpoint_path = output.join(CHECKPOINT);
     if !resume && checkpoint_path.exists() {
-        bail!("{output} already holds a training run; pass --resume to continue it, or choose another --output");
+        bail!("{shown} already holds a training run; pass --resume to continue it, or choose another --output");
     }
-    if !resume && paths.output.join(CONFIG_FILE).exists() {
+    if !resume && output.join(CONFIG_FILE).exists() {
         bail!(
-            "{output} already holds an adapter; choose another --output (nothing was overwritten)"
+            "{shown} already holds an adapter; choose another --output (nothing was overwritten)"
         );
     }
     if resume && !checkpoint_path.exists() {
-        bail!("--resume: there is no checkpoint in {output}");
+        bail!("--resume: there is no checkpoint in {shown}");
     }
-    let model = Model::load_with(&paths.model, DType::F32, device, paths.keep_quantized)?;
+    Ok(lock)
+}
+
+fn train_claimed(
+    model: &Model,
+    data: &TrainData,
+    output: &Path,
+    config: &TrainConfig,
+    resume: bool,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
+) -> Result<Summary> {
     if config.task == TaskKind::CausalLm {
         model.lm_head("--task causal-lm")?;
     }
@@ -98,18 +134,18 @@ pub fn train(
     let encoder = model.encoder(m, config.max_tokens)?;
     let eos = model.eos_token_ids.first().copied();
     let (train_set, label_names) =
-        load_set(&paths.train, &paths.columns, None, &encoder, config, eos)?;
+        load_set(&data.train, &data.columns, None, &encoder, config, eos)?;
     if config.task != TaskKind::CausalLm && label_names.len() < 2 {
         bail!(
             "{}: training needs at least two different labels, found {:?}",
-            paths.train.display(),
+            data.train.name().display(),
             label_names
         );
     }
-    let dev_set = match &paths.dev {
+    let dev_set = match &data.dev {
         Some(dev) => {
             let known = (config.task != TaskKind::CausalLm).then_some(label_names.as_slice());
-            Some(load_set(dev, &paths.columns, known, &encoder, config, eos)?.0)
+            Some(load_set(dev, &data.columns, known, &encoder, config, eos)?.0)
         }
         None => None,
     };
@@ -130,8 +166,8 @@ pub fn train(
         config.init_text.clone(),
     );
     let template = config.template.clone();
-    let fingerprint = fingerprint(&model, paths)?;
-    let trainer = |trainee: &dyn Trainee, on_event: &mut dyn FnMut(Event)| {
+    let fingerprint = fingerprint(model, data)?;
+    let trainer = |trainee: &dyn Trainee, on_event: &mut dyn FnMut(Event) -> ControlFlow<()>| {
         Trainer {
             trainee,
             train_set: &train_set,
@@ -139,7 +175,7 @@ pub fn train(
             peft: &peft,
             config,
             fingerprint: &fingerprint,
-            output: &paths.output,
+            output,
             device,
         }
         .run(resume, on_event)
@@ -149,8 +185,7 @@ pub fn train(
             let head = CausalLm {
                 lm_head: model.lm_head("--task causal-lm")?.dense()?,
             };
-            let backbone = model.backbone;
-            trainer(&prompted(backbone, prompt, head, template), on_event)
+            trainer(&prompted(&model.backbone, prompt, head, template), on_event)
         }
         TaskKind::Classify | TaskKind::Verbalizer => {
             let (head, words) = if config.task == TaskKind::Verbalizer {
@@ -173,17 +208,17 @@ pub fn train(
                 labels: label_names,
                 label_words: words,
             };
-            trainer(&prompted(model.backbone, prompt, head, template), on_event)
+            trainer(&prompted(&model.backbone, prompt, head, template), on_event)
         }
     }
 }
 
 fn prompted<H: Head>(
-    backbone: AnyBackbone,
+    backbone: &AnyBackbone,
     prompt: SoftPrompt,
     head: H,
     template: Option<crate::template::Template>,
-) -> PromptedModel<AnyBackbone, H> {
+) -> PromptedModel<&AnyBackbone, H> {
     PromptedModel {
         backbone,
         prompt,
@@ -193,12 +228,8 @@ fn prompted<H: Head>(
 }
 
 /// What this run reads, for `--resume` to check.
-fn fingerprint(model: &Model, paths: &TrainPaths) -> Result<Fingerprint> {
-    let file = |path: &Path| -> Result<String> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        Ok(checkpoint::hash(&bytes))
-    };
+fn fingerprint(model: &Model, data: &TrainData) -> Result<Fingerprint> {
+    let content = |source: &DataSource| Ok::<_, Error>(checkpoint::hash(&source.content()?));
     let backbone = &model.backbone;
     let table = backbone.word_embeddings();
     let rows = table.dims()[0].min(64);
@@ -223,16 +254,16 @@ fn fingerprint(model: &Model, paths: &TrainPaths) -> Result<Fingerprint> {
     )
     .into_bytes();
     described.extend(first_rows.iter().flat_map(|v| v.to_le_bytes()));
-    let columns = format!("{:?}", paths.columns);
+    let columns = format!("{:?}", data.columns);
     Ok(Fingerprint {
         model: checkpoint::hash(&described),
         // which columns are read is part of what the data is
         train: format!(
             "{} {}",
-            file(&paths.train)?,
+            content(&data.train)?,
             checkpoint::hash(columns.as_bytes())
         ),
-        dev: paths.dev.as_deref().map(file).transpose()?,
+        dev: data.dev.as_ref().map(content).transpose()?,
     })
 }
 

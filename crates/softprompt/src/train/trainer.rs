@@ -8,13 +8,15 @@ use super::log::{EvalRecord, MetricsLog, Record, StepRecord};
 use crate::adapter::{all_finite, PeftConfig};
 use crate::batch::{epoch_batches, Batch, Batching, EncodedSet};
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
-use crate::prompted::{DevScore, Trainee};
+use crate::prompted::Trainee;
 use crate::{bail, Context, Result};
 use candle_core::Device;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// What the loop reports as it goes (the CLI draws a progress bar from it).
+/// What the loop reports as it goes (the CLI draws a progress bar from it). The listener answers
+/// `ControlFlow::Break` to stop the run at the end of the step (Ctrl-C).
 pub enum Event<'a> {
     Start {
         total_steps: usize,
@@ -22,15 +24,11 @@ pub enum Event<'a> {
         resumed_at: usize,
         train_examples: usize,
     },
-    Step {
-        step: usize,
-        loss: f64,
-        lr: f64,
-        examples_per_s: f64,
-    },
+    /// what metrics.jsonl records of the step
+    Step(&'a StepRecord),
+    /// what metrics.jsonl records of the evaluation; `improved`: the best yet, saved
     Eval {
-        step: usize,
-        score: &'a DevScore,
+        record: &'a EvalRecord,
         improved: bool,
     },
     EarlyStop {
@@ -40,6 +38,8 @@ pub enum Event<'a> {
 
 pub struct Summary {
     pub steps: usize,
+    /// stopped by the listener before the end: checkpointed at `steps`, for `resume`
+    pub interrupted: bool,
     pub best_dev_accuracy: Option<f64>,
     pub adapter: PathBuf,
 }
@@ -59,7 +59,11 @@ pub struct Trainer<'a> {
 }
 
 impl Trainer<'_> {
-    pub fn run(&self, resume: bool, on_event: &mut dyn FnMut(Event)) -> Result<Summary> {
+    pub fn run(
+        &self,
+        resume: bool,
+        on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
+    ) -> Result<Summary> {
         let config = self.config;
         let params = self.trainee.params();
         let mut optimizer = Optimizer::new(
@@ -99,15 +103,28 @@ impl Trainer<'_> {
             .max_steps
             .unwrap_or((steps_per_epoch * config.epochs).max(config.min_steps));
         let eval_every = config.eval_every.unwrap_or((steps_per_epoch / 4).max(1));
-        on_event(Event::Start {
+        let mut interrupted = on_event(Event::Start {
             total_steps: total,
             steps_per_epoch,
             resumed_at: progress.step,
             train_examples: lengths.len(),
-        });
+        })
+        .is_break();
+        let mut checkpointed_at = progress.step;
+        let save_checkpoint = |progress: &mut Progress, optimizer: &Optimizer| {
+            progress.optimizer_steps = optimizer.steps();
+            checkpoint::save(
+                &checkpoint_path,
+                config,
+                self.fingerprint,
+                &params,
+                optimizer,
+                progress,
+            )
+        };
 
         let mut epoch_plan: (usize, Vec<Vec<usize>>) = (usize::MAX, Vec::new());
-        while progress.step < total && !progress.stopped {
+        while progress.step < total && !progress.stopped && !interrupted {
             if epoch_plan.0 != progress.epoch {
                 let batches =
                     epoch_batches(&lengths, config.batch_size, config.seed, progress.epoch);
@@ -157,51 +174,45 @@ impl Trainer<'_> {
                 progress.epoch += 1;
                 progress.batch = 0;
             }
-            on_event(Event::Step {
-                step: progress.step,
-                loss,
-                lr,
-                examples_per_s,
-            });
-            log.write(&Record::Step(StepRecord {
+            let record = StepRecord {
                 epoch: progress.epoch,
                 examples_per_s,
                 grad_norm,
                 loss,
                 lr,
                 step: progress.step,
-            }))?;
+            };
+            interrupted |= on_event(Event::Step(&record)).is_break();
+            log.write(&Record::Step(record))?;
 
             if progress.step % eval_every == 0 || progress.step == total {
                 let _span = tracing::debug_span!("evaluate").entered();
-                self.evaluate(&mut progress, &mut log, on_event)?;
-                progress.optimizer_steps = optimizer.steps();
+                interrupted |= self.evaluate(&mut progress, &mut log, on_event)?.is_break();
                 progress.stopped = config
                     .patience
                     .is_some_and(|p| progress.evals_without_gain >= p);
                 // the checkpoint first, then the adapter it records: a run killed between the two
                 // writes the adapter when it resumes
-                let fingerprint = self.fingerprint;
-                checkpoint::save(
-                    &checkpoint_path,
-                    config,
-                    fingerprint,
-                    &params,
-                    &optimizer,
-                    &progress,
-                )?;
+                save_checkpoint(&mut progress, &optimizer)?;
+                checkpointed_at = progress.step;
                 if progress.adapter_step == Some(progress.step) {
                     self.save_adapter()?;
                 }
                 if progress.stopped {
-                    on_event(Event::EarlyStop {
+                    interrupted |= on_event(Event::EarlyStop {
                         step: progress.step,
-                    });
+                    })
+                    .is_break();
                 }
             }
         }
+        if interrupted && checkpointed_at != progress.step {
+            log.flush()?;
+            save_checkpoint(&mut progress, &optimizer)?;
+        }
         Ok(Summary {
             steps: progress.step,
+            interrupted: interrupted && progress.step < total && !progress.stopped,
             best_dev_accuracy: progress.best,
             adapter: self.output.to_path_buf(),
         })
@@ -217,11 +228,12 @@ impl Trainer<'_> {
         &self,
         progress: &mut Progress,
         log: &mut MetricsLog,
-        on_event: &mut dyn FnMut(Event),
-    ) -> Result<()> {
+        on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>> {
         let Some(dev) = self.dev_set else {
             progress.adapter_step = Some(progress.step);
-            return log.flush();
+            log.flush()?;
+            return Ok(ControlFlow::Continue(()));
         };
         let config = self.config;
         let batching = Batching {
@@ -245,17 +257,18 @@ impl Trainer<'_> {
         } else {
             progress.evals_without_gain += 1;
         }
-        log.write(&Record::Eval(EvalRecord {
+        let record = EvalRecord {
             dev_accuracy: score.accuracy,
             dev_loss: score.loss,
             dev_macro_f1: score.macro_f1,
             step: progress.step,
-        }))?;
-        on_event(Event::Eval {
-            step: progress.step,
-            score: &score,
+        };
+        let flow = on_event(Event::Eval {
+            record: &record,
             improved,
         });
-        log.flush()
+        log.write(&Record::Eval(record))?;
+        log.flush()?;
+        Ok(flow)
     }
 }
