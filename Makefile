@@ -8,8 +8,9 @@ DATA   := assets/data/movie-reviews
 BIN    := target/release/softprompt
 RUN    := runs/movie-reviews
 VENV   := .venv-ref
+PYVENV := .venv-py
 
-.PHONY: demo test assets build fixtures interop sweep bench clean serve-bench memory-bench fuzz api-check soak
+.PHONY: demo test python assets build fixtures interop sweep bench clean serve-bench memory-bench fuzz api-check soak
 
 assets:
 	$(PYTHON) scripts/fetch_assets.py
@@ -24,8 +25,19 @@ demo: assets build
 	@echo "== test split =="
 	$(BIN) eval --model $(MODEL) --adapter $(RUN) --data $(DATA)/test.tsv
 
-test: assets
-	$(CARGO) test --release --workspace
+# The Rust tests, then the Python binding's (pytest, in a venv this file builds).
+test: assets python
+	$(CARGO) test --release
+	$(PYVENV)/bin/python -m pytest -q crates/softprompt-py/tests
+
+# `import softprompt` in $(PYVENV): the binding built by maturin from this checkout.
+$(PYVENV)/bin/maturin:
+	$(PYTHON) -m venv $(PYVENV)
+	$(PYVENV)/bin/pip install --quiet --upgrade pip
+	$(PYVENV)/bin/pip install --quiet "maturin>=1.9,<2" pytest numpy pandas
+
+python: $(PYVENV)/bin/maturin
+	PATH="$(CURDIR)/$(PYVENV)/bin:$$PATH" $(PYVENV)/bin/pip install --quiet --no-build-isolation ./crates/softprompt-py
 
 # The reference side: PyTorch + transformers + peft, for fixtures and the PEFT round trip (not CI).
 $(VENV)/bin/python:

@@ -3,13 +3,12 @@
 
 use crate::args::{template, unescaped, ModelArgs};
 use crate::output::emit;
-use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Args;
 use serde::Serialize;
 use softprompt::adapter::Adapter;
 use softprompt::backbone::Backbone;
-use softprompt::generate::{generate, prefix_cache, FinishReason, SamplingConfig};
+use softprompt::generate::{Continuation, FinishReason, SamplingConfig};
 use softprompt::template::Template;
 use std::io::Write;
 use std::path::PathBuf;
@@ -80,22 +79,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         Some(a) => a.prompt.clone(),
         None => candle_core::Tensor::zeros((0, d), DType::F32, &Device::Cpu)?,
     };
-    // the adapter's prompt is read once, for every text
-    let prefix = prefix_cache(&model.backbone, &prompt)?;
-    let encoder = model.encoder(prefix.len(), None)?;
+    let continuation = Continuation::new(&model, &prompt, template)?;
     let mut stdout = std::io::stdout().lock();
     for text in &args.texts {
-        if text.trim().is_empty() {
-            bail!("a text to continue is empty");
-        }
-        let room = encoder.max_tokens();
-        let (encoded, truncated) = encoder
-            .encode_fitted(template.as_ref(), text, None, room)
-            .with_context(|| format!("cannot tokenize {text:?}"))?;
-        if truncated {
-            bail!("the text has more than {room} tokens, and generation continues the end of a text, so it is not cut: shorten it");
-        }
-        let ids = encoded.ids;
         let mut stream = |piece: &str| {
             if !args.json {
                 let _ = write!(stdout, "{piece}");
@@ -103,15 +89,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             }
             true
         };
-        let generated = generate(
-            &model.backbone,
-            &encoder,
-            &prefix,
-            &ids,
-            &model.eos_token_ids,
-            &config,
-            &mut stream,
-        )?;
+        let generated = continuation.write(&model, text, &config, &mut stream)?;
         let written = Written {
             input: text,
             text: &generated.text,

@@ -1,8 +1,8 @@
 //! `softprompt train`: a soft prompt (and the task's head) on a frozen model, with a progress bar.
 
 use crate::args::{template, unescaped, ColumnArgs, ModelArgs, ProfileArgs};
-use candle_core::Device;
 use anyhow::bail;
+use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::batch::Padding;
@@ -165,7 +165,10 @@ pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
     };
     // SAFETY: the handler only stores to an atomic and resets the disposition.
     unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
     }
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -172,6 +172,25 @@ impl Adapter {
 
     /// Loads and checks an adapter for a model of hidden size `hidden`.
     pub fn load(dir: &Path, hidden: usize, device: &Device) -> Result<Self> {
+        Self::read(dir, Some(hidden), device)
+    }
+
+    /// Loads and checks an adapter on its own, at the hidden size its config gives (or its
+    /// prompt's): `fits` checks it against a model later.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        Self::read(dir, None, device)
+    }
+
+    /// Whether this adapter's vectors have the model's hidden size.
+    pub fn fits(&self, hidden: usize) -> Result<()> {
+        let dim = self.prompt.dim(1)?;
+        if dim != hidden {
+            bail!("the adapter's prompt vectors have {dim} dimensions, but the model's hidden size is {hidden}: it was trained for another model");
+        }
+        Ok(())
+    }
+
+    fn read(dir: &Path, hidden: Option<usize>, device: &Device) -> Result<Self> {
         let at = dir.display();
         let config_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&config_path)
@@ -181,8 +200,10 @@ impl Adapter {
         if let PeftType::Other(other) = &config.peft_type {
             bail!("adapter {at} has peft_type {other:?}; softprompt reads PROMPT_TUNING adapters");
         }
-        if let Some(dim) = config.token_dim.filter(|&d| d != hidden) {
-            bail!("adapter {at} has token_dim {dim}, but the model's hidden size is {hidden}: it was trained for another model");
+        if let (Some(dim), Some(hidden)) = (config.token_dim, hidden) {
+            if dim != hidden {
+                bail!("adapter {at} has token_dim {dim}, but the model's hidden size is {hidden}: it was trained for another model");
+            }
         }
         let extra_path = dir.join(EXTRA_FILE);
         let extra: Option<Extra> = if extra_path.exists() {
@@ -202,6 +223,13 @@ impl Adapter {
                 .with_context(|| format!("adapter {at}: {WEIGHTS_FILE} has no tensor '{key}'"))
         };
         let prompt = take(PROMPT_KEY)?;
+        let hidden = match (hidden, config.token_dim, prompt.dims()) {
+            (Some(hidden), ..) | (None, Some(hidden), _) => hidden,
+            (None, None, [_, hidden]) => *hidden,
+            (None, None, dims) => bail!(
+                "adapter {at}: prompt_embeddings has shape {dims:?}, expected [num_virtual_tokens, token_dim]"
+            ),
+        };
         let m = config
             .num_virtual_tokens
             .checked_mul(config.num_transformer_submodules)

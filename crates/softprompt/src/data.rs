@@ -70,7 +70,10 @@ pub enum Labels {
 #[derive(Debug, Clone)]
 pub enum DataSource {
     File(PathBuf),
-    Rows { name: PathBuf, examples: Vec<Example> },
+    Rows {
+        name: PathBuf,
+        examples: Vec<Example>,
+    },
 }
 
 impl DataSource {

@@ -8,6 +8,8 @@
 
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::{Backbone, KvCache};
+use crate::model::Model;
+use crate::template::Template;
 use crate::tokenize::TextEncoder;
 use crate::{bail, Context};
 use candle_core::{DType, Tensor};
@@ -155,6 +157,60 @@ pub fn generate(
             finish
         },
     })
+}
+
+/// What continues texts behind one prompt: its prefix cache, read once, the tokenizer that
+/// leaves room for it, and the template texts are written into (`softprompt generate`, Python).
+pub struct Continuation {
+    prefix: KvCache,
+    encoder: TextEncoder,
+    template: Option<Template>,
+}
+
+impl Continuation {
+    /// `prompt` [M, D] (M may be 0: the model alone).
+    pub fn new(model: &Model, prompt: &Tensor, template: Option<Template>) -> crate::Result<Self> {
+        let prefix = prefix_cache(&model.backbone, prompt)?;
+        let encoder = model.encoder(prefix.len(), None)?;
+        Ok(Self {
+            prefix,
+            encoder,
+            template,
+        })
+    }
+
+    /// `text` written into the template and continued (`generate`). Generation continues the
+    /// end of a text, so a text too long for the model is refused, not cut.
+    pub fn write(
+        &self,
+        model: &Model,
+        text: &str,
+        config: &SamplingConfig,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> crate::Result<Generation> {
+        if text.trim().is_empty() {
+            bail!("a text to continue is empty");
+        }
+        let room = self.encoder.max_tokens();
+        let (encoded, truncated) = self
+            .encoder
+            .encode_fitted(self.template.as_ref(), text, None, room)
+            .with_context(|| format!("cannot tokenize {text:?}"))?;
+        if truncated {
+            bail!("the text has more than {room} tokens, and generation continues the end of a text, so it is not cut: shorten it");
+        }
+        let eos = &model.eos_token_ids;
+        let (backbone, encoder) = (&model.backbone, &self.encoder);
+        generate(
+            backbone,
+            encoder,
+            &self.prefix,
+            &encoded.ids,
+            eos,
+            config,
+            on_text,
+        )
+    }
 }
 
 /// Positions one pass reads while the input is read in: a pass's attention scores are

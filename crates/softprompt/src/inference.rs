@@ -31,6 +31,7 @@ pub struct LoadedAdapter {
 
 impl LoadedAdapter {
     pub fn new(model: &Model, adapter: &Adapter) -> Result<Self> {
+        adapter.fits(model.backbone.hidden_size())?;
         let table = model.backbone.word_embeddings();
         let prompt = adapter
             .prompt

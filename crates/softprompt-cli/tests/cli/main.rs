@@ -324,6 +324,74 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
     fails_with(&changed, &["options differ from the interrupted run"]);
 }
 
+/// Ctrl-C (SIGINT) ends the step under way, checkpoints there and says so; `--resume` continues
+/// from that step, not the last evaluation's, and ends where an uninterrupted run ends.
+#[test]
+fn ctrl_c_checkpoints_at_its_step_and_resume_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let extra = [
+        "--max-steps",
+        "3000",
+        "--eval-every",
+        "1000",
+        "--patience",
+        "0",
+        "--num-virtual-tokens",
+        "4",
+    ];
+    let whole = dir.join("whole").display().to_string();
+    ok(&train_args(&model, &train, &dev, &whole, &extra));
+
+    let cut = dir.join("cut").display().to_string();
+    let child = softprompt(&train_args(&model, &train, &dev, &cut, &extra))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Path::new(&cut).join("metrics.jsonl");
+    let waiting = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |l| l.lines().count()) < 5 {
+        assert!(waiting.elapsed() < std::time::Duration::from_secs(120));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    let steps: Vec<u64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .collect();
+    let last = *steps.last().unwrap();
+    assert!(last < 3000, "the run finished before the Ctrl-C");
+    assert!(
+        message.contains(&format!("interrupted at step {last}; checkpointed there")),
+        "{message}"
+    );
+    let mut resumed = train_args(&model, &train, &dev, &cut, &extra);
+    resumed.push("--resume");
+    let resumed = run(&resumed);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(
+        stderr(&resumed).contains(&format!("resumed at step {last}")),
+        "{}",
+        stderr(&resumed)
+    );
+    let read = |d: &str| std::fs::read(Path::new(d).join("adapter_model.safetensors")).unwrap();
+    assert!(
+        read(&whole) == read(&cut),
+        "resumed adapter differs from the uninterrupted run's"
+    );
+}
+
 #[test]
 fn resuming_a_run_that_stopped_early_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();

@@ -80,7 +80,15 @@ pub fn train(
     // options and the output directory are checked before a model that may take minutes to load
     let _lock = claim_output(&paths.output, config, resume)?;
     let model = Model::load_with(&paths.model, DType::F32, device, paths.keep_quantized)?;
-    train_claimed(&model, &paths.data, &paths.output, config, resume, device, on_event)
+    train_claimed(
+        &model,
+        &paths.data,
+        &paths.output,
+        config,
+        resume,
+        device,
+        on_event,
+    )
 }
 
 /// `train` on a model already loaded (the Python binding keeps one for many runs).
@@ -158,7 +166,7 @@ fn train_claimed(
             .map(|l| l.replace(['_', '-'], " "))
             .collect()
     });
-    let prompt = initial_prompt(&model, &encoder, config, &label_words, &mut rng)?;
+    let prompt = initial_prompt(model, &encoder, config, &label_words, &mut rng)?;
     let peft = model.peft_config(
         TaskType::of(config.task),
         m,
