@@ -75,20 +75,6 @@ fn run(cli: Cli, profiler: Option<Profiler>) -> anyhow::Result<()> {
     }
 }
 
-/// A step frees and allocates the same large tensors again and again. glibc serves each from a
-/// fresh mapping and unmaps it at the free, so every step faults its tensors in anew, each page
-/// zeroed by the kernel (7 % of a MiniLM step under perf). Served from the heap and never trimmed,
-/// freed memory is reused as it is; what the process holds is its peak, as before.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-}
-
 fn main() -> std::process::ExitCode {
     // Output piped into `head` and the like ends quietly, as for any Unix tool, instead of a panic
     // in println! on the closed pipe.
@@ -97,7 +83,7 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    keep_freed_memory();
+    softprompt::memory::keep_freed_memory();
     let cli = Cli::parse();
     let profiler = cli.command.profiles().then(Profiler::default);
     let log = tracing_subscriber::fmt::layer()

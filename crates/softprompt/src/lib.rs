@@ -24,7 +24,7 @@
 //! profile     where a step's time goes: every span's time, and each matmul's GFLOP/s
 //! ```
 //! `error` is the library's error type, `files` writes files atomically, `enum_names` gives the
-//! option enums their command-line names.
+//! option enums their command-line names, `memory` the allocator settings the binaries choose.
 
 pub mod adapter;
 pub mod backbone;
@@ -37,6 +37,7 @@ pub mod files;
 pub mod generate;
 pub mod inference;
 pub mod kernels;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
