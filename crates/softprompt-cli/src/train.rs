@@ -186,20 +186,15 @@ pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
     };
     let mut last_dev = String::new();
     let summary = train(&paths, &config, args.resume, &Device::Cpu, &mut |event| {
-        match event {
+        match &event {
             Event::Start {
                 total_steps,
-                steps_per_epoch,
                 resumed_at,
-                train_examples,
+                ..
             } => {
-                bar.set_length(total_steps as u64);
-                bar.set_position(resumed_at as u64);
+                bar.set_length(*total_steps as u64);
+                bar.set_position(*resumed_at as u64);
                 bar.reset_eta();
-                say(&bar, format!("training on {train_examples} examples: {steps_per_epoch} steps an epoch, {total_steps} steps in all"));
-                if resumed_at > 0 {
-                    say(&bar, format!("resumed at step {resumed_at}"));
-                }
             }
             Event::Step(record) => {
                 bar.set_position(record.step as u64);
@@ -208,25 +203,13 @@ pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
                     record.loss, record.examples_per_s
                 ));
             }
-            Event::Eval { record, improved } => {
-                last_dev = format!("  dev acc {:.4}", record.dev_accuracy);
-                let mark = if improved { "  (best, saved)" } else { "" };
-                let measures = match record.dev_macro_f1 {
-                    Some(f1) => format!("accuracy {:.4}, macro-F1 {f1:.4}", record.dev_accuracy),
-                    None => format!("exact match {:.4}", record.dev_accuracy),
-                };
-                say(
-                    &bar,
-                    format!(
-                        "step {}: dev {measures}, loss {:.4}{mark}",
-                        record.step, record.dev_loss
-                    ),
-                );
+            Event::Eval { record, .. } => {
+                last_dev = format!("  dev acc {:.4}", record.dev_accuracy)
             }
-            Event::EarlyStop { step } => say(
-                &bar,
-                format!("stopping early at step {step}: dev accuracy stopped improving"),
-            ),
+            Event::EarlyStop { .. } => {}
+        }
+        if let Some(line) = event.describe() {
+            say(&bar, line);
         }
         match INTERRUPTED.load(Ordering::SeqCst) {
             true => ControlFlow::Break(()),

@@ -73,59 +73,42 @@ impl Progress {
     }
 
     fn show(&mut self, py: Python<'_>, event: &Event) -> PyResult<()> {
-        let line = match event {
-            Event::Start {
-                total_steps,
-                steps_per_epoch,
-                resumed_at,
-                train_examples,
-            } => {
+        let mut line = event.describe();
+        match (event, &self.display) {
+            (
+                Event::Start {
+                    total_steps,
+                    resumed_at,
+                    ..
+                },
+                display,
+            ) => {
                 self.total_steps = *total_steps;
-                if let Display::Bar(bar) = &self.display {
+                if let Display::Bar(bar) = display {
                     bar.set_length(*total_steps as u64);
                     bar.set_position(*resumed_at as u64);
                     bar.reset_eta();
                 }
-                let resumed = match resumed_at {
-                    0 => String::new(),
-                    n => format!("; resumed at step {n}"),
-                };
-                Some(format!("training on {train_examples} examples: {steps_per_epoch} steps an epoch, {total_steps} steps in all{resumed}"))
             }
-            Event::Step(record) => {
-                let text = format!(
+            (Event::Step(record), Display::Bar(bar)) => {
+                bar.set_position(record.step as u64);
+                bar.set_message(format!(
+                    "loss {:.4}  {:.0} ex/s",
+                    record.loss, record.examples_per_s
+                ));
+            }
+            (Event::Step(record), Display::Lines)
+                if record.step % (self.total_steps / 10).max(1) == 0 =>
+            {
+                line = Some(format!(
                     "step {}/{}: loss {:.4}, {:.0} examples/s",
                     record.step, self.total_steps, record.loss, record.examples_per_s
-                );
-                if let Display::Bar(bar) = &self.display {
-                    bar.set_position(record.step as u64);
-                    bar.set_message(format!(
-                        "loss {:.4}  {:.0} ex/s",
-                        record.loss, record.examples_per_s
-                    ));
-                }
-                let tenth = (self.total_steps / 10).max(1);
-                (record.step % tenth == 0).then_some(text)
+                ));
             }
-            Event::Eval { record, improved } => {
-                let measures = match record.dev_macro_f1 {
-                    Some(f1) => format!("accuracy {:.4}, macro-F1 {f1:.4}", record.dev_accuracy),
-                    None => format!("exact match {:.4}", record.dev_accuracy),
-                };
-                let mark = if *improved { "  (best, saved)" } else { "" };
-                Some(format!(
-                    "step {}: dev {measures}, loss {:.4}{mark}",
-                    record.step, record.dev_loss
-                ))
-            }
-            Event::EarlyStop { step } => Some(format!(
-                "stopping early at step {step}: dev accuracy stopped improving"
-            )),
-        };
+            _ => {}
+        }
         match (&self.display, line) {
-            (Display::Bar(bar), Some(line)) if !matches!(event, Event::Step(_)) => {
-                bar.println(line)
-            }
+            (Display::Bar(bar), Some(line)) => bar.println(line),
             (Display::Lines, Some(line)) => {
                 let stderr = py.import("sys")?.getattr("stderr")?;
                 stderr.call_method1("write", (line + "\n",))?;

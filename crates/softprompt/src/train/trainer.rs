@@ -36,6 +36,42 @@ pub enum Event<'a> {
     },
 }
 
+impl Event<'_> {
+    /// The line a person reads of this event (the start, an evaluation, an early stop); a step
+    /// has none, it moves a progress bar.
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            Event::Start {
+                total_steps,
+                steps_per_epoch,
+                resumed_at,
+                train_examples,
+            } => {
+                let resumed = match resumed_at {
+                    0 => String::new(),
+                    n => format!("; resumed at step {n}"),
+                };
+                Some(format!("training on {train_examples} examples: {steps_per_epoch} steps an epoch, {total_steps} steps in all{resumed}"))
+            }
+            Event::Step(_) => None,
+            Event::Eval { record, improved } => {
+                let measures = match record.dev_macro_f1 {
+                    Some(f1) => format!("accuracy {:.4}, macro-F1 {f1:.4}", record.dev_accuracy),
+                    None => format!("exact match {:.4}", record.dev_accuracy),
+                };
+                let mark = if *improved { "  (best, saved)" } else { "" };
+                Some(format!(
+                    "step {}: dev {measures}, loss {:.4}{mark}",
+                    record.step, record.dev_loss
+                ))
+            }
+            Event::EarlyStop { step } => Some(format!(
+                "stopping early at step {step}: dev accuracy stopped improving"
+            )),
+        }
+    }
+}
+
 pub struct Summary {
     pub steps: usize,
     /// stopped by the listener before the end: checkpointed at `steps`, for `resume`
