@@ -257,24 +257,36 @@ fn same_seed_gives_the_same_adapter_bytes() {
     assert_ne!(bytes("c", "7"), bytes("d", "8"));
 }
 
-#[test]
-fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let (train, dev) = toy_data(dir);
-    let model = tiny_model().display().to_string();
-    let extra = [
+/// Options of a toy run long enough to be interrupted: `steps`, evaluated every `eval_every`.
+fn long_toy_run<'a>(steps: &'a str, eval_every: &'a str) -> [&'a str; 8] {
+    [
         "--max-steps",
-        "1500",
+        steps,
         "--eval-every",
-        "25",
+        eval_every,
         "--patience",
         "0",
         "--num-virtual-tokens",
         "4",
-    ];
+    ]
+}
+
+/// The toy data and model, and the run of `extra` trained whole into `dir/whole`: what an
+/// interrupted and resumed run must equal. → (model, train, dev, whole)
+fn whole_toy_run(dir: &Path, extra: &[&str]) -> (String, String, String, String) {
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
     let whole = dir.join("whole").display().to_string();
-    ok(&train_args(&model, &train, &dev, &whole, &extra));
+    ok(&train_args(&model, &train, &dev, &whole, extra));
+    (model, train, dev, whole)
+}
+
+#[test]
+fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let extra = long_toy_run("1500", "25");
+    let (model, train, dev, whole) = whole_toy_run(dir, &extra);
 
     let cut = dir.join("cut").display().to_string();
     let mut child = softprompt(&train_args(&model, &train, &dev, &cut, &extra))
@@ -330,20 +342,8 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
 fn ctrl_c_checkpoints_at_its_step_and_resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (train, dev) = toy_data(dir);
-    let model = tiny_model().display().to_string();
-    let extra = [
-        "--max-steps",
-        "3000",
-        "--eval-every",
-        "1000",
-        "--patience",
-        "0",
-        "--num-virtual-tokens",
-        "4",
-    ];
-    let whole = dir.join("whole").display().to_string();
-    ok(&train_args(&model, &train, &dev, &whole, &extra));
+    let extra = long_toy_run("3000", "1000");
+    let (model, train, dev, whole) = whole_toy_run(dir, &extra);
 
     let cut = dir.join("cut").display().to_string();
     let child = softprompt(&train_args(&model, &train, &dev, &cut, &extra))
