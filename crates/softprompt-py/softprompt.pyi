@@ -8,6 +8,7 @@
 """
 
 import os
+import pathlib
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union, overload, Literal
 
 import numpy
@@ -47,7 +48,7 @@ class Adapter:
     @property
     def num_virtual_tokens(self) -> int: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> pathlib.Path: ...
 
 class Pieces(Iterator[str]):
     """The pieces of a streamed generation, as they are written."""
@@ -69,7 +70,7 @@ class Model:
     @property
     def max_positions(self) -> int: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> pathlib.Path: ...
     @property
     def threads(self) -> int: ...
     def train(
