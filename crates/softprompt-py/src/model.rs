@@ -12,6 +12,7 @@ use pyo3::types::{PyDict, PyList};
 use softprompt::adapter::AdapterHead;
 use softprompt::backbone::Backbone;
 use softprompt::batch::{Batching, Padding};
+use softprompt::collective::SingleProcess;
 use softprompt::data::Labels;
 use softprompt::generate::{Continuation, SamplingConfig};
 use softprompt::inference::{LoadedAdapter, Members};
@@ -305,7 +306,15 @@ impl Model {
                 true => ControlFlow::Break(()),
                 false => listener.hear(e),
             };
-            train_model(model, &data, &output, &config, resume, &mut hear)
+            train_model(
+                model,
+                &data,
+                &output,
+                &config,
+                resume,
+                &SingleProcess,
+                &mut hear,
+            )
         });
         listener.finish();
         let summary = summary.map_err(crate::error)?;

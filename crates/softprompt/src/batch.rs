@@ -53,6 +53,16 @@ pub struct EncodedSet {
     pub labels: Option<Vec<u32>>,
 }
 
+impl EncodedSet {
+    /// The examples in `rows` (a rank's shard), with their labels.
+    pub fn part(&self, rows: std::ops::Range<usize>) -> EncodedSet {
+        EncodedSet {
+            data: self.data[rows.clone()].to_vec(),
+            labels: self.labels.as_ref().map(|l| l[rows].to_vec()),
+        }
+    }
+}
+
 /// One batch, padded to its longest row. The soft prompt is not in it yet.
 pub struct Batch {
     /// [B, N] u32

@@ -43,9 +43,18 @@ pub fn load_tensors(
     device: &candle_core::Device,
 ) -> crate::Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+    tensors_from_bytes(&bytes, path, device)
+}
+
+/// `load_tensors` of a file's bytes already read (`path` names it in errors).
+pub fn tensors_from_bytes(
+    bytes: &[u8],
+    path: &Path,
+    device: &candle_core::Device,
+) -> crate::Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)
         .with_context(|| format!("cannot load the tensors of {}", path.display()))?;
     Ok((tensors, meta.metadata().clone().unwrap_or_default()))
 }

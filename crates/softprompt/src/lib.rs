@@ -15,6 +15,7 @@
 //! prompted    the method: [P; X] → backbone → head → loss, and the gradient back to the prompt
 //! optim       AdamW, Adafactor, schedules, clipping
 //! train       the loop: evaluation, early stopping, checkpoints, resume, metrics.jsonl
+//! collective  what data-parallel ranks exchange (gradients, dev counts): one process, or MPI
 //! adapter     PEFT-format adapter directories
 //! model       a model directory or GGUF file: backbone, tokenizer, heads made from adapters
 //! inference   any number of adapters in one batch: each row its own prompt and head; ensembles
@@ -30,6 +31,7 @@ pub mod adapter;
 pub mod backbone;
 pub mod batch;
 pub mod bench;
+pub mod collective;
 pub mod data;
 mod enum_names;
 pub mod error;

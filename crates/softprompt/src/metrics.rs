@@ -24,11 +24,13 @@ pub struct Report {
 
 impl Report {
     pub fn new(labels: &[String], gold: &[u32], predicted: &[u32]) -> Self {
+        Self::from_confusion(labels, confusion(labels.len(), gold, predicted))
+    }
+
+    /// The report of `confusion[gold][predicted]` (counts that add up over parts of a data set).
+    pub fn from_confusion(labels: &[String], confusion: Vec<Vec<usize>>) -> Self {
         let c = labels.len();
-        let mut confusion = vec![vec![0usize; c]; c];
-        for (&g, &p) in gold.iter().zip(predicted) {
-            confusion[g as usize][p as usize] += 1;
-        }
+        let examples = confusion.iter().flatten().sum();
         let correct: usize = (0..c).map(|i| confusion[i][i]).sum();
         let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let per_class: Vec<ClassMetrics> = (0..c)
@@ -53,14 +55,24 @@ impl Report {
             .collect();
         let macro_f1 = per_class.iter().map(|m| m.f1).sum::<f64>() / c.max(1) as f64;
         Self {
-            examples: gold.len(),
-            accuracy: ratio(correct, gold.len()),
+            examples,
+            accuracy: ratio(correct, examples),
             macro_f1,
             per_class,
             confusion,
             labels: labels.to_vec(),
         }
     }
+}
+
+/// confusion[gold][predicted] of `classes` labels: how many examples of each gold label got each
+/// prediction.
+pub fn confusion(classes: usize, gold: &[u32], predicted: &[u32]) -> Vec<Vec<usize>> {
+    let mut confusion = vec![vec![0usize; classes]; classes];
+    for (&g, &p) in gold.iter().zip(predicted) {
+        confusion[g as usize][p as usize] += 1;
+    }
+    confusion
 }
 
 impl std::fmt::Display for Report {

@@ -294,7 +294,7 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
                     padding: Padding::Right,
                     device: device.clone(),
                 };
-                trainee.score(&set, &batching)?;
+                trainee.tally(&set, &batching)?;
             }
         }
         Ok(started.elapsed().as_secs_f64())

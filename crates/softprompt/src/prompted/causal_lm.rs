@@ -2,14 +2,16 @@
 //! next-token cross-entropy on the target tokens only (`task::causal_lm`), and the score is how
 //! often greedy decoding would write each target exactly.
 
-use super::{prompted_forward, DevScore, Head};
+use super::{prompted_forward, DevTally, Head};
 use crate::adapter::{Adapter, AdapterHead};
 use crate::backbone::Backbone;
 use crate::batch::{eval_batches, Batch, Batching, EncodedSet};
 use crate::data::Example;
 use crate::model::Model;
 use crate::prompt::SoftPrompt;
-use crate::task::causal_lm::{encode_pairs, logit_chunks, target_cross_entropy, TargetScore};
+use crate::task::causal_lm::{
+    encode_pairs, logit_chunks, target_cross_entropy, TargetCounts, TargetScore,
+};
 use crate::task::classify::log_softmax;
 use crate::task::HeadBackward;
 use crate::tokenize::Encoded;
@@ -23,16 +25,20 @@ pub struct CausalLm {
 }
 
 impl CausalLm {
-    /// Exact match, token accuracy and token loss of `prompt` over encoded (input, target) pairs.
-    pub fn target_score<B: Backbone>(
+    /// What exact match, token accuracy and token loss of `prompt` over encoded (input, target)
+    /// pairs are made of.
+    pub fn target_counts<B: Backbone>(
         &self,
         backbone: &B,
         prompt: &SoftPrompt,
         data: &[Encoded],
         batching: &Batching,
-    ) -> Result<TargetScore> {
+    ) -> Result<TargetCounts> {
         let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
-        let (mut exact, mut correct, mut tokens, mut loss) = (0usize, 0usize, 0usize, 0f64);
+        let mut counts = TargetCounts {
+            examples: data.len(),
+            ..Default::default()
+        };
         for rows in eval_batches(&lengths, batching.size.max(1)) {
             let batch = Batch::new(data, None, &rows, batching.padding, &batching.device)?;
             let targets = batch.targets(prompt.len())?;
@@ -49,20 +55,14 @@ impl CausalLm {
                     let token = targets.tokens[t];
                     let hit = best[i] == token;
                     missed[targets.rows[t]] |= !hit;
-                    correct += usize::from(hit);
-                    loss -= log_probs[i][token as usize] as f64;
+                    counts.correct += usize::from(hit);
+                    counts.loss -= log_probs[i][token as usize] as f64;
                 }
             }
-            exact += missed.iter().filter(|&&m| !m).count();
-            tokens += targets.tokens.len();
+            counts.exact += missed.iter().filter(|&&m| !m).count();
+            counts.tokens += targets.tokens.len();
         }
-        let ratio = |a: f64, b: usize| if b == 0 { 0.0 } else { a / b as f64 };
-        Ok(TargetScore {
-            examples: data.len(),
-            exact_match: ratio(exact as f64, data.len()),
-            token_accuracy: ratio(correct as f64, tokens),
-            token_loss: ratio(loss, tokens),
-        })
+        Ok(counts)
     }
 }
 
@@ -85,19 +85,20 @@ impl Head for CausalLm {
         target_cross_entropy(hidden, &targets, &self.lm_head)
     }
 
-    fn score<B: Backbone>(
+    /// the mean is over the target tokens
+    fn loss_terms(&self, batch: &Batch, prompt_len: usize) -> Result<usize> {
+        Ok(batch.targets(prompt_len)?.tokens.len())
+    }
+
+    fn tally<B: Backbone>(
         &self,
         backbone: &B,
         prompt: &SoftPrompt,
         set: &EncodedSet,
         batching: &Batching,
-    ) -> Result<DevScore> {
-        let score = self.target_score(backbone, prompt, &set.data, batching)?;
-        Ok(DevScore {
-            accuracy: score.exact_match,
-            macro_f1: None,
-            loss: score.token_loss,
-        })
+    ) -> Result<DevTally> {
+        let counts = self.target_counts(backbone, prompt, &set.data, batching)?;
+        Ok(DevTally::Targets(counts))
     }
 
     fn saved(&self) -> (AdapterHead, Vec<String>) {
@@ -121,5 +122,6 @@ pub fn generation_score(
         lm_head: model.lm_head("a generation adapter")?.dense()?,
     };
     let prompt = SoftPrompt::from_tensor(&adapter.prompt)?;
-    head.target_score(&model.backbone, &prompt, &data, batching)
+    let counts = head.target_counts(&model.backbone, &prompt, &data, batching)?;
+    Ok(counts.score())
 }

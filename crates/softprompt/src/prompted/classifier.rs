@@ -3,12 +3,12 @@
 //! `ClassificationHead` with cross-entropy on the labels; they differ in what trains and in what
 //! the adapter stores.
 
-use super::{DevScore, Head, PromptedModel};
+use super::{DevTally, Head, PromptedModel};
 use crate::adapter::AdapterHead;
 use crate::backbone::Backbone;
 use crate::batch::{Batch, Batching, EncodedSet, Padding};
 use crate::inference::{ensemble_all, LoadedAdapter};
-use crate::metrics::Report;
+use crate::metrics::confusion;
 use crate::prompt::SoftPrompt;
 use crate::task::classify::{argmax, cross_entropy, softmax, ClassificationHead};
 use crate::task::{taped_head, HeadBackward};
@@ -77,13 +77,18 @@ impl Head for Classifier {
         })
     }
 
-    fn score<B: Backbone>(
+    /// the mean is over the examples
+    fn loss_terms(&self, batch: &Batch, _prompt_len: usize) -> Result<usize> {
+        Ok(batch.len())
+    }
+
+    fn tally<B: Backbone>(
         &self,
         backbone: &B,
         prompt: &SoftPrompt,
         set: &EncodedSet,
         batching: &Batching,
-    ) -> Result<DevScore> {
+    ) -> Result<DevTally> {
         let gold = set
             .labels
             .as_deref()
@@ -94,12 +99,10 @@ impl Head for Classifier {
             .iter()
             .zip(gold)
             .map(|(l, &g)| -(softmax(l)[g as usize].max(f32::MIN_POSITIVE) as f64).ln())
-            .sum::<f64>()
-            / gold.len().max(1) as f64;
-        let report = Report::new(&self.labels, gold, &predicted);
-        Ok(DevScore {
-            accuracy: report.accuracy,
-            macro_f1: Some(report.macro_f1),
+            .sum::<f64>();
+        Ok(DevTally::Classes {
+            labels: self.labels.clone(),
+            confusion: confusion(self.labels.len(), gold, &predicted),
             loss,
         })
     }

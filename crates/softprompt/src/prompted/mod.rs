@@ -21,7 +21,9 @@ pub use classifier::Classifier;
 use crate::adapter::{Adapter, AdapterHead, PeftConfig};
 use crate::backbone::{Backbone, BackboneInput};
 use crate::batch::{Batch, Batching, EncodedSet};
+use crate::metrics::Report;
 use crate::prompt::{extend_front, SoftPrompt};
+use crate::task::causal_lm::TargetCounts;
 use crate::task::HeadBackward;
 use crate::template::Template;
 use crate::Result;
@@ -75,6 +77,87 @@ pub struct DevScore {
     pub loss: f64,
 }
 
+/// What an evaluation counts, as sums that add up over the parts of a set scored apart (each
+/// rank scores a shard of the dev set): `score` makes the figures of the whole.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DevTally {
+    /// confusion[gold][predicted], and the cross-entropy summed over the examples
+    Classes {
+        labels: Vec<String>,
+        confusion: Vec<Vec<usize>>,
+        loss: f64,
+    },
+    Targets(TargetCounts),
+}
+
+impl DevTally {
+    /// The counts and sums, in a fixed order, to be added up across ranks.
+    pub fn sums(&self) -> Vec<f64> {
+        match self {
+            DevTally::Classes {
+                confusion, loss, ..
+            } => {
+                let counts = confusion.iter().flatten().map(|&n| n as f64);
+                counts.chain([*loss]).collect()
+            }
+            DevTally::Targets(c) => {
+                let counts = [c.examples, c.exact, c.correct, c.tokens].map(|n| n as f64);
+                counts.into_iter().chain([c.loss]).collect()
+            }
+        }
+    }
+
+    /// The tally of the same kind whose `sums()` are `sums`.
+    pub fn with_sums(self, sums: &[f64]) -> Self {
+        let count = |x: f64| x.round() as usize;
+        match self {
+            DevTally::Classes { labels, .. } => {
+                let c = labels.len();
+                let confusion = (0..c)
+                    .map(|g| sums[g * c..(g + 1) * c].iter().map(|&x| count(x)).collect())
+                    .collect();
+                DevTally::Classes {
+                    labels,
+                    confusion,
+                    loss: sums[c * c],
+                }
+            }
+            DevTally::Targets(_) => DevTally::Targets(TargetCounts {
+                examples: count(sums[0]),
+                exact: count(sums[1]),
+                correct: count(sums[2]),
+                tokens: count(sums[3]),
+                loss: sums[4],
+            }),
+        }
+    }
+
+    pub fn score(&self) -> DevScore {
+        match self {
+            DevTally::Classes {
+                labels,
+                confusion,
+                loss,
+            } => {
+                let report = Report::from_confusion(labels, confusion.clone());
+                DevScore {
+                    accuracy: report.accuracy,
+                    macro_f1: Some(report.macro_f1),
+                    loss: loss / report.examples.max(1) as f64,
+                }
+            }
+            DevTally::Targets(counts) => {
+                let score = counts.score();
+                DevScore {
+                    accuracy: score.exact_match,
+                    macro_f1: None,
+                    loss: score.token_loss,
+                }
+            }
+        }
+    }
+}
+
 /// What reads the backbone's last hidden state: its trainable tensors, its loss and the loss's
 /// gradient, how it is scored, and what of it an adapter stores.
 pub trait Head {
@@ -91,14 +174,18 @@ pub trait Head {
         prompt_len: usize,
     ) -> Result<HeadBackward>;
 
-    /// How well `prompt` on `backbone` does with this head on a labelled set.
-    fn score<B: Backbone>(
+    /// How many terms `loss` is the mean of on `batch` (its examples, or its target tokens): what
+    /// a rank's share of a global batch weighs.
+    fn loss_terms(&self, batch: &Batch, prompt_len: usize) -> Result<usize>;
+
+    /// What `prompt` on `backbone` gets right and wrong with this head on a labelled set.
+    fn tally<B: Backbone>(
         &self,
         backbone: &B,
         prompt: &SoftPrompt,
         set: &EncodedSet,
         batching: &Batching,
-    ) -> Result<DevScore>;
+    ) -> Result<DevTally>;
 
     /// What an adapter stores of the head, and the label names.
     fn saved(&self) -> (AdapterHead, Vec<String>);
@@ -128,7 +215,9 @@ pub trait Trainee {
     /// [prompt; batch] through the frozen backbone, the head on its last hidden state, and back:
     /// the loss, then the gradients of `params()`.
     fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)>;
-    fn score(&self, set: &EncodedSet, batching: &Batching) -> Result<DevScore>;
+    /// `Head::loss_terms`
+    fn loss_terms(&self, batch: &Batch) -> Result<usize>;
+    fn tally(&self, set: &EncodedSet, batching: &Batching) -> Result<DevTally>;
     /// The adapter as it stands.
     fn adapter(&self, peft: &PeftConfig) -> Result<Adapter>;
 }
@@ -169,8 +258,12 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
         Ok((head.loss, gradients))
     }
 
-    fn score(&self, set: &EncodedSet, batching: &Batching) -> Result<DevScore> {
-        self.head.score(&self.backbone, &self.prompt, set, batching)
+    fn loss_terms(&self, batch: &Batch) -> Result<usize> {
+        self.head.loss_terms(batch, self.prompt.len())
+    }
+
+    fn tally(&self, set: &EncodedSet, batching: &Batching) -> Result<DevTally> {
+        self.head.tally(&self.backbone, &self.prompt, set, batching)
     }
 
     fn adapter(&self, peft: &PeftConfig) -> Result<Adapter> {
@@ -182,5 +275,45 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
             labels,
             template: self.template.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DevTally;
+    use crate::metrics::confusion;
+    use crate::task::causal_lm::TargetCounts;
+
+    /// The sums of two halves of a set, added, make the whole set's tally and score.
+    #[test]
+    fn tallies_of_parts_add_up_to_the_whole() {
+        let labels = vec!["a".to_string(), "b".into(), "c".into()];
+        let (gold, predicted) = ([0, 1, 2, 2, 1, 0, 0], [0, 2, 2, 1, 1, 0, 1]);
+        let losses = [0.1, 1.5, 0.2, 0.9, 0.3, 0.05, 1.1];
+        let tally = |rows: std::ops::Range<usize>| DevTally::Classes {
+            labels: labels.clone(),
+            confusion: confusion(3, &gold[rows.clone()], &predicted[rows.clone()]),
+            loss: losses[rows].iter().sum(),
+        };
+        let whole = tally(0..7);
+        let (mut sums, other) = (tally(0..3).sums(), tally(3..7).sums());
+        sums.iter_mut().zip(&other).for_each(|(s, o)| *s += o);
+        let added = tally(0..0).with_sums(&sums);
+        assert_eq!(added.score().accuracy, whole.score().accuracy);
+        assert_eq!(added.score().macro_f1, whole.score().macro_f1);
+        assert!((added.score().loss - whole.score().loss).abs() < 1e-12);
+        assert_eq!(whole.score().accuracy, 4.0 / 7.0);
+
+        let counts = TargetCounts {
+            examples: 5,
+            exact: 2,
+            correct: 9,
+            tokens: 14,
+            loss: 7.5,
+        };
+        let targets = DevTally::Targets(counts);
+        assert_eq!(targets.clone().with_sums(&targets.sums()), targets);
+        assert_eq!(targets.score().accuracy, 0.4);
+        assert_eq!(targets.score().loss, 7.5 / 14.0);
     }
 }

@@ -135,6 +135,31 @@ pub fn target_cross_entropy(
     })
 }
 
+/// What `TargetScore` is made of, as counts and sums that add up over parts of a data set.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TargetCounts {
+    pub examples: usize,
+    /// examples whose every target token is the top choice
+    pub exact: usize,
+    /// target tokens that are the top choice
+    pub correct: usize,
+    pub tokens: usize,
+    /// cross-entropy summed over the target tokens
+    pub loss: f64,
+}
+
+impl TargetCounts {
+    pub fn score(&self) -> TargetScore {
+        let ratio = |a: f64, b: usize| if b == 0 { 0.0 } else { a / b as f64 };
+        TargetScore {
+            examples: self.examples,
+            exact_match: ratio(self.exact as f64, self.examples),
+            token_accuracy: ratio(self.correct as f64, self.tokens),
+            token_loss: ratio(self.loss, self.tokens),
+        }
+    }
+}
+
 /// How well a prompt writes the targets of a data set.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct TargetScore {

@@ -2,7 +2,7 @@
 //! stands, so that `--resume` continues exactly where an interrupted run was.
 
 use super::config::TrainConfig;
-use crate::files::{load_tensors, save_tensors};
+use crate::files::{save_tensors, tensors_from_bytes};
 use crate::optim::Optimizer;
 use crate::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
@@ -96,9 +96,11 @@ pub fn save(
     save_tensors(path, &tensors, Some(metadata))
 }
 
-/// Sets `params` and `optimizer` to the checkpoint's, after checking that it was written with
-/// the same `config`, model and data.
+/// Sets `params` and `optimizer` to those of the checkpoint whose bytes are `bytes` (read from
+/// `path`: every rank of a job loads rank 0's), after checking that it was written with the same
+/// `config`, model and data.
 pub fn load(
+    bytes: &[u8],
     path: &Path,
     config: &TrainConfig,
     fingerprint: &Fingerprint,
@@ -106,7 +108,7 @@ pub fn load(
     optimizer: &mut Optimizer,
     device: &Device,
 ) -> Result<Progress> {
-    let (tensors, metadata) = load_tensors(path, device)?;
+    let (tensors, metadata) = tensors_from_bytes(bytes, path, device)?;
     let field = |k: &str| {
         metadata
             .get(k)

@@ -50,7 +50,8 @@ impl Record {
 
 /// The log of one run, appended to as it goes.
 pub struct MetricsLog {
-    file: File,
+    /// none on the ranks of a job that are not rank 0, which alone writes the run's files
+    file: Option<File>,
 }
 
 impl MetricsLog {
@@ -64,16 +65,26 @@ impl MetricsLog {
             .create(true)
             .append(true)
             .open(path)?;
-        Ok(Self { file })
+        Ok(Self { file: Some(file) })
+    }
+
+    /// A log that writes nothing.
+    pub fn discarding() -> Self {
+        Self { file: None }
     }
 
     pub fn write(&mut self, record: &Record) -> Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(record)?)?;
+        if let Some(file) = &mut self.file {
+            writeln!(file, "{}", serde_json::to_string(record)?)?;
+        }
         Ok(())
     }
 
     pub fn flush(&mut self) -> Result<()> {
-        Ok(self.file.flush()?)
+        match &mut self.file {
+            Some(file) => Ok(file.flush()?),
+            None => Ok(()),
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use crate::adapter::{TaskType, CONFIG_FILE};
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
 use crate::batch::EncodedSet;
+use crate::collective::{self, Collective};
 use crate::data::{label_ids, label_set, Columns, DataSource, Labels};
 use crate::files::DirLock;
 use crate::model::Model;
@@ -70,25 +71,30 @@ fn load_set(
 /// `paths.output`; with `resume`, continues the run whose checkpoint is there. `on_event` hears
 /// every step and evaluation; when it answers `Break`, the run stops at the end of that step,
 /// checkpointed there, and `resume` continues it exactly.
+///
+/// Every rank of `ranks` calls it with the same arguments; each trains on its shard of every
+/// batch, and rank 0 writes the run's files (`SingleProcess`: this process alone).
 pub fn train(
     paths: &TrainPaths,
     config: &TrainConfig,
     resume: bool,
     device: &Device,
+    ranks: &dyn Collective,
     on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
 ) -> Result<Summary> {
     // options and the output directory are checked before a model that may take minutes to load
-    let _lock = claim_output(&paths.output, config, resume)?;
+    let _lock = claim_output(&paths.output, config, resume, ranks)?;
     let model = Model::load_with(&paths.model, DType::F32, device, paths.keep_quantized)?;
-    train_claimed(
-        &model,
-        &paths.data,
-        &paths.output,
+    let run = Run {
+        model: &model,
+        data: &paths.data,
+        output: &paths.output,
         config,
         resume,
         device,
-        on_event,
-    )
+        ranks,
+    };
+    run.train(on_event)
 }
 
 /// `train` on a model already loaded (the Python binding keeps one for many runs).
@@ -98,17 +104,35 @@ pub fn train_model(
     output: &Path,
     config: &TrainConfig,
     resume: bool,
+    ranks: &dyn Collective,
     on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
 ) -> Result<Summary> {
-    let _lock = claim_output(output, config, resume)?;
+    let _lock = claim_output(output, config, resume, ranks)?;
     let device = model.backbone.word_embeddings().device();
-    train_claimed(model, data, output, config, resume, &device, on_event)
+    let run = Run {
+        model,
+        data,
+        output,
+        config,
+        resume,
+        device: &device,
+        ranks,
+    };
+    run.train(on_event)
 }
 
-/// Checks the options, and that `output` holds a run to resume or none at all; the lock it
-/// returns refuses a second run into the same directory until this one ends.
-fn claim_output(output: &Path, config: &TrainConfig, resume: bool) -> Result<DirLock> {
+/// Checks the options, and (on the rank that writes) that `output` holds a run to resume or none
+/// at all; the lock it returns refuses a second run into the same directory until this one ends.
+fn claim_output(
+    output: &Path,
+    config: &TrainConfig,
+    resume: bool,
+    ranks: &dyn Collective,
+) -> Result<Option<DirLock>> {
     config.validate()?;
+    if ranks.rank() != 0 {
+        return Ok(None);
+    }
     let lock = DirLock::acquire(output, "training run")?;
     let shown = output.display();
     let checkpoint_path = output.join(CHECKPOINT);
@@ -123,100 +147,118 @@ fn claim_output(output: &Path, config: &TrainConfig, resume: bool) -> Result<Dir
     if resume && !checkpoint_path.exists() {
         bail!("--resume: there is no checkpoint in {shown}");
     }
-    Ok(lock)
+    Ok(Some(lock))
 }
 
-fn train_claimed(
-    model: &Model,
-    data: &TrainData,
-    output: &Path,
-    config: &TrainConfig,
+/// One training run, its output claimed.
+struct Run<'a> {
+    model: &'a Model,
+    data: &'a TrainData,
+    output: &'a Path,
+    config: &'a TrainConfig,
     resume: bool,
-    device: &Device,
-    on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
-) -> Result<Summary> {
-    if config.task == TaskKind::CausalLm {
-        model.lm_head("--task causal-lm")?;
-    }
-    let m = config.num_virtual_tokens;
-    let encoder = model.encoder(m, config.max_tokens)?;
-    let eos = model.eos_token_ids.first().copied();
-    let (train_set, label_names) =
-        load_set(&data.train, &data.columns, None, &encoder, config, eos)?;
-    if config.task != TaskKind::CausalLm && label_names.len() < 2 {
-        bail!(
-            "{}: training needs at least two different labels, found {:?}",
-            data.train.name().display(),
-            label_names
-        );
-    }
-    let dev_set = match &data.dev {
-        Some(dev) => {
-            let known = (config.task != TaskKind::CausalLm).then_some(label_names.as_slice());
-            Some(load_set(dev, &data.columns, known, &encoder, config, eos)?.0)
-        }
-        None => None,
-    };
+    device: &'a Device,
+    ranks: &'a dyn Collective,
+}
 
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    // A causal LM's "labels" are its distinct targets: `--init labels` starts from their words.
-    let label_words = config.label_words.clone().unwrap_or_else(|| {
-        label_names
-            .iter()
-            .map(|l| l.replace(['_', '-'], " "))
-            .collect()
-    });
-    let prompt = initial_prompt(model, &encoder, config, &label_words, &mut rng)?;
-    let peft = model.peft_config(
-        TaskType::of(config.task),
-        m,
-        config.init.peft_name(),
-        config.init_text.clone(),
-    );
-    let template = config.template.clone();
-    let fingerprint = fingerprint(model, data)?;
-    let trainer = |trainee: &dyn Trainee, on_event: &mut dyn FnMut(Event) -> ControlFlow<()>| {
-        Trainer {
-            trainee,
-            train_set: &train_set,
-            dev_set: dev_set.as_ref(),
-            peft: &peft,
-            config,
-            fingerprint: &fingerprint,
+impl Run<'_> {
+    fn train(&self, on_event: &mut dyn FnMut(Event) -> ControlFlow<()>) -> Result<Summary> {
+        let Run {
+            model,
+            data,
             output,
+            config,
+            resume,
             device,
+            ranks,
+        } = *self;
+        if config.task == TaskKind::CausalLm {
+            model.lm_head("--task causal-lm")?;
         }
-        .run(resume, on_event)
-    };
-    match config.task {
-        TaskKind::CausalLm => {
-            let head = CausalLm {
-                lm_head: model.lm_head("--task causal-lm")?.dense()?,
-            };
-            trainer(&prompted(&model.backbone, prompt, head, template), on_event)
+        let m = config.num_virtual_tokens;
+        let encoder = model.encoder(m, config.max_tokens)?;
+        let eos = model.eos_token_ids.first().copied();
+        let (train_set, label_names) =
+            load_set(&data.train, &data.columns, None, &encoder, config, eos)?;
+        if config.task != TaskKind::CausalLm && label_names.len() < 2 {
+            bail!(
+                "{}: training needs at least two different labels, found {:?}",
+                data.train.name().display(),
+                label_names
+            );
         }
-        TaskKind::Classify | TaskKind::Verbalizer => {
-            let (head, words) = if config.task == TaskKind::Verbalizer {
-                let t = template.as_ref().map(|t| t.as_str()).unwrap_or_default();
-                let head = model.verbalizer_head(t, &label_names, &label_words)?;
-                (head, Some(label_words))
-            } else {
-                let d = model.backbone.hidden_size();
-                let n = label_names.len();
-                let init = ClassificationHead::init(n, d, config.pool, None, &mut rng, device)?;
-                let head = model.linear_head(
-                    init.weight.as_tensor(),
-                    init.bias.as_tensor(),
-                    config.pool,
-                )?;
-                (head, None)
-            };
-            let head = Classifier {
-                head,
-                labels: label_names,
-                label_words: words,
-            };
-            trainer(&prompted(&model.backbone, prompt, head, template), on_event)
+        let dev_set = match &data.dev {
+            Some(dev) => {
+                let known = (config.task != TaskKind::CausalLm).then_some(label_names.as_slice());
+                Some(load_set(dev, &data.columns, known, &encoder, config, eos)?.0)
+            }
+            None => None,
+        };
+
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        // A causal LM's "labels" are its distinct targets: `--init labels` starts from their words.
+        let label_words = config.label_words.clone().unwrap_or_else(|| {
+            label_names
+                .iter()
+                .map(|l| l.replace(['_', '-'], " "))
+                .collect()
+        });
+        let prompt = initial_prompt(model, &encoder, config, &label_words, &mut rng)?;
+        let peft = model.peft_config(
+            TaskType::of(config.task),
+            m,
+            config.init.peft_name(),
+            config.init_text.clone(),
+        );
+        let template = config.template.clone();
+        let fingerprint = fingerprint(model, data)?;
+        // every rank must train the same thing: the same options, model and data as rank 0
+        collective::agree(ranks, &job_description(config, &fingerprint, resume)?)?;
+        let trainer = |trainee: &dyn Trainee,
+                       on_event: &mut dyn FnMut(Event) -> ControlFlow<()>| {
+            Trainer {
+                trainee,
+                train_set: &train_set,
+                dev_set: dev_set.as_ref(),
+                peft: &peft,
+                config,
+                fingerprint: &fingerprint,
+                output,
+                device,
+                collective: ranks,
+            }
+            .run(resume, on_event)
+        };
+        match config.task {
+            TaskKind::CausalLm => {
+                let head = CausalLm {
+                    lm_head: model.lm_head("--task causal-lm")?.dense()?,
+                };
+                trainer(&prompted(&model.backbone, prompt, head, template), on_event)
+            }
+            TaskKind::Classify | TaskKind::Verbalizer => {
+                let (head, words) = if config.task == TaskKind::Verbalizer {
+                    let t = template.as_ref().map(|t| t.as_str()).unwrap_or_default();
+                    let head = model.verbalizer_head(t, &label_names, &label_words)?;
+                    (head, Some(label_words))
+                } else {
+                    let d = model.backbone.hidden_size();
+                    let n = label_names.len();
+                    let init = ClassificationHead::init(n, d, config.pool, None, &mut rng, device)?;
+                    let head = model.linear_head(
+                        init.weight.as_tensor(),
+                        init.bias.as_tensor(),
+                        config.pool,
+                    )?;
+                    (head, None)
+                };
+                let head = Classifier {
+                    head,
+                    labels: label_names,
+                    label_words: words,
+                };
+                trainer(&prompted(&model.backbone, prompt, head, template), on_event)
+            }
         }
     }
 }
@@ -233,6 +275,30 @@ fn prompted<H: Head>(
         head,
         template,
     }
+}
+
+/// The run as ranks compare it: one `name: value` line per option, the model's and the data's
+/// hashes, and whether it resumes.
+fn job_description(
+    config: &TrainConfig,
+    fingerprint: &Fingerprint,
+    resume: bool,
+) -> Result<String> {
+    let mut lines = Vec::new();
+    for part in [
+        serde_json::to_value(config)?,
+        serde_json::to_value(fingerprint)?,
+    ] {
+        if let serde_json::Value::Object(fields) = part {
+            lines.extend(
+                fields
+                    .iter()
+                    .map(|(name, value)| format!("{name}: {value}")),
+            );
+        }
+    }
+    lines.push(format!("resume: {resume}"));
+    Ok(lines.join("\n"))
 }
 
 /// What this run reads, for `--resume` to check.

@@ -1,16 +1,21 @@
 //! The loop, top to bottom, as nanoGPT's `train.py` reads: set the learning rate, forward and
 //! backward, stop on a non-finite loss, clip, step, log; every `eval_every` steps evaluate on
 //! dev, keep the best adapter, checkpoint, maybe stop early.
+//!
+//! Data-parallel over a `Collective`'s ranks, each rank takes its shard of every batch and of the
+//! dev set; the gradients and the dev counts are summed across them, so that every rank takes the
+//! same optimizer step and the same decisions. Rank 0 alone writes the run's files.
 
 use super::checkpoint::{self, Fingerprint, Progress, CHECKPOINT};
 use super::config::TrainConfig;
 use super::log::{EvalRecord, MetricsLog, Record, StepRecord};
 use crate::adapter::{all_finite, PeftConfig};
 use crate::batch::{epoch_batches, Batch, Batching, EncodedSet};
+use crate::collective::{self, shard, Collective};
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::prompted::Trainee;
 use crate::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor, Var};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -92,6 +97,8 @@ pub struct Trainer<'a> {
     pub fingerprint: &'a Fingerprint,
     pub output: &'a Path,
     pub device: &'a Device,
+    /// the ranks this run is spread over (`SingleProcess`: this process alone)
+    pub collective: &'a dyn Collective,
 }
 
 impl Trainer<'_> {
@@ -110,12 +117,23 @@ impl Trainer<'_> {
             },
             &params,
         )?;
-        std::fs::create_dir_all(self.output)
-            .with_context(|| format!("cannot create {}", self.output.display()))?;
+        let (ranks, writes) = (self.collective, self.collective.rank() == 0);
+        if writes {
+            std::fs::create_dir_all(self.output)
+                .with_context(|| format!("cannot create {}", self.output.display()))?;
+        }
         let checkpoint_path = self.output.join(CHECKPOINT);
         let mut progress = match resume {
             true => {
+                // rank 0's file: the other ranks' machines may not share its disk
+                let mut bytes = Vec::new();
+                if writes {
+                    bytes = std::fs::read(&checkpoint_path)
+                        .with_context(|| format!("cannot read {}", checkpoint_path.display()))?;
+                }
+                ranks.broadcast(&mut bytes)?;
                 let progress = checkpoint::load(
+                    &bytes,
                     &checkpoint_path,
                     config,
                     self.fingerprint,
@@ -124,14 +142,20 @@ impl Trainer<'_> {
                     self.device,
                 )?;
                 // killed between the checkpoint and the adapter it promised: write it now
-                if progress.adapter_step == Some(progress.step) {
+                if writes && progress.adapter_step == Some(progress.step) {
                     self.save_adapter()?;
                 }
                 progress
             }
             false => Progress::default(),
         };
-        let mut log = MetricsLog::open(self.output, progress.step)?;
+        let mut log = match writes {
+            true => MetricsLog::open(self.output, progress.step)?,
+            false => MetricsLog::discarding(),
+        };
+        let dev_shard = self
+            .dev_set
+            .map(|dev| dev.part(shard(dev.data.len(), ranks.rank(), ranks.size())));
 
         let lengths: Vec<usize> = self.train_set.data.iter().map(|e| e.ids.len()).collect();
         let steps_per_epoch = lengths.len().div_ceil(config.batch_size);
@@ -139,16 +163,19 @@ impl Trainer<'_> {
             .max_steps
             .unwrap_or((steps_per_epoch * config.epochs).max(config.min_steps));
         let eval_every = config.eval_every.unwrap_or((steps_per_epoch / 4).max(1));
-        let mut interrupted = on_event(Event::Start {
+        let started = on_event(Event::Start {
             total_steps: total,
             steps_per_epoch,
             resumed_at: progress.step,
             train_examples: lengths.len(),
-        })
-        .is_break();
+        });
+        let mut interrupted = collective::any(ranks, started.is_break())?;
         let mut checkpointed_at = progress.step;
         let save_checkpoint = |progress: &mut Progress, optimizer: &Optimizer| {
             progress.optimizer_steps = optimizer.steps();
+            if !writes {
+                return Ok(());
+            }
             checkpoint::save(
                 &checkpoint_path,
                 config,
@@ -167,20 +194,13 @@ impl Trainer<'_> {
                 epoch_plan = (progress.epoch, batches);
             }
             let rows = &epoch_plan.1[progress.batch];
+            let mine = &rows[shard(rows.len(), ranks.rank(), ranks.size())];
             let span = tracing::debug_span!("step", step = progress.step + 1).entered();
             let started = Instant::now();
             let lr = config
                 .schedule
                 .lr(config.lr(), progress.step, config.warmup_steps, total);
-            let set = self.train_set;
-            let batch = Batch::new(
-                &set.data,
-                set.labels.as_deref(),
-                rows,
-                config.padding,
-                self.device,
-            )?;
-            let (loss, mut grads) = self.trainee.loss_and_grads(&batch)?;
+            let (loss, mut grads) = self.shard_gradients(mine, &params)?;
             if !loss.is_finite() {
                 bail!(
                     "the loss became {loss} at step {}: lower --lr",
@@ -218,12 +238,14 @@ impl Trainer<'_> {
                 lr,
                 step: progress.step,
             };
-            interrupted |= on_event(Event::Step(&record)).is_break();
+            let mut stop = on_event(Event::Step(&record)).is_break();
             log.write(&Record::Step(record))?;
 
             if progress.step % eval_every == 0 || progress.step == total {
                 let _span = tracing::debug_span!("evaluate").entered();
-                interrupted |= self.evaluate(&mut progress, &mut log, on_event)?.is_break();
+                stop |= self
+                    .evaluate(dev_shard.as_ref(), &mut progress, &mut log, on_event)?
+                    .is_break();
                 progress.stopped = config
                     .patience
                     .is_some_and(|p| progress.evals_without_gain >= p);
@@ -231,27 +253,51 @@ impl Trainer<'_> {
                 // writes the adapter when it resumes
                 save_checkpoint(&mut progress, &optimizer)?;
                 checkpointed_at = progress.step;
-                if progress.adapter_step == Some(progress.step) {
+                if writes && progress.adapter_step == Some(progress.step) {
                     self.save_adapter()?;
                 }
                 if progress.stopped {
-                    interrupted |= on_event(Event::EarlyStop {
+                    stop |= on_event(Event::EarlyStop {
                         step: progress.step,
                     })
                     .is_break();
                 }
             }
+            // a Ctrl-C heard by any rank stops every rank after this step
+            interrupted = collective::any(ranks, stop)?;
         }
         if interrupted && checkpointed_at != progress.step {
             log.flush()?;
             save_checkpoint(&mut progress, &optimizer)?;
         }
+        // every rank returns once rank 0's files are written
+        ranks.barrier()?;
         Ok(Summary {
             steps: progress.step,
             interrupted: interrupted && progress.step < total && !progress.stopped,
             best_dev_accuracy: progress.best,
             adapter: self.output.to_path_buf(),
         })
+    }
+
+    /// The loss and gradients of the global batch, of which this rank computes those of `rows`
+    /// (it may have none: a batch smaller than the ranks' count).
+    fn shard_gradients(&self, rows: &[usize], params: &[&Var]) -> Result<(f64, Vec<Tensor>)> {
+        let (loss, terms, grads) = match rows.is_empty() {
+            true => {
+                let zeros = params.iter().map(|p| p.as_tensor().zeros_like());
+                (0.0, 0, zeros.collect::<candle_core::Result<Vec<_>>>()?)
+            }
+            false => {
+                let set = self.train_set;
+                let labels = set.labels.as_deref();
+                let padding = self.config.padding;
+                let batch = Batch::new(&set.data, labels, rows, padding, self.device)?;
+                let (loss, grads) = self.trainee.loss_and_grads(&batch)?;
+                (loss, self.trainee.loss_terms(&batch)?, grads)
+            }
+        };
+        collective::mean_over_ranks(self.collective, loss, terms, grads)
     }
 
     fn save_adapter(&self) -> Result<()> {
@@ -262,11 +308,12 @@ impl Trainer<'_> {
     /// accuracy go to the lower dev loss); without a dev set, every time.
     fn evaluate(
         &self,
+        dev_shard: Option<&EncodedSet>,
         progress: &mut Progress,
         log: &mut MetricsLog,
         on_event: &mut dyn FnMut(Event) -> ControlFlow<()>,
     ) -> Result<ControlFlow<()>> {
-        let Some(dev) = self.dev_set else {
+        let Some(dev) = dev_shard else {
             progress.adapter_step = Some(progress.step);
             log.flush()?;
             return Ok(ControlFlow::Continue(()));
@@ -277,7 +324,15 @@ impl Trainer<'_> {
             padding: config.padding,
             device: self.device.clone(),
         };
-        let score = self.trainee.score(dev, &batching)?;
+        let tally = self.trainee.tally(dev, &batching)?;
+        let score = match self.collective.size() {
+            1 => tally.score(),
+            _ => {
+                let mut sums = tally.sums();
+                self.collective.all_reduce_sum_f64(&mut sums)?;
+                tally.with_sums(&sums).score()
+            }
+        };
         let improved = match (progress.best, progress.best_loss) {
             (Some(best), best_loss) => {
                 score.accuracy > best
