@@ -11,11 +11,13 @@ mod inspect;
 mod loadgen;
 mod output;
 mod predict;
+mod ranks;
 mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
 
+use softprompt::collective::{Collective, SingleProcess};
 use softprompt::profile::Profiler;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -30,6 +32,10 @@ use tracing_subscriber::Layer;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for the engine's kernels [default: the cores this process may use; under mpirun or
+    /// srun, shared among the job's ranks on each machine unless each rank is bound to its own].
+    #[arg(long, global = true)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -62,9 +68,9 @@ impl Command {
     }
 }
 
-fn run(cli: Cli, profiler: Option<Profiler>) -> anyhow::Result<()> {
+fn run(cli: Cli, profiler: Option<Profiler>, ranks: &dyn Collective) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train(args) => train::run(args, profiler),
+        Command::Train(args) => train::run(args, profiler, ranks),
         Command::Eval(args) => eval::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Bench(args) => bench::run(args, profiler),
@@ -100,22 +106,47 @@ fn main() -> std::process::ExitCode {
         .with(log)
         .with(profiler.clone().map(|p| p.with_filter(engine_spans)))
         .init();
+    if let Some(threads) = cli.threads.or_else(ranks::default_threads) {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads);
+        if let Err(err) = pool.build_global() {
+            return failed(&anyhow::Error::new(err).context("--threads"), "");
+        }
+    }
+    // MPI starts on this thread, before the training runs on a worker below
+    let ranks: Box<dyn Collective> = match &cli.command {
+        Command::Train(_) => match ranks::join() {
+            Ok(ranks) => ranks,
+            Err(err) => return failed(&err, ""),
+        },
+        _ => Box::new(SingleProcess),
+    };
     // The engine's parallel kernels are started from a worker of rayon's pool, not from this
     // thread: otherwise each of the thousands of parallel calls a step makes waits for a worker
     // to wake (the same training ran 7-10 % faster from Python, whose calls run on a worker).
     // The server's threads are its own.
     let outcome = match cli.command {
-        Command::Serve(_) | Command::Loadgen(_) => run(cli, profiler),
-        _ => rayon::scope(|_| run(cli, profiler)),
+        Command::Serve(_) | Command::Loadgen(_) => run(cli, profiler, &*ranks),
+        _ => rayon::scope(|_| run(cli, profiler, &*ranks)),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            std::process::ExitCode::FAILURE
+        // the other ranks may wait for this one in a collective: end them all
+        Err(err) if ranks.size() > 1 => {
+            failed(
+                &err,
+                &format!("rank {} of {}: ", ranks.rank(), ranks.size()),
+            );
+            ranks.abort(1)
         }
+        Err(err) => failed(&err, ""),
     }
+}
+
+/// Prints `err` and its causes (`speaker` in front: which rank of a job says it).
+fn failed(err: &anyhow::Error, speaker: &str) -> std::process::ExitCode {
+    eprintln!("{speaker}error: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("{speaker}  caused by: {cause}");
+    }
+    std::process::ExitCode::FAILURE
 }

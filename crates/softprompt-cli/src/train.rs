@@ -6,6 +6,7 @@ use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::batch::Padding;
+use softprompt::collective::Collective;
 use softprompt::data::DataSource;
 use softprompt::optim::{OptimizerKind, Schedule};
 use softprompt::profile::Profiler;
@@ -139,19 +140,26 @@ impl TrainArgs {
     }
 }
 
-/// Set by Ctrl-C: the run stops at the end of its step, checkpointed there.
+/// Set by Ctrl-C, or by SIGTERM (what `mpirun` sends every rank on Ctrl-C, and Slurm at a job's
+/// time limit or `scancel`): the run stops at the end of its step, checkpointed there.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_interrupt(_: libc::c_int) {
+extern "C" fn on_interrupt(signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
-    // a second Ctrl-C ends the process at once
+    // a second one ends the process at once
     // SAFETY: signal() is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(signal, libc::SIG_DFL);
     }
 }
 
-pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
+/// Trains on this process alone, or as one of the ranks of an MPI job (`ranks`): then rank 0
+/// speaks for the run and each rank speaks only of its own failure.
+pub fn run(
+    args: TrainArgs,
+    profiler: Option<Profiler>,
+    ranks: &dyn Collective,
+) -> anyhow::Result<()> {
     let config = args.config();
     let paths = TrainPaths {
         model: args.model.model,
@@ -164,13 +172,16 @@ pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
         output: args.output,
     };
     // SAFETY: the handler only stores to an atomic and resets the disposition.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        unsafe {
+            libc::signal(signal, on_interrupt as *const () as libc::sighandler_t);
+        }
     }
-    let bar = ProgressBar::new(0);
+    let speaks = ranks.rank() == 0;
+    let bar = match speaks {
+        true => ProgressBar::new(0),
+        false => ProgressBar::hidden(),
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
@@ -185,7 +196,8 @@ pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
         }
     };
     let mut last_dev = String::new();
-    let summary = train(&paths, &config, args.resume, &Device::Cpu, &mut |event| {
+    let device = Device::Cpu;
+    let summary = train(&paths, &config, args.resume, &device, ranks, &mut |event| {
         match &event {
             Event::Start {
                 total_steps,
@@ -208,7 +220,7 @@ pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
             }
             Event::EarlyStop { .. } => {}
         }
-        if let Some(line) = event.describe() {
+        if let Some(line) = event.describe().filter(|_| speaks) {
             say(&bar, line);
         }
         match INTERRUPTED.load(Ordering::SeqCst) {
@@ -217,6 +229,9 @@ pub fn run(args: TrainArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
         }
     })?;
     bar.finish_and_clear();
+    if !speaks {
+        return Ok(());
+    }
     if let Some(profiler) = profiler {
         eprint!("{}", profiler.profile(args.profile.fma_peak).table(0.002));
     }
