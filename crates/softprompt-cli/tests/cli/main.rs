@@ -1,6 +1,9 @@
 //! The `softprompt` command end to end, on the tiny BERT fixture (no assets needed): training,
 //! evaluation, prediction, reproducibility, resume after a kill, and a clear error for bad input.
 
+#[cfg(feature = "mpi")]
+mod mpi;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
