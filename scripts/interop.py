@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """The PEFT round trip on the default model (make interop):
 
-1. PEFT writes a SEQ_CLS prompt-tuning adapter for all-MiniLM-L6-v2; `softprompt predict` loads it
-   and must give PEFT's logits within 1e-4.
-2. softprompt trains an adapter with `--pool pooler`; PEFT loads it and must give softprompt's logits
-   within 1e-4.
+1. PEFT writes SEQ_CLS adapters for all-MiniLM-L6-v2 (prompt tuning; P-tuning with an MLP and
+   with an LSTM encoder); `softprompt predict` loads each and must give PEFT's logits within 1e-4.
+2. softprompt trains adapters with `--pool pooler`, one per `--method` (prompt, p-tuning with each
+   encoder, residual); PEFT loads each and must give softprompt's logits within 1e-4.
 """
 import json
 import subprocess
@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,24 +49,43 @@ def report(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     return ok
 
 
+PEFT_CONFIGS = {
+    "prompt tuning": PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20),
+    "P-tuning (MLP)": PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20, encoder_hidden_size=128),
+    "P-tuning (LSTM)": PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20, encoder_hidden_size=64,
+                                           encoder_reparameterization_type="LSTM"),
+}
+SOFTPROMPT_METHODS = {
+    "--method prompt": [],
+    "--method p-tuning": ["--method", "p-tuning", "--encoder-hidden-size", "128"],
+    "--method p-tuning --encoder lstm": ["--method", "p-tuning", "--encoder", "lstm", "--encoder-hidden-size", "64"],
+    "--method residual": ["--method", "residual", "--encoder-hidden-size", "128"],
+}
+
+
 def main() -> int:
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="softprompt-interop-"))
-    base = BertForSequenceClassification.from_pretrained(MODEL, num_labels=2)
-    peft_model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20))
-    with torch.no_grad():
-        # as after training: prompt vectors near the embedding scale, a non-trivial head
-        peft_model.prompt_encoder["default"].embedding.weight.normal_(0.0, 0.05)
-        peft_model.base_model.classifier.modules_to_save["default"].weight.normal_(0.0, 0.5)
-    peft_model.save_pretrained(work / "from-peft")
-    ok = report("PEFT adapter → softprompt predict", softprompt_logits(work / "from-peft"), peft_logits(peft_model))
+    ok = True
+    for i, (name, config) in enumerate(PEFT_CONFIGS.items()):
+        base = BertForSequenceClassification.from_pretrained(MODEL, num_labels=2)
+        peft_model = get_peft_model(base, config)
+        with torch.no_grad():
+            # as after training: a prompt near the embedding scale, a non-trivial head
+            for p in peft_model.prompt_encoder["default"].parameters():
+                p.normal_(0.0, 0.05)
+            peft_model.base_model.classifier.modules_to_save["default"].weight.normal_(0.0, 0.5)
+        peft_model.save_pretrained(work / f"from-peft-{i}")
+        ok &= report(f"PEFT {name} adapter → softprompt predict", softprompt_logits(work / f"from-peft-{i}"),
+                     peft_logits(peft_model))
 
-    ours = work / "from-softprompt"
-    subprocess.run([str(BIN), "train", "--model", str(MODEL), "--train", str(DATA / "train.tsv"),
-                    "--output", str(ours), "--pool", "pooler", "--max-steps", "20"], check=True,
-                   stderr=subprocess.DEVNULL)
-    loaded = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(MODEL, num_labels=2), ours)
-    ok &= report("softprompt adapter → PEFT", softprompt_logits(ours), peft_logits(loaded))
+    for i, (name, flags) in enumerate(SOFTPROMPT_METHODS.items()):
+        ours = work / f"from-softprompt-{i}"
+        subprocess.run([str(BIN), "train", "--model", str(MODEL), "--train", str(DATA / "train.tsv"),
+                        "--output", str(ours), "--pool", "pooler", "--max-steps", "20", *flags], check=True,
+                       stderr=subprocess.DEVNULL)
+        loaded = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(MODEL, num_labels=2), ours)
+        ok &= report(f"softprompt {name} adapter → PEFT", softprompt_logits(ours), peft_logits(loaded))
     return 0 if ok else 1
 
 

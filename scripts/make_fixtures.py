@@ -12,6 +12,11 @@ Outputs (committed; the venv is not):
   tests/fixtures/peft-tiny-adapter/    a SEQ_CLS prompt-tuning adapter written by PEFT itself
   tests/fixtures/peft_tiny_logits.safetensors
                                        PEFT's logits for that adapter on FIXTURE_TEXTS
+  tests/fixtures/peft-tiny-p-tuning/   a SEQ_CLS P_TUNING adapter (MLP encoder) written by PEFT
+  tests/fixtures/peft_tiny_p_tuning_logits.safetensors
+                                       PEFT's logits for it on FIXTURE_TEXTS
+  tests/fixtures/p_tuning_encoders.safetensors
+                                       PEFT's PromptEncoder weights (MLP and LSTM) and its outputs
   tests/fixtures/tiny-gpt2/            a random 2-layer GPT-2 (GPT2LMHeadModel layout, `transformer.` prefix)
   tests/fixtures/tiny_gpt2_parity.safetensors
                                        ids, mask, a prompt, and transformers' last hidden states (after ln_f)
@@ -129,6 +134,56 @@ def peft_adapter(base_dir: Path) -> None:
               metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
 
 
+def peft_logits(peft_model, base_dir: Path):
+    tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    logits = []
+    with torch.no_grad():
+        for text in FIXTURE_TEXTS:
+            ids = torch.tensor([tok.encode(text).ids])
+            logits.append(peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0])
+    return torch.stack(logits).contiguous()
+
+
+def randomize(module: torch.nn.Module, std: float) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+
+
+def p_tuning(base_dir: Path) -> None:
+    """PEFT's P_TUNING: an adapter it trains-and-saves (the encoder's output as prompt_embeddings),
+    and the PromptEncoder's weights with its output, for the encoder's parity."""
+    from peft import PromptEncoder, PromptEncoderConfig, TaskType, get_peft_model
+
+    model = BertForSequenceClassification.from_pretrained(base_dir).eval()
+    config = PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=8)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(3)
+    randomize(peft_model.prompt_encoder["default"], 0.5)
+    randomize(peft_model.base_model.classifier.modules_to_save["default"], 0.5)
+    out = FIX / "peft-tiny-p-tuning"
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    peft_model.eval()
+    save_file({"logits": peft_logits(peft_model, base_dir)}, FIX / "peft_tiny_p_tuning_logits.safetensors",
+              metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
+
+    tensors = {}
+    for kind, hidden in [("MLP", 8), ("LSTM", 5)]:
+        config = PromptEncoderConfig(
+            task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, token_dim=16, num_transformer_submodules=1,
+            num_attention_heads=2, num_layers=2, encoder_reparameterization_type=kind, encoder_hidden_size=hidden,
+        )
+        encoder = PromptEncoder(config).double()
+        randomize(encoder, 0.5)
+        with torch.no_grad():
+            output = encoder(torch.arange(4).unsqueeze(0))[0]
+        name = kind.lower()
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in encoder.state_dict().items()})
+        tensors[f"{name}.output"] = output.contiguous()
+    save_file(tensors, FIX / "p_tuning_encoders.safetensors", metadata={"version": VERSION})
+
+
 def decoder_fixture(name: str, model, base, embed, seed: int) -> None:
     """Saves a tiny random decoder and its last hidden states on padded ids, with and without a prompt."""
     dir = FIX / f"tiny-{name}"
@@ -222,13 +277,24 @@ def minilm_parity() -> None:
     )
 
 
+PARTS = {
+    "tiny-bert": lambda: tiny_parity(tiny_bert(FIX / "tiny-bert")),
+    "peft": lambda: peft_adapter(FIX / "tiny-bert"),
+    "p-tuning": lambda: p_tuning(FIX / "tiny-bert"),
+    "decoders": lambda: tiny_decoders(),
+    "smollm2": lambda: smollm2_logits(),
+    "minilm": lambda: minilm_parity(),
+}
+
 if __name__ == "__main__":
+    # `make_fixtures.py p-tuning` writes that part alone (the others stay as committed); no
+    # argument writes them all
+    parts = sys.argv[1:] or list(PARTS)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        sys.exit(f"unknown fixture parts {unknown}; expected some of {list(PARTS)}")
     torch.set_num_threads(1)
     FIX.mkdir(parents=True, exist_ok=True)
-    model = tiny_bert(FIX / "tiny-bert")
-    tiny_parity(model)
-    peft_adapter(FIX / "tiny-bert")
-    tiny_decoders()
-    smollm2_logits()
-    minilm_parity()
+    for part in parts:
+        PARTS[part]()
     print("fixtures written to", FIX)

@@ -39,6 +39,13 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let d = model.backbone.hidden_size();
     let adapter = Adapter::load(&args.adapter, d, &Device::Cpu)?;
+    // stderr, so that stdout stays one line per vector
+    eprintln!(
+        "{}: {} prompt vectors, trained with --method {}",
+        args.adapter.display(),
+        adapter.prompt.dim(0)?,
+        adapter.method
+    );
     let encoder = model.encoder(0, None)?;
     let table = model.backbone.word_embeddings().dense()?;
     for (position, tokens) in nearest_tokens(&adapter.prompt, &table, args.top)?

@@ -11,6 +11,7 @@ use softprompt::data::DataSource;
 use softprompt::optim::{OptimizerKind, Schedule};
 use softprompt::profile::Profiler;
 use softprompt::prompt::PromptInit;
+use softprompt::prompt_encoder::{EncoderKind, Method};
 use softprompt::task::classify::Pool;
 use softprompt::task::TaskKind;
 use softprompt::template::Template;
@@ -54,7 +55,17 @@ pub struct TrainArgs {
     /// Soft prompt length M.
     #[arg(long, default_value_t = defaults().num_virtual_tokens)]
     num_virtual_tokens: usize,
-    /// Prompt initialisation: uniform, normal, vocab, text, labels.
+    /// What training moves to make the prompt: prompt (its vectors), p-tuning (an encoder's
+    /// weights; PEFT's P_TUNING), residual (the vectors plus a LayerNorm-ed bottleneck MLP of them).
+    #[arg(long, default_value_t = defaults().method)]
+    method: Method,
+    /// --method p-tuning's encoder: mlp or lstm (PEFT's encoder_reparameterization_type).
+    #[arg(long, default_value_t = defaults().encoder)]
+    encoder: EncoderKind,
+    /// The encoder's hidden units (the residual bottleneck) [default: the model's hidden size].
+    #[arg(long)]
+    encoder_hidden_size: Option<usize>,
+    /// Prompt initialisation (an encoder's input table): uniform, normal, vocab, text, labels.
     #[arg(long, default_value_t = defaults().init)]
     init: PromptInit,
     /// Text whose token embeddings start the prompt (with --init text).
@@ -118,6 +129,9 @@ impl TrainArgs {
             template: self.template.clone(),
             label_words: self.label_words.clone(),
             num_virtual_tokens: self.num_virtual_tokens,
+            method: self.method,
+            encoder: self.encoder,
+            encoder_hidden_size: self.encoder_hidden_size,
             init: self.init,
             init_text: self.init_text.clone(),
             pool: self.pool,

@@ -218,13 +218,15 @@ impl Model {
     /// resume=True continues exactly.
     ///
     /// An option left None takes the command line's default: task="classify",
-    /// num_virtual_tokens=20, init="vocab", pool="mean", optimizer="adamw", lr=1e-2 (adamw) or
+    /// num_virtual_tokens=20, method="prompt" (or "p-tuning", "residual"), encoder="mlp" (or
+    /// "lstm", for p-tuning), encoder_hidden_size=the model's hidden size, init="vocab", pool="mean", optimizer="adamw", lr=1e-2 (adamw) or
     /// 0.3 (adafactor), weight_decay=0, schedule="linear", warmup_steps=0, epochs=3,
     /// min_steps=300, batch_size=32, padding_side="right", max_grad_norm=1.0 (0: no clipping),
     /// eval_every=four times an epoch, patience=4 (0: never stop early), seed=0.
     #[pyo3(signature = (
         train, output, dev=None, *, task=None, template=None, label_words=None,
-        num_virtual_tokens=None, init=None, init_text=None, pool=None, optimizer=None, lr=None,
+        num_virtual_tokens=None, method=None, encoder=None, encoder_hidden_size=None, init=None,
+        init_text=None, pool=None, optimizer=None, lr=None,
         weight_decay=None, schedule=None, warmup_steps=None, epochs=None, min_steps=None,
         max_steps=None, batch_size=None, padding_side=None, max_grad_norm=None, eval_every=None,
         patience=None, seed=None, max_tokens=None, text_column="text", text_pair_column=None,
@@ -241,6 +243,9 @@ impl Model {
         template: Option<&str>,
         label_words: Option<Vec<String>>,
         num_virtual_tokens: Option<usize>,
+        method: Option<&str>,
+        encoder: Option<&str>,
+        encoder_hidden_size: Option<usize>,
         init: Option<&str>,
         init_text: Option<String>,
         pool: Option<&str>,
@@ -272,6 +277,9 @@ impl Model {
             template: self::template(template)?,
             label_words,
             num_virtual_tokens: num_virtual_tokens.unwrap_or(d.num_virtual_tokens),
+            method: choice("method", method, d.method)?,
+            encoder: choice("encoder", encoder, d.encoder)?,
+            encoder_hidden_size,
             init: choice("init", init, d.init)?,
             init_text,
             pool: choice("pool", pool, d.pool)?,

@@ -11,6 +11,7 @@
 //! task_type CAUSAL_LM with only prompt_embeddings: the frozen LM head scores the label words.
 
 use crate::files::{load_tensors, save_tensors, write_atomic};
+use crate::prompt_encoder::Method;
 use crate::task::classify::Pool;
 use crate::task::TaskKind;
 use crate::template::Template;
@@ -26,12 +27,15 @@ const PROMPT_KEY: &str = "prompt_embeddings";
 const HEAD_WEIGHT_KEY: &str = "base_model.classifier.weight";
 const HEAD_BIAS_KEY: &str = "base_model.classifier.bias";
 
-/// PEFT's `PeftType`: which method an adapter holds. softprompt reads and writes prompt tuning;
+/// PEFT's `PeftType`: which method an adapter holds. softprompt reads and writes prompt tuning
+/// and P-tuning (whose `prompt_embeddings` are its encoder's output, a prompt like any other);
 /// any other value is kept as it is written, so that the error can name it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeftType {
     #[serde(rename = "PROMPT_TUNING")]
     PromptTuning,
+    #[serde(rename = "P_TUNING")]
+    PTuning,
     #[serde(untagged)]
     Other(String),
 }
@@ -59,7 +63,9 @@ impl TaskType {
     }
 }
 
-/// The fields of PEFT's PromptTuningConfig (peft/tuners/prompt_tuning/config.py and its bases).
+/// The fields of PEFT's PromptTuningConfig and PromptEncoderConfig (peft/tuners/prompt_tuning/
+/// config.py, peft/tuners/p_tuning/config.py and their bases); each method's own fields are left
+/// out of the other's file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeftConfig {
     pub peft_type: PeftType,
@@ -70,10 +76,19 @@ pub struct PeftConfig {
     pub num_transformer_submodules: usize,
     pub num_attention_heads: Option<usize>,
     pub num_layers: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tuning_init: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tuning_init_text: Option<String>,
+    /// P-tuning: "MLP" or "LSTM"
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_reparameterization_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_hidden_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_num_layers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_dropout: Option<f64>,
     #[serde(default)]
     pub tokenizer_name_or_path: Option<String>,
     #[serde(default)]
@@ -106,6 +121,9 @@ pub struct Extra {
     pub label_words: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<Template>,
+    /// how the prompt was trained (PEFT's file says it for P-tuning, not for the residual method)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
 }
 
 /// What turns the backbone's last hidden state into label scores.
@@ -134,6 +152,8 @@ pub struct Adapter {
     pub labels: Vec<String>,
     /// the text each input is written into
     pub template: Option<Template>,
+    /// what computed the prompt in training (every method's adapter holds the prompt itself)
+    pub method: Method,
 }
 
 impl Adapter {
@@ -148,6 +168,7 @@ impl Adapter {
             pool: None,
             label_words: None,
             template: self.template.clone(),
+            method: (self.method != Method::Prompt).then_some(self.method),
         };
         match &self.head {
             AdapterHead::Linear { weight, bias, pool } => {
@@ -198,7 +219,7 @@ impl Adapter {
         let config: PeftConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a PEFT adapter config", config_path.display()))?;
         if let PeftType::Other(other) = &config.peft_type {
-            bail!("adapter {at} has peft_type {other:?}; softprompt reads PROMPT_TUNING adapters");
+            bail!("adapter {at} has peft_type {other:?}; softprompt reads PROMPT_TUNING and P_TUNING adapters");
         }
         if let (Some(dim), Some(hidden)) = (config.token_dim, hidden) {
             if dim != hidden {
@@ -246,6 +267,7 @@ impl Adapter {
                 prompt.dims()
             );
         }
+        let method = extra.as_ref().and_then(|e| e.method);
         let task = config.task_type.clone().unwrap_or(TaskType::SeqCls);
         let (head, labels, template) = match (task, extra) {
             (TaskType::SeqCls, extra) => {
@@ -292,12 +314,18 @@ impl Adapter {
         if !matches!(head, AdapterHead::Generation) {
             check_labels(&labels).with_context(|| format!("adapter {at}"))?;
         }
+        let method = match (&config.peft_type, method) {
+            (_, Some(method)) => method,
+            (PeftType::PTuning, None) => Method::PTuning,
+            _ => Method::Prompt,
+        };
         let adapter = Self {
             config,
             prompt,
             head,
             labels,
             template,
+            method,
         };
         adapter
             .check_finite()

@@ -8,6 +8,8 @@
 //! tokenize    text → token ids (the model's tokenizer.json)
 //! batch       ids → padded, length-bucketed batches
 //! prompt      the soft prompt: its initialisations; [B, N, D] → [P; X] [B, M + N, D]
+//! prompt_encoder  what training moves to make the prompt: its own vectors, or an encoder's
+//!             (P-tuning, residual prompt tuning)
 //! backbone    frozen BERT / GPT-2 / Llama: a forward that keeps what the explicit backward to the
 //!             embeddings needs; a decoder's cached forward for generation
 //! kernels     the forward / input-gradient pairs the backbones are built from
@@ -45,6 +47,7 @@ pub mod model;
 pub mod optim;
 pub mod profile;
 pub mod prompt;
+pub mod prompt_encoder;
 pub mod prompted;
 pub mod task;
 pub mod template;

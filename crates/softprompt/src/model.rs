@@ -7,7 +7,7 @@ use crate::backbone::bert::Bert;
 use crate::backbone::gpt2::Gpt2;
 use crate::backbone::llama::Llama;
 use crate::backbone::{gguf, read_config, Backbone};
-use crate::kernels::Weight;
+use crate::kernels::{Linear, Weight};
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::task::verbalizer;
 use crate::template::Template;
@@ -198,6 +198,10 @@ impl Model {
             num_layers: Some(shape.layers),
             prompt_tuning_init: Some(init.into()),
             prompt_tuning_init_text: init_text,
+            encoder_reparameterization_type: None,
+            encoder_hidden_size: None,
+            encoder_num_layers: None,
+            encoder_dropout: None,
             tokenizer_name_or_path: name.clone(),
             base_model_name_or_path: name,
             inference_mode: true,
@@ -215,10 +219,14 @@ impl Model {
         bias: &Tensor,
         pool: Pool,
     ) -> crate::Result<ClassificationHead> {
-        let pooler = (pool == Pool::Pooler)
+        ClassificationHead::from_tensors(weight, bias, pool, self.pooler_for(pool))
+    }
+
+    /// The backbone's pooler where `pool` reads through it (and the model has one).
+    pub fn pooler_for(&self, pool: Pool) -> Option<Linear> {
+        (pool == Pool::Pooler)
             .then(|| self.backbone.pooler())
-            .flatten();
-        ClassificationHead::from_tensors(weight, bias, pool, pooler)
+            .flatten()
     }
 
     /// The verbalizer head of `labels` spelled as `words` after `template`, from the LM head.

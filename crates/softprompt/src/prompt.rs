@@ -53,6 +53,7 @@ pub struct InitSource<'a> {
 }
 
 /// M trainable vectors, `prompt_embeddings` [M, D] in PEFT's adapter file.
+#[derive(Clone)]
 pub struct SoftPrompt {
     pub embeddings: Var,
 }

@@ -260,6 +260,27 @@ fn same_seed_gives_the_same_adapter_bytes() {
     assert_ne!(bytes("c", "7"), bytes("d", "8"));
 }
 
+/// `--pool pooler` (PEFT's SEQ_CLS head: BERT's pooler on the first position) trains, and its
+/// adapter says so; a model without a pooler refuses it before training.
+#[test]
+fn pool_pooler_trains_through_the_models_pooler() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let out = dir.join("pooler").display().to_string();
+    let extra = ["--max-steps", "12", "--eval-every", "6", "--pool", "pooler"];
+    ok(&train_args(&model, &train, &dev, &out, &extra));
+    let saved = std::fs::read_to_string(Path::new(&out).join("softprompt.json")).unwrap();
+    assert!(saved.contains("\"pool\": \"pooler\""), "{saved}");
+    let decoder = tiny_decoder(dir);
+    let other = dir.join("decoder").display().to_string();
+    fails_with(
+        &train_args(&decoder, &train, &dev, &other, &extra),
+        &["--pool pooler needs the checkpoint's pooler.dense weights"],
+    );
+}
+
 /// Options of a toy run long enough to be interrupted: `steps`, evaluated every `eval_every`.
 fn long_toy_run<'a>(steps: &'a str, eval_every: &'a str) -> [&'a str; 8] {
     [
@@ -341,11 +362,34 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
 
 /// Ctrl-C (SIGINT) ends the step under way, checkpoints there and says so; `--resume` continues
 /// from that step, not the last evaluation's, and ends where an uninterrupted run ends.
+///
+/// For every method: a reparameterised prompt resumes with its encoder's weights and optimizer
+/// state (the adapter holds only the encoder's output).
 #[test]
 fn ctrl_c_checkpoints_at_its_step_and_resume_continues_exactly() {
+    let methods: [&[&str]; 4] = [
+        &[],
+        &["--method", "p-tuning", "--encoder-hidden-size", "8"],
+        &[
+            "--method",
+            "p-tuning",
+            "--encoder",
+            "lstm",
+            "--encoder-hidden-size",
+            "4",
+        ],
+        &["--method", "residual", "--encoder-hidden-size", "8"],
+    ];
+    for method in methods {
+        ctrl_c_then_resume(method);
+    }
+}
+
+fn ctrl_c_then_resume(method: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let extra = long_toy_run("3000", "1000");
+    let mut extra = long_toy_run("3000", "1000").to_vec();
+    extra.extend_from_slice(method);
     let (model, train, dev, whole) = whole_toy_run(dir, &extra);
 
     let cut = dir.join("cut").display().to_string();
@@ -391,8 +435,113 @@ fn ctrl_c_checkpoints_at_its_step_and_resume_continues_exactly() {
     let read = |d: &str| std::fs::read(Path::new(d).join("adapter_model.safetensors")).unwrap();
     assert!(
         read(&whole) == read(&cut),
-        "resumed adapter differs from the uninterrupted run's"
+        "{method:?}: resumed adapter differs from the uninterrupted run's"
     );
+}
+
+/// P-tuning and the residual method train on the tiny model and learn the toy task; their
+/// adapters say what they are in PEFT's terms (P_TUNING with its encoder's fields; the residual
+/// prompt as PROMPT_TUNING) and load in eval, predict and inspect like any prompt; the
+/// checkpoint keeps the encoder's weights under PEFT's names.
+#[test]
+fn every_method_trains_and_its_adapter_loads_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let cases: [(&[&str], &str, &str, &str); 3] = [
+        (
+            &["--method", "p-tuning", "--encoder-hidden-size", "8"],
+            "P_TUNING",
+            "p-tuning",
+            "prompt_encoder.mlp_head.4.weight",
+        ),
+        (
+            &["--method", "p-tuning", "--encoder", "lstm"],
+            "P_TUNING",
+            "p-tuning",
+            "prompt_encoder.lstm_head.weight_hh_l1_reverse",
+        ),
+        (
+            &["--method", "residual", "--encoder-hidden-size", "8"],
+            "PROMPT_TUNING",
+            "residual",
+            "prompt_encoder.residual_mlp.3.weight",
+        ),
+    ];
+    for (i, (method, peft_type, name, tensor)) in cases.into_iter().enumerate() {
+        let out = dir.join(format!("run{i}")).display().to_string();
+        let mut extra = vec![
+            "--max-steps",
+            "150",
+            "--eval-every",
+            "50",
+            "--num-virtual-tokens",
+            "4",
+        ];
+        extra.extend_from_slice(method);
+        ok(&train_args(&model, &train, &dev, &out, &extra));
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(Path::new(&out).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["peft_type"], peft_type, "{method:?}");
+        if peft_type == "P_TUNING" {
+            let kind = if method.contains(&"lstm") {
+                "LSTM"
+            } else {
+                "MLP"
+            };
+            assert_eq!(config["encoder_reparameterization_type"], kind);
+            let hidden = if kind == "MLP" { 8 } else { 16 };
+            assert_eq!(
+                config["encoder_hidden_size"], hidden,
+                "the default is the model's hidden size"
+            );
+            assert!(config.get("prompt_tuning_init").is_none(), "{config}");
+        }
+        let extra_file = std::fs::read_to_string(Path::new(&out).join("softprompt.json")).unwrap();
+        assert!(
+            extra_file.contains(&format!("\"method\": \"{name}\"")),
+            "{extra_file}"
+        );
+        let checkpoint = Path::new(&out).join("checkpoint.safetensors");
+        let (tensors, _) =
+            softprompt::files::load_tensors(&checkpoint, &candle_core::Device::Cpu).unwrap();
+        assert!(
+            tensors.contains_key(tensor),
+            "{method:?}: {:?}",
+            tensors.keys()
+        );
+        assert!(!tensors.contains_key("prompt"), "{:?}", tensors.keys());
+
+        let report = ok(&[
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &out,
+            "--data",
+            &dev,
+            "--json",
+        ]);
+        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+        assert!(
+            report["accuracy"].as_f64().unwrap() >= 0.75,
+            "{method:?}: {report}"
+        );
+        let inspected = run(&["inspect", "--adapter", &out, "--model", &model]);
+        assert_eq!(
+            stdout(&inspected).lines().count(),
+            4,
+            "one line per prompt vector"
+        );
+        let said = stderr(&inspected);
+        assert!(
+            said.contains(&format!("trained with --method {name}")),
+            "{said}"
+        );
+    }
 }
 
 #[test]
@@ -494,6 +643,28 @@ fn bad_input_gets_a_clear_error() {
     fails_with(
         &train_args(&model, &train, &dev, &out, &["--pool", "avg"]),
         &["unknown value 'avg'", "first, pooler, cls, mean"],
+    );
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &["--method", "lora"]),
+        &["unknown value 'lora'", "prompt, p-tuning, residual"],
+    );
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &["--encoder", "lstm"]),
+        &["--encoder is for --method p-tuning"],
+    );
+    fails_with(
+        &train_args(&model, &train, &dev, &out, &["--encoder-hidden-size", "8"]),
+        &["--encoder-hidden-size is for --method p-tuning or residual"],
+    );
+    fails_with(
+        &train_args(
+            &model,
+            &train,
+            &dev,
+            &out,
+            &["--method", "residual", "--encoder-hidden-size", "0"],
+        ),
+        &["--encoder-hidden-size must be at least 1"],
     );
     let verbalizer = |extra: &[&'static str]| {
         let mut args = vec!["--task", "verbalizer"];

@@ -11,6 +11,7 @@ use crate::named_choice;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::profile::{Profile, Profiler};
 use crate::prompt::SoftPrompt;
+use crate::prompt_encoder::TrainablePrompt;
 use crate::prompted::{CausalLm, Classifier, PromptedModel, Trainee};
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::tokenize::Encoded;
@@ -246,7 +247,7 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
         &device,
     )?;
     let prompt = Tensor::randn(0f32, 0.5, (config.num_virtual_tokens, hidden), &device)?;
-    let prompt = SoftPrompt::from_tensor(&prompt)?;
+    let prompt = TrainablePrompt::from(SoftPrompt::from_tensor(&prompt)?);
     let trainee: Box<dyn Trainee> = match config.arch.bert_config() {
         Some(cfg) => {
             let bert = random_bert(&cfg, &device)?;

@@ -141,6 +141,6 @@ impl<B: Backbone> PromptedModel<B, Classifier> {
             device: device.clone(),
         };
         self.head
-            .logits(&self.backbone, &self.prompt, data, &batching)
+            .logits(&self.backbone, &self.prompt.current()?, data, &batching)
     }
 }

@@ -23,6 +23,7 @@ use crate::backbone::{Backbone, BackboneInput};
 use crate::batch::{Batch, Batching, EncodedSet};
 use crate::metrics::Report;
 use crate::prompt::{extend_front, SoftPrompt};
+use crate::prompt_encoder::TrainablePrompt;
 use crate::task::causal_lm::TargetCounts;
 use crate::task::HeadBackward;
 use crate::template::Template;
@@ -200,7 +201,7 @@ pub trait Head {
 /// A frozen backbone, the trainable prompt in front of it and a task head behind it.
 pub struct PromptedModel<B: Backbone, H: Head> {
     pub backbone: B,
-    pub prompt: SoftPrompt,
+    pub prompt: TrainablePrompt,
     pub head: H,
     /// what each input is written into before tokenizing
     pub template: Option<Template>,
@@ -209,9 +210,11 @@ pub struct PromptedModel<B: Backbone, H: Head> {
 /// What the training loop (and `softprompt bench`) trains: one object-safe face for a
 /// `PromptedModel` of any head.
 pub trait Trainee {
-    /// The trainable tensors: the prompt, then the head's, in the order of their gradients and of
-    /// the checkpoint's names.
+    /// The trainable tensors: the prompt's (or its encoder's), then the head's, in the order of
+    /// their gradients.
     fn params(&self) -> Vec<&Var>;
+    /// The names `params()` have in the checkpoint.
+    fn param_names(&self) -> Vec<String>;
     /// [prompt; batch] through the frozen backbone, the head on its last hidden state, and back:
     /// the loss, then the gradients of `params()`.
     fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)>;
@@ -224,17 +227,42 @@ pub trait Trainee {
 
 impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
     fn params(&self) -> Vec<&Var> {
-        let mut params = vec![&self.prompt.embeddings];
+        let mut params: Vec<&Var> = self
+            .prompt
+            .named_params()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
         params.extend(self.head.params());
         params
     }
 
+    fn param_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .prompt
+            .named_params()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        names.extend(
+            ["head.weight", "head.bias"]
+                .into_iter()
+                .take(self.head.params().len())
+                .map(String::from),
+        );
+        names
+    }
+
     fn loss_and_grads(&self, batch: &Batch) -> Result<(f64, Vec<Tensor>)> {
+        let (prompt, encoded) = {
+            let _span = tracing::trace_span!("prompt.encode").entered();
+            self.prompt.forward()?
+        };
         let p = {
             let _span = tracing::trace_span!("embed").entered();
-            Prompted::new(&self.backbone, &self.prompt, batch)?
+            Prompted::new(&self.backbone, &prompt, batch)?
         };
-        let reads = self.head.reads(&p.attention_mask, self.prompt.len())?;
+        let reads = self.head.reads(&p.attention_mask, prompt.len())?;
         let (hidden, activations) = {
             let _span = tracing::trace_span!("backbone.forward").entered();
             let input = BackboneInput {
@@ -246,14 +274,18 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
         let head = {
             let _span = tracing::trace_span!("head").entered();
             self.head
-                .loss(&hidden, &p.attention_mask, batch, self.prompt.len())?
+                .loss(&hidden, &p.attention_mask, batch, prompt.len())?
         };
         let d_embeds = {
             let _span = tracing::trace_span!("backbone.backward").entered();
             self.backbone.backward(&head.d_hidden, activations)?
         };
         let _span = tracing::trace_span!("prompt.gradient").entered();
-        let mut gradients = vec![self.prompt.gradient(&d_embeds)?.to_dtype(DType::F32)?];
+        let d_prompt = prompt.gradient(&d_embeds)?;
+        let mut gradients = Vec::new();
+        for g in self.prompt.backward(encoded.as_ref(), d_prompt)? {
+            gradients.push(g.to_dtype(DType::F32)?);
+        }
         gradients.extend(head.param_grads);
         Ok((head.loss, gradients))
     }
@@ -263,17 +295,24 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
     }
 
     fn tally(&self, set: &EncodedSet, batching: &Batching) -> Result<DevTally> {
-        self.head.tally(&self.backbone, &self.prompt, set, batching)
+        let prompt = self.prompt.current()?;
+        self.head.tally(&self.backbone, &prompt, set, batching)
     }
 
     fn adapter(&self, peft: &PeftConfig) -> Result<Adapter> {
         let (head, labels) = self.head.saved();
         Ok(Adapter {
             config: peft.clone(),
-            prompt: self.prompt.embeddings.as_tensor().to_dtype(DType::F32)?,
+            prompt: self
+                .prompt
+                .current()?
+                .embeddings
+                .as_tensor()
+                .to_dtype(DType::F32)?,
             head,
             labels,
             template: self.template.clone(),
+            method: self.prompt.method(),
         })
     }
 }

@@ -11,8 +11,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
-/// checkpoint names of `Trainee::params()`, in order (a verbalizer and a causal LM have the first only)
-const PARAM_NAMES: [&str; 3] = ["prompt", "head.weight", "head.bias"];
 
 /// Where the loop stands: what a checkpoint stores besides tensors.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -75,14 +73,13 @@ pub fn save(
     path: &Path,
     config: &TrainConfig,
     fingerprint: &Fingerprint,
-    params: &[&Var],
+    params: &[(String, &Var)],
     optimizer: &Optimizer,
     progress: &Progress,
 ) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = PARAM_NAMES
+    let mut tensors: Vec<(String, Tensor)> = params
         .iter()
-        .zip(params)
-        .map(|(name, var)| (name.to_string(), var.as_tensor().clone()))
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
         .collect();
     tensors.extend(optimizer.state().0);
     let metadata = HashMap::from([
@@ -96,7 +93,7 @@ pub fn save(
     save_tensors(path, &tensors, Some(metadata))
 }
 
-/// Sets `params` and `optimizer` to those of the checkpoint whose bytes are `bytes` (read from
+/// Sets `params` (by their names, `Trainee::param_names`) and `optimizer` to those of the checkpoint whose bytes are `bytes` (read from
 /// `path`: every rank of a job loads rank 0's), after checking that it was written with the same
 /// `config`, model and data.
 pub fn load(
@@ -104,7 +101,7 @@ pub fn load(
     path: &Path,
     config: &TrainConfig,
     fingerprint: &Fingerprint,
-    params: &[&Var],
+    params: &[(String, &Var)],
     optimizer: &mut Optimizer,
     device: &Device,
 ) -> Result<Progress> {
@@ -134,10 +131,18 @@ pub fn load(
         }
     }
     let progress: Progress = serde_json::from_str(field("progress")?)?;
-    for (name, var) in PARAM_NAMES.into_iter().zip(params) {
+    for (name, var) in params {
         let t: &Tensor = tensors
             .get(name)
             .with_context(|| format!("{} has no tensor {name}", path.display()))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: {name} has shape {:?}, the run's is {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     optimizer.load_state(&tensors, progress.optimizer_steps)?;

@@ -5,6 +5,7 @@ use crate::batch::Padding;
 use crate::data::{Columns, DataSource};
 use crate::optim::{OptimizerKind, Schedule};
 use crate::prompt::PromptInit;
+use crate::prompt_encoder::{EncoderKind, Method};
 use crate::task::classify::Pool;
 use crate::task::TaskKind;
 use crate::template::Template;
@@ -21,6 +22,16 @@ pub struct TrainConfig {
     /// verbalizer: one word per label, in the labels' sorted order; default the labels themselves
     pub label_words: Option<Vec<String>>,
     pub num_virtual_tokens: usize,
+    /// what training moves to make the prompt: its vectors, or an encoder's weights
+    #[serde(default)]
+    pub method: Method,
+    /// `--method p-tuning`'s encoder
+    #[serde(default)]
+    pub encoder: EncoderKind,
+    /// the encoder's hidden units (the residual method's bottleneck); None: the model's hidden size
+    #[serde(default)]
+    pub encoder_hidden_size: Option<usize>,
+    /// the table the method starts from (an encoder's input)
     pub init: PromptInit,
     pub init_text: Option<String>,
     pub pool: Pool,
@@ -55,6 +66,9 @@ impl Default for TrainConfig {
             template: None,
             label_words: None,
             num_virtual_tokens: 20,
+            method: Method::Prompt,
+            encoder: EncoderKind::Mlp,
+            encoder_hidden_size: None,
             init: PromptInit::Vocab,
             init_text: None,
             pool: Pool::Mean,
@@ -110,6 +124,15 @@ impl TrainConfig {
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             bail!("--weight-decay must be 0 or a positive number");
+        }
+        if self.encoder_hidden_size == Some(0) {
+            bail!("--encoder-hidden-size must be at least 1");
+        }
+        if self.method == Method::Prompt && self.encoder_hidden_size.is_some() {
+            bail!("--encoder-hidden-size is for --method p-tuning or residual");
+        }
+        if self.method != Method::PTuning && self.encoder != EncoderKind::Mlp {
+            bail!("--encoder is for --method p-tuning");
         }
         if self.max_tokens == Some(0) {
             bail!("--max-tokens must be at least 1");

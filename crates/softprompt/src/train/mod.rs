@@ -15,7 +15,7 @@ mod trainer;
 pub use config::{TrainConfig, TrainData, TrainPaths};
 pub use trainer::{Event, Summary, Trainer};
 
-use crate::adapter::{TaskType, CONFIG_FILE};
+use crate::adapter::{PeftConfig, PeftType, TaskType, CONFIG_FILE};
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
 use crate::batch::EncodedSet;
@@ -24,6 +24,7 @@ use crate::data::{label_ids, label_set, Columns, DataSource, Labels};
 use crate::files::DirLock;
 use crate::model::Model;
 use crate::prompt::{InitSource, PromptInit, SoftPrompt};
+use crate::prompt_encoder::{Method, PromptEncoder, TrainablePrompt, LSTM_LAYERS};
 use crate::prompted::{CausalLm, Classifier, Head, PromptedModel, Trainee};
 use crate::task::causal_lm::encode_pairs;
 use crate::task::classify::ClassificationHead;
@@ -204,12 +205,8 @@ impl Run<'_> {
                 .collect()
         });
         let prompt = initial_prompt(model, &encoder, config, &label_words, &mut rng)?;
-        let peft = model.peft_config(
-            TaskType::of(config.task),
-            m,
-            config.init.peft_name(),
-            config.init_text.clone(),
-        );
+        let prompt = trainable(prompt, config, &mut rng)?;
+        let peft = peft_config(model, config);
         let template = config.template.clone();
         let fingerprint = fingerprint(model, data)?;
         // every rank must train the same thing: the same options, model and data as rank 0
@@ -244,12 +241,9 @@ impl Run<'_> {
                 } else {
                     let d = model.backbone.hidden_size();
                     let n = label_names.len();
-                    let init = ClassificationHead::init(n, d, config.pool, None, &mut rng, device)?;
-                    let head = model.linear_head(
-                        init.weight.as_tensor(),
-                        init.bias.as_tensor(),
-                        config.pool,
-                    )?;
+                    let pooler = model.pooler_for(config.pool);
+                    let head =
+                        ClassificationHead::init(n, d, config.pool, pooler, &mut rng, device)?;
                     (head, None)
                 };
                 let head = Classifier {
@@ -265,7 +259,7 @@ impl Run<'_> {
 
 fn prompted<H: Head>(
     backbone: &AnyBackbone,
-    prompt: SoftPrompt,
+    prompt: TrainablePrompt,
     head: H,
     template: Option<crate::template::Template>,
 ) -> PromptedModel<&AnyBackbone, H> {
@@ -275,6 +269,44 @@ fn prompted<H: Head>(
         head,
         template,
     }
+}
+
+/// The prompt as `config.method` trains it: `initial` itself, or an encoder over it.
+fn trainable(
+    initial: SoftPrompt,
+    config: &TrainConfig,
+    rng: &mut ChaCha8Rng,
+) -> Result<TrainablePrompt> {
+    if config.method == Method::Prompt {
+        return Ok(initial.into());
+    }
+    let table = initial.embeddings.as_tensor();
+    let hidden = config.encoder_hidden_size.unwrap_or(table.dim(1)?);
+    let encoder = PromptEncoder::init(config.method, config.encoder, hidden, table, rng)?;
+    Ok(TrainablePrompt::Encoded(encoder))
+}
+
+/// The adapter_config.json of the run's adapters. A P-tuning adapter is PEFT's P_TUNING with its
+/// encoder's fields (PEFT, like softprompt, reads its prompt_embeddings as the prompt); the
+/// residual method has no PEFT type and is written as the prompt it computes.
+fn peft_config(model: &Model, config: &TrainConfig) -> PeftConfig {
+    let (task, m) = (TaskType::of(config.task), config.num_virtual_tokens);
+    let init = (config.init.peft_name(), config.init_text.clone());
+    let mut peft = model.peft_config(task, m, init.0, init.1);
+    if config.method == Method::PTuning {
+        peft.peft_type = PeftType::PTuning;
+        peft.prompt_tuning_init = None;
+        peft.prompt_tuning_init_text = None;
+        peft.encoder_reparameterization_type = Some(config.encoder.peft_name().into());
+        peft.encoder_hidden_size = Some(
+            config
+                .encoder_hidden_size
+                .unwrap_or(model.backbone.hidden_size()),
+        );
+        peft.encoder_num_layers = Some(LSTM_LAYERS);
+        peft.encoder_dropout = Some(0.0);
+    }
+    peft
 }
 
 /// The run as ranks compare it: one `name: value` line per option, the model's and the data's

@@ -109,6 +109,12 @@ impl Trainer<'_> {
     ) -> Result<Summary> {
         let config = self.config;
         let params = self.trainee.params();
+        let named: Vec<(String, &Var)> = self
+            .trainee
+            .param_names()
+            .into_iter()
+            .zip(params.iter().copied())
+            .collect();
         let mut optimizer = Optimizer::new(
             OptimizerConfig {
                 kind: config.optimizer,
@@ -137,7 +143,7 @@ impl Trainer<'_> {
                     &checkpoint_path,
                     config,
                     self.fingerprint,
-                    &params,
+                    &named,
                     &mut optimizer,
                     self.device,
                 )?;
@@ -180,7 +186,7 @@ impl Trainer<'_> {
                 &checkpoint_path,
                 config,
                 self.fingerprint,
-                &params,
+                &named,
                 optimizer,
                 progress,
             )

@@ -2,6 +2,8 @@
 //! and the prompt gradient through backbone, pooling, head and loss.
 
 use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::bert::{Bert, BertConfig};
 use softprompt::backbone::gpt2::Gpt2;
@@ -14,6 +16,7 @@ use softprompt::kernels::{
     AttentionShape, GatedMlp, GeluSaved, LayerNorm, Linear, Positions, RmsNorm, Rope,
 };
 use softprompt::prompt::SoftPrompt;
+use softprompt::prompt_encoder::{EncoderKind, Method, PromptEncoder, TrainablePrompt};
 use softprompt::prompted::{
     prompted_forward, CausalLm, Classifier, Head, Prompted, PromptedModel, Trainee,
 };
@@ -273,11 +276,12 @@ fn computing_only_the_rows_the_head_reads_changes_no_loss_or_gradient() {
     let labels = [0u32, 1, 1];
     for batch in both_paddings(&data, Some(&labels), &[0, 1, 2]) {
         for pool in [Pool::First, Pool::Pooler, Pool::Cls, Pool::Mean, Pool::Last] {
-            let model = tiny_classifier(pool, &randn(&[3, 16], 7));
+            let model = tiny_classifier(pool, shallow(&randn(&[3, 16], 7)));
             let (loss, grads) = model.loss_and_grads(&batch).unwrap();
 
             // every row, by hand
-            let p = Prompted::new(&model.backbone, &model.prompt, &batch).unwrap();
+            let p =
+                Prompted::new(&model.backbone, &model.prompt.current().unwrap(), &batch).unwrap();
             assert!(model.head.reads(&p.attention_mask, 3).unwrap().is_some());
             let (hidden, activations) = model.backbone.forward_train(&p.input()).unwrap();
             let head = model
@@ -289,7 +293,7 @@ fn computing_only_the_rows_the_head_reads_changes_no_loss_or_gradient() {
                 .backward(&head.d_hidden, activations)
                 .unwrap();
             // the trainer hands the prompt's gradient over in f32: its rounding, no more
-            let prompt_gradient = model.prompt.gradient(&d_embeds).unwrap();
+            let prompt_gradient = model.prompt.current().unwrap().gradient(&d_embeds).unwrap();
             let rounding = 1e-7
                 * crate::max_abs_diff(&prompt_gradient, &prompt_gradient.zeros_like().unwrap());
             let mut every_row = vec![(prompt_gradient, rounding)];
@@ -575,7 +579,7 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
     let [batch, left] = both_paddings(&data, Some(&labels), &[0, 1, 2]);
     let prompt = randn(&[3, 16], 7);
     for pool in [Pool::First, Pool::Pooler, Pool::Cls, Pool::Mean, Pool::Last] {
-        let make = |p: &Tensor| tiny_classifier(pool, p);
+        let make = |p: &Tensor| tiny_classifier(pool, shallow(p));
         let right = make(&prompt).loss_and_grads(&batch).unwrap();
         let loss = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
         check(
@@ -589,15 +593,68 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
     }
 }
 
+fn shallow(prompt: &Tensor) -> TrainablePrompt {
+    SoftPrompt::from_tensor(prompt).unwrap().into()
+}
+
+/// The gradients of every encoder weight (P-tuning's MLP and LSTM, the residual MLP and its
+/// LayerNorm) and of the table under them: ∂L/∂P from the backbone's backward, then the
+/// encoder's tape, against finite differences of the classifier's mean cross-entropy.
+#[test]
+fn encoded_prompt_gradients_match_finite_differences() {
+    let data = vec![
+        Encoded {
+            ids: vec![2, 5, 20, 9, 3],
+            type_ids: vec![0; 5],
+            target_len: 0,
+        },
+        Encoded {
+            ids: vec![2, 30, 3],
+            type_ids: vec![0; 3],
+            target_len: 0,
+        },
+    ];
+    let batch = Batch::new(&data, Some(&[1, 0]), &[0, 1], Padding::Right, &DEV).unwrap();
+    let cases = [
+        (Method::PTuning, EncoderKind::Mlp, 5),
+        (Method::PTuning, EncoderKind::Lstm, 3),
+        (Method::Residual, EncoderKind::Mlp, 4),
+    ];
+    for (method, kind, hidden) in cases {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let table = randn(&[3, 16], 7);
+        let encoder = PromptEncoder::init(method, kind, hidden, &table, &mut rng).unwrap();
+        let model = tiny_classifier(Pool::Mean, TrainablePrompt::Encoded(encoder));
+        let (_, grads) = model.loss_and_grads(&batch).unwrap();
+        let names = model.param_names();
+        assert_eq!(names.len(), grads.len());
+        for ((name, var), grad) in names.iter().zip(model.params()).zip(&grads) {
+            let saved = var.as_tensor().copy().unwrap();
+            let loss = |x: &Tensor| {
+                var.set(x).unwrap();
+                let loss = model.loss_and_grads(&batch).unwrap().0;
+                var.set(&saved).unwrap();
+                loss
+            };
+            check(
+                &saved,
+                &grad.to_dtype(DType::F64).unwrap(),
+                loss,
+                &format!("{method} {kind}: {name}"),
+            );
+        }
+    }
+}
+
 /// The tiny BERT in f64 with `prompt` in front and a two-label head (fixed weights) on `pool`.
-fn tiny_classifier(pool: Pool, prompt: &Tensor) -> PromptedModel<Bert, Classifier> {
+fn tiny_classifier(pool: Pool, prompt: TrainablePrompt) -> PromptedModel<Bert, Classifier> {
     let bert = tiny_bert(DType::F64);
     let pooler = bert.pooler.clone();
     let head = ClassificationHead::from_tensors(&randn(&[2, 16], 8), &randn(&[2], 9), pool, pooler)
         .unwrap();
     PromptedModel {
         backbone: bert,
-        prompt: SoftPrompt::from_tensor(prompt).unwrap(),
+        prompt,
         head: Classifier {
             head,
             labels: vec!["a".into(), "b".into()],
@@ -672,7 +729,7 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
             let head = verbalizer::head(backbone.lm_head().unwrap(), &[11, 17]).unwrap();
             PromptedModel {
                 backbone,
-                prompt: SoftPrompt::from_tensor(p).unwrap(),
+                prompt: SoftPrompt::from_tensor(p).unwrap().into(),
                 head: Classifier {
                     head,
                     labels: vec!["a".into(), "b".into()],
@@ -749,7 +806,7 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
             };
             PromptedModel {
                 backbone,
-                prompt: SoftPrompt::from_tensor(p).unwrap(),
+                prompt: SoftPrompt::from_tensor(p).unwrap().into(),
                 head,
                 template: None,
             }
@@ -768,7 +825,8 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
         for e in &data {
             let row =
                 Batch::new(std::slice::from_ref(e), None, &[0], Padding::Right, &DEV).unwrap();
-            let hidden = prompted_forward(&lm.backbone, &lm.prompt, &row).unwrap();
+            let hidden =
+                prompted_forward(&lm.backbone, &lm.prompt.current().unwrap(), &row).unwrap();
             let logits = hidden
                 .squeeze(0)
                 .unwrap()

@@ -1,21 +1,43 @@
-//! An adapter written by PEFT itself (SEQ_CLS prompt tuning on tiny-bert) gives PEFT's logits.
+//! Adapters written by PEFT itself (SEQ_CLS prompt tuning and P-tuning on tiny-bert) give PEFT's
+//! logits; softprompt's P-tuning encoders compute PEFT's PromptEncoder.
 
 use crate::{fixtures, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
-use softprompt::adapter::{Adapter, AdapterHead};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use softprompt::adapter::{Adapter, AdapterHead, PeftType};
 use softprompt::backbone::Backbone;
 use softprompt::batch::Padding;
 use softprompt::files::load_tensors;
 use softprompt::inference::{classify_rows, LoadedAdapter};
 use softprompt::model::Model;
+use softprompt::prompt_encoder::{EncoderKind, Method, PromptEncoder};
 use softprompt::task::classify::Pool;
 use std::path::Path;
 
 #[test]
 fn peft_written_adapter_gives_peft_logits() {
+    let adapter = assert_peft_logits("peft-tiny-adapter", "peft_tiny_logits.safetensors");
+    assert_eq!(adapter.method, Method::Prompt);
+}
+
+/// PEFT saves a P-tuning adapter as its encoder's output: softprompt reads it as that prompt.
+#[test]
+fn peft_written_p_tuning_adapter_gives_peft_logits() {
+    let adapter = assert_peft_logits(
+        "peft-tiny-p-tuning",
+        "peft_tiny_p_tuning_logits.safetensors",
+    );
+    assert_eq!(adapter.method, Method::PTuning);
+    assert_eq!(adapter.config.peft_type, PeftType::PTuning);
+}
+
+/// Loads the PEFT adapter `dir` (a SEQ_CLS adapter of tiny-bert) and checks its logits on the
+/// fixture texts against PEFT's, stored in `logits`.
+fn assert_peft_logits(dir: &str, logits: &str) -> Adapter {
     let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
     let adapter = Adapter::load(
-        &fixtures().join("peft-tiny-adapter"),
+        &fixtures().join(dir),
         model.backbone.hidden_size(),
         &Device::Cpu,
     )
@@ -31,11 +53,7 @@ fn peft_written_adapter_gives_peft_logits() {
         "a PEFT adapter reads BertForSequenceClassification's pooler"
     );
     assert_eq!(adapter.labels, ["LABEL_0", "LABEL_1"]);
-    let (reference, meta) = load_tensors(
-        &fixtures().join("peft_tiny_logits.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (reference, meta) = load_tensors(&fixtures().join(logits), &Device::Cpu).unwrap();
     let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
     let encoder = model.encoder(adapter.prompt.dim(0).unwrap(), None).unwrap();
     let data: Vec<_> = texts
@@ -48,7 +66,48 @@ fn peft_written_adapter_gives_peft_logits() {
     let classes = logits[0].len();
     let ours = Tensor::from_vec(logits.concat(), (texts.len(), classes), &Device::Cpu).unwrap();
     let err = max_abs_diff(&ours, &reference["logits"]);
-    assert!(err < 1e-4, "logits differ from PEFT's by {err:e}");
+    assert!(err < 1e-4, "{dir}: logits differ from PEFT's by {err:e}");
+    adapter
+}
+
+/// softprompt's P-tuning encoders compute what PEFT's PromptEncoder computes from the same
+/// weights (MLP, and the two-layer bidirectional LSTM with its MLP head), in f64.
+#[test]
+fn p_tuning_encoders_match_peft() {
+    let (tensors, _) = load_tensors(
+        &fixtures().join("p_tuning_encoders.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (kind, hidden) in [(EncoderKind::Mlp, 8), (EncoderKind::Lstm, 5)] {
+        let table = &tensors[&format!("{kind}.embedding.weight")];
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let encoder = PromptEncoder::init(Method::PTuning, kind, hidden, table, &mut rng).unwrap();
+        let params = encoder.named_params();
+        assert_eq!(
+            params.len() + 1,
+            tensors
+                .keys()
+                .filter(|k| k.starts_with(&format!("{kind}.")))
+                .count()
+        );
+        for (name, var) in params {
+            let key = format!("{kind}.{}", name.strip_prefix("prompt_encoder.").unwrap());
+            let peft = tensors
+                .get(&key)
+                .unwrap_or_else(|| panic!("PEFT has no {key}"));
+            assert_eq!(peft.dims(), var.dims(), "{key}");
+            var.set(peft).unwrap();
+        }
+        let err = max_abs_diff(
+            &encoder.forward().unwrap(),
+            &tensors[&format!("{kind}.output")],
+        );
+        assert!(
+            err < 1e-10,
+            "{kind}: the encoder's output differs from PEFT's by {err:e}"
+        );
+    }
 }
 
 #[test]
