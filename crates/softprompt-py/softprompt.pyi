@@ -61,7 +61,10 @@ class Model:
 
     @staticmethod
     def load(
-        path: Union[str, os.PathLike[str]], keep_quantized: bool = False, threads: int | None = None
+        path: Union[str, os.PathLike[str]],
+        keep_quantized: bool = False,
+        dtype: Literal["f32", "bf16"] = "f32",
+        threads: int | None = None,
     ) -> "Model": ...
     @property
     def architecture(self) -> Literal["bert", "gpt2", "llama"]: ...

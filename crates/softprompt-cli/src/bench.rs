@@ -7,6 +7,7 @@ use anyhow::bail;
 use candle_core::quantized::GgmlDType;
 use clap::Args;
 use softprompt::bench::{self, BenchConfig, Mode};
+use softprompt::model::WeightDtype;
 use softprompt::profile::Profiler;
 
 #[derive(Args)]
@@ -30,6 +31,10 @@ pub struct BenchArgs {
     /// holds a GGUF model; f32 by default.
     #[arg(long)]
     weights: Option<BenchWeights>,
+    /// train, forward: how the random matrices are held (f32, or bf16 as `--dtype bf16` holds a
+    /// model's).
+    #[arg(long, default_value_t = WeightDtype::F32)]
+    dtype: WeightDtype,
     /// Timed steps (after warm-up); the median, min and max are reported.
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -74,6 +79,7 @@ pub fn run(args: BenchArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
         batch: args.batch,
         seq: args.seq.unwrap_or(128),
         num_virtual_tokens: args.num_virtual_tokens,
+        weights: args.dtype,
         steps: args.steps,
         warmup: 3,
         profiler,
@@ -84,8 +90,8 @@ pub fn run(args: BenchArgs, profiler: Option<Profiler>) -> anyhow::Result<()> {
         format!(" ({:.0} % of the FMA peak)", 100.0 * s)
     });
     let mut text = format!(
-        "{} {} batch {} x ({} + {}): median {:.3} s (min {:.3}, max {:.3}) over {} steps, {:.1} GFLOP/s done{peak} ({:.1} GFLOP/s of the reference's model FLOPs), peak RSS {:.0} MiB\n",
-        r.arch, r.mode, r.batch, r.seq, r.num_virtual_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.gflop_per_s, r.model_gflop_per_s, r.peak_rss_mib
+        "{} {} {} batch {} x ({} + {}): median {:.3} s (min {:.3}, max {:.3}) over {} steps, {:.1} GFLOP/s done{peak} ({:.1} GFLOP/s of the reference's model FLOPs), peak RSS {:.0} MiB\n",
+        r.arch, r.mode, r.weights, r.batch, r.seq, r.num_virtual_tokens, r.median_s, r.min_s, r.max_s, r.steps, r.gflop_per_s, r.model_gflop_per_s, r.peak_rss_mib
     );
     if let Some(profile) = &r.profile {
         text.push_str(&profile.table(0.002));

@@ -178,6 +178,7 @@ pub fn run(
     let paths = TrainPaths {
         model: args.model.model,
         keep_quantized: args.model.keep_quantized,
+        weights: args.model.dtype,
         data: TrainData {
             train: DataSource::File(args.train),
             dev: args.dev.map(DataSource::File),

@@ -233,6 +233,15 @@ def test_threads_option_sets_the_pool_and_changes_no_answer(tiny_bert, trained):
         softprompt.Model.load(tiny_bert, threads=0)
 
 
+def test_bf16_weights_predict_as_f32_within_rounding(tiny_bert, trained):
+    f32 = softprompt.Model.load(tiny_bert).predict(trained, ["a good film", "a dull plot"])
+    bf16 = softprompt.Model.load(tiny_bert, dtype="bf16").predict(trained, ["a good film", "a dull plot"])
+    for a, b in zip(f32, bf16):
+        assert a["scores"] == pytest.approx(b["scores"], abs=2e-2)
+    with pytest.raises(softprompt.Error, match="dtype: unknown value 'f16'"):
+        softprompt.Model.load(tiny_bert, dtype="f16")
+
+
 def test_progress_prints_lines_where_stderr_is_no_terminal(model, tmp_path, capsys):
     model.train(toy_rows(), tmp_path / "lines", dev=dev_rows(), **TOY)
     err = capsys.readouterr().err

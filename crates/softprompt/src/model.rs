@@ -14,6 +14,7 @@ use crate::template::Template;
 use crate::tokenize::TextEncoder;
 use crate::{bail, Context};
 use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
@@ -25,6 +26,16 @@ pub struct Model {
     /// tokens that end a generation
     pub eos_token_ids: Vec<u32>,
 }
+
+/// How a model's frozen matrices are held in memory (`--dtype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+crate::named_choice!(WeightDtype, "f32", "bf16");
 
 /// What config.json (or generation_config.json) says beyond the architecture's own fields.
 #[derive(serde::Deserialize)]
@@ -47,6 +58,30 @@ fn ids(value: Option<&serde_json::Value>) -> Vec<u32> {
 }
 
 impl Model {
+    /// The same model with its matrices held as `weights` says: in bf16 they take half the
+    /// memory and multiply on the CPU's bf16 dot product where it has one (f32 sums, f32
+    /// activations); elsewhere each is widened to f32 as it is used, which costs time.
+    pub fn hold_weights(self, weights: WeightDtype) -> crate::Result<Self> {
+        match weights {
+            WeightDtype::F32 => Ok(self),
+            WeightDtype::Bf16 => {
+                if self.backbone.word_embeddings().dtype().ne(&DType::F32) {
+                    bail!("--dtype bf16 rounds an f32 model's matrices, and this one is loaded as {:?}", self.backbone.word_embeddings().dtype());
+                }
+                if matches!(self.backbone.word_embeddings(), Weight::Quantized { .. }) {
+                    bail!("--dtype bf16 and --keep-quantized both choose how the matrices are held: give one");
+                }
+                if !crate::kernels::bf16_native() {
+                    tracing::warn!("this CPU has no AVX512-BF16: --dtype bf16 halves the matrices' memory, but each is widened to f32 as it is used, which makes every step slower than --dtype f32");
+                }
+                Ok(Self {
+                    backbone: self.backbone.map_weights(&|w| w.to_bf16())?,
+                    ..self
+                })
+            }
+        }
+    }
+
     pub fn load(path: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         Self::load_with(path, dtype, device, false)
     }

@@ -260,6 +260,63 @@ fn same_seed_gives_the_same_adapter_bytes() {
     assert_ne!(bytes("c", "7"), bytes("d", "8"));
 }
 
+/// `--dtype bf16` trains and evaluates with the matrices held in bf16; its adapter is an
+/// ordinary one (the f32 model reads it), and the two models score the dev set alike.
+#[test]
+fn dtype_bf16_trains_and_its_adapter_reads_on_either_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let out = dir.join("bf16").display().to_string();
+    let extra = [
+        "--max-steps",
+        "60",
+        "--eval-every",
+        "20",
+        "--lr",
+        "0.05",
+        "--dtype",
+        "bf16",
+    ];
+    ok(&train_args(&model, &train, &dev, &out, &extra));
+    let accuracy = |dtype: &str| {
+        let report = ok(&[
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &out,
+            "--data",
+            &dev,
+            "--json",
+            "--dtype",
+            dtype,
+        ]);
+        let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+        report["accuracy"].as_f64().unwrap()
+    };
+    let (bf16, f32) = (accuracy("bf16"), accuracy("f32"));
+    assert!(
+        bf16 >= 0.75,
+        "the toy task is separable; dev accuracy {bf16}"
+    );
+    assert!(
+        (bf16 - f32).abs() <= 0.125,
+        "bf16 {bf16} vs f32 {f32}: at most one of 8 dev rows apart"
+    );
+    fails_with(
+        &train_args(
+            &model,
+            &train,
+            &dev,
+            &dir.join("x").display().to_string(),
+            &["--dtype", "f16"],
+        ),
+        &["unknown value 'f16'", "f32, bf16"],
+    );
+}
+
 /// `--pool pooler` (PEFT's SEQ_CLS head: BERT's pooler on the first position) trains, and its
 /// adapter says so; a model without a pooler refuses it before training.
 #[test]

@@ -38,6 +38,15 @@ pub struct Shape {
 }
 
 impl AnyBackbone {
+    /// The same backbone with `f` applied to every matrix (`Bert::map_weights` and its kin).
+    pub fn map_weights(self, f: &dyn Fn(&Weight) -> Result<Weight>) -> Result<Self> {
+        Ok(match self {
+            Self::Bert(b) => Self::Bert(b.map_weights(f)?),
+            Self::Gpt2(b) => Self::Gpt2(b.map_weights(f)?),
+            Self::Llama(b) => Self::Llama(b.map_weights(f)?),
+        })
+    }
+
     pub fn architecture(&self) -> &'static str {
         match self {
             Self::Bert(_) => "bert",

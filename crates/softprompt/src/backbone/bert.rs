@@ -284,6 +284,27 @@ pub struct BertActivations {
 }
 
 impl Bert {
+    /// The same model with `f` applied to every matrix (the word embeddings and the pooler
+    /// included): held in bf16, say.
+    pub fn map_weights(mut self, f: &dyn Fn(&Weight) -> Result<Weight>) -> Result<Self> {
+        for layer in &mut self.layers {
+            for linear in [
+                &mut layer.qkv,
+                &mut layer.attention_output,
+                &mut layer.intermediate,
+                &mut layer.output,
+            ] {
+                linear.weight = f(&linear.weight)?;
+            }
+        }
+        if let Some(pooler) = &mut self.pooler {
+            pooler.weight = f(&pooler.weight)?;
+        }
+        let words = &mut self.embeddings.word_embeddings;
+        *words = f(words)?;
+        Ok(self)
+    }
+
     /// Loads config.json and model.safetensors (or every *.safetensors file) from `dir`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;

@@ -9,7 +9,6 @@ use crate::kernels::{
     AttentionShape, GeluSaved, LayerNorm, LayerNormSaved, Linear, Positions, Weight,
 };
 use crate::{bail, Context};
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -215,9 +214,9 @@ impl Gpt2 {
         })
     }
 
-    /// The same model with every matrix, the token embeddings (the LM head) included, rounded to
-    /// GGUF blocks of `kind`: what `--keep-quantized` holds for a GGUF file.
-    pub fn quantize(mut self, kind: GgmlDType) -> Result<Self> {
+    /// The same model with `f` applied to every matrix, the token embeddings (the LM head)
+    /// included: rounded to GGUF blocks, or held in bf16.
+    pub fn map_weights(mut self, f: &dyn Fn(&Weight) -> Result<Weight>) -> Result<Self> {
         for block in &mut self.blocks {
             for linear in [
                 &mut block.c_attn,
@@ -225,10 +224,10 @@ impl Gpt2 {
                 &mut block.c_fc,
                 &mut block.mlp_proj,
             ] {
-                *linear = linear.quantize(kind)?;
+                linear.weight = f(&linear.weight)?;
             }
         }
-        self.wte = self.wte.quantize(kind)?;
+        self.wte = f(&self.wte)?;
         Ok(self)
     }
 

@@ -361,6 +361,28 @@ pub struct LlamaActivations {
 }
 
 impl Llama {
+    /// The same model with `f` applied to every matrix (the token embeddings and the LM head
+    /// included): held in bf16, say.
+    pub fn map_weights(mut self, f: &dyn Fn(&Weight) -> Result<Weight>) -> Result<Self> {
+        for layer in &mut self.layers {
+            let mlp = &mut layer.mlp;
+            for linear in [
+                &mut layer.qkv,
+                &mut layer.o_proj,
+                &mut mlp.gate,
+                &mut mlp.up,
+                &mut mlp.down,
+            ] {
+                linear.weight = f(&linear.weight)?;
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            *head = f(head)?;
+        }
+        self.embed_tokens = f(&self.embed_tokens)?;
+        Ok(self)
+    }
+
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let vb = super::mmap_weights(dir, dtype, device)?;

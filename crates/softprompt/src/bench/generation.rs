@@ -94,7 +94,7 @@ pub fn run(
     let cfg = gpt2_small();
     let mut gpt2 = random_gpt2(&cfg, &device)?;
     if let Some(kind) = weights {
-        gpt2 = gpt2.quantize(kind)?;
+        gpt2 = gpt2.map_weights(&|w| w.quantize(kind))?;
     }
     let backbone = AnyBackbone::Gpt2(gpt2);
     let prompt = Tensor::randn(0f32, 0.5, (num_virtual_tokens, cfg.n_embd), &device)?;

@@ -7,6 +7,8 @@ use crate::backbone::any::AnyBackbone;
 use crate::backbone::bert::{Bert, BertConfig};
 use crate::backbone::Decoder;
 use crate::batch::{Batch, Batching, EncodedSet, Padding};
+use crate::kernels::Weight;
+use crate::model::WeightDtype;
 use crate::named_choice;
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig};
 use crate::profile::{Profile, Profiler};
@@ -149,6 +151,8 @@ pub struct BenchConfig {
     pub batch: usize,
     pub seq: usize,
     pub num_virtual_tokens: usize,
+    /// how the random matrices are held (`--dtype`)
+    pub weights: WeightDtype,
     pub steps: usize,
     pub warmup: usize,
     /// reset after the warm-up, so that its profile covers the timed steps only
@@ -164,6 +168,7 @@ pub struct BenchResult {
     pub batch: usize,
     pub seq: usize,
     pub num_virtual_tokens: usize,
+    pub weights: WeightDtype,
     pub steps: usize,
     pub median_s: f64,
     pub min_s: f64,
@@ -248,9 +253,13 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
     )?;
     let prompt = Tensor::randn(0f32, 0.5, (config.num_virtual_tokens, hidden), &device)?;
     let prompt = TrainablePrompt::from(SoftPrompt::from_tensor(&prompt)?);
+    let held = |w: &Weight| match config.weights {
+        WeightDtype::F32 => Ok(w.clone()),
+        WeightDtype::Bf16 => w.to_bf16(),
+    };
     let trainee: Box<dyn Trainee> = match config.arch.bert_config() {
         Some(cfg) => {
-            let bert = random_bert(&cfg, &device)?;
+            let bert = random_bert(&cfg, &device)?.map_weights(&held)?;
             let pooler = bert.pooler.clone();
             let head =
                 ClassificationHead::init(2, hidden, Pool::Pooler, pooler, &mut rng, &device)?;
@@ -266,7 +275,8 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
             })
         }
         None => {
-            let gpt2 = generation::random_gpt2(&generation::gpt2_small(), &device)?;
+            let gpt2 =
+                generation::random_gpt2(&generation::gpt2_small(), &device)?.map_weights(&held)?;
             let head = CausalLm {
                 lm_head: gpt2.lm_head().dense()?,
             };
@@ -329,6 +339,7 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
         batch: config.batch,
         seq: config.seq,
         num_virtual_tokens: config.num_virtual_tokens,
+        weights: config.weights,
         steps: times.len(),
         median_s,
         min_s: times[0],

@@ -4,18 +4,22 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::fused::fused_for;
-use super::{fused_linear, quantized_matvec};
+use super::{bf16_matmul, fused_linear, quantized_matvec};
 
 /// Up to this many rows, reading the quantized blocks once per row beats dequantizing the matrix
 /// and multiplying (measured on GPT-2 small's MLP matrices, Q8_0 and Q4_1: 16 rows 39 vs 54 ms,
 /// 32 rows 64 vs 66 ms).
 const MATVEC_ROWS: usize = 32;
 
-/// A frozen matrix [OUT, IN]: dense, or a GGUF file's quantized blocks kept as they are
-/// (`--keep-quantized`) and dequantized at each use, so that only the layer at work is ever dense.
+/// A frozen matrix [OUT, IN]: dense, held in bf16 (`--dtype bf16`: half the memory, computed
+/// with f32 sums), or a GGUF file's quantized blocks kept as they are (`--keep-quantized`) and
+/// dequantized at each use, so that only the layer at work is ever dense.
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
+    /// [OUT, IN] bf16, contiguous; products on the CPU's bf16 dot product where it has one
+    /// (`bf16_matmul`), else widened to f32 for each use
+    Bf16(Tensor),
     Quantized {
         blocks: Arc<QTensor>,
         /// what it is dequantized to
@@ -28,6 +32,7 @@ impl Weight {
     pub fn dense(&self) -> Result<Tensor> {
         match self {
             Weight::Dense(t) => Ok(t.clone()),
+            Weight::Bf16(t) => t.to_dtype(DType::F32),
             Weight::Quantized { blocks, dtype } => {
                 blocks.dequantize(&blocks.device())?.to_dtype(*dtype)
             }
@@ -36,7 +41,7 @@ impl Weight {
 
     pub fn dims(&self) -> &[usize] {
         match self {
-            Weight::Dense(t) => t.dims(),
+            Weight::Dense(t) | Weight::Bf16(t) => t.dims(),
             Weight::Quantized { blocks, .. } => blocks.shape().dims(),
         }
     }
@@ -45,13 +50,14 @@ impl Weight {
     pub fn dtype(&self) -> DType {
         match self {
             Weight::Dense(t) => t.dtype(),
+            Weight::Bf16(_) => DType::F32,
             Weight::Quantized { dtype, .. } => *dtype,
         }
     }
 
     pub fn device(&self) -> Device {
         match self {
-            Weight::Dense(t) => t.device().clone(),
+            Weight::Dense(t) | Weight::Bf16(t) => t.device().clone(),
             Weight::Quantized { blocks, .. } => blocks.device(),
         }
     }
@@ -61,6 +67,7 @@ impl Weight {
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Weight::Dense(t) => t.index_select(ids, 0),
+            Weight::Bf16(t) => t.index_select(ids, 0)?.to_dtype(DType::F32),
             Weight::Quantized { .. } => {
                 let ids: Vec<usize> = ids.to_vec1::<u32>()?.iter().map(|&i| i as usize).collect();
                 if let Some(&bad) = ids.iter().find(|&&i| i >= self.dims()[0]) {
@@ -87,6 +94,7 @@ impl Weight {
             {
                 quantized_matvec::matmul_t(blocks, x)
             }
+            Weight::Bf16(w) if bf16_serves(x) => bf16_matmul::forward(&x.contiguous()?, w, None),
             _ => x.matmul(&self.dense()?.t()?),
         }
     }
@@ -94,13 +102,13 @@ impl Weight {
     /// Rows [OUT] in the given order: `rows[i]` is the source row of row i. Quantized blocks run
     /// along a row, so a quantized matrix is reordered without dequantizing it.
     pub fn select_rows(&self, rows: &[usize]) -> Result<Weight> {
+        let ids = || -> Result<Tensor> {
+            let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            Tensor::new(ids, &self.device())
+        };
         match self {
-            Weight::Dense(t) => {
-                let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-                Ok(Weight::Dense(
-                    t.index_select(&Tensor::new(ids, t.device())?, 0)?,
-                ))
-            }
+            Weight::Dense(t) => Ok(Weight::Dense(t.index_select(&ids()?, 0)?)),
+            Weight::Bf16(t) => Ok(Weight::Bf16(t.index_select(&ids()?, 0)?)),
             Weight::Quantized { blocks, dtype } => {
                 let data = blocks.data()?;
                 let row_bytes = data.len() / self.dims()[0];
@@ -122,9 +130,13 @@ impl Weight {
             .iter()
             .map(|w| match w {
                 Weight::Quantized { blocks, dtype } => Some((blocks, *dtype)),
-                Weight::Dense(_) => None,
+                Weight::Dense(_) | Weight::Bf16(_) => None,
             })
             .collect();
+        if parts.iter().all(|w| matches!(w, Weight::Bf16(_))) {
+            let bf16: Vec<Tensor> = parts.iter().map(|w| w.bf16()).collect::<Result<_>>()?;
+            return Ok(Weight::Bf16(Tensor::cat(&bf16, 0)?));
+        }
         match quantized {
             Some(q) if q.iter().all(|(b, _)| b.dtype() == q[0].0.dtype()) => {
                 let mut bytes = Vec::new();
@@ -142,6 +154,18 @@ impl Weight {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Weight::Dense(Tensor::cat(&dense, 0)?))
             }
+        }
+    }
+
+    /// The matrix held in bf16 (rounded to nearest even).
+    pub fn to_bf16(&self) -> Result<Weight> {
+        Ok(Weight::Bf16(self.bf16()?))
+    }
+
+    fn bf16(&self) -> Result<Tensor> {
+        match self {
+            Weight::Bf16(t) => Ok(t.clone()),
+            _ => self.dense()?.to_dtype(DType::BF16)?.contiguous(),
         }
     }
 
@@ -169,6 +193,16 @@ impl Weight {
     }
 }
 
+/// Whether the bf16 kernel takes `rows` [T, IN]: f32 on a CPU with the bf16 dot product, and no
+/// candle autograd to record.
+fn bf16_serves(rows: &Tensor) -> bool {
+    rows.dtype() == DType::F32
+        && rows.device().is_cpu()
+        && rows.rank() == 2
+        && !rows.track_op()
+        && bf16_matmul::native()
+}
+
 /// A frozen affine map, stored as Hugging Face stores it: `weight` [OUT, IN], `bias` [OUT].
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -188,9 +222,17 @@ impl Linear {
     /// The same map with its weight dense: for a quantized one, dequantized once for several uses.
     pub fn densified(&self) -> Result<Linear> {
         Ok(match &self.weight {
-            Weight::Dense(_) => self.clone(),
+            Weight::Dense(_) | Weight::Bf16(_) => self.clone(),
             Weight::Quantized { .. } => Linear::new(self.weight.dense()?, self.bias.clone()),
         })
+    }
+
+    /// The same map with its weight held in bf16.
+    pub fn to_bf16(&self) -> Result<Linear> {
+        Ok(Linear::from_weight(
+            self.weight.to_bf16()?,
+            self.bias.clone(),
+        ))
     }
 
     /// The same map with its weight rounded to GGUF blocks of `kind`.
@@ -213,6 +255,14 @@ impl Linear {
                     _ => fused_linear::forward::<f32>(x, w, bias),
                 };
             }
+            if let (Weight::Bf16(w), true) = (&self.weight, bf16_serves(x)) {
+                let bias = self.bias.as_ref().filter(|b| b.dtype() == DType::F32);
+                let y = bf16_matmul::forward(&x.contiguous()?, w, bias)?;
+                return match (&self.bias, bias) {
+                    (Some(b), None) => y.broadcast_add(b),
+                    _ => Ok(y),
+                };
+            }
             self.weight.apply(x)?
         };
         match &self.bias {
@@ -229,10 +279,13 @@ impl Linear {
         let _span =
             tracing::trace_span!("linear.backward", shape = %self.shape(), flops = self.flops(dy)?)
                 .entered();
-        match self.fused_weight(dy) {
-            Some(w) if dy.dtype() == DType::F64 => fused_linear::backward::<f64>(dy, w),
-            Some(w) => fused_linear::backward::<f32>(dy, w),
-            None => dy.matmul(&self.weight.dense()?),
+        match (self.fused_weight(dy), &self.weight) {
+            (Some(w), _) if dy.dtype() == DType::F64 => fused_linear::backward::<f64>(dy, w),
+            (Some(w), _) => fused_linear::backward::<f32>(dy, w),
+            (None, Weight::Bf16(w)) if bf16_serves(dy) => {
+                bf16_matmul::backward(&dy.contiguous()?, w)
+            }
+            (None, _) => dy.matmul(&self.weight.dense()?),
         }
     }
 

@@ -16,6 +16,7 @@
 
 mod activation;
 mod attention;
+mod bf16_matmul;
 mod fast_math;
 mod fused;
 mod fused_attention;
@@ -34,6 +35,7 @@ pub use attention::{
     attention_at_forward, attention_backward, attention_forward, cached_attention, heads_of,
     mask_bias, rows_read, spread, AttentionSaved, AttentionShape,
 };
+pub use bf16_matmul::native as bf16_native;
 pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use linear::{Linear, Weight};

@@ -3,6 +3,7 @@
 
 use crate::batch::Padding;
 use crate::data::{Columns, DataSource};
+use crate::model::WeightDtype;
 use crate::optim::{OptimizerKind, Schedule};
 use crate::prompt::PromptInit;
 use crate::prompt_encoder::{EncoderKind, Method};
@@ -158,6 +159,8 @@ pub struct TrainPaths {
     pub model: PathBuf,
     /// keep a GGUF model's matrices quantized (`Model::load_with`): memory only, the same numbers
     pub keep_quantized: bool,
+    /// how the frozen matrices are held (`Model::hold_weights`)
+    pub weights: WeightDtype,
     pub data: TrainData,
     pub output: PathBuf,
 }

@@ -85,7 +85,8 @@ pub fn train(
 ) -> Result<Summary> {
     // options and the output directory are checked before a model that may take minutes to load
     let _lock = claim_output(&paths.output, config, resume, ranks)?;
-    let model = Model::load_with(&paths.model, DType::F32, device, paths.keep_quantized)?;
+    let model = Model::load_with(&paths.model, DType::F32, device, paths.keep_quantized)?
+        .hold_weights(paths.weights)?;
     let run = Run {
         model: &model,
         data: &paths.data,

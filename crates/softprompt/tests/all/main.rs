@@ -1,5 +1,6 @@
 //! The library's integration tests, built as one binary.
 
+mod bf16;
 mod data;
 mod generation;
 mod gradients;
