@@ -23,14 +23,20 @@ TRAIN = ROOT / "assets" / "data" / "movie-reviews" / "train.tsv"
 # the reference formulas' FLOPs of one training example of the real job (docs/DESIGN.md, section 7)
 REAL_JOB_GFLOP = 2.055
 
-# (arch, mode, softprompt steps, reference steps): the reference README's step counts
+# (arch, mode, softprompt steps, reference steps, dtype): the reference README's step counts; bf16 is
+# softprompt's --dtype bf16 against the reference's --bf16-autocast, on CPUs with AVX512-BF16 only
 CASES = [
-    ("minilm-l6", "train", 30, 30),
-    ("minilm-l6", "forward", 40, 40),
-    ("bert-base", "train", 15, 15),
-    ("bert-base", "forward", 20, 20),
-    ("gpt2-small", "train", 10, 10),
+    ("minilm-l6", "train", 30, 30, "f32"),
+    ("minilm-l6", "forward", 40, 40, "f32"),
+    ("bert-base", "train", 15, 15, "f32"),
+    ("bert-base", "forward", 20, 20, "f32"),
+    ("gpt2-small", "train", 10, 10, "f32"),
+    ("bert-base", "train", 15, 15, "bf16"),
 ]
+
+
+def has_bf16() -> bool:
+    return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
 
 
 def fma_peak() -> float:
@@ -38,17 +44,18 @@ def fma_peak() -> float:
                                 text=True).stdout)
 
 
-def real_job(python: str, steps: int) -> tuple[float, float]:
+def real_job(python: str, steps: int, dtype: str) -> tuple[float, float]:
     """Median training examples/s over `steps` steps after 5 of warm-up: (softprompt, reference)."""
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([str(BIN), "train", "--model", str(MODEL), "--train", str(TRAIN), "--output", tmp,
-                        "--max-steps", str(steps + 5)], check=True, capture_output=True)
+                        "--max-steps", str(steps + 5), "--dtype", dtype], check=True, capture_output=True)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         rates = sorted(r["examples_per_s"] for r in records if "examples_per_s" in r and r["step"] > 5)
         out = Path(tmp) / "r.jsonl"
+        autocast = ["--bf16-autocast"] if dtype == "bf16" else []
         subprocess.run([python, str(REFERENCE / "train_throughput_pt.py"), "--model", str(MODEL), "--data",
-                        str(TRAIN), "--steps", str(steps), "--out", str(out)], check=True, capture_output=True,
-                       text=True, cwd=REFERENCE)
+                        str(TRAIN), "--steps", str(steps), "--out", str(out), *autocast], check=True,
+                       capture_output=True, text=True, cwd=REFERENCE)
         reference = json.loads(out.read_text().splitlines()[-1])["examples_per_s"]
     return rates[len(rates) // 2], reference
 
@@ -78,13 +85,15 @@ def generation(python: str, steps: int) -> None:
               f"reference {r['matches_reference']}; RSS {a['peak_rss_mib']:.0f} MiB", flush=True)
 
 
-def reference(python: str, arch: str, mode: str, steps: int) -> dict:
+def reference(python: str, arch: str, mode: str, steps: int, dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.jsonl"
         cmd = [python, str(REFERENCE / "bench_pt.py"), "--model", arch, "--mode", mode, "--steps", str(steps),
                "--out", str(out)]
         if mode == "train":
             cmd.append("--no-dropout")
+        if dtype == "bf16":
+            cmd.append("--bf16-autocast")
         subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REFERENCE)
         r = json.loads(out.read_text().splitlines()[-1])
     key = "step" if mode == "train" else "fwd"
@@ -102,22 +111,27 @@ def main() -> int:
     peak = fma_peak()
     python = str(Path(args.python).absolute())
     print(f"machine: {machine}, {os.cpu_count()} CPUs; FMA peak {peak:.1f} GFLOP/s (f32, 2 threads); "
-          "batch 8 x (128 + 20 virtual tokens), f32, 2 threads")
+          "batch 8 x (128 + 20 virtual tokens), f32 unless marked bf16, 2 threads")
     print("GFLOP/s: what softprompt computes (done); of peak: done / peak; ref: the reference's model FLOPs / peak")
     print(f"{'case':<20} {'softprompt s':>13} {'reference s':>12} {'ratio':>6} {'GFLOP/s':>8} {'of peak':>8} "
           f"{'ref':>5} {'RSS MiB (ours/ref)':>19}")
-    for arch, mode, steps, ref_steps in ([] if args.only_generate else CASES):
+    for arch, mode, steps, ref_steps, dtype in ([] if args.only_generate else CASES):
+        if dtype == "bf16" and not has_bf16():
+            print(f"{arch + ' ' + mode + ' bf16':<20} skipped: this CPU has no AVX512-BF16", flush=True)
+            continue
         if args.quick:
             steps, ref_steps = max(steps // 3, 3), max(ref_steps // 3, 3)
-        a = ours(arch, mode, steps)
-        b = reference(python, arch, mode, ref_steps)
+        a = ours(arch, mode, steps, "--dtype", dtype)
+        b = reference(python, arch, mode, ref_steps, dtype)
         ref_share = a["model_gflop"] / b["median_s"] / peak
-        print(f"{arch + ' ' + mode:<20} {a['median_s']:>13.3f} {b['median_s']:>12.3f} {a['median_s'] / b['median_s']:>6.2f} "
+        name = f"{arch} {mode}" + (" bf16" if dtype == "bf16" else "")
+        print(f"{name:<20} {a['median_s']:>13.3f} {b['median_s']:>12.3f} {a['median_s'] / b['median_s']:>6.2f} "
               f"{a['gflop_per_s']:>8.1f} {a['gflop_per_s'] / peak:>7.0%} {ref_share:>5.0%} "
               f"{a['peak_rss_mib']:>9.0f}/{b['peak_rss_mib']:<9.0f}", flush=True)
-    if not args.only_generate:
-        a, b = real_job(python, 20 if args.quick else 60)
-        print(f"{'real job (ex/s)':<20} {a:>13.1f} {b:>12.1f} {b / a:>6.2f} {a * REAL_JOB_GFLOP:>8.1f} "
+    for dtype in [] if args.only_generate else ["f32", "bf16"] if has_bf16() else ["f32"]:
+        a, b = real_job(python, 20 if args.quick else 60, dtype)
+        name = "real job (ex/s)" + (" bf16" if dtype == "bf16" else "")
+        print(f"{name:<20} {a:>13.1f} {b:>12.1f} {b / a:>6.2f} {a * REAL_JOB_GFLOP:>8.1f} "
               f"{a * REAL_JOB_GFLOP / peak:>7.0%} {b * REAL_JOB_GFLOP / peak:>5.0%}   "
               "(movie-review train split, batch 32, 20 virtual tokens; ratio = reference / ours time)", flush=True)
     generation(python, 3 if args.quick else 10)
