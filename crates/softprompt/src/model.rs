@@ -65,10 +65,11 @@ impl Model {
         match weights {
             WeightDtype::F32 => Ok(self),
             WeightDtype::Bf16 => {
-                if self.backbone.word_embeddings().dtype().ne(&DType::F32) {
-                    bail!("--dtype bf16 rounds an f32 model's matrices, and this one is loaded as {:?}", self.backbone.word_embeddings().dtype());
+                let words = self.backbone.word_embeddings();
+                if words.dtype() != DType::F32 {
+                    bail!("--dtype bf16 rounds an f32 model's matrices, and this one is loaded as {:?}", words.dtype());
                 }
-                if matches!(self.backbone.word_embeddings(), Weight::Quantized { .. }) {
+                if matches!(words, Weight::Quantized { .. }) {
                     bail!("--dtype bf16 and --keep-quantized both choose how the matrices are held: give one");
                 }
                 if !crate::kernels::bf16_native() {

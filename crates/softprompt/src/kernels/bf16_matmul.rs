@@ -305,6 +305,11 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap();
+        diff.max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
     fn rounded(t: &Tensor) -> Tensor {
         t.to_dtype(DType::BF16)
             .unwrap()
@@ -337,14 +342,7 @@ mod tests {
                 .broadcast_add(&bias)
                 .unwrap();
             let got = forward(&x, &w, Some(&bias)).unwrap();
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&got, &want);
             assert!(
                 diff < 1e-4 * (k as f32).sqrt() * 4.0,
                 "forward {t}×{k}×{n}: {diff}"
@@ -353,14 +351,7 @@ mod tests {
             let dy = Tensor::randn(0f32, 1.0, (t, n), &dev).unwrap();
             let want = rounded(&dy).matmul(&w32).unwrap();
             let got = backward(&dy, &w).unwrap();
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&got, &want);
             assert!(
                 diff < 1e-4 * (n as f32).sqrt() * 4.0,
                 "backward {t}×{n}×{k}: {diff}"
