@@ -17,6 +17,12 @@ Outputs (committed; the venv is not):
                                        PEFT's logits for it on FIXTURE_TEXTS
   tests/fixtures/p_tuning_encoders.safetensors
                                        PEFT's PromptEncoder weights (MLP and LSTM) and its outputs
+  tests/fixtures/peft-tiny-prefix-{bert,gpt2,llama}/
+                                       PREFIX_TUNING adapters written by PEFT (BERT SEQ_CLS through the
+                                       projection MLP; GPT-2 and grouped-query Llama CAUSAL_LM)
+  tests/fixtures/peft_tiny_prefix_logits.safetensors
+                                       PEFT's logits for them (BERT on FIXTURE_TEXTS, the decoders on
+                                       padded ids)
   tests/fixtures/tiny-gpt2/            a random 2-layer GPT-2 (GPT2LMHeadModel layout, `transformer.` prefix)
   tests/fixtures/tiny_gpt2_parity.safetensors
                                        ids, mask, a prompt, and transformers' last hidden states (after ln_f)
@@ -184,6 +190,77 @@ def p_tuning(base_dir: Path) -> None:
     save_file(tensors, FIX / "p_tuning_encoders.safetensors", metadata={"version": VERSION})
 
 
+DECODER_IDS = [[5, 9, 20, 33, 2, 0], [7, 8, 9, 10, 11, 12]]
+DECODER_MASK = [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+
+
+def bert_prefix_logits(adapter: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    from transformers import DynamicCache
+
+    model = BertForSequenceClassification.from_pretrained(FIX / "tiny-bert").eval()
+    weights = load_file(adapter / "adapter_model.safetensors")
+    prefix = weights["prompt_embeddings"]
+    cfg = model.config
+    p, heads = prefix.shape[0], cfg.num_attention_heads
+    kv = prefix.view(p, cfg.num_hidden_layers * 2, heads, cfg.hidden_size // heads).permute(1, 2, 0, 3)
+    with torch.no_grad():
+        model.classifier.weight.copy_(weights["base_model.classifier.weight"])
+        model.classifier.bias.copy_(weights["base_model.classifier.bias"])
+    tok = Tokenizer.from_file(str(FIX / "tiny-bert" / "tokenizer.json"))
+    logits = []
+    with torch.no_grad():
+        for text in FIXTURE_TEXTS:
+            ids = torch.tensor([tok.encode(text).ids])
+            cache = DynamicCache(config=cfg)
+            for layer in range(cfg.num_hidden_layers):
+                cache.update(kv[2 * layer].unsqueeze(0), kv[2 * layer + 1].unsqueeze(0), layer)
+            mask = torch.ones(1, p + ids.shape[1], dtype=torch.long)
+            out = model.bert(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+            logits.append(model.classifier(out.pooler_output)[0])
+    return torch.stack(logits).contiguous()
+
+
+def prefix_tuning() -> None:
+    """PEFT's PREFIX_TUNING, saved by PEFT: on the tiny BERT (SEQ_CLS, through PEFT's projection MLP,
+    so the file holds its output) with PEFT's logits on FIXTURE_TEXTS, and on the tiny GPT-2 and
+    Llama (CAUSAL_LM, grouped-query for Llama) with PEFT's logits on padded ids."""
+    from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = BertForSequenceClassification.from_pretrained(FIX / "tiny-bert").eval()
+    config = PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=3, prefix_projection=True,
+                                encoder_hidden_size=8)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(11)
+    randomize(peft_model.prompt_encoder["default"], 0.5)
+    randomize(peft_model.base_model.classifier.modules_to_save["default"], 0.5)
+    out = FIX / "peft-tiny-prefix-bert"
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    # PEFT writes the adapter but refuses to run prefix tuning on BERT under transformers 5 ("Model does
+    # not support past key values"), so BERT's logits are transformers' own, given the adapter's prefix
+    # as its cache the way PEFT gives a decoder's (keys then values per layer, the mask extended, the
+    # positions counted on from the prefix's), with the adapter's pooler-and-classifier head.
+    tensors = {"bert.logits": bert_prefix_logits(out)}
+
+    ids, mask = torch.tensor(DECODER_IDS), torch.tensor(DECODER_MASK)
+    for name, seed in [("gpt2", 12), ("llama", 13)]:
+        base = AutoModelForCausalLM.from_pretrained(FIX / f"tiny-{name}").eval()
+        peft_model = get_peft_model(base, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
+        torch.manual_seed(seed)
+        randomize(peft_model.prompt_encoder["default"], 0.5)
+        out = FIX / f"peft-tiny-prefix-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        peft_model.save_pretrained(out)
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(FIX / f"tiny-{name}"), out).eval()
+        with torch.no_grad():
+            tensors[f"{name}.logits"] = loaded(input_ids=ids, attention_mask=mask).logits.contiguous()
+    tensors.update({"ids": ids, "mask": mask})
+    save_file(tensors, FIX / "peft_tiny_prefix_logits.safetensors",
+              metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
+
+
 def decoder_fixture(name: str, model, base, embed, seed: int) -> None:
     """Saves a tiny random decoder and its last hidden states on padded ids, with and without a prompt."""
     dir = FIX / f"tiny-{name}"
@@ -196,8 +273,7 @@ def decoder_fixture(name: str, model, base, embed, seed: int) -> None:
             else:
                 p.normal_(0.0, 0.3)
     model.eval().save_pretrained(dir, safe_serialization=True)
-    ids = torch.tensor([[5, 9, 20, 33, 2, 0], [7, 8, 9, 10, 11, 12]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    ids, mask = torch.tensor(DECODER_IDS), torch.tensor(DECODER_MASK)
     prompt = torch.randn(3, model.config.hidden_size)
     b = ids.shape[0]
     with torch.no_grad():
@@ -282,6 +358,7 @@ PARTS = {
     "peft": lambda: peft_adapter(FIX / "tiny-bert"),
     "p-tuning": lambda: p_tuning(FIX / "tiny-bert"),
     "decoders": lambda: tiny_decoders(),
+    "prefix": lambda: prefix_tuning(),
     "smollm2": lambda: smollm2_logits(),
     "minilm": lambda: minilm_parity(),
 }

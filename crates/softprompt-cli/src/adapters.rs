@@ -9,6 +9,7 @@ use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::Backbone;
 use softprompt::inference::{LoadedAdapter, Members};
 use softprompt::model::Model;
+use softprompt::prompt::Placement;
 
 pub struct Inference {
     pub backbone: AnyBackbone,
@@ -34,6 +35,7 @@ impl Inference {
             let table = model.backbone.word_embeddings();
             vec![LoadedAdapter {
                 prompt: Tensor::zeros((0, d), table.dtype(), &table.device())?,
+                placement: Placement::Embeddings,
                 head: model.verbalizer_head(template.as_str(), &labels, &words)?,
                 labels,
                 template: Some(template),

@@ -9,6 +9,7 @@ use serde::Serialize;
 use softprompt::adapter::Adapter;
 use softprompt::backbone::Backbone;
 use softprompt::generate::{Continuation, FinishReason, SamplingConfig};
+use softprompt::prompt::Placement;
 use softprompt::template::Template;
 use std::io::Write;
 use std::path::PathBuf;
@@ -75,11 +76,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .template
         .clone()
         .or_else(|| adapter.as_ref().and_then(|a| a.template.clone()));
-    let prompt = match &adapter {
-        Some(a) => a.prompt.clone(),
-        None => candle_core::Tensor::zeros((0, d), DType::F32, &Device::Cpu)?,
+    let (prompt, placement) = match &adapter {
+        Some(a) => {
+            a.fits(&model.backbone)?;
+            (a.prompt.clone(), a.method.placement())
+        }
+        None => (
+            candle_core::Tensor::zeros((0, d), DType::F32, &Device::Cpu)?,
+            Placement::Embeddings,
+        ),
     };
-    let continuation = Continuation::new(&model, &prompt, template)?;
+    let continuation = Continuation::new(&model, &prompt, placement, template)?;
     let mut stdout = std::io::stdout().lock();
     for text in &args.texts {
         let mut stream = |piece: &str| {

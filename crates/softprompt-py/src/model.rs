@@ -17,6 +17,7 @@ use softprompt::data::Labels;
 use softprompt::generate::{Continuation, SamplingConfig};
 use softprompt::inference::{LoadedAdapter, Members};
 use softprompt::model;
+use softprompt::prompt::Placement;
 use softprompt::prompted::generation_score;
 use softprompt::template::Template;
 use softprompt::train::{train_model, Event, TrainConfig, TrainData};
@@ -376,7 +377,7 @@ impl Model {
         if let [only] = members.as_slice() {
             if matches!(only.head, AdapterHead::Generation) {
                 let score = self.run(py, |model, _| {
-                    only.fits(model.backbone.hidden_size())?;
+                    only.fits(&model.backbone)?;
                     let examples = data.examples(&columns, Labels::Required)?;
                     generation_score(model, only, &examples, data.name(), &batching)
                 })?;
@@ -483,15 +484,20 @@ impl Model {
             Some(t) => Some(t),
             None => adapter.as_ref().and_then(|a| a.template.clone()),
         };
-        let prompt = match &adapter {
+        let (prompt, placement) = match &adapter {
             Some(a) => {
-                a.fits(self.hidden_size()).map_err(crate::error)?;
-                a.prompt.clone()
+                a.fits(&self.inner.backbone).map_err(crate::error)?;
+                (a.prompt.clone(), a.method.placement())
             }
-            None => Tensor::zeros((0, self.hidden_size()), DType::F32, &Device::Cpu)
-                .map_err(|e| crate::error(e.into()))?,
+            None => (
+                Tensor::zeros((0, self.hidden_size()), DType::F32, &Device::Cpu)
+                    .map_err(|e| crate::error(e.into()))?,
+                Placement::Embeddings,
+            ),
         };
-        let continuation = self.run(py, |model, _| Continuation::new(model, &prompt, template))?;
+        let continuation = self.run(py, |model, _| {
+            Continuation::new(model, &prompt, placement, template)
+        })?;
         if stream {
             let (model, pool) = (self.inner.clone(), threads::pool(self.threads)?);
             let pieces = Pieces::spawn(move |send| {

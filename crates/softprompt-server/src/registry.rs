@@ -209,6 +209,7 @@ impl Registry {
 
     /// What serving `adapter` on this model needs: its loaded head, its prefix cache.
     fn prepare(&self, adapter: &Adapter) -> softprompt::Result<Entry> {
+        adapter.fits(&self.model.backbone)?;
         let room = self.model.backbone.max_positions();
         let prompt_len = adapter.prompt.dims()[0];
         let needs = prompt_len + self.encoder.max_tokens();
@@ -225,7 +226,11 @@ impl Registry {
         };
         let generator = match self.model.backbone.decoder() {
             Some(_) => Some(Arc::new(Generator {
-                prefix: prefix_cache(&self.model.backbone, &adapter.prompt)?,
+                prefix: prefix_cache(
+                    &self.model.backbone,
+                    &adapter.prompt,
+                    adapter.method.placement(),
+                )?,
                 template: adapter.template.clone(),
             })),
             None => None,

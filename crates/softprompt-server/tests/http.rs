@@ -562,7 +562,9 @@ fn generation_over_http_plain_and_streamed() {
     // what the library writes from the same prompt, greedily
     let model = Model::load(&model_dir, DType::F32, &Device::Cpu).unwrap();
     let writer = Adapter::load(&adapters.join("writer"), 16, &Device::Cpu).unwrap();
-    let prefix = softprompt::generate::prefix_cache(&model.backbone, &writer.prompt).unwrap();
+    let placement = writer.method.placement();
+    let prefix =
+        softprompt::generate::prefix_cache(&model.backbone, &writer.prompt, placement).unwrap();
     let encoder = model.encoder(3, None).unwrap();
     let expected = softprompt::generate::generate(
         &model.backbone,

@@ -1,8 +1,10 @@
 //! Adapters on disk, in Hugging Face PEFT's format so that they move to and from PEFT:
 //!
 //! ```text
-//! ADAPTER/adapter_config.json        PEFT's PromptTuningConfig (peft_type PROMPT_TUNING)
-//! ADAPTER/adapter_model.safetensors  prompt_embeddings [M, D]; base_model.classifier.{weight,bias}
+//! ADAPTER/adapter_config.json        PEFT's PromptTuningConfig (peft_type PROMPT_TUNING; P_TUNING,
+//!                                    PREFIX_TUNING)
+//! ADAPTER/adapter_model.safetensors  prompt_embeddings [M, D] (a prefix: [M, L·2·Hkv·K]);
+//!                                    base_model.classifier.{weight,bias}
 //! ADAPTER/softprompt.json            what PEFT has no field for: label names, pooling, template,
 //!                                    label words
 //! ```
@@ -10,7 +12,10 @@
 //! BertForSequenceClassification) and labels LABEL_0, LABEL_1, ... A verbalizer adapter is
 //! task_type CAUSAL_LM with only prompt_embeddings: the frozen LM head scores the label words.
 
+use crate::backbone::any::AnyBackbone;
+use crate::backbone::Backbone;
 use crate::files::{load_tensors, save_tensors, write_atomic};
+use crate::prompt::Placement;
 use crate::prompt_encoder::Method;
 use crate::task::classify::Pool;
 use crate::task::TaskKind;
@@ -36,6 +41,8 @@ pub enum PeftType {
     PromptTuning,
     #[serde(rename = "P_TUNING")]
     PTuning,
+    #[serde(rename = "PREFIX_TUNING")]
+    PrefixTuning,
     #[serde(untagged)]
     Other(String),
 }
@@ -89,6 +96,10 @@ pub struct PeftConfig {
     pub encoder_num_layers: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_dropout: Option<f64>,
+    /// prefix tuning: whether PEFT computes the prefix through its MLP (`transform`); the
+    /// adapter file holds the computed prefix either way
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_projection: Option<bool>,
     #[serde(default)]
     pub tokenizer_name_or_path: Option<String>,
     #[serde(default)]
@@ -203,10 +214,33 @@ impl Adapter {
     }
 
     /// Whether this adapter's vectors have the model's hidden size.
-    pub fn fits(&self, hidden: usize) -> Result<()> {
+    /// Whether the adapter was made for a model of `backbone`'s shape: its prompt vectors as wide
+    /// as the hidden state, or its prefix as wide as every layer's keys and values.
+    pub fn fits(&self, backbone: &AnyBackbone) -> Result<()> {
         let dim = self.prompt.dim(1)?;
-        if dim != hidden {
-            bail!("the adapter's prompt vectors have {dim} dimensions, but the model's hidden size is {hidden}: it was trained for another model");
+        match self.method.placement() {
+            Placement::Embeddings => {
+                let hidden = backbone.hidden_size();
+                if dim != hidden {
+                    bail!("the adapter's prompt vectors have {dim} dimensions, but the model's hidden size is {hidden}: it was trained for another model");
+                }
+            }
+            Placement::Prefix => {
+                let shape = backbone.shape();
+                if dim != shape.prefix_width() {
+                    let c = &self.config;
+                    let field = |v: Option<usize>| v.map_or("?".to_string(), |v| v.to_string());
+                    bail!(
+                        "the adapter's prefix has {dim} values a position (num_layers {} × 2 × token_dim {}), but the model needs {} ({} layers × 2 × {} key/value heads × {}): it was trained for another model",
+                        field(c.num_layers),
+                        field(c.token_dim),
+                        shape.prefix_width(),
+                        shape.layers,
+                        shape.kv_heads,
+                        shape.head_dim
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -219,9 +253,11 @@ impl Adapter {
         let config: PeftConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a PEFT adapter config", config_path.display()))?;
         if let PeftType::Other(other) = &config.peft_type {
-            bail!("adapter {at} has peft_type {other:?}; softprompt reads PROMPT_TUNING and P_TUNING adapters");
+            bail!("adapter {at} has peft_type {other:?}; softprompt reads PROMPT_TUNING, P_TUNING and PREFIX_TUNING adapters");
         }
-        if let (Some(dim), Some(hidden)) = (config.token_dim, hidden) {
+        let prefix = config.peft_type == PeftType::PrefixTuning;
+        // a prefix's token_dim is the key/value width, which grouped-query attention makes narrower
+        if let (Some(dim), Some(hidden), false) = (config.token_dim, hidden, prefix) {
             if dim != hidden {
                 bail!("adapter {at} has token_dim {dim}, but the model's hidden size is {hidden}: it was trained for another model");
             }
@@ -244,12 +280,23 @@ impl Adapter {
                 .with_context(|| format!("adapter {at}: {WEIGHTS_FILE} has no tensor '{key}'"))
         };
         let prompt = take(PROMPT_KEY)?;
-        let hidden = match (hidden, config.token_dim, prompt.dims()) {
-            (Some(hidden), ..) | (None, Some(hidden), _) => hidden,
-            (None, None, [_, hidden]) => *hidden,
-            (None, None, dims) => bail!(
+        let hidden = match (hidden, config.token_dim, prompt.dims(), prefix) {
+            (Some(hidden), ..) => hidden,
+            // the classifier of a prefix adapter read without a model says the hidden size
+            (None, .., true) => match tensors.get(HEAD_WEIGHT_KEY).map(|w| w.dims()) {
+                Some(&[_, hidden]) => hidden,
+                _ => 0,
+            },
+            (None, Some(hidden), ..) => hidden,
+            (None, None, [_, hidden], _) => *hidden,
+            (None, None, dims, _) => bail!(
                 "adapter {at}: prompt_embeddings has shape {dims:?}, expected [num_virtual_tokens, token_dim]"
             ),
+        };
+        let mut take = |key: &str| {
+            tensors
+                .remove(key)
+                .with_context(|| format!("adapter {at}: {WEIGHTS_FILE} has no tensor '{key}'"))
         };
         let m = config
             .num_virtual_tokens
@@ -261,11 +308,20 @@ impl Adapter {
                     config.num_virtual_tokens, config.num_transformer_submodules
                 )
             })?;
-        if prompt.dims() != [m, hidden] {
-            bail!(
-                "adapter {at}: prompt_embeddings has shape {:?}, expected [{m}, {hidden}]",
-                prompt.dims()
-            );
+        let width = match (prefix, config.num_layers, config.token_dim) {
+            (false, ..) => Some(hidden),
+            (true, Some(layers), Some(dim)) => Some(layers * 2 * dim),
+            // checked against the model's shape by `fits`
+            (true, ..) => None,
+        };
+        match (prompt.dims(), width) {
+            (&[rows, _], None) if rows == m => {}
+            (&[rows, w], Some(width)) if rows == m && w == width => {}
+            (dims, width) => bail!(
+                "adapter {at}: prompt_embeddings has shape {dims:?}, expected [{m}, {}]",
+                width.map_or("num_layers × 2 × token_dim".to_string(), |w| w
+                    .to_string())
+            ),
         }
         let method = extra.as_ref().and_then(|e| e.method);
         let task = config.task_type.clone().unwrap_or(TaskType::SeqCls);
@@ -317,6 +373,7 @@ impl Adapter {
         let method = match (&config.peft_type, method) {
             (_, Some(method)) => method,
             (PeftType::PTuning, None) => Method::PTuning,
+            (PeftType::PrefixTuning, _) => Method::Prefix,
             _ => Method::Prompt,
         };
         let adapter = Self {

@@ -9,6 +9,7 @@
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::{Backbone, KvCache};
 use crate::model::Model;
+use crate::prompt::Placement;
 use crate::template::Template;
 use crate::tokenize::TextEncoder;
 use crate::{bail, Context};
@@ -85,11 +86,21 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// The keys and values of a prompt [M, D], read once and shared by every request of its adapter.
-pub fn prefix_cache(backbone: &AnyBackbone, prompt: &Tensor) -> crate::Result<KvCache> {
+/// The keys and values of a prompt [M, D], read once and shared by every request of its adapter;
+/// a prefix [M, L·2·Hkv·K] is those keys and values already.
+pub fn prefix_cache(
+    backbone: &AnyBackbone,
+    prompt: &Tensor,
+    placement: Placement,
+) -> crate::Result<KvCache> {
+    let decoder = decoder(backbone)?;
+    if placement == Placement::Prefix {
+        let shape = backbone.shape();
+        return Ok(KvCache::from_prefix(prompt, shape.layers, shape.kv_heads)?);
+    }
     let mut cache = KvCache::default();
     if prompt.dim(0)? > 0 {
-        decoder(backbone)?.extend(prompt, &mut cache)?;
+        decoder.extend(prompt, &mut cache)?;
     }
     Ok(cache)
 }
@@ -168,9 +179,14 @@ pub struct Continuation {
 }
 
 impl Continuation {
-    /// `prompt` [M, D] (M may be 0: the model alone).
-    pub fn new(model: &Model, prompt: &Tensor, template: Option<Template>) -> crate::Result<Self> {
-        let prefix = prefix_cache(&model.backbone, prompt)?;
+    /// `prompt` [M, D] (M may be 0: the model alone), or a prefix [M, L·2·Hkv·K].
+    pub fn new(
+        model: &Model,
+        prompt: &Tensor,
+        placement: Placement,
+        template: Option<Template>,
+    ) -> crate::Result<Self> {
+        let prefix = prefix_cache(&model.backbone, prompt, placement)?;
         let encoder = model.encoder(prefix.len(), None)?;
         Ok(Self {
             prefix,

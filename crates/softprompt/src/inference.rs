@@ -7,11 +7,12 @@
 //! ```
 
 use crate::adapter::Adapter;
-use crate::backbone::{Backbone, BackboneInput};
+use crate::backbone::{Backbone, BackboneInput, Prefix};
 use crate::batch::{Batching, Padding};
 use crate::data::{label_ids, Example};
 use crate::metrics::Report;
 use crate::model::Model;
+use crate::prompt::Placement;
 use crate::task::classify::{argmax, softmax, ClassificationHead};
 use crate::template::Template;
 use crate::tokenize::{encode_all, Encoded, TextEncoder};
@@ -21,8 +22,9 @@ use std::path::Path;
 
 /// An adapter made ready to run on a model: its prompt in the backbone's dtype and device, its head.
 pub struct LoadedAdapter {
-    /// [M, D]
+    /// [M, D], or a prefix's [M, L·2·Hkv·K]
     pub prompt: Tensor,
+    pub placement: Placement,
     pub head: ClassificationHead,
     pub labels: Vec<String>,
     /// what each input is written into before tokenizing
@@ -31,7 +33,7 @@ pub struct LoadedAdapter {
 
 impl LoadedAdapter {
     pub fn new(model: &Model, adapter: &Adapter) -> Result<Self> {
-        adapter.fits(model.backbone.hidden_size())?;
+        adapter.fits(&model.backbone)?;
         let table = model.backbone.word_embeddings();
         let prompt = adapter
             .prompt
@@ -39,21 +41,37 @@ impl LoadedAdapter {
             .to_dtype(table.dtype())?;
         Ok(Self {
             prompt,
+            placement: adapter.method.placement(),
             head: model.head(&adapter.head, &adapter.labels, adapter.template.as_ref())?,
             labels: adapter.labels.clone(),
             template: adapter.template.clone(),
         })
     }
 
+    /// M, the positions the prompt takes (a prefix's too)
     pub fn prompt_len(&self) -> usize {
         self.prompt.dim(0).unwrap_or(0)
+    }
+
+    /// The columns the prompt takes in front of the text (`SoftPrompt::front`)
+    pub fn front(&self) -> usize {
+        match self.placement {
+            Placement::Embeddings => self.prompt_len(),
+            Placement::Prefix => 0,
+        }
+    }
+
+    /// The prefix's positions (0 for a prompt in the embeddings)
+    fn prefix_len(&self) -> usize {
+        self.prompt_len() - self.front()
     }
 }
 
 /// One backbone pass over rows of different adapters → each row's logits (its adapter's label count).
 /// A row gets exactly what it would get in a batch of its own: its prompt sits at columns 0..M
 /// of its row and its tokens after it, with the padding (masked out) after them, or between the
-/// prompt and the tokens with `Padding::Left`, as in a training batch.
+/// prompt and the tokens with `Padding::Left`, as in a training batch. A prefix adapter's row has
+/// its prefix in the batch's prefix positions instead (the rest of them masked out).
 pub fn classify_rows<B: Backbone>(
     backbone: &B,
     rows: &[(&LoadedAdapter, &Encoded)],
@@ -63,14 +81,16 @@ pub fn classify_rows<B: Backbone>(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let lengths: Vec<usize> = rows
-        .iter()
-        .map(|(t, e)| t.prompt_len() + e.ids.len())
-        .collect();
+    let lengths: Vec<usize> = rows.iter().map(|(t, e)| t.front() + e.ids.len()).collect();
     let width = lengths.iter().copied().max().unwrap_or(0);
-    if width > backbone.max_positions() {
+    let prefix_len = rows.iter().map(|(t, _)| t.prefix_len()).max().unwrap_or(0);
+    if let Some((t, e)) = rows
+        .iter()
+        .find(|(t, e)| t.prompt_len() + e.ids.len() > backbone.max_positions())
+    {
         bail!(
-            "a row of {width} positions (prompt included) exceeds the model's {}",
+            "a row of {} positions (prompt included) exceeds the model's {}",
+            t.prompt_len() + e.ids.len(),
             backbone.max_positions()
         );
     }
@@ -84,12 +104,17 @@ pub fn classify_rows<B: Backbone>(
         let ids = Tensor::new(encoded.ids.as_slice(), device)?.unsqueeze(0)?;
         let word = backbone.embed_tokens(&ids)?.squeeze(0)?;
         let pad = Tensor::zeros((width - len, d), word.dtype(), device)?;
-        let (m, n) = (adapter.prompt_len(), encoded.ids.len());
+        let (m, n) = (adapter.front(), encoded.ids.len());
         let text = match padding {
             Padding::Right => [&word, &pad],
             Padding::Left => [&pad, &word],
         };
-        embeds.push(Tensor::cat(&[&adapter.prompt, text[0], text[1]], 0)?);
+        let mut parts = Vec::with_capacity(3);
+        if m > 0 {
+            parts.push(&adapter.prompt);
+        }
+        parts.extend(text);
+        embeds.push(Tensor::cat(&parts, 0)?);
         // the prompt, then the tokens padded like a training batch's
         mask.extend(std::iter::repeat_n(1, m));
         mask.extend(padding.row(std::iter::repeat_n(1u32, n), n, width - m, 0));
@@ -102,11 +127,16 @@ pub fn classify_rows<B: Backbone>(
         Tensor::from_vec(mask, shape, device)?,
         Tensor::from_vec(types, shape, device)?,
     );
+    let prefix = match prefix_len {
+        0 => None,
+        p => Some(mixed_prefix(backbone, rows, p, device)?),
+    };
     let hidden = backbone.forward(&BackboneInput {
         embeds: &embeds,
         attention_mask: &mask,
         token_type_ids: &types,
         reads: None,
+        prefix: prefix.as_ref(),
     })?;
     rows.iter()
         .enumerate()
@@ -114,11 +144,42 @@ pub fn classify_rows<B: Backbone>(
             let logits = adapter.head.forward(
                 &hidden.narrow(0, i, 1)?,
                 &mask.narrow(0, i, 1)?,
-                adapter.prompt_len(),
+                adapter.front(),
             )?;
             Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         })
         .collect()
+}
+
+/// The prefix positions of a batch of rows of different adapters [B, P, L·2·Hkv·K]: each prefix
+/// adapter's row has its own in front, masked in; every other position is zero and masked out.
+fn mixed_prefix<B: Backbone>(
+    backbone: &B,
+    rows: &[(&LoadedAdapter, &Encoded)],
+    p: usize,
+    device: &Device,
+) -> Result<Prefix> {
+    let width = rows
+        .iter()
+        .find(|(t, _)| t.prefix_len() > 0)
+        .map_or(0, |(t, _)| t.prompt.dim(1).unwrap_or(0));
+    let dtype = backbone.word_embeddings().dtype();
+    let mut kv = Vec::with_capacity(rows.len());
+    let mut mask = Vec::with_capacity(rows.len() * p);
+    for (adapter, _) in rows {
+        let own = adapter.prefix_len();
+        let rest = || Tensor::zeros((p - own, width), dtype, device);
+        kv.push(match own {
+            0 => rest()?,
+            _ if own == p => adapter.prompt.clone(),
+            _ => Tensor::cat(&[&adapter.prompt, &rest()?], 0)?,
+        });
+        mask.extend((0..p).map(|i| u32::from(i < own)));
+    }
+    Ok(Prefix {
+        kv: Tensor::stack(&kv, 0)?,
+        mask: Tensor::from_vec(mask, (rows.len(), p), device)?,
+    })
 }
 
 /// A prompt ensemble's answer: the majority vote, the mean probability per label, each member's label.

@@ -238,6 +238,7 @@ impl Model {
             encoder_hidden_size: None,
             encoder_num_layers: None,
             encoder_dropout: None,
+            prefix_projection: None,
             tokenizer_name_or_path: name.clone(),
             base_model_name_or_path: name,
             inference_mode: true,

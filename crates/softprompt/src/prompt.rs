@@ -1,6 +1,7 @@
 //! The soft prompt: M trainable vectors put in front of the word embeddings, and the ways to
 //! initialise them (Lester et al. 2021, sections 2.2 and 3.2).
 
+use crate::backbone::{InputGradients, Prefix};
 use crate::kernels::Weight;
 use crate::named_choice;
 use crate::{bail, Context};
@@ -52,17 +53,43 @@ pub struct InitSource<'a> {
     pub label_ids: &'a [Vec<u32>],
 }
 
-/// M trainable vectors, `prompt_embeddings` [M, D] in PEFT's adapter file.
+/// Where a prompt's vectors enter the backbone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// M vectors [M, D] in front of the word embeddings (prompt tuning, P-tuning, residual)
+    #[default]
+    Embeddings,
+    /// M positions of keys and values in front of every layer's [M, L·2·Hkv·K] (prefix tuning)
+    Prefix,
+}
+
+/// M trainable vectors, `prompt_embeddings` [M, D] in PEFT's adapter file (prefix tuning's
+/// [M, L·2·Hkv·K]).
 #[derive(Clone)]
 pub struct SoftPrompt {
     pub embeddings: Var,
+    pub placement: Placement,
 }
 
 impl SoftPrompt {
     pub fn from_tensor(embeddings: &Tensor) -> Result<Self> {
+        Self::placed(embeddings, Placement::Embeddings)
+    }
+
+    pub fn placed(embeddings: &Tensor, placement: Placement) -> Result<Self> {
         Ok(Self {
             embeddings: Var::from_tensor(embeddings)?,
+            placement,
         })
+    }
+
+    /// The columns the prompt takes in front of the text in the backbone's input and hidden
+    /// state: M, or none for a prefix (which the heads then never see).
+    pub fn front(&self) -> usize {
+        match self.placement {
+            Placement::Embeddings => self.len(),
+            Placement::Prefix => 0,
+        }
     }
 
     pub fn init(
@@ -145,9 +172,29 @@ impl SoftPrompt {
         Tensor::cat(&[&prompt.to_dtype(word.dtype())?, word], 1)
     }
 
-    /// d_embeds [B, M + N, D] → d_prompt [M, D]: every row of the batch used the same prompt.
-    pub fn gradient(&self, d_embeds: &Tensor) -> Result<Tensor> {
-        d_embeds.narrow(1, 0, self.len())?.sum(0)
+    /// The backbone's input gradients → d_prompt [M, ·]: every row of the batch used the same
+    /// prompt, so its rows of d_embeds [B, M + N, D] (or the prefix's [B, M, L·2·Hkv·K]) summed.
+    pub fn gradient(&self, grads: &InputGradients) -> Result<Tensor> {
+        match (self.placement, &grads.prefix) {
+            (Placement::Embeddings, _) => grads.embeds.narrow(1, 0, self.len())?.sum(0),
+            (Placement::Prefix, Some(d_prefix)) => d_prefix.sum(0),
+            (Placement::Prefix, None) => {
+                candle_core::bail!("the backbone returned no prefix gradient")
+            }
+        }
+    }
+
+    /// The prefix's keys and values for a batch of B rows, or None for a prompt in the embeddings.
+    pub fn prefix_for(&self, b: usize) -> Result<Option<Prefix>> {
+        if self.placement != Placement::Prefix {
+            return Ok(None);
+        }
+        let table = self.embeddings.as_tensor().detach();
+        let (m, w) = table.dims2()?;
+        Ok(Some(Prefix {
+            kv: table.unsqueeze(0)?.broadcast_as((b, m, w))?.contiguous()?,
+            mask: Tensor::ones((b, m), candle_core::DType::U32, table.device())?,
+        }))
     }
 }
 

@@ -5,8 +5,12 @@
 //! --method prompt     P = table                                        (PEFT PROMPT_TUNING)
 //! --method p-tuning   P = MLP(table), or MLP(BiLSTM(table))            (PEFT P_TUNING, Liu et al. 2021)
 //! --method residual   P = table + LayerNorm(W_up ReLU(W_down table))   (Razdaibiedina et al. 2023)
+//! --method prefix     P = W₂ tanh(W₁ table), [M, L·2·Hkv·K]            (PEFT PREFIX_TUNING with
+//!                                                                        prefix_projection, Li & Liang 2021)
 //! ```
 //!
+//! A prefix is not read as input vectors: its rows are keys and values in front of every layer's
+//! attention (`backbone::Prefix`), and the backbone's backward returns their gradient instead.
 //! Only P [M, D] enters the backbone, so the backbone's explicit backward yields ∂L/∂P as it does
 //! for the shallow prompt; the rest of the way, into the encoder's weights, is candle's tape over
 //! the encoder alone: M rows through a few small layers, nothing next to the backbone's cost.
@@ -14,7 +18,7 @@
 //! load them as prompts; the encoder's weights live in the training checkpoint.
 
 use crate::named_choice;
-use crate::prompt::SoftPrompt;
+use crate::prompt::{Placement, SoftPrompt};
 use crate::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::Rng;
@@ -29,8 +33,19 @@ pub enum Method {
     Prompt,
     PTuning,
     Residual,
+    Prefix,
 }
-named_choice!(Method, "prompt", "p-tuning", "residual");
+named_choice!(Method, "prompt", "p-tuning", "residual", "prefix");
+
+impl Method {
+    /// Where the prompt this method computes enters the backbone.
+    pub fn placement(self) -> Placement {
+        match self {
+            Method::Prefix => Placement::Prefix,
+            _ => Placement::Embeddings,
+        }
+    }
+}
 
 /// P-tuning's encoder (PEFT's `encoder_reparameterization_type`, written in its upper case in
 /// adapter_config.json).
@@ -163,6 +178,8 @@ enum Network {
         up: Dense,
         norm: [Var; 2],
     },
+    /// PEFT's PrefixEncoder `transform` = Sequential(Linear, Tanh, Linear)
+    Prefix([Dense; 2]),
 }
 
 /// A prompt computed by a network over a trainable table (`embedding`, PEFT's
@@ -175,12 +192,13 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
-    /// A `method` encoder of `hidden` units over `table` [M, D] (the prompt's init), its weights
-    /// drawn from `rng`.
+    /// A `method` encoder of `hidden` units over `table` [M, D] (the prompt's init) whose output
+    /// is `width` wide (D; a prefix's L·2·Hkv·K), its weights drawn from `rng`.
     pub fn init(
         method: Method,
         encoder: EncoderKind,
         hidden: usize,
+        width: usize,
         table: &Tensor,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
@@ -219,6 +237,10 @@ impl PromptEncoder {
                     Var::from_tensor(&Tensor::zeros(d, dtype, &rng.device)?)?,
                 ],
             },
+            (Method::Prefix, _) => Network::Prefix([
+                Dense::init(d, hidden, dtype, rng)?,
+                Dense::init(hidden, width, dtype, rng)?,
+            ]),
         };
         Ok(Self {
             method,
@@ -260,6 +282,11 @@ impl PromptEncoder {
                 out.push(("prompt_encoder.residual_mlp.3.weight".into(), &norm[0]));
                 out.push(("prompt_encoder.residual_mlp.3.bias".into(), &norm[1]));
             }
+            Network::Prefix(layers) => {
+                for (layer, index) in layers.iter().zip([0, 2]) {
+                    layer.named(&format!("prompt_encoder.transform.{index}"), &mut out);
+                }
+            }
         }
         out
     }
@@ -283,6 +310,7 @@ impl PromptEncoder {
                 let bottleneck = up.forward(&down.forward(table)?.relu()?)?;
                 (table + layer_norm(&bottleneck, &norm[0], &norm[1])?)?
             }
+            Network::Prefix([a, b]) => b.forward(&a.forward(table)?.tanh()?)?,
         })
     }
 
@@ -342,6 +370,14 @@ impl TrainablePrompt {
         }
     }
 
+    /// The columns the prompt takes in front of the text (`SoftPrompt::front`).
+    pub fn front(&self) -> usize {
+        match self.method().placement() {
+            Placement::Embeddings => self.len(),
+            Placement::Prefix => 0,
+        }
+    }
+
     /// M, the number of virtual tokens
     pub fn len(&self) -> usize {
         match self {
@@ -361,7 +397,8 @@ impl TrainablePrompt {
             TrainablePrompt::Direct(p) => Ok((p.clone(), None)),
             TrainablePrompt::Encoded(e) => {
                 let output = e.forward()?;
-                Ok((SoftPrompt::from_tensor(&output.detach())?, Some(output)))
+                let prompt = SoftPrompt::placed(&output.detach(), e.method.placement())?;
+                Ok((prompt, Some(output)))
             }
         }
     }

@@ -4,7 +4,7 @@
 use super::bert::{Bert, BertActivations};
 use super::gpt2::{Gpt2, Gpt2Activations};
 use super::llama::{Llama, LlamaActivations};
-use super::{Backbone, BackboneInput, Decoder};
+use super::{Backbone, BackboneInput, Decoder, InputGradients};
 use crate::kernels::{Linear, Weight};
 use candle_core::{Result, Tensor};
 
@@ -35,6 +35,21 @@ macro_rules! each {
 pub struct Shape {
     pub layers: usize,
     pub heads: usize,
+    /// key/value heads (fewer than `heads` under grouped-query attention)
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Shape {
+    /// A layer's keys (or values) of one position, Hkv·K: PEFT's `token_dim` for prefix tuning.
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// One prefix position's keys and values at every layer, L·2·Hkv·K (`Prefix::kv`'s rows).
+    pub fn prefix_width(&self) -> usize {
+        self.layers * 2 * self.kv_width()
+    }
 }
 
 impl AnyBackbone {
@@ -60,14 +75,20 @@ impl AnyBackbone {
             Self::Bert(b) => Shape {
                 layers: b.config.num_hidden_layers,
                 heads: b.config.num_attention_heads,
+                kv_heads: b.config.num_attention_heads,
+                head_dim: b.config.hidden_size / b.config.num_attention_heads,
             },
             Self::Gpt2(b) => Shape {
                 layers: b.config.n_layer,
                 heads: b.config.n_head,
+                kv_heads: b.config.n_head,
+                head_dim: b.config.n_embd / b.config.n_head,
             },
             Self::Llama(b) => Shape {
                 layers: b.config.num_hidden_layers,
                 heads: b.config.num_attention_heads,
+                kv_heads: b.config.kv_heads(),
+                head_dim: b.config.head_dim(),
             },
         }
     }
@@ -127,7 +148,7 @@ impl Backbone for AnyBackbone {
         })
     }
 
-    fn backward(&self, d_hidden: &Tensor, activations: AnyActivations) -> Result<Tensor> {
+    fn backward(&self, d_hidden: &Tensor, activations: AnyActivations) -> Result<InputGradients> {
         match (self, activations) {
             (Self::Bert(b), AnyActivations::Bert(a)) => b.backward(d_hidden, a),
             (Self::Gpt2(b), AnyActivations::Gpt2(a)) => b.backward(d_hidden, a),

@@ -3,7 +3,7 @@
 //! BertForSequenceClassification checkpoints) is accepted too.
 
 use super::stack::{self, kept, Attend, Block, Pass};
-use super::{Activation, Backbone, BackboneInput};
+use super::{Activation, Backbone, BackboneInput, InputGradients};
 use crate::kernels::{
     attention_backward, gelu_erf_backward, gelu_erf_forward, mask_bias, rows_read, spread,
     AttentionSaved, AttentionShape, GeluSaved, LayerNorm, LayerNormSaved, Linear, Positions,
@@ -132,16 +132,18 @@ impl BertEmbeddings {
         })
     }
 
-    /// embeds [B, S, D], token types and mask [B, S] → x [T, D]. Positions count from 0 at the
-    /// first prompt vector, as when PEFT passes `inputs_embeds`, and skip padding.
+    /// embeds [B, S, D], token types [B, S] and the full mask [B, P + S] → x [T, D]. Positions
+    /// count from 0 at the first prompt vector, as when PEFT passes `inputs_embeds`, and skip
+    /// padding; after a prefix of P they start at P, as transformers' BERT counted past keys.
     fn forward(
         &self,
         embeds: &Tensor,
         token_type_ids: &Tensor,
-        mask: &Tensor,
+        full_mask: &Tensor,
+        prefix_len: usize,
     ) -> Result<(Tensor, LayerNormSaved)> {
         let (b, s, d) = embeds.dims3()?;
-        let positions = super::learned_positions(&self.position_embeddings, mask)?;
+        let positions = super::learned_positions(&self.position_embeddings, full_mask, prefix_len)?;
         let types = self
             .token_type_embeddings
             .index_select(&token_type_ids.flatten_all()?, 0)?
@@ -250,7 +252,7 @@ impl Block for BertLayer {
         saved: &BertLayerSaved,
         shape: AttentionShape,
         _positions: Positions,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let read = saved.read.as_ref();
         let dy = rows_read(dy, read)?;
         let d_sum2 = self.output_layer_norm.backward(&dy, &saved.output_ln)?;
@@ -261,9 +263,10 @@ impl Block for BertLayer {
             .attention_layer_norm
             .backward(&d_h1, &saved.attention_ln)?;
         let d_context = self.attention_output.backward(&d_sum1)?;
-        let d_qkv = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
+        let (d_qkv, d_prefix) = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
         let rows = d_qkv.dim(0)?;
-        self.qkv.backward(&d_qkv)? + spread(d_sum1, read, rows)?
+        let dx = (self.qkv.backward(&d_qkv)? + spread(d_sum1, read, rows)?)?;
+        Ok((dx, d_prefix))
     }
 }
 
@@ -357,16 +360,18 @@ impl Backbone for Bert {
     fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<BertActivations>)> {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
-        let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
+        let (full_mask, p) = (input.full_mask()?, input.prefix_len());
+        let bias = mask_bias(&full_mask, input.embeds.dtype())?;
         let (x, embeddings) =
             self.embeddings
-                .forward(input.embeds, input.token_type_ids, input.attention_mask)?;
+                .forward(input.embeds, input.token_type_ids, &full_mask, p)?;
         let mut pass = Pass::new(
             self.attention_shape(b, s),
             Positions::From(0),
             Attend::Rows { bias: &bias, keep },
         );
         pass.reads = input.reads;
+        pass.prefix = input.prefix.map(|p| &p.kv);
         let (x, layers) = stack::forward(&self.layers, x, &mut pass)?;
         let activations = keep.then_some(BertActivations {
             shape,
@@ -388,18 +393,20 @@ impl Backbone for Bert {
         &self.embeddings.word_embeddings
     }
 
-    fn backward(&self, d_hidden: &Tensor, activations: BertActivations) -> Result<Tensor> {
+    fn backward(&self, d_hidden: &Tensor, activations: BertActivations) -> Result<InputGradients> {
         let (b, s, d) = activations.shape;
         let dx = d_hidden.reshape((b * s, d))?;
         let shape = self.attention_shape(b, s);
-        let dx = stack::backward(
+        let (dx, prefix) = stack::backward(
             &self.layers,
             dx,
             &activations.layers,
             shape,
             Positions::From(0),
         )?;
-        self.embeddings
-            .backward(&dx, &activations.embeddings, activations.shape)
+        let embeds = self
+            .embeddings
+            .backward(&dx, &activations.embeddings, activations.shape)?;
+        Ok(InputGradients { embeds, prefix })
     }
 }

@@ -3,7 +3,7 @@
 //! as Conv1D, weight [IN, OUT]: they are transposed once at load into Linear's [OUT, IN].
 
 use super::stack::{self, kept, Attend, Block, Pass};
-use super::{Activation, Backbone, BackboneInput, Decoder, KvCache};
+use super::{Activation, Backbone, BackboneInput, Decoder, InputGradients, KvCache};
 use crate::kernels::{
     attention_backward, gelu_tanh_backward, gelu_tanh_forward, mask_bias, AttentionSaved,
     AttentionShape, GeluSaved, LayerNorm, LayerNormSaved, Linear, Positions, Weight,
@@ -158,17 +158,19 @@ impl Block for Gpt2Block {
         saved: &Gpt2BlockSaved,
         shape: AttentionShape,
         _positions: Positions,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let d_fc = gelu_tanh_backward(&self.mlp_proj.backward(dy)?, &saved.gelu)?;
         let dx1 = (dy
             + self
                 .ln_2
                 .backward(&self.c_fc.backward(&d_fc)?, &saved.ln_2)?)?;
         let d_context = self.attn_proj.backward(&dx1)?;
-        let d_qkv = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
-        &dx1 + self
-            .ln_1
-            .backward(&self.c_attn.backward(&d_qkv)?, &saved.ln_1)?
+        let (d_qkv, d_prefix) = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
+        let dx = (&dx1
+            + self
+                .ln_1
+                .backward(&self.c_attn.backward(&d_qkv)?, &saved.ln_1)?)?;
+        Ok((dx, d_prefix))
     }
 }
 
@@ -249,16 +251,18 @@ impl Backbone for Gpt2 {
     fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<Gpt2Activations>)> {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
-        let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
+        let (full_mask, p) = (input.full_mask()?, input.prefix_len());
+        let bias = mask_bias(&full_mask, input.embeds.dtype())?;
         let x = input
             .embeds
-            .broadcast_add(&super::learned_positions(&self.wpe, input.attention_mask)?)?
+            .broadcast_add(&super::learned_positions(&self.wpe, &full_mask, p)?)?
             .reshape((b * s, d))?;
         let mut pass = Pass::new(
             self.attention_shape(b, s),
             Positions::From(0),
             Attend::Rows { bias: &bias, keep },
         );
+        pass.prefix = input.prefix.map(|p| &p.kv);
         let (x, blocks) = stack::forward(&self.blocks, x, &mut pass)?;
         let (hidden, ln_f) = self.ln_f.forward(&x)?;
         Ok((
@@ -285,20 +289,23 @@ impl Backbone for Gpt2 {
 
     /// The position embeddings are constants, so the gradient to the input embeddings is the
     /// residual stream's gradient at the bottom.
-    fn backward(&self, d_hidden: &Tensor, activations: Gpt2Activations) -> Result<Tensor> {
+    fn backward(&self, d_hidden: &Tensor, activations: Gpt2Activations) -> Result<InputGradients> {
         let (b, s, d) = activations.shape;
         let dx = self
             .ln_f
             .backward(&d_hidden.reshape((b * s, d))?, &activations.ln_f)?;
         let shape = self.attention_shape(b, s);
-        let dx = stack::backward(
+        let (dx, prefix) = stack::backward(
             &self.blocks,
             dx,
             &activations.blocks,
             shape,
             Positions::From(0),
         )?;
-        dx.reshape(activations.shape)
+        Ok(InputGradients {
+            embeds: dx.reshape(activations.shape)?,
+            prefix,
+        })
     }
 }
 

@@ -4,7 +4,7 @@
 //! RMSNorm, SiLU-gated MLP.
 
 use super::stack::{self, kept, Attend, Block, Pass};
-use super::{Activation, Backbone, BackboneInput, Decoder, KvCache};
+use super::{Activation, Backbone, BackboneInput, Decoder, InputGradients, KvCache};
 use crate::kernels::{
     attention_backward, mask_bias, AttentionSaved, AttentionShape, GatedMlp, GatedMlpSaved, Linear,
     Positions, RmsNorm, RmsNormSaved, Rope, Weight,
@@ -131,7 +131,7 @@ impl LlamaConfig {
         Ok(())
     }
 
-    fn kv_heads(&self) -> usize {
+    pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
@@ -142,7 +142,7 @@ impl LlamaConfig {
             .unwrap_or(self.rope_theta)
     }
 
-    fn head_dim(&self) -> usize {
+    pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
@@ -326,19 +326,21 @@ impl Block for LlamaLayer {
         saved: &LlamaLayerSaved,
         shape: AttentionShape,
         positions: Positions,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let d_norm2 = self.mlp.backward(dy, &saved.mlp)?;
         let dx1 = (dy
             + self
                 .post_attention_layernorm
                 .backward(&d_norm2, &saved.post_attention_layernorm)?)?;
         let d_context = self.o_proj.backward(&dx1)?;
-        let d_qkv = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
+        let (d_qkv, d_prefix) = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
         let d_qkv = self.rope_packed(&d_qkv, shape, positions, true)?;
         let d_norm1 = self.qkv.backward(&d_qkv)?;
-        &dx1 + self
-            .input_layernorm
-            .backward(&d_norm1, &saved.input_layernorm)?
+        let dx = (&dx1
+            + self
+                .input_layernorm
+                .backward(&d_norm1, &saved.input_layernorm)?)?;
+        Ok((dx, d_prefix))
     }
 }
 
@@ -354,8 +356,8 @@ pub struct Llama {
 
 pub struct LlamaActivations {
     shape: (usize, usize, usize),
-    /// [B, S], when not 0..S (`position_ids`)
-    position_ids: Option<Tensor>,
+    /// where positions start (after a prefix), and [B, S] when rows differ (`input_positions`)
+    positions: (usize, Option<Tensor>),
     layers: Vec<LlamaLayerSaved>,
     norm: RmsNormSaved,
 }
@@ -452,19 +454,21 @@ impl Backbone for Llama {
     fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<LlamaActivations>)> {
         let shape = input.embeds.dims3()?;
         let (b, s, d) = shape;
-        let bias = mask_bias(input.attention_mask, input.embeds.dtype())?;
-        let position_ids = super::position_ids(input.attention_mask)?;
+        let (full_mask, p) = (input.full_mask()?, input.prefix_len());
+        let bias = mask_bias(&full_mask, input.embeds.dtype())?;
+        let (offset, position_ids) = super::input_positions(&full_mask, p)?;
         let mut pass = Pass::new(
             self.attention_shape(b, s),
-            Positions::from_ids(position_ids.as_ref()),
+            Positions::from_ids(offset, position_ids.as_ref()),
             Attend::Rows { bias: &bias, keep },
         );
+        pass.prefix = input.prefix.map(|p| &p.kv);
         let x = input.embeds.reshape((b * s, d))?;
         let (x, layers) = stack::forward(&self.layers, x, &mut pass)?;
         let (hidden, norm) = self.norm.forward(&x)?;
         let activations = keep.then_some(LlamaActivations {
             shape,
-            position_ids: position_ids.clone(),
+            positions: (offset, position_ids.clone()),
             layers,
             norm,
         });
@@ -483,15 +487,20 @@ impl Backbone for Llama {
         &self.embed_tokens
     }
 
-    fn backward(&self, d_hidden: &Tensor, activations: LlamaActivations) -> Result<Tensor> {
+    fn backward(&self, d_hidden: &Tensor, activations: LlamaActivations) -> Result<InputGradients> {
         let (b, s, d) = activations.shape;
         let dx = self
             .norm
             .backward(&d_hidden.reshape((b * s, d))?, &activations.norm)?;
         let shape = self.attention_shape(b, s);
-        let positions = Positions::from_ids(activations.position_ids.as_ref());
-        let dx = stack::backward(&self.layers, dx, &activations.layers, shape, positions)?;
-        dx.reshape(activations.shape)
+        let (offset, ids) = &activations.positions;
+        let positions = Positions::from_ids(*offset, ids.as_ref());
+        let (dx, prefix) =
+            stack::backward(&self.layers, dx, &activations.layers, shape, positions)?;
+        Ok(InputGradients {
+            embeds: dx.reshape(activations.shape)?,
+            prefix,
+        })
     }
 }
 

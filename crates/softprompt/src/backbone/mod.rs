@@ -53,6 +53,48 @@ pub struct BackboneInput<'a> {
     /// order. A backbone may then leave every other row of its last hidden state zero (BERT
     /// computes only these in its last layer, forward and backward).
     pub reads: Option<&'a Tensor>,
+    /// prefix tuning's keys and values in front of every layer's attention
+    pub prefix: Option<&'a Prefix>,
+}
+
+impl BackboneInput<'_> {
+    /// P, the prefix positions in front of each row (0 without a prefix).
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.map_or(0, |p| p.mask.dim(1).unwrap_or(0))
+    }
+
+    /// The mask attention reads [B, P + S]: the prefix's, then the input's.
+    pub(crate) fn full_mask(&self) -> Result<Tensor> {
+        match self.prefix {
+            Some(p) => Tensor::cat(
+                &[
+                    &p.mask.to_dtype(self.attention_mask.dtype())?,
+                    self.attention_mask,
+                ],
+                1,
+            ),
+            None => Ok(self.attention_mask.clone()),
+        }
+    }
+}
+
+/// Prefix tuning's keys and values (PEFT's PREFIX_TUNING past_key_values): P positions in front
+/// of every layer's own, which each input position attends to. The input's positions count on
+/// from the prefix's, as in a decoder reading them from its cache.
+pub struct Prefix {
+    /// [B, P, L·2·Hkv·K]: layer l's keys at columns 2l·Hkv·K.., then its values, each Hkv·K
+    /// head by head (PEFT's `prompt_embeddings` row layout)
+    pub kv: Tensor,
+    /// [B, P] u32: 1 for the prefix positions a row reads (a mixed batch's rows differ)
+    pub mask: Tensor,
+}
+
+/// What a backbone's backward returns: ∂L/∂(input embeddings) and, with a prefix, ∂L/∂prefix.
+pub struct InputGradients {
+    /// [B, S, D]
+    pub embeds: Tensor,
+    /// [B, P, L·2·Hkv·K], `Prefix::kv`'s layout
+    pub prefix: Option<Tensor>,
 }
 
 pub trait Backbone {
@@ -87,8 +129,9 @@ pub trait Backbone {
             _ => candle_core::bail!("the backbone kept no activations"),
         }
     }
-    /// d_hidden [B, S, D] → d_embeds [B, S, D]
-    fn backward(&self, d_hidden: &Tensor, activations: Self::Activations) -> Result<Tensor>;
+    /// d_hidden [B, S, D] → d_embeds [B, S, D] (and the prefix's gradient, when it read one)
+    fn backward(&self, d_hidden: &Tensor, activations: Self::Activations)
+        -> Result<InputGradients>;
 }
 
 /// A borrowed backbone trains as the backbone itself: a run borrows the model its caller keeps
@@ -115,7 +158,11 @@ impl<B: Backbone> Backbone for &B {
     ) -> Result<(Tensor, Option<Self::Activations>)> {
         (**self).run(input, keep)
     }
-    fn backward(&self, d_hidden: &Tensor, activations: Self::Activations) -> Result<Tensor> {
+    fn backward(
+        &self,
+        d_hidden: &Tensor,
+        activations: Self::Activations,
+    ) -> Result<InputGradients> {
         (**self).backward(d_hidden, activations)
     }
 }
@@ -136,6 +183,28 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Prefix tuning's keys and values [P, L·2·Hkv·K] (`Prefix::kv`'s rows) as a cache of P
+    /// positions read: a decoder reads a prefix as its past, so the input's positions start at P.
+    pub fn from_prefix(kv: &Tensor, layers: usize, kv_heads: usize) -> Result<Self> {
+        let (p, width) = kv.dims2()?;
+        let w = width / (2 * layers.max(1));
+        if layers == 0 || kv_heads == 0 || width != layers * 2 * w || w % kv_heads != 0 {
+            candle_core::bail!(
+                "a prefix {width} wide is not {layers} layers of keys and values on {kv_heads} heads"
+            );
+        }
+        let heads = |column: usize| {
+            kv.narrow(1, column * w, w)?
+                .reshape((p, kv_heads, w / kv_heads))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let layers = (0..layers)
+            .map(|l| Ok((heads(2 * l)?, heads(2 * l + 1)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, len: p })
     }
 
     /// Adds N new positions' keys and values [Hkv, N, K] to `layer` → all of that layer's so far.
@@ -190,15 +259,35 @@ pub fn position_ids(mask: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(ids, mask.dims2()?, mask.device())?))
 }
 
-/// The rows of a learned position table [P, D] for the columns of a mask [B, S]: [S, D] when
-/// positions are 0..S, else [B, S, D] (see `position_ids`). Added to embeddings [B, S, D].
-pub(crate) fn learned_positions(table: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, s) = mask.dims2()?;
-    match position_ids(mask)? {
-        None => table.narrow(0, 0, s),
-        Some(ids) => table
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, table.dim(1)?)),
+/// The positions of the S input columns of a full mask [B, P + S] (`BackboneInput::full_mask`):
+/// counted on from the prefix's (`position_ids`), as an offset (every row's P..P + S) or per row.
+pub(crate) fn input_positions(
+    full_mask: &Tensor,
+    prefix_len: usize,
+) -> Result<(usize, Option<Tensor>)> {
+    let s = full_mask.dim(1)? - prefix_len;
+    Ok(match position_ids(full_mask)? {
+        None => (prefix_len, None),
+        Some(ids) => (0, Some(ids.narrow(1, prefix_len, s)?.contiguous()?)),
+    })
+}
+
+/// The rows of a learned position table [P, D] for the S input columns of a full mask
+/// [B, P + S]: [S, D] when every row's positions are the same, else [B, S, D] (see
+/// `input_positions`). Added to embeddings [B, S, D].
+pub(crate) fn learned_positions(
+    table: &Tensor,
+    full_mask: &Tensor,
+    prefix_len: usize,
+) -> Result<Tensor> {
+    let b = full_mask.dim(0)?;
+    match input_positions(full_mask, prefix_len)? {
+        (offset, None) => table.narrow(0, offset, full_mask.dim(1)? - prefix_len),
+        (_, Some(ids)) => {
+            table
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, ids.dim(1)?, table.dim(1)?))
+        }
     }
 }
 

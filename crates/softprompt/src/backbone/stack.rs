@@ -30,6 +30,9 @@ pub(crate) struct Pass<'a> {
     /// the rows of T the head reads [B·R], R in each batch row: the last block computes only those
     /// (a rows pass; `BackboneInput::reads`)
     pub reads: Option<&'a Tensor>,
+    /// prefix tuning's keys and values in front of every layer's [B, P, L·2·Hkv·K] (PEFT's
+    /// layout: layer l's keys, then its values, at columns 2l·Hkv·K..)
+    pub prefix: Option<&'a Tensor>,
     /// whether the block at work is the last
     last: bool,
 }
@@ -41,6 +44,7 @@ impl<'a> Pass<'a> {
             positions,
             attend,
             reads: None,
+            prefix: None,
             last: false,
         }
     }
@@ -59,11 +63,16 @@ impl<'a> Pass<'a> {
     ) -> Result<(Tensor, Option<AttentionSaved>)> {
         let shape = self.shape;
         let reading = self.reading();
+        let prefix = match self.prefix {
+            Some(all) => Some(layer_prefix(all, layer, shape, qkv.dim(1)?)?),
+            None => None,
+        };
         match &mut self.attend {
             Attend::Rows { bias, keep } => {
+                let prefix = prefix.as_ref();
                 let (context, saved) = match reading {
-                    Some(at) => attention_at_forward(qkv, bias, shape, at)?,
-                    None => attention_forward(qkv, bias, shape)?,
+                    Some(at) => attention_at_forward(qkv, bias, shape, prefix, at)?,
+                    None => attention_forward(qkv, bias, shape, prefix)?,
                 };
                 Ok((context, keep.then_some(saved)))
             }
@@ -81,6 +90,19 @@ impl<'a> Pass<'a> {
     }
 }
 
+/// Layer `layer`'s keys and values [B, P, 2·Hkv·K] of every layer's [B, P, L·2·Hkv·K], for a
+/// packed projection `width` wide.
+fn layer_prefix(all: &Tensor, layer: usize, shape: AttentionShape, width: usize) -> Result<Tensor> {
+    let kv = 2 * shape.kv_heads * width / (shape.heads + 2 * shape.kv_heads);
+    if all.dim(2)? < (layer + 1) * kv {
+        candle_core::bail!(
+            "a prefix {} wide has no keys and values for layer {layer} ({kv} a layer)",
+            all.dim(2)?
+        );
+    }
+    all.narrow(2, layer * kv, kv)
+}
+
 /// What a rows pass kept of a block's attention, for its backward.
 pub(crate) fn kept(saved: &Option<AttentionSaved>) -> Result<&AttentionSaved> {
     match saved {
@@ -95,14 +117,15 @@ pub(crate) trait Block {
     type Saved;
     /// x [T, D] → y [T, D] in block `layer` of `pass`.
     fn forward(&self, layer: usize, x: &Tensor, pass: &mut Pass) -> Result<(Tensor, Self::Saved)>;
-    /// dy [T, D] → dx [T, D] under the rows pass's `shape` and `positions`.
+    /// dy [T, D] → dx [T, D] under the rows pass's `shape` and `positions`, and with a prefix the
+    /// gradient of the layer's keys and values [B, P, 2·Hkv·K] (`attention_backward`).
     fn backward(
         &self,
         dy: &Tensor,
         saved: &Self::Saved,
         shape: AttentionShape,
         positions: Positions,
-    ) -> Result<Tensor>;
+    ) -> Result<(Tensor, Option<Tensor>)>;
 }
 
 /// x [T, D] through every block → y [T, D], and for a pass that keeps (training) each block's
@@ -129,17 +152,25 @@ pub(crate) fn forward<B: Block>(
     Ok((x, kept))
 }
 
-/// dy [T, D] at the top of the stack → dx [T, D] at its bottom.
+/// dy [T, D] at the top of the stack → dx [T, D] at its bottom, and with a prefix its gradient
+/// [B, P, L·2·Hkv·K] (`Pass::prefix`'s layout).
 pub(crate) fn backward<B: Block>(
     blocks: &[B],
     mut dy: Tensor,
     saved: &[B::Saved],
     shape: AttentionShape,
     positions: Positions,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
+    let mut d_prefix = Vec::new();
     for (layer, (block, saved)) in blocks.iter().zip(saved).enumerate().rev() {
         let _span = tracing::trace_span!("backward", layer).entered();
-        dy = block.backward(&dy, saved, shape, positions)?;
+        let (dx, d_layer) = block.backward(&dy, saved, shape, positions)?;
+        d_prefix.extend(d_layer);
+        dy = dx;
     }
-    Ok(dy)
+    if d_prefix.is_empty() {
+        return Ok((dy, None));
+    }
+    d_prefix.reverse();
+    Ok((dy, Some(Tensor::cat(&d_prefix, 2)?)))
 }

@@ -7,6 +7,7 @@ use crate::backbone::any::AnyBackbone;
 use crate::backbone::gpt2::{Gpt2, Gpt2Config};
 use crate::backbone::{Backbone, BackboneInput};
 use crate::generate::{generate_tokens, prefix_cache, SamplingConfig};
+use crate::prompt::Placement;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -106,7 +107,7 @@ pub fn run(
         ..Default::default()
     };
     let once = || -> crate::Result<Vec<u32>> {
-        let prefix = prefix_cache(&backbone, &prompt)?;
+        let prefix = prefix_cache(&backbone, &prompt, Placement::Embeddings)?;
         Ok(generate_tokens(&backbone, &prefix, &input, &[], &config, &mut |_| Ok(true))?.0)
     };
     for _ in 0..2 {
@@ -162,6 +163,7 @@ pub fn greedy_without_cache(
             attention_mask: &mask,
             token_type_ids: &mask.zeros_like()?,
             reads: None,
+            prefix: None,
         })?;
         let last = hidden.squeeze(0)?.narrow(0, s - 1, 1)?;
         let next = decoder

@@ -61,78 +61,162 @@ pub struct AttentionSaved {
     probs: Option<Tensor>,
     /// the rows of T [B·R] its context was read at (`attention_at_forward`)
     at: Option<Tensor>,
+    /// P, the prefix positions in front of each row's S (prefix tuning): `qkv` and `bias` then
+    /// hold B rows of P + S
+    prefix: usize,
 }
 
 /// Softmax attention with a padding mask (and a causal one for decoders), scaled by 1/√K.
-/// qkv [T, (H + 2·Hkv)·K] (packed: queries, keys, values), bias [B, 1, 1, S] → context [T, H·K].
+/// qkv [T, (H + 2·Hkv)·K] (packed: queries, keys, values), bias [B, 1, 1, P + S] → context [T, H·K].
+/// With prefix tuning, `prefix` [B, P, 2·Hkv·K] holds P more keys and values in front of each row's
+/// S (PEFT's past_key_values: keys, then values), which every position attends to where the bias
+/// lets it; without, P = 0.
 /// On the CPU its memory grows with S, not S², in training too: nothing [B, H, S, S] is kept.
 pub fn attention_forward(
     qkv: &Tensor,
     bias: &Tensor,
     shape: AttentionShape,
+    prefix: Option<&Tensor>,
 ) -> Result<(Tensor, AttentionSaved)> {
+    let (qkv, shape, p) = match prefix {
+        Some(prefix) => prepend_prefix(qkv, prefix, shape)?,
+        None => (qkv.clone(), shape, 0),
+    };
     let h = shape.resolve(qkv.dim(1)?)?;
     let _span = tracing::trace_span!("attention.forward", flops = h.flops()).entered();
     let (context, probs) = match qkv.dtype() {
-        DType::F32 if fused_for(qkv) => (fused_attention::forward::<f32>(qkv, bias, h)?, None),
-        DType::F64 if fused_for(qkv) => (fused_attention::forward::<f64>(qkv, bias, h)?, None),
+        DType::F32 if fused_for(&qkv) => (fused_attention::forward::<f32>(&qkv, bias, h)?, None),
+        DType::F64 if fused_for(&qkv) => (fused_attention::forward::<f64>(&qkv, bias, h)?, None),
         _ => {
-            let (context, probs) = composed_forward(qkv, bias, h)?;
+            let (context, probs) = composed_forward(&qkv, bias, h)?;
             (context, Some(probs))
         }
     };
+    let context = input_rows(&context, shape, p)?;
     let saved = AttentionSaved {
-        qkv: qkv.clone(),
+        qkv,
         bias: bias.clone(),
         probs,
         at: None,
+        prefix: p,
     };
     Ok((context, saved))
+}
+
+/// qkv [B·S, W] and prefix keys and values [B, P, 2·Hkv·K] → [B·(P + S), W] with each row's P
+/// prefix positions in front, and the shape of B rows of P + S. The prefix positions' queries are
+/// zero: what they attend to is never read.
+fn prepend_prefix(
+    qkv: &Tensor,
+    prefix: &Tensor,
+    shape: AttentionShape,
+) -> Result<(Tensor, AttentionShape, usize)> {
+    let (b, p, kv) = prefix.dims3()?;
+    let (s, w) = (shape.seq, qkv.dim(1)?);
+    if b != shape.batch || kv > w {
+        candle_core::bail!(
+            "attention: a prefix of shape {:?} for {} rows of width {w}",
+            prefix.dims(),
+            shape.batch
+        );
+    }
+    let queries = Tensor::zeros((b, p, w - kv), qkv.dtype(), qkv.device())?;
+    let front = Tensor::cat(&[&queries, &prefix.to_dtype(qkv.dtype())?], 2)?;
+    let rows = Tensor::cat(&[&front, &qkv.reshape((b, s, w))?], 1)?.reshape((b * (p + s), w))?;
+    Ok((
+        rows,
+        AttentionShape {
+            seq: p + s,
+            ..shape
+        },
+        p,
+    ))
+}
+
+/// x [B·(P + S), n] of a prefixed shape → the S input rows of each row [B·S, n].
+fn input_rows(x: &Tensor, prefixed: AttentionShape, p: usize) -> Result<Tensor> {
+    if p == 0 {
+        return Ok(x.clone());
+    }
+    let (b, s) = (prefixed.batch, prefixed.seq - p);
+    x.reshape((b, p + s, x.dim(1)?))?
+        .narrow(1, p, s)?
+        .reshape((b * s, x.dim(1)?))
 }
 
 /// `attention_forward` read at R queries in each batch row: what a block needs when the head reads
 /// only those positions (the last layer under a pooled classifier: one; under the mean: the
 /// positions after the prompt), so that what follows attention runs on those rows only.
-/// qkv [T, (H + 2·Hkv)·K], bias [B, 1, 1, S], `at` [B·R] u32 (rows of T) → context [B·R, H·K].
+/// qkv [T, (H + 2·Hkv)·K], bias [B, 1, 1, P + S], `at` [B·R] u32 (rows of T) → context [B·R, H·K].
 /// Attention itself still runs for every query: the fused kernel does all S at the speed a
 /// composed one does a few.
 pub fn attention_at_forward(
     qkv: &Tensor,
     bias: &Tensor,
     shape: AttentionShape,
+    prefix: Option<&Tensor>,
     at: &Tensor,
 ) -> Result<(Tensor, AttentionSaved)> {
-    let (context, mut saved) = attention_forward(qkv, bias, shape)?;
+    let (context, mut saved) = attention_forward(qkv, bias, shape, prefix)?;
     saved.at = Some(at.clone());
     Ok((context.index_select(at, 0)?, saved))
 }
 
-/// d_context [T, H·K] → d_qkv [T, (H + 2·Hkv)·K].
+/// d_context [T, H·K] → d_qkv [T, (H + 2·Hkv)·K], and with a prefix its gradient [B, P, 2·Hkv·K].
 /// dP = dC·Vᵀ; dV = Pᵀ·dC; dS = P ⊙ (dP − rowsum(dP ⊙ P))·scale; dQ = dS·K; dK = dSᵀ·Q; the
 /// gradients of a shared key/value head are summed over its query heads.
 pub fn attention_backward(
     dcontext: &Tensor,
     saved: &AttentionSaved,
     shape: AttentionShape,
-) -> Result<Tensor> {
-    let (qkv, bias) = (&saved.qkv, &saved.bias);
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (qkv, bias, p) = (&saved.qkv, &saved.bias, saved.prefix);
+    let shape = AttentionShape {
+        seq: shape.seq + p,
+        ..shape
+    };
     let h = shape.resolve(qkv.dim(1)?)?;
-    // read at a few queries: the others' gradient is zero
-    let dcontext = &spread(dcontext.clone(), saved.at.as_ref(), qkv.dim(0)?)?;
+    // read at a few queries: the others' gradient is zero, and so is the prefix positions'
+    let dcontext = spread(
+        dcontext.clone(),
+        saved.at.as_ref(),
+        shape.batch * (shape.seq - p),
+    )?;
+    let dcontext = &prepend_zeros(dcontext, shape, p)?;
     // the model FLOPs: four products to the forward's two (the fused kernel's recomputation of
     // the probabilities is a third more, not counted)
     let _span = tracing::trace_span!("attention.backward", flops = 2 * h.flops()).entered();
-    match qkv.dtype() {
-        DType::F32 if fused_for(qkv) => fused_attention::backward::<f32>(dcontext, qkv, bias, h),
-        DType::F64 if fused_for(qkv) => fused_attention::backward::<f64>(dcontext, qkv, bias, h),
+    let d_qkv = match qkv.dtype() {
+        DType::F32 if fused_for(qkv) => fused_attention::backward::<f32>(dcontext, qkv, bias, h)?,
+        DType::F64 if fused_for(qkv) => fused_attention::backward::<f64>(dcontext, qkv, bias, h)?,
         _ => {
             let probs = match &saved.probs {
                 Some(probs) => probs.clone(),
                 None => composed_forward(qkv, bias, h)?.1,
             };
-            composed_backward(dcontext, qkv, &probs, h)
+            composed_backward(dcontext, qkv, &probs, h)?
         }
+    };
+    if p == 0 {
+        return Ok((d_qkv, None));
     }
+    let (b, w, kv) = (shape.batch, qkv.dim(1)?, 2 * h.kv_heads * h.head_dim);
+    let d_prefix = d_qkv
+        .reshape((b, shape.seq, w))?
+        .narrow(1, 0, p)?
+        .narrow(2, w - kv, kv)?
+        .contiguous()?;
+    Ok((input_rows(&d_qkv, shape, p)?, Some(d_prefix)))
+}
+
+/// x [B·S, n] → [B·(P + S), n] with P zero rows in front of each row's S.
+fn prepend_zeros(x: Tensor, prefixed: AttentionShape, p: usize) -> Result<Tensor> {
+    if p == 0 {
+        return Ok(x);
+    }
+    let (b, s, n) = (prefixed.batch, prefixed.seq - p, x.dim(1)?);
+    let zeros = Tensor::zeros((b, p, n), x.dtype(), x.device())?;
+    Tensor::cat(&[&zeros, &x.reshape((b, s, n))?], 1)?.reshape((b * (p + s), n))
 }
 
 /// [T, n·K] → [B, n, S, K]

@@ -88,9 +88,9 @@ pub enum Positions<'a> {
 }
 
 impl<'a> Positions<'a> {
-    /// `backbone::position_ids`' answer: per-row ids, or none for 0..S.
-    pub fn from_ids(ids: Option<&'a Tensor>) -> Self {
-        ids.map_or(Positions::From(0), Positions::Ids)
+    /// `backbone::input_positions`' answer: per-row ids, or none for offset..offset + S.
+    pub fn from_ids(offset: usize, ids: Option<&'a Tensor>) -> Self {
+        ids.map_or(Positions::From(offset), Positions::Ids)
     }
 }
 

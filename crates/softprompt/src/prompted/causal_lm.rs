@@ -41,7 +41,7 @@ impl CausalLm {
         };
         for rows in eval_batches(&lengths, batching.size.max(1)) {
             let batch = Batch::new(data, None, &rows, batching.padding, &batching.device)?;
-            let targets = batch.targets(prompt.len())?;
+            let targets = batch.targets(prompt.front())?;
             let hidden = prompted_forward(backbone, prompt, &batch)?;
             let (b, s, d) = hidden.dims3()?;
             let flat = hidden.reshape((b * s, d))?;
@@ -121,7 +121,7 @@ pub fn generation_score(
     let head = CausalLm {
         lm_head: model.lm_head("a generation adapter")?.dense()?,
     };
-    let prompt = SoftPrompt::from_tensor(&adapter.prompt)?;
+    let prompt = SoftPrompt::placed(&adapter.prompt, adapter.method.placement())?;
     let counts = head.target_counts(&model.backbone, &prompt, &data, batching)?;
     Ok(counts.score())
 }

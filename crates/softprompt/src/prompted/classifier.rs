@@ -35,6 +35,7 @@ impl Classifier {
     ) -> Result<Vec<Vec<f32>>> {
         let adapter = LoadedAdapter {
             prompt: prompt.embeddings.as_tensor().detach(),
+            placement: prompt.placement,
             head: self.head.clone(),
             labels: self.labels.clone(),
             template: None,

@@ -19,7 +19,7 @@ pub use causal_lm::{generation_score, CausalLm};
 pub use classifier::Classifier;
 
 use crate::adapter::{Adapter, AdapterHead, PeftConfig};
-use crate::backbone::{Backbone, BackboneInput};
+use crate::backbone::{Backbone, BackboneInput, Prefix};
 use crate::batch::{Batch, Batching, EncodedSet};
 use crate::metrics::Report;
 use crate::prompt::{extend_front, SoftPrompt};
@@ -30,21 +30,34 @@ use crate::template::Template;
 use crate::Result;
 use candle_core::{DType, Tensor, Var};
 
-/// A batch with the prompt in front: embeddings [B, M + N, D], mask and token types [B, M + N].
+/// A batch with the prompt in front: embeddings [B, M + N, D], mask and token types [B, M + N];
+/// a prefix's M positions are not in them but in `prefix`, in front of every layer's attention.
 pub struct Prompted {
     pub embeds: Tensor,
     pub attention_mask: Tensor,
     pub token_type_ids: Tensor,
+    pub prefix: Option<Prefix>,
 }
 
 impl Prompted {
     /// The batch with `prompt` in front, on `backbone`'s embeddings.
     pub fn new<B: Backbone>(backbone: &B, prompt: &SoftPrompt, batch: &Batch) -> Result<Self> {
+        let word = backbone.embed_tokens(&batch.ids)?;
+        let prefix = prompt.prefix_for(batch.ids.dim(0)?)?;
+        if prefix.is_some() {
+            return Ok(Self {
+                embeds: word,
+                attention_mask: batch.attention_mask.clone(),
+                token_type_ids: batch.type_ids.clone(),
+                prefix,
+            });
+        }
         let m = prompt.len();
         Ok(Self {
-            embeds: prompt.prepend(&backbone.embed_tokens(&batch.ids)?)?,
+            embeds: prompt.prepend(&word)?,
             attention_mask: extend_front(&batch.attention_mask, m, 1)?,
             token_type_ids: extend_front(&batch.type_ids, m, 0)?,
+            prefix,
         })
     }
 
@@ -54,6 +67,7 @@ impl Prompted {
             attention_mask: &self.attention_mask,
             token_type_ids: &self.token_type_ids,
             reads: None,
+            prefix: self.prefix.as_ref(),
         }
     }
 }
@@ -166,7 +180,8 @@ pub trait Head {
     fn params(&self) -> Vec<&Var>;
 
     /// hidden [B, M + N, D] and mask [B, M + N] of `batch` with a prompt of `prompt_len` in
-    /// front → the loss, ∂L/∂hidden and the gradients of `params()`.
+    /// front (0 for a prefix: `SoftPrompt::front`) → the loss, ∂L/∂hidden and the gradients of
+    /// `params()`.
     fn loss(
         &self,
         hidden: &Tensor,
@@ -262,7 +277,7 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
             let _span = tracing::trace_span!("embed").entered();
             Prompted::new(&self.backbone, &prompt, batch)?
         };
-        let reads = self.head.reads(&p.attention_mask, prompt.len())?;
+        let reads = self.head.reads(&p.attention_mask, prompt.front())?;
         let (hidden, activations) = {
             let _span = tracing::trace_span!("backbone.forward").entered();
             let input = BackboneInput {
@@ -274,14 +289,14 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
         let head = {
             let _span = tracing::trace_span!("head").entered();
             self.head
-                .loss(&hidden, &p.attention_mask, batch, prompt.len())?
+                .loss(&hidden, &p.attention_mask, batch, prompt.front())?
         };
-        let d_embeds = {
+        let input_grads = {
             let _span = tracing::trace_span!("backbone.backward").entered();
             self.backbone.backward(&head.d_hidden, activations)?
         };
         let _span = tracing::trace_span!("prompt.gradient").entered();
-        let d_prompt = prompt.gradient(&d_embeds)?;
+        let d_prompt = prompt.gradient(&input_grads)?;
         let mut gradients = Vec::new();
         for g in self.prompt.backward(encoded.as_ref(), d_prompt)? {
             gradients.push(g.to_dtype(DType::F32)?);
@@ -291,7 +306,7 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
     }
 
     fn loss_terms(&self, batch: &Batch) -> Result<usize> {
-        self.head.loss_terms(batch, self.prompt.len())
+        self.head.loss_terms(batch, self.prompt.front())
     }
 
     fn tally(&self, set: &EncodedSet, batching: &Batching) -> Result<DevTally> {

@@ -130,7 +130,7 @@ impl TrainConfig {
             bail!("--encoder-hidden-size must be at least 1");
         }
         if self.method == Method::Prompt && self.encoder_hidden_size.is_some() {
-            bail!("--encoder-hidden-size is for --method p-tuning or residual");
+            bail!("--encoder-hidden-size is for --method p-tuning, residual or prefix");
         }
         if self.method != Method::PTuning && self.encoder != EncoderKind::Mlp {
             bail!("--encoder is for --method p-tuning");

@@ -23,7 +23,7 @@ use crate::collective::{self, Collective};
 use crate::data::{label_ids, label_set, Columns, DataSource, Labels};
 use crate::files::DirLock;
 use crate::model::Model;
-use crate::prompt::{InitSource, PromptInit, SoftPrompt};
+use crate::prompt::{InitSource, Placement, PromptInit, SoftPrompt};
 use crate::prompt_encoder::{Method, PromptEncoder, TrainablePrompt, LSTM_LAYERS};
 use crate::prompted::{CausalLm, Classifier, Head, PromptedModel, Trainee};
 use crate::task::causal_lm::encode_pairs;
@@ -206,7 +206,7 @@ impl Run<'_> {
                 .collect()
         });
         let prompt = initial_prompt(model, &encoder, config, &label_words, &mut rng)?;
-        let prompt = trainable(prompt, config, &mut rng)?;
+        let prompt = trainable(model, prompt, config, &mut rng)?;
         let peft = peft_config(model, config);
         let template = config.template.clone();
         let fingerprint = fingerprint(model, data)?;
@@ -272,8 +272,10 @@ fn prompted<H: Head>(
     }
 }
 
-/// The prompt as `config.method` trains it: `initial` itself, or an encoder over it.
+/// The prompt as `config.method` trains it: `initial` itself, or an encoder over it (for a
+/// prefix, PEFT's projection from `initial` to every layer's keys and values).
 fn trainable(
+    model: &Model,
     initial: SoftPrompt,
     config: &TrainConfig,
     rng: &mut ChaCha8Rng,
@@ -283,13 +285,17 @@ fn trainable(
     }
     let table = initial.embeddings.as_tensor();
     let hidden = config.encoder_hidden_size.unwrap_or(table.dim(1)?);
-    let encoder = PromptEncoder::init(config.method, config.encoder, hidden, table, rng)?;
+    let width = match config.method.placement() {
+        Placement::Embeddings => table.dim(1)?,
+        Placement::Prefix => model.backbone.shape().prefix_width(),
+    };
+    let encoder = PromptEncoder::init(config.method, config.encoder, hidden, width, table, rng)?;
     Ok(TrainablePrompt::Encoded(encoder))
 }
 
 /// The adapter_config.json of the run's adapters. A P-tuning adapter is PEFT's P_TUNING with its
-/// encoder's fields (PEFT, like softprompt, reads its prompt_embeddings as the prompt); the
-/// residual method has no PEFT type and is written as the prompt it computes.
+/// encoder's fields (PEFT, like softprompt, reads its prompt_embeddings as the prompt); a prefix
+/// is PREFIX_TUNING; the residual method has no PEFT type and is written as the prompt it computes.
 fn peft_config(model: &Model, config: &TrainConfig) -> PeftConfig {
     let (task, m) = (TaskType::of(config.task), config.num_virtual_tokens);
     let init = (config.init.peft_name(), config.init_text.clone());
@@ -306,6 +312,22 @@ fn peft_config(model: &Model, config: &TrainConfig) -> PeftConfig {
         );
         peft.encoder_num_layers = Some(LSTM_LAYERS);
         peft.encoder_dropout = Some(0.0);
+    }
+    if config.method == Method::Prefix {
+        // The file holds the computed prefix, which PEFT reads as its table without the
+        // projection (trainable there too); the projection lives in softprompt's checkpoint.
+        let shape = model.backbone.shape();
+        peft.peft_type = PeftType::PrefixTuning;
+        peft.token_dim = Some(shape.kv_width());
+        peft.num_attention_heads = Some(shape.kv_heads);
+        peft.prompt_tuning_init = None;
+        peft.prompt_tuning_init_text = None;
+        peft.prefix_projection = Some(false);
+        peft.encoder_hidden_size = Some(
+            config
+                .encoder_hidden_size
+                .unwrap_or(model.backbone.hidden_size()),
+        );
     }
     peft
 }

@@ -11,8 +11,9 @@ use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, BackboneInput, KvCache};
 use softprompt::generate::{generate, prefix_cache, sample, FinishReason, SamplingConfig};
 use softprompt::model::Model;
+use softprompt::prompt::Placement;
 
-fn tiny_decoders() -> Vec<(&'static str, AnyBackbone)> {
+pub fn tiny_decoders() -> Vec<(&'static str, AnyBackbone)> {
     let dev = Device::Cpu;
     vec![
         (
@@ -38,6 +39,7 @@ fn full_forward(backbone: &AnyBackbone, embeds: &Tensor) -> Tensor {
             attention_mask: &mask,
             token_type_ids: &mask.zeros_like().unwrap(),
             reads: None,
+            prefix: None,
         })
         .unwrap()
         .squeeze(0)
@@ -86,7 +88,7 @@ fn cached_greedy_decoding_equals_decoding_without_a_cache() {
     for (name, backbone) in tiny_decoders() {
         // a fixed prompt: the stop-string check below needs words in what it writes
         let prompt = randn(&[3, 16], 5);
-        let prefix = prefix_cache(&backbone, &prompt).unwrap();
+        let prefix = prefix_cache(&backbone, &prompt, Placement::Embeddings).unwrap();
         assert_eq!(prefix.len(), 3);
         let input = [5u32, 20, 9];
         let config = SamplingConfig {

@@ -44,14 +44,14 @@ pub fn randn(shape: &[usize], seed: u64) -> Tensor {
 }
 
 /// Runs `test` on the fused CPU kernels and again on the composed candle-op kernels.
-fn on_both_paths(test: impl Fn(&str)) {
+pub fn on_both_paths(test: impl Fn(&str)) {
     test("fused");
     with_composed(|| test("composed"));
 }
 
 /// Compares `analytic` (∂L/∂x) with central differences of `loss` at every element of x.
 /// L(x) = Σ f(x) ⊙ R for a fixed random R makes every output element matter.
-fn check(x: &Tensor, analytic: &Tensor, loss: impl Fn(&Tensor) -> f64, what: &str) {
+pub fn check(x: &Tensor, analytic: &Tensor, loss: impl Fn(&Tensor) -> f64, what: &str) {
     let eps = 1e-6;
     let flat = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let grad = analytic.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -77,7 +77,7 @@ fn check(x: &Tensor, analytic: &Tensor, loss: impl Fn(&Tensor) -> f64, what: &st
     );
 }
 
-fn weighted_sum(y: &Tensor, r: &Tensor) -> f64 {
+pub fn weighted_sum(y: &Tensor, r: &Tensor) -> f64 {
     (y * r)
         .unwrap()
         .sum_all()
@@ -192,9 +192,10 @@ fn attention_backward_matches_finite_differences() {
             let mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 1, 1]], &DEV).unwrap();
             let bias = mask_bias(&mask, DType::F64).unwrap();
             let r = randn(&[2 * 4, heads * k], 4);
-            let (_, saved) = attention_forward(&qkv, &bias, shape).unwrap();
-            let d_qkv = attention_backward(&r, &saved, shape).unwrap();
-            let out = |x: &Tensor| weighted_sum(&attention_forward(x, &bias, shape).unwrap().0, &r);
+            let (_, saved) = attention_forward(&qkv, &bias, shape, None).unwrap();
+            let d_qkv = attention_backward(&r, &saved, shape).unwrap().0;
+            let out =
+                |x: &Tensor| weighted_sum(&attention_forward(x, &bias, shape, None).unwrap().0, &r);
             check(
                 &qkv,
                 &d_qkv,
@@ -232,8 +233,8 @@ fn attention_at_the_read_rows_is_full_attention_there() {
             "{heads}/{kv_heads} causal {causal}, {} reads",
             at.dim(0).unwrap()
         );
-        let (full, full_saved) = attention_forward(&qkv, &bias, shape).unwrap();
-        let (read, saved) = attention_at_forward(&qkv, &bias, shape, &at).unwrap();
+        let (full, full_saved) = attention_forward(&qkv, &bias, shape, None).unwrap();
+        let (read, saved) = attention_at_forward(&qkv, &bias, shape, None, &at).unwrap();
         let diff = crate::max_abs_diff(&full.index_select(&at, 0).unwrap(), &read);
         assert!(diff < 1e-12, "{what}: forward {diff:e}");
 
@@ -242,12 +243,18 @@ fn attention_at_the_read_rows_is_full_attention_there() {
             .unwrap()
             .index_add(&at, &r, 0)
             .unwrap();
-        let d_full = attention_backward(&r_everywhere, &full_saved, shape).unwrap();
-        let d_read = attention_backward(&r, &saved, shape).unwrap();
+        let d_full = attention_backward(&r_everywhere, &full_saved, shape)
+            .unwrap()
+            .0;
+        let d_read = attention_backward(&r, &saved, shape).unwrap().0;
         let diff = crate::max_abs_diff(&d_full, &d_read);
         assert!(diff < 1e-12, "{what}: backward {diff:e}");
-        let out =
-            |x: &Tensor| weighted_sum(&attention_at_forward(x, &bias, shape, &at).unwrap().0, &r);
+        let out = |x: &Tensor| {
+            weighted_sum(
+                &attention_at_forward(x, &bias, shape, None, &at).unwrap().0,
+                &r,
+            )
+        };
         check(
             &qkv,
             &d_read,
@@ -333,8 +340,8 @@ fn fused_attention_matches_composed() {
         )
         .unwrap();
         let bias = mask_bias(&mask, DType::F64).unwrap();
-        let (fused, _) = attention_forward(&qkv, &bias, shape).unwrap();
-        let (composed, _) = with_composed(|| attention_forward(&qkv, &bias, shape).unwrap());
+        let (fused, _) = attention_forward(&qkv, &bias, shape, None).unwrap();
+        let (composed, _) = with_composed(|| attention_forward(&qkv, &bias, shape, None).unwrap());
         let diff = crate::max_abs_diff(&fused, &composed);
         assert!(diff < 1e-12, "{heads}/{kv_heads} causal {causal}: {diff:e}");
     }
@@ -364,10 +371,10 @@ fn blocked_attention_matches_composed_over_several_blocks() {
         let bias = mask_bias(&mask, DType::F64).unwrap();
         let dcontext = randn(&[batch * seq, heads * 4], 6);
         let run = || {
-            let (context, saved) = attention_forward(&qkv, &bias, shape).unwrap();
+            let (context, saved) = attention_forward(&qkv, &bias, shape, None).unwrap();
             (
                 context,
-                attention_backward(&dcontext, &saved, shape).unwrap(),
+                attention_backward(&dcontext, &saved, shape).unwrap().0,
             )
         };
         let (fused, composed) = (run(), with_composed(run));
@@ -501,6 +508,7 @@ fn bert_backward_matches_finite_differences() {
                     attention_mask: &mask,
                     token_type_ids: &types,
                     reads: None,
+                    prefix: None,
                 })
                 .unwrap();
             weighted_sum(&hidden, &r)
@@ -511,9 +519,10 @@ fn bert_backward_matches_finite_differences() {
                 attention_mask: &mask,
                 token_type_ids: &types,
                 reads: None,
+                prefix: None,
             })
             .unwrap();
-        let d_embeds = bert.backward(&r, acts).unwrap();
+        let d_embeds = bert.backward(&r, acts).unwrap().embeds;
         check(&embeds, &d_embeds, input, &format!("bert ({path})"));
     });
 }
@@ -539,15 +548,17 @@ fn check_backbone<B: Backbone>(backbone: &B, what: &str) {
         attention_mask: &mask,
         token_type_ids: &types,
         reads: None,
+        prefix: None,
     };
     let (_, acts) = backbone.forward_train(&input).unwrap();
-    let d_embeds = backbone.backward(&r, acts).unwrap();
+    let d_embeds = backbone.backward(&r, acts).unwrap().embeds;
     let loss = |e: &Tensor| {
         let hidden = backbone.forward(&BackboneInput {
             embeds: e,
             attention_mask: &mask,
             token_type_ids: &types,
             reads: None,
+            prefix: None,
         });
         weighted_sum(&hidden.unwrap(), &r)
     };
@@ -598,7 +609,7 @@ fn shallow(prompt: &Tensor) -> TrainablePrompt {
 }
 
 /// The gradients of every encoder weight (P-tuning's MLP and LSTM, the residual MLP and its
-/// LayerNorm) and of the table under them: ∂L/∂P from the backbone's backward, then the
+/// LayerNorm, the prefix's projection through every layer's keys and values) and of the table under them: ∂L/∂P from the backbone's backward, then the
 /// encoder's tape, against finite differences of the classifier's mean cross-entropy.
 #[test]
 fn encoded_prompt_gradients_match_finite_differences() {
@@ -619,11 +630,14 @@ fn encoded_prompt_gradients_match_finite_differences() {
         (Method::PTuning, EncoderKind::Mlp, 5),
         (Method::PTuning, EncoderKind::Lstm, 3),
         (Method::Residual, EncoderKind::Mlp, 4),
+        (Method::Prefix, EncoderKind::Mlp, 5),
     ];
     for (method, kind, hidden) in cases {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let table = randn(&[3, 16], 7);
-        let encoder = PromptEncoder::init(method, kind, hidden, &table, &mut rng).unwrap();
+        // a prefix: the tiny BERT's 2 layers' keys and values, 2·2·16 a position
+        let width = if method == Method::Prefix { 64 } else { 16 };
+        let encoder = PromptEncoder::init(method, kind, hidden, width, &table, &mut rng).unwrap();
         let model = tiny_classifier(Pool::Mean, TrainablePrompt::Encoded(encoder));
         let (_, grads) = model.loss_and_grads(&batch).unwrap();
         let names = model.param_names();

@@ -8,6 +8,7 @@ mod inference;
 mod models;
 mod parity;
 mod peft;
+mod prefix;
 mod prompt_init;
 mod tokenize;
 

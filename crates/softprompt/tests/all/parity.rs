@@ -47,6 +47,7 @@ fn hidden<B: Backbone>(
             attention_mask: &mask,
             token_type_ids: &types,
             reads: None,
+            prefix: None,
         })
         .unwrap()
 }
@@ -149,9 +150,10 @@ fn fused_kernels_match_the_composed_reference_on_minilm() {
             attention_mask: &mask,
             token_type_ids: &types,
             reads: None,
+            prefix: None,
         };
         let (hidden, acts) = bert.forward_train(&input).unwrap();
-        (hidden, bert.backward(&upstream, acts).unwrap())
+        (hidden, bert.backward(&upstream, acts).unwrap().embeds)
     };
     let (hidden, d_embeds) = run();
     let (hidden_ref, d_embeds_ref) = softprompt::kernels::with_composed(run);

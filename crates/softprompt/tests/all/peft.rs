@@ -82,7 +82,9 @@ fn p_tuning_encoders_match_peft() {
     for (kind, hidden) in [(EncoderKind::Mlp, 8), (EncoderKind::Lstm, 5)] {
         let table = &tensors[&format!("{kind}.embedding.weight")];
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let encoder = PromptEncoder::init(Method::PTuning, kind, hidden, table, &mut rng).unwrap();
+        let width = table.dim(1).unwrap();
+        let encoder =
+            PromptEncoder::init(Method::PTuning, kind, hidden, width, table, &mut rng).unwrap();
         let params = encoder.named_params();
         assert_eq!(
             params.len() + 1,

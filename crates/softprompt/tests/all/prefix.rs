@@ -1,0 +1,215 @@
+//! Prefix tuning: keys and values in front of every layer's attention. Their gradient through
+//! every layer matches finite differences; a decoder reads a prefix in a rows pass exactly as it
+//! reads it from its cache in generation; adapters PEFT wrote give PEFT's (transformers') logits.
+
+use crate::generation::tiny_decoders;
+use crate::gradients::{check, on_both_paths, randn, tiny_bert, weighted_sum};
+use crate::{fixtures, max_abs_diff};
+use candle_core::{DType, Device, Tensor};
+use softprompt::adapter::{Adapter, AdapterHead, PeftType};
+use softprompt::backbone::any::AnyBackbone;
+use softprompt::backbone::{Backbone, BackboneInput, KvCache, Prefix};
+use softprompt::batch::Padding;
+use softprompt::files::load_tensors;
+use softprompt::inference::{classify_rows, LoadedAdapter};
+use softprompt::model::Model;
+use softprompt::prompt_encoder::Method;
+use softprompt::task::classify::Pool;
+
+const DEV: Device = Device::Cpu;
+
+/// Finite differences of Σ hidden ⊙ R with respect to the prefix's keys and values (every
+/// layer's) and to the input embeddings, for two rows: row 0 reads two of its three prefix
+/// positions and has padding, row 1 reads all three (a mixed batch's rows differ).
+fn check_prefix<B: Backbone>(backbone: &B, layers: usize, kv_width: usize, what: &str) {
+    let embeds = randn(&[2, 5, 16], 1);
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &DEV).unwrap();
+    let types = mask.zeros_like().unwrap();
+    let prefix_mask = Tensor::new(&[[1u32, 1, 0], [1, 1, 1]], &DEV).unwrap();
+    let kv = randn(&[2, 3, layers * 2 * kv_width], 5);
+    let r = randn(&[2, 5, 16], 2);
+    let hidden = |embeds: &Tensor, kv: &Tensor| {
+        let prefix = Prefix {
+            kv: kv.clone(),
+            mask: prefix_mask.clone(),
+        };
+        let input = BackboneInput {
+            embeds,
+            attention_mask: &mask,
+            token_type_ids: &types,
+            reads: None,
+            prefix: Some(&prefix),
+        };
+        weighted_sum(&backbone.forward(&input).unwrap(), &r)
+    };
+    let prefix = Prefix {
+        kv: kv.clone(),
+        mask: prefix_mask.clone(),
+    };
+    let input = BackboneInput {
+        embeds: &embeds,
+        attention_mask: &mask,
+        token_type_ids: &types,
+        reads: None,
+        prefix: Some(&prefix),
+    };
+    let (_, acts) = backbone.forward_train(&input).unwrap();
+    let grads = backbone.backward(&r, acts).unwrap();
+    let d_prefix = grads.prefix.expect("a prefix's gradient");
+    check(
+        &kv,
+        &d_prefix,
+        |x| hidden(&embeds, x),
+        &format!("{what} prefix"),
+    );
+    check(
+        &embeds,
+        &grads.embeds,
+        |x| hidden(x, &kv),
+        &format!("{what} embeds"),
+    );
+    // the masked-out prefix position gets no gradient
+    let unread = d_prefix.narrow(0, 0, 1).unwrap().narrow(1, 2, 1).unwrap();
+    assert_eq!(
+        crate::max_abs(&unread),
+        0.0,
+        "{what}: an unread prefix position moved"
+    );
+}
+
+#[test]
+fn prefix_gradients_match_finite_differences_through_every_layer() {
+    on_both_paths(|path| {
+        check_prefix(&tiny_bert(DType::F64), 2, 16, &format!("bert ({path})"));
+        for (name, backbone) in tiny_decoders() {
+            let shape = backbone.shape();
+            let what = format!("{name} ({path})");
+            check_prefix(&backbone, shape.layers, shape.kv_width(), &what);
+        }
+    });
+}
+
+/// A decoder's rows pass with a prefix computes what generation computes from the same prefix as
+/// its cache: the same layout, and the input's positions counted on from the prefix's.
+#[test]
+fn a_decoder_reads_a_prefix_as_its_cache() {
+    for (name, backbone) in tiny_decoders() {
+        let shape = backbone.shape();
+        let kv = randn(&[3, shape.prefix_width()], 7);
+        let embeds = randn(&[4, 16], 8);
+        let mask = Tensor::ones((1, 4), DType::U32, &DEV).unwrap();
+        let prefix = Prefix {
+            kv: kv.unsqueeze(0).unwrap(),
+            mask: Tensor::ones((1, 3), DType::U32, &DEV).unwrap(),
+        };
+        let rows = backbone
+            .forward(&BackboneInput {
+                embeds: &embeds.unsqueeze(0).unwrap(),
+                attention_mask: &mask,
+                token_type_ids: &mask.zeros_like().unwrap(),
+                reads: None,
+                prefix: Some(&prefix),
+            })
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let mut cache = KvCache::from_prefix(&kv, shape.layers, shape.kv_heads).unwrap();
+        assert_eq!(cache.len(), 3);
+        let cached = backbone
+            .decoder()
+            .unwrap()
+            .extend(&embeds, &mut cache)
+            .unwrap();
+        let diff = max_abs_diff(&rows, &cached);
+        assert!(diff < 1e-10, "{name}: rows pass vs cache {diff:e}");
+    }
+}
+
+/// PEFT's PREFIX_TUNING adapters for the tiny BERT (written through PEFT's projection MLP: the
+/// file holds its output) and the tiny GPT-2 and grouped-query Llama give the reference logits.
+#[test]
+fn peft_written_prefix_adapters_give_peft_logits() {
+    let (reference, meta) = load_tensors(
+        &fixtures().join("peft_tiny_prefix_logits.safetensors"),
+        &DEV,
+    )
+    .unwrap();
+
+    let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &DEV).unwrap();
+    let adapter = Adapter::load(&fixtures().join("peft-tiny-prefix-bert"), 16, &DEV).unwrap();
+    assert_eq!(adapter.config.peft_type, PeftType::PrefixTuning);
+    assert_eq!(adapter.method, Method::Prefix);
+    assert!(matches!(
+        adapter.head,
+        AdapterHead::Linear {
+            pool: Pool::Pooler,
+            ..
+        }
+    ));
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let encoder = model.encoder(3, None).unwrap();
+    let data: Vec<_> = texts
+        .iter()
+        .map(|t| encoder.encode(t, None).unwrap())
+        .collect();
+    let loaded = LoadedAdapter::new(&model, &adapter).unwrap();
+    for padding in [Padding::Right, Padding::Left] {
+        let rows: Vec<_> = data.iter().map(|e| (&loaded, e)).collect();
+        let logits = classify_rows(&model.backbone, &rows, padding, &DEV).unwrap();
+        let ours = Tensor::from_vec(logits.concat(), (texts.len(), 2), &DEV).unwrap();
+        let err = max_abs_diff(&ours, &reference["bert.logits"]);
+        assert!(err < 1e-4, "bert ({padding:?}): logits differ by {err:e}");
+    }
+
+    let (ids, mask) = (&reference["ids"], &reference["mask"]);
+    let (ids, mask) = (
+        ids.to_dtype(DType::U32).unwrap(),
+        mask.to_dtype(DType::U32).unwrap(),
+    );
+    for (name, backbone) in tiny_decoders() {
+        let dir = fixtures().join(format!("peft-tiny-prefix-{name}"));
+        let adapter = Adapter::load(&dir, 16, &DEV).unwrap();
+        adapter.fits(&backbone).unwrap();
+        let prefix = adapter.prompt.to_dtype(DType::F64).unwrap();
+        let logits = decoder_logits(&backbone, &prefix, &ids, &mask);
+        // PEFT's logits at padding positions are not compared: nothing reads them
+        let real = mask.to_dtype(DType::F64).unwrap().unsqueeze(2).unwrap();
+        let masked = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .broadcast_mul(&real)
+                .unwrap()
+        };
+        let err = max_abs_diff(
+            &masked(&logits),
+            &masked(&reference[&format!("{name}.logits")]),
+        );
+        assert!(err < 1e-4, "{name}: logits differ by {err:e}");
+    }
+}
+
+/// Next-token logits [B, S, V] of ids and mask [B, S] behind a prefix [P, L·2·Hkv·K].
+fn decoder_logits(backbone: &AnyBackbone, prefix: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
+    let (b, s) = ids.dims2().unwrap();
+    let p = prefix.dim(0).unwrap();
+    let prefix = Prefix {
+        kv: prefix.unsqueeze(0).unwrap().repeat((b, 1, 1)).unwrap(),
+        mask: Tensor::ones((b, p), DType::U32, &DEV).unwrap(),
+    };
+    let hidden = backbone
+        .forward(&BackboneInput {
+            embeds: &backbone.embed_tokens(ids).unwrap(),
+            attention_mask: mask,
+            token_type_ids: &mask.zeros_like().unwrap(),
+            reads: None,
+            prefix: Some(&prefix),
+        })
+        .unwrap();
+    let d = hidden.dim(2).unwrap();
+    let head = backbone.decoder().unwrap();
+    head.lm_head()
+        .apply(&hidden.reshape((b * s, d)).unwrap())
+        .unwrap()
+        .reshape((b, s, ()))
+        .unwrap()
+}
