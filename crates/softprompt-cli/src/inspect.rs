@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Serialize;
 use softprompt::adapter::Adapter;
 use softprompt::backbone::Backbone;
-use softprompt::prompt::nearest_tokens;
+use softprompt::prompt::{nearest_tokens, Placement};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -39,6 +39,17 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let d = model.backbone.hidden_size();
     let adapter = Adapter::load(&args.adapter, d, &Device::Cpu)?;
+    adapter.fits(&model.backbone)?;
+    if adapter.method.placement() == Placement::Prefix {
+        let shape = model.backbone.shape();
+        eprintln!(
+            "{}: a prefix of {} positions of keys and values at each of {} layers (--method prefix): they are not word vectors, so they have no nearest tokens",
+            args.adapter.display(),
+            adapter.prompt.dim(0)?,
+            shape.layers
+        );
+        return Ok(());
+    }
     // stderr, so that stdout stays one line per vector
     eprintln!(
         "{}: {} prompt vectors, trained with --method {}",

@@ -56,13 +56,16 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = defaults().num_virtual_tokens)]
     num_virtual_tokens: usize,
     /// What training moves to make the prompt: prompt (its vectors), p-tuning (an encoder's
-    /// weights; PEFT's P_TUNING), residual (the vectors plus a LayerNorm-ed bottleneck MLP of them).
+    /// weights; PEFT's P_TUNING), residual (the vectors plus a LayerNorm-ed bottleneck MLP of them),
+    /// prefix (keys and values in front of every layer's attention, computed by PEFT's projection
+    /// MLP from the init's vectors; PEFT's PREFIX_TUNING).
     #[arg(long, default_value_t = defaults().method)]
     method: Method,
     /// --method p-tuning's encoder: mlp or lstm (PEFT's encoder_reparameterization_type).
     #[arg(long, default_value_t = defaults().encoder)]
     encoder: EncoderKind,
-    /// The encoder's hidden units (the residual bottleneck) [default: the model's hidden size].
+    /// The encoder's hidden units (the residual bottleneck, the prefix's projection) [default: the
+    /// model's hidden size].
     #[arg(long)]
     encoder_hidden_size: Option<usize>,
     /// Prompt initialisation (an encoder's input table): uniform, normal, vocab, text, labels.

@@ -424,7 +424,7 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
 /// state (the adapter holds only the encoder's output).
 #[test]
 fn ctrl_c_checkpoints_at_its_step_and_resume_continues_exactly() {
-    let methods: [&[&str]; 4] = [
+    let methods: [&[&str]; 5] = [
         &[],
         &["--method", "p-tuning", "--encoder-hidden-size", "8"],
         &[
@@ -436,6 +436,7 @@ fn ctrl_c_checkpoints_at_its_step_and_resume_continues_exactly() {
             "4",
         ],
         &["--method", "residual", "--encoder-hidden-size", "8"],
+        &["--method", "prefix", "--encoder-hidden-size", "8"],
     ];
     for method in methods {
         ctrl_c_then_resume(method);
@@ -496,17 +497,18 @@ fn ctrl_c_then_resume(method: &[&str]) {
     );
 }
 
-/// P-tuning and the residual method train on the tiny model and learn the toy task; their
-/// adapters say what they are in PEFT's terms (P_TUNING with its encoder's fields; the residual
-/// prompt as PROMPT_TUNING) and load in eval, predict and inspect like any prompt; the
-/// checkpoint keeps the encoder's weights under PEFT's names.
+/// P-tuning, the residual method and prefix tuning train on the tiny model and learn the toy
+/// task; their adapters say what they are in PEFT's terms (P_TUNING with its encoder's fields; the
+/// residual prompt as PROMPT_TUNING; PREFIX_TUNING with the key/value width) and load in eval,
+/// predict and inspect like any prompt; the checkpoint keeps the encoder's weights under PEFT's
+/// names.
 #[test]
 fn every_method_trains_and_its_adapter_loads_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (train, dev) = toy_data(dir);
     let model = tiny_model().display().to_string();
-    let cases: [(&[&str], &str, &str, &str); 3] = [
+    let cases: [(&[&str], &str, &str, &str); 4] = [
         (
             &["--method", "p-tuning", "--encoder-hidden-size", "8"],
             "P_TUNING",
@@ -524,6 +526,12 @@ fn every_method_trains_and_its_adapter_loads_everywhere() {
             "PROMPT_TUNING",
             "residual",
             "prompt_encoder.residual_mlp.3.weight",
+        ),
+        (
+            &["--method", "prefix", "--encoder-hidden-size", "8"],
+            "PREFIX_TUNING",
+            "prefix",
+            "prompt_encoder.transform.2.weight",
         ),
     ];
     for (i, (method, peft_type, name, tensor)) in cases.into_iter().enumerate() {
@@ -557,6 +565,13 @@ fn every_method_trains_and_its_adapter_loads_everywhere() {
             );
             assert!(config.get("prompt_tuning_init").is_none(), "{config}");
         }
+        if peft_type == "PREFIX_TUNING" {
+            // the tiny BERT: 2 layers of 16-wide keys and values, read by PEFT without its projection
+            assert_eq!(config["token_dim"], 16, "{config}");
+            assert_eq!(config["num_layers"], 2, "{config}");
+            assert_eq!(config["prefix_projection"], false, "{config}");
+            assert!(config.get("prompt_tuning_init").is_none(), "{config}");
+        }
         let extra_file = std::fs::read_to_string(Path::new(&out).join("softprompt.json")).unwrap();
         assert!(
             extra_file.contains(&format!("\"method\": \"{name}\"")),
@@ -588,16 +603,22 @@ fn every_method_trains_and_its_adapter_loads_everywhere() {
             "{method:?}: {report}"
         );
         let inspected = run(&["inspect", "--adapter", &out, "--model", &model]);
-        assert_eq!(
-            stdout(&inspected).lines().count(),
-            4,
-            "one line per prompt vector"
-        );
+        assert!(inspected.status.success(), "{}", stderr(&inspected));
         let said = stderr(&inspected);
-        assert!(
-            said.contains(&format!("trained with --method {name}")),
-            "{said}"
-        );
+        if peft_type == "PREFIX_TUNING" {
+            assert!(said.contains("a prefix of 4 positions"), "{said}");
+            assert_eq!(stdout(&inspected), "", "no word vectors to show");
+        } else {
+            assert_eq!(
+                stdout(&inspected).lines().count(),
+                4,
+                "one line per prompt vector"
+            );
+            assert!(
+                said.contains(&format!("trained with --method {name}")),
+                "{said}"
+            );
+        }
     }
 }
 
@@ -711,7 +732,7 @@ fn bad_input_gets_a_clear_error() {
     );
     fails_with(
         &train_args(&model, &train, &dev, &out, &["--encoder-hidden-size", "8"]),
-        &["--encoder-hidden-size is for --method p-tuning or residual"],
+        &["--encoder-hidden-size is for --method p-tuning, residual or prefix"],
     );
     fails_with(
         &train_args(
@@ -909,17 +930,26 @@ fn tiny_decoder(dir: &Path) -> String {
     model.display().to_string()
 }
 
-/// `--task causal-lm` on a tiny decoder: the prompt learns to write each review's label after it
-/// (its dev loss falls), the adapter is PEFT's CAUSAL_LM prompt alone, eval scores it, generate
-/// writes with it, and classification refuses it by name.
+/// `--task causal-lm` on a tiny decoder: the prompt (and a prefix) learns to write each review's
+/// label after it (its dev loss falls), the adapter is PEFT's CAUSAL_LM prompt alone, eval scores
+/// it, generate writes with it, and classification refuses it by name.
 #[test]
 fn causal_lm_trains_a_prompt_that_writes_targets() {
+    for method in [
+        &[][..],
+        &["--method", "prefix", "--encoder-hidden-size", "8"],
+    ] {
+        causal_lm_writes_targets(method);
+    }
+}
+
+fn causal_lm_writes_targets(method: &[&'static str]) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (train, dev) = toy_data(dir);
     let model = tiny_decoder(dir);
     let out = dir.join("writer").display().to_string();
-    let task = [
+    let mut task = vec![
         "--task",
         "causal-lm",
         "--template",
@@ -935,6 +965,7 @@ fn causal_lm_trains_a_prompt_that_writes_targets() {
         "--patience",
         "0",
     ];
+    task.extend_from_slice(method);
     ok(&train_args(&model, &train, &dev, &out, &task));
 
     let metrics = std::fs::read_to_string(dir.join("writer/metrics.jsonl")).unwrap();
@@ -1017,10 +1048,11 @@ fn causal_lm_trains_a_prompt_that_writes_targets() {
         &["generation adapter"],
     );
     let nearest = ok(&["inspect", "--model", &model, "--adapter", &out]);
+    let vectors = if method.is_empty() { 4 } else { 0 };
     assert_eq!(
         nearest.lines().count(),
-        4,
-        "one line per prompt vector:\n{nearest}"
+        vectors,
+        "one line per prompt vector, none for a prefix:\n{nearest}"
     );
     // a target too long to fit beside the prompt
     let long = dir.join("long.tsv");
