@@ -86,7 +86,7 @@ class Model:
         template: str | None = None,
         label_words: list[str] | None = None,
         num_virtual_tokens: int | None = None,
-        method: Literal["prompt", "p-tuning", "residual"] | None = None,
+        method: Literal["prompt", "p-tuning", "residual", "prefix"] | None = None,
         encoder: Literal["mlp", "lstm"] | None = None,
         encoder_hidden_size: int | None = None,
         init: Literal["uniform", "normal", "vocab", "text", "labels"] | None = None,

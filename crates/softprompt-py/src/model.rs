@@ -224,8 +224,9 @@ impl Model {
     /// resume=True continues exactly.
     ///
     /// An option left None takes the command line's default: task="classify",
-    /// num_virtual_tokens=20, method="prompt" (or "p-tuning", "residual"), encoder="mlp" (or
-    /// "lstm", for p-tuning), encoder_hidden_size=the model's hidden size, init="vocab", pool="mean", optimizer="adamw", lr=1e-2 (adamw) or
+    /// num_virtual_tokens=20, method="prompt" (or "p-tuning", "residual", "prefix"), encoder="mlp"
+    /// (or "lstm", for p-tuning), encoder_hidden_size=the model's hidden size, init="vocab",
+    /// pool="mean", optimizer="adamw", lr=1e-2 (adamw; 1e-3 for a prefix) or
     /// 0.3 (adafactor), weight_decay=0, schedule="linear", warmup_steps=0, epochs=3,
     /// min_steps=300, batch_size=32, padding_side="right", max_grad_norm=1.0 (0: no clipping),
     /// eval_every=four times an epoch, patience=4 (0: never stop early), seed=0.

@@ -213,3 +213,50 @@ fn decoder_logits(backbone: &AnyBackbone, prefix: &Tensor, ids: &Tensor, mask: &
         .reshape((b, s, ()))
         .unwrap()
 }
+
+/// One pass over rows of a prompt adapter and of two prefix adapters of different lengths gives
+/// each row the logits it gets in a batch of its own (the server's mixed batches), with either
+/// padding.
+#[test]
+fn a_batch_mixing_prompt_and_prefix_adapters_gives_each_row_its_own_answer() {
+    let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &DEV).unwrap();
+    let load = |dir: &str| Adapter::load(&fixtures().join(dir), 16, &DEV).unwrap();
+    let prompt = LoadedAdapter::new(&model, &load("peft-tiny-adapter")).unwrap();
+    let prefix = LoadedAdapter::new(&model, &load("peft-tiny-prefix-bert")).unwrap();
+    let shorter = LoadedAdapter {
+        prompt: prefix.prompt.narrow(0, 1, 2).unwrap(),
+        placement: prefix.placement,
+        head: prefix.head.clone(),
+        labels: prefix.labels.clone(),
+        template: None,
+    };
+    let encoder = model.encoder(4, None).unwrap();
+    let texts = [
+        "a good movie",
+        "the plot was dull and boring",
+        "i love this great film",
+    ];
+    let data: Vec<_> = texts
+        .iter()
+        .map(|t| encoder.encode(t, None).unwrap())
+        .collect();
+    let rows = [
+        (&prefix, &data[0]),
+        (&prompt, &data[1]),
+        (&shorter, &data[2]),
+        (&prompt, &data[0]),
+        (&shorter, &data[1]),
+        (&prefix, &data[2]),
+    ];
+    for padding in [Padding::Right, Padding::Left] {
+        let mixed = classify_rows(&model.backbone, &rows, padding, &DEV).unwrap();
+        for (row, logits) in rows.iter().zip(&mixed) {
+            let alone = classify_rows(&model.backbone, &[*row], padding, &DEV).unwrap();
+            let diff = logits
+                .iter()
+                .zip(&alone[0])
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff < 1e-5, "{padding:?}: mixed vs alone {diff:e}");
+        }
+    }
+}
