@@ -17,8 +17,12 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// Two adapters for the tiny model: PEFT's own ("peft") and one with 3 vectors, 3 labels, mean pooling.
+/// Three adapters for the tiny model: PEFT's own ("peft"), one with 3 vectors, 3 labels, mean
+/// pooling ("three"), and PEFT's prefix-tuning adapter ("prefix": keys and values at every layer).
 fn adapters_dir(dir: &Path) {
+    let prefix =
+        Adapter::load(&fixtures().join("peft-tiny-prefix-bert"), 16, &Device::Cpu).unwrap();
+    prefix.save(&dir.join("prefix")).unwrap();
     let peft = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
     peft.save(&dir.join("peft")).unwrap();
     let mut other = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
@@ -123,7 +127,7 @@ fn endpoints_and_error_codes() {
         .iter()
         .map(|a| a["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["peft", "three"]);
+    assert_eq!(names, ["peft", "prefix", "three"]);
 
     let (status, body) = http(
         &address,
@@ -192,7 +196,7 @@ fn endpoints_and_error_codes() {
         "softprompt_batch_rows_count 2",
         "softprompt_batch_rows_sum 3",
         "softprompt_queue_depth 0",
-        "softprompt_adapters 2",
+        "softprompt_adapters 3",
     ] {
         assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
     }
@@ -248,7 +252,7 @@ fn a_mixed_batch_answers_each_request_as_alone() {
         "bad",
     ];
     let requests: Vec<(String, &str)> = (0..8)
-        .map(|i| (["peft", "three"][i % 2].to_string(), texts[i % 4]))
+        .map(|i| (["peft", "three", "prefix"][i % 3].to_string(), texts[i % 4]))
         .collect();
     let (answers, batches) = send_concurrently(&mixed, &requests);
     assert!(
@@ -257,8 +261,8 @@ fn a_mixed_batch_answers_each_request_as_alone() {
     );
     let (unmixed_answers, unmixed_batches) = send_concurrently(&unmixed, &requests);
     assert!(
-        (2..8).contains(&unmixed_batches),
-        "without mixing, 8 requests for 2 adapters took {unmixed_batches} batches"
+        (3..8).contains(&unmixed_batches),
+        "without mixing, 8 requests for 3 adapters took {unmixed_batches} batches"
     );
 
     let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
@@ -876,7 +880,7 @@ fn hostile_requests_are_bounded_and_answered_in_json() {
         .collect();
     assert_eq!(
         names,
-        ["peft", "three"],
+        ["peft", "prefix", "three"],
         "a link out of the directory is not served"
     );
     expect_error(
