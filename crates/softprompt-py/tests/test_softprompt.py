@@ -58,7 +58,8 @@ def test_train_evaluate_predict_round_trip(model, trained, tmp_path):
     assert both["scores"] == pytest.approx(answers[0]["scores"])
 
 
-@pytest.mark.parametrize("method", [{}, {"method": "p-tuning", "encoder_hidden_size": 8}, {"method": "residual"}])
+@pytest.mark.parametrize("method", [{}, {"method": "p-tuning", "encoder_hidden_size": 8}, {"method": "residual"},
+                                    {"method": "prefix", "encoder_hidden_size": 8}])
 def test_the_same_seed_gives_the_cli_adapter_bytes(model, tiny_bert, cli, tmp_path, method):
     train = write_tsv(tmp_path / "train.tsv", toy_rows())
     dev = write_tsv(tmp_path / "dev.tsv", dev_rows())
