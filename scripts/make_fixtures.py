@@ -156,20 +156,28 @@ def randomize(module: torch.nn.Module, std: float) -> None:
             p.normal_(0.0, std)
 
 
+def random_seq_cls_adapter(base_dir: Path, config, seed: int, out: Path):
+    """A SEQ_CLS adapter of `config` on the tiny BERT with random weights (its encoder and head),
+    saved by PEFT to `out`; returns the PEFT model."""
+    from peft import get_peft_model
+
+    model = BertForSequenceClassification.from_pretrained(base_dir).eval()
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    randomize(peft_model.prompt_encoder["default"], 0.5)
+    randomize(peft_model.base_model.classifier.modules_to_save["default"], 0.5)
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    return peft_model
+
+
 def p_tuning(base_dir: Path) -> None:
     """PEFT's P_TUNING: an adapter it trains-and-saves (the encoder's output as prompt_embeddings),
     and the PromptEncoder's weights with its output, for the encoder's parity."""
-    from peft import PromptEncoder, PromptEncoderConfig, TaskType, get_peft_model
+    from peft import PromptEncoder, PromptEncoderConfig, TaskType
 
-    model = BertForSequenceClassification.from_pretrained(base_dir).eval()
     config = PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, encoder_hidden_size=8)
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(3)
-    randomize(peft_model.prompt_encoder["default"], 0.5)
-    randomize(peft_model.base_model.classifier.modules_to_save["default"], 0.5)
-    out = FIX / "peft-tiny-p-tuning"
-    shutil.rmtree(out, ignore_errors=True)
-    peft_model.save_pretrained(out)
+    peft_model = random_seq_cls_adapter(base_dir, config, 3, FIX / "peft-tiny-p-tuning")
     peft_model.eval()
     save_file({"logits": peft_logits(peft_model, base_dir)}, FIX / "peft_tiny_p_tuning_logits.safetensors",
               metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
@@ -228,16 +236,10 @@ def prefix_tuning() -> None:
     from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = BertForSequenceClassification.from_pretrained(FIX / "tiny-bert").eval()
     config = PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=3, prefix_projection=True,
                                 encoder_hidden_size=8)
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(11)
-    randomize(peft_model.prompt_encoder["default"], 0.5)
-    randomize(peft_model.base_model.classifier.modules_to_save["default"], 0.5)
     out = FIX / "peft-tiny-prefix-bert"
-    shutil.rmtree(out, ignore_errors=True)
-    peft_model.save_pretrained(out)
+    random_seq_cls_adapter(FIX / "tiny-bert", config, 11, out)
     # PEFT writes the adapter but refuses to run prefix tuning on BERT under transformers 5 ("Model does
     # not support past key values"), so BERT's logits are transformers' own, given the adapter's prefix
     # as its cache the way PEFT gives a decoder's (keys then values per layer, the mask extended, the
