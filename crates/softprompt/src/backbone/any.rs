@@ -148,11 +148,29 @@ impl Backbone for AnyBackbone {
         })
     }
 
-    fn backward(&self, d_hidden: &Tensor, activations: AnyActivations) -> Result<InputGradients> {
+    fn backward(
+        &self,
+        d_hidden: &Tensor,
+        activations: AnyActivations,
+        d_kv: Option<&Tensor>,
+    ) -> Result<InputGradients> {
         match (self, activations) {
-            (Self::Bert(b), AnyActivations::Bert(a)) => b.backward(d_hidden, a),
-            (Self::Gpt2(b), AnyActivations::Gpt2(a)) => b.backward(d_hidden, a),
-            (Self::Llama(b), AnyActivations::Llama(a)) => b.backward(d_hidden, a),
+            (Self::Bert(b), AnyActivations::Bert(a)) => b.backward(d_hidden, a, d_kv),
+            (Self::Gpt2(b), AnyActivations::Gpt2(a)) => b.backward(d_hidden, a, d_kv),
+            (Self::Llama(b), AnyActivations::Llama(a)) => b.backward(d_hidden, a, d_kv),
+            _ => candle_core::bail!("activations of another architecture"),
+        }
+    }
+
+    fn shares_prompt(&self) -> bool {
+        each!(self, b => b.shares_prompt())
+    }
+
+    fn keys_values(&self, activations: &AnyActivations) -> Result<Tensor> {
+        match (self, activations) {
+            (Self::Bert(b), AnyActivations::Bert(a)) => b.keys_values(a),
+            (Self::Gpt2(b), AnyActivations::Gpt2(a)) => b.keys_values(a),
+            (Self::Llama(b), AnyActivations::Llama(a)) => b.keys_values(a),
             _ => candle_core::bail!("activations of another architecture"),
         }
     }

@@ -252,6 +252,7 @@ impl Block for BertLayer {
         saved: &BertLayerSaved,
         shape: AttentionShape,
         _positions: Positions,
+        d_kv: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let read = saved.read.as_ref();
         let dy = rows_read(dy, read)?;
@@ -263,10 +264,15 @@ impl Block for BertLayer {
             .attention_layer_norm
             .backward(&d_h1, &saved.attention_ln)?;
         let d_context = self.attention_output.backward(&d_sum1)?;
-        let (d_qkv, d_prefix) = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
+        let (d_qkv, d_prefix) =
+            attention_backward(&d_context, kept(&saved.attention)?, shape, d_kv)?;
         let rows = d_qkv.dim(0)?;
         let dx = (self.qkv.backward(&d_qkv)? + spread(d_sum1, read, rows)?)?;
         Ok((dx, d_prefix))
+    }
+
+    fn attention(saved: &BertLayerSaved) -> &Option<AttentionSaved> {
+        &saved.attention
     }
 }
 
@@ -393,7 +399,12 @@ impl Backbone for Bert {
         &self.embeddings.word_embeddings
     }
 
-    fn backward(&self, d_hidden: &Tensor, activations: BertActivations) -> Result<InputGradients> {
+    fn backward(
+        &self,
+        d_hidden: &Tensor,
+        activations: BertActivations,
+        d_kv: Option<&Tensor>,
+    ) -> Result<InputGradients> {
         let (b, s, d) = activations.shape;
         let dx = d_hidden.reshape((b * s, d))?;
         let shape = self.attention_shape(b, s);
@@ -403,6 +414,7 @@ impl Backbone for Bert {
             &activations.layers,
             shape,
             Positions::From(0),
+            super::flat(d_kv)?.as_ref(),
         )?;
         let embeds = self
             .embeddings

@@ -158,6 +158,7 @@ impl Block for Gpt2Block {
         saved: &Gpt2BlockSaved,
         shape: AttentionShape,
         _positions: Positions,
+        d_kv: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let d_fc = gelu_tanh_backward(&self.mlp_proj.backward(dy)?, &saved.gelu)?;
         let dx1 = (dy
@@ -165,12 +166,17 @@ impl Block for Gpt2Block {
                 .ln_2
                 .backward(&self.c_fc.backward(&d_fc)?, &saved.ln_2)?)?;
         let d_context = self.attn_proj.backward(&dx1)?;
-        let (d_qkv, d_prefix) = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
+        let (d_qkv, d_prefix) =
+            attention_backward(&d_context, kept(&saved.attention)?, shape, d_kv)?;
         let dx = (&dx1
             + self
                 .ln_1
                 .backward(&self.c_attn.backward(&d_qkv)?, &saved.ln_1)?)?;
         Ok((dx, d_prefix))
+    }
+
+    fn attention(saved: &Gpt2BlockSaved) -> &Option<AttentionSaved> {
+        &saved.attention
     }
 }
 
@@ -287,9 +293,24 @@ impl Backbone for Gpt2 {
         &self.wte
     }
 
+    fn shares_prompt(&self) -> bool {
+        true
+    }
+
+    fn keys_values(&self, activations: &Gpt2Activations) -> Result<Tensor> {
+        let (b, s, _) = activations.shape;
+        let kv = stack::keys_values::<Gpt2Block>(&activations.blocks, self.attention_shape(b, s))?;
+        kv.reshape((b, s, ()))
+    }
+
     /// The position embeddings are constants, so the gradient to the input embeddings is the
     /// residual stream's gradient at the bottom.
-    fn backward(&self, d_hidden: &Tensor, activations: Gpt2Activations) -> Result<InputGradients> {
+    fn backward(
+        &self,
+        d_hidden: &Tensor,
+        activations: Gpt2Activations,
+        d_kv: Option<&Tensor>,
+    ) -> Result<InputGradients> {
         let (b, s, d) = activations.shape;
         let dx = self
             .ln_f
@@ -301,6 +322,7 @@ impl Backbone for Gpt2 {
             &activations.blocks,
             shape,
             Positions::From(0),
+            super::flat(d_kv)?.as_ref(),
         )?;
         Ok(InputGradients {
             embeds: dx.reshape(activations.shape)?,

@@ -326,6 +326,7 @@ impl Block for LlamaLayer {
         saved: &LlamaLayerSaved,
         shape: AttentionShape,
         positions: Positions,
+        d_kv: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let d_norm2 = self.mlp.backward(dy, &saved.mlp)?;
         let dx1 = (dy
@@ -333,7 +334,8 @@ impl Block for LlamaLayer {
                 .post_attention_layernorm
                 .backward(&d_norm2, &saved.post_attention_layernorm)?)?;
         let d_context = self.o_proj.backward(&dx1)?;
-        let (d_qkv, d_prefix) = attention_backward(&d_context, kept(&saved.attention)?, shape)?;
+        let (d_qkv, d_prefix) =
+            attention_backward(&d_context, kept(&saved.attention)?, shape, d_kv)?;
         let d_qkv = self.rope_packed(&d_qkv, shape, positions, true)?;
         let d_norm1 = self.qkv.backward(&d_qkv)?;
         let dx = (&dx1
@@ -341,6 +343,10 @@ impl Block for LlamaLayer {
                 .input_layernorm
                 .backward(&d_norm1, &saved.input_layernorm)?)?;
         Ok((dx, d_prefix))
+    }
+
+    fn attention(saved: &LlamaLayerSaved) -> &Option<AttentionSaved> {
+        &saved.attention
     }
 }
 
@@ -487,7 +493,22 @@ impl Backbone for Llama {
         &self.embed_tokens
     }
 
-    fn backward(&self, d_hidden: &Tensor, activations: LlamaActivations) -> Result<InputGradients> {
+    fn shares_prompt(&self) -> bool {
+        true
+    }
+
+    fn keys_values(&self, activations: &LlamaActivations) -> Result<Tensor> {
+        let (b, s, _) = activations.shape;
+        let kv = stack::keys_values::<LlamaLayer>(&activations.layers, self.attention_shape(b, s))?;
+        kv.reshape((b, s, ()))
+    }
+
+    fn backward(
+        &self,
+        d_hidden: &Tensor,
+        activations: LlamaActivations,
+        d_kv: Option<&Tensor>,
+    ) -> Result<InputGradients> {
         let (b, s, d) = activations.shape;
         let dx = self
             .norm
@@ -495,8 +516,15 @@ impl Backbone for Llama {
         let shape = self.attention_shape(b, s);
         let (offset, ids) = &activations.positions;
         let positions = Positions::from_ids(*offset, ids.as_ref());
-        let (dx, prefix) =
-            stack::backward(&self.layers, dx, &activations.layers, shape, positions)?;
+        let d_kv = super::flat(d_kv)?;
+        let (dx, prefix) = stack::backward(
+            &self.layers,
+            dx,
+            &activations.layers,
+            shape,
+            positions,
+            d_kv.as_ref(),
+        )?;
         Ok(InputGradients {
             embeds: dx.reshape(activations.shape)?,
             prefix,

@@ -129,9 +129,25 @@ pub trait Backbone {
             _ => candle_core::bail!("the backbone kept no activations"),
         }
     }
-    /// d_hidden [B, S, D] → d_embeds [B, S, D] (and the prefix's gradient, when it read one)
-    fn backward(&self, d_hidden: &Tensor, activations: Self::Activations)
-        -> Result<InputGradients>;
+    /// d_hidden [B, S, D] → d_embeds [B, S, D] (and the prefix's gradient, when it read one).
+    /// `d_kv` [B, S, L·2·Hkv·K] is what every layer's keys and values got from rows that read them
+    /// as a prefix (`keys_values`).
+    fn backward(
+        &self,
+        d_hidden: &Tensor,
+        activations: Self::Activations,
+        d_kv: Option<&Tensor>,
+    ) -> Result<InputGradients>;
+    /// Whether rows in front of the input are read by it but never read it (causal attention): a
+    /// decoder's prompt, which one pass can then compute for a whole batch (`keys_values`).
+    fn shares_prompt(&self) -> bool {
+        false
+    }
+    /// Every layer's keys and values of a training forward's rows [B, S, L·2·Hkv·K]
+    /// (`Prefix::kv`'s layout): a shared prompt's, for the batch to read as its prefix.
+    fn keys_values(&self, _activations: &Self::Activations) -> Result<Tensor> {
+        candle_core::bail!("only a decoder lends its rows' keys and values")
+    }
 }
 
 /// A borrowed backbone trains as the backbone itself: a run borrows the model its caller keeps
@@ -162,8 +178,15 @@ impl<B: Backbone> Backbone for &B {
         &self,
         d_hidden: &Tensor,
         activations: Self::Activations,
+        d_kv: Option<&Tensor>,
     ) -> Result<InputGradients> {
-        (**self).backward(d_hidden, activations)
+        (**self).backward(d_hidden, activations, d_kv)
+    }
+    fn shares_prompt(&self) -> bool {
+        (**self).shares_prompt()
+    }
+    fn keys_values(&self, activations: &Self::Activations) -> Result<Tensor> {
+        (**self).keys_values(activations)
     }
 }
 
@@ -257,6 +280,15 @@ pub fn position_ids(mask: &Tensor) -> Result<Option<Tensor>> {
         })
         .collect();
     Ok(Some(Tensor::from_vec(ids, mask.dims2()?, mask.device())?))
+}
+
+/// A per-row tensor [B, S, n] as the stack's rows [B·S, n].
+pub(crate) fn flat(x: Option<&Tensor>) -> Result<Option<Tensor>> {
+    x.map(|x| {
+        let (b, s, n) = x.dims3()?;
+        x.reshape((b * s, n))
+    })
+    .transpose()
 }
 
 /// The positions of the S input columns of a full mask [B, P + S] (`BackboneInput::full_mask`):

@@ -118,14 +118,27 @@ pub(crate) trait Block {
     /// x [T, D] → y [T, D] in block `layer` of `pass`.
     fn forward(&self, layer: usize, x: &Tensor, pass: &mut Pass) -> Result<(Tensor, Self::Saved)>;
     /// dy [T, D] → dx [T, D] under the rows pass's `shape` and `positions`, and with a prefix the
-    /// gradient of the layer's keys and values [B, P, 2·Hkv·K] (`attention_backward`).
+    /// gradient of the layer's keys and values [B, P, 2·Hkv·K]; `d_kv` [T, 2·Hkv·K] is what the
+    /// layer's own keys and values got from rows that read them as a prefix (`attention_backward`).
     fn backward(
         &self,
         dy: &Tensor,
         saved: &Self::Saved,
         shape: AttentionShape,
         positions: Positions,
+        d_kv: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)>;
+    /// What a rows pass kept of the block's attention.
+    fn attention(saved: &Self::Saved) -> &Option<AttentionSaved>;
+}
+
+/// Every layer's keys and values of a rows pass's T rows [T, L·2·Hkv·K] (`Pass::prefix`'s layout).
+pub(crate) fn keys_values<B: Block>(saved: &[B::Saved], shape: AttentionShape) -> Result<Tensor> {
+    let layers = saved
+        .iter()
+        .map(|s| kept(B::attention(s))?.keys_values(shape))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&layers, 1)
 }
 
 /// x [T, D] through every block → y [T, D], and for a pass that keeps (training) each block's
@@ -153,18 +166,25 @@ pub(crate) fn forward<B: Block>(
 }
 
 /// dy [T, D] at the top of the stack → dx [T, D] at its bottom, and with a prefix its gradient
-/// [B, P, L·2·Hkv·K] (`Pass::prefix`'s layout).
+/// [B, P, L·2·Hkv·K] (`Pass::prefix`'s layout). `d_kv` [T, L·2·Hkv·K] is what every layer's keys
+/// and values got from rows that read them as a prefix (`keys_values`).
 pub(crate) fn backward<B: Block>(
     blocks: &[B],
     mut dy: Tensor,
     saved: &[B::Saved],
     shape: AttentionShape,
     positions: Positions,
+    d_kv: Option<&Tensor>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let mut d_prefix = Vec::new();
+    let per_layer = d_kv.map(|d| d.dim(1).unwrap_or(0) / blocks.len().max(1));
     for (layer, (block, saved)) in blocks.iter().zip(saved).enumerate().rev() {
         let _span = tracing::trace_span!("backward", layer).entered();
-        let (dx, d_layer) = block.backward(&dy, saved, shape, positions)?;
+        let d_kv = match (d_kv, per_layer) {
+            (Some(d), Some(w)) => Some(d.narrow(1, layer * w, w)?),
+            _ => None,
+        };
+        let (dx, d_layer) = block.backward(&dy, saved, shape, positions, d_kv.as_ref())?;
         d_prefix.extend(d_layer);
         dy = dx;
     }

@@ -162,13 +162,31 @@ pub fn attention_at_forward(
     Ok((context.index_select(at, 0)?, saved))
 }
 
+impl AttentionSaved {
+    /// The keys and values of the input's T rows [T, 2·Hkv·K] (a prefix's left out): what a
+    /// decoder's prompt rows lend every row of a batch (`Backbone::keys_values`).
+    pub fn keys_values(&self, shape: AttentionShape) -> Result<Tensor> {
+        let prefixed = AttentionShape {
+            seq: shape.seq + self.prefix,
+            ..shape
+        };
+        let h = prefixed.resolve(self.qkv.dim(1)?)?;
+        let kv = 2 * h.kv_heads * h.head_dim;
+        let keys_values = self.qkv.narrow(1, h.width() - kv, kv)?;
+        input_rows(&keys_values, prefixed, self.prefix)
+    }
+}
+
 /// d_context [T, H·K] → d_qkv [T, (H + 2·Hkv)·K], and with a prefix its gradient [B, P, 2·Hkv·K].
 /// dP = dC·Vᵀ; dV = Pᵀ·dC; dS = P ⊙ (dP − rowsum(dP ⊙ P))·scale; dQ = dS·K; dK = dSᵀ·Q; the
-/// gradients of a shared key/value head are summed over its query heads.
+/// gradients of a shared key/value head are summed over its query heads. `d_kv` [T, 2·Hkv·K] is
+/// what the keys and values got from elsewhere (the rows that read a shared prompt's), added to
+/// their columns of d_qkv.
 pub fn attention_backward(
     dcontext: &Tensor,
     saved: &AttentionSaved,
     shape: AttentionShape,
+    d_kv: Option<&Tensor>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (qkv, bias, p) = (&saved.qkv, &saved.bias, saved.prefix);
     let shape = AttentionShape {
@@ -197,16 +215,26 @@ pub fn attention_backward(
             composed_backward(dcontext, qkv, &probs, h)?
         }
     };
-    if p == 0 {
-        return Ok((d_qkv, None));
-    }
     let (b, w, kv) = (shape.batch, qkv.dim(1)?, 2 * h.kv_heads * h.head_dim);
-    let d_prefix = d_qkv
-        .reshape((b, shape.seq, w))?
-        .narrow(1, 0, p)?
-        .narrow(2, w - kv, kv)?
-        .contiguous()?;
-    Ok((input_rows(&d_qkv, shape, p)?, Some(d_prefix)))
+    let d_prefix = match p {
+        0 => None,
+        _ => Some(
+            d_qkv
+                .reshape((b, shape.seq, w))?
+                .narrow(1, 0, p)?
+                .narrow(2, w - kv, kv)?
+                .contiguous()?,
+        ),
+    };
+    let d_qkv = input_rows(&d_qkv, shape, p)?;
+    let d_qkv = match d_kv {
+        Some(d_kv) => {
+            let zeros = Tensor::zeros((d_qkv.dim(0)?, w - kv), d_qkv.dtype(), d_qkv.device())?;
+            (d_qkv + Tensor::cat(&[&zeros, &d_kv.to_dtype(zeros.dtype())?], 1)?)?
+        }
+        None => d_qkv,
+    };
+    Ok((d_qkv, d_prefix))
 }
 
 /// x [B·S, n] → [B·(P + S), n] with P zero rows in front of each row's S.

@@ -73,7 +73,7 @@ impl Heads {
     }
 
     /// Columns of the packed projection: queries, then keys, then values.
-    fn width(&self) -> usize {
+    pub(super) fn width(&self) -> usize {
         (self.heads + 2 * self.kv_heads) * self.head_dim
     }
     /// Query heads per key/value head.

@@ -86,6 +86,14 @@ impl Head for CausalLm {
     }
 
     /// the mean is over the target tokens
+    fn reads_prompt(&self, batch: &Batch) -> bool {
+        batch
+            .target_lens
+            .iter()
+            .zip(&batch.lengths)
+            .any(|(target, length)| target >= length)
+    }
+
     fn loss_terms(&self, batch: &Batch, prompt_len: usize) -> Result<usize> {
         Ok(batch.targets(prompt_len)?.tokens.len())
     }

@@ -10,7 +10,7 @@ use crate::batch::{Batch, Batching, EncodedSet, Padding};
 use crate::inference::{ensemble_all, LoadedAdapter};
 use crate::metrics::confusion;
 use crate::prompt::SoftPrompt;
-use crate::task::classify::{argmax, cross_entropy, softmax, ClassificationHead};
+use crate::task::classify::{argmax, cross_entropy, softmax, ClassificationHead, Pool};
 use crate::task::{taped_head, HeadBackward};
 use crate::tokenize::Encoded;
 use crate::{Context, Result};
@@ -124,6 +124,10 @@ impl Head for Classifier {
 
     fn reads(&self, mask: &Tensor, prompt_len: usize) -> Result<Option<Tensor>> {
         Ok(Some(self.head.reads(mask, prompt_len)?))
+    }
+
+    fn reads_prompt(&self, _batch: &Batch) -> bool {
+        matches!(self.head.pool, Pool::First | Pool::Pooler)
     }
 }
 

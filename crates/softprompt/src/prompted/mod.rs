@@ -19,10 +19,10 @@ pub use causal_lm::{generation_score, CausalLm};
 pub use classifier::Classifier;
 
 use crate::adapter::{Adapter, AdapterHead, PeftConfig};
-use crate::backbone::{Backbone, BackboneInput, Prefix};
+use crate::backbone::{Backbone, BackboneInput, InputGradients, Prefix};
 use crate::batch::{Batch, Batching, EncodedSet};
 use crate::metrics::Report;
-use crate::prompt::{extend_front, SoftPrompt};
+use crate::prompt::{extend_front, Placement, SoftPrompt};
 use crate::prompt_encoder::TrainablePrompt;
 use crate::task::causal_lm::TargetCounts;
 use crate::task::HeadBackward;
@@ -211,6 +211,13 @@ pub trait Head {
     fn reads(&self, _mask: &Tensor, _prompt_len: usize) -> Result<Option<Tensor>> {
         Ok(None)
     }
+
+    /// Whether `loss` reads the prompt's own rows of `batch`'s hidden state (a pooled first
+    /// vector; a target that starts the input, predicted from the prompt's last row): then a
+    /// decoder cannot compute the prompt once for the batch (`shares_prompt`).
+    fn reads_prompt(&self, _batch: &Batch) -> bool {
+        false
+    }
 }
 
 /// A frozen backbone, the trainable prompt in front of it and a task head behind it.
@@ -220,6 +227,73 @@ pub struct PromptedModel<B: Backbone, H: Head> {
     pub head: H,
     /// what each input is written into before tokenizing
     pub template: Option<Template>,
+}
+
+impl<B: Backbone, H: Head> PromptedModel<B, H> {
+    /// [prompt; batch] through the frozen backbone, the head on its last hidden state, and back:
+    /// the head's loss and gradients, and the backbone's input gradients.
+    fn through_backbone(
+        &self,
+        prompt: &SoftPrompt,
+        batch: &Batch,
+    ) -> Result<(HeadBackward, InputGradients)> {
+        let p = {
+            let _span = tracing::trace_span!("embed").entered();
+            Prompted::new(&self.backbone, prompt, batch)?
+        };
+        let reads = self.head.reads(&p.attention_mask, prompt.front())?;
+        let (hidden, activations) = {
+            let _span = tracing::trace_span!("backbone.forward").entered();
+            let input = BackboneInput {
+                reads: reads.as_ref(),
+                ..p.input()
+            };
+            self.backbone.forward_train(&input)?
+        };
+        let head = {
+            let _span = tracing::trace_span!("head").entered();
+            self.head
+                .loss(&hidden, &p.attention_mask, batch, prompt.front())?
+        };
+        let _span = tracing::trace_span!("backbone.backward").entered();
+        let input_grads = self.backbone.backward(&head.d_hidden, activations, None)?;
+        Ok((head, input_grads))
+    }
+
+    /// The same loss and ∂L/∂P [M, D] with a decoder's prompt rows computed once for the batch,
+    /// not once per row: they never read the input (causal attention, the prompt first), so one
+    /// pass over P alone gives every layer's keys and values of its rows, the batch reads them as a
+    /// prefix (its positions after the prompt's, as in [P; X]), and the prefix's gradient, summed
+    /// over the batch, goes back through that one pass into P.
+    fn shared_prompt_loss(
+        &self,
+        prompt: &SoftPrompt,
+        batch: &Batch,
+    ) -> Result<(HeadBackward, Tensor)> {
+        let (m, device) = (prompt.len(), batch.ids.device());
+        let (prompt_pass, activations) = {
+            let _span = tracing::trace_span!("prompt.forward").entered();
+            let dtype = self.backbone.word_embeddings().dtype();
+            let embeds = prompt.embeddings.as_tensor().detach().to_dtype(dtype)?;
+            let mask = Tensor::ones((1, m), DType::U32, device)?;
+            let (_, activations) = self.backbone.forward_train(&BackboneInput {
+                embeds: &embeds.unsqueeze(0)?,
+                attention_mask: &mask,
+                token_type_ids: &mask.zeros_like()?,
+                reads: None,
+                prefix: None,
+            })?;
+            let kv = self.backbone.keys_values(&activations)?.squeeze(0)?;
+            (SoftPrompt::placed(&kv, Placement::Prefix)?, activations)
+        };
+        let (head, input_grads) = self.through_backbone(&prompt_pass, batch)?;
+        let _span = tracing::trace_span!("prompt.backward").entered();
+        let d_kv = prompt_pass.gradient(&input_grads)?.unsqueeze(0)?;
+        let d = self.backbone.hidden_size();
+        let nothing = Tensor::zeros((1, m, d), d_kv.dtype(), device)?;
+        let grads = self.backbone.backward(&nothing, activations, Some(&d_kv))?;
+        Ok((head, grads.embeds.squeeze(0)?))
+    }
 }
 
 /// What the training loop (and `softprompt bench`) trains: one object-safe face for a
@@ -273,30 +347,16 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
             let _span = tracing::trace_span!("prompt.encode").entered();
             self.prompt.forward()?
         };
-        let p = {
-            let _span = tracing::trace_span!("embed").entered();
-            Prompted::new(&self.backbone, &prompt, batch)?
+        let shared = prompt.placement == Placement::Embeddings
+            && self.backbone.shares_prompt()
+            && !self.head.reads_prompt(batch);
+        let (head, d_prompt) = if shared {
+            self.shared_prompt_loss(&prompt, batch)?
+        } else {
+            let (head, input_grads) = self.through_backbone(&prompt, batch)?;
+            let _span = tracing::trace_span!("prompt.gradient").entered();
+            (head, prompt.gradient(&input_grads)?)
         };
-        let reads = self.head.reads(&p.attention_mask, prompt.front())?;
-        let (hidden, activations) = {
-            let _span = tracing::trace_span!("backbone.forward").entered();
-            let input = BackboneInput {
-                reads: reads.as_ref(),
-                ..p.input()
-            };
-            self.backbone.forward_train(&input)?
-        };
-        let head = {
-            let _span = tracing::trace_span!("head").entered();
-            self.head
-                .loss(&hidden, &p.attention_mask, batch, prompt.front())?
-        };
-        let input_grads = {
-            let _span = tracing::trace_span!("backbone.backward").entered();
-            self.backbone.backward(&head.d_hidden, activations)?
-        };
-        let _span = tracing::trace_span!("prompt.gradient").entered();
-        let d_prompt = prompt.gradient(&input_grads)?;
         let mut gradients = Vec::new();
         for g in self.prompt.backward(encoded.as_ref(), d_prompt)? {
             gradients.push(g.to_dtype(DType::F32)?);

@@ -193,7 +193,7 @@ fn attention_backward_matches_finite_differences() {
             let bias = mask_bias(&mask, DType::F64).unwrap();
             let r = randn(&[2 * 4, heads * k], 4);
             let (_, saved) = attention_forward(&qkv, &bias, shape, None).unwrap();
-            let d_qkv = attention_backward(&r, &saved, shape).unwrap().0;
+            let d_qkv = attention_backward(&r, &saved, shape, None).unwrap().0;
             let out =
                 |x: &Tensor| weighted_sum(&attention_forward(x, &bias, shape, None).unwrap().0, &r);
             check(
@@ -243,10 +243,10 @@ fn attention_at_the_read_rows_is_full_attention_there() {
             .unwrap()
             .index_add(&at, &r, 0)
             .unwrap();
-        let d_full = attention_backward(&r_everywhere, &full_saved, shape)
+        let d_full = attention_backward(&r_everywhere, &full_saved, shape, None)
             .unwrap()
             .0;
-        let d_read = attention_backward(&r, &saved, shape).unwrap().0;
+        let d_read = attention_backward(&r, &saved, shape, None).unwrap().0;
         let diff = crate::max_abs_diff(&d_full, &d_read);
         assert!(diff < 1e-12, "{what}: backward {diff:e}");
         let out = |x: &Tensor| {
@@ -297,7 +297,7 @@ fn computing_only_the_rows_the_head_reads_changes_no_loss_or_gradient() {
                 .unwrap();
             let d_embeds = model
                 .backbone
-                .backward(&head.d_hidden, activations)
+                .backward(&head.d_hidden, activations, None)
                 .unwrap();
             // the trainer hands the prompt's gradient over in f32: its rounding, no more
             let prompt_gradient = model.prompt.current().unwrap().gradient(&d_embeds).unwrap();
@@ -374,7 +374,9 @@ fn blocked_attention_matches_composed_over_several_blocks() {
             let (context, saved) = attention_forward(&qkv, &bias, shape, None).unwrap();
             (
                 context,
-                attention_backward(&dcontext, &saved, shape).unwrap().0,
+                attention_backward(&dcontext, &saved, shape, None)
+                    .unwrap()
+                    .0,
             )
         };
         let (fused, composed) = (run(), with_composed(run));
@@ -522,7 +524,7 @@ fn bert_backward_matches_finite_differences() {
                 prefix: None,
             })
             .unwrap();
-        let d_embeds = bert.backward(&r, acts).unwrap().embeds;
+        let d_embeds = bert.backward(&r, acts, None).unwrap().embeds;
         check(&embeds, &d_embeds, input, &format!("bert ({path})"));
     });
 }
@@ -551,7 +553,7 @@ fn check_backbone<B: Backbone>(backbone: &B, what: &str) {
         prefix: None,
     };
     let (_, acts) = backbone.forward_train(&input).unwrap();
-    let d_embeds = backbone.backward(&r, acts).unwrap().embeds;
+    let d_embeds = backbone.backward(&r, acts, None).unwrap().embeds;
     let loss = |e: &Tensor| {
         let hidden = backbone.forward(&BackboneInput {
             embeds: e,
@@ -788,7 +790,8 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
 
 /// A causal LM on both decoders, in a right-padded batch whose rows end in targets of different
 /// lengths: the loss is the mean next-token cross-entropy over the target tokens alone (checked
-/// against the full logits of each row run alone), and the prompt gradient matches finite differences.
+/// against the full logits of each row run alone), and the prompt gradient matches finite differences
+/// and the prompt in front of every row (the trainer computes a decoder's prompt once a batch).
 /// Ten long rows make more targets than the LM head's logits are computed for at once.
 #[test]
 fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_differences() {
@@ -809,8 +812,18 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
         type_ids: vec![0; 28],
         target_len: 27,
     }));
-    let rows: Vec<usize> = (0..data.len()).collect();
-    let [batch, left] = both_paddings(&data, None, &rows);
+    // every row (row 1's target starts its input, so its first token is predicted from the
+    // prompt's last row: the prompt is then computed in every row), and all but row 1 (the prompt
+    // computed once for the batch)
+    let every: Vec<usize> = (0..data.len()).collect();
+    let shared: Vec<usize> = every.iter().copied().filter(|&r| r != 1).collect();
+    for rows in [every, shared] {
+        causal_lm_check(&data, &rows);
+    }
+}
+
+fn causal_lm_check(data: &[Encoded], rows: &[usize]) {
+    let [batch, left] = both_paddings(data, None, rows);
     let prompt = randn(&[3, 16], 7);
     for (name, load) in tiny_decoders() {
         let make = |p: &Tensor| {
@@ -836,7 +849,7 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
 
         // By hand: each row alone, all its logits, then -log p of each target token from the position before.
         let mut nll = Vec::new();
-        for e in &data {
+        for e in rows.iter().map(|&r| &data[r]) {
             let row =
                 Batch::new(std::slice::from_ref(e), None, &[0], Padding::Right, &DEV).unwrap();
             let hidden =
@@ -856,6 +869,25 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
         assert!(
             (loss - expected).abs() < 1e-9,
             "{name}: loss {loss} vs by hand {expected}"
+        );
+
+        // The trainer computes a decoder's prompt once for the batch (`shares_prompt`); the prompt
+        // in front of every row, through one backward, gives the same gradient.
+        let current = lm.prompt.current().unwrap();
+        let p = Prompted::new(&lm.backbone, &current, &batch).unwrap();
+        let (hidden, activations) = lm.backbone.forward_train(&p.input()).unwrap();
+        let head = lm.head.loss(&hidden, &p.attention_mask, &batch, 3).unwrap();
+        let every_row = lm
+            .backbone
+            .backward(&head.d_hidden, activations, None)
+            .unwrap();
+        let every_row = current.gradient(&every_row).unwrap();
+        let diff = crate::max_abs_diff(&every_row, &grads[0]);
+        let scale = crate::max_abs(&every_row);
+        assert!(
+            (head.loss - loss).abs() < 1e-12 && diff < 1e-6 * scale,
+            "{name}: shared prompt vs every row: loss {loss} vs {}, gradient {diff:e}",
+            head.loss
         );
 
         let loss_of = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;

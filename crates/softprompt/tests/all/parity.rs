@@ -153,7 +153,7 @@ fn fused_kernels_match_the_composed_reference_on_minilm() {
             prefix: None,
         };
         let (hidden, acts) = bert.forward_train(&input).unwrap();
-        (hidden, bert.backward(&upstream, acts).unwrap().embeds)
+        (hidden, bert.backward(&upstream, acts, None).unwrap().embeds)
     };
     let (hidden, d_embeds) = run();
     let (hidden_ref, d_embeds_ref) = softprompt::kernels::with_composed(run);

@@ -54,7 +54,7 @@ fn check_prefix<B: Backbone>(backbone: &B, layers: usize, kv_width: usize, what:
         prefix: Some(&prefix),
     };
     let (_, acts) = backbone.forward_train(&input).unwrap();
-    let grads = backbone.backward(&r, acts).unwrap();
+    let grads = backbone.backward(&r, acts, None).unwrap();
     let d_prefix = grads.prefix.expect("a prefix's gradient");
     check(
         &kv,
