@@ -13,7 +13,7 @@ use crate::data::{label_ids, Example};
 use crate::metrics::Report;
 use crate::model::Model;
 use crate::prompt::Placement;
-use crate::task::classify::{argmax, softmax, ClassificationHead};
+use crate::task::classify::{argmax, softmax, ClassificationHead, Pool};
 use crate::template::Template;
 use crate::tokenize::{encode_all, Encoded, TextEncoder};
 use crate::{bail, Context, Result};
@@ -39,12 +39,34 @@ impl LoadedAdapter {
             .prompt
             .to_device(&table.device())?
             .to_dtype(table.dtype())?;
-        Ok(Self {
+        let loaded = Self {
             prompt,
             placement: adapter.method.placement(),
             head: model.head(&adapter.head, &adapter.labels, adapter.template.as_ref())?,
             labels: adapter.labels.clone(),
             template: adapter.template.clone(),
+        };
+        loaded.read_once(&model.backbone)
+    }
+
+    /// On a decoder, the prompt's keys and values at every layer, read once: every row then
+    /// reads them as a prefix instead of computing the prompt's rows again (its rows never read
+    /// the input; decision 19). The same answers; a head that reads the prompt's own rows (a
+    /// pooled first vector) keeps the prompt in the rows.
+    pub fn read_once<B: Backbone>(self, backbone: &B) -> Result<Self> {
+        let reads_prompt = matches!(self.head.pool, Pool::First | Pool::Pooler);
+        if !backbone.shares_prompt()
+            || self.placement != Placement::Embeddings
+            || reads_prompt
+            || self.prompt_len() == 0
+        {
+            return Ok(self);
+        }
+        let (kv, _) = backbone.prompt_pass(&self.prompt)?;
+        Ok(Self {
+            prompt: kv,
+            placement: Placement::Prefix,
+            ..self
         })
     }
 

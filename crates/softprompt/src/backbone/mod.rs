@@ -148,6 +148,24 @@ pub trait Backbone {
     fn keys_values(&self, _activations: &Self::Activations) -> Result<Tensor> {
         candle_core::bail!("only a decoder lends its rows' keys and values")
     }
+    /// A decoder's prompt [M, D] alone through the stack → every layer's keys and values of its
+    /// rows [M, L·2·Hkv·K], which any row may read as a prefix (`shares_prompt`), and the pass's
+    /// activations for a backward into the prompt.
+    fn prompt_pass(&self, prompt: &Tensor) -> Result<(Tensor, Self::Activations)> {
+        let m = prompt.dim(0)?;
+        let mask = Tensor::ones((1, m), DType::U32, prompt.device())?;
+        let embeds = prompt
+            .to_dtype(self.word_embeddings().dtype())?
+            .unsqueeze(0)?;
+        let (_, activations) = self.forward_train(&BackboneInput {
+            embeds: &embeds,
+            attention_mask: &mask,
+            token_type_ids: &mask.zeros_like()?,
+            reads: None,
+            prefix: None,
+        })?;
+        Ok((self.keys_values(&activations)?.squeeze(0)?, activations))
+    }
 }
 
 /// A borrowed backbone trains as the backbone itself: a run borrows the model its caller keeps

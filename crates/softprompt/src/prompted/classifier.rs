@@ -39,7 +39,8 @@ impl Classifier {
             head: self.head.clone(),
             labels: self.labels.clone(),
             template: None,
-        };
+        }
+        .read_once(backbone)?;
         let Batching {
             size,
             padding,

@@ -273,17 +273,8 @@ impl<B: Backbone, H: Head> PromptedModel<B, H> {
         let (m, device) = (prompt.len(), batch.ids.device());
         let (prompt_pass, activations) = {
             let _span = tracing::trace_span!("prompt.forward").entered();
-            let dtype = self.backbone.word_embeddings().dtype();
-            let embeds = prompt.embeddings.as_tensor().detach().to_dtype(dtype)?;
-            let mask = Tensor::ones((1, m), DType::U32, device)?;
-            let (_, activations) = self.backbone.forward_train(&BackboneInput {
-                embeds: &embeds.unsqueeze(0)?,
-                attention_mask: &mask,
-                token_type_ids: &mask.zeros_like()?,
-                reads: None,
-                prefix: None,
-            })?;
-            let kv = self.backbone.keys_values(&activations)?.squeeze(0)?;
+            let table = prompt.embeddings.as_tensor().detach();
+            let (kv, activations) = self.backbone.prompt_pass(&table)?;
             (SoftPrompt::placed(&kv, Placement::Prefix)?, activations)
         };
         let (head, input_grads) = self.through_backbone(&prompt_pass, batch)?;

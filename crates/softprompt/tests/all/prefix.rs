@@ -13,8 +13,10 @@ use softprompt::batch::Padding;
 use softprompt::files::load_tensors;
 use softprompt::inference::{classify_rows, LoadedAdapter};
 use softprompt::model::Model;
+use softprompt::prompt::Placement;
 use softprompt::prompt_encoder::Method;
-use softprompt::task::classify::Pool;
+use softprompt::task::classify::{ClassificationHead, Pool};
+use softprompt::tokenize::Encoded;
 
 const DEV: Device = Device::Cpu;
 
@@ -257,6 +259,63 @@ fn a_batch_mixing_prompt_and_prefix_adapters_gives_each_row_its_own_answer() {
                 .zip(&alone[0])
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(diff < 1e-5, "{padding:?}: mixed vs alone {diff:e}");
+        }
+    }
+}
+
+/// On a decoder, an adapter's prompt read once into keys and values (`read_once`) gives every row
+/// of a mixed batch, with either padding, the logits of the prompt in front of the row; a head
+/// that pools the first vector keeps the prompt in the rows.
+#[test]
+fn a_decoder_reads_an_adapters_prompt_once() {
+    let ids: [&[u32]; 3] = [&[5, 9, 20, 33], &[7, 8], &[11, 12, 13, 14, 15]];
+    let data: Vec<Encoded> = ids
+        .iter()
+        .map(|ids| Encoded {
+            ids: ids.to_vec(),
+            type_ids: vec![0; ids.len()],
+            target_len: 0,
+        })
+        .collect();
+    for (name, backbone) in tiny_decoders() {
+        let adapter = |m: usize, seed: u64, pool: Pool| LoadedAdapter {
+            prompt: randn(&[m, 16], seed),
+            placement: Placement::Embeddings,
+            head: ClassificationHead::from_tensors(
+                &randn(&[2, 16], seed + 1),
+                &randn(&[2], seed + 2),
+                pool,
+                None,
+            )
+            .unwrap(),
+            labels: vec!["a".into(), "b".into()],
+            template: None,
+        };
+        let pair = || [adapter(3, 1, Pool::Last), adapter(2, 4, Pool::Mean)];
+        let every_row = pair();
+        let once = pair().map(|a| a.read_once(&backbone).unwrap());
+        assert!(
+            once.iter().all(|a| a.placement == Placement::Prefix),
+            "{name}"
+        );
+        let first = adapter(3, 7, Pool::First).read_once(&backbone).unwrap();
+        assert_eq!(
+            first.placement,
+            Placement::Embeddings,
+            "{name}: the first vector is read"
+        );
+        for padding in [Padding::Right, Padding::Left] {
+            let rows = |set: &[LoadedAdapter]| -> Vec<Vec<f32>> {
+                let rows: Vec<_> = (0..6).map(|i| (&set[i % 2], &data[i % 3])).collect();
+                classify_rows(&backbone, &rows, padding, &DEV).unwrap()
+            };
+            for (a, b) in rows(&every_row).iter().zip(rows(&once).iter()) {
+                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff < 1e-6,
+                    "{name} {padding:?}: every row vs once {diff:e}"
+                );
+            }
         }
     }
 }
