@@ -5,6 +5,9 @@
    with an LSTM encoder); `softprompt predict` loads each and must give PEFT's logits within 1e-4.
 2. softprompt trains adapters with `--pool pooler`, one per `--method` (prompt, p-tuning with each
    encoder, residual); PEFT loads each and must give softprompt's logits within 1e-4.
+3. softprompt trains a prefix-tuning verbalizer on SmolLM2 (PEFT runs prefix tuning on decoders, not
+   on BERT); PEFT loads it on transformers' SmolLM2 (the same GGUF, dequantized) and its next-token
+   logits of the label words must be softprompt's within 1e-4.
 """
 import json
 import subprocess
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
-from transformers import AutoTokenizer, BertForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "assets" / "models" / "all-MiniLM-L6-v2"
@@ -27,6 +30,8 @@ TEXTS = [
     "Worst film of the year.",
 ]
 TOLERANCE = 1e-4
+MODELS, SMOLLM2 = ROOT / "assets" / "models", "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEMPLATE, WORDS = "Review: {text}\nSentiment:", ["negative", "positive"]
 
 
 def peft_logits(model) -> torch.Tensor:
@@ -86,7 +91,30 @@ def main() -> int:
                        stderr=subprocess.DEVNULL)
         loaded = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(MODEL, num_labels=2), ours)
         ok &= report(f"softprompt {name} adapter → PEFT", softprompt_logits(ours), peft_logits(loaded))
+    ok &= decoder_prefix_round_trip(work)
     return 0 if ok else 1
+
+
+def decoder_prefix_round_trip(work: Path) -> bool:
+    ours = work / "from-softprompt-prefix"
+    model = str(MODELS / SMOLLM2)
+    subprocess.run([str(BIN), "train", "--model", model, "--task", "verbalizer", "--template", TEMPLATE.replace("\n", "\\n"),
+                    "--label-words", ",".join(WORDS), "--init", "labels", "--method", "prefix", "--train",
+                    str(DATA / "train.tsv"), "--output", str(ours), "--max-steps", "3", "--batch-size", "4"],
+                   check=True, stderr=subprocess.DEVNULL)
+    out = subprocess.run([str(BIN), "predict", "--model", model, "--adapter", str(ours), "--json", *TEXTS],
+                         check=True, capture_output=True, text=True).stdout
+    ours_logits = torch.tensor([json.loads(line)["logits"] for line in out.splitlines()])
+    tok = AutoTokenizer.from_pretrained(MODELS, gguf_file=SMOLLM2)
+    base = AutoModelForCausalLM.from_pretrained(MODELS, gguf_file=SMOLLM2, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, ours).eval()
+    # each label's score: the logit of its word's first token, as written after the template
+    words = [tok(" " + w, add_special_tokens=False).input_ids[0] for w in WORDS]
+    with torch.no_grad():
+        theirs = torch.stack([
+            loaded(**tok(TEMPLATE.format(text=t), return_tensors="pt", add_special_tokens=False)).logits[0, -1, words]
+            for t in TEXTS])
+    return report("softprompt --method prefix verbalizer on SmolLM2 → PEFT", ours_logits, theirs)
 
 
 if __name__ == "__main__":

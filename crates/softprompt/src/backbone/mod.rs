@@ -152,19 +152,26 @@ pub trait Backbone {
     /// rows [M, L·2·Hkv·K], which any row may read as a prefix (`shares_prompt`), and the pass's
     /// activations for a backward into the prompt.
     fn prompt_pass(&self, prompt: &Tensor) -> Result<(Tensor, Self::Activations)> {
-        let m = prompt.dim(0)?;
-        let mask = Tensor::ones((1, m), DType::U32, prompt.device())?;
-        let embeds = prompt
-            .to_dtype(self.word_embeddings().dtype())?
-            .unsqueeze(0)?;
-        let (_, activations) = self.forward_train(&BackboneInput {
-            embeds: &embeds,
+        let embeds = prompt.to_dtype(self.word_embeddings().dtype())?;
+        match self.run_row(&embeds, true)? {
+            (_, Some(activations)) => {
+                Ok((self.keys_values(&activations)?.squeeze(0)?, activations))
+            }
+            _ => candle_core::bail!("the backbone kept no activations"),
+        }
+    }
+    /// One row of embeddings [S, D], every position read, no segments → last hidden state
+    /// [1, S, D] (and with `keep` the activations, as `run`).
+    fn run_row(&self, embeds: &Tensor, keep: bool) -> Result<(Tensor, Option<Self::Activations>)> {
+        let mask = Tensor::ones((1, embeds.dim(0)?), DType::U32, embeds.device())?;
+        let input = BackboneInput {
+            embeds: &embeds.unsqueeze(0)?,
             attention_mask: &mask,
             token_type_ids: &mask.zeros_like()?,
             reads: None,
             prefix: None,
-        })?;
-        Ok((self.keys_values(&activations)?.squeeze(0)?, activations))
+        };
+        self.run(&input, keep)
     }
 }
 
@@ -231,7 +238,7 @@ impl KvCache {
     pub fn from_prefix(kv: &Tensor, layers: usize, kv_heads: usize) -> Result<Self> {
         let (p, width) = kv.dims2()?;
         let w = width / (2 * layers.max(1));
-        if layers == 0 || kv_heads == 0 || width != layers * 2 * w || w % kv_heads != 0 {
+        if layers == 0 || kv_heads == 0 || width != layers * 2 * w || !w.is_multiple_of(kv_heads) {
             candle_core::bail!(
                 "a prefix {width} wide is not {layers} layers of keys and values on {kv_heads} heads"
             );

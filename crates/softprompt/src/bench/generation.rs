@@ -5,7 +5,7 @@
 
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::gpt2::{Gpt2, Gpt2Config};
-use crate::backbone::{Backbone, BackboneInput};
+use crate::backbone::Backbone;
 use crate::generate::{generate_tokens, prefix_cache, SamplingConfig};
 use crate::prompt::Placement;
 use candle_core::quantized::GgmlDType;
@@ -155,16 +155,9 @@ pub fn greedy_without_cache(
         let words = backbone
             .word_embeddings()
             .rows(&Tensor::new(ids.as_slice(), prompt.device())?)?;
-        let embeds = Tensor::cat(&[prompt, &words], 0)?.unsqueeze(0)?;
-        let s = embeds.dim(1)?;
-        let mask = Tensor::ones((1, s), DType::U32, prompt.device())?;
-        let hidden = backbone.forward(&BackboneInput {
-            embeds: &embeds,
-            attention_mask: &mask,
-            token_type_ids: &mask.zeros_like()?,
-            reads: None,
-            prefix: None,
-        })?;
+        let embeds = Tensor::cat(&[prompt, &words], 0)?;
+        let s = embeds.dim(0)?;
+        let hidden = backbone.run_row(&embeds, false)?.0;
         let last = hidden.squeeze(0)?.narrow(0, s - 1, 1)?;
         let next = decoder
             .next_token_logits(&last)?

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
-use softprompt::backbone::{Backbone, BackboneInput, KvCache};
+use softprompt::backbone::{Backbone, KvCache};
 use softprompt::generate::{generate, prefix_cache, sample, FinishReason, SamplingConfig};
 use softprompt::model::Model;
 use softprompt::prompt::Placement;
@@ -31,17 +31,10 @@ pub fn tiny_decoders() -> Vec<(&'static str, AnyBackbone)> {
 
 /// embeds [S, D] → the full forward's hidden [S, D] (one row, no padding)
 fn full_forward(backbone: &AnyBackbone, embeds: &Tensor) -> Tensor {
-    let s = embeds.dim(0).unwrap();
-    let mask = Tensor::ones((1, s), DType::U32, &Device::Cpu).unwrap();
     backbone
-        .forward(&BackboneInput {
-            embeds: &embeds.unsqueeze(0).unwrap(),
-            attention_mask: &mask,
-            token_type_ids: &mask.zeros_like().unwrap(),
-            reads: None,
-            prefix: None,
-        })
+        .run_row(embeds, false)
         .unwrap()
+        .0
         .squeeze(0)
         .unwrap()
 }
