@@ -319,3 +319,18 @@ fn a_decoder_reads_an_adapters_prompt_once() {
         }
     }
 }
+
+/// A prefix adapter for another model is refused with both shapes named: the tiny GPT-2's prefix
+/// (2 layers of 16-wide keys and values) on the tiny Llama (2 key/value heads of 4).
+#[test]
+fn a_prefix_for_another_model_names_both_shapes() {
+    let adapter = Adapter::load(&fixtures().join("peft-tiny-prefix-gpt2"), 16, &DEV).unwrap();
+    let (_, llama) = tiny_decoders().pop().unwrap();
+    let err = adapter.fits(&llama).unwrap_err().to_string();
+    for part in [
+        "64 values a position (num_layers 2 × 2 × token_dim 16)",
+        "the model needs 32 (2 layers × 2 × 2 key/value heads × 4)",
+    ] {
+        assert!(err.contains(part), "{err}");
+    }
+}
