@@ -144,9 +144,10 @@ fn main() -> std::process::ExitCode {
 
 /// Prints `err` and its causes (`speaker` in front: which rank of a job says it).
 fn failed(err: &anyhow::Error, speaker: &str) -> std::process::ExitCode {
-    eprintln!("{speaker}error: {err}");
+    let mut said = format!("{speaker}error: {err}\n");
     for cause in err.chain().skip(1) {
-        eprintln!("{speaker}  caused by: {cause}");
+        said.push_str(&format!("{speaker}  caused by: {cause}\n"));
     }
+    ranks::say(&said);
     std::process::ExitCode::FAILURE
 }

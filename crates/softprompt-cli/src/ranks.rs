@@ -21,6 +21,14 @@ fn local_size() -> Option<usize> {
         .find_map(size)
 }
 
+/// `text` on stderr in one write: a job's ranks share the launcher's stderr, and `eprintln!`
+/// writes a line in pieces, which another rank's line can split (a pipe keeps a write of up to
+/// 4 KiB whole).
+pub fn say(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
 /// The ranks of the job this process belongs to.
 pub fn join() -> anyhow::Result<Box<dyn Collective>> {
     match launched_size() {
@@ -33,13 +41,13 @@ pub fn join() -> anyhow::Result<Box<dyn Collective>> {
 fn mpi_world(_: usize) -> anyhow::Result<Box<dyn Collective>> {
     let world = softprompt::collective::mpi::Mpi::initialize()?;
     // one line from each rank: who joined, where, with how many threads
-    eprintln!(
-        "rank {} of {} on {}: threads {}",
+    say(&format!(
+        "rank {} of {} on {}: threads {}\n",
         world.rank(),
         world.size(),
         world.host(),
         rayon::current_num_threads()
-    );
+    ));
     Ok(Box::new(world))
 }
 
