@@ -13,7 +13,7 @@ use crate::data::{label_ids, Example};
 use crate::metrics::Report;
 use crate::model::Model;
 use crate::prompt::Placement;
-use crate::task::classify::{argmax, softmax, ClassificationHead, Pool};
+use crate::task::classify::{argmax, softmax, ClassificationHead};
 use crate::template::Template;
 use crate::tokenize::{encode_all, Encoded, TextEncoder};
 use crate::{bail, Context, Result};
@@ -54,10 +54,9 @@ impl LoadedAdapter {
     /// the input; decision 19). The same answers; a head that reads the prompt's own rows (a
     /// pooled first vector) keeps the prompt in the rows.
     pub fn read_once<B: Backbone>(self, backbone: &B) -> Result<Self> {
-        let reads_prompt = matches!(self.head.pool, Pool::First | Pool::Pooler);
         if !backbone.shares_prompt()
             || self.placement != Placement::Embeddings
-            || reads_prompt
+            || self.head.reads_prompt()
             || self.prompt_len() == 0
         {
             return Ok(self);
@@ -77,10 +76,7 @@ impl LoadedAdapter {
 
     /// The columns the prompt takes in front of the text (`SoftPrompt::front`)
     pub fn front(&self) -> usize {
-        match self.placement {
-            Placement::Embeddings => self.prompt_len(),
-            Placement::Prefix => 0,
-        }
+        self.placement.front(self.prompt_len())
     }
 
     /// The prefix's positions (0 for a prompt in the embeddings)

@@ -63,6 +63,17 @@ pub enum Placement {
     Prefix,
 }
 
+impl Placement {
+    /// The columns a prompt of `m` positions takes in front of the text in the backbone's input
+    /// and hidden state: m, or none for a prefix (which the heads then never see).
+    pub fn front(self, m: usize) -> usize {
+        match self {
+            Placement::Embeddings => m,
+            Placement::Prefix => 0,
+        }
+    }
+}
+
 /// M trainable vectors, `prompt_embeddings` [M, D] in PEFT's adapter file (prefix tuning's
 /// [M, L·2·Hkv·K]).
 #[derive(Clone)]
@@ -84,12 +95,9 @@ impl SoftPrompt {
     }
 
     /// The columns the prompt takes in front of the text in the backbone's input and hidden
-    /// state: M, or none for a prefix (which the heads then never see).
+    /// state (`Placement::front`).
     pub fn front(&self) -> usize {
-        match self.placement {
-            Placement::Embeddings => self.len(),
-            Placement::Prefix => 0,
-        }
+        self.placement.front(self.len())
     }
 
     pub fn init(
@@ -192,7 +200,7 @@ impl SoftPrompt {
         let table = self.embeddings.as_tensor().detach();
         let (m, w) = table.dims2()?;
         Ok(Some(Prefix {
-            kv: table.unsqueeze(0)?.broadcast_as((b, m, w))?.contiguous()?,
+            kv: table.unsqueeze(0)?.broadcast_as((b, m, w))?,
             mask: Tensor::ones((b, m), candle_core::DType::U32, table.device())?,
         }))
     }

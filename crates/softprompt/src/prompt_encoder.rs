@@ -372,10 +372,7 @@ impl TrainablePrompt {
 
     /// The columns the prompt takes in front of the text (`SoftPrompt::front`).
     pub fn front(&self) -> usize {
-        match self.method().placement() {
-            Placement::Embeddings => self.len(),
-            Placement::Prefix => 0,
-        }
+        self.method().placement().front(self.len())
     }
 
     /// M, the number of virtual tokens

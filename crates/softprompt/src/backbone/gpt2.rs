@@ -299,8 +299,7 @@ impl Backbone for Gpt2 {
 
     fn keys_values(&self, activations: &Gpt2Activations) -> Result<Tensor> {
         let (b, s, _) = activations.shape;
-        let kv = stack::keys_values::<Gpt2Block>(&activations.blocks, self.attention_shape(b, s))?;
-        kv.reshape((b, s, ()))
+        stack::keys_values::<Gpt2Block>(&activations.blocks, self.attention_shape(b, s))
     }
 
     /// The position embeddings are constants, so the gradient to the input embeddings is the

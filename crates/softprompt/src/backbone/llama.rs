@@ -499,8 +499,7 @@ impl Backbone for Llama {
 
     fn keys_values(&self, activations: &LlamaActivations) -> Result<Tensor> {
         let (b, s, _) = activations.shape;
-        let kv = stack::keys_values::<LlamaLayer>(&activations.layers, self.attention_shape(b, s))?;
-        kv.reshape((b, s, ()))
+        stack::keys_values::<LlamaLayer>(&activations.layers, self.attention_shape(b, s))
     }
 
     fn backward(

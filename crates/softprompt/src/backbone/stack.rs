@@ -132,13 +132,14 @@ pub(crate) trait Block {
     fn attention(saved: &Self::Saved) -> &Option<AttentionSaved>;
 }
 
-/// Every layer's keys and values of a rows pass's T rows [T, L·2·Hkv·K] (`Pass::prefix`'s layout).
+/// Every layer's keys and values of a rows pass of B rows of S [B, S, L·2·Hkv·K] (`Pass::prefix`'s
+/// layout).
 pub(crate) fn keys_values<B: Block>(saved: &[B::Saved], shape: AttentionShape) -> Result<Tensor> {
     let layers = saved
         .iter()
         .map(|s| kept(B::attention(s))?.keys_values(shape))
         .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&layers, 1)
+    Tensor::cat(&layers, 1)?.reshape((shape.batch, shape.seq, ()))
 }
 
 /// x [T, D] through every block → y [T, D], and for a pass that keeps (training) each block's

@@ -10,7 +10,7 @@ use crate::batch::{Batch, Batching, EncodedSet, Padding};
 use crate::inference::{ensemble_all, LoadedAdapter};
 use crate::metrics::confusion;
 use crate::prompt::SoftPrompt;
-use crate::task::classify::{argmax, cross_entropy, softmax, ClassificationHead, Pool};
+use crate::task::classify::{argmax, cross_entropy, softmax, ClassificationHead};
 use crate::task::{taped_head, HeadBackward};
 use crate::tokenize::Encoded;
 use crate::{Context, Result};
@@ -128,7 +128,7 @@ impl Head for Classifier {
     }
 
     fn reads_prompt(&self, _batch: &Batch) -> bool {
-        matches!(self.head.pool, Pool::First | Pool::Pooler)
+        self.head.reads_prompt()
     }
 }
 

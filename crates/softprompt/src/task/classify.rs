@@ -40,6 +40,11 @@ pub struct ClassificationHead {
 }
 
 impl ClassificationHead {
+    /// Whether the head reads the prompt's own rows (the first prompt vector, pooled or not).
+    pub fn reads_prompt(&self) -> bool {
+        matches!(self.pool, Pool::First | Pool::Pooler)
+    }
+
     /// N(0, 0.02) weights and zero bias, as transformers initialises a classifier.
     pub fn init(
         num_labels: usize,
