@@ -41,10 +41,17 @@ impl Inference {
                 template: Some(template),
             }]
         } else {
+            let task = args.task.as_deref();
             args.adapters
                 .iter()
-                .map(|a| LoadedAdapter::new(&model, &Adapter::load(a, d, &Device::Cpu)?))
-                .collect::<softprompt::Result<Vec<_>>>()?
+                .map(|a| {
+                    let adapter = Adapter::load(a, d, &Device::Cpu)?;
+                    let adapter = adapter
+                        .for_task(task)
+                        .with_context(|| format!("adapter {}", a.display()))?;
+                    Ok(LoadedAdapter::new(&model, &adapter)?)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?
         };
         let members = Members::new(&model, adapters)?;
         Ok(Self {

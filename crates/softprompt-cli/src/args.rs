@@ -74,6 +74,7 @@ impl ColumnArgs {
             text: self.text_column.clone(),
             text_pair: self.text_pair_column.clone(),
             label: self.label_column.clone(),
+            task: None,
         }
     }
 }
@@ -117,6 +118,9 @@ pub struct InferenceArgs {
     /// With --zero-shot: one word per label, comma-separated [default: the labels themselves].
     #[arg(long, value_delimiter = ',', requires = "zero_shot", value_parser = unescaped)]
     pub label_words: Option<Vec<String>>,
+    /// A multitask adapter's task: the prompt every input is read with (each --adapter must serve it).
+    #[arg(long)]
+    pub task: Option<String>,
     #[command(flatten)]
     pub batch: BatchArgs,
 }

@@ -34,6 +34,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if let [adapter] = args.inference.adapters.as_slice() {
         let adapter = Adapter::load(adapter, model.backbone.hidden_size(), &Device::Cpu)?;
         if matches!(adapter.head, AdapterHead::Generation) {
+            let adapter = adapter.for_task(args.inference.task.as_deref())?;
             let score = generation_score(&model, &adapter, &examples, &args.data, &batching)?;
             return emit(args.json, &score, score);
         }

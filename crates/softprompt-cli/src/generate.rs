@@ -21,6 +21,9 @@ pub struct GenerateArgs {
     /// An adapter whose prompt goes in front (any prompt-tuning adapter for this model).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// A multitask adapter's task: the prompt to write with.
+    #[arg(long, requires = "adapter")]
+    task: Option<String>,
     /// Texts to continue, one generation each.
     #[arg(required = true)]
     texts: Vec<String>,
@@ -70,7 +73,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let adapter = args
         .adapter
         .as_deref()
-        .map(|a| Adapter::load(a, d, &Device::Cpu))
+        .map(|a| -> anyhow::Result<Adapter> {
+            let adapter = Adapter::load(a, d, &Device::Cpu)?;
+            Ok(adapter.for_task(args.task.as_deref())?.into_owned())
+        })
         .transpose()?;
     let template = args
         .template

@@ -18,6 +18,9 @@ pub struct InspectArgs {
     /// The adapter directory whose prompt to read.
     #[arg(long)]
     adapter: PathBuf,
+    /// A multitask adapter's task, whose prompt to read [default: the prompt the tasks share].
+    #[arg(long)]
+    task: Option<String>,
     /// Tokens to show per prompt vector.
     #[arg(long, default_value_t = 5)]
     top: usize,
@@ -40,6 +43,17 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let d = model.backbone.hidden_size();
     let adapter = Adapter::load(&args.adapter, d, &Device::Cpu)?;
     adapter.fits(&model.backbone)?;
+    let shared = match (&adapter.tasks, &args.task) {
+        (Some(tasks), None) => format!(
+            " (the prompt its tasks {} share; --task reads one task's)",
+            tasks.names.join(", ")
+        ),
+        _ => String::new(),
+    };
+    let adapter = match &args.task {
+        Some(task) => adapter.for_task(Some(task))?.into_owned(),
+        None => adapter,
+    };
     if adapter.method.placement() == Placement::Prefix {
         let shape = model.backbone.shape();
         eprintln!(
@@ -52,7 +66,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     }
     // stderr, so that stdout stays one line per vector
     eprintln!(
-        "{}: {} prompt vectors, trained with --method {}",
+        "{}: {} prompt vectors, trained with --method {}{shared}",
         args.adapter.display(),
         adapter.prompt.dim(0)?,
         adapter.method

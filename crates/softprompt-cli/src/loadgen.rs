@@ -50,12 +50,7 @@ pub struct LoadgenArgs {
 }
 
 pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
-    let columns = Columns {
-        text: "text".into(),
-        text_pair: None,
-        label: "label".into(),
-    };
-    let texts = read_examples(&args.data, &columns, Labels::Optional)?
+    let texts = read_examples(&args.data, &Columns::default(), Labels::Optional)?
         .into_iter()
         .map(|e| e.text)
         .collect();

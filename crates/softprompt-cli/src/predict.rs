@@ -50,6 +50,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
             text: t.clone(),
             text_pair: None,
             label: None,
+            task: None,
             line: i + 1,
         })
         .collect();

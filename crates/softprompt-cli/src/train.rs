@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use softprompt::batch::Padding;
 use softprompt::collective::Collective;
-use softprompt::data::DataSource;
+use softprompt::data::{Columns, DataSource};
 use softprompt::optim::{OptimizerKind, Schedule};
 use softprompt::profile::Profiler;
 use softprompt::prompt::PromptInit;
@@ -52,13 +52,17 @@ pub struct TrainArgs {
     output: PathBuf,
     #[command(flatten)]
     columns: ColumnArgs,
+    /// Column holding each row's task (--method multitask: one adapter, a prompt per task).
+    #[arg(long)]
+    task_column: Option<String>,
     /// Soft prompt length M.
     #[arg(long, default_value_t = defaults().num_virtual_tokens)]
     num_virtual_tokens: usize,
     /// What training moves to make the prompt: prompt (its vectors), p-tuning (an encoder's
     /// weights; PEFT's P_TUNING), residual (the vectors plus a LayerNorm-ed bottleneck MLP of them),
     /// prefix (keys and values in front of every layer's attention, computed by PEFT's projection
-    /// MLP from the init's vectors; PEFT's PREFIX_TUNING).
+    /// MLP from the init's vectors; PEFT's PREFIX_TUNING), multitask (one shared prompt scaled by
+    /// each task's low-rank factors, tasks from --task-column; PEFT's MULTITASK_PROMPT_TUNING).
     #[arg(long, default_value_t = defaults().method)]
     method: Method,
     /// --method p-tuning's encoder: mlp or lstm (PEFT's encoder_reparameterization_type).
@@ -68,6 +72,9 @@ pub struct TrainArgs {
     /// model's hidden size].
     #[arg(long)]
     encoder_hidden_size: Option<usize>,
+    /// --method multitask: the rank of each task's factors (PEFT's num_ranks) [default: 1].
+    #[arg(long)]
+    task_rank: Option<usize>,
     /// Prompt initialisation (an encoder's input table): uniform, normal, vocab, text, labels.
     #[arg(long, default_value_t = defaults().init)]
     init: PromptInit,
@@ -135,6 +142,7 @@ impl TrainArgs {
             method: self.method,
             encoder: self.encoder,
             encoder_hidden_size: self.encoder_hidden_size,
+            task_rank: self.task_rank,
             init: self.init,
             init_text: self.init_text.clone(),
             pool: self.pool,
@@ -185,7 +193,10 @@ pub fn run(
         data: TrainData {
             train: DataSource::File(args.train),
             dev: args.dev.map(DataSource::File),
-            columns: args.columns.columns(),
+            columns: Columns {
+                task: args.task_column,
+                ..args.columns.columns()
+            },
         },
         output: args.output,
     };

@@ -91,8 +91,17 @@ fn from_columns(
         None => None,
     };
     let label_values = column(&columns.label, labels == Labels::Required)?;
+    let tasks = match &columns.task {
+        Some(key) => column(key, true)?,
+        None => None,
+    };
     let pair_key = columns.text_pair.as_deref().unwrap_or_default();
-    for (key, values) in [(columns.label.as_str(), &label_values), (pair_key, &pairs)] {
+    let task_key = columns.task.as_deref().unwrap_or_default();
+    for (key, values) in [
+        (columns.label.as_str(), &label_values),
+        (pair_key, &pairs),
+        (task_key, &tasks),
+    ] {
         if let Some(values) = values.as_ref().filter(|v| v.len() != texts.len()) {
             return Err(crate::invalid(format!(
                 "{name}: column '{key}' has {} values and '{}' {}",
@@ -120,6 +129,10 @@ fn from_columns(
                     Some(l) => field(&l[i], name, line, &columns.label)?,
                     None => None,
                 },
+                task: match &tasks {
+                    Some(t) => field(&t[i], name, line, task_key)?,
+                    None => None,
+                },
                 line,
             })
         })
@@ -142,6 +155,7 @@ fn from_row(
             text: row.extract()?,
             text_pair: None,
             label: None,
+            task: None,
             line,
         });
     }
@@ -170,6 +184,7 @@ fn from_row(
             text,
             text_pair,
             label: get(items.next(), &columns.label)?,
+            task: None,
             line,
         });
     }
@@ -203,6 +218,10 @@ fn from_row(
             None => None,
         },
         label: get(item(&columns.label)?, &columns.label)?,
+        task: match &columns.task {
+            Some(key) => get(item(key)?, key)?,
+            None => None,
+        },
         line,
     })
 }

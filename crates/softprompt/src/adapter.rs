@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! ADAPTER/adapter_config.json        PEFT's PromptTuningConfig (peft_type PROMPT_TUNING; P_TUNING,
-//!                                    PREFIX_TUNING)
+//!                                    PREFIX_TUNING, MULTITASK_PROMPT_TUNING)
 //! ADAPTER/adapter_model.safetensors  prompt_embeddings [M, D] (a prefix: [M, L·2·Hkv·K]);
+//!                                    a multitask prompt's prefix_task_cols [N, M, r] and
+//!                                    prefix_task_rows [N, r, D];
 //!                                    base_model.classifier.{weight,bias}
 //! ADAPTER/softprompt.json            what PEFT has no field for: label names, pooling, template,
-//!                                    label words
+//!                                    label words, task names
 //! ```
 //! A PEFT SEQ_CLS adapter has no softprompt.json: it loads with `Pool::Pooler` (the head of
 //! BertForSequenceClassification) and labels LABEL_0, LABEL_1, ... A verbalizer adapter is
@@ -15,7 +17,8 @@
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
 use crate::files::{load_tensors, save_tensors, write_atomic};
-use crate::prompt::Placement;
+use crate::data::listing;
+use crate::prompt::{Placement, TaskFactors};
 use crate::prompt_encoder::Method;
 use crate::task::classify::Pool;
 use crate::task::TaskKind;
@@ -29,6 +32,8 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const EXTRA_FILE: &str = "softprompt.json";
 const PROMPT_KEY: &str = "prompt_embeddings";
+const TASK_COLS_KEY: &str = "prefix_task_cols";
+const TASK_ROWS_KEY: &str = "prefix_task_rows";
 const HEAD_WEIGHT_KEY: &str = "base_model.classifier.weight";
 const HEAD_BIAS_KEY: &str = "base_model.classifier.bias";
 
@@ -43,6 +48,8 @@ pub enum PeftType {
     PTuning,
     #[serde(rename = "PREFIX_TUNING")]
     PrefixTuning,
+    #[serde(rename = "MULTITASK_PROMPT_TUNING")]
+    MultitaskPromptTuning,
     #[serde(untagged)]
     Other(String),
 }
@@ -100,6 +107,11 @@ pub struct PeftConfig {
     /// adapter file holds the computed prefix either way
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_projection: Option<bool>,
+    /// multitask prompt tuning: the tasks, and the rank of each task's factors
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_tasks: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_ranks: Option<usize>,
     #[serde(default)]
     pub tokenizer_name_or_path: Option<String>,
     #[serde(default)]
@@ -135,6 +147,9 @@ pub struct Extra {
     /// how the prompt was trained (PEFT's file says it for P-tuning, not for the residual method)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<Method>,
+    /// a multitask prompt's task names, by id (PEFT's task ids are numbers: "0", "1", ...)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<String>>,
 }
 
 /// What turns the backbone's last hidden state into label scores.
@@ -155,10 +170,13 @@ pub enum AdapterHead {
 }
 
 /// An adapter in memory: a prompt, and what reads the hidden state behind it.
+#[derive(Clone)]
 pub struct Adapter {
     pub config: PeftConfig,
-    /// [M, D]
+    /// [M, D]; a multitask adapter's shared prompt, which each task scales by its `tasks` factors
     pub prompt: Tensor,
+    /// a multitask adapter's tasks
+    pub tasks: Option<TaskFactors>,
     pub head: AdapterHead,
     pub labels: Vec<String>,
     /// the text each input is written into
@@ -174,12 +192,17 @@ impl Adapter {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create adapter directory {}", dir.display()))?;
         let mut tensors = vec![(PROMPT_KEY.to_string(), self.prompt.clone())];
+        if let Some(tasks) = &self.tasks {
+            tensors.push((TASK_COLS_KEY.to_string(), tasks.cols.clone()));
+            tensors.push((TASK_ROWS_KEY.to_string(), tasks.rows.clone()));
+        }
         let mut extra = Extra {
             labels: self.labels.clone(),
             pool: None,
             label_words: None,
             template: self.template.clone(),
             method: (self.method != Method::Prompt).then_some(self.method),
+            tasks: self.tasks.as_ref().map(|t| t.names.clone()),
         };
         match &self.head {
             AdapterHead::Linear { weight, bias, pool } => {
@@ -213,7 +236,32 @@ impl Adapter {
         Self::read(dir, None, device)
     }
 
-    /// Whether this adapter's vectors have the model's hidden size.
+    /// The adapter as it serves `task`: a multitask adapter's prompt for that task (a plain
+    /// prompt adapter then); any other adapter serves its one task and takes no task name.
+    pub fn for_task(&self, task: Option<&str>) -> Result<std::borrow::Cow<'_, Adapter>> {
+        use std::borrow::Cow;
+        let Some(factors) = &self.tasks else {
+            return match task {
+                None => Ok(Cow::Borrowed(self)),
+                Some(task) => bail!(
+                    "a task ({task:?}) was named, but the adapter serves one task and takes none"
+                ),
+            };
+        };
+        let names = listing(&factors.names);
+        let task = task.with_context(|| {
+            format!("the adapter is a multitask prompt: name one of its tasks ({names})")
+        })?;
+        let t = factors.id(task).with_context(|| {
+            format!("the adapter has no task {task:?} (its tasks: {names})")
+        })?;
+        Ok(Cow::Owned(Adapter {
+            prompt: factors.prompts(&self.prompt)?.get(t)?,
+            tasks: None,
+            ..self.clone()
+        }))
+    }
+
     /// Whether the adapter was made for a model of `backbone`'s shape: its prompt vectors as wide
     /// as the hidden state, or its prefix as wide as every layer's keys and values.
     pub fn fits(&self, backbone: &AnyBackbone) -> Result<()> {
@@ -253,7 +301,7 @@ impl Adapter {
         let config: PeftConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a PEFT adapter config", config_path.display()))?;
         if let PeftType::Other(other) = &config.peft_type {
-            bail!("adapter {at} has peft_type {other:?}; softprompt reads PROMPT_TUNING, P_TUNING and PREFIX_TUNING adapters");
+            bail!("adapter {at} has peft_type {other:?}; softprompt reads PROMPT_TUNING, P_TUNING, PREFIX_TUNING and MULTITASK_PROMPT_TUNING adapters");
         }
         let prefix = config.peft_type == PeftType::PrefixTuning;
         // a prefix's token_dim is the key/value width, which grouped-query attention makes narrower
@@ -324,6 +372,18 @@ impl Adapter {
             ),
         }
         let method = extra.as_ref().and_then(|e| e.method);
+        let tasks = match config.peft_type {
+            PeftType::MultitaskPromptTuning => {
+                let names = extra.as_ref().and_then(|e| e.tasks.clone());
+                let factors = TaskFactors {
+                    names: Vec::new(),
+                    cols: take(TASK_COLS_KEY)?,
+                    rows: take(TASK_ROWS_KEY)?,
+                };
+                Some(task_factors(factors, names, m, hidden, config.num_tasks).with_context(|| format!("adapter {at}"))?)
+            }
+            _ => None,
+        };
         let task = config.task_type.clone().unwrap_or(TaskType::SeqCls);
         let (head, labels, template) = match (task, extra) {
             (TaskType::SeqCls, extra) => {
@@ -374,11 +434,13 @@ impl Adapter {
             (_, Some(method)) => method,
             (PeftType::PTuning, None) => Method::PTuning,
             (PeftType::PrefixTuning, _) => Method::Prefix,
+            (PeftType::MultitaskPromptTuning, _) => Method::Multitask,
             _ => Method::Prompt,
         };
         let adapter = Self {
             config,
             prompt,
+            tasks,
             head,
             labels,
             template,
@@ -393,6 +455,9 @@ impl Adapter {
     /// An adapter with a NaN or infinite number in it answers nonsense: refused on both sides.
     fn check_finite(&self) -> Result<()> {
         let mut tensors = vec![(PROMPT_KEY, &self.prompt)];
+        if let Some(t) = &self.tasks {
+            tensors.extend([(TASK_COLS_KEY, &t.cols), (TASK_ROWS_KEY, &t.rows)]);
+        }
         if let AdapterHead::Linear { weight, bias, .. } = &self.head {
             tensors.extend([(HEAD_WEIGHT_KEY, weight), (HEAD_BIAS_KEY, bias)]);
         }
@@ -403,6 +468,34 @@ impl Adapter {
         }
         Ok(())
     }
+}
+
+/// A multitask adapter's factors checked against its prompt of `m` vectors of `hidden`, named by
+/// `names` (softprompt.json's) or by their ids, as PEFT's task ids are.
+fn task_factors(
+    factors: TaskFactors,
+    names: Option<Vec<String>>,
+    m: usize,
+    hidden: usize,
+    num_tasks: Option<usize>,
+) -> Result<TaskFactors> {
+    let (cols, rows) = (factors.cols.dims(), factors.rows.dims());
+    let fits = match (cols, rows) {
+        (&[n, cm, r], &[rn, rr, d]) => cm == m && rn == n && rr == r && d == hidden && n > 0,
+        _ => false,
+    };
+    if !fits {
+        bail!("{TASK_COLS_KEY} has shape {cols:?} and {TASK_ROWS_KEY} {rows:?}, expected [num_tasks, {m}, num_ranks] and [num_tasks, num_ranks, {hidden}]");
+    }
+    let n = cols[0];
+    if num_tasks.is_some_and(|t| t != n) {
+        bail!("num_tasks is {}, but the factors hold {n} tasks", num_tasks.unwrap_or(0));
+    }
+    let names = names.unwrap_or_else(|| (0..n).map(|t| t.to_string()).collect());
+    if names.len() != n {
+        bail!("{} task names for {n} tasks", names.len());
+    }
+    Ok(TaskFactors { names, ..factors })
 }
 
 /// Whether every value of `tensor` is a finite number.

@@ -47,18 +47,26 @@ pub struct Batching {
 }
 
 /// A tokenized data set: a label per example for classification (a causal LM's targets are in
-/// the tokens).
+/// the tokens), and for a multitask prompt each example's task.
 pub struct EncodedSet {
     pub data: Vec<Encoded>,
     pub labels: Option<Vec<u32>>,
+    pub tasks: Option<Vec<u32>>,
 }
 
 impl EncodedSet {
     /// The examples in `rows` (a rank's shard), with their labels.
     pub fn part(&self, rows: std::ops::Range<usize>) -> EncodedSet {
+        self.rows(&rows.collect::<Vec<_>>())
+    }
+
+    /// The examples `rows`, in that order, with their labels and tasks.
+    pub fn rows(&self, rows: &[usize]) -> EncodedSet {
+        let pick = |v: &Vec<u32>| rows.iter().map(|&r| v[r]).collect();
         EncodedSet {
-            data: self.data[rows.clone()].to_vec(),
-            labels: self.labels.as_ref().map(|l| l[rows].to_vec()),
+            data: rows.iter().map(|&r| self.data[r].clone()).collect(),
+            labels: self.labels.as_ref().map(pick),
+            tasks: self.tasks.as_ref().map(pick),
         }
     }
 }
@@ -73,6 +81,8 @@ pub struct Batch {
     pub attention_mask: Tensor,
     /// [B] u32, when the examples are labelled
     pub labels: Option<Tensor>,
+    /// [B] u32, each row's task of a multitask prompt (`with_tasks`)
+    pub tasks: Option<Tensor>,
     /// each row's index in the data set
     pub rows: Vec<usize>,
     /// per row, how many of its last real tokens are a target to predict (`Encoded::target_len`)
@@ -109,11 +119,21 @@ impl Batch {
             labels: labels
                 .map(|l| Tensor::from_iter(rows.iter().map(|&r| l[r]), device))
                 .transpose()?,
+            tasks: None,
             rows: rows.to_vec(),
             target_lens: rows.iter().map(|&r| data[r].target_len).collect(),
             lengths: rows.iter().map(|&r| data[r].ids.len()).collect(),
             padding,
         })
+    }
+
+    /// The batch with each row's task id, `tasks` holding one per example of the data set.
+    pub fn with_tasks(self, tasks: Option<&[u32]>) -> Result<Self> {
+        let device = self.ids.device().clone();
+        let tasks = tasks
+            .map(|t| Tensor::from_iter(self.rows.iter().map(|&r| t[r]), &device))
+            .transpose()?;
+        Ok(Self { tasks, ..self })
     }
 
     /// The target tokens with `prompt_len` vectors in front of every row. A target token at the

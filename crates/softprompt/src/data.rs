@@ -6,12 +6,14 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// Which columns (or JSON fields) hold the text, the optional second text of a pair, and the label.
+/// Which columns (or JSON fields) hold the text, the optional second text of a pair, the label,
+/// and (for a multitask prompt) each row's task.
 #[derive(Debug, Clone)]
 pub struct Columns {
     pub text: String,
     pub text_pair: Option<String>,
     pub label: String,
+    pub task: Option<String>,
 }
 
 impl Default for Columns {
@@ -20,6 +22,7 @@ impl Default for Columns {
             text: "text".into(),
             text_pair: None,
             label: "label".into(),
+            task: None,
         }
     }
 }
@@ -29,6 +32,8 @@ pub struct Example {
     pub text: String,
     pub text_pair: Option<String>,
     pub label: Option<String>,
+    /// which task of a multitask prompt the row is for (`Columns::task`)
+    pub task: Option<String>,
     /// 1-based line in the source file, for error messages
     pub line: usize,
 }
@@ -131,7 +136,12 @@ impl DataSource {
             Self::Rows { examples, .. } => Ok(examples
                 .iter()
                 .flat_map(|e| {
-                    let fields = [Some(&e.text), e.text_pair.as_ref(), e.label.as_ref()];
+                    let fields = [
+                        Some(&e.text),
+                        e.text_pair.as_ref(),
+                        e.label.as_ref(),
+                        e.task.as_ref(),
+                    ];
                     fields.into_iter().flat_map(|f| {
                         let bytes = f.map_or(&[0xff][..], |f| f.as_bytes());
                         bytes.iter().copied().chain([0])
@@ -197,6 +207,10 @@ fn read_delimited(
         (None, Labels::Required) => return Err(missing(&columns.label)),
         (col, _) => col,
     };
+    let task_col = match &columns.task {
+        Some(name) => Some((find(name).ok_or_else(|| missing(name))?, name)),
+        None => None,
+    };
     let records = reader
         .records()
         .collect::<Result<Vec<_>, _>>()
@@ -254,6 +268,7 @@ fn read_delimited(
             label: label_col
                 .map(|col| field(col, &columns.label))
                 .transpose()?,
+            task: task_col.map(|(col, name)| field(col, name)).transpose()?,
             line,
         };
         examples.push(check(example, path, columns)?);
@@ -301,6 +316,10 @@ fn read_json_lines(
                 None => None,
             },
             label: field(&columns.label, labels == Labels::Required)?,
+            task: match &columns.task {
+                Some(name) => field(name, true)?,
+                None => None,
+            },
             line,
         };
         examples.push(check(example, path, columns)?);
@@ -325,36 +344,65 @@ fn check(example: Example, path: &Path, columns: &Columns) -> crate::Result<Exam
     {
         bail!("{} is empty", at(&columns.label));
     }
+    if let (Some(task), Some(name)) = (&example.task, &columns.task) {
+        if task.trim().is_empty() {
+            bail!("{} is empty", at(name));
+        }
+    }
     Ok(example)
 }
 
 /// The label names a training file defines, sorted so the same file always gives the same ids.
 /// A class label is its text without surrounding spaces ("positive " is "positive").
 pub fn label_set(examples: &[Example]) -> Vec<String> {
+    sorted_names(examples, |e| e.label.as_deref())
+}
+
+/// Label name → id, with an error naming the file and line of a label the adapter does not know.
+pub fn label_ids(examples: &[Example], labels: &[String], path: &Path) -> crate::Result<Vec<u32>> {
+    ids_of(examples, |e| e.label.as_deref(), labels, path, "label")
+}
+
+/// The tasks a multitask training file defines, sorted as labels are: a task's id is its place.
+pub fn task_set(examples: &[Example]) -> Vec<String> {
+    sorted_names(examples, |e| e.task.as_deref())
+}
+
+/// Task name → id, with an error naming the file and line of a task the adapter does not serve.
+pub fn task_ids(examples: &[Example], tasks: &[String], path: &Path) -> crate::Result<Vec<u32>> {
+    ids_of(examples, |e| e.task.as_deref(), tasks, path, "task")
+}
+
+fn sorted_names(examples: &[Example], value: fn(&Example) -> Option<&str>) -> Vec<String> {
     examples
         .iter()
-        .filter_map(|e| e.label.as_deref().map(|l| l.trim().to_string()))
+        .filter_map(|e| value(e).map(|v| v.trim().to_string()))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
 }
 
-/// Label name → id, with an error naming the file and line of a label the adapter does not know.
-pub fn label_ids(examples: &[Example], labels: &[String], path: &Path) -> crate::Result<Vec<u32>> {
+fn ids_of(
+    examples: &[Example],
+    value: fn(&Example) -> Option<&str>,
+    names: &[String],
+    path: &Path,
+    what: &str,
+) -> crate::Result<Vec<u32>> {
     examples
         .iter()
         .map(|e| {
-            let name = e.label.as_deref().unwrap_or_default().trim();
-            labels
+            let name = value(e).unwrap_or_default().trim();
+            names
                 .iter()
                 .position(|l| l == name)
                 .map(|i| i as u32)
                 .ok_or_else(|| {
                     crate::invalid!(
-                        "{} line {}: label '{name}' was never seen in training (known labels: {})",
+                        "{} line {}: {what} '{name}' was never seen in training (known {what}s: {})",
                         path.display(),
                         e.line,
-                        listing(labels)
+                        listing(names)
                     )
                 })
         })

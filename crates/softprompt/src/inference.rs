@@ -32,8 +32,10 @@ pub struct LoadedAdapter {
 }
 
 impl LoadedAdapter {
+    /// A multitask adapter is refused: `Adapter::for_task` picks the task's prompt first.
     pub fn new(model: &Model, adapter: &Adapter) -> Result<Self> {
         adapter.fits(&model.backbone)?;
+        let adapter = adapter.for_task(None)?;
         let table = model.backbone.word_embeddings();
         let prompt = adapter
             .prompt

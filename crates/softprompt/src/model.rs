@@ -239,6 +239,8 @@ impl Model {
             encoder_num_layers: None,
             encoder_dropout: None,
             prefix_projection: None,
+            num_tasks: None,
+            num_ranks: None,
             tokenizer_name_or_path: name.clone(),
             base_model_name_or_path: name,
             inference_mode: true,

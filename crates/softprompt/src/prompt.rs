@@ -5,7 +5,7 @@ use crate::backbone::{InputGradients, Prefix};
 use crate::kernels::Weight;
 use crate::named_choice;
 use crate::{bail, Context};
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use rand::seq::IndexedRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -75,7 +75,8 @@ impl Placement {
 }
 
 /// M trainable vectors, `prompt_embeddings` [M, D] in PEFT's adapter file (prefix tuning's
-/// [M, L·2·Hkv·K]).
+/// [M, L·2·Hkv·K]); a multitask prompt is one for each of its N tasks, [N, M, D], and each row
+/// of a batch reads its own task's (`Batch::tasks`).
 #[derive(Clone)]
 pub struct SoftPrompt {
     pub embeddings: Var,
@@ -98,6 +99,19 @@ impl SoftPrompt {
     /// state (`Placement::front`).
     pub fn front(&self) -> usize {
         self.placement.front(self.len())
+    }
+
+    /// Whether this is a multitask prompt, one [M, D] for each task.
+    pub fn is_multitask(&self) -> bool {
+        self.embeddings.rank() == 3
+    }
+
+    /// Task `t`'s prompt [M, ·] of a multitask prompt; any other prompt is its own.
+    pub fn task(&self, t: usize) -> Result<Self> {
+        match self.embeddings.rank() {
+            3 => Self::placed(&self.embeddings.as_tensor().get(t)?, self.placement),
+            _ => Ok(self.clone()),
+        }
     }
 
     pub fn init(
@@ -160,35 +174,54 @@ impl SoftPrompt {
     }
 
     pub fn len(&self) -> usize {
-        self.embeddings.dim(0).unwrap_or(0)
+        let dims = self.embeddings.dims();
+        dims.len().checked_sub(2).map_or(0, |i| dims[i])
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// word [B, N, D] → [B, M + N, D]. The prompt enters detached: the backbone's backward, not
-    /// candle's tape, carries the gradient back to it (`gradient`).
-    pub fn prepend(&self, word: &Tensor) -> Result<Tensor> {
-        let (b, _, d) = word.dims3()?;
-        let prompt = self
-            .embeddings
-            .as_tensor()
-            .detach()
-            .unsqueeze(0)?
-            .broadcast_as((b, self.len(), d))?;
+    /// The prompt each of a batch's B rows reads [B, M, ·]: the one prompt, or each row's task's
+    /// (`tasks` [B] u32). Detached: the backbone's backward, not candle's tape, carries the
+    /// gradient back to it (`gradient`).
+    fn rows(&self, b: usize, tasks: Option<&Tensor>) -> Result<Tensor> {
+        let table = self.embeddings.as_tensor().detach();
+        match (table.rank(), tasks) {
+            (3, Some(tasks)) => table.index_select(tasks, 0),
+            (3, None) => candle_core::bail!("a multitask prompt needs each row's task"),
+            _ => {
+                let (m, w) = table.dims2()?;
+                table.unsqueeze(0)?.broadcast_as((b, m, w))
+            }
+        }
+    }
+
+    /// word [B, N, D] → [B, M + N, D]; `tasks` [B] picks a multitask prompt's row by row.
+    pub fn prepend(&self, word: &Tensor, tasks: Option<&Tensor>) -> Result<Tensor> {
+        let prompt = self.rows(word.dim(0)?, tasks)?;
         Tensor::cat(&[&prompt.to_dtype(word.dtype())?, word], 1)
     }
 
-    /// The backbone's input gradients → d_prompt [M, ·]: every row of the batch used the same
-    /// prompt, so its rows of d_embeds [B, M + N, D] (or the prefix's [B, M, L·2·Hkv·K]) summed.
-    pub fn gradient(&self, grads: &InputGradients) -> Result<Tensor> {
-        match (self.placement, &grads.prefix) {
-            (Placement::Embeddings, _) => grads.embeds.narrow(1, 0, self.len())?.sum(0),
-            (Placement::Prefix, Some(d_prefix)) => d_prefix.sum(0),
+    /// The backbone's input gradients → d_prompt, shaped as the prompt: its rows of d_embeds
+    /// [B, M + N, D] (or the prefix's [B, M, L·2·Hkv·K]) summed over the rows that read it (every
+    /// row, or each task's rows of a multitask prompt).
+    pub fn gradient(&self, grads: &InputGradients, tasks: Option<&Tensor>) -> Result<Tensor> {
+        let rows = match (self.placement, &grads.prefix) {
+            (Placement::Embeddings, _) => grads.embeds.narrow(1, 0, self.len())?,
+            (Placement::Prefix, Some(d_prefix)) => d_prefix.clone(),
             (Placement::Prefix, None) => {
                 candle_core::bail!("the backbone returned no prefix gradient")
             }
+        };
+        match (self.embeddings.rank(), tasks) {
+            (3, Some(tasks)) => self
+                .embeddings
+                .zeros_like()?
+                .to_dtype(rows.dtype())?
+                .index_add(tasks, &rows.contiguous()?, 0),
+            (3, None) => candle_core::bail!("a multitask prompt needs each row's task"),
+            _ => rows.sum(0),
         }
     }
 
@@ -197,13 +230,40 @@ impl SoftPrompt {
         if self.placement != Placement::Prefix {
             return Ok(None);
         }
-        let table = self.embeddings.as_tensor().detach();
-        let (m, w) = table.dims2()?;
         Ok(Some(Prefix {
-            kv: table.unsqueeze(0)?.broadcast_as((b, m, w))?,
-            mask: Tensor::ones((b, m), candle_core::DType::U32, table.device())?,
+            kv: self.rows(b, None)?,
+            mask: Tensor::ones((b, self.len()), DType::U32, self.embeddings.device())?,
         }))
     }
+}
+
+/// A multitask prompt's task-specific factors (PEFT's MULTITASK_PROMPT_TUNING, Wang et al. 2023):
+/// task t reads the shared prompt P [M, D] scaled elementwise by a rank-r matrix, P ⊙ (C_t R_t).
+#[derive(Clone)]
+pub struct TaskFactors {
+    /// the tasks by name; a task's id is its place
+    pub names: Vec<String>,
+    /// `prefix_task_cols` [N, M, r]
+    pub cols: Tensor,
+    /// `prefix_task_rows` [N, r, D]
+    pub rows: Tensor,
+}
+
+impl TaskFactors {
+    /// Every task's prompt [N, M, D] from the shared P [M, D].
+    pub fn prompts(&self, shared: &Tensor) -> Result<Tensor> {
+        task_prompts(shared, &self.cols, &self.rows)
+    }
+
+    /// The id of the task named `name`.
+    pub fn id(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+}
+
+/// P [M, D], C [N, M, r], R [N, r, D] → P ⊙ (C_t R_t) for every t, [N, M, D].
+pub fn task_prompts(shared: &Tensor, cols: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    shared.unsqueeze(0)?.broadcast_mul(&cols.matmul(rows)?)
 }
 
 /// mask or token types [B, N] → [B, M + N] with `value` in the M prompt positions.

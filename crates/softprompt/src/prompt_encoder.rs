@@ -7,6 +7,8 @@
 //! --method residual   P = table + LayerNorm(W_up ReLU(W_down table))   (Razdaibiedina et al. 2023)
 //! --method prefix     P = W₂ tanh(W₁ table), [M, L·2·Hkv·K]            (PEFT PREFIX_TUNING with
 //!                                                                        prefix_projection, Li & Liang 2021)
+//! --method multitask  P_t = table ⊙ (C_t R_t), one per task            (PEFT MULTITASK_PROMPT_TUNING,
+//!                                                                        Wang et al. 2023)
 //! ```
 //!
 //! A prefix is not read as input vectors: its rows are keys and values in front of every layer's
@@ -15,10 +17,11 @@
 //! for the shallow prompt; the rest of the way, into the encoder's weights, is candle's tape over
 //! the encoder alone: M rows through a few small layers, nothing next to the backbone's cost.
 //! Adapters store the computed P (PEFT saves P-tuning the same way), so every command and PEFT
-//! load them as prompts; the encoder's weights live in the training checkpoint.
+//! load them as prompts; the encoder's weights live in the training checkpoint. A multitask
+//! adapter stores the table and the task factors, as PEFT does: they are the adapter.
 
 use crate::named_choice;
-use crate::prompt::{Placement, SoftPrompt};
+use crate::prompt::{task_prompts, Placement, SoftPrompt, TaskFactors};
 use crate::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::Rng;
@@ -34,8 +37,9 @@ pub enum Method {
     PTuning,
     Residual,
     Prefix,
+    Multitask,
 }
-named_choice!(Method, "prompt", "p-tuning", "residual", "prefix");
+named_choice!(Method, "prompt", "p-tuning", "residual", "prefix", "multitask");
 
 impl Method {
     /// Where the prompt this method computes enters the backbone.
@@ -180,6 +184,12 @@ enum Network {
     },
     /// PEFT's PrefixEncoder `transform` = Sequential(Linear, Tanh, Linear)
     Prefix([Dense; 2]),
+    /// PEFT's MultitaskPromptEmbedding `prefix_task_cols` [N, M, r] and `prefix_task_rows` [N, r, D]
+    Multitask {
+        cols: Var,
+        rows: Var,
+        names: Vec<String>,
+    },
 }
 
 /// A prompt computed by a network over a trainable table (`embedding`, PEFT's
@@ -209,6 +219,7 @@ impl PromptEncoder {
         let rng = &mut Init { rng, device };
         let network = match (method, encoder) {
             (Method::Prompt, _) => bail!("--method prompt has no encoder"),
+            (Method::Multitask, _) => bail!("a multitask prompt is made by PromptEncoder::multitask"),
             (Method::PTuning, EncoderKind::Mlp) => Network::Mlp([
                 Dense::init(d, hidden, dtype, rng)?,
                 Dense::init(hidden, hidden, dtype, rng)?,
@@ -246,6 +257,34 @@ impl PromptEncoder {
             method,
             embedding: Var::from_tensor(table)?,
             network,
+        })
+    }
+
+    /// A multitask prompt over `table` [M, D] for the tasks `names`, each task's factors of rank
+    /// `rank`. PEFT draws both factors from N(0, 0.02²), which starts every task's prompt near zero
+    /// (the table times ~r·4e-4); here C_t R_t starts at one plus that noise, so every task starts
+    /// from the table that `--init` made and the noise tells the tasks (and the ranks) apart.
+    pub fn multitask(
+        table: &Tensor,
+        names: Vec<String>,
+        rank: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        if names.is_empty() || rank == 0 {
+            bail!("a multitask prompt needs at least one task and a rank of at least 1");
+        }
+        let (m, d) = table.dims2()?;
+        let (n, dtype, device) = (names.len(), table.dtype(), table.device().clone());
+        let rng = &mut Init { rng, device };
+        let start = 1.0 / (rank as f64).sqrt();
+        Ok(Self {
+            method: Method::Multitask,
+            embedding: Var::from_tensor(table)?,
+            network: Network::Multitask {
+                cols: rng.normal(&[n, m, rank], start, 0.02, dtype)?,
+                rows: rng.normal(&[n, rank, d], start, 0.02, dtype)?,
+                names,
+            },
         })
     }
 
@@ -287,11 +326,15 @@ impl PromptEncoder {
                     layer.named(&format!("prompt_encoder.transform.{index}"), &mut out);
                 }
             }
+            Network::Multitask { cols, rows, .. } => {
+                out.push(("prompt_encoder.prefix_task_cols".into(), cols));
+                out.push(("prompt_encoder.prefix_task_rows".into(), rows));
+            }
         }
         out
     }
 
-    /// table → P [M, D], on the tape of the encoder's weights.
+    /// table → P [M, D] (a multitask prompt's [N, M, D]), on the tape of the encoder's weights.
     pub fn forward(&self) -> Result<Tensor> {
         let table = self.embedding.as_tensor();
         Ok(match &self.network {
@@ -311,6 +354,7 @@ impl PromptEncoder {
                 (table + layer_norm(&bottleneck, &norm[0], &norm[1])?)?
             }
             Network::Prefix([a, b]) => b.forward(&a.forward(table)?.tanh()?)?,
+            Network::Multitask { cols, rows, .. } => task_prompts(table, cols, rows)?,
         })
     }
 
@@ -336,6 +380,15 @@ struct Init<'a> {
 }
 
 impl Init<'_> {
+    fn normal(&mut self, shape: &[usize], mean: f64, std: f64, dtype: DType) -> Result<Var> {
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| (mean + std * self.rng.sample::<f64, _>(rand_distr::StandardNormal)) as f32)
+            .collect();
+        let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(dtype)?;
+        Ok(Var::from_tensor(&t)?)
+    }
+
     fn uniform(&mut self, shape: &[usize], bound: f64, dtype: DType) -> Result<Var> {
         let n = shape.iter().product();
         let values: Vec<f32> = (0..n)
@@ -400,9 +453,28 @@ impl TrainablePrompt {
         }
     }
 
-    /// The prompt as it stands, for evaluation and the adapter.
+    /// The prompt as it stands, for evaluation.
     pub fn current(&self) -> Result<SoftPrompt> {
         Ok(self.forward()?.0)
+    }
+
+    /// What an adapter stores: the computed prompt [M, ·]; for a multitask prompt, its shared
+    /// table and each task's factors (from which every task's prompt is computed).
+    pub fn saved(&self) -> Result<(Tensor, Option<TaskFactors>)> {
+        if let TrainablePrompt::Encoded(PromptEncoder {
+            embedding,
+            network: Network::Multitask { cols, rows, names },
+            ..
+        }) = self
+        {
+            let factors = TaskFactors {
+                names: names.clone(),
+                cols: cols.as_tensor().clone(),
+                rows: rows.as_tensor().clone(),
+            };
+            return Ok((embedding.as_tensor().clone(), Some(factors)));
+        }
+        Ok((self.current()?.embeddings.as_tensor().clone(), None))
     }
 
     /// ∂L/∂P [M, D] → the gradients of `named_params()`.

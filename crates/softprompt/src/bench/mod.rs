@@ -241,6 +241,7 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
         .collect();
     let set = EncodedSet {
         labels: (!is_lm).then(|| (0..config.batch).map(|i| (i % 2) as u32).collect()),
+        tasks: None,
         data,
     };
     let rows: Vec<usize> = (0..config.batch).collect();

@@ -27,7 +27,7 @@ use crate::prompt_encoder::TrainablePrompt;
 use crate::task::causal_lm::TargetCounts;
 use crate::task::HeadBackward;
 use crate::template::Template;
-use crate::Result;
+use crate::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 
 /// A batch with the prompt in front: embeddings [B, M + N, D], mask and token types [B, M + N];
@@ -54,7 +54,7 @@ impl Prompted {
         }
         let m = prompt.len();
         Ok(Self {
-            embeds: prompt.prepend(&word)?,
+            embeds: prompt.prepend(&word, batch.tasks.as_ref())?,
             attention_mask: extend_front(&batch.attention_mask, m, 1)?,
             token_type_ids: extend_front(&batch.type_ids, m, 0)?,
             prefix,
@@ -145,6 +145,13 @@ impl DevTally {
                 loss: sums[4],
             }),
         }
+    }
+
+    /// This tally and `other`'s, of another part of the same set, added up.
+    pub fn plus(self, other: &DevTally) -> Self {
+        let mut sums = self.sums();
+        sums.iter_mut().zip(other.sums()).for_each(|(s, o)| *s += o);
+        self.with_sums(&sums)
     }
 
     pub fn score(&self) -> DevScore {
@@ -279,7 +286,7 @@ impl<B: Backbone, H: Head> PromptedModel<B, H> {
         };
         let (head, input_grads) = self.through_backbone(&prompt_pass, batch)?;
         let _span = tracing::trace_span!("prompt.backward").entered();
-        let d_kv = prompt_pass.gradient(&input_grads)?.unsqueeze(0)?;
+        let d_kv = prompt_pass.gradient(&input_grads, None)?.unsqueeze(0)?;
         let d = self.backbone.hidden_size();
         let nothing = Tensor::zeros((1, m, d), d_kv.dtype(), device)?;
         let grads = self.backbone.backward(&nothing, activations, Some(&d_kv))?;
@@ -339,6 +346,7 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
             self.prompt.forward()?
         };
         let shared = prompt.placement == Placement::Embeddings
+            && !prompt.is_multitask()
             && self.backbone.shares_prompt()
             && !self.head.reads_prompt(batch);
         let (head, d_prompt) = if shared {
@@ -346,7 +354,7 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
         } else {
             let (head, input_grads) = self.through_backbone(&prompt, batch)?;
             let _span = tracing::trace_span!("prompt.gradient").entered();
-            (head, prompt.gradient(&input_grads)?)
+            (head, prompt.gradient(&input_grads, batch.tasks.as_ref())?)
         };
         let mut gradients = Vec::new();
         for g in self.prompt.backward(encoded.as_ref(), d_prompt)? {
@@ -360,21 +368,41 @@ impl<B: Backbone, H: Head> Trainee for PromptedModel<B, H> {
         self.head.loss_terms(batch, self.prompt.front())
     }
 
+    /// A multitask prompt is scored task by task: each task's rows with its own prompt.
     fn tally(&self, set: &EncodedSet, batching: &Batching) -> Result<DevTally> {
         let prompt = self.prompt.current()?;
-        self.head.tally(&self.backbone, &prompt, set, batching)
+        if !prompt.is_multitask() {
+            return self.head.tally(&self.backbone, &prompt, set, batching);
+        }
+        let tasks = set
+            .tasks
+            .as_ref()
+            .context("a multitask prompt is scored on rows with tasks")?;
+        let mut total: Option<DevTally> = None;
+        for t in 0..prompt.embeddings.dim(0)? {
+            let rows: Vec<usize> = (0..tasks.len()).filter(|&r| tasks[r] == t as u32).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let part = set.rows(&rows);
+            let tally = self
+                .head
+                .tally(&self.backbone, &prompt.task(t)?, &part, batching)?;
+            total = Some(match total {
+                Some(sum) => sum.plus(&tally),
+                None => tally,
+            });
+        }
+        total.context("no rows to score")
     }
 
     fn adapter(&self, peft: &PeftConfig) -> Result<Adapter> {
         let (head, labels) = self.head.saved();
+        let (prompt, tasks) = self.prompt.saved()?;
         Ok(Adapter {
             config: peft.clone(),
-            prompt: self
-                .prompt
-                .current()?
-                .embeddings
-                .as_tensor()
-                .to_dtype(DType::F32)?,
+            prompt: prompt.to_dtype(DType::F32)?,
+            tasks,
             head,
             labels,
             template: self.template.clone(),

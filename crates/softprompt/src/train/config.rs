@@ -32,6 +32,9 @@ pub struct TrainConfig {
     /// the encoder's hidden units (the residual method's bottleneck); None: the model's hidden size
     #[serde(default)]
     pub encoder_hidden_size: Option<usize>,
+    /// `--method multitask`: the rank of each task's factors (PEFT's `num_ranks`); None: 1
+    #[serde(default)]
+    pub task_rank: Option<usize>,
     /// the table the method starts from (an encoder's input)
     pub init: PromptInit,
     pub init_text: Option<String>,
@@ -70,6 +73,7 @@ impl Default for TrainConfig {
             method: Method::Prompt,
             encoder: EncoderKind::Mlp,
             encoder_hidden_size: None,
+            task_rank: None,
             init: PromptInit::Vocab,
             init_text: None,
             pool: Pool::Mean,
@@ -129,8 +133,15 @@ impl TrainConfig {
         if self.encoder_hidden_size == Some(0) {
             bail!("--encoder-hidden-size must be at least 1");
         }
-        if self.method == Method::Prompt && self.encoder_hidden_size.is_some() {
+        if matches!(self.method, Method::Prompt | Method::Multitask)
+            && self.encoder_hidden_size.is_some()
+        {
             bail!("--encoder-hidden-size is for --method p-tuning, residual or prefix");
+        }
+        match (self.method, self.task_rank) {
+            (Method::Multitask, Some(0)) => bail!("--task-rank must be at least 1"),
+            (Method::Multitask, _) | (_, None) => {}
+            (_, Some(_)) => bail!("--task-rank is for --method multitask"),
         }
         if self.method != Method::PTuning && self.encoder != EncoderKind::Mlp {
             bail!("--encoder is for --method p-tuning");

@@ -20,7 +20,7 @@ use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
 use crate::batch::EncodedSet;
 use crate::collective::{self, Collective};
-use crate::data::{label_ids, label_set, Columns, DataSource, Labels};
+use crate::data::{label_ids, label_set, task_ids, task_set, Columns, DataSource, Labels};
 use crate::files::DirLock;
 use crate::model::Model;
 use crate::prompt::{InitSource, Placement, PromptInit, SoftPrompt};
@@ -38,31 +38,50 @@ use rand_chacha::ChaCha8Rng;
 use std::ops::ControlFlow;
 use std::path::Path;
 
+/// The label and task names of a data set (the training set's define them for the dev set's).
+struct Names {
+    labels: Vec<String>,
+    /// a multitask prompt's tasks; empty for any other
+    tasks: Vec<String>,
+}
+
 /// Reads a data set and writes each input into the template. Classification tasks tokenize the
-/// inputs and map the labels to `label_names` (or to the set's own, sorted); a causal LM appends
-/// each target to its input.
+/// inputs and map the labels to `known`'s (or to the set's own, sorted); a causal LM appends
+/// each target to its input. A multitask run's rows map their tasks the same way.
 fn load_set(
     source: &DataSource,
     columns: &Columns,
-    label_names: Option<&[String]>,
+    known: Option<&Names>,
     encoder: &TextEncoder,
     config: &TrainConfig,
     eos: Option<u32>,
-) -> Result<(EncodedSet, Vec<String>)> {
+) -> Result<(EncodedSet, Names)> {
     let examples = source.examples(columns, Labels::Required)?;
     let (template, name) = (config.template.as_ref(), source.name());
-    let names = match label_names {
-        Some(n) => n.to_vec(),
-        None => label_set(&examples),
+    let names = match known {
+        Some(n) => Names {
+            labels: n.labels.clone(),
+            tasks: n.tasks.clone(),
+        },
+        None => Names {
+            labels: label_set(&examples),
+            tasks: task_set(&examples),
+        },
+    };
+    let tasks = match columns.task {
+        Some(_) => Some(task_ids(&examples, &names.tasks, name)?),
+        None => None,
     };
     let set = match config.task {
         TaskKind::CausalLm => EncodedSet {
             data: encode_pairs(encoder, &examples, template, name, eos)?,
             labels: None,
+            tasks,
         },
         TaskKind::Classify | TaskKind::Verbalizer => EncodedSet {
-            labels: Some(label_ids(&examples, &names, name)?),
+            labels: Some(label_ids(&examples, &names.labels, name)?),
             data: encode_all(encoder, &examples, template, name)?,
+            tasks,
         },
     };
     Ok((set, names))
@@ -180,8 +199,16 @@ impl Run<'_> {
         let m = config.num_virtual_tokens;
         let encoder = model.encoder(m, config.max_tokens)?;
         let eos = model.eos_token_ids.first().copied();
-        let (train_set, label_names) =
+        match (config.method, &data.columns.task) {
+            (Method::Multitask, None) => {
+                bail!("--method multitask needs --task-column: the column naming each row's task")
+            }
+            (Method::Multitask, Some(_)) | (_, None) => {}
+            (_, Some(_)) => bail!("--task-column is for --method multitask"),
+        }
+        let (train_set, names) =
             load_set(&data.train, &data.columns, None, &encoder, config, eos)?;
+        let (label_names, task_names) = (names.labels.clone(), names.tasks.clone());
         if config.task != TaskKind::CausalLm && label_names.len() < 2 {
             bail!(
                 "{}: training needs at least two different labels, found {:?}",
@@ -191,8 +218,15 @@ impl Run<'_> {
         }
         let dev_set = match &data.dev {
             Some(dev) => {
-                let known = (config.task != TaskKind::CausalLm).then_some(label_names.as_slice());
-                Some(load_set(dev, &data.columns, known, &encoder, config, eos)?.0)
+                // a causal LM's dev targets need not be its training targets
+                let known = match config.task {
+                    TaskKind::CausalLm => Names {
+                        labels: Vec::new(),
+                        tasks: names.tasks.clone(),
+                    },
+                    _ => names,
+                };
+                Some(load_set(dev, &data.columns, Some(&known), &encoder, config, eos)?.0)
             }
             None => None,
         };
@@ -206,8 +240,8 @@ impl Run<'_> {
                 .collect()
         });
         let prompt = initial_prompt(model, &encoder, config, &label_words, &mut rng)?;
-        let prompt = trainable(model, prompt, config, &mut rng)?;
-        let peft = peft_config(model, config);
+        let peft = peft_config(model, config, task_names.len());
+        let prompt = trainable(model, prompt, config, task_names, &mut rng)?;
         let template = config.template.clone();
         let fingerprint = fingerprint(model, data)?;
         // every rank must train the same thing: the same options, model and data as rank 0
@@ -273,17 +307,25 @@ fn prompted<H: Head>(
 }
 
 /// The prompt as `config.method` trains it: `initial` itself, or an encoder over it (for a
-/// prefix, PEFT's projection from `initial` to every layer's keys and values).
+/// prefix, PEFT's projection from `initial` to every layer's keys and values; for a multitask
+/// prompt, each of `tasks`' factors).
 fn trainable(
     model: &Model,
     initial: SoftPrompt,
     config: &TrainConfig,
+    tasks: Vec<String>,
     rng: &mut ChaCha8Rng,
 ) -> Result<TrainablePrompt> {
-    if config.method == Method::Prompt {
-        return Ok(initial.into());
-    }
     let table = initial.embeddings.as_tensor();
+    match config.method {
+        Method::Prompt => return Ok(initial.into()),
+        Method::Multitask => {
+            let rank = config.task_rank.unwrap_or(1);
+            let encoder = PromptEncoder::multitask(table, tasks, rank, rng)?;
+            return Ok(TrainablePrompt::Encoded(encoder));
+        }
+        _ => {}
+    }
     let hidden = config.encoder_hidden_size.unwrap_or(table.dim(1)?);
     let width = match config.method.placement() {
         Placement::Embeddings => table.dim(1)?,
@@ -295,8 +337,9 @@ fn trainable(
 
 /// The adapter_config.json of the run's adapters. A P-tuning adapter is PEFT's P_TUNING with its
 /// encoder's fields (PEFT, like softprompt, reads its prompt_embeddings as the prompt); a prefix
-/// is PREFIX_TUNING; the residual method has no PEFT type and is written as the prompt it computes.
-fn peft_config(model: &Model, config: &TrainConfig) -> PeftConfig {
+/// is PREFIX_TUNING; the residual method has no PEFT type and is written as the prompt it computes;
+/// a multitask prompt of `tasks` is MULTITASK_PROMPT_TUNING.
+fn peft_config(model: &Model, config: &TrainConfig, tasks: usize) -> PeftConfig {
     let (task, m) = (TaskType::of(config.task), config.num_virtual_tokens);
     let init = (config.init.peft_name(), config.init_text.clone());
     let mut peft = model.peft_config(task, m, init.0, init.1);
@@ -312,6 +355,14 @@ fn peft_config(model: &Model, config: &TrainConfig) -> PeftConfig {
         );
         peft.encoder_num_layers = Some(LSTM_LAYERS);
         peft.encoder_dropout = Some(0.0);
+    }
+    if config.method == Method::Multitask {
+        // PEFT's multitask TEXT init would tokenize the text again on loading; its RANDOM does not
+        peft.peft_type = PeftType::MultitaskPromptTuning;
+        peft.prompt_tuning_init = Some("RANDOM".into());
+        peft.prompt_tuning_init_text = None;
+        peft.num_tasks = Some(tasks);
+        peft.num_ranks = Some(config.task_rank.unwrap_or(1));
     }
     if config.method == Method::Prefix {
         // The file holds the computed prefix, which PEFT reads as its table without the

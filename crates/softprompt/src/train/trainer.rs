@@ -298,7 +298,8 @@ impl Trainer<'_> {
                 let set = self.train_set;
                 let labels = set.labels.as_deref();
                 let padding = self.config.padding;
-                let batch = Batch::new(&set.data, labels, rows, padding, self.device)?;
+                let batch = Batch::new(&set.data, labels, rows, padding, self.device)?
+                    .with_tasks(set.tasks.as_deref())?;
                 let (loss, grads) = self.trainee.loss_and_grads(&batch)?;
                 (loss, self.trainee.loss_terms(&batch)?, grads)
             }

@@ -56,6 +56,7 @@ fn numeric_json_labels_and_text_pairs() {
         text: "premise".into(),
         text_pair: Some("hypothesis".into()),
         label: "y".into(),
+        task: None,
     };
     let path = write(
         dir,

@@ -300,7 +300,7 @@ fn computing_only_the_rows_the_head_reads_changes_no_loss_or_gradient() {
                 .backward(&head.d_hidden, activations, None)
                 .unwrap();
             // the trainer hands the prompt's gradient over in f32: its rounding, no more
-            let prompt_gradient = model.prompt.current().unwrap().gradient(&d_embeds).unwrap();
+            let prompt_gradient = model.prompt.current().unwrap().gradient(&d_embeds, None).unwrap();
             let rounding = 1e-7
                 * crate::max_abs_diff(&prompt_gradient, &prompt_gradient.zeros_like().unwrap());
             let mut every_row = vec![(prompt_gradient, rounding)];
@@ -641,24 +641,77 @@ fn encoded_prompt_gradients_match_finite_differences() {
         let width = if method == Method::Prefix { 64 } else { 16 };
         let encoder = PromptEncoder::init(method, kind, hidden, width, &table, &mut rng).unwrap();
         let model = tiny_classifier(Pool::Mean, TrainablePrompt::Encoded(encoder));
-        let (_, grads) = model.loss_and_grads(&batch).unwrap();
-        let names = model.param_names();
-        assert_eq!(names.len(), grads.len());
-        for ((name, var), grad) in names.iter().zip(model.params()).zip(&grads) {
-            let saved = var.as_tensor().copy().unwrap();
-            let loss = |x: &Tensor| {
-                var.set(x).unwrap();
-                let loss = model.loss_and_grads(&batch).unwrap().0;
-                var.set(&saved).unwrap();
-                loss
-            };
-            check(
-                &saved,
-                &grad.to_dtype(DType::F64).unwrap(),
-                loss,
-                &format!("{method} {kind}: {name}"),
-            );
-        }
+        check_every_param(&model, &batch, &format!("{method} {kind}"));
+    }
+}
+
+/// A multitask prompt (PEFT's MULTITASK_PROMPT_TUNING): each row reads the shared table scaled
+/// by its own task's factors, so the loss is each row's loss alone with its task's prompt, and
+/// the gradients of the table and of every task's factors match finite differences (a task no
+/// row has gets none).
+#[test]
+fn multitask_gradients_match_finite_differences_and_rows_read_their_task() {
+    let data = vec![
+        Encoded {
+            ids: vec![2, 5, 20, 9, 3],
+            type_ids: vec![0; 5],
+            target_len: 0,
+        },
+        Encoded {
+            ids: vec![2, 30, 3],
+            type_ids: vec![0; 3],
+            target_len: 0,
+        },
+        Encoded {
+            ids: vec![2, 40, 41, 3],
+            type_ids: vec![0; 4],
+            target_len: 0,
+        },
+    ];
+    let (labels, tasks) = ([1u32, 0, 1], [2u32, 0, 2]);
+    let batch = Batch::new(&data, Some(&labels), &[0, 1, 2], Padding::Right, &DEV)
+        .unwrap()
+        .with_tasks(Some(&tasks))
+        .unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let names = vec!["a".to_string(), "b".into(), "c".into()];
+    let encoder = PromptEncoder::multitask(&randn(&[3, 16], 7), names, 2, &mut rng).unwrap();
+    let model = tiny_classifier(Pool::Mean, TrainablePrompt::Encoded(encoder));
+    let (loss, grads) = model.loss_and_grads(&batch).unwrap();
+    let prompt = model.prompt.current().unwrap();
+    let alone: f64 = (0..3)
+        .map(|r| {
+            let own = prompt.task(tasks[r] as usize).unwrap();
+            let one = Batch::new(&data, Some(&labels), &[r], Padding::Right, &DEV).unwrap();
+            let model = tiny_classifier(Pool::Mean, own.into());
+            model.loss_and_grads(&one).unwrap().0 / 3.0
+        })
+        .sum();
+    assert!((loss - alone).abs() < 1e-10, "{loss} batched, {alone} row by row");
+    let unused = grads[1].get(1).unwrap();
+    assert_eq!(crate::max_abs_diff(&unused, &unused.zeros_like().unwrap()), 0.0);
+    check_every_param(&model, &batch, "multitask");
+}
+
+/// Every trainable tensor's gradient against finite differences of the loss on `batch`.
+fn check_every_param(model: &PromptedModel<Bert, Classifier>, batch: &Batch, what: &str) {
+    let (_, grads) = model.loss_and_grads(batch).unwrap();
+    let names = model.param_names();
+    assert_eq!(names.len(), grads.len());
+    for ((name, var), grad) in names.iter().zip(model.params()).zip(&grads) {
+        let saved = var.as_tensor().copy().unwrap();
+        let loss = |x: &Tensor| {
+            var.set(x).unwrap();
+            let loss = model.loss_and_grads(batch).unwrap().0;
+            var.set(&saved).unwrap();
+            loss
+        };
+        check(
+            &saved,
+            &grad.to_dtype(DType::F64).unwrap(),
+            loss,
+            &format!("{what}: {name}"),
+        );
     }
 }
 
@@ -881,7 +934,7 @@ fn causal_lm_check(data: &[Encoded], rows: &[usize]) {
             .backbone
             .backward(&head.d_hidden, activations, None)
             .unwrap();
-        let every_row = current.gradient(&every_row).unwrap();
+        let every_row = current.gradient(&every_row, None).unwrap();
         let diff = crate::max_abs_diff(&every_row, &grads[0]);
         let scale = crate::max_abs(&every_row);
         assert!(

@@ -34,7 +34,7 @@ fn hidden<B: Backbone>(
             let m = p.dim(0).unwrap();
             let prompt = SoftPrompt::from_tensor(p).unwrap();
             (
-                prompt.prepend(&word).unwrap(),
+                prompt.prepend(&word, None).unwrap(),
                 extend_front(mask, m, 1).unwrap(),
                 extend_front(types, m, 0).unwrap(),
             )
