@@ -15,6 +15,9 @@ Outputs (committed; the venv is not):
   tests/fixtures/peft-tiny-p-tuning/   a SEQ_CLS P_TUNING adapter (MLP encoder) written by PEFT
   tests/fixtures/peft_tiny_p_tuning_logits.safetensors
                                        PEFT's logits for it on FIXTURE_TEXTS
+  tests/fixtures/peft-tiny-multitask/  a SEQ_CLS MULTITASK_PROMPT_TUNING adapter (3 tasks, rank 2) written by PEFT
+  tests/fixtures/peft_tiny_multitask_logits.safetensors
+                                       PEFT's logits for it on FIXTURE_TEXTS under each task id [3, 3, 2]
   tests/fixtures/p_tuning_encoders.safetensors
                                        PEFT's PromptEncoder weights (MLP and LSTM) and its outputs
   tests/fixtures/peft-tiny-prefix-{bert,gpt2,llama}/
@@ -140,13 +143,13 @@ def peft_adapter(base_dir: Path) -> None:
               metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
 
 
-def peft_logits(peft_model, base_dir: Path):
+def peft_logits(peft_model, base_dir: Path, **kwargs):
     tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
     logits = []
     with torch.no_grad():
         for text in FIXTURE_TEXTS:
             ids = torch.tensor([tok.encode(text).ids])
-            logits.append(peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0])
+            logits.append(peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits[0])
     return torch.stack(logits).contiguous()
 
 
@@ -169,6 +172,19 @@ def random_seq_cls_adapter(base_dir: Path, config, seed: int, out: Path):
     shutil.rmtree(out, ignore_errors=True)
     peft_model.save_pretrained(out)
     return peft_model
+
+
+def multitask(base_dir: Path) -> None:
+    """PEFT's MULTITASK_PROMPT_TUNING: the shared prompt and each task's factors as PEFT saves them,
+    and PEFT's logits for each task id."""
+    from peft import MultitaskPromptTuningConfig, TaskType
+
+    config = MultitaskPromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4, num_tasks=3, num_ranks=2)
+    peft_model = random_seq_cls_adapter(base_dir, config, 4, FIX / "peft-tiny-multitask")
+    peft_model.eval()
+    logits = [peft_logits(peft_model, base_dir, task_ids=torch.tensor([t])) for t in range(3)]
+    save_file({"logits": torch.stack(logits).contiguous()}, FIX / "peft_tiny_multitask_logits.safetensors",
+              metadata={"version": VERSION, "texts": json.dumps(FIXTURE_TEXTS)})
 
 
 def p_tuning(base_dir: Path) -> None:
@@ -359,6 +375,7 @@ PARTS = {
     "tiny-bert": lambda: tiny_parity(tiny_bert(FIX / "tiny-bert")),
     "peft": lambda: peft_adapter(FIX / "tiny-bert"),
     "p-tuning": lambda: p_tuning(FIX / "tiny-bert"),
+    "multitask": lambda: multitask(FIX / "tiny-bert"),
     "decoders": lambda: tiny_decoders(),
     "prefix": lambda: prefix_tuning(),
     "smollm2": lambda: smollm2_logits(),

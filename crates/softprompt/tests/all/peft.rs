@@ -1,5 +1,5 @@
-//! Adapters written by PEFT itself (SEQ_CLS prompt tuning and P-tuning on tiny-bert) give PEFT's
-//! logits; softprompt's P-tuning encoders compute PEFT's PromptEncoder.
+//! Adapters written by PEFT itself (SEQ_CLS prompt tuning, P-tuning and multitask prompt tuning on
+//! tiny-bert) give PEFT's logits; softprompt's P-tuning encoders compute PEFT's PromptEncoder.
 
 use crate::{fixtures, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
@@ -32,8 +32,30 @@ fn peft_written_p_tuning_adapter_gives_peft_logits() {
     assert_eq!(adapter.config.peft_type, PeftType::PTuning);
 }
 
+/// PEFT's MULTITASK_PROMPT_TUNING: the shared prompt and each task's factors, one batch mixing
+/// every task's rows gives each PEFT's logits under its task id; a task must be named.
+#[test]
+fn peft_written_multitask_adapter_gives_peft_logits_for_every_task() {
+    let adapter = assert_peft_logits(
+        "peft-tiny-multitask",
+        "peft_tiny_multitask_logits.safetensors",
+    );
+    assert_eq!(adapter.method, Method::Multitask);
+    let tasks = adapter.tasks.as_ref().unwrap();
+    assert_eq!(tasks.names, ["0", "1", "2"], "PEFT's task ids");
+    let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
+    let unnamed = LoadedAdapter::new(&model, &adapter).err().unwrap().chain();
+    assert!(unnamed.contains("name one of its tasks (0, 1, 2)"), "{unnamed}");
+    let unknown = adapter.for_task(Some("3")).err().unwrap().chain();
+    assert!(unknown.contains("no task \"3\" (its tasks: 0, 1, 2)"), "{unknown}");
+    let one = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
+    let named = one.for_task(Some("0")).err().unwrap().chain();
+    assert!(named.contains("serves one task"), "{named}");
+}
+
 /// Loads the PEFT adapter `dir` (a SEQ_CLS adapter of tiny-bert) and checks its logits on the
-/// fixture texts against PEFT's, stored in `logits`.
+/// fixture texts against PEFT's, stored in `logits` (a multitask adapter's: [task, text, class],
+/// every task's rows in one batch).
 fn assert_peft_logits(dir: &str, logits: &str) -> Adapter {
     let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
     let adapter = Adapter::load(
@@ -60,12 +82,23 @@ fn assert_peft_logits(dir: &str, logits: &str) -> Adapter {
         .iter()
         .map(|t| encoder.encode(t, None).unwrap())
         .collect();
-    let task = LoadedAdapter::new(&model, &adapter).unwrap();
-    let rows: Vec<_> = data.iter().map(|e| (&task, e)).collect();
+    let names = adapter.tasks.as_ref().map(|t| t.names.clone());
+    let tasks: Vec<LoadedAdapter> = match &names {
+        Some(names) => names
+            .iter()
+            .map(|t| LoadedAdapter::new(&model, &adapter.for_task(Some(t)).unwrap()).unwrap())
+            .collect(),
+        None => vec![LoadedAdapter::new(&model, &adapter).unwrap()],
+    };
+    let rows: Vec<_> = tasks
+        .iter()
+        .flat_map(|task| data.iter().map(move |e| (task, e)))
+        .collect();
     let logits = classify_rows(&model.backbone, &rows, Padding::Right, &Device::Cpu).unwrap();
     let classes = logits[0].len();
-    let ours = Tensor::from_vec(logits.concat(), (texts.len(), classes), &Device::Cpu).unwrap();
-    let err = max_abs_diff(&ours, &reference["logits"]);
+    let ours = Tensor::from_vec(logits.concat(), (rows.len(), classes), &Device::Cpu).unwrap();
+    let reference = reference["logits"].reshape((rows.len(), classes)).unwrap();
+    let err = max_abs_diff(&ours, &reference);
     assert!(err < 1e-4, "{dir}: logits differ from PEFT's by {err:e}");
     adapter
 }
