@@ -63,12 +63,14 @@ fn fails_with(args: &[&str], expected: &[&str]) {
     }
 }
 
-/// A separable toy task in the tiny vocabulary, one document longer than the model's 40 positions.
+/// Labelled movie-review-like rows, each also named a task ("x" or "y", for `--method multitask`;
+/// other methods read no task column).
 fn toy_data(dir: &Path) -> (String, String) {
     let pos = ["good", "great", "fun", "wonderful", "moving", "love"];
     let neg = ["bad", "awful", "dull", "boring", "weak", "hate"];
     let filler = ["the", "movie", "film", "plot", "was", "very"];
-    let mut rows = vec!["text\tlabel".to_string()];
+    let task = |i: usize| if i % 4 < 2 { "x" } else { "y" };
+    let mut rows = vec!["text\tlabel\ttask".to_string()];
     for i in 0..48 {
         let (words, label) = if i % 2 == 0 {
             (&pos, "positive")
@@ -76,15 +78,16 @@ fn toy_data(dir: &Path) -> (String, String) {
             (&neg, "negative")
         };
         rows.push(format!(
-            "{} {} {} {}\t{label}",
+            "{} {} {} {}\t{label}\t{}",
             filler[i % 6],
             words[i % 6],
             filler[(i + 1) % 6],
-            words[(i + 3) % 6]
+            words[(i + 3) % 6],
+            task(i)
         ));
     }
     rows.push(format!(
-        "{}\tpositive",
+        "{}\tpositive\tx",
         vec!["the good movie"; 60].join(" ")
     ));
     let train = dir.join("train.tsv");
@@ -97,7 +100,8 @@ fn toy_data(dir: &Path) -> (String, String) {
             } else {
                 (neg[i % 6], "negative")
             };
-            format!("{{\"text\": \"a {w} film\", \"label\": \"{l}\"}}")
+            let t = task(i);
+            format!("{{\"text\": \"a {w} film\", \"label\": \"{l}\", \"task\": \"{t}\"}}")
         })
         .collect();
     std::fs::write(&dev, dev_rows.join("\n") + "\n").unwrap();
@@ -424,7 +428,7 @@ fn resume_after_a_kill_gives_the_same_adapter_as_an_uninterrupted_run() {
 /// state (the adapter holds only the encoder's output).
 #[test]
 fn ctrl_c_checkpoints_at_its_step_and_resume_continues_exactly() {
-    let methods: [&[&str]; 5] = [
+    let methods: [&[&str]; 6] = [
         &[],
         &["--method", "p-tuning", "--encoder-hidden-size", "8"],
         &[
@@ -437,6 +441,7 @@ fn ctrl_c_checkpoints_at_its_step_and_resume_continues_exactly() {
         ],
         &["--method", "residual", "--encoder-hidden-size", "8"],
         &["--method", "prefix", "--encoder-hidden-size", "8"],
+        &["--method", "multitask", "--task-column", "task", "--task-rank", "2"],
     ];
     for method in methods {
         ctrl_c_then_resume(method);
@@ -620,6 +625,119 @@ fn every_method_trains_and_its_adapter_loads_everywhere() {
             );
         }
     }
+}
+
+/// `--method multitask`: one adapter, a prompt for each task of `--task-column`, written as PEFT's
+/// MULTITASK_PROMPT_TUNING (the shared table and each task's factors); eval, predict, inspect and
+/// generate take `--task`; what does not fit is refused by name.
+#[test]
+fn a_multitask_prompt_serves_each_task_of_its_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let out = dir.join("multi").display().to_string();
+    let multitask = [
+        "--method",
+        "multitask",
+        "--task-column",
+        "task",
+        "--task-rank",
+        "2",
+        "--max-steps",
+        "150",
+        "--eval-every",
+        "50",
+        "--num-virtual-tokens",
+        "4",
+        "--lr",
+        "0.03",
+    ];
+    ok(&train_args(&model, &train, &dev, &out, &multitask));
+    let read = |file: &str| std::fs::read_to_string(Path::new(&out).join(file)).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&read("adapter_config.json")).unwrap();
+    assert_eq!(config["peft_type"], "MULTITASK_PROMPT_TUNING", "{config}");
+    assert_eq!((config["num_tasks"].as_u64(), config["num_ranks"].as_u64()), (Some(2), Some(2)));
+    let extra: serde_json::Value = serde_json::from_str(&read("softprompt.json")).unwrap();
+    assert_eq!(extra["tasks"], serde_json::json!(["x", "y"]), "{extra}");
+    let (tensors, _) = softprompt::files::load_tensors(
+        &Path::new(&out).join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(tensors["prompt_embeddings"].dims(), [4, 16]);
+    assert_eq!(tensors["prefix_task_cols"].dims(), [2, 4, 2]);
+    assert_eq!(tensors["prefix_task_rows"].dims(), [2, 2, 16]);
+
+    // each task's dev rows with its own prompt: together, what training scored the kept adapter
+    let best = read("metrics.jsonl")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev_accuracy"].as_f64())
+        .fold(0.0, f64::max);
+    assert!(best >= 0.75, "the toy task is separable: best dev accuracy {best}");
+    let dev_rows = std::fs::read_to_string(&dev).unwrap();
+    let mut correct = 0.0;
+    for task in ["x", "y"] {
+        let own: Vec<&str> = dev_rows
+            .lines()
+            .filter(|l| l.contains(&format!("\"task\": \"{task}\"")))
+            .collect();
+        let file = dir.join(format!("dev_{task}.jsonl"));
+        std::fs::write(&file, own.join("\n")).unwrap();
+        let file = file.display().to_string();
+        let args = ["eval", "--model", &model, "--adapter", &out, "--data", &file, "--json"];
+        let args = [&args[..], &["--task", task]].concat();
+        let report: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+        correct += report["accuracy"].as_f64().unwrap() * own.len() as f64;
+    }
+    assert!((correct / 8.0 - best).abs() < 1e-9, "{correct} of 8 right, training's best {best}");
+    let eval = ["eval", "--model", &model, "--adapter", &out, "--data", &dev];
+    fails_with(&eval, &["multitask prompt", "name one of its tasks (x, y)"]);
+    let unknown_task = [&eval[..], &["--task", "z"]].concat();
+    fails_with(&unknown_task, &["no task \"z\" (its tasks: x, y)"]);
+    let predicted = ok(&[
+        "predict", "--model", &model, "--adapter", &out, "--task", "y", "a good film",
+    ]);
+    assert!(predicted.contains("positive"), "{predicted}");
+    let inspected = run(&["inspect", "--model", &model, "--adapter", &out]);
+    assert_eq!(stdout(&inspected).lines().count(), 4);
+    assert!(stderr(&inspected).contains("the prompt its tasks x, y share"));
+    let one = ok(&["inspect", "--model", &model, "--adapter", &out, "--task", "x"]);
+    assert_eq!(one.lines().count(), 4);
+
+    let unknown = dir.join("unknown.tsv");
+    std::fs::write(&unknown, "text\tlabel\ttask\na good film\tpositive\tz\n").unwrap();
+    let unknown = unknown.display().to_string();
+    let again = dir.join("again").display().to_string();
+    fails_with(
+        &train_args(&model, &train, &unknown, &again, &multitask),
+        &["unknown.tsv line 2: task 'z' was never seen in training (known tasks: x, y)"],
+    );
+    fails_with(
+        &train_args(&model, &train, &dev, &again, &multitask[..2]),
+        &["--method multitask needs --task-column"],
+    );
+    fails_with(
+        &train_args(&model, &train, &dev, &again, &multitask[2..4]),
+        &["--task-column is for --method multitask"],
+    );
+
+    // a causal LM's prompt per task, on a decoder (each row its own prompt: none shared)
+    let decoder = tiny_decoder(dir);
+    let writer = dir.join("writer").display().to_string();
+    let mut causal = vec!["--task", "causal-lm", "--template", "{text} . it was"];
+    causal.extend_from_slice(&multitask[..6]);
+    causal.extend_from_slice(&["--max-steps", "6", "--eval-every", "3"]);
+    ok(&train_args(&decoder, &train, &dev, &writer, &causal));
+    let scored: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval", "--model", &decoder, "--adapter", &writer, "--data", &dev, "--task", "x", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(scored["examples"], 8, "{scored}");
+    ok(&[
+        "generate", "--model", &decoder, "--adapter", &writer, "--task", "y", "a good film",
+        "--max-new-tokens", "2",
+    ]);
 }
 
 #[test]
