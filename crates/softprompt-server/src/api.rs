@@ -30,6 +30,9 @@ pub struct AdapterInfo {
     pub template: Option<String>,
     /// "classify", "generate"
     pub can: Vec<String>,
+    /// a multitask adapter's tasks, one of which each request names
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +60,9 @@ pub struct ClassifyRequest {
     pub adapter: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapters: Option<Vec<String>>,
+    /// a multitask adapter's task (every member's)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
     pub inputs: Vec<String>,
 }
 
@@ -87,6 +93,9 @@ pub struct ClassifyResponse {
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     pub adapter: String,
+    /// a multitask adapter's task
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
     pub input: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_new_tokens: Option<usize>,

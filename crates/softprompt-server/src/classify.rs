@@ -29,7 +29,7 @@ pub(crate) async fn classify(
     };
     let adapters: Vec<Arc<LoadedAdapter>> = names
         .iter()
-        .map(|n| state.registry.classifier(n))
+        .map(|n| state.registry.classifier(n, request.task.as_deref()))
         .collect::<Result<_, _>>()?;
     let members: Vec<&LoadedAdapter> = adapters.iter().map(|a| a.as_ref()).collect();
     check_members(&members)?;

@@ -43,7 +43,8 @@ impl From<&ApiError> for StatusCode {
                 RegistryError::BadName(_)
                 | RegistryError::Invalid(..)
                 | RegistryError::NotAClassifier(_)
-                | RegistryError::NotAGenerator(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                | RegistryError::NotAGenerator(_)
+                | RegistryError::Task(..) => StatusCode::UNPROCESSABLE_ENTITY,
             },
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Body(status, _) => *status,

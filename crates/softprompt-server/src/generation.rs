@@ -28,7 +28,9 @@ pub(crate) async fn generate_text(
     body: Body,
 ) -> Result<Response, ApiError> {
     let request: GenerateRequest = crate::body::read(&state.config, body).await?;
-    let generator = state.registry.generator(&request.adapter)?;
+    let generator = state
+        .registry
+        .generator(&request.adapter, request.task.as_deref())?;
     if request.input.trim().is_empty() {
         return Err(ApiError::Invalid("\"input\" is empty".into()));
     }

@@ -33,6 +33,10 @@ pub enum RegistryError {
     /// generation asked of an encoder model's adapter
     #[error("adapter {0:?} cannot generate: the model is an encoder (generation needs GPT-2 or the Llama family)")]
     NotAGenerator(String),
+    /// a multitask adapter asked without a task, or with one it does not have; a task named for
+    /// an adapter of one
+    #[error("adapter {0:?}: {1}")]
+    Task(String, String),
 }
 
 /// What `/v1/generate` needs of an adapter: its prompt already read (a prefix cache) and its template.
@@ -41,14 +45,45 @@ pub struct Generator {
     pub template: Option<Template>,
 }
 
-/// One loaded adapter: what it can do on this model.
+/// What one task of an adapter can do on this model.
 #[derive(Clone)]
-pub struct Entry {
+pub struct Served {
     /// label scores (a linear head or a verbalizer); none for a generation adapter
     pub classifier: Option<Arc<LoadedAdapter>>,
     /// on a decoder model
     pub generator: Option<Arc<Generator>>,
+}
+
+/// One loaded adapter: what each of its tasks can do (a multitask adapter's by task name).
+#[derive(Clone)]
+pub struct Entry {
+    /// a multitask adapter's tasks, in the order of `served`; empty for an adapter of one task
+    pub tasks: Vec<String>,
+    /// one for each task (one in all for an adapter of one task)
+    pub served: Vec<Served>,
     pub prompt_len: usize,
+}
+
+impl Entry {
+    /// What `task` of the adapter `name` serves: a multitask adapter needs one of its tasks named,
+    /// any other adapter none.
+    pub fn task(&self, name: &str, task: Option<&str>) -> Result<&Served, RegistryError> {
+        let error = |message: String| RegistryError::Task(name.into(), message);
+        let tasks = self.tasks.join(", ");
+        match (task, self.tasks.is_empty()) {
+            (None, true) => Ok(&self.served[0]),
+            (Some(task), true) => Err(error(format!(
+                "it serves one task, and the request names the task {task:?}: drop \"task\""
+            ))),
+            (None, false) => Err(error(format!(
+                "a multitask prompt: name one of its tasks in \"task\" ({tasks})"
+            ))),
+            (Some(task), false) => match self.tasks.iter().position(|t| t == task) {
+                Some(t) => Ok(&self.served[t]),
+                None => Err(error(format!("no task {task:?} (its tasks: {tasks})"))),
+            },
+        }
+    }
 }
 
 pub struct Registry {
@@ -125,19 +160,31 @@ impl Registry {
         Ok(registry)
     }
 
-    /// The classifier named `name`.
-    pub fn classifier(&self, name: &str) -> Result<Arc<LoadedAdapter>, RegistryError> {
+    /// The classifier named `name` (for `task`, of a multitask adapter).
+    pub fn classifier(
+        &self,
+        name: &str,
+        task: Option<&str>,
+    ) -> Result<Arc<LoadedAdapter>, RegistryError> {
         let entry = self.entry(name)?;
         entry
+            .task(name, task)?
             .classifier
+            .clone()
             .ok_or_else(|| RegistryError::NotAClassifier(name.into()))
     }
 
-    /// The generator named `name`.
-    pub fn generator(&self, name: &str) -> Result<Arc<Generator>, RegistryError> {
+    /// The generator named `name` (for `task`, of a multitask adapter).
+    pub fn generator(
+        &self,
+        name: &str,
+        task: Option<&str>,
+    ) -> Result<Arc<Generator>, RegistryError> {
         let entry = self.entry(name)?;
         entry
+            .task(name, task)?
             .generator
+            .clone()
             .ok_or_else(|| RegistryError::NotAGenerator(name.into()))
     }
 
@@ -207,7 +254,7 @@ impl Registry {
         Ok(entry)
     }
 
-    /// What serving `adapter` on this model needs: its loaded head, its prefix cache.
+    /// What serving `adapter` on this model needs: each task's loaded head and prefix cache.
     fn prepare(&self, adapter: &Adapter) -> softprompt::Result<Entry> {
         adapter.fits(&self.model.backbone)?;
         let room = self.model.backbone.max_positions();
@@ -220,6 +267,23 @@ impl Registry {
                 self.encoder.max_tokens()
             );
         }
+        let tasks = adapter.tasks.as_ref().map_or(Vec::new(), |t| t.names.clone());
+        let served = match tasks.is_empty() {
+            true => vec![self.serve(adapter)?],
+            false => tasks
+                .iter()
+                .map(|t| self.serve(&*adapter.for_task(Some(t))?))
+                .collect::<softprompt::Result<_>>()?,
+        };
+        Ok(Entry {
+            tasks,
+            served,
+            prompt_len,
+        })
+    }
+
+    /// An adapter of one task made ready: its loaded head, its prefix cache.
+    fn serve(&self, adapter: &Adapter) -> softprompt::Result<Served> {
         let classifier = match adapter.head {
             AdapterHead::Generation => None,
             _ => Some(Arc::new(LoadedAdapter::new(&self.model, adapter)?)),
@@ -238,10 +302,9 @@ impl Registry {
         if classifier.is_none() && generator.is_none() {
             bail!("a generation adapter needs a decoder model, and this one is an encoder");
         }
-        Ok(Entry {
+        Ok(Served {
             classifier,
             generator,
-            prompt_len,
         })
     }
 

@@ -99,14 +99,17 @@ fn describe(name: &str, entry: &Entry) -> AdapterInfo {
         pool: None,
         template: None,
         can: Vec::new(),
+        tasks: (!entry.tasks.is_empty()).then(|| entry.tasks.clone()),
     };
-    if let Some(classifier) = &entry.classifier {
+    // every task of a multitask adapter has the same head and template
+    let served = &entry.served[0];
+    if let Some(classifier) = &served.classifier {
         info.can.push("classify".into());
         info.labels = Some(classifier.labels.clone());
         info.pool = Some(classifier.head.pool.to_string());
         info.template = classifier.template.as_ref().map(|t| t.to_string());
     }
-    if let Some(generator) = &entry.generator {
+    if let Some(generator) = &served.generator {
         info.can.push("generate".into());
         info.template = generator.template.as_ref().map(|t| t.to_string());
     }

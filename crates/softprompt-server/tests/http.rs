@@ -35,6 +35,9 @@ fn adapters_dir(dir: &Path) {
     other.labels = vec!["x".into(), "y".into(), "z".into()];
     other.config.num_virtual_tokens = 3;
     other.save(&dir.join("three")).unwrap();
+    let multitask =
+        Adapter::load(&fixtures().join("peft-tiny-multitask"), 16, &Device::Cpu).unwrap();
+    multitask.save(&dir.join("multi")).unwrap();
 }
 
 /// Starts a server for the tiny BERT on 127.0.0.1:0 in its own runtime; returns its address.
@@ -127,7 +130,8 @@ fn endpoints_and_error_codes() {
         .iter()
         .map(|a| a["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["peft", "prefix", "three"]);
+    assert_eq!(names, ["multi", "peft", "prefix", "three"]);
+    assert_eq!(list["adapters"][0]["tasks"], json!(["0", "1", "2"]));
 
     let (status, body) = http(
         &address,
@@ -182,6 +186,21 @@ fn endpoints_and_error_codes() {
             422,
             "malformed request",
         ),
+        (
+            r#"{"adapter": "multi", "inputs": ["x"]}"#,
+            422,
+            r#"adapter "multi": a multitask prompt: name one of its tasks in "task" (0, 1, 2)"#,
+        ),
+        (
+            r#"{"adapter": "multi", "task": "7", "inputs": ["x"]}"#,
+            422,
+            r#"no task "7" (its tasks: 0, 1, 2)"#,
+        ),
+        (
+            r#"{"adapter": "peft", "task": "0", "inputs": ["x"]}"#,
+            422,
+            r#"it serves one task, and the request names the task "0""#,
+        ),
     ];
     for (request, code, message) in cases {
         expect_error(&address, "/v1/classify", request, code, message);
@@ -192,11 +211,11 @@ fn endpoints_and_error_codes() {
     for line in [
         "softprompt_requests_total{endpoint=\"/v1/classify\",status=\"404\"} 1",
         "softprompt_requests_total{endpoint=\"/v1/classify\",status=\"200\"} 2",
-        "softprompt_request_duration_seconds_bucket{endpoint=\"/v1/classify\",le=\"+Inf\"} 8",
+        "softprompt_request_duration_seconds_bucket{endpoint=\"/v1/classify\",le=\"+Inf\"} 11",
         "softprompt_batch_rows_count 2",
         "softprompt_batch_rows_sum 3",
         "softprompt_queue_depth 0",
-        "softprompt_adapters 3",
+        "softprompt_adapters 4",
     ] {
         assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
     }
@@ -251,18 +270,26 @@ fn a_mixed_batch_answers_each_request_as_alone() {
         "i love this great film",
         "bad",
     ];
-    let requests: Vec<(String, &str)> = (0..8)
-        .map(|i| (["peft", "three", "prefix"][i % 3].to_string(), texts[i % 4]))
+    // a prompt, a prefix and a multitask adapter's tasks 0 and 2, 10 requests in all
+    let adapters = [
+        ("peft", None),
+        ("three", None),
+        ("prefix", None),
+        ("multi", Some("0")),
+        ("multi", Some("2")),
+    ];
+    let requests: Vec<(&str, Option<&str>, &str)> = (0..10)
+        .map(|i| (adapters[i % 5].0, adapters[i % 5].1, texts[i % 4]))
         .collect();
     let (answers, batches) = send_concurrently(&mixed, &requests);
     assert!(
-        batches < 8,
-        "8 concurrent requests took {batches} batches: nothing was batched"
+        batches < 10,
+        "10 concurrent requests took {batches} batches: nothing was batched"
     );
     let (unmixed_answers, unmixed_batches) = send_concurrently(&unmixed, &requests);
     assert!(
-        (3..8).contains(&unmixed_batches),
-        "without mixing, 8 requests for 3 adapters took {unmixed_batches} batches"
+        (4..10).contains(&unmixed_batches),
+        "without mixing, 10 requests for 4 adapters took {unmixed_batches} batches"
     );
 
     let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
@@ -272,12 +299,9 @@ fn a_mixed_batch_answers_each_request_as_alone() {
         .iter()
         .cycle()
         .zip(answers.iter().chain(&unmixed_answers));
-    for ((adapter, text), answer) in pairs {
-        let task = LoadedAdapter::new(
-            &model,
-            &Adapter::load(&tmp.path().join(adapter), 16, &Device::Cpu).unwrap(),
-        )
-        .unwrap();
+    for ((adapter, task, text), answer) in pairs {
+        let loaded = Adapter::load(&tmp.path().join(adapter), 16, &Device::Cpu).unwrap();
+        let task = LoadedAdapter::new(&model, &loaded.for_task(*task).unwrap()).unwrap();
         let alone = classify_rows(
             &model.backbone,
             &[(&task, &encoder.encode(text, None).unwrap())],
@@ -298,14 +322,21 @@ fn a_mixed_batch_answers_each_request_as_alone() {
 }
 
 /// Sends all requests at once, one thread each → (answers in order, batches they took).
-fn send_concurrently(address: &str, requests: &[(String, &str)]) -> (Vec<Value>, u64) {
+fn send_concurrently(
+    address: &str,
+    requests: &[(&str, Option<&str>, &str)],
+) -> (Vec<Value>, u64) {
     let batches_before = batches(address);
     let answers = std::thread::scope(|scope| {
         let handles: Vec<_> = requests
             .iter()
-            .map(|(adapter, text)| {
+            .map(|(adapter, task, text)| {
                 scope.spawn(move || {
-                    let body = json!({"adapter": adapter, "inputs": [text]}).to_string();
+                    let mut body = json!({"adapter": adapter, "inputs": [text]});
+                    if let Some(task) = task {
+                        body["task"] = json!(task);
+                    }
+                    let body = body.to_string();
                     http(address, "POST", "/v1/classify", Some(&body)).1
                 })
             })
@@ -752,22 +783,26 @@ fn openapi_schemas_match_the_api_types() {
         pool: Some("mean".into()),
         template: Some("{text}".into()),
         can: vec!["classify".into()],
+        tasks: Some(vec!["t".into()]),
     };
     let minimal = AdapterInfo {
         labels: None,
         pool: None,
         template: None,
+        tasks: None,
         ..full.clone()
     };
     check("Adapter", &schemas["Adapter"], to(&full), to(&minimal));
     let full = ClassifyRequest {
         adapter: Some("a".into()),
         adapters: Some(vec!["a".into()]),
+        task: Some("t".into()),
         inputs: vec!["t".into()],
     };
     let minimal = ClassifyRequest {
         adapter: None,
         adapters: None,
+        task: None,
         ..full.clone()
     };
     check(
@@ -802,6 +837,7 @@ fn openapi_schemas_match_the_api_types() {
     check("ClassifyResult.members", member, to(&label), to(&label));
     let full = GenerateRequest {
         adapter: "a".into(),
+        task: Some("t".into()),
         input: "t".into(),
         max_new_tokens: Some(4),
         temperature: 0.0,
@@ -812,6 +848,7 @@ fn openapi_schemas_match_the_api_types() {
         stream: false,
     };
     let minimal = GenerateRequest {
+        task: None,
         max_new_tokens: None,
         top_k: None,
         top_p: None,
@@ -880,7 +917,7 @@ fn hostile_requests_are_bounded_and_answered_in_json() {
         .collect();
     assert_eq!(
         names,
-        ["peft", "prefix", "three"],
+        ["multi", "peft", "prefix", "three"],
         "a link out of the directory is not served"
     );
     expect_error(
