@@ -46,6 +46,9 @@ class Adapter:
     @property
     def head(self) -> Literal["classify", "verbalizer", "generation"]: ...
     @property
+    def tasks(self) -> list[str] | None:
+        """A multitask adapter's task names (evaluate, predict and generate take one as task=...)."""
+    @property
     def num_virtual_tokens(self) -> int: ...
     @property
     def path(self) -> pathlib.Path: ...
@@ -86,9 +89,10 @@ class Model:
         template: str | None = None,
         label_words: list[str] | None = None,
         num_virtual_tokens: int | None = None,
-        method: Literal["prompt", "p-tuning", "residual", "prefix"] | None = None,
+        method: Literal["prompt", "p-tuning", "residual", "prefix", "multitask"] | None = None,
         encoder: Literal["mlp", "lstm"] | None = None,
         encoder_hidden_size: int | None = None,
+        task_rank: int | None = None,
         init: Literal["uniform", "normal", "vocab", "text", "labels"] | None = None,
         init_text: str | None = None,
         pool: Literal["first", "pooler", "cls", "mean", "last"] | None = None,
@@ -109,6 +113,7 @@ class Model:
         max_tokens: int | None = None,
         text_column: str = "text",
         text_pair_column: str | None = None,
+        task_column: str | None = None,
         label_column: str = "label",
         progress: bool = True,
         on_event: Callable[[dict[str, Any]], None] | None = None,
@@ -124,6 +129,7 @@ class Model:
         adapter: Union[Adapter, list[Adapter]],
         data: Data,
         *,
+        task: str | None = None,
         text_column: str = "text",
         text_pair_column: str | None = None,
         label_column: str = "label",
@@ -136,6 +142,7 @@ class Model:
         adapter: Union[Adapter, list[Adapter]],
         texts: Union[Sequence[str], Data],
         *,
+        task: str | None = None,
         text_column: str = "text",
         text_pair_column: str | None = None,
         batch_size: int = 32,
@@ -148,6 +155,7 @@ class Model:
         text: str,
         adapter: Adapter | None = None,
         *,
+        task: str | None = None,
         template: str | None = None,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
@@ -163,6 +171,7 @@ class Model:
         text: str,
         adapter: Adapter | None = None,
         *,
+        task: str | None = None,
         template: str | None = None,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,

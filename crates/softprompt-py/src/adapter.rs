@@ -80,6 +80,12 @@ impl Adapter {
         }
     }
 
+    /// A multitask adapter's task names (each call names one as task=...); None for any other.
+    #[getter]
+    fn tasks(&self) -> Option<Vec<String>> {
+        self.inner.tasks.as_ref().map(|t| t.names.clone())
+    }
+
     #[getter]
     fn num_virtual_tokens(&self) -> usize {
         self.inner.prompt.dims()[0]

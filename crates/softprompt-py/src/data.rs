@@ -8,12 +8,14 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, P
 use softprompt::data::{Columns, DataSource, Example, Labels};
 use std::path::PathBuf;
 
-/// The columns a call reads: `text_column`, `text_pair_column`, `label_column`.
+/// The columns a call reads: `text_column`, `text_pair_column`, `label_column` (training's
+/// `task_column` is set apart).
 pub fn columns(text: &str, text_pair: Option<&str>, label: &str) -> Columns {
     Columns {
         text: text.into(),
         text_pair: text_pair.map(Into::into),
         label: label.into(),
+        task: None,
     }
 }
 

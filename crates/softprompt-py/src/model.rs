@@ -13,7 +13,7 @@ use softprompt::adapter::AdapterHead;
 use softprompt::backbone::Backbone;
 use softprompt::batch::{Batching, Padding};
 use softprompt::collective::SingleProcess;
-use softprompt::data::Labels;
+use softprompt::data::{Columns, Labels};
 use softprompt::generate::{Continuation, SamplingConfig};
 use softprompt::inference::{LoadedAdapter, Members};
 use softprompt::model;
@@ -232,11 +232,11 @@ impl Model {
     /// eval_every=four times an epoch, patience=4 (0: never stop early), seed=0.
     #[pyo3(signature = (
         train, output, dev=None, *, task=None, template=None, label_words=None,
-        num_virtual_tokens=None, method=None, encoder=None, encoder_hidden_size=None, init=None,
+        num_virtual_tokens=None, method=None, encoder=None, encoder_hidden_size=None, task_rank=None, init=None,
         init_text=None, pool=None, optimizer=None, lr=None,
         weight_decay=None, schedule=None, warmup_steps=None, epochs=None, min_steps=None,
         max_steps=None, batch_size=None, padding_side=None, max_grad_norm=None, eval_every=None,
-        patience=None, seed=None, max_tokens=None, text_column="text", text_pair_column=None,
+        patience=None, seed=None, max_tokens=None, text_column="text", text_pair_column=None, task_column=None,
         label_column="label", progress=true, on_event=None, resume=false
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -253,6 +253,7 @@ impl Model {
         method: Option<&str>,
         encoder: Option<&str>,
         encoder_hidden_size: Option<usize>,
+        task_rank: Option<usize>,
         init: Option<&str>,
         init_text: Option<String>,
         pool: Option<&str>,
@@ -273,6 +274,7 @@ impl Model {
         max_tokens: Option<usize>,
         text_column: &str,
         text_pair_column: Option<&str>,
+        task_column: Option<&str>,
         label_column: &str,
         progress: bool,
         on_event: Option<Py<PyAny>>,
@@ -287,6 +289,7 @@ impl Model {
             method: choice("method", method, d.method)?,
             encoder: choice("encoder", encoder, d.encoder)?,
             encoder_hidden_size,
+            task_rank,
             init: choice("init", init, d.init)?,
             init_text,
             pool: choice("pool", pool, d.pool)?,
@@ -307,7 +310,10 @@ impl Model {
             seed: seed.unwrap_or(d.seed),
             max_tokens,
         };
-        let columns = columns(text_column, text_pair_column, label_column);
+        let columns = Columns {
+            task: task_column.map(Into::into),
+            ..columns(text_column, text_pair_column, label_column)
+        };
         let data = TrainData {
             train: source(train, "train", &columns, Labels::Required)?,
             dev: dev
@@ -358,13 +364,14 @@ impl Model {
     /// Scores `adapter` (or a list of adapters: a prompt ensemble) on labelled `data` (what
     /// `train` takes). A classifier gives accuracy, macro_f1, per_class, confusion and labels; a
     /// generation adapter exact_match, token_accuracy and token_loss.
-    #[pyo3(signature = (adapter, data, *, text_column="text", text_pair_column=None, label_column="label", batch_size=32, padding_side=None))]
+    #[pyo3(signature = (adapter, data, *, task=None, text_column="text", text_pair_column=None, label_column="label", batch_size=32, padding_side=None))]
     #[allow(clippy::too_many_arguments)]
     fn evaluate<'py>(
         &self,
         py: Python<'py>,
         adapter: &Bound<'py, PyAny>,
         data: &Bound<'py, PyAny>,
+        task: Option<&str>,
         text_column: &str,
         text_pair_column: Option<&str>,
         label_column: &str,
@@ -379,15 +386,16 @@ impl Model {
             if matches!(only.head, AdapterHead::Generation) {
                 let score = self.run(py, |model, _| {
                     only.fits(&model.backbone)?;
+                    let only = only.for_task(task)?;
                     let examples = data.examples(&columns, Labels::Required)?;
-                    generation_score(model, only, &examples, data.name(), &batching)
+                    generation_score(model, &only, &examples, data.name(), &batching)
                 })?;
                 return Ok(pythonize::pythonize(py, &score)?);
             }
         }
         let report = self.run(py, |model, _| {
             let examples = data.examples(&columns, Labels::Required)?;
-            let members = loaded(model, &members)?;
+            let members = loaded(model, &members, task)?;
             members.report(&model.backbone, &examples, data.name(), &batching)
         })?;
         Ok(pythonize::pythonize(py, &report)?)
@@ -397,13 +405,14 @@ impl Model {
     /// `adapter`, or with a list of adapters in one batch (a prompt ensemble: majority vote,
     /// mean probability). Each answer: {"label", "scores": {label: probability}, "logits"}, and
     /// for an ensemble "members" (each member's label) with one list of logits per member.
-    #[pyo3(signature = (adapter, texts, *, text_column="text", text_pair_column=None, batch_size=32, padding_side=None))]
+    #[pyo3(signature = (adapter, texts, *, task=None, text_column="text", text_pair_column=None, batch_size=32, padding_side=None))]
     #[allow(clippy::too_many_arguments)]
     fn predict<'py>(
         &self,
         py: Python<'py>,
         adapter: &Bound<'py, PyAny>,
         texts: &Bound<'py, PyAny>,
+        task: Option<&str>,
         text_column: &str,
         text_pair_column: Option<&str>,
         batch_size: usize,
@@ -420,7 +429,7 @@ impl Model {
         let batching = Self::batching(batch_size, padding_side)?;
         let (labels, answers) = self.run(py, |model, _| {
             let examples = data.examples(&columns, Labels::Optional)?;
-            let members = loaded(model, &members)?;
+            let members = loaded(model, &members, task)?;
             let encoded = members.encode(&examples, data.name())?;
             let answers = members.answers(&model.backbone, &encoded, &batching)?;
             Ok((members.labels().to_vec(), answers))
@@ -450,13 +459,14 @@ impl Model {
     /// Continues `text` with a decoder, behind `adapter`'s prompt if given (its template too,
     /// unless `template` is given). temperature 0 is greedy; `stop`: a string or a list, not part
     /// of the answer. stream=True returns an iterator of pieces of text as they are written.
-    #[pyo3(signature = (text, adapter=None, *, template=None, max_new_tokens=None, temperature=0.0, top_k=None, top_p=None, stop=None, seed=0, stream=false))]
+    #[pyo3(signature = (text, adapter=None, *, task=None, template=None, max_new_tokens=None, temperature=0.0, top_k=None, top_p=None, stop=None, seed=0, stream=false))]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
         &self,
         py: Python<'py>,
         text: String,
         adapter: Option<&Bound<'py, Adapter>>,
+        task: Option<&str>,
         template: Option<&str>,
         max_new_tokens: Option<usize>,
         temperature: f64,
@@ -480,7 +490,10 @@ impl Model {
             seed,
         };
         config.validate().map_err(crate::error)?;
-        let adapter = adapter.map(|a| a.get().inner.clone());
+        let adapter = match adapter {
+            Some(a) => Some(a.get().inner.for_task(task).map_err(crate::error)?.into_owned()),
+            None => None,
+        };
         let template = match self::template(template)? {
             Some(t) => Some(t),
             None => adapter.as_ref().and_then(|a| a.template.clone()),
@@ -513,14 +526,16 @@ impl Model {
     }
 }
 
-/// The adapters made ready on `model` (their hidden size checked), sharing one set of labels.
+/// The adapters made ready on `model` (their hidden size checked, a multitask adapter's `task`
+/// chosen), sharing one set of labels.
 fn loaded(
     model: &model::Model,
     adapters: &[Arc<softprompt::adapter::Adapter>],
+    task: Option<&str>,
 ) -> softprompt::Result<Members> {
     let adapters = adapters
         .iter()
-        .map(|a| LoadedAdapter::new(model, a))
+        .map(|a| LoadedAdapter::new(model, &*a.for_task(task)?))
         .collect::<softprompt::Result<Vec<_>>>()?;
     Members::new(model, adapters)
 }

@@ -314,3 +314,27 @@ def test_a_peft_adapter_loads_and_predicts(model, tiny_bert):
     peft = softprompt.Adapter.load(FIXTURES / "peft-tiny-adapter")
     assert peft.config["peft_type"] == "PROMPT_TUNING"
     assert len(model.predict(peft, ["a good film"])[0]["logits"]) == len(peft.labels)
+
+
+def test_a_multitask_prompt_from_a_frame_equals_the_cli_one(model, tiny_bert, cli, tmp_path):
+    rows = [(t, l, "x" if i % 4 < 2 else "y") for i, (t, l) in enumerate(toy_rows())]
+    dev = [(t, l, "x" if i % 4 < 2 else "y") for i, (t, l) in enumerate(dev_rows())]
+    for name, data in [("train", rows), ("dev", dev)]:
+        (tmp_path / f"{name}.tsv").write_text("text\tlabel\ttask\n" + "".join(f"{t}\t{l}\t{k}\n" for t, l, k in data))
+    flags = ["--method", "multitask", "--task-column", "task", "--task-rank", "2"]
+    subprocess.run([cli, "train", "--model", tiny_bert, "--train", str(tmp_path / "train.tsv"), "--dev",
+                    str(tmp_path / "dev.tsv"), "--output", str(tmp_path / "cli"), *TOY_FLAGS, *flags],
+                   check=True, capture_output=True)
+    frame = pandas.DataFrame({"text": [r[0] for r in rows], "label": [r[1] for r in rows],
+                              "task": [r[2] for r in rows]})
+    adapter = model.train(frame, tmp_path / "py", dev=str(tmp_path / "dev.tsv"), progress=False, method="multitask",
+                          task_column="task", task_rank=2, **TOY)
+    assert adapter_bytes(tmp_path / "py") == adapter_bytes(tmp_path / "cli")
+    assert adapter.tasks == ["x", "y"]
+    assert model.predict(adapter, ["a good film"], task="y")[0]["label"] in ("positive", "negative")
+    report = model.evaluate(adapter, str(tmp_path / "dev.tsv"), task="x")
+    assert 0.0 <= report["accuracy"] <= 1.0
+    with pytest.raises(softprompt.Error, match=r"name one of its tasks \(x, y\)"):
+        model.predict(adapter, ["a good film"])
+    with pytest.raises(softprompt.Error, match=r"no task \"z\""):
+        model.predict(adapter, ["a good film"], task="z")
