@@ -5,6 +5,9 @@
    with an LSTM encoder); `softprompt predict` loads each and must give PEFT's logits within 1e-4.
 2. softprompt trains adapters with `--pool pooler`, one per `--method` (prompt, p-tuning with each
    encoder, residual); PEFT loads each and must give softprompt's logits within 1e-4.
+   Multitask prompt tuning both ways too: PEFT's 2-task adapter under task id 1 against softprompt's
+   `--task 1`, and softprompt's (trained on the split with alternate rows named "a" and "b") under
+   `--task b` against PEFT's task id 1.
 3. softprompt trains a prefix-tuning verbalizer on SmolLM2 (PEFT runs prefix tuning on decoders, not
    on BERT); PEFT loads it on transformers' SmolLM2 (the same GGUF, dequantized) and its next-token
    logits of the label words must be softprompt's within 1e-4 of their scale (as for SmolLM2 alone).
@@ -16,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
+from peft import (MultitaskPromptTuningConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig, TaskType,
+                  get_peft_model)
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,16 +38,16 @@ MODELS, SMOLLM2 = ROOT / "assets" / "models", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEMPLATE, WORDS = "Review: {text}\nSentiment:", ["negative", "positive"]
 
 
-def peft_logits(model) -> torch.Tensor:
+def peft_logits(model, **kwargs) -> torch.Tensor:
     tok = AutoTokenizer.from_pretrained(MODEL)
     model.eval()
     with torch.no_grad():
-        return torch.stack([model(**tok(t, return_tensors="pt")).logits[0] for t in TEXTS])
+        return torch.stack([model(**tok(t, return_tensors="pt"), **kwargs).logits[0] for t in TEXTS])
 
 
-def softprompt_logits(adapter: Path) -> torch.Tensor:
-    out = subprocess.run([str(BIN), "predict", "--model", str(MODEL), "--adapter", str(adapter), "--json", *TEXTS],
-                         check=True, capture_output=True, text=True).stdout
+def softprompt_logits(adapter: Path, *flags: str) -> torch.Tensor:
+    out = subprocess.run([str(BIN), "predict", "--model", str(MODEL), "--adapter", str(adapter), "--json", *flags,
+                          *TEXTS], check=True, capture_output=True, text=True).stdout
     return torch.tensor([json.loads(line)["logits"] for line in out.splitlines()])
 
 
@@ -67,7 +71,11 @@ PEFT_CONFIGS = {
     "P-tuning (MLP)": PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20, encoder_hidden_size=128),
     "P-tuning (LSTM)": PromptEncoderConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20, encoder_hidden_size=64,
                                            encoder_reparameterization_type="LSTM"),
+    "multitask prompt tuning, task 1 of 2": MultitaskPromptTuningConfig(task_type=TaskType.SEQ_CLS,
+                                                                        num_virtual_tokens=20, num_tasks=2),
 }
+# PEFT's forward arguments, softprompt predict's flags
+TASK_ONE = ({"task_ids": torch.tensor([1])}, ["--task", "1"])
 SOFTPROMPT_METHODS = {
     "--method prompt": [],
     "--method p-tuning": ["--method", "p-tuning", "--encoder-hidden-size", "128"],
@@ -89,8 +97,9 @@ def main() -> int:
                 p.normal_(0.0, 0.05)
             peft_model.base_model.classifier.modules_to_save["default"].weight.normal_(0.0, 0.5)
         peft_model.save_pretrained(work / f"from-peft-{i}")
-        ok &= report(f"PEFT {name} adapter → softprompt predict", softprompt_logits(work / f"from-peft-{i}"),
-                     peft_logits(peft_model))
+        task, flags = TASK_ONE if "multitask" in name else ({}, [])
+        ok &= report(f"PEFT {name} adapter → softprompt predict",
+                     softprompt_logits(work / f"from-peft-{i}", *flags), peft_logits(peft_model, **task))
 
     for i, (name, flags) in enumerate(SOFTPROMPT_METHODS.items()):
         ours = work / f"from-softprompt-{i}"
@@ -99,8 +108,23 @@ def main() -> int:
                        stderr=subprocess.DEVNULL)
         loaded = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(MODEL, num_labels=2), ours)
         ok &= report(f"softprompt {name} adapter → PEFT", softprompt_logits(ours), peft_logits(loaded))
+    ok &= multitask_round_trip(work)
     ok &= decoder_prefix_round_trip(work)
     return 0 if ok else 1
+
+
+def multitask_round_trip(work: Path) -> bool:
+    """softprompt's multitask adapter (tasks "a" and "b", PEFT's ids 0 and 1) → PEFT under task id 1."""
+    lines = (DATA / "train.tsv").read_text().splitlines()
+    tasks = work / "train-tasks.tsv"
+    tasks.write_text("\n".join([lines[0] + "\ttask"] + [f"{l}\t{'ab'[i % 2]}" for i, l in enumerate(lines[1:])]) + "\n")
+    ours = work / "from-softprompt-multitask"
+    subprocess.run([str(BIN), "train", "--model", str(MODEL), "--train", str(tasks), "--output", str(ours), "--pool",
+                    "pooler", "--max-steps", "20", "--method", "multitask", "--task-column", "task", "--task-rank", "2"],
+                   check=True, stderr=subprocess.DEVNULL)
+    loaded = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(MODEL, num_labels=2), ours)
+    return report("softprompt --method multitask adapter (--task b) → PEFT (task id 1)",
+                  softprompt_logits(ours, "--task", "b"), peft_logits(loaded, **TASK_ONE[0]))
 
 
 def decoder_prefix_round_trip(work: Path) -> bool:

@@ -38,6 +38,8 @@ fn adapters_dir(dir: &Path) {
     let multitask =
         Adapter::load(&fixtures().join("peft-tiny-multitask"), 16, &Device::Cpu).unwrap();
     multitask.save(&dir.join("multi")).unwrap();
+    let p_tuning = Adapter::load(&fixtures().join("peft-tiny-p-tuning"), 16, &Device::Cpu).unwrap();
+    p_tuning.save(&dir.join("ptuning")).unwrap();
 }
 
 /// Starts a server for the tiny BERT on 127.0.0.1:0 in its own runtime; returns its address.
@@ -130,7 +132,7 @@ fn endpoints_and_error_codes() {
         .iter()
         .map(|a| a["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["multi", "peft", "prefix", "three"]);
+    assert_eq!(names, ["multi", "peft", "prefix", "ptuning", "three"]);
     assert_eq!(list["adapters"][0]["tasks"], json!(["0", "1", "2"]));
 
     let (status, body) = http(
@@ -215,7 +217,7 @@ fn endpoints_and_error_codes() {
         "softprompt_batch_rows_count 2",
         "softprompt_batch_rows_sum 3",
         "softprompt_queue_depth 0",
-        "softprompt_adapters 4",
+        "softprompt_adapters 5",
     ] {
         assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
     }
@@ -270,26 +272,27 @@ fn a_mixed_batch_answers_each_request_as_alone() {
         "i love this great film",
         "bad",
     ];
-    // a prompt, a prefix and a multitask adapter's tasks 0 and 2, 10 requests in all
+    // two prompts, a P-tuning, a prefix and a multitask adapter's tasks 0 and 2, 12 requests in all
     let adapters = [
         ("peft", None),
         ("three", None),
+        ("ptuning", None),
         ("prefix", None),
         ("multi", Some("0")),
         ("multi", Some("2")),
     ];
-    let requests: Vec<(&str, Option<&str>, &str)> = (0..10)
-        .map(|i| (adapters[i % 5].0, adapters[i % 5].1, texts[i % 4]))
+    let requests: Vec<(&str, Option<&str>, &str)> = (0..12)
+        .map(|i| (adapters[i % 6].0, adapters[i % 6].1, texts[i % 4]))
         .collect();
     let (answers, batches) = send_concurrently(&mixed, &requests);
     assert!(
-        batches < 10,
-        "10 concurrent requests took {batches} batches: nothing was batched"
+        batches < 12,
+        "12 concurrent requests took {batches} batches: nothing was batched"
     );
     let (unmixed_answers, unmixed_batches) = send_concurrently(&unmixed, &requests);
     assert!(
-        (4..10).contains(&unmixed_batches),
-        "without mixing, 10 requests for 4 adapters took {unmixed_batches} batches"
+        (5..12).contains(&unmixed_batches),
+        "without mixing, 12 requests for 5 adapters took {unmixed_batches} batches"
     );
 
     let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
@@ -917,7 +920,7 @@ fn hostile_requests_are_bounded_and_answered_in_json() {
         .collect();
     assert_eq!(
         names,
-        ["multi", "peft", "prefix", "three"],
+        ["multi", "peft", "prefix", "ptuning", "three"],
         "a link out of the directory is not served"
     );
     expect_error(
