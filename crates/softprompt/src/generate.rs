@@ -116,7 +116,7 @@ fn decoder(backbone: &AnyBackbone) -> crate::Result<&dyn crate::backbone::Decode
 
 /// Continues `input_ids` after the prefix, calling `on_text` after every token with the piece of
 /// text that became final (empty while a possible stop string is held back); `on_text` answers
-/// false to stop early (`Cancelled`).
+/// false to stop early (`Cancelled`). A batch of one `Sequence`.
 pub fn generate(
     backbone: &AnyBackbone,
     encoder: &TextEncoder,
@@ -126,48 +126,253 @@ pub fn generate(
     config: &SamplingConfig,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> crate::Result<Generation> {
-    // an empty stop string would make `hold` underflow (and would stop at once)
-    config.validate()?;
-    let mut text = String::new();
-    let mut emitted = 0;
-    let mut cancelled = false;
-    let hold = config.stop.iter().map(String::len).max().unwrap_or(1) - 1;
-    let (tokens, finish) =
-        generate_tokens(backbone, prefix, input_ids, eos, config, &mut |tokens| {
-            text = encoder.decode(tokens)?;
-            if let Some(at) = config
-                .stop
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                text.truncate(at);
-                return Ok(false);
-            }
-            // hold back what a stop string could still begin with, and an unfinished UTF-8 sequence
-            let mut safe = text.len().saturating_sub(hold);
-            if text.ends_with('\u{FFFD}') {
-                safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
-            }
-            while !text.is_char_boundary(safe) {
-                safe -= 1;
-            }
-            cancelled = !on_text(&text[emitted..safe.max(emitted)]);
-            emitted = safe.max(emitted);
-            Ok(!cancelled)
-        })?;
-    if text.len() > emitted && !cancelled {
-        on_text(&text[emitted..]);
+    let writer = Writer::text(encoder, config, Box::new(on_text));
+    let mut sequence = Sequence::start(backbone, prefix, input_ids, eos, config, writer)?;
+    while !sequence.done() {
+        step(backbone, std::slice::from_mut(&mut sequence))?;
     }
-    Ok(Generation {
-        text,
-        tokens,
-        finish: if cancelled {
-            FinishReason::Cancelled
-        } else {
-            finish
-        },
-    })
+    sequence.into_generation()
+}
+
+/// The tokens alone (no text, no stop strings): what `softprompt bench --mode generate` times.
+pub fn generate_tokens(
+    backbone: &AnyBackbone,
+    prefix: &KvCache,
+    input_ids: &[u32],
+    eos: &[u32],
+    config: &SamplingConfig,
+) -> crate::Result<(Vec<u32>, FinishReason)> {
+    let writer = Writer::tokens_only();
+    let mut sequence = Sequence::start(backbone, prefix, input_ids, eos, config, writer)?;
+    while !sequence.done() {
+        step(backbone, std::slice::from_mut(&mut sequence))?;
+    }
+    let generation = sequence.into_generation()?;
+    Ok((generation.tokens, generation.finish))
+}
+
+/// What a sequence shows of its text as it is written: each piece that became final, holding
+/// back what a stop string could still begin with and an unfinished UTF-8 sequence.
+pub struct Writer<'a> {
+    /// none: tokens only
+    encoder: Option<&'a TextEncoder>,
+    stop: Vec<String>,
+    text: String,
+    emitted: usize,
+    cancelled: bool,
+    on_text: Box<dyn FnMut(&str) -> bool + 'a>,
+}
+
+impl<'a> Writer<'a> {
+    /// Text decoded with `encoder`, cut at `config`'s stop strings, shown piece by piece to
+    /// `on_text`, which answers false to stop the sequence (`Cancelled`).
+    pub fn text(
+        encoder: &'a TextEncoder,
+        config: &SamplingConfig,
+        on_text: Box<dyn FnMut(&str) -> bool + 'a>,
+    ) -> Self {
+        Self {
+            encoder: Some(encoder),
+            stop: config.stop.clone(),
+            text: String::new(),
+            emitted: 0,
+            cancelled: false,
+            on_text,
+        }
+    }
+
+    pub fn tokens_only() -> Self {
+        Self {
+            encoder: None,
+            stop: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            cancelled: false,
+            on_text: Box::new(|_| true),
+        }
+    }
+
+    /// Every token so far → whether to go on (false: a stop string appeared, or the reader
+    /// cancelled).
+    fn show(&mut self, tokens: &[u32]) -> crate::Result<bool> {
+        let Some(encoder) = self.encoder else {
+            return Ok(true);
+        };
+        self.text = encoder.decode(tokens)?;
+        let text = &mut self.text;
+        if let Some(at) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(at);
+            return Ok(false);
+        }
+        let hold = self.stop.iter().map(String::len).max().unwrap_or(1) - 1;
+        let mut safe = text.len().saturating_sub(hold);
+        if text.ends_with('\u{FFFD}') {
+            safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
+        }
+        while !text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        self.cancelled = !(self.on_text)(&text[self.emitted..safe.max(self.emitted)]);
+        self.emitted = safe.max(self.emitted);
+        Ok(!self.cancelled)
+    }
+
+    /// The rest of the text, once the sequence is done.
+    fn flush(&mut self) {
+        if self.text.len() > self.emitted && !self.cancelled {
+            (self.on_text)(&self.text[self.emitted..]);
+            self.emitted = self.text.len();
+        }
+    }
+}
+
+/// One text being continued: its own KV cache (its adapter's prefix cache, then its input and
+/// every token written), its sampler and what it has shown. `step` moves any number of them
+/// on by one token in one backbone pass, so texts of different adapters and lengths decode
+/// together; a sequence gets the same tokens in any company.
+pub struct Sequence<'a> {
+    cache: KvCache,
+    config: SamplingConfig,
+    rng: ChaCha8Rng,
+    eos: Vec<u32>,
+    /// the model's positions
+    room: usize,
+    tokens: Vec<u32>,
+    /// the token to read next: the last one picked
+    next: Option<u32>,
+    finish: Option<FinishReason>,
+    /// what went wrong with this sequence alone (its text did not decode)
+    failed: Option<crate::Error>,
+    writer: Writer<'a>,
+}
+
+/// Positions one pass reads while the input is read in: a pass's attention scores are
+/// [H, N, T], which for a whole long input at once would take gigabytes.
+const PREFILL_CHUNK: usize = 256;
+
+impl<'a> Sequence<'a> {
+    /// `input_ids` continued after `prefix`: reads the input (alone, in chunks) and picks the
+    /// first token.
+    pub fn start(
+        backbone: &AnyBackbone,
+        prefix: &KvCache,
+        input_ids: &[u32],
+        eos: &[u32],
+        config: &SamplingConfig,
+        writer: Writer<'a>,
+    ) -> crate::Result<Self> {
+        config.validate()?;
+        let decoder = decoder(backbone)?;
+        if input_ids.is_empty() {
+            bail!("nothing to continue: the input has no tokens");
+        }
+        let room = backbone.max_positions();
+        if prefix.len() + input_ids.len() > room {
+            bail!(
+                "the prompt and input take {} positions; the model has {room}",
+                prefix.len() + input_ids.len()
+            );
+        }
+        let mut sequence = Self {
+            cache: prefix.clone(),
+            config: config.clone(),
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            eos: eos.to_vec(),
+            room,
+            tokens: Vec::new(),
+            next: None,
+            finish: None,
+            failed: None,
+            writer,
+        };
+        if sequence.tokens.len() == config.max_new_tokens {
+            sequence.finish = Some(FinishReason::Length);
+            return Ok(sequence);
+        }
+        let table = backbone.word_embeddings();
+        let mut hidden = None;
+        for chunk in input_ids.chunks(PREFILL_CHUNK) {
+            let embeds = table.rows(&Tensor::new(chunk, &table.device())?)?;
+            hidden = Some(decoder.extend(&embeds, &mut sequence.cache)?);
+        }
+        let hidden = hidden.context("nothing to read")?;
+        let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
+        let logits = decoder.next_token_logits(&last)?.to_dtype(DType::F32)?;
+        sequence.take(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        Ok(sequence)
+    }
+
+    /// Whether it has finished: its end token, a stop string, its token limit, the model's
+    /// positions, or its reader gone.
+    pub fn done(&mut self) -> bool {
+        if self.finish.is_none() && self.next.is_some() {
+            if self.tokens.len() == self.config.max_new_tokens {
+                self.finish = Some(FinishReason::Length);
+            } else if self.cache.len() + 1 > self.room {
+                self.finish = Some(FinishReason::ContextFull);
+            }
+        }
+        self.finish.is_some() || self.next.is_none()
+    }
+
+    /// The next-token logits [V] → the token picked, shown, and read next.
+    fn take(&mut self, logits: &[f32]) {
+        let token = sample(logits, &self.config, &mut self.rng);
+        self.next = None;
+        if self.eos.contains(&token) {
+            self.finish = Some(FinishReason::Eos);
+            return;
+        }
+        self.tokens.push(token);
+        match self.writer.show(&self.tokens) {
+            Ok(true) => self.next = Some(token),
+            Ok(false) if self.writer.cancelled => self.finish = Some(FinishReason::Cancelled),
+            Ok(false) => self.finish = Some(FinishReason::Stop),
+            Err(e) => self.failed = Some(e),
+        }
+    }
+
+    /// What it wrote, once `done`.
+    pub fn into_generation(mut self) -> crate::Result<Generation> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        self.writer.flush();
+        Ok(Generation {
+            text: std::mem::take(&mut self.writer.text),
+            tokens: self.tokens,
+            finish: self.finish.unwrap_or(FinishReason::Length),
+        })
+    }
+}
+
+/// One token more for every sequence not `done`, all in one backbone pass: each row reads its
+/// last token on top of its own cache, and picks its next with its own sampler.
+pub fn step(backbone: &AnyBackbone, sequences: &mut [Sequence]) -> crate::Result<()> {
+    let decoder = decoder(backbone)?;
+    let mut active: Vec<&mut Sequence> = sequences
+        .iter_mut()
+        .filter_map(|s| (!s.done()).then_some(s))
+        .collect();
+    let tokens: Vec<u32> = active.iter().filter_map(|s| s.next).collect();
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let table = backbone.word_embeddings();
+    let embeds = table.rows(&Tensor::new(tokens.as_slice(), &table.device())?)?;
+    let mut caches: Vec<KvCache> = active
+        .iter_mut()
+        .map(|s| std::mem::take(&mut s.cache))
+        .collect();
+    let hidden = decoder.extend_each(&embeds, &mut caches);
+    for (sequence, cache) in active.iter_mut().zip(caches) {
+        sequence.cache = cache;
+    }
+    let logits = decoder.next_token_logits(&hidden?)?.to_dtype(DType::F32)?;
+    for (sequence, row) in active.iter_mut().zip(logits.to_vec2::<f32>()?) {
+        sequence.take(&row);
+    }
+    Ok(())
 }
 
 /// What continues texts behind one prompt: its prefix cache, read once, the tokenizer that
@@ -227,69 +432,6 @@ impl Continuation {
             on_text,
         )
     }
-}
-
-/// Positions one pass reads while the input is read in: a pass's attention scores are
-/// [H, N, T], which for a whole long input at once would take gigabytes.
-const PREFILL_CHUNK: usize = 256;
-
-/// The token loop under `generate`: extend the cache, pick the next token, until EOS, the token
-/// limit, the model's positions, or `on_token` (shown every token so far) answers false (`Stop`).
-pub fn generate_tokens(
-    backbone: &AnyBackbone,
-    prefix: &KvCache,
-    input_ids: &[u32],
-    eos: &[u32],
-    config: &SamplingConfig,
-    on_token: &mut dyn FnMut(&[u32]) -> crate::Result<bool>,
-) -> crate::Result<(Vec<u32>, FinishReason)> {
-    config.validate()?;
-    let decoder = decoder(backbone)?;
-    if input_ids.is_empty() {
-        bail!("nothing to continue: the input has no tokens");
-    }
-    let room = backbone.max_positions();
-    if prefix.len() + input_ids.len() > room {
-        bail!(
-            "the prompt and input take {} positions; the model has {room}",
-            prefix.len() + input_ids.len()
-        );
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let mut cache = prefix.clone();
-    let mut next_input = input_ids.to_vec();
-    let mut tokens = Vec::new();
-    let finish = loop {
-        if tokens.len() == config.max_new_tokens {
-            break FinishReason::Length;
-        }
-        if cache.len() + next_input.len() > room {
-            break FinishReason::ContextFull;
-        }
-        let table = backbone.word_embeddings();
-        let mut hidden = None;
-        for chunk in next_input.chunks(PREFILL_CHUNK) {
-            let embeds = table.rows(&Tensor::new(chunk, &table.device())?)?;
-            hidden = Some(decoder.extend(&embeds, &mut cache)?);
-        }
-        let hidden = hidden.context("nothing to read")?;
-        let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
-        let logits = decoder
-            .next_token_logits(&last)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
-        let token = sample(&logits, config, &mut rng);
-        if eos.contains(&token) {
-            break FinishReason::Eos;
-        }
-        tokens.push(token);
-        next_input = vec![token];
-        if !on_token(&tokens)? {
-            break FinishReason::Stop;
-        }
-    };
-    Ok((tokens, finish))
 }
 
 /// The next token from next-token logits [V]: greedy at temperature 0, else sampled from the

@@ -351,6 +351,22 @@ impl Decoder for Gpt2 {
         Ok(self.ln_f.forward(&x)?.0)
     }
 
+    fn extend_each(&self, embeds: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        let limit = self.config.n_positions;
+        if let Some(full) = caches.iter().find(|c| c.len() >= limit) {
+            candle_core::bail!("GPT-2 reads at most {limit} positions; {} asked", full.len() + 1);
+        }
+        let positions = KvCache::next_positions(caches, embeds.device())?;
+        let x = (embeds + self.wpe.index_select(&positions.flatten_all()?, 0)?)?;
+        let mut pass = Pass::new(
+            self.attention_shape(caches.len(), 1),
+            Positions::Ids(&positions),
+            Attend::Each { caches },
+        );
+        let (x, _) = stack::forward(&self.blocks, x, &mut pass)?;
+        Ok(self.ln_f.forward(&x)?.0)
+    }
+
     /// Tied to the token embeddings.
     fn lm_head(&self) -> &Weight {
         &self.wte

@@ -543,6 +543,17 @@ impl Decoder for Llama {
         Ok(self.norm.forward(&x)?.0)
     }
 
+    fn extend_each(&self, embeds: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        let positions = KvCache::next_positions(caches, embeds.device())?;
+        let mut pass = Pass::new(
+            self.attention_shape(caches.len(), 1),
+            Positions::Ids(&positions),
+            Attend::Each { caches },
+        );
+        let (x, _) = stack::forward(&self.layers, embeds.clone(), &mut pass)?;
+        Ok(self.norm.forward(&x)?.0)
+    }
+
     /// The checkpoint's own LM head, or the embeddings it is tied to.
     fn lm_head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)

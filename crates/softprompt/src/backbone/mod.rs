@@ -233,6 +233,12 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Each cache's next position [B, 1] u32: where `extend_each` puts a row's new position.
+    pub fn next_positions(caches: &[KvCache], device: &candle_core::Device) -> Result<Tensor> {
+        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+        Tensor::from_vec(positions, (caches.len(), 1), device)
+    }
+
     /// Prefix tuning's keys and values [P, L·2·Hkv·K] (`Prefix::kv`'s rows) as a cache of P
     /// positions read: a decoder reads a prefix as its past, so the input's positions start at P.
     pub fn from_prefix(kv: &Tensor, layers: usize, kv_heads: usize) -> Result<Self> {
@@ -272,6 +278,10 @@ pub trait Decoder {
     /// embeds [N, D] of the next N positions (after `cache.len()` read before) → hidden [N, D]
     /// after the final norm; the cache grows by N.
     fn extend(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// embeds [B, D], one new position for each of B texts, each after its own `caches[b]` →
+    /// hidden [B, D] after the final norm; each cache grows by one. Row b gets what `extend`
+    /// gives it alone.
+    fn extend_each(&self, embeds: &Tensor, caches: &mut [KvCache]) -> Result<Tensor>;
     /// [V, D]: the next-token output layer; quantized with `--keep-quantized`.
     fn lm_head(&self) -> &Weight;
     /// hidden [N, D] → next-token logits [N, V], for generating: one token's row reads a

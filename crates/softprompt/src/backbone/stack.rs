@@ -18,6 +18,9 @@ pub(crate) enum Attend<'a> {
     Rows { bias: &'a Tensor, keep: bool },
     /// N new positions on top of every position a KV cache holds: generation.
     Cached { cache: &'a mut KvCache },
+    /// One new position in each of B rows, each on top of its own KV cache: generation for many
+    /// texts at once (each its own prompt and length), the weights read once for all.
+    Each { caches: &'a mut [KvCache] },
 }
 
 /// One pass through the stack: its geometry, the position of every column (RoPE reads them) and
@@ -76,18 +79,34 @@ impl<'a> Pass<'a> {
                 };
                 Ok((context, keep.then_some(saved)))
             }
-            Attend::Cached { cache } => {
-                let (h, hk) = (shape.heads, shape.kv_heads);
-                let k = qkv.dim(1)? / (h + 2 * hk);
-                let start = cache.len();
-                let keys = heads_of(qkv, h, hk, k)?;
-                let values = heads_of(qkv, h + hk, hk, k)?;
-                let (keys, values) = cache.append(layer, keys, values)?;
-                let context = cached_attention(&heads_of(qkv, 0, h, k)?, &keys, &values, start)?;
-                Ok((context, None))
+            Attend::Cached { cache } => Ok((cached_context(layer, qkv, cache, shape)?, None)),
+            Attend::Each { caches } => {
+                let contexts = caches
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(b, cache)| cached_context(layer, &qkv.narrow(0, b, 1)?, cache, shape))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((Tensor::cat(&contexts, 0)?, None))
             }
         }
     }
+}
+
+/// Layer `layer`'s attention of new positions (their packed projection qkv [N, (H + 2·Hkv)·K])
+/// over `cache` and themselves → context [N, H·K]; the cache keeps their keys and values.
+fn cached_context(
+    layer: usize,
+    qkv: &Tensor,
+    cache: &mut KvCache,
+    shape: AttentionShape,
+) -> Result<Tensor> {
+    let (h, hk) = (shape.heads, shape.kv_heads);
+    let k = qkv.dim(1)? / (h + 2 * hk);
+    let start = cache.len();
+    let keys = heads_of(qkv, h, hk, k)?;
+    let values = heads_of(qkv, h + hk, hk, k)?;
+    let (keys, values) = cache.append(layer, keys, values)?;
+    cached_attention(&heads_of(qkv, 0, h, k)?, &keys, &values, start)
 }
 
 /// Layer `layer`'s keys and values [B, P, 2·Hkv·K] of every layer's [B, P, L·2·Hkv·K], for a
@@ -160,8 +179,10 @@ pub(crate) fn forward<B: Block>(
         }
         x = y;
     }
-    if let Attend::Cached { cache } = &mut pass.attend {
-        cache.len += x.dim(0)?;
+    match &mut pass.attend {
+        Attend::Cached { cache } => cache.len += x.dim(0)?,
+        Attend::Each { caches } => caches.iter_mut().for_each(|cache| cache.len += 1),
+        Attend::Rows { .. } => {}
     }
     Ok((x, kept))
 }

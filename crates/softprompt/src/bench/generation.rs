@@ -108,7 +108,7 @@ pub fn run(
     };
     let once = || -> crate::Result<Vec<u32>> {
         let prefix = prefix_cache(&backbone, &prompt, Placement::Embeddings)?;
-        Ok(generate_tokens(&backbone, &prefix, &input, &[], &config, &mut |_| Ok(true))?.0)
+        Ok(generate_tokens(&backbone, &prefix, &input, &[], &config)?.0)
     };
     for _ in 0..2 {
         once()?;

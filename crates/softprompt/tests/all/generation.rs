@@ -9,7 +9,9 @@ use softprompt::backbone::any::AnyBackbone;
 use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, KvCache};
-use softprompt::generate::{generate, prefix_cache, sample, FinishReason, SamplingConfig};
+use softprompt::generate::{
+    generate, prefix_cache, sample, step, FinishReason, Generation, SamplingConfig, Sequence, Writer,
+};
 use softprompt::model::Model;
 use softprompt::prompt::Placement;
 
@@ -59,6 +61,101 @@ fn the_cached_forward_equals_the_full_forward() {
         let cached = Tensor::cat(&pieces, 0).unwrap();
         let diff = max_abs_diff(&cached, &full);
         assert!(diff < 1e-10, "{name}: cached forward differs by {diff:e}");
+    }
+}
+
+/// One new position for each of several texts, each on its own cache of its own length, in one
+/// pass: each row's hidden state is what `extend` gives it alone.
+#[test]
+fn extending_many_caches_at_once_equals_each_alone() {
+    for (name, backbone) in tiny_decoders() {
+        let decoder = backbone.decoder().unwrap();
+        let mut caches: Vec<KvCache> = [2usize, 5, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let mut cache = KvCache::default();
+                decoder.extend(&randn(&[n, 16], 10 + i as u64), &mut cache).unwrap();
+                cache
+            })
+            .collect();
+        let next = randn(&[3, 16], 20);
+        let alone: Vec<Tensor> = caches
+            .iter()
+            .enumerate()
+            .map(|(b, cache)| {
+                let mut cache = cache.clone();
+                decoder.extend(&next.narrow(0, b, 1).unwrap(), &mut cache).unwrap()
+            })
+            .collect();
+        let together = decoder.extend_each(&next, &mut caches).unwrap();
+        let diff = max_abs_diff(&together, &Tensor::cat(&alone, 0).unwrap());
+        assert!(diff < 1e-10, "{name}: rows differ from alone by {diff:e}");
+        assert_eq!(caches.iter().map(KvCache::len).collect::<Vec<_>>(), [3, 6, 2]);
+    }
+}
+
+/// Texts behind different prompts (none, 3 vectors, a prefix), of different lengths and sampling
+/// options, decoded together, two of them joining after three tokens: each writes what it
+/// writes alone (tokens, text, why it ended).
+#[test]
+fn a_batch_of_sequences_writes_what_each_writes_alone() {
+    let encoder = softprompt::tokenize::TextEncoder::from_file(
+        &fixtures().join("tiny-bert/tokenizer.json"),
+        64,
+    )
+    .unwrap();
+    for (name, backbone) in tiny_decoders() {
+        let shape = backbone.shape();
+        let prefixes = [
+            prefix_cache(&backbone, &randn(&[0, 16], 1), Placement::Embeddings).unwrap(),
+            prefix_cache(&backbone, &randn(&[3, 16], 5), Placement::Embeddings).unwrap(),
+            prefix_cache(&backbone, &randn(&[2, shape.prefix_width()], 6), Placement::Prefix)
+                .unwrap(),
+        ];
+        let greedy = SamplingConfig {
+            max_new_tokens: 9,
+            ..Default::default()
+        };
+        let sampled = SamplingConfig {
+            temperature: 0.8,
+            top_k: Some(5),
+            seed: 3,
+            ..greedy.clone()
+        };
+        let short = SamplingConfig {
+            max_new_tokens: 2,
+            ..greedy.clone()
+        };
+        let texts: [(&KvCache, &[u32], &SamplingConfig); 5] = [
+            (&prefixes[0], &[5, 20, 9], &greedy),
+            (&prefixes[1], &[7], &sampled),
+            (&prefixes[2], &[30, 31, 32, 33], &greedy),
+            (&prefixes[1], &[12, 40], &short),
+            (&prefixes[2], &[9, 9], &sampled),
+        ];
+        let alone: Vec<Generation> = texts
+            .iter()
+            .map(|(prefix, ids, config)| {
+                generate(&backbone, &encoder, prefix, ids, &[], config, &mut |_| true).unwrap()
+            })
+            .collect();
+        let start = |(prefix, ids, config): &(&KvCache, &[u32], &SamplingConfig)| {
+            let writer = Writer::text(&encoder, config, Box::new(|_| true));
+            Sequence::start(&backbone, prefix, ids, &[], config, writer).unwrap()
+        };
+        let mut sequences: Vec<Sequence> = texts[..3].iter().map(start).collect();
+        for _ in 0..3 {
+            step(&backbone, &mut sequences).unwrap();
+        }
+        sequences.extend(texts[3..].iter().map(start));
+        while !sequences.iter_mut().all(|s| s.done()) {
+            step(&backbone, &mut sequences).unwrap();
+        }
+        for (i, (sequence, alone)) in sequences.into_iter().zip(&alone).enumerate() {
+            assert_eq!(&sequence.into_generation().unwrap(), alone, "{name}: text {i}");
+        }
+        assert_eq!(alone[3].tokens.len(), 2);
     }
 }
 
