@@ -1,5 +1,6 @@
 //! `softprompt generate`: continue texts with a decoder, optionally behind an adapter's prompt,
-//! streaming the tokens to the terminal as they come.
+//! streaming one text's tokens to the terminal as they come; several texts are written together
+//! (a token for all of them a step) and printed in order.
 
 use crate::args::{template, unescaped, ModelArgs};
 use crate::output::emit;
@@ -8,7 +9,7 @@ use clap::Args;
 use serde::Serialize;
 use softprompt::adapter::Adapter;
 use softprompt::backbone::Backbone;
-use softprompt::generate::{Continuation, FinishReason, SamplingConfig};
+use softprompt::generate::{Continuation, FinishReason, Generation, SamplingConfig};
 use softprompt::prompt::Placement;
 use softprompt::template::Template;
 use std::io::Write;
@@ -24,7 +25,7 @@ pub struct GenerateArgs {
     /// A multitask adapter's task: the prompt to write with.
     #[arg(long, requires = "adapter")]
     task: Option<String>,
-    /// Texts to continue, one generation each.
+    /// Texts to continue, one generation each (several are decoded together).
     #[arg(required = true)]
     texts: Vec<String>,
     /// What each text is written into, {text} marking where [default: the adapter's template].
@@ -93,8 +94,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ),
     };
     let continuation = Continuation::new(&model, &prompt, placement, template)?;
-    let mut stdout = std::io::stdout().lock();
-    for text in &args.texts {
+    // a text's --json line, or `shown` of it
+    let print = |text: &str, generated: &Generation, shown: &str| {
+        let written = Written {
+            input: text,
+            text: &generated.text,
+            tokens: &generated.tokens,
+            finish: generated.finish,
+        };
+        emit(args.json, &written, shown)
+    };
+    if let [text] = args.texts.as_slice() {
+        let mut stdout = std::io::stdout().lock();
         let mut stream = |piece: &str| {
             if !args.json {
                 let _ = write!(stdout, "{piece}");
@@ -103,14 +114,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             true
         };
         let generated = continuation.write(&model, text, &config, &mut stream)?;
-        let written = Written {
-            input: text,
-            text: &generated.text,
-            tokens: &generated.tokens,
-            finish: generated.finish,
-        };
         // the text itself was streamed as it came
-        emit(args.json, &written, "\n")?;
+        return print(text, &generated, "\n");
+    }
+    for (text, generated) in args
+        .texts
+        .iter()
+        .zip(continuation.write_all(&model, &args.texts, &config)?)
+    {
+        print(text, &generated, &format!("{}\n", generated.text))?;
     }
     Ok(())
 }

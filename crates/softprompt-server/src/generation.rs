@@ -1,10 +1,10 @@
-//! `POST /v1/generate`: one request, one decoding loop on a blocking thread, starting from the
-//! adapter's prefix cache (its prompt was read when it was loaded). With `"stream": true` the text
-//! comes as server-sent events while it is written; a client that goes away stops the loop.
+//! `POST /v1/generate`: the request's text joins the decoding batch (`decoding`), starting from
+//! the adapter's prefix cache (its prompt was read when it was loaded). With `"stream": true` the
+//! text comes as server-sent events while it is written; a client that goes away stops its row.
 //!
-//! Generation is not batched across requests: each decodes at batch 1, bounded by the same
-//! request slots as classification and by `max_new_tokens`. A decode stops at the next token once
-//! its answer is no longer awaited: past the request timeout, or when the client goes away.
+//! Requests are bounded by the same request slots as classification and by `max_new_tokens`. A
+//! row stops at the next token once its answer is no longer awaited: past the request timeout,
+//! or when the client goes away.
 //! An input longer than the model's room is refused, not cut: the model continues the end of
 //! a text, and cutting that end would continue a text the user never wrote.
 
@@ -16,12 +16,12 @@ use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use softprompt::generate::{generate, SamplingConfig};
+use crate::decoding::Job;
+use softprompt::generate::SamplingConfig;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::mpsc::error::TrySendError;
+use std::time::Instant;
 
 pub(crate) async fn generate_text(
     State(state): State<AppState>,
@@ -66,71 +66,60 @@ pub(crate) async fn generate_text(
             "the input has more than {room} tokens, and generation continues the end of a text, so it is not cut: shorten it"
         )));
     };
-    let ids = encoded.ids;
-    let slot = state.slot()?;
-    let registry = state.registry.clone();
-    let abandoned = Abandoned::default();
-    let stop = abandoned.flag.clone();
-    let run = move |on_text: &mut dyn FnMut(&str) -> bool| {
-        let _slot = slot;
-        let model = &registry.model;
-        generate(
-            &model.backbone,
-            &registry.encoder,
-            &generator.prefix,
-            &ids,
-            &model.eos_token_ids,
-            &config,
-            on_text,
-        )
+    let (slot, timeout) = (state.slot()?, state.config.request_timeout);
+    let (done, answer) = tokio::sync::oneshot::channel();
+    let job = |on_text| Job {
+        prefix: generator.prefix.clone(),
+        ids: encoded.ids,
+        config,
+        on_text,
+        done,
+        slot,
     };
     if !request.stream {
-        let work = tokio::task::spawn_blocking(move || run(&mut |_| !stop.load(Ordering::Relaxed)));
-        // dropped when the answer is no longer awaited (timeout, client gone): the decode stops
+        let abandoned = Abandoned::default();
+        let stop = abandoned.flag.clone();
+        state
+            .decoding
+            .submit(job(Box::new(move |_| !stop.load(Ordering::Relaxed))))?;
+        // dropped when the answer is no longer awaited (timeout, client gone): the row stops
         let _abandoned = abandoned;
-        let generated = tokio::time::timeout(state.config.request_timeout, work)
+        let generated = tokio::time::timeout(timeout, answer)
             .await
             .map_err(|_| state.timed_out())?
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+            .map_err(|_| ApiError::Internal("the decoding thread has stopped".into()))??;
         return Ok(Json::<GenerateResponse>(generated).into_response());
     }
-    let (events, receiver) = tokio::sync::mpsc::channel::<Event>(64);
-    // a stream is bounded by the request timeout too: a client that stays connected but stops
-    // reading fills the channel, and the decode gives its slot back at the deadline
-    let timeout = state.config.request_timeout;
+    // Unbounded, yet bounded by max_new_tokens: a client that stays connected but stops reading
+    // must not hold back the other rows of the batch. A stream ends at the request timeout too.
+    let (events, receiver) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let deadline = Instant::now() + timeout;
-    tokio::task::spawn_blocking(move || {
-        let send = |event: Event| loop {
-            match events.try_send(event.clone()) {
-                Ok(()) => return true,
-                Err(TrySendError::Closed(_)) => return false,
-                Err(TrySendError::Full(_)) if Instant::now() >= deadline => return false,
-                Err(TrySendError::Full(_)) => std::thread::sleep(Duration::from_millis(5)),
-            }
+    let pieces = events.clone();
+    state.decoding.submit(job(Box::new(move |piece: &str| {
+        if Instant::now() >= deadline || pieces.is_closed() {
+            return false;
+        }
+        if piece.is_empty() {
+            return true;
+        }
+        let piece = TextPiece {
+            text: piece.to_string(),
         };
-        let result = run(&mut |piece| {
-            if Instant::now() >= deadline || events.is_closed() {
-                return false;
-            }
-            if piece.is_empty() {
-                return true;
-            }
-            let piece = TextPiece {
-                text: piece.to_string(),
-            };
-            send(Event::default().json_data(piece).expect("JSON"))
-        });
-        let last = match result {
-            Ok(_) if Instant::now() >= deadline => {
-                error_event(ApiError::Timeout(timeout.as_millis()))
-            }
-            Ok(generated) => Event::default()
+        pieces
+            .send(Event::default().json_data(piece).expect("JSON"))
+            .is_ok()
+    })))?;
+    tokio::spawn(async move {
+        let last = match answer.await {
+            Ok(Ok(_)) if Instant::now() >= deadline => error_event(ApiError::Timeout(timeout.as_millis())),
+            Ok(Ok(generated)) => Event::default()
                 .event("done")
                 .json_data(generated)
                 .expect("JSON"),
-            Err(e) => error_event(ApiError::from(e)),
+            Ok(Err(e)) => error_event(e),
+            Err(_) => error_event(ApiError::Internal("the decoding thread has stopped".into())),
         };
-        send(last);
+        let _ = events.send(last);
     });
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! `connections` accepts them (header-read timeout, bounded drain at shutdown). `generation`
-//! answers /v1/generate (one decoding loop per request, from the adapter's prefix cache). `api`
+//! answers /v1/generate, whose texts `decoding` writes together, a token for all of them a step
+//! (each from its adapter's prefix cache). `api`
 //! holds the request and response bodies (`body` reads them), `error` the errors and their HTTP
 //! statuses, `state` what handlers share, `registry` the adapters by name (loaded and unloaded
 //! while serving), `config` the limits, `metrics` what /metrics reports.
@@ -20,6 +21,7 @@ mod body;
 mod classify;
 pub mod config;
 mod connections;
+mod decoding;
 pub mod error;
 mod generation;
 pub mod metrics;

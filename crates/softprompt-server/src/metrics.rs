@@ -15,6 +15,8 @@ pub struct Metrics {
     /// jobs queued and not yet in a batch
     pub queue_depth: IntGauge,
     pub adapters: IntGauge,
+    /// rows of each decoding step: its count is the steps, its sum the tokens decoded
+    pub generation_step_rows: Histogram,
 }
 
 impl Metrics {
@@ -56,6 +58,14 @@ impl Metrics {
             .expect("valid metric");
         let adapters =
             IntGauge::new("softprompt_adapters", "Adapters loaded").expect("valid metric");
+        let generation_step_rows = Histogram::with_opts(
+            HistogramOpts::new(
+                "softprompt_generation_step_rows",
+                "Texts decoded together in one step (one token each, one backbone pass)",
+            )
+            .buckets(exponential_buckets(1.0, 2.0, 10).expect("valid buckets")),
+        )
+        .expect("valid metric");
         for metric in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -63,6 +73,7 @@ impl Metrics {
             Box::new(batch_seconds.clone()),
             Box::new(queue_depth.clone()),
             Box::new(adapters.clone()),
+            Box::new(generation_step_rows.clone()),
         ] {
             registry.register(metric).expect("metric names are unique");
         }
@@ -74,6 +85,7 @@ impl Metrics {
             batch_seconds,
             queue_depth,
             adapters,
+            generation_step_rows,
         }
     }
 

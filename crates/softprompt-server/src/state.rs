@@ -3,6 +3,7 @@
 
 use crate::batcher::{Batcher, BatcherConfig};
 use crate::config::{Overlong, ServerConfig};
+use crate::decoding::Decoding;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -16,6 +17,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub batcher: Arc<Batcher>,
+    /// where /v1/generate's texts join the decoding batch
+    pub decoding: Arc<Decoding>,
     pub metrics: Arc<Metrics>,
     pub config: Arc<ServerConfig>,
     /// one permit per request being handled
@@ -27,8 +30,11 @@ impl AppState {
     pub fn new(model: Model, config: ServerConfig) -> softprompt::Result<Self> {
         config.validate()?;
         let model = Arc::new(model);
-        let registry =
-            Registry::open(model.clone(), &config.adapter_dirs, config.max_input_tokens)?;
+        let registry = Arc::new(Registry::open(
+            model.clone(),
+            &config.adapter_dirs,
+            config.max_input_tokens,
+        )?);
         let metrics = Arc::new(Metrics::new());
         metrics.adapters.set(registry.len() as i64);
         let batcher = Batcher::start(
@@ -41,7 +47,12 @@ impl AppState {
             metrics.clone(),
         );
         Ok(Self {
-            registry: Arc::new(registry),
+            decoding: Arc::new(Decoding::start(
+                registry.clone(),
+                metrics.clone(),
+                config.max_wait,
+            )),
+            registry,
             batcher: Arc::new(batcher),
             metrics,
             slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),

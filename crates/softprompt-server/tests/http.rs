@@ -581,6 +581,95 @@ fn decoder_and_adapters(dir: &Path) -> (PathBuf, PathBuf) {
     (model, adapters)
 }
 
+/// Concurrent /v1/generate requests for three adapters (a prompt, PEFT's prefix, a prompt with a
+/// template) and two sampling options decode together, a token for all of them a step, and each
+/// writes what it writes alone.
+#[test]
+fn concurrent_generations_decode_together_each_as_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model_dir, adapters) = decoder_and_adapters(tmp.path());
+    let prefixed =
+        Adapter::load(&fixtures().join("peft-tiny-prefix-gpt2"), 16, &Device::Cpu).unwrap();
+    prefixed.save(&adapters.join("prefixed")).unwrap();
+    let address = start_with(&model_dir, config(&adapters, Duration::from_millis(300)));
+    let requests: Vec<Value> = (0..8)
+        .map(|i| {
+            let adapter = ["writer", "prefixed", "critic"][i % 3];
+            let input = ["a good movie", "the plot was dull", "i love this film", "bad"][i % 4];
+            let temperature = [0.0, 0.8][i % 2];
+            json!({
+                "adapter": adapter,
+                "input": input,
+                "max_new_tokens": 4 + i,
+                "temperature": temperature,
+                "seed": i,
+            })
+        })
+        .collect();
+    let steps_before = metric(&address, "softprompt_generation_step_rows_count");
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let address = &address;
+                scope.spawn(move || http(address, "POST", "/v1/generate", Some(&r.to_string())))
+            })
+            .collect();
+        let answers = handles.into_iter().map(|h| h.join().unwrap());
+        answers
+            .map(|(status, body)| {
+                assert_eq!(status, 200, "{body}");
+                body
+            })
+            .collect()
+    });
+    let steps = metric(&address, "softprompt_generation_step_rows_count") - steps_before;
+    let tokens: u64 = answers.iter().map(|a| a["tokens"].as_array().unwrap().len() as u64).sum();
+    assert!(steps < tokens, "{tokens} tokens in {steps} steps: nothing was decoded together");
+
+    let model = Model::load(&model_dir, DType::F32, &Device::Cpu).unwrap();
+    for (request, answer) in requests.iter().zip(&answers) {
+        let adapter = Adapter::load(
+            &adapters.join(request["adapter"].as_str().unwrap()),
+            16,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let alone = softprompt::generate::Continuation::new(
+            &model,
+            &adapter.prompt,
+            adapter.method.placement(),
+            adapter.template.clone(),
+        )
+        .unwrap()
+        .write(
+            &model,
+            request["input"].as_str().unwrap(),
+            &softprompt::generate::SamplingConfig {
+                max_new_tokens: request["max_new_tokens"].as_u64().unwrap() as usize,
+                temperature: request["temperature"].as_f64().unwrap(),
+                seed: request["seed"].as_u64().unwrap(),
+                ..Default::default()
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+        assert_eq!(answer["tokens"], json!(alone.tokens), "{request}");
+        assert_eq!(answer["text"], json!(alone.text), "{request}");
+    }
+}
+
+/// A counter or histogram sum of /metrics.
+fn metric(address: &str, name: &str) -> u64 {
+    let (_, metrics) = http(address, "GET", "/metrics", None);
+    metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
 #[test]
 fn generation_over_http_plain_and_streamed() {
     let tmp = tempfile::tempdir().unwrap();

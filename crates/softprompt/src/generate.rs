@@ -400,8 +400,7 @@ impl Continuation {
         })
     }
 
-    /// `text` written into the template and continued (`generate`). Generation continues the
-    /// end of a text, so a text too long for the model is refused, not cut.
+    /// `text` written into the template and continued (`generate`).
     pub fn write(
         &self,
         model: &Model,
@@ -409,6 +408,36 @@ impl Continuation {
         config: &SamplingConfig,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> crate::Result<Generation> {
+        let ids = self.encode(text)?;
+        let eos = &model.eos_token_ids;
+        generate(&model.backbone, &self.encoder, &self.prefix, &ids, eos, config, on_text)
+    }
+
+    /// Every text continued at once, a token for all of them a step (`step`): each gets what
+    /// `write` gives it alone.
+    pub fn write_all(
+        &self,
+        model: &Model,
+        texts: &[String],
+        config: &SamplingConfig,
+    ) -> crate::Result<Vec<Generation>> {
+        let mut sequences = Vec::with_capacity(texts.len());
+        for text in texts {
+            let ids = self.encode(text)?;
+            let writer = Writer::text(&self.encoder, config, Box::new(|_| true));
+            let eos = &model.eos_token_ids;
+            let backbone = &model.backbone;
+            sequences.push(Sequence::start(backbone, &self.prefix, &ids, eos, config, writer)?);
+        }
+        while !sequences.iter_mut().all(|s| s.done()) {
+            step(&model.backbone, &mut sequences)?;
+        }
+        sequences.into_iter().map(Sequence::into_generation).collect()
+    }
+
+    /// `text` written into the template and tokenized. Generation continues the end of a text,
+    /// so a text too long for the model is refused, not cut.
+    fn encode(&self, text: &str) -> crate::Result<Vec<u32>> {
         if text.trim().is_empty() {
             bail!("a text to continue is empty");
         }
@@ -420,17 +449,7 @@ impl Continuation {
         if truncated {
             bail!("the text has more than {room} tokens, and generation continues the end of a text, so it is not cut: shorten it");
         }
-        let eos = &model.eos_token_ids;
-        let (backbone, encoder) = (&model.backbone, &self.encoder);
-        generate(
-            backbone,
-            encoder,
-            &self.prefix,
-            &encoded.ids,
-            eos,
-            config,
-            on_text,
-        )
+        Ok(encoded.ids)
     }
 }
 

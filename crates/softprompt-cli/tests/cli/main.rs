@@ -1144,16 +1144,18 @@ fn causal_lm_writes_targets(method: &[&'static str]) {
         (left_loss - token_loss).abs() < 1e-5,
         "left padding scores as right padding does: {left} vs {eval}"
     );
-    ok(&[
-        "generate",
-        "--model",
-        &model,
-        "--adapter",
-        &out,
-        "the good movie",
-        "--max-new-tokens",
-        "3",
-    ]);
+    // several texts are written together, each as it is written alone
+    let generate = |texts: &[&str]| {
+        let args = ["generate", "--model", &model, "--adapter", &out, "--json"];
+        let args = [&args[..], &["--max-new-tokens", "3"], texts].concat();
+        ok(&args)
+    };
+    let texts = ["the good movie", "a dull and boring plot film"];
+    let together = generate(&texts);
+    assert_eq!(together.lines().count(), 2, "{together}");
+    for (line, text) in together.lines().zip(texts) {
+        assert_eq!(line, generate(&[text]).trim_end(), "{text}");
+    }
     fails_with(
         &[
             "predict",
