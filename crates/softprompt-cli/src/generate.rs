@@ -117,10 +117,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         // the text itself was streamed as it came
         return print(text, &generated, "\n");
     }
-    for (text, generated) in args
-        .texts
-        .iter()
-        .zip(continuation.write_all(&model, &args.texts, &config)?)
+    for (text, generated) in
+        args.texts
+            .iter()
+            .zip(continuation.write_all(&model, &args.texts, &config)?)
     {
         print(text, &generated, &format!("{}\n", generated.text))?;
     }

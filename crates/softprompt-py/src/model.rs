@@ -491,7 +491,13 @@ impl Model {
         };
         config.validate().map_err(crate::error)?;
         let adapter = match adapter {
-            Some(a) => Some(a.get().inner.for_task(task).map_err(crate::error)?.into_owned()),
+            Some(a) => Some(
+                a.get()
+                    .inner
+                    .for_task(task)
+                    .map_err(crate::error)?
+                    .into_owned(),
+            ),
             None => None,
         };
         let template = match self::template(template)? {

@@ -116,7 +116,10 @@ fn decode(registry: &Registry, metrics: &Metrics, waiting: &Receiver<Job>, max_w
         }
         for i in (0..rows.len()).rev() {
             if rows[i].done() {
-                let answer = rows.swap_remove(i).into_generation().map_err(ApiError::from);
+                let answer = rows
+                    .swap_remove(i)
+                    .into_generation()
+                    .map_err(ApiError::from);
                 let _ = owners.swap_remove(i).done.send(answer);
             }
         }

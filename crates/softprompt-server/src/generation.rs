@@ -9,6 +9,7 @@
 //! a text, and cutting that end would continue a text the user never wrote.
 
 use crate::api::{ErrorBody, GenerateRequest, GenerateResponse, TextPiece};
+use crate::decoding::Job;
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::body::Body;
@@ -16,7 +17,6 @@ use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use crate::decoding::Job;
 use softprompt::generate::SamplingConfig;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,7 +111,9 @@ pub(crate) async fn generate_text(
     })))?;
     tokio::spawn(async move {
         let last = match answer.await {
-            Ok(Ok(_)) if Instant::now() >= deadline => error_event(ApiError::Timeout(timeout.as_millis())),
+            Ok(Ok(_)) if Instant::now() >= deadline => {
+                error_event(ApiError::Timeout(timeout.as_millis()))
+            }
             Ok(Ok(generated)) => Event::default()
                 .event("done")
                 .json_data(generated)

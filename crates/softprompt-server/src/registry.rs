@@ -267,7 +267,10 @@ impl Registry {
                 self.encoder.max_tokens()
             );
         }
-        let tasks = adapter.tasks.as_ref().map_or(Vec::new(), |t| t.names.clone());
+        let tasks = adapter
+            .tasks
+            .as_ref()
+            .map_or(Vec::new(), |t| t.names.clone());
         let served = match tasks.is_empty() {
             true => vec![self.serve(adapter)?],
             false => tasks

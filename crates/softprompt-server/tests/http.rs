@@ -325,10 +325,7 @@ fn a_mixed_batch_answers_each_request_as_alone() {
 }
 
 /// Sends all requests at once, one thread each → (answers in order, batches they took).
-fn send_concurrently(
-    address: &str,
-    requests: &[(&str, Option<&str>, &str)],
-) -> (Vec<Value>, u64) {
+fn send_concurrently(address: &str, requests: &[(&str, Option<&str>, &str)]) -> (Vec<Value>, u64) {
     let batches_before = batches(address);
     let answers = std::thread::scope(|scope| {
         let handles: Vec<_> = requests
@@ -595,7 +592,12 @@ fn concurrent_generations_decode_together_each_as_alone() {
     let requests: Vec<Value> = (0..8)
         .map(|i| {
             let adapter = ["writer", "prefixed", "critic"][i % 3];
-            let input = ["a good movie", "the plot was dull", "i love this film", "bad"][i % 4];
+            let input = [
+                "a good movie",
+                "the plot was dull",
+                "i love this film",
+                "bad",
+            ][i % 4];
             let temperature = [0.0, 0.8][i % 2];
             json!({
                 "adapter": adapter,
@@ -624,8 +626,14 @@ fn concurrent_generations_decode_together_each_as_alone() {
             .collect()
     });
     let steps = metric(&address, "softprompt_generation_step_rows_count") - steps_before;
-    let tokens: u64 = answers.iter().map(|a| a["tokens"].as_array().unwrap().len() as u64).sum();
-    assert!(steps < tokens, "{tokens} tokens in {steps} steps: nothing was decoded together");
+    let tokens: u64 = answers
+        .iter()
+        .map(|a| a["tokens"].as_array().unwrap().len() as u64)
+        .sum();
+    assert!(
+        steps < tokens,
+        "{tokens} tokens in {steps} steps: nothing was decoded together"
+    );
 
     let model = Model::load(&model_dir, DType::F32, &Device::Cpu).unwrap();
     for (request, answer) in requests.iter().zip(&answers) {

@@ -16,8 +16,8 @@
 
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
-use crate::files::{load_tensors, save_tensors, write_atomic};
 use crate::data::listing;
+use crate::files::{load_tensors, save_tensors, write_atomic};
 use crate::prompt::{Placement, TaskFactors};
 use crate::prompt_encoder::Method;
 use crate::task::classify::Pool;
@@ -252,9 +252,9 @@ impl Adapter {
         let task = task.with_context(|| {
             format!("the adapter is a multitask prompt: name one of its tasks ({names})")
         })?;
-        let t = factors.id(task).with_context(|| {
-            format!("the adapter has no task {task:?} (its tasks: {names})")
-        })?;
+        let t = factors
+            .id(task)
+            .with_context(|| format!("the adapter has no task {task:?} (its tasks: {names})"))?;
         Ok(Cow::Owned(Adapter {
             prompt: factors.prompts(&self.prompt)?.get(t)?,
             tasks: None,
@@ -380,7 +380,10 @@ impl Adapter {
                     cols: take(TASK_COLS_KEY)?,
                     rows: take(TASK_ROWS_KEY)?,
                 };
-                Some(task_factors(factors, names, m, hidden, config.num_tasks).with_context(|| format!("adapter {at}"))?)
+                Some(
+                    task_factors(factors, names, m, hidden, config.num_tasks)
+                        .with_context(|| format!("adapter {at}"))?,
+                )
             }
             _ => None,
         };
@@ -489,7 +492,10 @@ fn task_factors(
     }
     let n = cols[0];
     if num_tasks.is_some_and(|t| t != n) {
-        bail!("num_tasks is {}, but the factors hold {n} tasks", num_tasks.unwrap_or(0));
+        bail!(
+            "num_tasks is {}, but the factors hold {n} tasks",
+            num_tasks.unwrap_or(0)
+        );
     }
     let names = names.unwrap_or_else(|| (0..n).map(|t| t.to_string()).collect());
     if names.len() != n {

@@ -410,7 +410,15 @@ impl Continuation {
     ) -> crate::Result<Generation> {
         let ids = self.encode(text)?;
         let eos = &model.eos_token_ids;
-        generate(&model.backbone, &self.encoder, &self.prefix, &ids, eos, config, on_text)
+        generate(
+            &model.backbone,
+            &self.encoder,
+            &self.prefix,
+            &ids,
+            eos,
+            config,
+            on_text,
+        )
     }
 
     /// Every text continued at once, a token for all of them a step (`step`): each gets what
@@ -427,12 +435,22 @@ impl Continuation {
             let writer = Writer::text(&self.encoder, config, Box::new(|_| true));
             let eos = &model.eos_token_ids;
             let backbone = &model.backbone;
-            sequences.push(Sequence::start(backbone, &self.prefix, &ids, eos, config, writer)?);
+            sequences.push(Sequence::start(
+                backbone,
+                &self.prefix,
+                &ids,
+                eos,
+                config,
+                writer,
+            )?);
         }
         while !sequences.iter_mut().all(|s| s.done()) {
             step(&model.backbone, &mut sequences)?;
         }
-        sequences.into_iter().map(Sequence::into_generation).collect()
+        sequences
+            .into_iter()
+            .map(Sequence::into_generation)
+            .collect()
     }
 
     /// `text` written into the template and tokenized. Generation continues the end of a text,

@@ -39,7 +39,14 @@ pub enum Method {
     Prefix,
     Multitask,
 }
-named_choice!(Method, "prompt", "p-tuning", "residual", "prefix", "multitask");
+named_choice!(
+    Method,
+    "prompt",
+    "p-tuning",
+    "residual",
+    "prefix",
+    "multitask"
+);
 
 impl Method {
     /// Where the prompt this method computes enters the backbone.
@@ -219,7 +226,9 @@ impl PromptEncoder {
         let rng = &mut Init { rng, device };
         let network = match (method, encoder) {
             (Method::Prompt, _) => bail!("--method prompt has no encoder"),
-            (Method::Multitask, _) => bail!("a multitask prompt is made by PromptEncoder::multitask"),
+            (Method::Multitask, _) => {
+                bail!("a multitask prompt is made by PromptEncoder::multitask")
+            }
             (Method::PTuning, EncoderKind::Mlp) => Network::Mlp([
                 Dense::init(d, hidden, dtype, rng)?,
                 Dense::init(hidden, hidden, dtype, rng)?,

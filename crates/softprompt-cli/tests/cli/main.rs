@@ -441,7 +441,14 @@ fn ctrl_c_checkpoints_at_its_step_and_resume_continues_exactly() {
         ],
         &["--method", "residual", "--encoder-hidden-size", "8"],
         &["--method", "prefix", "--encoder-hidden-size", "8"],
-        &["--method", "multitask", "--task-column", "task", "--task-rank", "2"],
+        &[
+            "--method",
+            "multitask",
+            "--task-column",
+            "task",
+            "--task-rank",
+            "2",
+        ],
     ];
     for method in methods {
         ctrl_c_then_resume(method);
@@ -657,7 +664,10 @@ fn a_multitask_prompt_serves_each_task_of_its_column() {
     let read = |file: &str| std::fs::read_to_string(Path::new(&out).join(file)).unwrap();
     let config: serde_json::Value = serde_json::from_str(&read("adapter_config.json")).unwrap();
     assert_eq!(config["peft_type"], "MULTITASK_PROMPT_TUNING", "{config}");
-    assert_eq!((config["num_tasks"].as_u64(), config["num_ranks"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(
+        (config["num_tasks"].as_u64(), config["num_ranks"].as_u64()),
+        (Some(2), Some(2))
+    );
     let extra: serde_json::Value = serde_json::from_str(&read("softprompt.json")).unwrap();
     assert_eq!(extra["tasks"], serde_json::json!(["x", "y"]), "{extra}");
     let (tensors, _) = softprompt::files::load_tensors(
@@ -672,9 +682,14 @@ fn a_multitask_prompt_serves_each_task_of_its_column() {
     // each task's dev rows with its own prompt: together, what training scored the kept adapter
     let best = read("metrics.jsonl")
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev_accuracy"].as_f64())
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["dev_accuracy"].as_f64()
+        })
         .fold(0.0, f64::max);
-    assert!(best >= 0.75, "the toy task is separable: best dev accuracy {best}");
+    assert!(
+        best >= 0.75,
+        "the toy task is separable: best dev accuracy {best}"
+    );
     let dev_rows = std::fs::read_to_string(&dev).unwrap();
     let mut correct = 0.0;
     for task in ["x", "y"] {
@@ -685,24 +700,51 @@ fn a_multitask_prompt_serves_each_task_of_its_column() {
         let file = dir.join(format!("dev_{task}.jsonl"));
         std::fs::write(&file, own.join("\n")).unwrap();
         let file = file.display().to_string();
-        let args = ["eval", "--model", &model, "--adapter", &out, "--data", &file, "--json"];
+        let args = [
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &out,
+            "--data",
+            &file,
+            "--json",
+        ];
         let args = [&args[..], &["--task", task]].concat();
         let report: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
         correct += report["accuracy"].as_f64().unwrap() * own.len() as f64;
     }
-    assert!((correct / 8.0 - best).abs() < 1e-9, "{correct} of 8 right, training's best {best}");
+    assert!(
+        (correct / 8.0 - best).abs() < 1e-9,
+        "{correct} of 8 right, training's best {best}"
+    );
     let eval = ["eval", "--model", &model, "--adapter", &out, "--data", &dev];
     fails_with(&eval, &["multitask prompt", "name one of its tasks (x, y)"]);
     let unknown_task = [&eval[..], &["--task", "z"]].concat();
     fails_with(&unknown_task, &["no task \"z\" (its tasks: x, y)"]);
     let predicted = ok(&[
-        "predict", "--model", &model, "--adapter", &out, "--task", "y", "a good film",
+        "predict",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--task",
+        "y",
+        "a good film",
     ]);
     assert!(predicted.contains("positive"), "{predicted}");
     let inspected = run(&["inspect", "--model", &model, "--adapter", &out]);
     assert_eq!(stdout(&inspected).lines().count(), 4);
     assert!(stderr(&inspected).contains("the prompt its tasks x, y share"));
-    let one = ok(&["inspect", "--model", &model, "--adapter", &out, "--task", "x"]);
+    let one = ok(&[
+        "inspect",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--task",
+        "x",
+    ]);
     assert_eq!(one.lines().count(), 4);
 
     let unknown = dir.join("unknown.tsv");
@@ -730,13 +772,30 @@ fn a_multitask_prompt_serves_each_task_of_its_column() {
     causal.extend_from_slice(&["--max-steps", "6", "--eval-every", "3"]);
     ok(&train_args(&decoder, &train, &dev, &writer, &causal));
     let scored: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval", "--model", &decoder, "--adapter", &writer, "--data", &dev, "--task", "x", "--json",
+        "eval",
+        "--model",
+        &decoder,
+        "--adapter",
+        &writer,
+        "--data",
+        &dev,
+        "--task",
+        "x",
+        "--json",
     ]))
     .unwrap();
     assert_eq!(scored["examples"], 8, "{scored}");
     ok(&[
-        "generate", "--model", &decoder, "--adapter", &writer, "--task", "y", "a good film",
-        "--max-new-tokens", "2",
+        "generate",
+        "--model",
+        &decoder,
+        "--adapter",
+        &writer,
+        "--task",
+        "y",
+        "a good film",
+        "--max-new-tokens",
+        "2",
     ]);
 }
 

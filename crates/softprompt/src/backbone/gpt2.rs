@@ -354,7 +354,10 @@ impl Decoder for Gpt2 {
     fn extend_each(&self, embeds: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
         let limit = self.config.n_positions;
         if let Some(full) = caches.iter().find(|c| c.len() >= limit) {
-            candle_core::bail!("GPT-2 reads at most {limit} positions; {} asked", full.len() + 1);
+            candle_core::bail!(
+                "GPT-2 reads at most {limit} positions; {} asked",
+                full.len() + 1
+            );
         }
         let positions = KvCache::next_positions(caches, embeds.device())?;
         let x = (embeds + self.wpe.index_select(&positions.flatten_all()?, 0)?)?;

@@ -95,6 +95,22 @@ impl Weight {
                 quantized_matvec::matmul_t(blocks, x)
             }
             Weight::Bf16(w) if bf16_serves(x) => bf16_matmul::forward(&x.contiguous()?, w, None),
+            // a decode step's rows (the next-token head): W read once, not packed for gemm
+            Weight::Dense(w)
+                if x.dim(0)? <= fused_linear::FEW_ROWS
+                    && !x.track_op()
+                    && x.is_contiguous()
+                    && w.is_contiguous()
+                    && x.dtype() == w.dtype()
+                    && x.rank() == 2
+                    && x.device().is_cpu() =>
+            {
+                match x.dtype() {
+                    DType::F64 => fused_linear::forward::<f64>(x, w, None),
+                    DType::F32 => fused_linear::forward::<f32>(x, w, None),
+                    _ => x.matmul(&w.t()?),
+                }
+            }
             _ => x.matmul(&self.dense()?.t()?),
         }
     }

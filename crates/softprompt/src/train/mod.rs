@@ -206,8 +206,7 @@ impl Run<'_> {
             (Method::Multitask, Some(_)) | (_, None) => {}
             (_, Some(_)) => bail!("--task-column is for --method multitask"),
         }
-        let (train_set, names) =
-            load_set(&data.train, &data.columns, None, &encoder, config, eos)?;
+        let (train_set, names) = load_set(&data.train, &data.columns, None, &encoder, config, eos)?;
         let (label_names, task_names) = (names.labels.clone(), names.tasks.clone());
         if config.task != TaskKind::CausalLm && label_names.len() < 2 {
             bail!(

@@ -10,7 +10,8 @@ use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, KvCache};
 use softprompt::generate::{
-    generate, prefix_cache, sample, step, FinishReason, Generation, SamplingConfig, Sequence, Writer,
+    generate, prefix_cache, sample, step, FinishReason, Generation, SamplingConfig, Sequence,
+    Writer,
 };
 use softprompt::model::Model;
 use softprompt::prompt::Placement;
@@ -75,7 +76,9 @@ fn extending_many_caches_at_once_equals_each_alone() {
             .enumerate()
             .map(|(i, &n)| {
                 let mut cache = KvCache::default();
-                decoder.extend(&randn(&[n, 16], 10 + i as u64), &mut cache).unwrap();
+                decoder
+                    .extend(&randn(&[n, 16], 10 + i as u64), &mut cache)
+                    .unwrap();
                 cache
             })
             .collect();
@@ -85,13 +88,18 @@ fn extending_many_caches_at_once_equals_each_alone() {
             .enumerate()
             .map(|(b, cache)| {
                 let mut cache = cache.clone();
-                decoder.extend(&next.narrow(0, b, 1).unwrap(), &mut cache).unwrap()
+                decoder
+                    .extend(&next.narrow(0, b, 1).unwrap(), &mut cache)
+                    .unwrap()
             })
             .collect();
         let together = decoder.extend_each(&next, &mut caches).unwrap();
         let diff = max_abs_diff(&together, &Tensor::cat(&alone, 0).unwrap());
         assert!(diff < 1e-10, "{name}: rows differ from alone by {diff:e}");
-        assert_eq!(caches.iter().map(KvCache::len).collect::<Vec<_>>(), [3, 6, 2]);
+        assert_eq!(
+            caches.iter().map(KvCache::len).collect::<Vec<_>>(),
+            [3, 6, 2]
+        );
     }
 }
 
@@ -110,8 +118,12 @@ fn a_batch_of_sequences_writes_what_each_writes_alone() {
         let prefixes = [
             prefix_cache(&backbone, &randn(&[0, 16], 1), Placement::Embeddings).unwrap(),
             prefix_cache(&backbone, &randn(&[3, 16], 5), Placement::Embeddings).unwrap(),
-            prefix_cache(&backbone, &randn(&[2, shape.prefix_width()], 6), Placement::Prefix)
-                .unwrap(),
+            prefix_cache(
+                &backbone,
+                &randn(&[2, shape.prefix_width()], 6),
+                Placement::Prefix,
+            )
+            .unwrap(),
         ];
         let greedy = SamplingConfig {
             max_new_tokens: 9,
@@ -153,7 +165,11 @@ fn a_batch_of_sequences_writes_what_each_writes_alone() {
             step(&backbone, &mut sequences).unwrap();
         }
         for (i, (sequence, alone)) in sequences.into_iter().zip(&alone).enumerate() {
-            assert_eq!(&sequence.into_generation().unwrap(), alone, "{name}: text {i}");
+            assert_eq!(
+                &sequence.into_generation().unwrap(),
+                alone,
+                "{name}: text {i}"
+            );
         }
         assert_eq!(alone[3].tokens.len(), 2);
     }

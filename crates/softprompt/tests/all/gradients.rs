@@ -103,13 +103,23 @@ fn linear_backward_matches_finite_differences() {
     });
 }
 
-/// The fused CPU products (straight into gemm, the bias first) equal candle's matmul and add.
+/// The fused CPU products (straight into gemm, the bias first; a few rows, a decode step's, read
+/// W once) equal candle's matmul and add, whole 16-lane pieces of a row or not, in groups of four
+/// rows or not; and the next-token head's few rows too (`Weight::apply`).
 #[test]
 fn fused_linear_matches_composed() {
-    for bias in [Some(randn(&[70], 2)), None] {
-        let lin = Linear::new(randn(&[70, 33], 1), bias);
-        let x = randn(&[41, 33], 3);
-        let dy = randn(&[41, 70], 4);
+    let cases = [(41, 33), (16, 64), (5, 33), (1, 70), (3, 16)];
+    for ((rows, inner), bias) in cases.into_iter().flat_map(|c| [(c, true), (c, false)]) {
+        let bias = bias.then(|| randn(&[70], 2));
+        let lin = Linear::new(randn(&[70, inner], 1), bias);
+        let x = randn(&[rows, inner], 3);
+        let dy = randn(&[rows, 70], 4);
+        let head = softprompt::kernels::Weight::Dense(randn(&[70, inner], 1));
+        let applied = crate::max_abs_diff(
+            &head.apply(&x).unwrap(),
+            &x.matmul(&randn(&[70, inner], 1).t().unwrap()).unwrap(),
+        );
+        assert!(applied < 1e-12, "head, {rows} rows: {applied:e}");
         let forward = crate::max_abs_diff(
             &lin.forward(&x).unwrap(),
             &with_composed(|| lin.forward(&x).unwrap()),
@@ -300,7 +310,12 @@ fn computing_only_the_rows_the_head_reads_changes_no_loss_or_gradient() {
                 .backward(&head.d_hidden, activations, None)
                 .unwrap();
             // the trainer hands the prompt's gradient over in f32: its rounding, no more
-            let prompt_gradient = model.prompt.current().unwrap().gradient(&d_embeds, None).unwrap();
+            let prompt_gradient = model
+                .prompt
+                .current()
+                .unwrap()
+                .gradient(&d_embeds, None)
+                .unwrap();
             let rounding = 1e-7
                 * crate::max_abs_diff(&prompt_gradient, &prompt_gradient.zeros_like().unwrap());
             let mut every_row = vec![(prompt_gradient, rounding)];
@@ -687,9 +702,15 @@ fn multitask_gradients_match_finite_differences_and_rows_read_their_task() {
             model.loss_and_grads(&one).unwrap().0 / 3.0
         })
         .sum();
-    assert!((loss - alone).abs() < 1e-10, "{loss} batched, {alone} row by row");
+    assert!(
+        (loss - alone).abs() < 1e-10,
+        "{loss} batched, {alone} row by row"
+    );
     let unused = grads[1].get(1).unwrap();
-    assert_eq!(crate::max_abs_diff(&unused, &unused.zeros_like().unwrap()), 0.0);
+    assert_eq!(
+        crate::max_abs_diff(&unused, &unused.zeros_like().unwrap()),
+        0.0
+    );
     check_every_param(&model, &batch, "multitask");
 }
 

@@ -45,9 +45,15 @@ fn peft_written_multitask_adapter_gives_peft_logits_for_every_task() {
     assert_eq!(tasks.names, ["0", "1", "2"], "PEFT's task ids");
     let model = Model::load(&fixtures().join("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
     let unnamed = LoadedAdapter::new(&model, &adapter).err().unwrap().chain();
-    assert!(unnamed.contains("name one of its tasks (0, 1, 2)"), "{unnamed}");
+    assert!(
+        unnamed.contains("name one of its tasks (0, 1, 2)"),
+        "{unnamed}"
+    );
     let unknown = adapter.for_task(Some("3")).err().unwrap().chain();
-    assert!(unknown.contains("no task \"3\" (its tasks: 0, 1, 2)"), "{unknown}");
+    assert!(
+        unknown.contains("no task \"3\" (its tasks: 0, 1, 2)"),
+        "{unknown}"
+    );
     let one = Adapter::load(&fixtures().join("peft-tiny-adapter"), 16, &Device::Cpu).unwrap();
     let named = one.for_task(Some("0")).err().unwrap().chain();
     assert!(named.contains("serves one task"), "{named}");
