@@ -10,7 +10,7 @@ RUN    := runs/movie-reviews
 VENV   := .venv-ref
 PYVENV := .venv-py
 
-.PHONY: demo test python mpi assets build fixtures interop sweep bench clean serve-bench memory-bench fuzz api-check soak
+.PHONY: demo test python packages assets build fixtures interop sweep bench clean serve-bench memory-bench fuzz api-check soak
 
 assets:
 	$(PYTHON) scripts/fetch_assets.py
@@ -27,7 +27,7 @@ demo: assets build
 
 # The Rust tests (with the `mpi` feature: `mpirun -np 2` on loopback), then the Python binding's
 # (pytest, in a venv this file builds).
-test: assets python mpi
+test: assets python packages
 	$(CARGO) test --release --features softprompt-cli/mpi
 	$(PYVENV)/bin/python -m pytest -q crates/softprompt-py/tests
 
@@ -40,9 +40,9 @@ $(PYVENV)/bin/maturin:
 python: $(PYVENV)/bin/maturin
 	PATH="$(CURDIR)/$(PYVENV)/bin:$$PATH" $(PYVENV)/bin/pip install --quiet --no-build-isolation ./crates/softprompt-py
 
-# Open MPI and libclang (rsmpi's bindings are generated at build time), from Debian's packages.
-mpi:
-	scripts/need_mpi.sh
+# Open MPI and libclang (rsmpi's bindings are generated at build time) and the plots' font, from Debian's packages.
+packages:
+	scripts/need_packages.sh
 
 # The reference side: PyTorch + transformers + peft, for fixtures and the PEFT round trip (not CI).
 $(VENV)/bin/python:

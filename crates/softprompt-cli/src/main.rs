@@ -10,6 +10,7 @@ mod generate;
 mod inspect;
 mod loadgen;
 mod output;
+mod plot;
 mod predict;
 mod ranks;
 mod serve;
@@ -56,6 +57,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Drive a running server with classify requests for many adapters; report throughput and latency.
     Loadgen(loadgen::LoadgenArgs),
+    /// Draw runs' training loss and dev accuracy against the step as a PNG (several runs overlaid).
+    Plot(plot::PlotArgs),
 }
 
 impl Command {
@@ -78,6 +81,7 @@ fn run(cli: Cli, profiler: Option<Profiler>, ranks: &dyn Collective) -> anyhow::
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Loadgen(args) => loadgen::run(args),
+        Command::Plot(args) => plot::run(args),
     }
 }
 

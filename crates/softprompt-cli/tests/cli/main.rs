@@ -799,6 +799,34 @@ fn a_multitask_prompt_serves_each_task_of_its_column() {
     ]);
 }
 
+/// `plot` draws a run's curves (two runs overlaid) as a PNG, and names what is missing.
+#[test]
+fn plot_draws_runs_as_a_png() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let extra = ["--max-steps", "20", "--eval-every", "5"];
+    let runs = ["a", "b"].map(|r| dir.join(r).display().to_string());
+    for (run, seed) in runs.iter().zip(["1", "2"]) {
+        let args = [&extra[..], &["--seed", seed]].concat();
+        ok(&train_args(&model, &train, &dev, run, &args));
+    }
+    ok(&["plot", &runs[0]]);
+    let both = dir.join("both.png").display().to_string();
+    ok(&["plot", &runs[0], &runs[1], "--output", &both]);
+    for png in [Path::new(&runs[0]).join("curves.png"), both.into()] {
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", png.display());
+        // IHDR: width and height, big-endian
+        assert_eq!(&bytes[16..24], [0, 0, 5, 120, 0, 0, 2, 48], "1400 × 560");
+    }
+    fails_with(
+        &["plot", &dir.display().to_string()],
+        &["cannot read the run's log", "metrics.jsonl"],
+    );
+}
+
 #[test]
 fn resuming_a_run_that_stopped_early_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
