@@ -14,6 +14,7 @@ mod plot;
 mod predict;
 mod ranks;
 mod serve;
+mod sweep;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -59,6 +60,8 @@ enum Command {
     Loadgen(loadgen::LoadgenArgs),
     /// Draw runs' training loss and dev accuracy against the step as a PNG (several runs overlaid).
     Plot(plot::PlotArgs),
+    /// Run a grid of trainings from a TOML file (resumable), score each on test sets, write a report.
+    Sweep(sweep::SweepArgs),
 }
 
 impl Command {
@@ -82,6 +85,7 @@ fn run(cli: Cli, profiler: Option<Profiler>, ranks: &dyn Collective) -> anyhow::
         Command::Generate(args) => generate::run(args),
         Command::Loadgen(args) => loadgen::run(args),
         Command::Plot(args) => plot::run(args),
+        Command::Sweep(args) => sweep::run(args),
     }
 }
 

@@ -88,8 +88,8 @@ pub fn draw_curves(curves: &[Curves], path: &Path) -> anyhow::Result<()> {
         .map(|c| Series::line(&c.name, &c.dev))
         .collect();
     let caption = format!("training loss (mean of the last {SMOOTHING} steps)");
-    chart(&left, &caption, "step", "cross-entropy", &loss)?;
-    chart(&right, "dev accuracy", "step", "accuracy", &dev)?;
+    chart(&left, &caption, "step", "cross-entropy", &loss, None)?;
+    chart(&right, "dev accuracy", "step", "accuracy", &dev, None)?;
     root.present()
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
@@ -109,13 +109,14 @@ impl<'a> Series<'a> {
 }
 
 /// A line chart with a legend in `area`; each series' points are marked, its ± bands drawn as
-/// error bars.
+/// error bars. With `x_names`, x is an index into them (values that are not numbers).
 pub fn chart<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     caption: &str,
     x_label: &str,
     y_label: &str,
     series: &[Series],
+    x_names: Option<&[String]>,
 ) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
@@ -136,9 +137,12 @@ where
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
-        .x_label_formatter(&|x| match x.fract() == 0.0 {
-            true => format!("{x:.0}"),
-            false => format!("{x}"),
+        .x_labels(x_names.map_or(10, |n| n.len()))
+        .x_label_formatter(&|x| match (x_names, x.fract() == 0.0) {
+            (Some(names), true) => names.get(*x as usize).cloned().unwrap_or_default(),
+            (Some(_), false) => String::new(),
+            (None, true) => format!("{x:.0}"),
+            (None, false) => format!("{x}"),
         })
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 17))
@@ -205,7 +209,7 @@ fn running_mean(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
 
 /// Where the plots' text comes from: `SOFTPROMPT_FONT`, or DejaVu Sans (Debian's
 /// fonts-dejavu-core). Read once; plotters keeps it for the process.
-fn register_font() -> anyhow::Result<()> {
+pub fn register_font() -> anyhow::Result<()> {
     static FONT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let registered = FONT.get_or_init(|| {
         let candidates: Vec<PathBuf> = std::env::var_os("SOFTPROMPT_FONT")

@@ -178,6 +178,21 @@ extern "C" fn on_interrupt(signal: libc::c_int) {
     }
 }
 
+/// From now on Ctrl-C (or SIGTERM) sets `interrupted()`; a second one ends the process at once.
+pub fn stop_on_signals() {
+    // SAFETY: the handler only stores to an atomic and resets the disposition.
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        unsafe {
+            libc::signal(signal, on_interrupt as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// Whether Ctrl-C or SIGTERM came since `stop_on_signals`.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// Trains on this process alone, or as one of the ranks of an MPI job (`ranks`): then rank 0
 /// speaks for the run and each rank speaks only of its own failure.
 pub fn run(
@@ -200,12 +215,7 @@ pub fn run(
         },
         output: args.output,
     };
-    // SAFETY: the handler only stores to an atomic and resets the disposition.
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        unsafe {
-            libc::signal(signal, on_interrupt as *const () as libc::sighandler_t);
-        }
-    }
+    stop_on_signals();
     let speaks = ranks.rank() == 0;
     let bar = match speaks {
         true => ProgressBar::new(0),
@@ -252,7 +262,7 @@ pub fn run(
         if let Some(line) = event.describe().filter(|_| speaks) {
             say(&bar, line);
         }
-        match INTERRUPTED.load(Ordering::SeqCst) {
+        match interrupted() {
             true => ControlFlow::Break(()),
             false => ControlFlow::Continue(()),
         }

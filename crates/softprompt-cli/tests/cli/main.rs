@@ -827,6 +827,98 @@ fn plot_draws_runs_as_a_png() {
     );
 }
 
+/// `sweep`: a grid of two experiments (a number and a method varied, two seeds) runs, scores
+/// each run on the test set, writes results.jsonl and a report with its plots; run again it
+/// trains nothing, and a grid with an unknown option is refused before anything trains.
+#[test]
+fn a_sweep_runs_its_grid_once_and_reports_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = toy_data(dir);
+    let model = tiny_model().display().to_string();
+    let grid = format!(
+        r#"model = "{model}"
+train = "{train}"
+dev = "{dev}"
+test = ["{dev}"]
+seeds = [0, 1]
+
+[base]
+max_steps = 20
+eval_every = 10
+num_virtual_tokens = 4
+
+[[experiment]]
+name = "length"
+title = "Prompt length"
+vary = "num_virtual_tokens"
+values = [2, 4]
+
+[[experiment]]
+name = "method"
+vary = "method"
+values = ["residual", "prefix"]
+with = {{ encoder_hidden_size = 8, lr = 0.01 }}
+seeds = [3]
+"#
+    );
+    let config = dir.join("grid.toml");
+    std::fs::write(&config, &grid).unwrap();
+    let (config, out) = (config.display().to_string(), dir.join("sweep"));
+    let out_s = out.display().to_string();
+    let said = stderr(&run(&["sweep", "--config", &config, "--output", &out_s]));
+    assert!(said.contains("6 runs: 0 done before, 6 to go"), "{said}");
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = results
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6, "{results}");
+    let prefix = lines.iter().find(|l| l["value"] == "prefix").unwrap();
+    let residual = lines.iter().find(|l| l["value"] == "residual").unwrap();
+    assert!(
+        prefix["trained_values"].as_u64() > residual["trained_values"].as_u64(),
+        "{results}"
+    );
+    assert!(lines.iter().all(|l| l["test"]["dev"]
+        .as_f64()
+        .is_some_and(|a| (0.0..=1.0).contains(&a))));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("## Prompt length") && report.contains("| 4 | 2 |"),
+        "{report}"
+    );
+    for png in ["length.png", "length-curves.png", "method.png"] {
+        assert_eq!(
+            &std::fs::read(out.join(png)).unwrap()[..4],
+            b"\x89PNG",
+            "{png}"
+        );
+    }
+    let again = stderr(&run(&["sweep", "--config", &config, "--output", &out_s]));
+    assert!(again.contains("6 runs: 6 done before, 0 to go"), "{again}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("results.jsonl")).unwrap(),
+        results
+    );
+
+    std::fs::write(
+        dir.join("bad.toml"),
+        grid.replace("eval_every", "eval_evry"),
+    )
+    .unwrap();
+    let bad = dir.join("bad.toml").display().to_string();
+    let nowhere = dir.join("nowhere").display().to_string();
+    fails_with(
+        &["sweep", "--config", &bad, "--output", &nowhere],
+        &[
+            "experiment \"length\", num_virtual_tokens = 2",
+            "no training option 'eval_evry'",
+        ],
+    );
+    assert!(!dir.join("nowhere").exists(), "nothing trained");
+}
+
 #[test]
 fn resuming_a_run_that_stopped_early_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();

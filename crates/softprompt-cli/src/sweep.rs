@@ -1,0 +1,533 @@
+//! `softprompt sweep`: a grid of ordinary training runs from a TOML file, run one after another
+//! on one loaded model, each scored on the test sets, with a report (tables and PNG plots).
+//!
+//! ```toml
+//! model = "assets/models/all-MiniLM-L6-v2"      # paths relative to the working directory
+//! train = "assets/data/movie-reviews/train.tsv"
+//! dev = "assets/data/movie-reviews/dev.tsv"
+//! test = ["assets/data/movie-reviews/test.tsv"]  # each run is scored on each
+//! seeds = [0, 1, 2]                              # every value runs once per seed
+//!
+//! [base]                    # options of every run: `softprompt train`'s, by name (- or _)
+//! epochs = 3
+//!
+//! [[experiment]]
+//! name = "prompt-length"
+//! title = "Prompt length (the paper's Figure 3a)"
+//! vary = "num_virtual_tokens"
+//! values = [1, 5, 20, 50, 100]
+//! with = { method = "prompt" }  # this experiment's own fixed options
+//! ```
+//!
+//! ```text
+//! OUTPUT/runs/EXPERIMENT/VALUE-seedN/   each run's adapter, metrics.jsonl, checkpoint
+//! OUTPUT/results.jsonl                  one line a finished run
+//! OUTPUT/report.md, OUTPUT/EXPERIMENT.png
+//! ```
+//! Finished runs (a line in results.jsonl) are skipped; an interrupted one resumes from its
+//! checkpoint. Ctrl-C stops the run at its step, checkpointed, and the sweep there.
+
+use crate::plot::{chart, Curves, Series};
+use crate::train::{interrupted, stop_on_signals};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::Args;
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+use softprompt::adapter::{Adapter, AdapterHead};
+use softprompt::backbone::Backbone;
+use softprompt::batch::{Batching, Padding};
+use softprompt::collective::SingleProcess;
+use softprompt::data::{read_examples, Columns, DataSource, Labels};
+use softprompt::files::{load_tensors, write_atomic};
+use softprompt::inference::{LoadedAdapter, Members};
+use softprompt::model::Model;
+use softprompt::prompted::generation_score;
+use softprompt::train::{train_model, TrainConfig, TrainData};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct SweepArgs {
+    /// The grid: a TOML file (see `softprompt sweep --help` and experiments/*.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Where the runs, results.jsonl and report.md go; a sweep there before is continued.
+    #[arg(long)]
+    output: PathBuf,
+}
+
+/// The sweep file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Grid {
+    model: PathBuf,
+    train: PathBuf,
+    dev: Option<PathBuf>,
+    #[serde(default)]
+    test: Vec<PathBuf>,
+    #[serde(default = "one_seed")]
+    seeds: Vec<u64>,
+    #[serde(default)]
+    base: toml::Table,
+    experiment: Vec<Experiment>,
+}
+
+fn one_seed() -> Vec<u64> {
+    vec![0]
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Experiment {
+    name: String,
+    title: Option<String>,
+    vary: String,
+    values: Vec<toml::Value>,
+    #[serde(default)]
+    with: toml::Table,
+    /// this experiment's seeds, if not the sweep's
+    seeds: Option<Vec<u64>>,
+}
+
+/// One finished run: a line of results.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunResult {
+    experiment: String,
+    value: String,
+    seed: u64,
+    best_dev: Option<f64>,
+    /// accuracy (a generation adapter: exact match) on each test set, by file stem
+    test: BTreeMap<String, f64>,
+    /// trainable values: the prompt (or its encoder) and the head
+    trained_values: usize,
+    steps: usize,
+    seconds: f64,
+}
+
+pub fn run(args: SweepArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("cannot read {}", args.config.display()))?;
+    let grid: Grid = toml::from_str(&text)
+        .with_context(|| format!("{} is not a sweep file", args.config.display()))?;
+    let plan = plan(&grid)?;
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("cannot create {}", args.output.display()))?;
+    let results_path = args.output.join("results.jsonl");
+    let mut results = read_results(&results_path)?;
+    let model = Model::load(&grid.model, DType::F32, &Device::Cpu)?;
+    stop_on_signals();
+    let todo: Vec<&Planned> = plan
+        .iter()
+        .filter(|p| !results.iter().any(|r| p.is(r)))
+        .collect();
+    eprintln!(
+        "{} runs: {} done before, {} to go",
+        plan.len(),
+        plan.len() - todo.len(),
+        todo.len()
+    );
+    let started = Instant::now();
+    for (i, planned) in todo.iter().enumerate() {
+        let dir = args
+            .output
+            .join("runs")
+            .join(&planned.experiment)
+            .join(planned.dir_name());
+        let result = train_and_score(&model, &grid, planned, &dir)?;
+        let Some(result) = result else {
+            eprintln!(
+                "interrupted: `softprompt sweep` again continues the run in {}",
+                dir.display()
+            );
+            return Ok(());
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&results_path)?;
+        writeln!(file, "{}", serde_json::to_string(&result)?)?;
+        let per_run = started.elapsed().as_secs_f64() / (i + 1) as f64;
+        let left = per_run * (todo.len() - i - 1) as f64;
+        let tests: Vec<String> = result
+            .test
+            .iter()
+            .map(|(n, a)| format!("{n} {a:.4}"))
+            .collect();
+        eprintln!(
+            "[{}/{}] {} {}={} seed {}: {}; {:.0} s (ETA {})",
+            i + 1,
+            todo.len(),
+            planned.experiment,
+            planned.vary,
+            planned.value,
+            planned.seed,
+            tests.join(", "),
+            result.seconds,
+            minutes(left)
+        );
+        results.push(result);
+    }
+    let report = report(&grid, &results, &args.output)?;
+    write_atomic(&args.output.join("report.md"), report.as_bytes())?;
+    eprintln!("wrote {}", args.output.join("report.md").display());
+    Ok(())
+}
+
+/// One run of the grid.
+struct Planned {
+    experiment: String,
+    vary: String,
+    value: String,
+    seed: u64,
+    config: TrainConfig,
+}
+
+impl Planned {
+    fn is(&self, r: &RunResult) -> bool {
+        r.experiment == self.experiment && r.value == self.value && r.seed == self.seed
+    }
+
+    fn dir_name(&self) -> String {
+        run_dir_name(&self.value, self.seed)
+    }
+}
+
+/// A run's directory under its experiment's: the value (anything but letters, digits, '.' and
+/// '-' made '_') and the seed.
+fn run_dir_name(value: &str, seed: u64) -> String {
+    let safe: String = value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}-seed{seed}")
+}
+
+/// Every run the grid asks for, its options checked before any trains.
+fn plan(grid: &Grid) -> anyhow::Result<Vec<Planned>> {
+    let mut plan = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for e in &grid.experiment {
+        if !names.insert(&e.name) || e.name.is_empty() || e.name.contains(['/', '\\']) {
+            bail!(
+                "experiment names must be distinct, non-empty plain names: {:?}",
+                e.name
+            );
+        }
+        if e.values.is_empty() {
+            bail!("experiment {:?} has no values", e.name);
+        }
+        for value in &e.values {
+            for &seed in e.seeds.as_ref().unwrap_or(&grid.seeds) {
+                let mut options = grid.base.clone();
+                options.extend(e.with.clone());
+                options.insert(e.vary.clone(), value.clone());
+                let config = train_config(&options, seed)
+                    .with_context(|| format!("experiment {:?}, {} = {value}", e.name, e.vary))?;
+                plan.push(Planned {
+                    experiment: e.name.clone(),
+                    vary: e.vary.clone(),
+                    value: label(value),
+                    seed,
+                    config,
+                });
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// `softprompt train`'s options by name over the defaults (`TrainConfig`'s fields), and the seed.
+fn train_config(options: &toml::Table, seed: u64) -> anyhow::Result<TrainConfig> {
+    let mut config = serde_json::to_value(TrainConfig::default())?;
+    let fields = config
+        .as_object_mut()
+        .context("the options are an object")?;
+    for (name, value) in options {
+        let key = name.replace('-', "_");
+        if key == "seed" {
+            bail!("'seed' is set by the sweep's seeds");
+        }
+        if !fields.contains_key(&key) {
+            let known: Vec<&String> = fields.keys().collect();
+            bail!(
+                "no training option '{name}' (options: {})",
+                softprompt::data::listing(&known)
+            );
+        }
+        fields.insert(key, serde_json::to_value(value)?);
+    }
+    fields.insert("seed".into(), seed.into());
+    let config: TrainConfig =
+        serde_json::from_value(config).context("an option has a value of the wrong kind")?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// A value as the report shows it: strings without quotes.
+fn label(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn read_results(path: &Path) -> anyhow::Result<Vec<RunResult>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(Vec::new());
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{} line {}: not a run's result", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Trains `planned` into `dir` (continuing a run there) and scores it; None if interrupted.
+fn train_and_score(
+    model: &Model,
+    grid: &Grid,
+    planned: &Planned,
+    dir: &Path,
+) -> anyhow::Result<Option<RunResult>> {
+    let data = TrainData {
+        train: DataSource::File(grid.train.clone()),
+        dev: grid.dev.clone().map(DataSource::File),
+        columns: Columns::default(),
+    };
+    let resume = dir.join("checkpoint.safetensors").exists();
+    let started = Instant::now();
+    let mut quiet = |_: softprompt::train::Event| match interrupted() {
+        true => ControlFlow::Break(()),
+        false => ControlFlow::Continue(()),
+    };
+    let summary = train_model(
+        model,
+        &data,
+        dir,
+        &planned.config,
+        resume,
+        &SingleProcess,
+        &mut quiet,
+    )?;
+    if summary.interrupted {
+        return Ok(None);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let adapter = Adapter::load(dir, model.backbone.hidden_size(), &Device::Cpu)?;
+    let batching = Batching {
+        size: 32,
+        padding: Padding::Right,
+        device: Device::Cpu,
+    };
+    let mut test = BTreeMap::new();
+    for path in &grid.test {
+        let examples = read_examples(path, &Columns::default(), Labels::Required)?;
+        let score = match adapter.head {
+            AdapterHead::Generation => {
+                generation_score(model, &adapter, &examples, path, &batching)?.exact_match
+            }
+            _ => {
+                let members = Members::new(model, vec![LoadedAdapter::new(model, &adapter)?])?;
+                members
+                    .report(&model.backbone, &examples, path, &batching)?
+                    .accuracy
+            }
+        };
+        let stem = path
+            .file_stem()
+            .map_or("test".into(), |s| s.to_string_lossy().into_owned());
+        test.insert(stem, score);
+    }
+    Ok(Some(RunResult {
+        experiment: planned.experiment.clone(),
+        value: planned.value.clone(),
+        seed: planned.seed,
+        best_dev: summary.best_dev_accuracy,
+        test,
+        trained_values: trained_values(dir)?,
+        steps: summary.steps,
+        seconds,
+    }))
+}
+
+/// The values training moved: the checkpoint's tensors but the optimizer's.
+fn trained_values(dir: &Path) -> anyhow::Result<usize> {
+    let (tensors, _) = load_tensors(&dir.join("checkpoint.safetensors"), &Device::Cpu)?;
+    Ok(tensors
+        .iter()
+        .filter(|(name, _)| !name.starts_with("optim."))
+        .map(|(_, t)| t.elem_count())
+        .sum())
+}
+
+/// mean and sample standard deviation (0 for one value)
+fn mean_sd(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n.max(1.0);
+    let var = match values.len() {
+        0 | 1 => 0.0,
+        _ => values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0),
+    };
+    (mean, var.sqrt())
+}
+
+fn minutes(seconds: f64) -> String {
+    match seconds {
+        s if s < 90.0 => format!("{s:.0} s"),
+        s if s < 5400.0 => format!("{:.0} min", s / 60.0),
+        s => format!("{:.1} h", s / 3600.0),
+    }
+}
+
+/// report.md: per experiment, a table of each value's runs (mean ± standard deviation over seeds)
+/// and a plot of the test scores against the value; each run's curves beside it.
+fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<String> {
+    let mut md = String::from("# Sweep report\n\n");
+    md.push_str(&format!(
+        "Model `{}`, training data `{}`, dev `{}`; each value's figures are the mean ± standard deviation over its seeds (`n` runs).\n\n",
+        grid.model.display(),
+        grid.train.display(),
+        grid.dev.as_ref().map_or("none".into(), |d| d.display().to_string())
+    ));
+    for e in &grid.experiment {
+        let values: Vec<String> = e.values.iter().map(label).collect();
+        let runs = |v: &str| -> Vec<&RunResult> {
+            results
+                .iter()
+                .filter(|r| r.experiment == e.name && r.value == v)
+                .collect()
+        };
+        let tests: Vec<String> = grid
+            .test
+            .iter()
+            .map(|p| {
+                p.file_stem()
+                    .map_or("test".into(), |s| s.to_string_lossy().into_owned())
+            })
+            .collect();
+        md.push_str(&format!("## {}\n\n", e.title.as_deref().unwrap_or(&e.name)));
+        md.push_str(&format!("`{}` varies", e.vary));
+        if !e.with.is_empty() {
+            let with: Vec<String> = e.with.iter().map(|(k, v)| format!("`{k} = {v}`")).collect();
+            md.push_str(&format!(", with {}", with.join(", ")));
+        }
+        md.push_str(".\n\n");
+        let mut header = format!("| {} | n | best dev accuracy |", e.vary);
+        for t in &tests {
+            header.push_str(&format!(" accuracy on {t} |"));
+        }
+        header.push_str(" trained values | seconds a run |\n");
+        md.push_str(&header);
+        md.push_str(&format!("|{}\n", " --- |".repeat(5 + tests.len())));
+        let pm = |xs: Vec<f64>| match mean_sd(&xs) {
+            _ if xs.is_empty() => "—".to_string(),
+            (m, s) if xs.len() > 1 => format!("{m:.4} ± {s:.4}"),
+            (m, _) => format!("{m:.4}"),
+        };
+        let mut series: Vec<(String, Vec<(f64, f64, f64)>)> = tests
+            .iter()
+            .map(|t| (format!("accuracy on {t}"), Vec::new()))
+            .collect();
+        let numeric = e
+            .values
+            .iter()
+            .all(|v| v.as_integer().is_some() || v.as_float().is_some());
+        for (i, v) in values.iter().enumerate() {
+            let rs = runs(v);
+            let mut row = format!(
+                "| {v} | {} | {} |",
+                rs.len(),
+                pm(rs.iter().filter_map(|r| r.best_dev).collect())
+            );
+            for (t, (_, points)) in tests.iter().zip(&mut series) {
+                let scores: Vec<f64> = rs.iter().filter_map(|r| r.test.get(t).copied()).collect();
+                row.push_str(&format!(" {} |", pm(scores.clone())));
+                if !scores.is_empty() {
+                    let x = match numeric {
+                        true => v.parse::<f64>().unwrap_or(i as f64),
+                        false => i as f64,
+                    };
+                    let (m, s) = mean_sd(&scores);
+                    points.push((x, m, s));
+                }
+            }
+            let trained = rs
+                .first()
+                .map_or("—".into(), |r| r.trained_values.to_string());
+            let secs: Vec<f64> = rs.iter().map(|r| r.seconds).collect();
+            let (s, _) = mean_sd(&secs);
+            let secs = if secs.is_empty() {
+                "—".into()
+            } else {
+                format!("{s:.0}")
+            };
+            row.push_str(&format!(" {trained} | {secs} |\n"));
+            md.push_str(&row);
+        }
+        if series.iter().any(|(_, p)| !p.is_empty()) {
+            let png = format!("{}.png", e.name);
+            draw_experiment(&output.join(&png), e, &values, numeric, &series)?;
+            md.push_str(&format!("\n![{}]({png})\n", e.name));
+        }
+        let curves: Vec<Curves> = values
+            .iter()
+            .filter_map(|v| runs(v).first().map(|r| (v, *r)))
+            .filter_map(|(v, r)| {
+                let dir = output
+                    .join("runs")
+                    .join(&e.name)
+                    .join(run_dir_name(v, r.seed));
+                Curves::read(&dir).ok().map(|c| Curves {
+                    name: format!("{} = {v}", e.vary),
+                    ..c
+                })
+            })
+            .collect();
+        if !curves.is_empty() {
+            let png = format!("{}-curves.png", e.name);
+            crate::plot::draw_curves(&curves, &output.join(&png))?;
+            md.push_str(&format!("\n![{} curves]({png})\n", e.name));
+        }
+        md.push('\n');
+    }
+    Ok(md)
+}
+
+/// The test scores against the experiment's values, ± a standard deviation.
+fn draw_experiment(
+    path: &Path,
+    e: &Experiment,
+    values: &[String],
+    numeric: bool,
+    series: &[(String, Vec<(f64, f64, f64)>)],
+) -> anyhow::Result<()> {
+    crate::plot::register_font()?;
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let series: Vec<Series> = series
+        .iter()
+        .map(|(name, points)| Series {
+            name,
+            points: points.clone(),
+        })
+        .collect();
+    let caption = e.title.as_deref().unwrap_or(&e.name);
+    let names = (!numeric).then_some(values);
+    chart(&root, caption, &e.vary, "test accuracy", &series, names)?;
+    root.present()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
