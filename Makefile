@@ -10,7 +10,7 @@ RUN    := runs/movie-reviews
 VENV   := .venv-ref
 PYVENV := .venv-py
 
-.PHONY: demo test python packages assets build fixtures interop sweep bench clean serve-bench memory-bench fuzz api-check soak
+.PHONY: demo test python packages assets build fixtures interop sweep report bench clean serve-bench memory-bench fuzz api-check soak
 
 assets:
 	$(PYTHON) scripts/fetch_assets.py
@@ -89,8 +89,20 @@ api-check: assets build
 soak: assets build
 	scripts/server_checks.sh soak
 
+# The measurements behind the training defaults (experiments/defaults.toml; decision 11).
 sweep: assets build
-	scripts/sweep_defaults.sh
+	$(BIN) sweep --config experiments/defaults.toml --output sweeps/defaults
+
+# The paper's experiments on our models (experiments/paper.toml, decoder.toml): many hours of
+# training, resumable (run it again to continue); docs/results.md and docs/results/*.png come out.
+report: assets build
+	$(BIN) sweep --config experiments/paper.toml --output sweeps/paper
+	$(BIN) sweep --config experiments/decoder.toml --output sweeps/decoder
+	mkdir -p docs/results
+	cp sweeps/paper/*.png sweeps/decoder/*.png docs/results/
+	{ echo "<!-- written by make report from sweeps/*/report.md -->"; \
+	  cat sweeps/paper/report.md; tail -n +2 sweeps/decoder/report.md; } \
+	  | sed 's#](\([^)/]*\.png\))#](results/\1)#' > docs/results.md
 
 clean:
 	rm -rf target runs

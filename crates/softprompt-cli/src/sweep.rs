@@ -58,6 +58,9 @@ pub struct SweepArgs {
     /// Where the runs, results.jsonl and report.md go; a sweep there before is continued.
     #[arg(long)]
     output: PathBuf,
+    /// Check the grid and list its runs (done or to do); train nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// The sweep file.
@@ -114,6 +117,21 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     let grid: Grid = toml::from_str(&text)
         .with_context(|| format!("{} is not a sweep file", args.config.display()))?;
     let plan = plan(&grid)?;
+    if args.dry_run {
+        let done = read_results(&args.output.join("results.jsonl"))?;
+        for p in &plan {
+            let state = if done.iter().any(|r| p.is(r)) {
+                "done"
+            } else {
+                "to do"
+            };
+            println!(
+                "{} {}={} seed {}: {state}",
+                p.experiment, p.vary, p.value, p.seed
+            );
+        }
+        return Ok(());
+    }
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create {}", args.output.display()))?;
     let results_path = args.output.join("results.jsonl");
