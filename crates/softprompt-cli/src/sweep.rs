@@ -455,7 +455,7 @@ fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<S
             (m, s) if xs.len() > 1 => format!("{m:.4} ± {s:.4}"),
             (m, _) => format!("{m:.4}"),
         };
-        let mut series: Vec<(String, Vec<(f64, f64, f64)>)> = tests
+        let mut series: Vec<(String, Points)> = tests
             .iter()
             .map(|t| (format!("accuracy on {t}"), Vec::new()))
             .collect();
@@ -524,13 +524,16 @@ fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<S
     Ok(md)
 }
 
+/// A plot's points: (x, mean, standard deviation).
+type Points = Vec<(f64, f64, f64)>;
+
 /// The test scores against the experiment's values, ± a standard deviation.
 fn draw_experiment(
     path: &Path,
     e: &Experiment,
     values: &[String],
     numeric: bool,
-    series: &[(String, Vec<(f64, f64, f64)>)],
+    series: &[(String, Points)],
 ) -> anyhow::Result<()> {
     crate::plot::register_font()?;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
