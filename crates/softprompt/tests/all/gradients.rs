@@ -278,18 +278,7 @@ fn attention_at_the_read_rows_is_full_attention_there() {
 /// computing every row, for every pool.
 #[test]
 fn computing_only_the_rows_the_head_reads_changes_no_loss_or_gradient() {
-    let data: Vec<Encoded> = [
-        vec![2, 5, 20, 9, 3],
-        vec![2, 30, 3],
-        vec![2, 40, 41, 42, 43, 3],
-    ]
-    .into_iter()
-    .map(|ids| Encoded {
-        type_ids: vec![0; ids.len()],
-        ids,
-        target_len: 0,
-    })
-    .collect();
+    let data = texts(&[&[2, 5, 20, 9, 3], &[2, 30, 3], &[2, 40, 41, 42, 43, 3]]);
     let labels = [0u32, 1, 1];
     for batch in both_paddings(&data, Some(&labels), &[0, 1, 2]) {
         for pool in [Pool::First, Pool::Pooler, Pool::Cls, Pool::Mean, Pool::Last] {
@@ -621,6 +610,17 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
     }
 }
 
+/// Classification rows of these token ids (one segment, no target).
+fn texts(rows: &[&[u32]]) -> Vec<Encoded> {
+    rows.iter()
+        .map(|ids| Encoded {
+            ids: ids.to_vec(),
+            type_ids: vec![0; ids.len()],
+            target_len: 0,
+        })
+        .collect()
+}
+
 fn shallow(prompt: &Tensor) -> TrainablePrompt {
     SoftPrompt::from_tensor(prompt).unwrap().into()
 }
@@ -630,18 +630,7 @@ fn shallow(prompt: &Tensor) -> TrainablePrompt {
 /// encoder's tape, against finite differences of the classifier's mean cross-entropy.
 #[test]
 fn encoded_prompt_gradients_match_finite_differences() {
-    let data = vec![
-        Encoded {
-            ids: vec![2, 5, 20, 9, 3],
-            type_ids: vec![0; 5],
-            target_len: 0,
-        },
-        Encoded {
-            ids: vec![2, 30, 3],
-            type_ids: vec![0; 3],
-            target_len: 0,
-        },
-    ];
+    let data = texts(&[&[2, 5, 20, 9, 3], &[2, 30, 3]]);
     let batch = Batch::new(&data, Some(&[1, 0]), &[0, 1], Padding::Right, &DEV).unwrap();
     let cases = [
         (Method::PTuning, EncoderKind::Mlp, 5),
@@ -666,23 +655,7 @@ fn encoded_prompt_gradients_match_finite_differences() {
 /// row has gets none).
 #[test]
 fn multitask_gradients_match_finite_differences_and_rows_read_their_task() {
-    let data = vec![
-        Encoded {
-            ids: vec![2, 5, 20, 9, 3],
-            type_ids: vec![0; 5],
-            target_len: 0,
-        },
-        Encoded {
-            ids: vec![2, 30, 3],
-            type_ids: vec![0; 3],
-            target_len: 0,
-        },
-        Encoded {
-            ids: vec![2, 40, 41, 3],
-            type_ids: vec![0; 4],
-            target_len: 0,
-        },
-    ];
+    let data = texts(&[&[2, 5, 20, 9, 3], &[2, 30, 3], &[2, 40, 41, 3]]);
     let (labels, tasks) = ([1u32, 0, 1], [2u32, 0, 2]);
     let batch = Batch::new(&data, Some(&labels), &[0, 1, 2], Padding::Right, &DEV)
         .unwrap()
