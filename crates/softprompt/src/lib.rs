@@ -3,13 +3,14 @@
 //! The data flows through the modules in this order (docs/DESIGN.md says why it is built so):
 //!
 //! ```text
-//! data        file rows → Example { text, label }
+//! data        file rows → Example { text, label, task }
 //! template    where an input goes in the text a model reads ("Review: {text}\nSentiment:")
 //! tokenize    text → token ids (the model's tokenizer.json)
 //! batch       ids → padded, length-bucketed batches
 //! prompt      the soft prompt: its initialisations; [B, N, D] → [P; X] [B, M + N, D]
 //! prompt_encoder  what training moves to make the prompt: its own vectors, or an encoder's
-//!             (P-tuning, residual prompt tuning)
+//!             (P-tuning, residual prompt tuning, prefix tuning's projection, a multitask
+//!             prompt's task factors)
 //! backbone    frozen BERT / GPT-2 / Llama: a forward that keeps what the explicit backward to the
 //!             embeddings needs; a decoder's cached forward for generation
 //! kernels     the forward / input-gradient pairs the backbones are built from
@@ -22,7 +23,8 @@
 //! model       a model directory or GGUF file: backbone, tokenizer, heads made from adapters
 //! inference   any number of adapters in one batch: each row its own prompt and head; ensembles
 //! metrics     accuracy, macro-F1, per-class precision / recall, confusion matrix
-//! generate    [prompt; input] → tokens, with a KV cache and a per-adapter prefix cache
+//! generate    [prompt; input] → tokens, with a KV cache and a per-adapter prefix cache; many
+//!             texts decoded together, a token for all of them a pass
 //! bench       timed train steps, forwards and generation on random weights of known shapes
 //! profile     where a step's time goes: every span's time, and each matmul's GFLOP/s
 //! ```
