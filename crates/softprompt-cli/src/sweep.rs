@@ -30,7 +30,7 @@
 use crate::plot::{chart, Curves, Series};
 use crate::train::{interrupted, stop_on_signals};
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -42,8 +42,10 @@ use softprompt::data::{read_examples, Columns, DataSource, Labels};
 use softprompt::files::{load_tensors, write_atomic};
 use softprompt::inference::{LoadedAdapter, Members};
 use softprompt::model::Model;
+use softprompt::prompt::{nearest_tokens, Placement};
+use softprompt::prompt_encoder::Method;
 use softprompt::prompted::generation_score;
-use softprompt::train::{train_model, TrainConfig, TrainData};
+use softprompt::train::{starting_prompt, train_model, TrainConfig, TrainData};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -109,6 +111,12 @@ struct RunResult {
     trained_values: usize,
     steps: usize,
     seconds: f64,
+    /// a prompt of input vectors: how far it moved from its initialisation, ‖P − P₀‖ / ‖P₀‖
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    moved: Option<f64>,
+    /// ... and the vocabulary token nearest to each of its vectors (the paper's section 7)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nearest: Option<Vec<String>>,
 }
 
 pub fn run(args: SweepArgs) -> anyhow::Result<()> {
@@ -369,6 +377,19 @@ fn train_and_score(
             .map_or("test".into(), |s| s.to_string_lossy().into_owned());
         test.insert(stem, score);
     }
+    // the words nearest to the vectors a backbone reads; how far they moved from the table they
+    // started as, where the vectors are that table (not an encoder's output)
+    let (moved, nearest) = match (adapter.method, adapter.method.placement()) {
+        (_, Placement::Prefix) | (Method::Multitask, _) => (None, None),
+        (method, Placement::Embeddings) => {
+            let start = match method {
+                Method::Prompt => Some(starting_prompt(model, &data, &planned.config)?),
+                _ => None,
+            };
+            let (moved, nearest) = inspect(model, start.as_ref(), &adapter.prompt)?;
+            (moved, Some(nearest))
+        }
+    };
     Ok(Some(RunResult {
         experiment: planned.experiment.clone(),
         value: planned.value.clone(),
@@ -378,7 +399,39 @@ fn train_and_score(
         trained_values: trained_values(dir)?,
         steps: summary.steps,
         seconds,
+        moved,
+        nearest,
     }))
+}
+
+/// How far `prompt` [M, D] moved from `start`, relative to `start`'s size, and the vocabulary
+/// token nearest to each of its vectors by cosine.
+fn inspect(
+    model: &Model,
+    start: Option<&Tensor>,
+    prompt: &Tensor,
+) -> anyhow::Result<(Option<f64>, Vec<String>)> {
+    let prompt = prompt.to_dtype(DType::F32)?;
+    let norm = |t: &Tensor| -> anyhow::Result<f64> {
+        Ok(t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)
+    };
+    let moved = match start {
+        Some(start) => {
+            let start = start.to_dtype(DType::F32)?;
+            Some(norm(&(&prompt - &start)?)? / norm(&start)?.max(1e-12))
+        }
+        None => None,
+    };
+    let table = model.backbone.word_embeddings().dense()?;
+    let encoder = model.encoder(0, None)?;
+    let nearest = nearest_tokens(&prompt, &table, 1)?
+        .into_iter()
+        .map(|best| match best.first() {
+            Some(&(id, _)) => encoder.token(id).unwrap_or_else(|| format!("#{id}")),
+            None => "?".into(),
+        })
+        .collect();
+    Ok((moved, nearest))
 }
 
 /// The values training moved: the checkpoint's tensors but the optimizer's.
@@ -401,6 +454,9 @@ fn mean_sd(values: &[f64]) -> (f64, f64) {
     };
     (mean, var.sqrt())
 }
+
+/// Prompt vectors whose nearest tokens the report lists.
+const NEAREST_SHOWN: usize = 10;
 
 fn minutes(seconds: f64) -> String {
     match seconds {
@@ -447,9 +503,9 @@ fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<S
         for t in &tests {
             header.push_str(&format!(" accuracy on {t} |"));
         }
-        header.push_str(" trained values | seconds a run |\n");
+        header.push_str(" trained values | seconds a run | prompt moved ‖P − P₀‖ / ‖P₀‖ |\n");
         md.push_str(&header);
-        md.push_str(&format!("|{}\n", " --- |".repeat(5 + tests.len())));
+        md.push_str(&format!("|{}\n", " --- |".repeat(6 + tests.len())));
         let pm = |xs: Vec<f64>| match mean_sd(&xs) {
             _ if xs.is_empty() => "—".to_string(),
             (m, s) if xs.len() > 1 => format!("{m:.4} ± {s:.4}"),
@@ -492,8 +548,28 @@ fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<S
             } else {
                 format!("{s:.0}")
             };
-            row.push_str(&format!(" {trained} | {secs} |\n"));
+            let moved = pm(rs.iter().filter_map(|r| r.moved).collect());
+            row.push_str(&format!(" {trained} | {secs} | {moved} |\n"));
             md.push_str(&row);
+        }
+        let nearest: Vec<String> = values
+            .iter()
+            .filter_map(|v| {
+                let r = runs(v).into_iter().find(|r| r.nearest.is_some())?;
+                let words = r.nearest.as_ref()?.iter().take(NEAREST_SHOWN).cloned();
+                Some(format!(
+                    "- {} = {v} (seed {}): {}",
+                    e.vary,
+                    r.seed,
+                    words.collect::<Vec<_>>().join(" · ")
+                ))
+            })
+            .collect();
+        if !nearest.is_empty() {
+            md.push_str(&format!(
+                "\nThe vocabulary token nearest to each of the first {NEAREST_SHOWN} prompt vectors, by cosine:\n\n{}\n",
+                nearest.join("\n")
+            ));
         }
         if series.iter().any(|(_, p)| !p.is_empty()) {
             let png = format!("{}.png", e.name);

@@ -860,6 +860,12 @@ vary = "method"
 values = ["residual", "prefix"]
 with = {{ encoder_hidden_size = 8, lr = 0.01 }}
 seeds = [3]
+
+[[experiment]]
+name = "still"
+vary = "lr"
+values = [1e-12]
+seeds = [5]
 "#
     );
     let config = dir.join("grid.toml");
@@ -867,13 +873,20 @@ seeds = [3]
     let (config, out) = (config.display().to_string(), dir.join("sweep"));
     let out_s = out.display().to_string();
     let said = stderr(&run(&["sweep", "--config", &config, "--output", &out_s]));
-    assert!(said.contains("6 runs: 0 done before, 6 to go"), "{said}");
+    assert!(said.contains("7 runs: 0 done before, 7 to go"), "{said}");
     let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = results
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 6, "{results}");
+    assert_eq!(lines.len(), 7, "{results}");
+    // the paper's section 7: how far a prompt moved from its init (replayed from the seed: at a
+    // learning rate of 1e-12 not at all), and its vectors' nearest words; none for a prefix
+    let still = lines.iter().find(|l| l["experiment"] == "still").unwrap();
+    assert!(still["moved"].as_f64().unwrap() < 1e-6, "{still}");
+    let moved = lines.iter().find(|l| l["value"] == "4").unwrap();
+    assert!(moved["moved"].as_f64().unwrap() > 1e-3, "{moved}");
+    assert_eq!(moved["nearest"].as_array().unwrap().len(), 4, "{moved}");
     let prefix = lines.iter().find(|l| l["value"] == "prefix").unwrap();
     let residual = lines.iter().find(|l| l["value"] == "residual").unwrap();
     assert!(
@@ -896,7 +909,7 @@ seeds = [3]
         );
     }
     let again = stderr(&run(&["sweep", "--config", &config, "--output", &out_s]));
-    assert!(again.contains("6 runs: 6 done before, 0 to go"), "{again}");
+    assert!(again.contains("7 runs: 7 done before, 0 to go"), "{again}");
     assert_eq!(
         std::fs::read_to_string(out.join("results.jsonl")).unwrap(),
         results

@@ -31,7 +31,7 @@ use crate::task::classify::ClassificationHead;
 use crate::task::TaskKind;
 use crate::tokenize::{encode_all, TextEncoder};
 use crate::{bail, Error, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use checkpoint::{Fingerprint, CHECKPOINT};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -231,13 +231,7 @@ impl Run<'_> {
         };
 
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        // A causal LM's "labels" are its distinct targets: `--init labels` starts from their words.
-        let label_words = config.label_words.clone().unwrap_or_else(|| {
-            label_names
-                .iter()
-                .map(|l| l.replace(['_', '-'], " "))
-                .collect()
-        });
+        let label_words = label_words(config, &label_names);
         let prompt = initial_prompt(model, &encoder, config, &label_words, &mut rng)?;
         let peft = peft_config(model, config, task_names.len());
         let prompt = trainable(model, prompt, config, task_names, &mut rng)?;
@@ -413,11 +407,7 @@ fn fingerprint(model: &Model, data: &TrainData) -> Result<Fingerprint> {
     let table = backbone.word_embeddings();
     let rows = table.dims()[0].min(64);
     let first_rows = table
-        .rows(&candle_core::Tensor::arange(
-            0u32,
-            rows as u32,
-            &table.device(),
-        )?)?
+        .rows(&Tensor::arange(0u32, rows as u32, &table.device())?)?
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
@@ -444,6 +434,28 @@ fn fingerprint(model: &Model, data: &TrainData) -> Result<Fingerprint> {
         ),
         dev: data.dev.as_ref().map(content).transpose()?,
     })
+}
+
+/// The words `--init labels` starts from: `--label-words`, or the labels themselves ("very_good"
+/// reads "very good"). A causal LM's "labels" are its distinct targets.
+fn label_words(config: &TrainConfig, label_names: &[String]) -> Vec<String> {
+    config.label_words.clone().unwrap_or_else(|| {
+        label_names
+            .iter()
+            .map(|l| l.replace(['_', '-'], " "))
+            .collect()
+    })
+}
+
+/// The table a run of `config` on `data` starts its prompt from [M, D] (an encoder's input): the
+/// run's seed draws it first, so this is what the run's prompt moved from (the paper's section 7).
+pub fn starting_prompt(model: &Model, data: &TrainData, config: &TrainConfig) -> Result<Tensor> {
+    let encoder = model.encoder(config.num_virtual_tokens, config.max_tokens)?;
+    let examples = data.train.examples(&data.columns, Labels::Required)?;
+    let words = label_words(config, &label_set(&examples));
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let prompt = initial_prompt(model, &encoder, config, &words, &mut rng)?;
+    Ok(prompt.embeddings.as_tensor().clone())
 }
 
 /// The prompt as `config.init` starts it, from the model's embeddings and the task's tokens.
