@@ -33,6 +33,16 @@ Outputs (committed; the venv is not):
   tests/fixtures/tiny-llama/           a random 2-layer Llama (grouped-query: 4 heads on 2, q/k/v biases)
   tests/fixtures/tiny_llama_parity.safetensors
                                        as for GPT-2 (hidden states after the final RMSNorm)
+  tests/fixtures/tiny-t5/, tiny-t5-gated/
+                                       random T5s (T5ForConditionalGeneration): ReLU with the tied,
+                                       scaled LM head; gated GELU with an untied head and 3 decoder
+                                       layers; a T5-style Unigram tokenizer ("</s>" appended)
+  tests/fixtures/tiny_t5{,_gated}_parity.safetensors
+                                       ids, masks, decoder ids, labels, a prompt, and transformers'
+                                       encoder states, decoder logits and loss with and without it
+  tests/fixtures/peft-tiny-t5/         a SEQ_2_SEQ_LM prompt-tuning adapter written by PEFT
+  tests/fixtures/peft_tiny_t5.safetensors
+                                       PEFT's loss for it on T5_PAIRS (one batch) and its greedy tokens
   tests/fixtures/smollm2_logits.safetensors  (when assets/ holds the SmolLM2 GGUF)
                                        transformers' token ids and next-token logits for SMOLLM2_PROMPT,
                                        from the same GGUF (transformers dequantizes and un-permutes it)
@@ -321,6 +331,130 @@ def tiny_decoders() -> None:
     decoder_fixture("llama", llama, llama.model, llama.model.embed_tokens, 7)
 
 
+T5_PAIRS = [("a good movie", "great"), ("the plot was dull and boring", "bad film"), ("i love this", "good")]
+
+
+def t5_tokenizer() -> Tokenizer:
+    """A T5-style tokenizer over WORDS: Unigram pieces after a Metaspace split, "</s>" appended
+    to every encoding (no BOS), ids 0/1/2 for <pad>, </s>, <unk> as in T5's spiece model."""
+    from tokenizers import models, pre_tokenizers, decoders, processors
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(WORDS)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    from tokenizers import AddedToken
+    tok.add_special_tokens([AddedToken("<pad>", special=True), AddedToken("</s>", special=True),
+                            AddedToken("<unk>", special=True)])
+    return tok
+
+
+def t5_batch(tok: Tokenizer, pairs):
+    """Right-padded input ids and mask, labels (EOS after each target, -100 padding) and the
+    decoder's input (transformers' shift right from the start token 0)."""
+    inputs = [tok.encode(x).ids for x, _ in pairs]
+    targets = [tok.encode(y).ids for _, y in pairs]
+    for ids in inputs + targets:
+        assert 2 not in ids, "a fixture text has words outside the tiny vocabulary"
+    n, t = max(map(len, inputs)), max(map(len, targets))
+    ids = torch.tensor([x + [0] * (n - len(x)) for x in inputs])
+    mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in inputs])
+    labels = torch.tensor([y + [-100] * (t - len(y)) for y in targets])
+    decoder_ids = torch.cat([torch.zeros(len(pairs), 1, dtype=torch.long), labels[:, :-1].clamp(min=0)], 1)
+    return ids, mask, labels, decoder_ids
+
+
+def tiny_t5(name: str, seed: int, untied_head: bool = False, **config) -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    dir = FIX / name
+    shutil.rmtree(dir, ignore_errors=True)
+    dir.mkdir(parents=True)
+    tok = t5_tokenizer()
+    tok.save(str(dir / "tokenizer.json"))
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=tok.get_vocab_size(), d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=3,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=12, dropout_rate=0.0,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **config)
+    model = T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "layer_norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "relative_attention_bias" in pname:
+                p.normal_(0.0, 1.0)
+            elif pname in ("shared.weight", "lm_head.weight"):
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 0.4)
+    model.save_pretrained(dir, safe_serialization=True)
+    if untied_head:
+        # transformers 5 ties every new T5's head to `shared`; a v1.1 checkpoint has its own
+        # `lm_head.weight`, which from_pretrained then keeps apart
+        from safetensors.torch import load_file
+        weights = load_file(dir / "model.safetensors")
+        weights["lm_head.weight"] = torch.randn(cfg.vocab_size, cfg.d_model)
+        save_file(weights, dir / "model.safetensors", metadata={"format": "pt"})
+        model = T5ForConditionalGeneration.from_pretrained(dir).eval()
+        assert not torch.equal(model.lm_head.weight, model.shared.weight), "the head stayed tied"
+    ids, mask, labels, decoder_ids = t5_batch(tok, T5_PAIRS)
+    torch.manual_seed(seed + 1)
+    prompt = torch.randn(3, 16)
+    b = ids.shape[0]
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids, labels=labels)
+        embeds = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), model.shared(ids)], 1)
+        full_mask = torch.cat([torch.ones(b, 3, dtype=mask.dtype), mask], 1)
+        prompted = model(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=decoder_ids, labels=labels)
+    save_file(
+        {"ids": ids, "mask": mask, "labels": labels, "decoder_ids": decoder_ids, "prompt": prompt.contiguous(),
+         "encoder_plain": plain.encoder_last_hidden_state.contiguous(), "logits_plain": plain.logits.contiguous(),
+         "loss_plain": plain.loss.reshape(1), "encoder_prompted": prompted.encoder_last_hidden_state.contiguous(),
+         "logits_prompted": prompted.logits.contiguous(), "loss_prompted": prompted.loss.reshape(1)},
+        FIX / f"{name.replace('-', '_')}_parity.safetensors",
+        metadata={"version": VERSION},
+    )
+
+
+def peft_t5() -> None:
+    """A SEQ_2_SEQ_LM prompt-tuning adapter written by PEFT on the tiny T5, PEFT's loss for it on
+    T5_PAIRS in one batch (the mean over every label token) and its greedy tokens for each input."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import T5ForConditionalGeneration
+
+    base = FIX / "tiny-t5"
+    model = T5ForConditionalGeneration.from_pretrained(base).eval()
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=4))
+    torch.manual_seed(9)
+    randomize(peft_model.prompt_encoder["default"], 1.0)
+    out = FIX / "peft-tiny-t5"
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    peft_model.eval()
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    ids, mask, labels, _ = t5_batch(tok, T5_PAIRS)
+    with torch.no_grad():
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        generated = []
+        for x, _ in T5_PAIRS:
+            enc = torch.tensor([tok.encode(x).ids])
+            tokens = peft_model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), max_new_tokens=6,
+                                         do_sample=False, num_beams=1)[0]
+            generated.append(tokens.tolist() + [-1] * (7 - len(tokens)))
+    save_file({"loss": loss.reshape(1), "generated": torch.tensor(generated)}, FIX / "peft_tiny_t5.safetensors",
+              metadata={"version": VERSION, "pairs": json.dumps(T5_PAIRS)})
+
+
+def t5_fixtures() -> None:
+    tiny_t5("tiny-t5", 11)
+    tiny_t5("tiny-t5-gated", 12, untied_head=True, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+            num_decoder_layers=3)
+    peft_t5()
+
+
 SMOLLM2_PROMPT = "The capital of France is"
 
 
@@ -378,6 +512,7 @@ PARTS = {
     "multitask": lambda: multitask(FIX / "tiny-bert"),
     "decoders": lambda: tiny_decoders(),
     "prefix": lambda: prefix_tuning(),
+    "t5": lambda: t5_fixtures(),
     "smollm2": lambda: smollm2_logits(),
     "minilm": lambda: minilm_parity(),
 }

@@ -157,6 +157,7 @@ pub fn classify_rows<B: Backbone>(
         token_type_ids: &types,
         reads: None,
         prefix: prefix.as_ref(),
+        decoder: None,
     })?;
     rows.iter()
         .enumerate()

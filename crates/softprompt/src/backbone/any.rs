@@ -4,6 +4,7 @@
 use super::bert::{Bert, BertActivations};
 use super::gpt2::{Gpt2, Gpt2Activations};
 use super::llama::{Llama, LlamaActivations};
+use super::t5::{T5Activations, T5};
 use super::{Backbone, BackboneInput, Decoder, InputGradients};
 use crate::kernels::{Linear, Weight};
 use candle_core::{Result, Tensor};
@@ -12,12 +13,14 @@ pub enum AnyBackbone {
     Bert(Bert),
     Gpt2(Gpt2),
     Llama(Llama),
+    T5(T5),
 }
 
 pub enum AnyActivations {
     Bert(BertActivations),
     Gpt2(Gpt2Activations),
     Llama(LlamaActivations),
+    T5(T5Activations),
 }
 
 /// `$body` with `$b` bound to the backbone inside, whatever its architecture.
@@ -27,6 +30,7 @@ macro_rules! each {
             AnyBackbone::Bert($b) => $body,
             AnyBackbone::Gpt2($b) => $body,
             AnyBackbone::Llama($b) => $body,
+            AnyBackbone::T5($b) => $body,
         }
     };
 }
@@ -59,6 +63,7 @@ impl AnyBackbone {
             Self::Bert(b) => Self::Bert(b.map_weights(f)?),
             Self::Gpt2(b) => Self::Gpt2(b.map_weights(f)?),
             Self::Llama(b) => Self::Llama(b.map_weights(f)?),
+            Self::T5(b) => Self::T5(b.map_weights(f)?),
         })
     }
 
@@ -67,6 +72,7 @@ impl AnyBackbone {
             Self::Bert(_) => "bert",
             Self::Gpt2(_) => "gpt2",
             Self::Llama(_) => "llama",
+            Self::T5(_) => "t5",
         }
     }
 
@@ -90,6 +96,12 @@ impl AnyBackbone {
                 kv_heads: b.config.kv_heads(),
                 head_dim: b.config.head_dim(),
             },
+            Self::T5(b) => Shape {
+                layers: b.config.num_layers,
+                heads: b.config.num_heads,
+                kv_heads: b.config.num_heads,
+                head_dim: b.config.d_kv,
+            },
         }
     }
 
@@ -104,15 +116,27 @@ impl AnyBackbone {
     /// The decoder inside, for generation and the LM head; `None` for an encoder.
     pub fn decoder(&self) -> Option<&dyn Decoder> {
         match self {
-            Self::Bert(_) => None,
+            Self::Bert(_) | Self::T5(_) => None,
             Self::Gpt2(b) => Some(b),
             Self::Llama(b) => Some(b),
         }
     }
 
-    /// [V, D]: the next-token output layer of a decoder; `None` for an encoder, which has none.
+    /// [V, D]: the next-token output layer of a decoder (T5's, its output scale folded in);
+    /// `None` for an encoder, which has none.
     pub fn lm_head(&self) -> Option<&Weight> {
-        self.decoder().map(|d| d.lm_head())
+        match self {
+            Self::T5(t5) => Some(t5.lm_head()),
+            _ => self.decoder().map(|d| d.lm_head()),
+        }
+    }
+
+    /// The encoder-decoder inside, whose output the decoder writes; `None` for the others.
+    pub fn seq2seq(&self) -> Option<&T5> {
+        match self {
+            Self::T5(t5) => Some(t5),
+            _ => None,
+        }
     }
 }
 
@@ -145,6 +169,10 @@ impl Backbone for AnyBackbone {
                 let (h, a) = b.run(input, keep)?;
                 (h, a.map(AnyActivations::Llama))
             }
+            Self::T5(b) => {
+                let (h, a) = b.run(input, keep)?;
+                (h, a.map(AnyActivations::T5))
+            }
         })
     }
 
@@ -158,6 +186,7 @@ impl Backbone for AnyBackbone {
             (Self::Bert(b), AnyActivations::Bert(a)) => b.backward(d_hidden, a, d_kv),
             (Self::Gpt2(b), AnyActivations::Gpt2(a)) => b.backward(d_hidden, a, d_kv),
             (Self::Llama(b), AnyActivations::Llama(a)) => b.backward(d_hidden, a, d_kv),
+            (Self::T5(b), AnyActivations::T5(a)) => b.backward(d_hidden, a, d_kv),
             _ => candle_core::bail!("activations of another architecture"),
         }
     }
@@ -171,6 +200,7 @@ impl Backbone for AnyBackbone {
             (Self::Bert(b), AnyActivations::Bert(a)) => b.keys_values(a),
             (Self::Gpt2(b), AnyActivations::Gpt2(a)) => b.keys_values(a),
             (Self::Llama(b), AnyActivations::Llama(a)) => b.keys_values(a),
+            (Self::T5(b), AnyActivations::T5(a)) => b.keys_values(a),
             _ => candle_core::bail!("activations of another architecture"),
         }
     }

@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 mod stack;
+pub mod t5;
 
 use crate::kernels::Weight;
 use crate::{bail, Context};
@@ -26,6 +27,8 @@ pub enum Activation {
     GeluNew,
     /// x·σ(x) (the Llama family's gated MLP)
     Silu,
+    /// max(x, 0) (T5's feed-forward)
+    Relu,
     #[serde(untagged)]
     Other(String),
 }
@@ -36,6 +39,7 @@ impl Activation {
             Self::Gelu => "gelu",
             Self::GeluNew => "gelu_new",
             Self::Silu => "silu",
+            Self::Relu => "relu",
             Self::Other(name) => name,
         }
     }
@@ -55,6 +59,9 @@ pub struct BackboneInput<'a> {
     pub reads: Option<&'a Tensor>,
     /// prefix tuning's keys and values in front of every layer's attention
     pub prefix: Option<&'a Prefix>,
+    /// an encoder-decoder's decoder input [B, T, D]: the embeddings of the decoder start token
+    /// and the target, right-padded (T5; the others read none)
+    pub decoder: Option<&'a Tensor>,
 }
 
 impl BackboneInput<'_> {
@@ -170,6 +177,7 @@ pub trait Backbone {
             token_type_ids: &mask.zeros_like()?,
             reads: None,
             prefix: None,
+            decoder: None,
         };
         self.run(&input, keep)
     }
@@ -417,6 +425,7 @@ mod tests {
         assert_eq!(read("gelu_new"), Activation::GeluNew);
         assert_eq!(read("gelu_pytorch_tanh"), Activation::GeluNew);
         assert_eq!(read("silu"), Activation::Silu);
-        assert_eq!(read("relu"), Activation::Other("relu".into()));
+        assert_eq!(read("relu"), Activation::Relu);
+        assert_eq!(read("tanh"), Activation::Other("tanh".into()));
     }
 }

@@ -58,3 +58,20 @@ pub fn gelu_tanh_backward(dy: &Tensor, saved: &GeluSaved) -> Result<Tensor> {
 fn tanh_arg(x: &Tensor) -> Result<Tensor> {
     (x + (x.powf(3.0)? * TANH_CUBIC)?)? * TANH_SCALE
 }
+
+/// What a ReLU's backward reads: where its input was positive.
+pub struct ReluSaved {
+    /// [..] 1 where x > 0, else 0 (x's dtype)
+    positive: Tensor,
+}
+
+/// ReLU (T5's feed-forward): x [..] → y [..] = max(x, 0).
+pub fn relu_forward(x: &Tensor) -> Result<(Tensor, ReluSaved)> {
+    let positive = x.gt(0.0)?.to_dtype(x.dtype())?;
+    Ok(((x * &positive)?, ReluSaved { positive }))
+}
+
+/// dy [..] → dx [..] = dy where x > 0, else 0.
+pub fn relu_backward(dy: &Tensor, saved: &ReluSaved) -> Result<Tensor> {
+    dy * &saved.positive
+}

@@ -3,7 +3,7 @@ use super::fused_attention::{self, Heads};
 use candle_core::{DType, Result, Tensor, D};
 
 /// Far below any real score, yet finite in f32 and bf16, so masked scores never turn into NaN.
-const MASKED: f64 = -1e30;
+pub(super) const MASKED: f64 = -1e30;
 
 /// Additive mask bias from a 0/1 attention mask: mask [B, S] → bias [B, 1, 1, S], 0 where attended
 /// and a large negative number where not (exp underflows to exactly 0, as with transformers).

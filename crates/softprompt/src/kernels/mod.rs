@@ -9,7 +9,8 @@
 //! erf in `fast_math`) that the CPU takes by default, with the composed ones as their tested
 //! reference (`with_composed`). candle-nn's own fused softmax and
 //! norm ops have no backward, so none of them is used here: see docs/DESIGN.md (candle pitfalls).
-//! RMS norm, RoPE, the SiLU-gated MLP and tanh GELU are the decoder families' pairs.
+//! RMS norm, RoPE, the SiLU-gated MLP and tanh GELU are the decoder families' pairs; ReLU and the
+//! relative-position attention without scaling (`relative_attention`) are T5's.
 //!
 //! Shape letters: B batch, S positions (prompt + tokens), T = B·S rows, D hidden, F FFN width,
 //! H heads (Hkv key/value heads), K head width (D = H·K).
@@ -25,11 +26,13 @@ mod layer_norm;
 mod linear;
 mod mlp;
 mod quantized_matvec;
+mod relative_attention;
 mod rms_norm;
 mod rope;
 
 pub use activation::{
-    gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, GeluSaved,
+    gelu_erf_backward, gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, relu_backward,
+    relu_forward, GeluSaved, ReluSaved,
 };
 pub use attention::{
     attention_at_forward, attention_backward, attention_forward, cached_attention, heads_of,
@@ -40,5 +43,9 @@ pub use fused::with_composed;
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use linear::{Linear, Weight};
 pub use mlp::{GatedMlp, GatedMlpSaved};
+pub use relative_attention::{
+    biased_attention_backward, biased_attention_forward, causal_mask, position_bias,
+    relative_position_bucket, BiasedAttentionSaved,
+};
 pub use rms_norm::{RmsNorm, RmsNormSaved};
 pub use rope::{Positions, Rope};

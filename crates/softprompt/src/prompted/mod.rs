@@ -68,6 +68,7 @@ impl Prompted {
             token_type_ids: &self.token_type_ids,
             reads: None,
             prefix: self.prefix.as_ref(),
+            decoder: None,
         }
     }
 }

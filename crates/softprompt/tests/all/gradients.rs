@@ -515,6 +515,7 @@ fn bert_backward_matches_finite_differences() {
                     token_type_ids: &types,
                     reads: None,
                     prefix: None,
+                    decoder: None,
                 })
                 .unwrap();
             weighted_sum(&hidden, &r)
@@ -526,6 +527,7 @@ fn bert_backward_matches_finite_differences() {
                 token_type_ids: &types,
                 reads: None,
                 prefix: None,
+                decoder: None,
             })
             .unwrap();
         let d_embeds = bert.backward(&r, acts, None).unwrap().embeds;
@@ -555,6 +557,7 @@ fn check_backbone<B: Backbone>(backbone: &B, what: &str) {
         token_type_ids: &types,
         reads: None,
         prefix: None,
+        decoder: None,
     };
     let (_, acts) = backbone.forward_train(&input).unwrap();
     let d_embeds = backbone.backward(&r, acts, None).unwrap().embeds;
@@ -565,6 +568,7 @@ fn check_backbone<B: Backbone>(backbone: &B, what: &str) {
             token_type_ids: &types,
             reads: None,
             prefix: None,
+            decoder: None,
         });
         weighted_sum(&hidden.unwrap(), &r)
     };

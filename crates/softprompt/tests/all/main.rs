@@ -10,6 +10,7 @@ mod parity;
 mod peft;
 mod prefix;
 mod prompt_init;
+mod t5;
 mod tokenize;
 
 use std::path::PathBuf;

@@ -48,6 +48,7 @@ fn hidden<B: Backbone>(
             token_type_ids: &types,
             reads: None,
             prefix: None,
+            decoder: None,
         })
         .unwrap()
 }
@@ -151,6 +152,7 @@ fn fused_kernels_match_the_composed_reference_on_minilm() {
             token_type_ids: &types,
             reads: None,
             prefix: None,
+            decoder: None,
         };
         let (hidden, acts) = bert.forward_train(&input).unwrap();
         (hidden, bert.backward(&upstream, acts, None).unwrap().embeds)

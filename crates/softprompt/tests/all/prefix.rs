@@ -41,6 +41,7 @@ fn check_prefix<B: Backbone>(backbone: &B, layers: usize, kv_width: usize, what:
             token_type_ids: &types,
             reads: None,
             prefix: Some(&prefix),
+            decoder: None,
         };
         weighted_sum(&backbone.forward(&input).unwrap(), &r)
     };
@@ -54,6 +55,7 @@ fn check_prefix<B: Backbone>(backbone: &B, layers: usize, kv_width: usize, what:
         token_type_ids: &types,
         reads: None,
         prefix: Some(&prefix),
+        decoder: None,
     };
     let (_, acts) = backbone.forward_train(&input).unwrap();
     let grads = backbone.backward(&r, acts, None).unwrap();
@@ -111,6 +113,7 @@ fn a_decoder_reads_a_prefix_as_its_cache() {
                 token_type_ids: &mask.zeros_like().unwrap(),
                 reads: None,
                 prefix: Some(&prefix),
+                decoder: None,
             })
             .unwrap()
             .squeeze(0)
@@ -205,6 +208,7 @@ fn decoder_logits(backbone: &AnyBackbone, prefix: &Tensor, ids: &Tensor, mask: &
             token_type_ids: &mask.zeros_like().unwrap(),
             reads: None,
             prefix: Some(&prefix),
+            decoder: None,
         })
         .unwrap();
     let d = hidden.dim(2).unwrap();

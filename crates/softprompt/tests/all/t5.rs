@@ -1,0 +1,233 @@
+//! T5 against transformers (encoder states, decoder logits, loss; with and without a prompt), its
+//! relative-position attention and its whole backward against finite differences in f64, and its
+//! cached decoding against the full decoder pass.
+
+use crate::gradients::{check, randn, weighted_sum};
+use crate::{fixtures, max_abs, max_abs_diff};
+use candle_core::{DType, Device, Tensor, D};
+use softprompt::backbone::t5::T5;
+use softprompt::backbone::{Backbone, BackboneInput};
+use softprompt::files::load_tensors;
+use softprompt::kernels::{
+    biased_attention_backward, biased_attention_forward, causal_mask, position_bias,
+};
+use softprompt::prompt::{extend_front, SoftPrompt};
+
+const DEV: Device = Device::Cpu;
+
+fn load(name: &str, dtype: DType) -> T5 {
+    T5::load(&fixtures().join(name), dtype, &DEV).unwrap()
+}
+
+fn u32s(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::U32).unwrap()
+}
+
+/// The encoder's input with `prompt` in front (as PEFT does), and its mask.
+fn prompted(t5: &T5, ids: &Tensor, mask: &Tensor, prompt: Option<&Tensor>) -> (Tensor, Tensor) {
+    let word = t5.embed_tokens(ids).unwrap();
+    match prompt {
+        Some(p) => (
+            SoftPrompt::from_tensor(p)
+                .unwrap()
+                .prepend(&word, None)
+                .unwrap(),
+            extend_front(mask, p.dim(0).unwrap(), 1).unwrap(),
+        ),
+        None => (word, mask.clone()),
+    }
+}
+
+/// Mean cross-entropy of `labels` [B, T] (i64, −100 ignored) under logits [B, T, V].
+fn loss(logits: &Tensor, labels: &Tensor) -> f64 {
+    let logits = logits
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec3::<f64>()
+        .unwrap();
+    let labels = labels
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap();
+    let (mut sum, mut n) = (0.0, 0);
+    for (row, labels) in logits.iter().zip(&labels) {
+        for (l, &label) in row.iter().zip(labels).filter(|(_, &y)| y >= 0) {
+            let max = l.iter().cloned().fold(f64::MIN, f64::max);
+            let log_z = max + l.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            sum += log_z - l[label as usize];
+            n += 1;
+        }
+    }
+    sum / n as f64
+}
+
+#[test]
+fn t5_matches_transformers_with_and_without_a_prompt() {
+    for name in ["tiny-t5", "tiny-t5-gated"] {
+        let t5 = load(name, DType::F32);
+        let (f, _) = load_tensors(
+            &fixtures().join(format!("{}_parity.safetensors", name.replace('-', "_"))),
+            &DEV,
+        )
+        .unwrap();
+        let (ids, mask) = (u32s(&f["ids"]), u32s(&f["mask"]));
+        let decoder = t5.embed_tokens(&u32s(&f["decoder_ids"])).unwrap();
+        for (case, prompt) in [("plain", None), ("prompted", Some(&f["prompt"]))] {
+            let (embeds, mask) = prompted(&t5, &ids, &mask, prompt);
+            let encoded = t5.encode(&embeds, &mask).unwrap();
+            let reference = &f[&format!("encoder_{case}")];
+            let d = max_abs_diff(&encoded, reference);
+            assert!(
+                d < 1e-4 * max_abs(reference).max(1.0),
+                "{name} {case}: encoder states differ by {d:e}"
+            );
+            let types = mask.zeros_like().unwrap();
+            let hidden = t5
+                .forward(&BackboneInput {
+                    embeds: &embeds,
+                    attention_mask: &mask,
+                    token_type_ids: &types,
+                    reads: None,
+                    prefix: None,
+                    decoder: Some(&decoder),
+                })
+                .unwrap();
+            let logits = hidden
+                .broadcast_matmul(&t5.lm_head().dense().unwrap().t().unwrap())
+                .unwrap();
+            let reference = &f[&format!("logits_{case}")];
+            let d = max_abs_diff(&logits, reference);
+            assert!(
+                d < 1e-4 * max_abs(reference).max(1.0),
+                "{name} {case}: logits differ by {d:e}"
+            );
+            let ours = loss(&logits, &f["labels"]);
+            let theirs = f[&format!("loss_{case}")].to_vec1::<f32>().unwrap()[0] as f64;
+            assert!(
+                (ours - theirs).abs() < 1e-4,
+                "{name} {case}: loss {ours} against {theirs}"
+            );
+        }
+    }
+}
+
+#[test]
+fn relative_attention_backward_matches_finite_differences() {
+    let (b, h, q, s, k) = (2, 3, 4, 5, 3);
+    let table = randn(&[8, h], 1);
+    let bias = position_bias(&table, 0, q, s, true, 12).unwrap();
+    // a padding key in the second row, and a causal variant
+    let padding = Tensor::from_vec(
+        vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1e30],
+        (b, 1, 1, s),
+        &DEV,
+    )
+    .unwrap();
+    let causal = causal_mask(q, s, 1, &bias).unwrap();
+    for (what, bias) in [
+        ("bidirectional", bias.broadcast_add(&padding).unwrap()),
+        ("causal", bias.broadcast_add(&causal).unwrap()),
+    ] {
+        let (qx, kx, vx) = (
+            randn(&[b, h, q, k], 2),
+            randn(&[b, h, s, k], 3),
+            randn(&[b, h, s, k], 4),
+        );
+        let r = randn(&[b, h, q, k], 5);
+        let (_, saved) = biased_attention_forward(&qx, &kx, &vx, &bias).unwrap();
+        let (dq, dk, dv) = biased_attention_backward(&r, &saved).unwrap();
+        let out = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            weighted_sum(&biased_attention_forward(q, k, v, &bias).unwrap().0, &r)
+        };
+        check(&qx, &dq, |x| out(x, &kx, &vx), &format!("{what} dq"));
+        check(&kx, &dk, |x| out(&qx, x, &vx), &format!("{what} dk"));
+        check(&vx, &dv, |x| out(&qx, &kx, x), &format!("{what} dv"));
+    }
+}
+
+#[test]
+fn t5_backward_to_the_encoder_input_matches_finite_differences() {
+    for name in ["tiny-t5", "tiny-t5-gated"] {
+        let t5 = load(name, DType::F64);
+        let ids = Tensor::new(&[[5u32, 9, 20, 1, 0], [30, 31, 12, 40, 1]], &DEV).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &DEV).unwrap();
+        let prompt = randn(&[2, 16], 7);
+        let (embeds, mask) = prompted(&t5, &ids, &mask, Some(&prompt));
+        let decoder = t5
+            .embed_tokens(&Tensor::new(&[[0u32, 14, 20], [0, 26, 1]], &DEV).unwrap())
+            .unwrap();
+        let types = mask.zeros_like().unwrap();
+        let input = |embeds: &Tensor| -> (Tensor, Option<_>) {
+            let input = BackboneInput {
+                embeds,
+                attention_mask: &mask,
+                token_type_ids: &types,
+                reads: None,
+                prefix: None,
+                decoder: Some(&decoder),
+            };
+            t5.run(&input, true).unwrap()
+        };
+        let (hidden, activations) = input(&embeds);
+        let r = randn(hidden.dims(), 8);
+        let grads = t5.backward(&r, activations.unwrap(), None).unwrap();
+        check(
+            &embeds,
+            &grads.embeds,
+            |x| weighted_sum(&input(x).0, &r),
+            &format!("{name} d_embeds"),
+        );
+        // a padding column of the encoder gets nothing
+        let padded = grads.embeds.get(0).unwrap().get(6).unwrap();
+        assert_eq!(
+            max_abs(&padded),
+            0.0,
+            "{name}: a padding position got a gradient"
+        );
+    }
+}
+
+#[test]
+fn t5_cached_decoding_equals_the_full_decoder_pass() {
+    let t5 = load("tiny-t5-gated", DType::F64);
+    let embeds = t5
+        .embed_tokens(&Tensor::new(&[[5u32, 9, 20, 33, 1]], &DEV).unwrap())
+        .unwrap();
+    let mask = Tensor::ones((1, 5), DType::U32, &DEV).unwrap();
+    let decoder = t5
+        .embed_tokens(&Tensor::new(&[[0u32, 14, 20, 26]], &DEV).unwrap())
+        .unwrap();
+    let full = t5
+        .forward(&BackboneInput {
+            embeds: &embeds,
+            attention_mask: &mask,
+            token_type_ids: &mask.zeros_like().unwrap(),
+            reads: None,
+            prefix: None,
+            decoder: Some(&decoder),
+        })
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let mut state = t5.start_decoding(&embeds).unwrap();
+    let rows = decoder.squeeze(0).unwrap();
+    // two positions at once, then one at a time
+    let mut parts = vec![t5
+        .extend(&rows.narrow(0, 0, 2).unwrap(), &mut state)
+        .unwrap()];
+    for i in 2..4 {
+        parts.push(
+            t5.extend(&rows.narrow(0, i, 1).unwrap(), &mut state)
+                .unwrap(),
+        );
+    }
+    let cached = Tensor::cat(&parts, 0).unwrap();
+    assert_eq!(state.len(), 4);
+    let d = max_abs_diff(&cached, &full);
+    assert!(
+        d < 1e-10,
+        "cached decoding differs from the full pass by {d:e}"
+    );
+    assert!(max_abs(&full.sum(D::Minus1).unwrap()) > 0.0);
+}
