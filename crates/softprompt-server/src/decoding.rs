@@ -15,8 +15,7 @@
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use softprompt::backbone::KvCache;
-use softprompt::generate::{step, Generation, SamplingConfig, Sequence, Writer};
+use softprompt::generate::{step, Generation, PromptCache, SamplingConfig, Sequence, Writer};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +24,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 /// One request's text to write.
 pub struct Job {
     /// its adapter's prefix cache
-    pub prefix: KvCache,
+    pub prefix: PromptCache,
     pub ids: Vec<u32>,
     pub config: SamplingConfig,
     /// each piece of text as it becomes final; false stops it (the answer is no longer awaited)

@@ -3,8 +3,8 @@
 //! is one plain path component, so a request cannot reach outside them).
 
 use softprompt::adapter::{Adapter, AdapterHead, CONFIG_FILE};
-use softprompt::backbone::{Backbone, KvCache};
-use softprompt::generate::prefix_cache;
+use softprompt::backbone::Backbone;
+use softprompt::generate::{prefix_cache, PromptCache};
 use softprompt::inference::LoadedAdapter;
 use softprompt::model::Model;
 use softprompt::template::Template;
@@ -41,7 +41,7 @@ pub enum RegistryError {
 
 /// What `/v1/generate` needs of an adapter: its prompt already read (a prefix cache) and its template.
 pub struct Generator {
-    pub prefix: KvCache,
+    pub prefix: PromptCache,
     pub template: Option<Template>,
 }
 

@@ -63,6 +63,9 @@ pub enum TaskType {
     /// a decoder: the verbalizer's label words, or generation
     #[serde(rename = "CAUSAL_LM")]
     CausalLm,
+    /// an encoder-decoder (T5): the prompt in front of the encoder's input, the decoder writes
+    #[serde(rename = "SEQ_2_SEQ_LM")]
+    Seq2SeqLm,
     #[serde(untagged)]
     Other(String),
 }
@@ -73,6 +76,7 @@ impl TaskType {
         match task {
             TaskKind::Classify => Self::SeqCls,
             TaskKind::Verbalizer | TaskKind::CausalLm => Self::CausalLm,
+            TaskKind::Seq2Seq => Self::Seq2SeqLm,
         }
     }
 }
@@ -371,6 +375,20 @@ impl Adapter {
                     .to_string())
             ),
         }
+        // PEFT makes a SEQ_2_SEQ_LM prompt [2M, D] (num_transformer_submodules 2), but its prompt
+        // tuning and P-tuning read only the first M rows, in front of the encoder's input, in
+        // training and generation alike: the other M never move. Those M rows are the adapter.
+        let encoder_only = matches!(config.peft_type, PeftType::PromptTuning | PeftType::PTuning);
+        let (prompt, config) = match (&config.task_type, encoder_only) {
+            (Some(TaskType::Seq2SeqLm), true) if config.num_transformer_submodules > 1 => (
+                prompt.narrow(0, 0, config.num_virtual_tokens)?,
+                PeftConfig {
+                    num_transformer_submodules: 1,
+                    ..config
+                },
+            ),
+            _ => (prompt, config),
+        };
         let method = extra.as_ref().and_then(|e| e.method);
         let tasks = match config.peft_type {
             PeftType::MultitaskPromptTuning => {
@@ -421,13 +439,13 @@ impl Adapter {
                 }
                 (AdapterHead::Verbalizer { words }, labels, template)
             }
-            (TaskType::CausalLm, extra) => (
+            (TaskType::CausalLm | TaskType::Seq2SeqLm, extra) => (
                 AdapterHead::Generation,
                 Vec::new(),
                 extra.and_then(|e| e.template),
             ),
             (TaskType::Other(other), _) => bail!(
-                "adapter {at} is for task_type {other}; softprompt reads SEQ_CLS and CAUSAL_LM adapters"
+                "adapter {at} is for task_type {other}; softprompt reads SEQ_CLS, CAUSAL_LM and SEQ_2_SEQ_LM adapters"
             ),
         };
         if !matches!(head, AdapterHead::Generation) {

@@ -90,6 +90,9 @@ pub struct Batch {
     /// per row, its real tokens
     pub lengths: Vec<usize>,
     pub padding: Padding,
+    /// an encoder-decoder's decoder rows [B, W] u32 (`Encoded::decoder_ids`), right-padded
+    /// (causal attention never reads what lies after a position), and each row's length
+    pub decoder: Option<(Tensor, Vec<usize>)>,
 }
 
 impl Batch {
@@ -124,6 +127,7 @@ impl Batch {
             target_lens: rows.iter().map(|&r| data[r].target_len).collect(),
             lengths: rows.iter().map(|&r| data[r].ids.len()).collect(),
             padding,
+            decoder: decoder_rows(data, rows, device)?,
         })
     }
 
@@ -137,8 +141,22 @@ impl Batch {
     }
 
     /// The target tokens with `prompt_len` vectors in front of every row. A target token at the
-    /// very first position has nothing before it to predict it and is left out.
+    /// very first position has nothing before it to predict it and is left out. With decoder
+    /// rows, the targets are theirs (the prompt is the encoder's): every token after the first,
+    /// predicted at the position before, in [B, W].
     pub fn targets(&self, prompt_len: usize) -> Result<Targets> {
+        if let Some((ids, lengths)) = &self.decoder {
+            let width = ids.dim(1)?;
+            let mut targets = Targets::default();
+            for (b, row) in ids.to_vec2::<u32>()?.iter().enumerate() {
+                for (i, &token) in row.iter().enumerate().take(lengths[b]).skip(1) {
+                    targets.positions.push((b * width + i - 1) as u32);
+                    targets.tokens.push(token);
+                    targets.rows.push(b);
+                }
+            }
+            return Ok(targets);
+        }
         let ids = self.ids.to_vec2::<u32>()?;
         let width = prompt_len + ids.first().map_or(0, Vec::len);
         let mut targets = Targets::default();
@@ -172,6 +190,35 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
+}
+
+/// The decoder rows of `rows` [B, W], right-padded with 0 (T5's pad), and their lengths; None
+/// when the examples have none.
+fn decoder_rows(
+    data: &[Encoded],
+    rows: &[usize],
+    device: &Device,
+) -> Result<Option<(Tensor, Vec<usize>)>> {
+    let lengths: Vec<usize> = rows.iter().map(|&r| data[r].decoder_ids.len()).collect();
+    let width = lengths.iter().copied().max().unwrap_or(0);
+    if width == 0 {
+        return Ok(None);
+    }
+    let ids: Vec<u32> = rows
+        .iter()
+        .flat_map(|&r| {
+            Padding::Right.row(
+                data[r].decoder_ids.iter().copied(),
+                data[r].decoder_ids.len(),
+                width,
+                0,
+            )
+        })
+        .collect();
+    Ok(Some((
+        Tensor::from_vec(ids, (rows.len(), width), device)?,
+        lengths,
+    )))
 }
 
 /// The target tokens of a batch, in row order.

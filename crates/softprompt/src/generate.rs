@@ -5,8 +5,12 @@
 //! ```text
 //! prefix_cache(prompt)  ──clone──▶  extend(input tokens) → sample → extend(token) → sample → …
 //! ```
+//!
+//! An encoder-decoder (T5) reads [prompt; input] with its encoder once, and its decoder writes
+//! from the start token on, with a KV cache of its own and the encoder's keys and values.
 
 use crate::backbone::any::AnyBackbone;
+use crate::backbone::t5::T5Decoding;
 use crate::backbone::{Backbone, KvCache};
 use crate::model::Model;
 use crate::prompt::Placement;
@@ -86,9 +90,49 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// The keys and values of a prompt [M, D], read once and shared by every request of its adapter;
-/// a prefix [M, L·2·Hkv·K] is those keys and values already.
+/// What every text of one adapter starts from, made once and cloned per text: a decoder's keys
+/// and values of the prompt, or an encoder-decoder's prompt vectors, which its encoder reads in
+/// front of each input.
+#[derive(Clone)]
+pub enum PromptCache {
+    Decoder(KvCache),
+    /// [M, D]
+    Encoder(Tensor),
+}
+
+impl PromptCache {
+    /// The positions the prompt takes in front of an input.
+    pub fn len(&self) -> usize {
+        match self {
+            PromptCache::Decoder(cache) => cache.len(),
+            PromptCache::Encoder(prompt) => prompt.dim(0).unwrap_or(0),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The prompt cache of a prompt [M, D] (`PromptCache`), made once for every request of its
+/// adapter; on a decoder, a prefix [M, L·2·Hkv·K] is its keys and values already.
 pub fn prefix_cache(
+    backbone: &AnyBackbone,
+    prompt: &Tensor,
+    placement: Placement,
+) -> crate::Result<PromptCache> {
+    if backbone.seq2seq().is_some() {
+        if placement == Placement::Prefix {
+            bail!("prefix tuning is not supported on T5");
+        }
+        return Ok(PromptCache::Encoder(prompt.clone()));
+    }
+    Ok(PromptCache::Decoder(decoder_cache(
+        backbone, prompt, placement,
+    )?))
+}
+
+fn decoder_cache(
     backbone: &AnyBackbone,
     prompt: &Tensor,
     placement: Placement,
@@ -108,7 +152,7 @@ pub fn prefix_cache(
 fn decoder(backbone: &AnyBackbone) -> crate::Result<&dyn crate::backbone::Decoder> {
     backbone.decoder().with_context(|| {
         format!(
-            "generation needs a decoder (GPT-2 or Llama family); this model is a {} encoder",
+            "generation needs a decoder (GPT-2, Llama family or T5); this model is a {} encoder",
             backbone.architecture()
         )
     })
@@ -120,7 +164,7 @@ fn decoder(backbone: &AnyBackbone) -> crate::Result<&dyn crate::backbone::Decode
 pub fn generate(
     backbone: &AnyBackbone,
     encoder: &TextEncoder,
-    prefix: &KvCache,
+    prefix: &PromptCache,
     input_ids: &[u32],
     eos: &[u32],
     config: &SamplingConfig,
@@ -137,7 +181,7 @@ pub fn generate(
 /// The tokens alone (no text, no stop strings): what `softprompt bench --mode generate` times.
 pub fn generate_tokens(
     backbone: &AnyBackbone,
-    prefix: &KvCache,
+    prefix: &PromptCache,
     input_ids: &[u32],
     eos: &[u32],
     config: &SamplingConfig,
@@ -231,7 +275,7 @@ impl<'a> Writer<'a> {
 /// on by one token in one backbone pass, so texts of different adapters and lengths decode
 /// together; a sequence gets the same tokens in any company.
 pub struct Sequence<'a> {
-    cache: KvCache,
+    cache: Cache,
     config: SamplingConfig,
     rng: ChaCha8Rng,
     eos: Vec<u32>,
@@ -246,6 +290,21 @@ pub struct Sequence<'a> {
     writer: Writer<'a>,
 }
 
+/// What a sequence has read: a decoder's KV cache, or an encoder-decoder's decoding state.
+enum Cache {
+    Decoder(KvCache),
+    Seq2Seq(T5Decoding),
+}
+
+impl Cache {
+    fn len(&self) -> usize {
+        match self {
+            Cache::Decoder(cache) => cache.len(),
+            Cache::Seq2Seq(state) => state.len(),
+        }
+    }
+}
+
 /// Positions one pass reads while the input is read in: a pass's attention scores are
 /// [H, N, T], which for a whole long input at once would take gigabytes.
 const PREFILL_CHUNK: usize = 256;
@@ -255,14 +314,13 @@ impl<'a> Sequence<'a> {
     /// first token.
     pub fn start(
         backbone: &AnyBackbone,
-        prefix: &KvCache,
+        prefix: &PromptCache,
         input_ids: &[u32],
         eos: &[u32],
         config: &SamplingConfig,
         writer: Writer<'a>,
     ) -> crate::Result<Self> {
         config.validate()?;
-        let decoder = decoder(backbone)?;
         if input_ids.is_empty() {
             bail!("nothing to continue: the input has no tokens");
         }
@@ -274,7 +332,7 @@ impl<'a> Sequence<'a> {
             );
         }
         let mut sequence = Self {
-            cache: prefix.clone(),
+            cache: Cache::Decoder(KvCache::default()),
             config: config.clone(),
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             eos: eos.to_vec(),
@@ -290,14 +348,31 @@ impl<'a> Sequence<'a> {
             return Ok(sequence);
         }
         let table = backbone.word_embeddings();
-        let mut hidden = None;
-        for chunk in input_ids.chunks(PREFILL_CHUNK) {
-            let embeds = table.rows(&Tensor::new(chunk, &table.device())?)?;
-            hidden = Some(decoder.extend(&embeds, &mut sequence.cache)?);
-        }
-        let hidden = hidden.context("nothing to read")?;
-        let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
-        let logits = decoder.next_token_logits(&last)?.to_dtype(DType::F32)?;
+        let rows = |ids: &[u32]| table.rows(&Tensor::new(ids, &table.device())?);
+        let logits = match (prefix, backbone.seq2seq()) {
+            (PromptCache::Encoder(prompt), Some(t5)) => {
+                let input = Tensor::cat(&[&prompt.to_dtype(table.dtype())?, &rows(input_ids)?], 0)?;
+                let mut state = t5.start_decoding(&input.unsqueeze(0)?)?;
+                let start = rows(&[t5.config.decoder_start()])?;
+                let hidden = t5.extend(&start, &mut state)?;
+                sequence.cache = Cache::Seq2Seq(state);
+                t5.lm_head().apply(&hidden)?
+            }
+            (PromptCache::Decoder(cache), None) => {
+                let decoder = decoder(backbone)?;
+                let mut cache = cache.clone();
+                let mut hidden = None;
+                for chunk in input_ids.chunks(PREFILL_CHUNK) {
+                    hidden = Some(decoder.extend(&rows(chunk)?, &mut cache)?);
+                }
+                sequence.cache = Cache::Decoder(cache);
+                let hidden = hidden.context("nothing to read")?;
+                let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
+                decoder.next_token_logits(&last)?
+            }
+            _ => bail!("a prompt cache made for another kind of model"),
+        };
+        let logits = logits.to_dtype(DType::F32)?;
         sequence.take(&logits.squeeze(0)?.to_vec1::<f32>()?);
         Ok(sequence)
     }
@@ -347,9 +422,9 @@ impl<'a> Sequence<'a> {
 }
 
 /// One token more for every sequence not `done`, all in one backbone pass: each row reads its
-/// last token on top of its own cache, and picks its next with its own sampler.
+/// last token on top of its own cache, and picks its next with its own sampler. (An
+/// encoder-decoder's sequences step one after another.)
 pub fn step(backbone: &AnyBackbone, sequences: &mut [Sequence]) -> crate::Result<()> {
-    let decoder = decoder(backbone)?;
     let mut active: Vec<&mut Sequence> = sequences
         .iter_mut()
         .filter_map(|s| (!s.done()).then_some(s))
@@ -360,13 +435,28 @@ pub fn step(backbone: &AnyBackbone, sequences: &mut [Sequence]) -> crate::Result
     }
     let table = backbone.word_embeddings();
     let embeds = table.rows(&Tensor::new(tokens.as_slice(), &table.device())?)?;
-    let mut caches: Vec<KvCache> = active
-        .iter_mut()
-        .map(|s| std::mem::take(&mut s.cache))
-        .collect();
+    if let Some(t5) = backbone.seq2seq() {
+        for (b, sequence) in active.iter_mut().enumerate() {
+            let Cache::Seq2Seq(state) = &mut sequence.cache else {
+                bail!("a decoder's sequence stepped on T5");
+            };
+            let hidden = t5.extend(&embeds.narrow(0, b, 1)?, state)?;
+            let logits = t5.lm_head().apply(&hidden)?.to_dtype(DType::F32)?;
+            sequence.take(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        }
+        return Ok(());
+    }
+    let decoder = decoder(backbone)?;
+    let mut caches = Vec::with_capacity(active.len());
+    for sequence in active.iter_mut() {
+        match std::mem::replace(&mut sequence.cache, Cache::Decoder(KvCache::default())) {
+            Cache::Decoder(cache) => caches.push(cache),
+            Cache::Seq2Seq(_) => bail!("a T5 sequence stepped on a decoder"),
+        }
+    }
     let hidden = decoder.extend_each(&embeds, &mut caches);
     for (sequence, cache) in active.iter_mut().zip(caches) {
-        sequence.cache = cache;
+        sequence.cache = Cache::Decoder(cache);
     }
     let logits = decoder.next_token_logits(&hidden?)?.to_dtype(DType::F32)?;
     for (sequence, row) in active.iter_mut().zip(logits.to_vec2::<f32>()?) {
@@ -378,7 +468,7 @@ pub fn step(backbone: &AnyBackbone, sequences: &mut [Sequence]) -> crate::Result
 /// What continues texts behind one prompt: its prefix cache, read once, the tokenizer that
 /// leaves room for it, and the template texts are written into (`softprompt generate`, Python).
 pub struct Continuation {
-    prefix: KvCache,
+    prefix: PromptCache,
     encoder: TextEncoder,
     template: Option<Template>,
 }

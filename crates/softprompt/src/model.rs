@@ -1,15 +1,17 @@
 //! A frozen model and its tokenizer: a Hugging Face directory (config.json, *.safetensors,
-//! tokenizer.json) of BERT, GPT-2 or the Llama family, or a Llama-family GGUF file.
+//! tokenizer.json) of BERT, GPT-2, the Llama family or T5, or a Llama-family GGUF file.
 
 use crate::adapter::{AdapterHead, PeftConfig, PeftType, TaskType};
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::bert::Bert;
 use crate::backbone::gpt2::Gpt2;
 use crate::backbone::llama::Llama;
+use crate::backbone::t5::T5;
 use crate::backbone::{gguf, read_config, Backbone};
 use crate::kernels::{Linear, Weight};
 use crate::task::classify::{ClassificationHead, Pool};
 use crate::task::verbalizer;
+use crate::task::TaskKind;
 use crate::template::Template;
 use crate::tokenize::TextEncoder;
 use crate::{bail, Context};
@@ -137,8 +139,9 @@ impl Model {
             "bert" => AnyBackbone::Bert(Bert::load(path, dtype, device)?),
             "gpt2" => AnyBackbone::Gpt2(Gpt2::load(path, dtype, device)?),
             "llama" | "qwen2" | "mistral" => AnyBackbone::Llama(Llama::load(path, dtype, device)?),
+            "t5" | "mt5" => AnyBackbone::T5(T5::load(path, dtype, device)?),
             other => bail!(
-                "{}: model_type {other:?} is not supported (bert, gpt2, llama, qwen2, mistral)",
+                "{}: model_type {other:?} is not supported (bert, gpt2, llama, qwen2, mistral, t5, mt5)",
                 config.display()
             ),
         };
@@ -289,6 +292,26 @@ impl Model {
                 self.backbone.architecture()
             )
         })
+    }
+
+    /// An encoder-decoder's decoder start token (T5's pad, 0); None for the other models.
+    pub fn decoder_start(&self) -> Option<u32> {
+        self.backbone.seq2seq().map(|t5| t5.config.decoder_start())
+    }
+
+    /// Refuses a task this model cannot do: an encoder-decoder writes its targets with its
+    /// decoder (`--task seq2seq`, and only that), the others never do.
+    pub fn check_task(&self, task: TaskKind) -> crate::Result<()> {
+        let (at, arch) = (self.path.display(), self.backbone.architecture());
+        match (self.backbone.seq2seq().is_some(), task) {
+            (true, TaskKind::Seq2Seq) | (false, TaskKind::Classify | TaskKind::Verbalizer | TaskKind::CausalLm) => Ok(()),
+            (true, other) => bail!(
+                "{at} is an encoder-decoder (T5), which writes its answers with its decoder: use --task seq2seq, not {other}"
+            ),
+            (false, _) => bail!(
+                "--task seq2seq needs an encoder-decoder (T5), and {at} is a {arch} model (a decoder learns to write targets with --task causal-lm)"
+            ),
+        }
     }
 
     /// The head an adapter describes, on this model.

@@ -12,6 +12,9 @@ pub struct Encoded {
     pub type_ids: Vec<u32>,
     /// how many of the last `ids` are a target the model learns to write (`--task causal-lm`); 0 otherwise
     pub target_len: usize,
+    /// an encoder-decoder's decoder row (`--task seq2seq`): the decoder start token, the target
+    /// and EOS, each position predicting the next; empty otherwise
+    pub decoder_ids: Vec<u32>,
 }
 
 pub struct TextEncoder {
@@ -169,7 +172,11 @@ impl TextEncoder {
             .tokenizer
             .get_vocab(false)
             .into_iter()
-            .filter(|(token, _)| token.len() > 1 && token.chars().all(|c| c.is_alphabetic()))
+            .filter(|(token, _)| {
+                // SentencePiece (T5) marks a word's start with '▁'
+                let word = token.strip_prefix('\u{2581}').unwrap_or(token);
+                word.chars().count() > 1 && word.chars().all(|c| c.is_alphabetic())
+            })
             .map(|(_, id)| id)
             .collect();
         ids.sort_unstable();
@@ -223,6 +230,7 @@ fn encode_with(
         ids: e.get_ids().to_vec(),
         type_ids: e.get_type_ids().to_vec(),
         target_len: 0,
+        decoder_ids: Vec::new(),
     })
     .map_err(|e| crate::invalid!("cannot tokenize {:?}: {e}", preview(text)))
 }

@@ -237,6 +237,7 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
                 .collect(),
             type_ids: vec![0; config.seq],
             target_len: if is_lm { config.seq } else { 0 },
+            decoder_ids: Vec::new(),
         })
         .collect();
     let set = EncodedSet {

@@ -125,7 +125,8 @@ pub fn generation_score(
     let encoder = model.encoder(adapter.prompt.dim(0)?, None)?;
     let eos = model.eos_token_ids.first().copied();
     let template = adapter.template.as_ref();
-    let data = encode_pairs(&encoder, examples, template, source, eos)?;
+    let decoder_start = model.decoder_start();
+    let data = encode_pairs(&encoder, examples, template, source, eos, decoder_start)?;
     let head = CausalLm {
         lm_head: model.lm_head("a generation adapter")?.dense()?,
     };

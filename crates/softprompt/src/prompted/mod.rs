@@ -32,11 +32,13 @@ use candle_core::{DType, Tensor, Var};
 
 /// A batch with the prompt in front: embeddings [B, M + N, D], mask and token types [B, M + N];
 /// a prefix's M positions are not in them but in `prefix`, in front of every layer's attention.
+/// An encoder-decoder's decoder rows are embedded in `decoder` [B, W, D].
 pub struct Prompted {
     pub embeds: Tensor,
     pub attention_mask: Tensor,
     pub token_type_ids: Tensor,
     pub prefix: Option<Prefix>,
+    pub decoder: Option<Tensor>,
 }
 
 impl Prompted {
@@ -44,12 +46,17 @@ impl Prompted {
     pub fn new<B: Backbone>(backbone: &B, prompt: &SoftPrompt, batch: &Batch) -> Result<Self> {
         let word = backbone.embed_tokens(&batch.ids)?;
         let prefix = prompt.prefix_for(batch.ids.dim(0)?)?;
+        let decoder = match &batch.decoder {
+            Some((ids, _)) => Some(backbone.embed_tokens(ids)?),
+            None => None,
+        };
         if prefix.is_some() {
             return Ok(Self {
                 embeds: word,
                 attention_mask: batch.attention_mask.clone(),
                 token_type_ids: batch.type_ids.clone(),
                 prefix,
+                decoder,
             });
         }
         let m = prompt.len();
@@ -58,6 +65,7 @@ impl Prompted {
             attention_mask: extend_front(&batch.attention_mask, m, 1)?,
             token_type_ids: extend_front(&batch.type_ids, m, 0)?,
             prefix,
+            decoder,
         })
     }
 
@@ -68,7 +76,7 @@ impl Prompted {
             token_type_ids: &self.token_type_ids,
             reads: None,
             prefix: self.prefix.as_ref(),
-            decoder: None,
+            decoder: self.decoder.as_ref(),
         }
     }
 }

@@ -4,6 +4,9 @@
 //! never scored. The target ends with EOS (as PEFT's CAUSAL_LM examples do), so that the prompt also
 //! learns where to stop.
 //!
+//! An encoder-decoder (`--task seq2seq`, T5) learns the same from its decoder: the input alone is
+//! the encoder's, the decoder reads the start token and the target and predicts each next token.
+//!
 //! An example counts as an exact match when every target token, EOS included, is the LM head's top
 //! choice after the tokens before it: exactly when greedy decoding writes the target and stops.
 
@@ -49,21 +52,50 @@ pub fn encode_pair(
     Ok(encoded)
 }
 
+/// An encoder-decoder's example: the input alone for the encoder (with its tokenizer's special
+/// tokens: T5's EOS; cut to fit), and the decoder's row `decoder_start`, the target, EOS.
+pub fn encode_seq2seq_pair(
+    encoder: &TextEncoder,
+    template: Option<&Template>,
+    input: &str,
+    target: &str,
+    decoder_start: u32,
+    eos: Option<u32>,
+) -> crate::Result<Encoded> {
+    let mut decoder_ids = vec![decoder_start];
+    decoder_ids.extend(encoder.plain_ids(target)?);
+    decoder_ids.extend(eos);
+    if decoder_ids.len() < 2 {
+        bail!("the target {target:?} tokenizes to nothing");
+    }
+    let (encoded, _) = encoder.encode_fitted(template, input, None, encoder.max_tokens())?;
+    Ok(Encoded {
+        decoder_ids,
+        ..encoded
+    })
+}
+
 /// Every (input, target) pair of a data set (the target in the label column), the inputs written
-/// into `template`; an error names the file and line.
+/// into `template`: for a decoder one row each (`encode_pair`), for an encoder-decoder, whose
+/// decoder starts at `decoder_start`, an input and a decoder row (`encode_seq2seq_pair`). An error
+/// names the file and line.
 pub fn encode_pairs(
     encoder: &TextEncoder,
     examples: &[Example],
     template: Option<&Template>,
     path: &Path,
     eos: Option<u32>,
+    decoder_start: Option<u32>,
 ) -> crate::Result<Vec<Encoded>> {
     examples
         .iter()
         .map(|e| {
             let target = e.label.as_deref().unwrap_or_default();
-            encode_pair(encoder, template, &e.text, target, eos)
-                .with_context(|| format!("{} line {}", path.display(), e.line))
+            match decoder_start {
+                Some(start) => encode_seq2seq_pair(encoder, template, &e.text, target, start, eos),
+                None => encode_pair(encoder, template, &e.text, target, eos),
+            }
+            .with_context(|| format!("{} line {}", path.display(), e.line))
         })
         .collect()
 }

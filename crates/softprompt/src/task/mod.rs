@@ -10,7 +10,8 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 /// What a run trains: a linear head on a pooled vector, the paper's text-to-text scoring of label
-/// words by a decoder's frozen LM head, or a decoder writing free-form targets.
+/// words by a decoder's frozen LM head, a decoder writing free-form targets, or an
+/// encoder-decoder (T5) writing them from its decoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
@@ -18,8 +19,17 @@ pub enum TaskKind {
     Verbalizer,
     #[serde(rename = "causal-lm")]
     CausalLm,
+    Seq2Seq,
 }
-crate::named_choice!(TaskKind, "classify", "verbalizer", "causal-lm");
+crate::named_choice!(TaskKind, "classify", "verbalizer", "causal-lm", "seq2seq");
+
+impl TaskKind {
+    /// Whether the model learns to write each example's target text (the label column), scored
+    /// by exact match, token accuracy and token loss, rather than to pick one of the labels.
+    pub fn writes_targets(self) -> bool {
+        matches!(self, TaskKind::CausalLm | TaskKind::Seq2Seq)
+    }
+}
 
 /// What a task head gives back for its loss on the last hidden state.
 pub struct HeadBackward {

@@ -153,7 +153,9 @@ impl TrainConfig {
             TaskKind::Verbalizer if self.template.is_none() => bail!(
                 "--task verbalizer needs --template, e.g. \"Review: {{text}}\\nSentiment:\" (the label word comes next)"
             ),
-            TaskKind::Classify | TaskKind::CausalLm if self.label_words.is_some() => {
+            TaskKind::Classify | TaskKind::CausalLm | TaskKind::Seq2Seq
+                if self.label_words.is_some() =>
+            {
                 bail!("--label-words is for --task verbalizer")
             }
             _ => Ok(()),

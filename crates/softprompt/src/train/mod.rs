@@ -47,7 +47,8 @@ struct Names {
 
 /// Reads a data set and writes each input into the template. Classification tasks tokenize the
 /// inputs and map the labels to `known`'s (or to the set's own, sorted); a causal LM appends
-/// each target to its input. A multitask run's rows map their tasks the same way.
+/// each target to its input, an encoder-decoder (whose decoder starts at `decoder_start`) gives
+/// it to the decoder. A multitask run's rows map their tasks the same way.
 fn load_set(
     source: &DataSource,
     columns: &Columns,
@@ -55,6 +56,7 @@ fn load_set(
     encoder: &TextEncoder,
     config: &TrainConfig,
     eos: Option<u32>,
+    decoder_start: Option<u32>,
 ) -> Result<(EncodedSet, Names)> {
     let examples = source.examples(columns, Labels::Required)?;
     let (template, name) = (config.template.as_ref(), source.name());
@@ -73,8 +75,8 @@ fn load_set(
         None => None,
     };
     let set = match config.task {
-        TaskKind::CausalLm => EncodedSet {
-            data: encode_pairs(encoder, &examples, template, name, eos)?,
+        TaskKind::CausalLm | TaskKind::Seq2Seq => EncodedSet {
+            data: encode_pairs(encoder, &examples, template, name, eos, decoder_start)?,
             labels: None,
             tasks,
         },
@@ -193,9 +195,19 @@ impl Run<'_> {
             device,
             ranks,
         } = *self;
-        if config.task == TaskKind::CausalLm {
+        model.check_task(config.task)?;
+        if config.task.writes_targets() {
             model.lm_head("--task causal-lm")?;
         }
+        if model.backbone.seq2seq().is_some()
+            && matches!(config.method, Method::Prefix | Method::Multitask)
+        {
+            bail!(
+                "--method {} is not supported on T5 yet (prompt, p-tuning and residual are)",
+                config.method
+            );
+        }
+        let decoder_start = model.decoder_start();
         let m = config.num_virtual_tokens;
         let encoder = model.encoder(m, config.max_tokens)?;
         let eos = model.eos_token_ids.first().copied();
@@ -206,9 +218,17 @@ impl Run<'_> {
             (Method::Multitask, Some(_)) | (_, None) => {}
             (_, Some(_)) => bail!("--task-column is for --method multitask"),
         }
-        let (train_set, names) = load_set(&data.train, &data.columns, None, &encoder, config, eos)?;
+        let (train_set, names) = load_set(
+            &data.train,
+            &data.columns,
+            None,
+            &encoder,
+            config,
+            eos,
+            decoder_start,
+        )?;
         let (label_names, task_names) = (names.labels.clone(), names.tasks.clone());
-        if config.task != TaskKind::CausalLm && label_names.len() < 2 {
+        if !config.task.writes_targets() && label_names.len() < 2 {
             bail!(
                 "{}: training needs at least two different labels, found {:?}",
                 data.train.name().display(),
@@ -218,14 +238,24 @@ impl Run<'_> {
         let dev_set = match &data.dev {
             Some(dev) => {
                 // a causal LM's dev targets need not be its training targets
-                let known = match config.task {
-                    TaskKind::CausalLm => Names {
+                let known = match config.task.writes_targets() {
+                    true => Names {
                         labels: Vec::new(),
                         tasks: names.tasks.clone(),
                     },
-                    _ => names,
+                    false => names,
                 };
-                Some(load_set(dev, &data.columns, Some(&known), &encoder, config, eos)?.0)
+                let columns = &data.columns;
+                let set = load_set(
+                    dev,
+                    columns,
+                    Some(&known),
+                    &encoder,
+                    config,
+                    eos,
+                    decoder_start,
+                );
+                Some(set?.0)
             }
             None => None,
         };
@@ -255,7 +285,7 @@ impl Run<'_> {
             .run(resume, on_event)
         };
         match config.task {
-            TaskKind::CausalLm => {
+            TaskKind::CausalLm | TaskKind::Seq2Seq => {
                 let head = CausalLm {
                     lm_head: model.lm_head("--task causal-lm")?.dense()?,
                 };

@@ -100,6 +100,7 @@ fn bf16_matrices_keep_the_loss_and_prompt_gradient_within_1e_2_of_f32() {
         type_ids: vec![0; ids.len()],
         ids,
         target_len: 0,
+        decoder_ids: Vec::new(),
     })
     .collect();
     let batch = Batch::new(&data, Some(&[0, 1, 1]), &[0, 1, 2], Padding::Right, &DEV).unwrap();

@@ -10,8 +10,8 @@ use softprompt::backbone::gpt2::Gpt2;
 use softprompt::backbone::llama::Llama;
 use softprompt::backbone::{Backbone, KvCache};
 use softprompt::generate::{
-    generate, prefix_cache, sample, step, FinishReason, Generation, SamplingConfig, Sequence,
-    Writer,
+    generate, prefix_cache, sample, step, FinishReason, Generation, PromptCache, SamplingConfig,
+    Sequence, Writer,
 };
 use softprompt::model::Model;
 use softprompt::prompt::Placement;
@@ -139,7 +139,7 @@ fn a_batch_of_sequences_writes_what_each_writes_alone() {
             max_new_tokens: 2,
             ..greedy.clone()
         };
-        let texts: [(&KvCache, &[u32], &SamplingConfig); 5] = [
+        let texts: [(&PromptCache, &[u32], &SamplingConfig); 5] = [
             (&prefixes[0], &[5, 20, 9], &greedy),
             (&prefixes[1], &[7], &sampled),
             (&prefixes[2], &[30, 31, 32, 33], &greedy),
@@ -152,7 +152,7 @@ fn a_batch_of_sequences_writes_what_each_writes_alone() {
                 generate(&backbone, &encoder, prefix, ids, &[], config, &mut |_| true).unwrap()
             })
             .collect();
-        let start = |(prefix, ids, config): &(&KvCache, &[u32], &SamplingConfig)| {
+        let start = |(prefix, ids, config): &(&PromptCache, &[u32], &SamplingConfig)| {
             let writer = Writer::text(&encoder, config, Box::new(|_| true));
             Sequence::start(&backbone, prefix, ids, &[], config, writer).unwrap()
         };
@@ -330,7 +330,7 @@ fn smollm2_continues_with_paris() {
     let generated = generate(
         &model.backbone,
         &encoder,
-        &KvCache::default(),
+        &PromptCache::Decoder(KvCache::default()),
         &ids,
         &model.eos_token_ids,
         &config,

@@ -584,16 +584,19 @@ fn prompt_gradient_matches_finite_differences_for_every_pool() {
             ids: vec![2, 5, 20, 9, 3],
             type_ids: vec![0; 5],
             target_len: 0,
+            decoder_ids: Vec::new(),
         },
         Encoded {
             ids: vec![2, 30, 3],
             type_ids: vec![0; 3],
             target_len: 0,
+            decoder_ids: Vec::new(),
         },
         Encoded {
             ids: vec![2, 40, 41, 42, 43, 3],
             type_ids: vec![0, 0, 0, 1, 1, 1],
             target_len: 0,
+            decoder_ids: Vec::new(),
         },
     ];
     let labels = [0u32, 1, 1];
@@ -621,6 +624,7 @@ fn texts(rows: &[&[u32]]) -> Vec<Encoded> {
             ids: ids.to_vec(),
             type_ids: vec![0; ids.len()],
             target_len: 0,
+            decoder_ids: Vec::new(),
         })
         .collect()
 }
@@ -780,11 +784,13 @@ fn verbalizer_prompt_gradient_matches_finite_differences() {
             ids: vec![5, 20, 9, 3],
             type_ids: vec![0; 4],
             target_len: 0,
+            decoder_ids: Vec::new(),
         },
         Encoded {
             ids: vec![30, 3],
             type_ids: vec![0; 2],
             target_len: 0,
+            decoder_ids: Vec::new(),
         },
     ];
     let labels = [1u32, 0];
@@ -851,17 +857,20 @@ fn causal_lm_loss_scores_only_targets_and_its_gradient_matches_finite_difference
             ids: vec![5, 20, 9, 3, 41, 42],
             type_ids: vec![0; 6],
             target_len: 2,
+            decoder_ids: Vec::new(),
         },
         Encoded {
             ids: vec![30, 7, 8],
             type_ids: vec![0; 3],
             target_len: 3,
+            decoder_ids: Vec::new(),
         },
     ];
     data.extend((0..10).map(|r| Encoded {
         ids: (0..28).map(|i| (r * 7 + i * 3) % 60).collect(),
         type_ids: vec![0; 28],
         target_len: 27,
+        decoder_ids: Vec::new(),
     }));
     // every row (row 1's target starts its input, so its first token is predicted from the
     // prompt's last row: the prompt is then computed in every row), and all but row 1 (the prompt

@@ -279,6 +279,7 @@ fn a_decoder_reads_an_adapters_prompt_once() {
             ids: ids.to_vec(),
             type_ids: vec![0; ids.len()],
             target_len: 0,
+            decoder_ids: Vec::new(),
         })
         .collect();
     for (name, backbone) in tiny_decoders() {

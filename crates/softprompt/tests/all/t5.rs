@@ -5,13 +5,22 @@
 use crate::gradients::{check, randn, weighted_sum};
 use crate::{fixtures, max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor, D};
+use softprompt::adapter::{Adapter, TaskType};
 use softprompt::backbone::t5::T5;
 use softprompt::backbone::{Backbone, BackboneInput};
+use softprompt::batch::{Batch, Batching, Padding};
+use softprompt::data::Example;
 use softprompt::files::load_tensors;
+use softprompt::generate::{Continuation, SamplingConfig};
 use softprompt::kernels::{
     biased_attention_backward, biased_attention_forward, causal_mask, position_bias,
 };
-use softprompt::prompt::{extend_front, SoftPrompt};
+use softprompt::model::Model;
+use softprompt::prompt::{extend_front, Placement, SoftPrompt};
+use softprompt::prompted::{generation_score, CausalLm, PromptedModel, Trainee};
+use softprompt::task::classify::log_softmax;
+use softprompt::tokenize::Encoded;
+use std::path::Path;
 
 const DEV: Device = Device::Cpu;
 
@@ -230,4 +239,171 @@ fn t5_cached_decoding_equals_the_full_decoder_pass() {
         "cached decoding differs from the full pass by {d:e}"
     );
     assert!(max_abs(&full.sum(D::Minus1).unwrap()) > 0.0);
+}
+
+/// The fixture script's (input, target) pairs, as data rows.
+fn t5_pairs() -> Vec<Example> {
+    let pairs = [
+        ("a good movie", "great"),
+        ("the plot was dull and boring", "bad film"),
+        ("i love this", "good"),
+    ];
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (text, target))| Example {
+            text: text.to_string(),
+            text_pair: None,
+            label: Some(target.to_string()),
+            task: None,
+            line: i + 2,
+        })
+        .collect()
+}
+
+/// PEFT writes a SEQ_2_SEQ_LM prompt of [2M, D] and reads only its first M rows: softprompt
+/// reads those, and gets PEFT's loss and PEFT's greedy tokens.
+#[test]
+fn peft_written_seq2seq_adapter_gives_peft_loss_and_tokens() {
+    let model = Model::load(&fixtures().join("tiny-t5"), DType::F32, &DEV).unwrap();
+    let adapter = Adapter::load(&fixtures().join("peft-tiny-t5"), 16, &DEV).unwrap();
+    assert_eq!(adapter.config.task_type, Some(TaskType::Seq2SeqLm));
+    assert_eq!(
+        adapter.prompt.dims(),
+        [4, 16],
+        "the encoder's half of PEFT's [8, 16]"
+    );
+    assert_eq!(adapter.config.num_transformer_submodules, 1);
+    let (f, _) = load_tensors(&fixtures().join("peft_tiny_t5.safetensors"), &DEV).unwrap();
+    let batching = Batching {
+        size: 8,
+        padding: Padding::Right,
+        device: DEV.clone(),
+    };
+    let score =
+        generation_score(&model, &adapter, &t5_pairs(), Path::new("pairs"), &batching).unwrap();
+    let theirs = f["loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!(
+        (score.token_loss - theirs).abs() < 1e-4,
+        "token loss {} against PEFT's {theirs}",
+        score.token_loss
+    );
+
+    let config = SamplingConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let continuation =
+        Continuation::new(&model, &adapter.prompt, Placement::Embeddings, None).unwrap();
+    let texts: Vec<String> = t5_pairs().into_iter().map(|e| e.text).collect();
+    let written = continuation.write_all(&model, &texts, &config).unwrap();
+    let expected = f["generated"]
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap();
+    for (generation, peft) in written.iter().zip(&expected) {
+        // PEFT's rows start with the decoder start token, and stop at EOS or the limit
+        let peft: Vec<u32> = peft[1..]
+            .iter()
+            .take_while(|&&t| t > 1)
+            .map(|&t| t as u32)
+            .collect();
+        assert_eq!(
+            generation.tokens, peft,
+            "greedy tokens for {:?}",
+            generation.text
+        );
+    }
+}
+
+/// `--task seq2seq` end to end in f64: the prompt in front of the encoder's input, the loss the
+/// mean cross-entropy of the decoder's target tokens (checked by hand, row by row), and the
+/// prompt gradient through decoder, cross-attention and encoder against finite differences.
+#[test]
+fn seq2seq_loss_and_prompt_gradient_match_finite_differences() {
+    let data = vec![
+        Encoded {
+            ids: vec![5, 20, 9, 1],
+            type_ids: vec![0; 4],
+            decoder_ids: vec![0, 14, 20, 1],
+            ..Default::default()
+        },
+        Encoded {
+            ids: vec![30, 31, 1],
+            type_ids: vec![0; 3],
+            decoder_ids: vec![0, 26, 1],
+            ..Default::default()
+        },
+    ];
+    let batch = Batch::new(&data, None, &[0, 1], Padding::Right, &DEV).unwrap();
+    let prompt = randn(&[3, 16], 11);
+    for name in ["tiny-t5", "tiny-t5-gated"] {
+        let make = |p: &Tensor| {
+            let backbone = load(name, DType::F64);
+            let head = CausalLm {
+                lm_head: backbone.lm_head().dense().unwrap(),
+            };
+            PromptedModel {
+                backbone,
+                prompt: SoftPrompt::from_tensor(p).unwrap().into(),
+                head,
+                template: None,
+            }
+        };
+        let model = make(&prompt);
+        let (loss, grads) = model.loss_and_grads(&batch).unwrap();
+
+        // by hand: each row alone, its logits at every decoder position, −log p of the next token
+        let mut nll = Vec::new();
+        for e in &data {
+            let (embeds, mask) = prompted(
+                &model.backbone,
+                &Tensor::new(e.ids.as_slice(), &DEV)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                &Tensor::ones((1, e.ids.len()), DType::U32, &DEV).unwrap(),
+                Some(&prompt),
+            );
+            let decoder_ids = Tensor::new(e.decoder_ids.as_slice(), &DEV)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let decoder = model.backbone.embed_tokens(&decoder_ids).unwrap();
+            let hidden = model
+                .backbone
+                .forward(&BackboneInput {
+                    embeds: &embeds,
+                    attention_mask: &mask,
+                    token_type_ids: &mask.zeros_like().unwrap(),
+                    reads: None,
+                    prefix: None,
+                    decoder: Some(&decoder),
+                })
+                .unwrap();
+            let logits = hidden
+                .squeeze(0)
+                .unwrap()
+                .matmul(&model.head.lm_head.t().unwrap())
+                .unwrap();
+            let log_probs = log_softmax(&logits).unwrap().to_vec2::<f64>().unwrap();
+            for i in 1..e.decoder_ids.len() {
+                nll.push(-log_probs[i - 1][e.decoder_ids[i] as usize]);
+            }
+        }
+        let expected = nll.iter().sum::<f64>() / nll.len() as f64;
+        assert!(
+            (loss - expected).abs() < 1e-9,
+            "{name}: loss {loss} against {expected} by hand"
+        );
+        let loss_of = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
+        let analytic = grads[0].to_dtype(DType::F64).unwrap();
+        check(
+            &prompt,
+            &analytic,
+            loss_of,
+            &format!("{name}: seq2seq prompt gradient"),
+        );
+    }
 }
