@@ -11,6 +11,9 @@
 3. softprompt trains a prefix-tuning verbalizer on SmolLM2 (PEFT runs prefix tuning on decoders, not
    on BERT); PEFT loads it on transformers' SmolLM2 (the same GGUF, dequantized) and its next-token
    logits of the label words must be softprompt's within 1e-4 of their scale (as for SmolLM2 alone).
+4. softprompt trains a `--task seq2seq` prompt on the tiny T5 of the fixtures (no T5 checkpoint ships
+   in any package); PEFT loads it as a SEQ_2_SEQ_LM adapter and must give softprompt's `eval` token
+   loss within 1e-4 and write the tokens `softprompt generate` writes (greedy).
 """
 import json
 import subprocess
@@ -110,6 +113,7 @@ def main() -> int:
         ok &= report(f"softprompt {name} adapter → PEFT", softprompt_logits(ours), peft_logits(loaded))
     ok &= multitask_round_trip(work)
     ok &= decoder_prefix_round_trip(work)
+    ok &= t5_round_trip(work)
     return 0 if ok else 1
 
 
@@ -147,6 +151,51 @@ def decoder_prefix_round_trip(work: Path) -> bool:
             loaded(**tok(TEMPLATE.format(text=t), return_tensors="pt", add_special_tokens=False)).logits[0, -1, words]
             for t in TEXTS])
     return report("softprompt --method prefix verbalizer on SmolLM2 → PEFT", ours_logits, theirs, relative=True)
+
+
+T5_PAIRS = [("the movie was good and fun", "good"), ("the plot was dull and boring", "bad film"),
+            ("i love this great film", "good"), ("a weak and awful story", "bad film")]
+
+
+def t5_round_trip(work: Path) -> bool:
+    from tokenizers import Tokenizer
+    from transformers import T5ForConditionalGeneration
+
+    t5 = ROOT / "tests" / "fixtures" / "tiny-t5"
+    pairs = work / "pairs.tsv"
+    pairs.write_text("text\tlabel\n" + "".join(f"{x}\t{y}\n" for x, y in T5_PAIRS * 8))
+    ours = work / "from-softprompt-t5"
+    subprocess.run([str(BIN), "train", "--model", str(t5), "--task", "seq2seq", "--train", str(pairs), "--output",
+                    str(ours), "--num-virtual-tokens", "4", "--max-steps", "20", "--lr", "0.1"], check=True,
+                   stderr=subprocess.DEVNULL)
+    score = json.loads(subprocess.run([str(BIN), "eval", "--model", str(t5), "--adapter", str(ours), "--data",
+                                       str(pairs), "--json"], check=True, capture_output=True, text=True).stdout)
+    written = subprocess.run([str(BIN), "generate", "--model", str(t5), "--adapter", str(ours), "--json",
+                              "--max-new-tokens", "4", *[x for x, _ in T5_PAIRS]], check=True, capture_output=True,
+                             text=True).stdout
+    loaded = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(t5), ours).eval()
+    tok = Tokenizer.from_file(str(t5 / "tokenizer.json"))
+    inputs = [tok.encode(x).ids for x, _ in T5_PAIRS * 8]
+    targets = [tok.encode(y).ids for _, y in T5_PAIRS * 8]
+    n, t = max(map(len, inputs)), max(map(len, targets))
+    ids = torch.tensor([x + [0] * (n - len(x)) for x in inputs])
+    mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in inputs])
+    labels = torch.tensor([y + [-100] * (t - len(y)) for y in targets])
+    with torch.no_grad():
+        theirs = loaded(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        tokens_ok = True
+        for (x, _), line in zip(T5_PAIRS, written.splitlines()):
+            enc = torch.tensor([tok.encode(x).ids])
+            peft_tokens = loaded.generate(input_ids=enc, attention_mask=torch.ones_like(enc), max_new_tokens=4,
+                                          do_sample=False, num_beams=1)[0].tolist()[1:]
+            peft_tokens = peft_tokens[:peft_tokens.index(1)] if 1 in peft_tokens else peft_tokens
+            tokens_ok &= peft_tokens == json.loads(line)["tokens"]
+    diff = abs(score["token_loss"] - theirs)
+    ok = diff < TOLERANCE and tokens_ok
+    print(f"softprompt --task seq2seq prompt on the tiny T5 → PEFT SEQ_2_SEQ_LM: |token loss difference| = {diff:.2e} "
+          f"(softprompt {score['token_loss']:.6f}, PEFT {theirs:.6f}), greedy tokens {'the same' if tokens_ok else 'DIFFER'} "
+          f"({'ok' if ok else 'FAIL'}, tolerance {TOLERANCE:g})")
+    return ok
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ pub enum TaskType {
 }
 
 impl TaskType {
+    /// PEFT's name of it ("SEQ_CLS").
+    pub fn name(&self) -> String {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(name)) => name,
+            _ => format!("{self:?}"),
+        }
+    }
+
     /// The task type of an adapter trained for `task`.
     pub fn of(task: TaskKind) -> Self {
         match task {
@@ -269,6 +277,18 @@ impl Adapter {
     /// Whether the adapter was made for a model of `backbone`'s shape: its prompt vectors as wide
     /// as the hidden state, or its prefix as wide as every layer's keys and values.
     pub fn fits(&self, backbone: &AnyBackbone) -> Result<()> {
+        let seq2seq = self.config.task_type == Some(TaskType::Seq2SeqLm);
+        match (seq2seq, backbone.seq2seq().is_some()) {
+            (true, false) => bail!(
+                "the adapter is a SEQ_2_SEQ_LM prompt, for an encoder-decoder (T5), and the model is a {}: it was trained for another model",
+                backbone.architecture()
+            ),
+            (false, true) => bail!(
+                "the model is an encoder-decoder (T5), which reads SEQ_2_SEQ_LM adapters, and this one is {}: it was trained for another model",
+                self.config.task_type.as_ref().map_or("SEQ_CLS".into(), TaskType::name)
+            ),
+            _ => {}
+        }
         let dim = self.prompt.dim(1)?;
         match self.method.placement() {
             Placement::Embeddings => {

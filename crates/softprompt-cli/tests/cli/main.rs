@@ -1807,3 +1807,160 @@ fn profile_counts_the_flops_of_the_formulas_and_where_the_time_went() {
         assert!(stderr(&o).contains(span), "no {span} in:\n{}", stderr(&o));
     }
 }
+
+/// `--task seq2seq` on a tiny T5: the prompt in front of the encoder learns to make the decoder
+/// write each review's label (its dev loss falls), the adapter is PEFT's SEQ_2_SEQ_LM prompt of
+/// one submodule, eval scores the kept adapter as training did, generate writes with it, and
+/// what does not fit is refused by name.
+#[test]
+fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (pos, neg) = (
+        ["good", "great", "fun", "love"],
+        ["bad", "awful", "dull", "boring"],
+    );
+    let row = |i: usize| {
+        let (words, target) = if i % 2 == 0 {
+            (&pos, "good")
+        } else {
+            (&neg, "bad film")
+        };
+        format!(
+            "the movie was {} and {}\t{target}",
+            words[i % 4],
+            words[(i + 1) % 4]
+        )
+    };
+    let write = |name: &str, rows: std::ops::Range<usize>| {
+        let path = dir.join(name);
+        let lines: Vec<String> = rows.map(row).collect();
+        std::fs::write(&path, format!("text\tlabel\n{}\n", lines.join("\n"))).unwrap();
+        path.display().to_string()
+    };
+    let (train, dev) = (write("train.tsv", 0..32), write("dev.tsv", 32..40));
+    let model = fixtures().join("tiny-t5").display().to_string();
+    let out = dir.join("t5-writer").display().to_string();
+    let task = [
+        "--task",
+        "seq2seq",
+        "--num-virtual-tokens",
+        "4",
+        "--lr",
+        "0.1",
+        "--max-steps",
+        "24",
+        "--eval-every",
+        "6",
+        "--patience",
+        "0",
+    ];
+    ok(&train_args(&model, &train, &dev, &out, &task));
+    let metrics = std::fs::read_to_string(dir.join("t5-writer/metrics.jsonl")).unwrap();
+    let dev_loss: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev_loss"].as_f64())
+        .collect();
+    assert_eq!(dev_loss.len(), 4, "{metrics}");
+    assert!(
+        dev_loss[3] < dev_loss[0],
+        "the dev loss of the targets should fall: {dev_loss:?}"
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("t5-writer/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["task_type"], "SEQ_2_SEQ_LM");
+    assert_eq!(config["num_transformer_submodules"], 1);
+    let eval: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--data",
+        &dev,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(eval["examples"], 8, "{eval}");
+    for key in ["exact_match", "token_accuracy", "token_loss"] {
+        assert!(eval[key].is_f64(), "{key} in {eval}");
+    }
+    let best = dev_loss.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        (eval["token_loss"].as_f64().unwrap() - best).abs() < 1e-3,
+        "eval {eval} should score the kept adapter as training did: {dev_loss:?}"
+    );
+    let written = ok(&[
+        "generate",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--json",
+        "--max-new-tokens",
+        "3",
+        "the movie was good",
+    ]);
+    let line: serde_json::Value = serde_json::from_str(written.trim()).unwrap();
+    assert!(!line["tokens"].as_array().unwrap().is_empty(), "{written}");
+
+    // what does not fit
+    let never = dir.join("never").display().to_string();
+    fails_with(
+        &train_args(&model, &train, &dev, &never, &["--task", "classify"]),
+        &["encoder-decoder (T5)", "use --task seq2seq, not classify"],
+    );
+    let bert = tiny_model().display().to_string();
+    fails_with(
+        &train_args(&bert, &train, &dev, &never, &["--task", "seq2seq"]),
+        &["--task seq2seq needs an encoder-decoder (T5)", "bert"],
+    );
+    fails_with(
+        &train_args(
+            &model,
+            &train,
+            &dev,
+            &never,
+            &["--task", "seq2seq", "--method", "prefix"],
+        ),
+        &["--method prefix is not supported on T5"],
+    );
+    let decoder = tiny_decoder(dir);
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &decoder,
+            "--adapter",
+            &out,
+            "--data",
+            &dev,
+        ],
+        &["SEQ_2_SEQ_LM prompt, for an encoder-decoder (T5)", "gpt2"],
+    );
+    let classifier = fixtures().join("peft-tiny-adapter").display().to_string();
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--adapter",
+            &classifier,
+            "--data",
+            &dev,
+        ],
+        &[
+            "encoder-decoder (T5), which reads SEQ_2_SEQ_LM adapters",
+            "SEQ_CLS",
+        ],
+    );
+    let unlabelled = dir.join("inputs.tsv");
+    std::fs::write(&unlabelled, "text\nthe movie was good\n").unwrap();
+    let unlabelled = unlabelled.display().to_string();
+    fails_with(
+        &train_args(&model, &unlabelled, &dev, &never, &["--task", "seq2seq"]),
+        &["inputs.tsv", "label"],
+    );
+}

@@ -122,6 +122,7 @@ pub fn generation_score(
     source: &Path,
     batching: &Batching,
 ) -> Result<TargetScore> {
+    adapter.fits(&model.backbone)?;
     let encoder = model.encoder(adapter.prompt.dim(0)?, None)?;
     let eos = model.eos_token_ids.first().copied();
     let template = adapter.template.as_ref();
