@@ -14,7 +14,8 @@ use softprompt::profile::Profiler;
 pub struct BenchArgs {
     /// train or forward, or generate (GPT-2 small).
     mode: BenchMode,
-    /// bert-base, minilm-l6 or gpt2-small (train, forward); generate runs on gpt2-small.
+    /// bert-base, minilm-l6, gpt2-small, t5-small or t5-base (train, forward); generate runs on
+    /// gpt2-small.
     #[arg(long)]
     arch: Option<String>,
     #[arg(long, default_value_t = 8)]

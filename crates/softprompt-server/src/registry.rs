@@ -291,7 +291,8 @@ impl Registry {
             AdapterHead::Generation => None,
             _ => Some(Arc::new(LoadedAdapter::new(&self.model, adapter)?)),
         };
-        let generator = match self.model.backbone.decoder() {
+        // a decoder or an encoder-decoder: whatever has an LM head writes
+        let generator = match self.model.backbone.lm_head() {
             Some(_) => Some(Arc::new(Generator {
                 prefix: prefix_cache(
                     &self.model.backbone,

@@ -1191,3 +1191,44 @@ fn slow_clients_get_408_or_lose_their_connection_and_never_hold_shutdown() {
     );
     drop(stuck);
 }
+
+/// A T5 behind PEFT's SEQ_2_SEQ_LM adapter over HTTP: /v1/generate writes PEFT's greedy tokens
+/// (the fixture script's), two requests at once each as alone; /v1/classify refuses the adapter.
+#[test]
+fn a_t5_adapter_writes_peft_tokens_over_http() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters = tmp.path().join("adapters");
+    let peft = Adapter::load(&fixtures().join("peft-tiny-t5"), 16, &Device::Cpu).unwrap();
+    peft.save(&adapters.join("t5")).unwrap();
+    let address = start_with(
+        &fixtures().join("tiny-t5"),
+        config(&adapters, Duration::from_millis(50)),
+    );
+    // PEFT's generate on the same inputs (tests/fixtures/peft_tiny_t5.safetensors)
+    let expected = [
+        ("a good movie", [14, 14, 34, 57, 14, 14]),
+        ("i love this", [14, 14, 34, 57, 20, 18]),
+    ];
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = expected
+            .iter()
+            .map(|(input, _)| {
+                let body =
+                    json!({"adapter": "t5", "input": input, "max_new_tokens": 6}).to_string();
+                let address = &address;
+                scope.spawn(move || http(address, "POST", "/v1/generate", Some(&body)).1)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (answer, (input, tokens)) in answers.iter().zip(expected) {
+        assert_eq!(answer["tokens"], json!(tokens), "{input}: {answer}");
+    }
+    expect_error(
+        &address,
+        "/v1/classify",
+        r#"{"adapter": "t5", "inputs": ["a good movie"]}"#,
+        422,
+        "use /v1/generate",
+    );
+}

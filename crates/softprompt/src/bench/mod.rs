@@ -5,6 +5,7 @@ pub mod generation;
 
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::bert::{Bert, BertConfig};
+use crate::backbone::t5::{T5Config, T5};
 use crate::backbone::Decoder;
 use crate::batch::{Batch, Batching, EncodedSet, Padding};
 use crate::kernels::Weight;
@@ -32,8 +33,22 @@ pub enum Arch {
     MinilmL6,
     /// trains as a causal LM, every real token a target (as bench_pt.py's labels = input ids)
     Gpt2Small,
+    /// seq2seq: the encoder reads prompt + input, the decoder `T5_TARGET` positions of targets
+    T5Small,
+    T5Base,
 }
-named_choice!(Arch, "bert-base", "minilm-l6", "gpt2-small");
+named_choice!(
+    Arch,
+    "bert-base",
+    "minilm-l6",
+    "gpt2-small",
+    "t5-small",
+    "t5-base"
+);
+
+/// Decoder positions of a T5 bench row (bench_pt.py's `--target-len`): the start token and 15
+/// target tokens, each position predicting the next.
+const T5_TARGET: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,7 +66,7 @@ impl Arch {
         let (layers, hidden, heads, ffn) = match self {
             Arch::BertBase => (12, 768, 12, 3072),
             Arch::MinilmL6 => (6, 384, 12, 1536),
-            Arch::Gpt2Small => return None,
+            Arch::Gpt2Small | Arch::T5Small | Arch::T5Base => return None,
         };
         Some(BertConfig {
             vocab_size: 30522,
@@ -68,8 +83,39 @@ impl Arch {
         })
     }
 
+    /// The T5 shapes of the reference's `T5Config`s (ReLU, tied head); `None` for the others.
+    pub fn t5_config(self) -> Option<T5Config> {
+        let (layers, d, heads, ffn) = match self {
+            Arch::T5Small => (6, 512, 8, 2048),
+            Arch::T5Base => (12, 768, 12, 3072),
+            _ => return None,
+        };
+        Some(T5Config {
+            vocab_size: 32128,
+            d_model: d,
+            d_kv: 64,
+            d_ff: ffn,
+            num_layers: layers,
+            num_decoder_layers: Some(layers),
+            num_heads: heads,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "relu".into(),
+            tie_word_embeddings: Some(true),
+            scale_decoder_outputs: None,
+            decoder_start_token_id: Some(0),
+            pad_token_id: Some(0),
+            n_positions: 512,
+            model_type: Some("t5".into()),
+        })
+    }
+
     /// (layers, hidden, FFN width, vocabulary)
     fn dims(self) -> (usize, usize, usize, usize) {
+        if let Some(c) = self.t5_config() {
+            return (c.num_layers, c.d_model, c.d_ff, c.vocab_size);
+        }
         match self.bert_config() {
             Some(c) => (
                 c.num_hidden_layers,
@@ -125,6 +171,59 @@ pub fn random_bert(cfg: &BertConfig, device: &Device) -> crate::Result<Bert> {
     }
     unit_layer_norms(&mut tensors, &norms, d, device)?;
     Ok(Bert::from_var_builder(
+        VarBuilder::from_tensors(tensors, DType::F32, device),
+        cfg.clone(),
+    )?)
+}
+
+/// A T5 of the given shape with N(0, 0.05) matrices, N(0, 1) embeddings and position biases and
+/// unit norms, under the Hugging Face tensor names.
+pub fn random_t5(cfg: &T5Config, device: &Device) -> crate::Result<T5> {
+    let (d, f, inner) = (cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv);
+    let mut tensors = HashMap::new();
+    let mut put = |name: String, shape: (usize, usize), std: f32| -> candle_core::Result<()> {
+        tensors.insert(name, Tensor::randn(0f32, std, shape, device)?);
+        Ok(())
+    };
+    put("shared.weight".into(), (cfg.vocab_size, d), 1.0)?;
+    for (stack, layers) in [
+        ("encoder", cfg.num_layers),
+        ("decoder", cfg.decoder_layers()),
+    ] {
+        let buckets = (cfg.relative_attention_num_buckets, cfg.num_heads);
+        put(
+            format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+            buckets,
+            1.0,
+        )?;
+        put(format!("{stack}.final_layer_norm.weight"), (1, d), 0.0)?;
+        for i in 0..layers {
+            let block = format!("{stack}.block.{i}");
+            let mut attentions = vec![format!("{block}.layer.0.SelfAttention")];
+            if stack == "decoder" {
+                attentions.push(format!("{block}.layer.1.EncDecAttention"));
+            }
+            for a in &attentions {
+                for part in ["q", "k", "v"] {
+                    put(format!("{a}.{part}.weight"), (inner, d), 0.05)?;
+                }
+                put(format!("{a}.o.weight"), (d, inner), 0.05)?;
+            }
+            let ff = format!("{block}.layer.{}", attentions.len());
+            put(format!("{ff}.DenseReluDense.wi.weight"), (f, d), 0.05)?;
+            put(format!("{ff}.DenseReluDense.wo.weight"), (d, f), 0.05)?;
+            for l in 0..=attentions.len() {
+                put(format!("{block}.layer.{l}.layer_norm.weight"), (1, d), 0.0)?;
+            }
+        }
+    }
+    // norms of unit gain
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("layer_norm.weight") {
+            *t = Tensor::ones(d, DType::F32, device)?;
+        }
+    }
+    Ok(T5::from_var_builder(
         VarBuilder::from_tensors(tensors, DType::F32, device),
         cfg.clone(),
     )?)
@@ -197,6 +296,9 @@ pub fn flops(arch: Arch, mode: Mode, batch: usize, seq: usize, vt: usize, skippe
     let (b, s) = (batch as f64, (seq + vt) as f64);
     let t = b * s;
     let per_row = 2.0 * (4.0 * d * d + 2.0 * d * f);
+    if arch.t5_config().is_some() {
+        return t5_flops(mode, (l, d, f, v), b, s, T5_TARGET as f64);
+    }
     let lin = match arch {
         Arch::BertBase | Arch::MinilmL6 if skipped => {
             let qkv = 2.0 * 3.0 * d * d;
@@ -207,8 +309,23 @@ pub fn flops(arch: Arch, mode: Mode, batch: usize, seq: usize, vt: usize, skippe
     let attn = l * 4.0 * b * s * s * d;
     let head = match arch {
         Arch::Gpt2Small => 2.0 * t * d * v,
-        Arch::BertBase | Arch::MinilmL6 => 2.0 * b * (d * d + d * 2.0),
+        _ => 2.0 * b * (d * d + d * 2.0),
     };
+    match mode {
+        Mode::Forward => lin + attn + head,
+        Mode::Train => 2.0 * lin + 3.0 * attn + 2.0 * head,
+    }
+}
+
+/// bench_pt.py's T5 count: the encoder over S = seq + prompt rows; the decoder over `tg` positions
+/// with self- and cross-attention; cross-attention's keys and values of the S encoder rows; the LM
+/// head on the decoder's positions.
+fn t5_flops(mode: Mode, (l, d, f, v): (f64, f64, f64, f64), b: f64, s: f64, tg: f64) -> f64 {
+    let lin = l * 2.0 * b * s * (4.0 * d * d + 2.0 * d * f)
+        + l * 2.0 * b * tg * (4.0 * d * d + 2.0 * d * d + 2.0 * d * f)
+        + l * 2.0 * b * s * 2.0 * d * d;
+    let attn = l * 4.0 * b * s * s * d + l * 4.0 * b * tg * tg * d + l * 4.0 * b * tg * s * d;
+    let head = 2.0 * b * tg * d * v;
     match mode {
         Mode::Forward => lin + attn + head,
         Mode::Train => 2.0 * lin + 3.0 * attn + 2.0 * head,
@@ -230,18 +347,23 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
     let (_, hidden, _, vocab) = config.arch.dims();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let is_lm = config.arch == Arch::Gpt2Small;
+    let t5 = config.arch.t5_config();
+    let writes = is_lm || t5.is_some();
+    let mut tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab as u32)).collect() };
     let data: Vec<Encoded> = (0..config.batch)
         .map(|_| Encoded {
-            ids: (0..config.seq)
-                .map(|_| rng.random_range(0..vocab as u32))
-                .collect(),
+            ids: tokens(config.seq),
             type_ids: vec![0; config.seq],
             target_len: if is_lm { config.seq } else { 0 },
-            decoder_ids: Vec::new(),
+            decoder_ids: match t5 {
+                Some(_) => tokens(T5_TARGET),
+                None => Vec::new(),
+            },
         })
         .collect();
     let set = EncodedSet {
-        labels: (!is_lm).then(|| (0..config.batch).map(|i| (i % 2) as u32).collect()),
+        labels: (!writes).then(|| (0..config.batch).map(|i| (i % 2) as u32).collect()),
         tasks: None,
         data,
     };
@@ -259,8 +381,20 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
         WeightDtype::F32 => Ok(w.clone()),
         WeightDtype::Bf16 => w.to_bf16(),
     };
-    let trainee: Box<dyn Trainee> = match config.arch.bert_config() {
-        Some(cfg) => {
+    let trainee: Box<dyn Trainee> = match (config.arch.bert_config(), t5) {
+        (_, Some(cfg)) => {
+            let t5 = random_t5(&cfg, &device)?.map_weights(&held)?;
+            let head = CausalLm {
+                lm_head: t5.lm_head().dense()?,
+            };
+            Box::new(PromptedModel {
+                backbone: AnyBackbone::T5(t5),
+                prompt,
+                head,
+                template: None,
+            })
+        }
+        (Some(cfg), None) => {
             let bert = random_bert(&cfg, &device)?.map_weights(&held)?;
             let pooler = bert.pooler.clone();
             let head =
@@ -276,7 +410,7 @@ pub fn run(config: &BenchConfig) -> crate::Result<BenchResult> {
                 template: None,
             })
         }
-        None => {
+        (None, None) => {
             let gpt2 =
                 generation::random_gpt2(&generation::gpt2_small(), &device)?.map_weights(&held)?;
             let head = CausalLm {
