@@ -31,6 +31,7 @@ CASES = [
     ("bert-base", "train", 15, 15, "f32"),
     ("bert-base", "forward", 20, 20, "f32"),
     ("gpt2-small", "train", 10, 10, "f32"),
+    ("t5-small", "train", 10, 10, "f32"),
     ("bert-base", "train", 15, 15, "bf16"),
 ]
 

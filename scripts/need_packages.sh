@@ -7,7 +7,9 @@ missing=()
 if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null; then
     missing+=(libopenmpi-dev openmpi-bin)
 fi
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+# bindgen loads libclang itself (libclang.so, libclang-N.so): libclang-cpp, which some images
+# carry alone, is not it
+if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1; then
     missing+=(libclang-dev)
 fi
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && [ -z "${SOFTPROMPT_FONT:-}" ]; then

@@ -269,6 +269,28 @@ def test_generation_plain_and_streamed(tiny_decoder, tmp_path):
         decoder.generate("the good film", stop="")
 
 
+def test_a_t5_prompt_writes_its_targets_as_the_cli_does(cli, tmp_path):
+    t5 = softprompt.Model.load(str(pathlib.Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "tiny-t5"))
+    assert t5.architecture == "t5"
+    rows = [(f"the movie was {w}", "good" if i % 2 == 0 else "bad film")
+            for i, w in enumerate(["good", "bad", "fun", "dull"] * 6)]
+    flags = dict(task="seq2seq", num_virtual_tokens=4, lr=0.1, max_steps=12, eval_every=6, batch_size=8)
+    adapter = t5.train(rows, tmp_path / "py", dev=rows[:8], progress=False, **flags)
+    assert adapter.head == "generation"
+    assert adapter.config["task_type"] == "SEQ_2_SEQ_LM"
+    report = t5.evaluate(adapter, rows[:8])
+    assert set(report) == {"examples", "exact_match", "token_accuracy", "token_loss"}
+    train = write_tsv(tmp_path / "train.tsv", rows)
+    dev = write_tsv(tmp_path / "dev.tsv", rows[:8])
+    subprocess.run([str(cli), "train", "--model", str(t5.path), "--train", train, "--dev", dev, "--output",
+                    str(tmp_path / "cli"), "--task", "seq2seq", "--num-virtual-tokens", "4", "--lr", "0.1",
+                    "--max-steps", "12", "--eval-every", "6", "--batch-size", "8"], check=True, capture_output=True)
+    assert adapter_bytes(tmp_path / "py") == adapter_bytes(tmp_path / "cli")
+    assert t5.generate("the movie was good", adapter, max_new_tokens=3) == json.loads(subprocess.run(
+        [str(cli), "generate", "--model", str(t5.path), "--adapter", str(tmp_path / "py"), "--json",
+         "--max-new-tokens", "3", "the movie was good"], check=True, capture_output=True, text=True).stdout)["text"]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,10 +11,11 @@
 //! prompt_encoder  what training moves to make the prompt: its own vectors, or an encoder's
 //!             (P-tuning, residual prompt tuning, prefix tuning's projection, a multitask
 //!             prompt's task factors)
-//! backbone    frozen BERT / GPT-2 / Llama: a forward that keeps what the explicit backward to the
+//! backbone    frozen BERT / GPT-2 / Llama / T5: a forward that keeps what the explicit backward to the
 //!             embeddings needs; a decoder's cached forward for generation
 //! kernels     the forward / input-gradient pairs the backbones are built from
-//! task        heads on the last hidden state: classification, verbalizer, causal LM; their losses
+//! task        heads on the last hidden state: classification, verbalizer, causal LM (a decoder's, or
+//!             T5's decoder: seq2seq); their losses
 //! prompted    the method: [P; X] → backbone → head → loss, and the gradient back to the prompt
 //! optim       AdamW, Adafactor, schedules, clipping
 //! train       the loop: evaluation, early stopping, checkpoints, resume, metrics.jsonl

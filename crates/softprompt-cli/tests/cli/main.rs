@@ -1243,6 +1243,15 @@ fn tiny_decoder(dir: &Path) -> String {
 /// `--task causal-lm` on a tiny decoder: the prompt (and a prefix) learns to write each review's
 /// label after it (its dev loss falls), the adapter is PEFT's CAUSAL_LM prompt alone, eval scores
 /// it, generate writes with it, and classification refuses it by name.
+/// The dev losses of a run's evaluations, in order (its metrics.jsonl).
+fn dev_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev_loss"].as_f64())
+        .collect()
+}
+
 #[test]
 fn causal_lm_trains_a_prompt_that_writes_targets() {
     for method in [
@@ -1278,12 +1287,8 @@ fn causal_lm_writes_targets(method: &[&'static str]) {
     task.extend_from_slice(method);
     ok(&train_args(&model, &train, &dev, &out, &task));
 
-    let metrics = std::fs::read_to_string(dir.join("writer/metrics.jsonl")).unwrap();
-    let dev_loss: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev_loss"].as_f64())
-        .collect();
-    assert_eq!(dev_loss.len(), 4, "{metrics}");
+    let dev_loss = dev_losses(&dir.join("writer"));
+    assert_eq!(dev_loss.len(), 4, "{dev_loss:?}");
     assert!(
         dev_loss[3] < dev_loss[0],
         "the dev loss of the targets should fall: {dev_loss:?}"
@@ -1821,7 +1826,7 @@ fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
         ["bad", "awful", "dull", "boring"],
     );
     let row = |i: usize| {
-        let (words, target) = if i % 2 == 0 {
+        let (words, target) = if i.is_multiple_of(2) {
             (&pos, "good")
         } else {
             (&neg, "bad film")
@@ -1856,12 +1861,8 @@ fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
         "0",
     ];
     ok(&train_args(&model, &train, &dev, &out, &task));
-    let metrics = std::fs::read_to_string(dir.join("t5-writer/metrics.jsonl")).unwrap();
-    let dev_loss: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev_loss"].as_f64())
-        .collect();
-    assert_eq!(dev_loss.len(), 4, "{metrics}");
+    let dev_loss = dev_losses(&dir.join("t5-writer"));
+    assert_eq!(dev_loss.len(), 4, "{dev_loss:?}");
     assert!(
         dev_loss[3] < dev_loss[0],
         "the dev loss of the targets should fall: {dev_loss:?}"

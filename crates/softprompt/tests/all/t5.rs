@@ -47,6 +47,20 @@ fn prompted(t5: &T5, ids: &Tensor, mask: &Tensor, prompt: Option<&Tensor>) -> (T
     }
 }
 
+/// The decoder's last hidden state [B, T, D] for the encoder's input `embeds` under `mask` and
+/// the decoder's input `decoder`, keeping nothing.
+fn decoded(t5: &T5, embeds: &Tensor, mask: &Tensor, decoder: &Tensor) -> Tensor {
+    t5.forward(&BackboneInput {
+        embeds,
+        attention_mask: mask,
+        token_type_ids: &mask.zeros_like().unwrap(),
+        reads: None,
+        prefix: None,
+        decoder: Some(decoder),
+    })
+    .unwrap()
+}
+
 /// Mean cross-entropy of `labels` [B, T] (i64, −100 ignored) under logits [B, T, V].
 fn loss(logits: &Tensor, labels: &Tensor) -> f64 {
     let logits = logits
@@ -91,17 +105,7 @@ fn t5_matches_transformers_with_and_without_a_prompt() {
                 d < 1e-4 * max_abs(reference).max(1.0),
                 "{name} {case}: encoder states differ by {d:e}"
             );
-            let types = mask.zeros_like().unwrap();
-            let hidden = t5
-                .forward(&BackboneInput {
-                    embeds: &embeds,
-                    attention_mask: &mask,
-                    token_type_ids: &types,
-                    reads: None,
-                    prefix: None,
-                    decoder: Some(&decoder),
-                })
-                .unwrap();
+            let hidden = decoded(&t5, &embeds, &mask, &decoder);
             let logits = hidden
                 .broadcast_matmul(&t5.lm_head().dense().unwrap().t().unwrap())
                 .unwrap();
@@ -207,18 +211,7 @@ fn t5_cached_decoding_equals_the_full_decoder_pass() {
     let decoder = t5
         .embed_tokens(&Tensor::new(&[[0u32, 14, 20, 26]], &DEV).unwrap())
         .unwrap();
-    let full = t5
-        .forward(&BackboneInput {
-            embeds: &embeds,
-            attention_mask: &mask,
-            token_type_ids: &mask.zeros_like().unwrap(),
-            reads: None,
-            prefix: None,
-            decoder: Some(&decoder),
-        })
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let full = decoded(&t5, &embeds, &mask, &decoder).squeeze(0).unwrap();
     let mut state = t5.start_decoding(&embeds).unwrap();
     let rows = decoder.squeeze(0).unwrap();
     // two positions at once, then one at a time
@@ -371,17 +364,7 @@ fn seq2seq_loss_and_prompt_gradient_match_finite_differences() {
                 .unsqueeze(0)
                 .unwrap();
             let decoder = model.backbone.embed_tokens(&decoder_ids).unwrap();
-            let hidden = model
-                .backbone
-                .forward(&BackboneInput {
-                    embeds: &embeds,
-                    attention_mask: &mask,
-                    token_type_ids: &mask.zeros_like().unwrap(),
-                    reads: None,
-                    prefix: None,
-                    decoder: Some(&decoder),
-                })
-                .unwrap();
+            let hidden = decoded(&model.backbone, &embeds, &mask, &decoder);
             let logits = hidden
                 .squeeze(0)
                 .unwrap()
