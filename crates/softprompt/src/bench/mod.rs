@@ -181,6 +181,7 @@ pub fn random_bert(cfg: &BertConfig, device: &Device) -> crate::Result<Bert> {
 pub fn random_t5(cfg: &T5Config, device: &Device) -> crate::Result<T5> {
     let (d, f, inner) = (cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv);
     let mut tensors = HashMap::new();
+    let mut norms = Vec::new();
     let mut put = |name: String, shape: (usize, usize), std: f32| -> candle_core::Result<()> {
         tensors.insert(name, Tensor::randn(0f32, std, shape, device)?);
         Ok(())
@@ -196,7 +197,7 @@ pub fn random_t5(cfg: &T5Config, device: &Device) -> crate::Result<T5> {
             buckets,
             1.0,
         )?;
-        put(format!("{stack}.final_layer_norm.weight"), (1, d), 0.0)?;
+        norms.push(format!("{stack}.final_layer_norm.weight"));
         for i in 0..layers {
             let block = format!("{stack}.block.{i}");
             let mut attentions = vec![format!("{block}.layer.0.SelfAttention")];
@@ -212,16 +213,13 @@ pub fn random_t5(cfg: &T5Config, device: &Device) -> crate::Result<T5> {
             let ff = format!("{block}.layer.{}", attentions.len());
             put(format!("{ff}.DenseReluDense.wi.weight"), (f, d), 0.05)?;
             put(format!("{ff}.DenseReluDense.wo.weight"), (d, f), 0.05)?;
-            for l in 0..=attentions.len() {
-                put(format!("{block}.layer.{l}.layer_norm.weight"), (1, d), 0.0)?;
-            }
+            norms.extend(
+                (0..=attentions.len()).map(|l| format!("{block}.layer.{l}.layer_norm.weight")),
+            );
         }
     }
-    // norms of unit gain
-    for (name, t) in tensors.iter_mut() {
-        if name.ends_with("layer_norm.weight") {
-            *t = Tensor::ones(d, DType::F32, device)?;
-        }
+    for name in norms {
+        tensors.insert(name, Tensor::ones(d, DType::F32, device)?);
     }
     Ok(T5::from_var_builder(
         VarBuilder::from_tensors(tensors, DType::F32, device),
@@ -294,11 +292,11 @@ pub fn flops(arch: Arch, mode: Mode, batch: usize, seq: usize, vt: usize, skippe
     let (l, d, f, v) = arch.dims();
     let (l, d, f, v) = (l as f64, d as f64, f as f64, v as f64);
     let (b, s) = (batch as f64, (seq + vt) as f64);
-    let t = b * s;
-    let per_row = 2.0 * (4.0 * d * d + 2.0 * d * f);
     if arch.t5_config().is_some() {
         return t5_flops(mode, (l, d, f, v), b, s, T5_TARGET as f64);
     }
+    let t = b * s;
+    let per_row = 2.0 * (4.0 * d * d + 2.0 * d * f);
     let lin = match arch {
         Arch::BertBase | Arch::MinilmL6 if skipped => {
             let qkv = 2.0 * 3.0 * d * d;
