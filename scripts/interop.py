@@ -114,6 +114,7 @@ def main() -> int:
     ok &= multitask_round_trip(work)
     ok &= decoder_prefix_round_trip(work)
     ok &= t5_round_trip(work)
+    ok &= t5_verbalizer_round_trip(work)
     return 0 if ok else 1
 
 
@@ -196,6 +197,39 @@ def t5_round_trip(work: Path) -> bool:
           f"(softprompt {score['token_loss']:.6f}, PEFT {theirs:.6f}), greedy tokens {'the same' if tokens_ok else 'DIFFER'} "
           f"({'ok' if ok else 'FAIL'}, tolerance {TOLERANCE:g})")
     return ok
+
+
+def t5_verbalizer_round_trip(work: Path) -> bool:
+    """softprompt --task verbalizer on the tiny T5 → PEFT: softprompt's label logits are PEFT's
+    logits of the label words at the decoder's first position."""
+    from tokenizers import Tokenizer
+    from transformers import T5ForConditionalGeneration
+
+    t5 = ROOT / "tests" / "fixtures" / "tiny-t5"
+    rows = work / "ranked.tsv"
+    rows.write_text("text\tlabel\n" + "".join(f"{x}\t{'pos' if y == 'good' else 'neg'}\n" for x, y in T5_PAIRS * 8))
+    ours = work / "from-softprompt-t5-verbalizer"
+    subprocess.run([str(BIN), "train", "--model", str(t5), "--task", "verbalizer", "--label-words", "bad,good",
+                    "--train", str(rows), "--output", str(ours), "--num-virtual-tokens", "4", "--max-steps", "20",
+                    "--lr", "0.1"], check=True, stderr=subprocess.DEVNULL)
+    texts = [x for x, _ in T5_PAIRS]
+    predicted = subprocess.run([str(BIN), "predict", "--model", str(t5), "--adapter", str(ours), "--json", *texts],
+                               check=True, capture_output=True, text=True).stdout
+    labels = json.loads((ours / "softprompt.json").read_text())["labels"]
+    ours_logits = torch.tensor([json.loads(line)["logits"] for line in predicted.splitlines()])
+    loaded = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(t5), ours).eval()
+    tok = Tokenizer.from_file(str(t5 / "tokenizer.json"))
+    words = {"neg": "bad", "pos": "good"}
+    word_ids = [tok.encode(words[label], add_special_tokens=False).ids[0] for label in labels]
+    with torch.no_grad():
+        theirs = []
+        for x in texts:
+            enc = torch.tensor([tok.encode(x).ids])
+            first = loaded(input_ids=enc, attention_mask=torch.ones_like(enc),
+                           decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits[0, 0]
+            theirs.append(first[word_ids])
+    return report("softprompt --task verbalizer prompt on the tiny T5 → PEFT first decoder logits", ours_logits,
+                  torch.stack(theirs))
 
 
 if __name__ == "__main__":

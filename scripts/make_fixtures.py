@@ -421,7 +421,8 @@ def tiny_t5(name: str, seed: int, untied_head: bool = False, **config) -> None:
 
 def peft_t5() -> None:
     """A SEQ_2_SEQ_LM prompt-tuning adapter written by PEFT on the tiny T5, PEFT's loss for it on
-    T5_PAIRS in one batch (the mean over every label token) and its greedy tokens for each input."""
+    T5_PAIRS in one batch (the mean over every label token), its greedy tokens for each input and
+    its logits at the decoder's first position (what rank classification scores label words by)."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
     from transformers import T5ForConditionalGeneration
 
@@ -438,13 +439,16 @@ def peft_t5() -> None:
     ids, mask, labels, _ = t5_batch(tok, T5_PAIRS)
     with torch.no_grad():
         loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        start = torch.zeros(ids.shape[0], 1, dtype=torch.long)
+        first = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits[:, 0]
         generated = []
         for x, _ in T5_PAIRS:
             enc = torch.tensor([tok.encode(x).ids])
             tokens = peft_model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), max_new_tokens=6,
                                          do_sample=False, num_beams=1)[0]
             generated.append(tokens.tolist() + [-1] * (7 - len(tokens)))
-    save_file({"loss": loss.reshape(1), "generated": torch.tensor(generated)}, FIX / "peft_tiny_t5.safetensors",
+    save_file({"loss": loss.reshape(1), "generated": torch.tensor(generated), "first_logits": first.contiguous()},
+              FIX / "peft_tiny_t5.safetensors",
               metadata={"version": VERSION, "pairs": json.dumps(T5_PAIRS)})
 
 

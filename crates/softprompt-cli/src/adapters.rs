@@ -27,18 +27,21 @@ impl Inference {
         let adapters = if args.zero_shot {
             let labels =
                 data_labels.context("--zero-shot needs labelled data (softprompt eval)")?;
-            let template = args
-                .template
-                .clone()
-                .context("--zero-shot needs --template")?;
+            // an encoder-decoder writes the label word first thing, after no template
+            let template = match (&args.template, model.decoder_start()) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(_)) => None,
+                (None, None) => anyhow::bail!("--zero-shot needs --template"),
+            };
+            let spelled_after = template.as_ref().map_or("", |t| t.as_str());
             let words = args.label_words.clone().unwrap_or_else(|| labels.clone());
             let table = model.backbone.word_embeddings();
             vec![LoadedAdapter {
                 prompt: Tensor::zeros((0, d), table.dtype(), &table.device())?,
                 placement: Placement::Embeddings,
-                head: model.verbalizer_head(template.as_str(), &labels, &words)?,
+                head: model.verbalizer_head(spelled_after, &labels, &words)?,
                 labels,
-                template: Some(template),
+                template,
             }]
         } else {
             let task = args.task.as_deref();

@@ -109,10 +109,12 @@ pub struct InferenceArgs {
     #[arg(long = "adapter", required_unless_present = "zero_shot")]
     pub adapters: Vec<PathBuf>,
     /// No adapter: the decoder alone scores each label's word after --template (the baseline a
-    /// verbalizer prompt should beat). Labels come from the data.
-    #[arg(long, conflicts_with = "adapters", requires = "template")]
+    /// verbalizer prompt should beat; T5 scores it as its decoder's first word and needs no
+    /// template). Labels come from the data.
+    #[arg(long, conflicts_with = "adapters")]
     pub zero_shot: bool,
-    /// With --zero-shot: what each input is written into, {text} marking where (\n is a newline).
+    /// With --zero-shot: what each input is written into, {text} marking where (\n is a newline);
+    /// a decoder needs one.
     #[arg(long, requires = "zero_shot", value_parser = template)]
     pub template: Option<Template>,
     /// With --zero-shot: one word per label, comma-separated [default: the labels themselves].

@@ -1193,13 +1193,23 @@ fn slow_clients_get_408_or_lose_their_connection_and_never_hold_shutdown() {
 }
 
 /// A T5 behind PEFT's SEQ_2_SEQ_LM adapter over HTTP: /v1/generate writes PEFT's greedy tokens
-/// (the fixture script's), two requests at once each as alone; /v1/classify refuses the adapter.
+/// (the fixture script's), two requests at once each as alone; /v1/classify refuses the adapter,
+/// and with label words beside the same prompt ranks them by PEFT's first decoder logits.
 #[test]
 fn a_t5_adapter_writes_peft_tokens_over_http() {
     let tmp = tempfile::tempdir().unwrap();
     let adapters = tmp.path().join("adapters");
     let peft = Adapter::load(&fixtures().join("peft-tiny-t5"), 16, &Device::Cpu).unwrap();
     peft.save(&adapters.join("t5")).unwrap();
+    let words = ["great", "bad"];
+    let ranker = Adapter {
+        head: AdapterHead::Verbalizer {
+            words: words.map(String::from).to_vec(),
+        },
+        labels: vec!["up".into(), "down".into()],
+        ..peft.clone()
+    };
+    ranker.save(&adapters.join("t5-ranker")).unwrap();
     let address = start_with(
         &fixtures().join("tiny-t5"),
         config(&adapters, Duration::from_millis(50)),
@@ -1230,5 +1240,29 @@ fn a_t5_adapter_writes_peft_tokens_over_http() {
         r#"{"adapter": "t5", "inputs": ["a good movie"]}"#,
         422,
         "use /v1/generate",
+    );
+
+    let (status, body) = http(
+        &address,
+        "POST",
+        "/v1/classify",
+        Some(r#"{"adapter": "t5-ranker", "inputs": ["a good movie"]}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let model = Model::load(&fixtures().join("tiny-t5"), DType::F32, &Device::Cpu).unwrap();
+    let encoder = model.encoder(0, None).unwrap();
+    let (f, _) =
+        softprompt::files::load_tensors(&fixtures().join("peft_tiny_t5.safetensors"), &Device::Cpu)
+            .unwrap();
+    let first = f["first_logits"].to_vec2::<f32>().unwrap();
+    let logits: Vec<f64> = words
+        .iter()
+        .map(|w| first[0][encoder.plain_ids(w).unwrap()[0] as usize] as f64)
+        .collect();
+    let up = 1.0 / (1.0 + (logits[1] - logits[0]).exp());
+    let scores = &body["results"][0]["scores"];
+    assert!(
+        (scores["up"].as_f64().unwrap() - up).abs() < 1e-4,
+        "{scores} against PEFT's {up}"
     );
 }

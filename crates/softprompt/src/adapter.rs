@@ -12,7 +12,8 @@
 //! ```
 //! A PEFT SEQ_CLS adapter has no softprompt.json: it loads with `Pool::Pooler` (the head of
 //! BertForSequenceClassification) and labels LABEL_0, LABEL_1, ... A verbalizer adapter is
-//! task_type CAUSAL_LM with only prompt_embeddings: the frozen LM head scores the label words.
+//! task_type CAUSAL_LM (SEQ_2_SEQ_LM on T5) with only prompt_embeddings: the frozen LM head
+//! scores the label words.
 
 use crate::backbone::any::AnyBackbone;
 use crate::backbone::Backbone;
@@ -79,12 +80,13 @@ impl TaskType {
         }
     }
 
-    /// The task type of an adapter trained for `task`.
-    pub fn of(task: TaskKind) -> Self {
-        match task {
-            TaskKind::Classify => Self::SeqCls,
-            TaskKind::Verbalizer | TaskKind::CausalLm => Self::CausalLm,
-            TaskKind::Seq2Seq => Self::Seq2SeqLm,
+    /// The task type of an adapter trained for `task`, on an encoder-decoder or not: a
+    /// verbalizer's is its model's, whose LM head scores the label words.
+    pub fn of(task: TaskKind, seq2seq: bool) -> Self {
+        match (task, seq2seq) {
+            (TaskKind::Classify, _) => Self::SeqCls,
+            (TaskKind::Verbalizer, true) | (TaskKind::Seq2Seq, _) => Self::Seq2SeqLm,
+            (TaskKind::Verbalizer | TaskKind::CausalLm, _) => Self::CausalLm,
         }
     }
 }
@@ -453,7 +455,7 @@ impl Adapter {
                 }
                 (AdapterHead::Linear { weight, bias, pool }, labels, template)
             }
-            (TaskType::CausalLm, Some(Extra { labels, label_words: Some(words), template, .. })) => {
+            (TaskType::CausalLm | TaskType::Seq2SeqLm, Some(Extra { labels, label_words: Some(words), template, .. })) => {
                 if words.len() != labels.len() {
                     bail!("adapter {at}: {} label words for {} labels", words.len(), labels.len());
                 }

@@ -151,22 +151,31 @@ pub fn classify_rows<B: Backbone>(
         0 => None,
         p => Some(mixed_prefix(backbone, rows, p, device)?),
     };
+    // an encoder-decoder scores the labels at its decoder's first position
+    let decoder = backbone.start_rows(rows.len())?;
     let hidden = backbone.forward(&BackboneInput {
         embeds: &embeds,
         attention_mask: &mask,
         token_type_ids: &types,
         reads: None,
         prefix: prefix.as_ref(),
-        decoder: None,
+        decoder: decoder.as_ref(),
     })?;
+    let read = match &decoder {
+        Some(start) => Tensor::ones((rows.len(), start.dim(1)?), DType::U32, device)?,
+        None => mask,
+    };
     rows.iter()
         .enumerate()
         .map(|(i, (adapter, _))| {
-            let logits = adapter.head.forward(
-                &hidden.narrow(0, i, 1)?,
-                &mask.narrow(0, i, 1)?,
-                adapter.front(),
-            )?;
+            let front = match decoder {
+                Some(_) => 0,
+                None => adapter.front(),
+            };
+            let logits =
+                adapter
+                    .head
+                    .forward(&hidden.narrow(0, i, 1)?, &read.narrow(0, i, 1)?, front)?;
             Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         })
         .collect()

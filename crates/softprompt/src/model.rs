@@ -271,7 +271,8 @@ impl Model {
             .flatten()
     }
 
-    /// The verbalizer head of `labels` spelled as `words` after `template`, from the LM head.
+    /// The verbalizer head of `labels` spelled as `words` after `template`, from the LM head. An
+    /// encoder-decoder writes the word first thing in its decoder, after no template.
     pub fn verbalizer_head(
         &self,
         template: &str,
@@ -279,7 +280,11 @@ impl Model {
         words: &[String],
     ) -> crate::Result<ClassificationHead> {
         let lm_head = self.lm_head("a verbalizer")?;
-        let tokens = verbalizer::label_tokens(&self.encoder(0, None)?, template, labels, words)?;
+        let before = match self.decoder_start() {
+            Some(_) => "",
+            None => template,
+        };
+        let tokens = verbalizer::label_tokens(&self.encoder(0, None)?, before, labels, words)?;
         verbalizer::head(lm_head, &tokens)
     }
 
@@ -296,17 +301,21 @@ impl Model {
 
     /// An encoder-decoder's decoder start token (T5's pad, 0); None for the other models.
     pub fn decoder_start(&self) -> Option<u32> {
-        self.backbone.seq2seq().map(|t5| t5.config.decoder_start())
+        self.backbone.decoder_start()
     }
 
-    /// Refuses a task this model cannot do: an encoder-decoder writes its targets with its
-    /// decoder (`--task seq2seq`, and only that), the others never do.
-    pub fn check_task(&self, task: TaskKind) -> crate::Result<()> {
+    /// Refuses a task this model cannot do: an encoder-decoder writes its answers with its
+    /// decoder (`--task seq2seq`, or a label word as its first token), the others never do. A
+    /// decoder's verbalizer needs the `template` its label word continues.
+    pub fn check_task(&self, task: TaskKind, template: Option<&Template>) -> crate::Result<()> {
         let (at, arch) = (self.path.display(), self.backbone.architecture());
         match (self.backbone.seq2seq().is_some(), task) {
-            (true, TaskKind::Seq2Seq) | (false, TaskKind::Classify | TaskKind::Verbalizer | TaskKind::CausalLm) => Ok(()),
+            (false, TaskKind::Verbalizer) if template.is_none() => bail!(
+                "--task verbalizer needs --template, e.g. \"Review: {{text}}\\nSentiment:\" (the label word comes next)"
+            ),
+            (true, TaskKind::Seq2Seq | TaskKind::Verbalizer) | (false, TaskKind::Classify | TaskKind::Verbalizer | TaskKind::CausalLm) => Ok(()),
             (true, other) => bail!(
-                "{at} is an encoder-decoder (T5), which writes its answers with its decoder: use --task seq2seq, not {other}"
+                "{at} is an encoder-decoder (T5), which writes its answers with its decoder: use --task seq2seq or verbalizer, not {other}"
             ),
             (false, _) => bail!(
                 "--task seq2seq needs an encoder-decoder (T5), and {at} is a {arch} model (a decoder learns to write targets with --task causal-lm)"

@@ -1459,6 +1459,19 @@ fn verbalizer_trains_only_the_prompt_of_a_decoder() {
     ]))
     .unwrap();
     assert!(zero_shot["accuracy"].as_f64().is_some());
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--zero-shot",
+            "--label-words",
+            "bad,good",
+            "--data",
+            &dev,
+        ],
+        &["--zero-shot needs --template"],
+    );
 
     // label words the LM head cannot score
     let bad_words = |words: &'static str, expected: &[&str]| {
@@ -1817,19 +1830,18 @@ fn profile_counts_the_flops_of_the_formulas_and_where_the_time_went() {
 /// write each review's label (its dev loss falls), the adapter is PEFT's SEQ_2_SEQ_LM prompt of
 /// one submodule, eval scores the kept adapter as training did, generate writes with it, and
 /// what does not fit is refused by name.
-#[test]
-fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// Reviews in the tiny T5's words, every other one positive, labelled `labels.0` (positive) or
+/// `labels.1`: 32 training rows and 8 dev rows, as TSV files in `dir` → (train, dev).
+fn t5_reviews(dir: &Path, labels: (&str, &str)) -> (String, String) {
     let (pos, neg) = (
         ["good", "great", "fun", "love"],
         ["bad", "awful", "dull", "boring"],
     );
     let row = |i: usize| {
         let (words, target) = if i.is_multiple_of(2) {
-            (&pos, "good")
+            (&pos, labels.0)
         } else {
-            (&neg, "bad film")
+            (&neg, labels.1)
         };
         format!(
             "the movie was {} and {}\t{target}",
@@ -1843,7 +1855,14 @@ fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
         std::fs::write(&path, format!("text\tlabel\n{}\n", lines.join("\n"))).unwrap();
         path.display().to_string()
     };
-    let (train, dev) = (write("train.tsv", 0..32), write("dev.tsv", 32..40));
+    (write("train.tsv", 0..32), write("dev.tsv", 32..40))
+}
+
+#[test]
+fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = t5_reviews(dir, ("good", "bad film"));
     let model = fixtures().join("tiny-t5").display().to_string();
     let out = dir.join("t5-writer").display().to_string();
     let task = [
@@ -1911,7 +1930,10 @@ fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
     let never = dir.join("never").display().to_string();
     fails_with(
         &train_args(&model, &train, &dev, &never, &["--task", "classify"]),
-        &["encoder-decoder (T5)", "use --task seq2seq, not classify"],
+        &[
+            "encoder-decoder (T5)",
+            "use --task seq2seq or verbalizer, not classify",
+        ],
     );
     let bert = tiny_model().display().to_string();
     fails_with(
@@ -1964,4 +1986,109 @@ fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
         &train_args(&model, &unlabelled, &dev, &never, &["--task", "seq2seq"]),
         &["inputs.tsv", "label"],
     );
+}
+
+/// `--task verbalizer` on a tiny T5, the paper's rank classification: no template is needed (T5
+/// writes the label word first thing in its decoder), the prompt learns to make the decoder
+/// prefer each review's word (the dev loss falls), the adapter is a SEQ_2_SEQ_LM prompt with its
+/// label words beside it, and eval and predict score the labels with it; the zero-shot
+/// verbalizer works on T5 too.
+#[test]
+fn t5_verbalizer_trains_a_prompt_that_ranks_label_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (train, dev) = t5_reviews(dir, ("positive", "negative"));
+    let model = fixtures().join("tiny-t5").display().to_string();
+    let out = dir.join("t5-ranker").display().to_string();
+    let task = [
+        "--task",
+        "verbalizer",
+        "--label-words",
+        "good,bad",
+        "--num-virtual-tokens",
+        "4",
+        "--lr",
+        "0.1",
+        "--max-steps",
+        "24",
+        "--eval-every",
+        "6",
+        "--patience",
+        "0",
+    ];
+    ok(&train_args(&model, &train, &dev, &out, &task));
+    let dev_loss = dev_losses(&dir.join("t5-ranker"));
+    assert_eq!(dev_loss.len(), 4, "{dev_loss:?}");
+    assert!(
+        dev_loss[3] < dev_loss[0],
+        "the dev loss of the labels should fall: {dev_loss:?}"
+    );
+    let read = |file: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("t5-ranker").join(file)).unwrap())
+            .unwrap()
+    };
+    assert_eq!(read("adapter_config.json")["task_type"], "SEQ_2_SEQ_LM");
+    assert_eq!(
+        read("softprompt.json")["label_words"],
+        serde_json::json!(["good", "bad"])
+    );
+    let eval: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--data",
+        &dev,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(eval["examples"], 8, "{eval}");
+    let accuracy = eval["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy), "{eval}");
+    let predicted = ok(&[
+        "predict",
+        "--model",
+        &model,
+        "--adapter",
+        &out,
+        "--json",
+        "--input",
+        &dev,
+    ]);
+    let gold: Vec<&str> = std::fs::read_to_string(&dev)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            if l.ends_with("positive") {
+                "positive"
+            } else {
+                "negative"
+            }
+        })
+        .collect();
+    let right = predicted
+        .lines()
+        .zip(&gold)
+        .filter(|(p, &g)| serde_json::from_str::<serde_json::Value>(p).unwrap()["label"] == g)
+        .count();
+    assert_eq!(
+        right as f64 / 8.0,
+        accuracy,
+        "predict's labels give eval's accuracy"
+    );
+    let zero_shot: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        &model,
+        "--zero-shot",
+        "--label-words",
+        "good,bad",
+        "--data",
+        &dev,
+        "--json",
+    ]))
+    .unwrap();
+    assert!(zero_shot["accuracy"].as_f64().is_some(), "{zero_shot}");
 }

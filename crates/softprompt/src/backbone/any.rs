@@ -195,6 +195,10 @@ impl Backbone for AnyBackbone {
         each!(self, b => b.shares_prompt())
     }
 
+    fn decoder_start(&self) -> Option<u32> {
+        each!(self, b => b.decoder_start())
+    }
+
     fn keys_values(&self, activations: &AnyActivations) -> Result<Tensor> {
         match (self, activations) {
             (Self::Bert(b), AnyActivations::Bert(a)) => b.keys_values(a),

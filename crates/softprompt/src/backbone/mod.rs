@@ -150,6 +150,20 @@ pub trait Backbone {
     fn shares_prompt(&self) -> bool {
         false
     }
+    /// The token an encoder-decoder's decoder reads first (T5's pad); None for the others.
+    fn decoder_start(&self) -> Option<u32> {
+        None
+    }
+    /// An encoder-decoder's decoder input for `b` rows that bring none, as a classifier's do (the
+    /// labels are scored at the decoder's first position): the start token, embedded [B, 1, D].
+    /// None for the others, which return the input's own positions.
+    fn start_rows(&self, b: usize) -> Result<Option<Tensor>> {
+        let Some(start) = self.decoder_start() else {
+            return Ok(None);
+        };
+        let ids = Tensor::full(start, (b, 1), &self.word_embeddings().device())?;
+        self.embed_tokens(&ids).map(Some)
+    }
     /// Every layer's keys and values of a training forward's rows [B, S, L·2·Hkv·K]
     /// (`Prefix::kv`'s layout): a shared prompt's, for the batch to read as its prefix.
     fn keys_values(&self, _activations: &Self::Activations) -> Result<Tensor> {
@@ -217,6 +231,9 @@ impl<B: Backbone> Backbone for &B {
     }
     fn shares_prompt(&self) -> bool {
         (**self).shares_prompt()
+    }
+    fn decoder_start(&self) -> Option<u32> {
+        (**self).decoder_start()
     }
     fn keys_values(&self, activations: &Self::Activations) -> Result<Tensor> {
         (**self).keys_values(activations)

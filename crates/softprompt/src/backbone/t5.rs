@@ -756,6 +756,10 @@ impl Backbone for T5 {
         &self.shared
     }
 
+    fn decoder_start(&self) -> Option<u32> {
+        Some(self.config.decoder_start())
+    }
+
     /// The encoder reads `embeds` under `attention_mask`; the decoder reads `decoder` [B, T, D]
     /// (causal, every position real: batches pad it on the right) and the encoder's output →
     /// the decoder's last hidden state [B, T, D], unscaled (`lm_head` holds the scale).

@@ -32,13 +32,16 @@ use candle_core::{DType, Tensor, Var};
 
 /// A batch with the prompt in front: embeddings [B, M + N, D], mask and token types [B, M + N];
 /// a prefix's M positions are not in them but in `prefix`, in front of every layer's attention.
-/// An encoder-decoder's decoder rows are embedded in `decoder` [B, W, D].
+/// An encoder-decoder's decoder rows are embedded in `decoder` [B, W, D] (the start token alone
+/// for a batch that brings none), and the backbone returns their hidden states.
 pub struct Prompted {
     pub embeds: Tensor,
     pub attention_mask: Tensor,
     pub token_type_ids: Tensor,
     pub prefix: Option<Prefix>,
     pub decoder: Option<Tensor>,
+    /// [B, W] u32: 1 for the decoder positions each row reads
+    decoder_mask: Option<Tensor>,
 }
 
 impl Prompted {
@@ -46,9 +49,27 @@ impl Prompted {
     pub fn new<B: Backbone>(backbone: &B, prompt: &SoftPrompt, batch: &Batch) -> Result<Self> {
         let word = backbone.embed_tokens(&batch.ids)?;
         let prefix = prompt.prefix_for(batch.ids.dim(0)?)?;
-        let decoder = match &batch.decoder {
-            Some((ids, _)) => Some(backbone.embed_tokens(ids)?),
-            None => None,
+        let (decoder, decoder_mask) = match &batch.decoder {
+            Some((ids, lengths)) => {
+                let width = ids.dim(1)?;
+                let real = lengths
+                    .iter()
+                    .flat_map(|&n| (0..width).map(move |i| u32::from(i < n)));
+                let mask = Tensor::from_iter(real, ids.device())?.reshape(ids.shape())?;
+                (Some(backbone.embed_tokens(ids)?), Some(mask))
+            }
+            None => {
+                let start = backbone.start_rows(batch.len())?;
+                let mask = match &start {
+                    Some(rows) => Some(Tensor::ones(
+                        (rows.dim(0)?, rows.dim(1)?),
+                        DType::U32,
+                        rows.device(),
+                    )?),
+                    None => None,
+                };
+                (start, mask)
+            }
         };
         if prefix.is_some() {
             return Ok(Self {
@@ -57,6 +78,7 @@ impl Prompted {
                 token_type_ids: batch.type_ids.clone(),
                 prefix,
                 decoder,
+                decoder_mask,
             });
         }
         let m = prompt.len();
@@ -66,7 +88,17 @@ impl Prompted {
             token_type_ids: extend_front(&batch.type_ids, m, 0)?,
             prefix,
             decoder,
+            decoder_mask,
         })
+    }
+
+    /// The mask of the hidden state the backbone returns and the prompt columns in front of it
+    /// (`Head::loss`'s): the input's, or an encoder-decoder's decoder rows, which hold no prompt.
+    pub fn output_mask(&self, front: usize) -> (&Tensor, usize) {
+        match &self.decoder_mask {
+            Some(mask) => (mask, 0),
+            None => (&self.attention_mask, front),
+        }
     }
 
     pub fn input(&self) -> BackboneInput<'_> {
@@ -196,8 +228,8 @@ pub trait Head {
     fn params(&self) -> Vec<&Var>;
 
     /// hidden [B, M + N, D] and mask [B, M + N] of `batch` with a prompt of `prompt_len` in
-    /// front (0 for a prefix: `SoftPrompt::front`) → the loss, ∂L/∂hidden and the gradients of
-    /// `params()`.
+    /// front (0 for a prefix: `SoftPrompt::front`; an encoder-decoder's are its decoder's, with
+    /// no prompt: `Prompted::output_mask`) → the loss, ∂L/∂hidden and the gradients of `params()`.
     fn loss(
         &self,
         hidden: &Tensor,
@@ -257,7 +289,8 @@ impl<B: Backbone, H: Head> PromptedModel<B, H> {
             let _span = tracing::trace_span!("embed").entered();
             Prompted::new(&self.backbone, prompt, batch)?
         };
-        let reads = self.head.reads(&p.attention_mask, prompt.front())?;
+        let (mask, front) = p.output_mask(prompt.front());
+        let reads = self.head.reads(mask, front)?;
         let (hidden, activations) = {
             let _span = tracing::trace_span!("backbone.forward").entered();
             let input = BackboneInput {
@@ -268,8 +301,7 @@ impl<B: Backbone, H: Head> PromptedModel<B, H> {
         };
         let head = {
             let _span = tracing::trace_span!("head").entered();
-            self.head
-                .loss(&hidden, &p.attention_mask, batch, prompt.front())?
+            self.head.loss(&hidden, mask, batch, front)?
         };
         let _span = tracing::trace_span!("backbone.backward").entered();
         let input_grads = self.backbone.backward(&head.d_hidden, activations, None)?;

@@ -150,9 +150,6 @@ impl TrainConfig {
             bail!("--max-tokens must be at least 1");
         }
         match self.task {
-            TaskKind::Verbalizer if self.template.is_none() => bail!(
-                "--task verbalizer needs --template, e.g. \"Review: {{text}}\\nSentiment:\" (the label word comes next)"
-            ),
             TaskKind::Classify | TaskKind::CausalLm | TaskKind::Seq2Seq
                 if self.label_words.is_some() =>
             {

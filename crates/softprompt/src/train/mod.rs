@@ -195,7 +195,7 @@ impl Run<'_> {
             device,
             ranks,
         } = *self;
-        model.check_task(config.task)?;
+        model.check_task(config.task, config.template.as_ref())?;
         if config.task.writes_targets() {
             model.lm_head("--task causal-lm")?;
         }
@@ -363,7 +363,11 @@ fn trainable(
 /// is PREFIX_TUNING; the residual method has no PEFT type and is written as the prompt it computes;
 /// a multitask prompt of `tasks` is MULTITASK_PROMPT_TUNING.
 fn peft_config(model: &Model, config: &TrainConfig, tasks: usize) -> PeftConfig {
-    let (task, m) = (TaskType::of(config.task), config.num_virtual_tokens);
+    let seq2seq = model.decoder_start().is_some();
+    let (task, m) = (
+        TaskType::of(config.task, seq2seq),
+        config.num_virtual_tokens,
+    );
     let init = (config.init.peft_name(), config.init_text.clone());
     let mut peft = model.peft_config(task, m, init.0, init.1);
     if config.method == Method::PTuning {

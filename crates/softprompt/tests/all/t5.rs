@@ -1,6 +1,7 @@
 //! T5 against transformers (encoder states, decoder logits, loss; with and without a prompt), its
 //! relative-position attention and its whole backward against finite differences in f64, and its
-//! cached decoding against the full decoder pass.
+//! cached decoding against the full decoder pass; rank classification (label words scored at the
+//! decoder's first position) against PEFT's logits and finite differences.
 
 use crate::gradients::{check, randn, weighted_sum};
 use crate::{fixtures, max_abs, max_abs_diff};
@@ -12,14 +13,16 @@ use softprompt::batch::{Batch, Batching, Padding};
 use softprompt::data::Example;
 use softprompt::files::load_tensors;
 use softprompt::generate::{Continuation, SamplingConfig};
+use softprompt::inference::{ensemble_all, LoadedAdapter};
 use softprompt::kernels::{
     biased_attention_backward, biased_attention_forward, causal_mask, position_bias,
 };
 use softprompt::model::Model;
 use softprompt::prompt::{extend_front, Placement, SoftPrompt};
-use softprompt::prompted::{generation_score, CausalLm, PromptedModel, Trainee};
+use softprompt::prompted::{generation_score, CausalLm, Classifier, PromptedModel, Trainee};
 use softprompt::task::classify::log_softmax;
-use softprompt::tokenize::Encoded;
+use softprompt::task::verbalizer;
+use softprompt::tokenize::{encode_all, Encoded};
 use std::path::Path;
 
 const DEV: Device = Device::Cpu;
@@ -387,6 +390,130 @@ fn seq2seq_loss_and_prompt_gradient_match_finite_differences() {
             &analytic,
             loss_of,
             &format!("{name}: seq2seq prompt gradient"),
+        );
+    }
+}
+
+/// Rank classification on T5, the paper's way of classifying with a text-to-text model: each
+/// label's word is scored by the decoder's logit of its first token at the first position, read
+/// after the start token alone. softprompt's label scores for PEFT's adapter are PEFT's logits
+/// there, rows of different lengths in one padded batch; a decoder's template does not move the
+/// words (T5 writes them first thing).
+#[test]
+fn t5_verbalizer_scores_label_words_as_peft_first_decoder_logits() {
+    let model = Model::load(&fixtures().join("tiny-t5"), DType::F32, &DEV).unwrap();
+    let adapter = Adapter::load(&fixtures().join("peft-tiny-t5"), 16, &DEV).unwrap();
+    let labels: Vec<String> = ["praise", "pan", "shrug"].map(String::from).to_vec();
+    let words: Vec<String> = ["great", "bad", "good"].map(String::from).to_vec();
+    let loaded = LoadedAdapter {
+        prompt: adapter.prompt.clone(),
+        placement: Placement::Embeddings,
+        head: model
+            .verbalizer_head("Review: {text}", &labels, &words)
+            .unwrap(),
+        labels,
+        template: None,
+    };
+    let encoder = model.encoder(4, None).unwrap();
+    let data = encode_all(&encoder, &t5_pairs(), None, Path::new("pairs")).unwrap();
+    let answers =
+        ensemble_all(&model.backbone, &[&loaded], &data, 8, Padding::Right, &DEV).unwrap();
+    let tokens: Vec<usize> = words
+        .iter()
+        .map(|w| encoder.plain_ids(w).unwrap()[0] as usize)
+        .collect();
+    let (f, _) = load_tensors(&fixtures().join("peft_tiny_t5.safetensors"), &DEV).unwrap();
+    let peft = f["first_logits"].to_vec2::<f32>().unwrap();
+    assert_eq!(answers.len(), peft.len());
+    for (row, (answer, theirs)) in answers.iter().zip(&peft).enumerate() {
+        for (c, &t) in tokens.iter().enumerate() {
+            let ours = answer.logits[0][c];
+            assert!(
+                (ours - theirs[t]).abs() < 1e-4,
+                "row {row}, label word {:?}: {ours} against PEFT's {}",
+                words[c],
+                theirs[t]
+            );
+        }
+    }
+}
+
+/// `--task verbalizer` on T5 in f64: the loss is the cross-entropy of the labels over their
+/// words' first-position decoder logits (checked by hand, row by row), and the prompt gradient
+/// comes back through the decoder's one position, cross-attention and the encoder.
+#[test]
+fn t5_verbalizer_loss_and_prompt_gradient_match_finite_differences() {
+    let data = vec![
+        Encoded {
+            ids: vec![5, 20, 9, 1],
+            type_ids: vec![0; 4],
+            ..Default::default()
+        },
+        Encoded {
+            ids: vec![30, 31, 1],
+            type_ids: vec![0; 3],
+            ..Default::default()
+        },
+    ];
+    let (gold, tokens) = ([1u32, 0], [14u32, 20]);
+    let batch = Batch::new(&data, Some(&gold), &[0, 1], Padding::Right, &DEV).unwrap();
+    let prompt = randn(&[3, 16], 12);
+    for name in ["tiny-t5", "tiny-t5-gated"] {
+        let make = |p: &Tensor| {
+            let backbone = load(name, DType::F64);
+            let head = verbalizer::head(backbone.lm_head(), &tokens).unwrap();
+            PromptedModel {
+                backbone,
+                prompt: SoftPrompt::from_tensor(p).unwrap().into(),
+                head: Classifier {
+                    head,
+                    labels: vec!["no".into(), "yes".into()],
+                    label_words: Some(vec!["great".into(), "bad".into()]),
+                },
+                template: None,
+            }
+        };
+        let model = make(&prompt);
+        let (loss, grads) = model.loss_and_grads(&batch).unwrap();
+        assert_eq!(grads.len(), 1, "the verbalizer trains the prompt alone");
+
+        let lm_head = model.backbone.lm_head().dense().unwrap();
+        let mut nll = Vec::new();
+        for (e, &g) in data.iter().zip(&gold) {
+            let ids = Tensor::new(e.ids.as_slice(), &DEV)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let mask = Tensor::ones((1, e.ids.len()), DType::U32, &DEV).unwrap();
+            let (embeds, mask) = prompted(&model.backbone, &ids, &mask, Some(&prompt));
+            let start = model.backbone.start_rows(1).unwrap().unwrap();
+            let hidden = decoded(&model.backbone, &embeds, &mask, &start)
+                .reshape((1, 16))
+                .unwrap();
+            let logits = hidden
+                .matmul(&lm_head.t().unwrap())
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let scores: Vec<f64> = tokens
+                .iter()
+                .map(|&t| logits.get(t as usize).unwrap().to_scalar::<f64>().unwrap())
+                .collect();
+            let log_z = scores.iter().map(|s| s.exp()).sum::<f64>().ln();
+            nll.push(log_z - scores[g as usize]);
+        }
+        let expected = nll.iter().sum::<f64>() / nll.len() as f64;
+        assert!(
+            (loss - expected).abs() < 1e-9,
+            "{name}: loss {loss} against {expected} by hand"
+        );
+        let loss_of = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
+        let analytic = grads[0].to_dtype(DType::F64).unwrap();
+        check(
+            &prompt,
+            &analytic,
+            loss_of,
+            &format!("{name}: verbalizer prompt gradient"),
         );
     }
 }
