@@ -163,17 +163,7 @@ fn train_then_eval_then_predict() {
     assert_eq!(config["num_virtual_tokens"], 20);
     assert_eq!(config["token_dim"], 16);
 
-    let report: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval",
-        "--model",
-        &model,
-        "--adapter",
-        &out,
-        "--data",
-        &dev,
-        "--json",
-    ]))
-    .unwrap();
+    let report: serde_json::Value = eval_json(&model, &out, &dev);
     let accuracy = report["accuracy"].as_f64().unwrap();
     assert!(
         accuracy >= 0.75,
@@ -1305,17 +1295,7 @@ fn causal_lm_writes_targets(method: &[&'static str]) {
     .unwrap();
     assert_eq!(tensors.keys().collect::<Vec<_>>(), ["prompt_embeddings"]);
 
-    let eval: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval",
-        "--model",
-        &model,
-        "--adapter",
-        &out,
-        "--data",
-        &dev,
-        "--json",
-    ]))
-    .unwrap();
+    let eval: serde_json::Value = eval_json(&model, &out, &dev);
     assert_eq!(eval["examples"], 8, "{eval}");
     let token_loss = eval["token_loss"].as_f64().unwrap();
     assert!(
@@ -1431,17 +1411,7 @@ fn verbalizer_trains_only_the_prompt_of_a_decoder() {
     );
 
     // the adapter reads its template and words back: eval and predict agree
-    let eval: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval",
-        "--model",
-        &model,
-        "--adapter",
-        &out,
-        "--data",
-        &dev,
-        "--json",
-    ]))
-    .unwrap();
+    let eval: serde_json::Value = eval_json(&model, &out, &dev);
     let accuracy = eval["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy));
     let zero_shot: serde_json::Value = serde_json::from_str(&ok(&[
@@ -1858,16 +1828,34 @@ fn t5_reviews(dir: &Path, labels: (&str, &str)) -> (String, String) {
     (write("train.tsv", 0..32), write("dev.tsv", 32..40))
 }
 
-#[test]
-fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let (train, dev) = t5_reviews(dir, ("good", "bad film"));
+/// `softprompt eval --json` of `adapter` on `model` over `data`.
+fn eval_json(model: &str, adapter: &str, data: &str) -> serde_json::Value {
+    let json = ok(&[
+        "eval",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--data",
+        data,
+        "--json",
+    ]);
+    serde_json::from_str(&json).unwrap()
+}
+
+/// A 4-vector prompt trained 24 steps with `task` on the tiny T5 over `t5_reviews(labels)` into
+/// `dir/name`, its dev loss falling over the 4 evaluations → (model, train, dev, output).
+fn t5_trained(
+    dir: &Path,
+    labels: (&str, &str),
+    name: &str,
+    task: &[&str],
+) -> (String, String, String, String) {
+    let (train, dev) = t5_reviews(dir, labels);
     let model = fixtures().join("tiny-t5").display().to_string();
-    let out = dir.join("t5-writer").display().to_string();
-    let task = [
-        "--task",
-        "seq2seq",
+    let out = dir.join(name).display().to_string();
+    let mut args = task.to_vec();
+    args.extend([
         "--num-virtual-tokens",
         "4",
         "--lr",
@@ -1878,31 +1866,35 @@ fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
         "6",
         "--patience",
         "0",
-    ];
-    ok(&train_args(&model, &train, &dev, &out, &task));
-    let dev_loss = dev_losses(&dir.join("t5-writer"));
+    ]);
+    ok(&train_args(&model, &train, &dev, &out, &args));
+    let dev_loss = dev_losses(&dir.join(name));
     assert_eq!(dev_loss.len(), 4, "{dev_loss:?}");
     assert!(
         dev_loss[3] < dev_loss[0],
-        "the dev loss of the targets should fall: {dev_loss:?}"
+        "{task:?}: the dev loss should fall: {dev_loss:?}"
     );
+    (model, train, dev, out)
+}
+
+#[test]
+fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (model, train, dev, out) = t5_trained(
+        dir,
+        ("good", "bad film"),
+        "t5-writer",
+        &["--task", "seq2seq"],
+    );
+    let dev_loss = dev_losses(&dir.join("t5-writer"));
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("t5-writer/adapter_config.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(config["task_type"], "SEQ_2_SEQ_LM");
     assert_eq!(config["num_transformer_submodules"], 1);
-    let eval: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval",
-        "--model",
-        &model,
-        "--adapter",
-        &out,
-        "--data",
-        &dev,
-        "--json",
-    ]))
-    .unwrap();
+    let eval: serde_json::Value = eval_json(&model, &out, &dev);
     assert_eq!(eval["examples"], 8, "{eval}");
     for key in ["exact_match", "token_accuracy", "token_loss"] {
         assert!(eval[key].is_f64(), "{key} in {eval}");
@@ -1997,32 +1989,8 @@ fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
 fn t5_verbalizer_trains_a_prompt_that_ranks_label_words() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (train, dev) = t5_reviews(dir, ("positive", "negative"));
-    let model = fixtures().join("tiny-t5").display().to_string();
-    let out = dir.join("t5-ranker").display().to_string();
-    let task = [
-        "--task",
-        "verbalizer",
-        "--label-words",
-        "good,bad",
-        "--num-virtual-tokens",
-        "4",
-        "--lr",
-        "0.1",
-        "--max-steps",
-        "24",
-        "--eval-every",
-        "6",
-        "--patience",
-        "0",
-    ];
-    ok(&train_args(&model, &train, &dev, &out, &task));
-    let dev_loss = dev_losses(&dir.join("t5-ranker"));
-    assert_eq!(dev_loss.len(), 4, "{dev_loss:?}");
-    assert!(
-        dev_loss[3] < dev_loss[0],
-        "the dev loss of the labels should fall: {dev_loss:?}"
-    );
+    let task = ["--task", "verbalizer", "--label-words", "good,bad"];
+    let (model, _, dev, out) = t5_trained(dir, ("positive", "negative"), "t5-ranker", &task);
     let read = |file: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(dir.join("t5-ranker").join(file)).unwrap())
             .unwrap()
@@ -2032,17 +2000,7 @@ fn t5_verbalizer_trains_a_prompt_that_ranks_label_words() {
         read("softprompt.json")["label_words"],
         serde_json::json!(["good", "bad"])
     );
-    let eval: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval",
-        "--model",
-        &model,
-        "--adapter",
-        &out,
-        "--data",
-        &dev,
-        "--json",
-    ]))
-    .unwrap();
+    let eval: serde_json::Value = eval_json(&model, &out, &dev);
     assert_eq!(eval["examples"], 8, "{eval}");
     let accuracy = eval["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy), "{eval}");

@@ -378,18 +378,13 @@ fn seq2seq_loss_and_prompt_gradient_match_finite_differences() {
                 nll.push(-log_probs[i - 1][e.decoder_ids[i] as usize]);
             }
         }
-        let expected = nll.iter().sum::<f64>() / nll.len() as f64;
-        assert!(
-            (loss - expected).abs() < 1e-9,
-            "{name}: loss {loss} against {expected} by hand"
-        );
         let loss_of = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
-        let analytic = grads[0].to_dtype(DType::F64).unwrap();
-        check(
+        mean_loss_and_gradient(
+            &format!("{name}: seq2seq"),
+            (loss, &grads[0]),
+            &nll,
             &prompt,
-            &analytic,
             loss_of,
-            &format!("{name}: seq2seq prompt gradient"),
         );
     }
 }
@@ -502,18 +497,36 @@ fn t5_verbalizer_loss_and_prompt_gradient_match_finite_differences() {
             let log_z = scores.iter().map(|s| s.exp()).sum::<f64>().ln();
             nll.push(log_z - scores[g as usize]);
         }
-        let expected = nll.iter().sum::<f64>() / nll.len() as f64;
-        assert!(
-            (loss - expected).abs() < 1e-9,
-            "{name}: loss {loss} against {expected} by hand"
-        );
         let loss_of = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
-        let analytic = grads[0].to_dtype(DType::F64).unwrap();
-        check(
+        mean_loss_and_gradient(
+            &format!("{name}: verbalizer"),
+            (loss, &grads[0]),
+            &nll,
             &prompt,
-            &analytic,
             loss_of,
-            &format!("{name}: verbalizer prompt gradient"),
         );
     }
+}
+
+/// `loss` is the mean of `nll` (the terms worked out by hand) and `gradient` the finite
+/// differences of `loss_of` at `prompt`.
+fn mean_loss_and_gradient(
+    what: &str,
+    (loss, gradient): (f64, &Tensor),
+    nll: &[f64],
+    prompt: &Tensor,
+    loss_of: impl Fn(&Tensor) -> f64,
+) {
+    let expected = nll.iter().sum::<f64>() / nll.len() as f64;
+    assert!(
+        (loss - expected).abs() < 1e-9,
+        "{what}: loss {loss} against {expected} by hand"
+    );
+    let analytic = gradient.to_dtype(DType::F64).unwrap();
+    check(
+        prompt,
+        &analytic,
+        loss_of,
+        &format!("{what} prompt gradient"),
+    );
 }
