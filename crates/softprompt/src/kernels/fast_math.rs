@@ -1,7 +1,11 @@
 //! exp and erf for f32 that vectorize: libm's are calls, one element at a time, and they took a
 //! quarter of a MiniLM training step (GELU's erf and exp, attention's softmax). Both are
-//! branch-free polynomials, so a loop over them compiles to AVX2 (under `vectorized`) or SSE2.
-//! f64 keeps libm's exact functions: the finite-difference tests run there.
+//! branch-free polynomials, so a loop over them compiles to the widest vectors of the function it
+//! is inlined into: the kernels' loops are `#[multiversion]` functions, compiled for AVX-512, for
+//! AVX2 + FMA and for baseline x86-64 (SSE2) and picked at run time. Their arithmetic is
+//! elementwise or in explicit lanes (`lanes`), and Rust never contracts a multiply and an add into
+//! one FMA by itself, so every width gives the same bits. f64 keeps libm's exact functions: the
+//! finite-difference tests run there.
 
 /// e^x within 1e-7 relative (cephes' expf: x = n·ln 2 + r, a degree-6 polynomial in r, 2ⁿ from the
 /// exponent bits); exactly 0 below the smallest normal result, so masked scores vanish as with libm.
@@ -49,23 +53,41 @@ pub(super) fn erf_f32(x: f32) -> f32 {
     x * p / q
 }
 
-/// Runs `body` compiled for AVX2 + FMA where the CPU has them, so that the loops inlined into it
-/// run 8 lanes wide (the crate is built for baseline x86-64: SSE2, 4 lanes).
+/// A reduction of `x` by `f` in sixteen independent lanes, so that it vectorizes (one running
+/// value would order every step after the last); the same result at any vector width.
 #[inline(always)]
-pub(super) fn vectorized<R>(body: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide<R>(body: impl FnOnce() -> R) -> R {
-            body()
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has both features, checked just above.
-            return unsafe { wide(body) };
+pub(super) fn lanes<T: Copy>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [init; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, v);
         }
     }
-    body()
+    let mut total = rest.iter().fold(init, |a, &v| f(a, v));
+    for a in acc {
+        total = f(total, a);
+    }
+    total
+}
+
+/// Σ f(aᵢ, bᵢ) in sixteen independent lanes, as `lanes`.
+#[inline(always)]
+pub(super) fn lanes_sum<T: num_traits::Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [T::zero(); 16];
+    let (chunks_a, chunks_b) = (a.chunks_exact(16), b.chunks_exact(16));
+    let rest = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + f(x, y));
+    for (ca, cb) in chunks_a.zip(chunks_b) {
+        for ((acc, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *acc = *acc + f(x, y);
+        }
+    }
+    acc.iter().fold(rest, |s, &x| s + x)
 }
 
 #[cfg(test)]

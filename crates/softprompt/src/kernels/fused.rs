@@ -3,13 +3,14 @@
 //! elementwise ops run on one thread). f32 and f64; the callers in this module's siblings pick
 //! them on the CPU and fall back to composed candle ops elsewhere (and under `with_composed`).
 
-use super::fast_math::{erf_f32, exp_f32, vectorized};
+use super::fast_math::{erf_f32, exp_f32, lanes, lanes_sum};
 use candle_core::backend::BackendStorage;
 use candle_core::cpu::erf::erf_f64;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use gemm::{gemm, Parallelism};
+use multiversion::multiversion;
 use num_traits::Float;
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -221,19 +222,30 @@ impl GeluKind {
     }
 }
 
-/// o = f(x), with `f` a constant the compiler sees, so that the loop vectorizes.
-#[inline(always)]
-fn map<T: Real>(o: &mut [T], x: &[T], f: impl Fn(T) -> T) {
-    for (o, &x) in o.iter_mut().zip(x) {
-        *o = f(x);
+/// o = gelu(x), compiled for the CPU's widest vectors (`fast_math`).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gelu_chunk<T: Real>(kind: GeluKind, o: &mut [T], x: &[T]) {
+    // one loop per kind, so that the function inside each is a constant the loop vectorizes
+    match kind {
+        GeluKind::Erf => o.iter_mut().zip(x).for_each(|(o, &x)| *o = GeluKind::Erf.value(x)),
+        GeluKind::Tanh => o.iter_mut().zip(x).for_each(|(o, &x)| *o = GeluKind::Tanh.value(x)),
     }
 }
 
 /// o = a ⊙ f(x), likewise.
-#[inline(always)]
-fn scale<T: Real>(o: &mut [T], a: &[T], x: &[T], f: impl Fn(T) -> T) {
-    for ((o, &a), &x) in o.iter_mut().zip(a).zip(x) {
-        *o = a * f(x);
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn scaled_chunk<T: Real>(f: Pointwise, o: &mut [T], a: &[T], x: &[T]) {
+    #[inline(always)]
+    fn scale<T: Real>(o: &mut [T], a: &[T], x: &[T], f: impl Fn(T) -> T) {
+        for ((o, &a), &x) in o.iter_mut().zip(a).zip(x) {
+            *o = a * f(x);
+        }
+    }
+    match f {
+        Pointwise::GeluSlope(GeluKind::Erf) => scale(o, a, x, |x| GeluKind::Erf.slope(x)),
+        Pointwise::GeluSlope(GeluKind::Tanh) => scale(o, a, x, |x| GeluKind::Tanh.slope(x)),
+        Pointwise::Silu => scale(o, a, x, |x| Pointwise::Silu.at(x)),
+        Pointwise::SiluSlope => scale(o, a, x, |x| Pointwise::SiluSlope.at(x)),
     }
 }
 
@@ -251,12 +263,7 @@ impl CustomOp1 for Gelu {
             let mut out = vec![T::zero(); x.len()];
             out.par_chunks_mut(ELEMENTS_PER_TASK)
                 .zip(x.par_chunks(ELEMENTS_PER_TASK))
-                .for_each(|(o, x)| {
-                    vectorized(|| match kind {
-                        GeluKind::Erf => map(o, x, |x| GeluKind::Erf.value(x)),
-                        GeluKind::Tanh => map(o, x, |x| GeluKind::Tanh.value(x)),
-                    })
-                });
+                .for_each(|(o, x)| gelu_chunk(kind, o, x));
             Ok(T::into_storage(out))
         }
         Ok((dispatch!(s, run(self.0, s, l))?, l.shape().clone()))
@@ -318,18 +325,7 @@ impl CustomOp2 for Scaled {
                     a.par_chunks(ELEMENTS_PER_TASK)
                         .zip(x.par_chunks(ELEMENTS_PER_TASK)),
                 )
-                .for_each(|(o, (a, x))| {
-                    vectorized(|| match f {
-                        Pointwise::GeluSlope(GeluKind::Erf) => {
-                            scale(o, a, x, |x| GeluKind::Erf.slope(x))
-                        }
-                        Pointwise::GeluSlope(GeluKind::Tanh) => {
-                            scale(o, a, x, |x| GeluKind::Tanh.slope(x))
-                        }
-                        Pointwise::Silu => scale(o, a, x, |x| Pointwise::Silu.at(x)),
-                        Pointwise::SiluSlope => scale(o, a, x, |x| Pointwise::SiluSlope.at(x)),
-                    })
-                });
+                .for_each(|(o, (a, x))| scaled_chunk(f, o, a, x));
             Ok(T::into_storage(out))
         }
         Ok((
@@ -348,14 +344,37 @@ pub(super) fn scaled(a: &Tensor, x: &Tensor, f: Pointwise) -> Option<Result<Tens
 }
 
 /// Mean and reciprocal standard deviation of one row.
+#[inline(always)]
 fn row_stats<T: Real>(x: &[T], eps: T) -> (T, T) {
     let n = T::from(x.len()).expect("row length");
-    let mean = x.iter().fold(T::zero(), |a, &v| a + v) / n;
-    let var = x
-        .iter()
-        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
-        / n;
+    let mean = lanes_sum(x, x, |v, _| v) / n;
+    let var = lanes_sum(x, x, |v, _| (v - mean) * (v - mean)) / n;
     (mean, T::one() / (var + eps).sqrt())
+}
+
+/// One row of LayerNorm: out = (x − mean)·rstd·γ + β.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn layer_norm_row<T: Real>(out: &mut [T], x: &[T], gamma: &[T], beta: &[T], eps: T) {
+    let (mean, rstd) = row_stats(x, eps);
+    for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+        *o = (v - mean) * rstd * g + b;
+    }
+}
+
+/// One row of LayerNorm's backward: out = rstd · (g − mean(g) − x̂ · mean(g·x̂)), g = dy·γ.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn layer_norm_backward_row<T: Real>(out: &mut [T], dy: &[T], x: &[T], gamma: &[T], eps: T) {
+    let n = T::from(x.len()).expect("row length");
+    let (mean, rstd) = row_stats(x, eps);
+    // the output row holds g until the last loop overwrites it
+    for ((o, &g), &w) in out.iter_mut().zip(dy).zip(gamma) {
+        *o = g * w;
+    }
+    let mean_g = lanes(out, T::zero(), |a, b| a + b) / n;
+    let mean_gx = lanes_sum(out, x, |g, v| g * (v - mean)) * rstd / n;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = rstd * (*o - mean_g - (v - mean) * rstd * mean_gx);
+    }
 }
 
 /// LayerNorm over the last dimension: x [.., D], γ [D], β [D] → y [.., D]
@@ -389,11 +408,7 @@ impl CustomOp3 for LayerNormForward {
             let d = gamma.len();
             let eps = T::lit(eps);
             Ok(T::into_storage(for_rows(x.len(), d, |r, out| {
-                let x = &x[r * d..(r + 1) * d];
-                let (mean, rstd) = row_stats(x, eps);
-                for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
-                    *o = (v - mean) * rstd * g + b;
-                }
+                layer_norm_row(out, &x[r * d..(r + 1) * d], gamma, beta, eps)
             })))
         }
         let inputs = [(s1, l1), (s2, l2), (s3, l3)];
@@ -431,19 +446,10 @@ impl CustomOp3 for LayerNormBackward {
                 view::<T>(gamma.0, gamma.1)?,
             );
             let d = gamma.len();
-            let (eps, n) = (T::lit(eps), T::from(d).expect("row length"));
+            let eps = T::lit(eps);
             Ok(T::into_storage(for_rows(x.len(), d, |r, out| {
                 let (dy, x) = (&dy[r * d..(r + 1) * d], &x[r * d..(r + 1) * d]);
-                let (mean, rstd) = row_stats(x, eps);
-                let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
-                for ((&g, &v), &w) in dy.iter().zip(x).zip(gamma) {
-                    mean_g += g * w;
-                    mean_gx += g * w * (v - mean) * rstd;
-                }
-                let (mean_g, mean_gx) = (mean_g / n, mean_gx / n);
-                for (((o, &g), &v), &w) in out.iter_mut().zip(dy).zip(x).zip(gamma) {
-                    *o = rstd * (g * w - mean_g - (v - mean) * rstd * mean_gx);
-                }
+                layer_norm_backward_row(out, dy, x, gamma, eps);
             })))
         }
         let inputs = [(s1, l1), (s2, l2), (s3, l3)];

@@ -5,10 +5,11 @@
 //! key/value head, so the gradients of keys and values shared by several query heads (grouped-query
 //! attention) accumulate inside one task.
 
-use super::fast_math::vectorized;
+use super::fast_math::{lanes, lanes_sum};
 use super::fused::{self, cpu_slice, Real};
 use candle_core::{Result, Tensor};
 use gemm::Parallelism;
+use multiversion::multiversion;
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -92,45 +93,37 @@ impl Heads {
 }
 
 /// scores [R, S] of the queries `first..first + R` (raw q·kᵀ) → probabilities, in place: scale,
-/// padding bias, causal mask, softmax.
+/// padding bias, causal mask, softmax. Compiled for the CPU's widest vectors (`fast_math`).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn softmax_rows<T: Real>(p: &mut [T], first: usize, bias: &[T], h: &Heads) {
     let s = h.seq;
     let scale = T::lit(h.scale);
-    vectorized(|| {
-        for (i, row) in p.chunks_mut(s).enumerate() {
-            let visible = if h.causal { first + i + 1 } else { s };
-            let (row, hidden) = row.split_at_mut(visible);
-            for (x, &m) in row.iter_mut().zip(bias) {
-                *x = *x * scale + m;
-            }
-            let max = lanes(row, T::neg_infinity(), Float::max);
-            for x in row.iter_mut() {
-                *x = (*x - max).exp_fast();
-            }
-            let inv = T::one() / lanes(row, T::zero(), |a, b| a + b);
-            row.iter_mut().for_each(|x| *x *= inv);
-            hidden.iter_mut().for_each(|x| *x = T::zero());
+    for (i, row) in p.chunks_mut(s).enumerate() {
+        let visible = if h.causal { first + i + 1 } else { s };
+        let (row, hidden) = row.split_at_mut(visible);
+        for (x, &m) in row.iter_mut().zip(bias) {
+            *x = *x * scale + m;
         }
-    })
+        let max = lanes(row, T::neg_infinity(), Float::max);
+        for x in row.iter_mut() {
+            *x = (*x - max).exp_fast();
+        }
+        let inv = T::one() / lanes(row, T::zero(), |a, b| a + b);
+        row.iter_mut().for_each(|x| *x *= inv);
+        hidden.iter_mut().for_each(|x| *x = T::zero());
+    }
 }
 
-/// A reduction of `x` by `f` in eight independent lanes, so that it vectorizes (one running value
-/// would order every step after the last).
-#[inline(always)]
-fn lanes<T: Real>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
-    let mut acc = [init; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a = f(*a, v);
+/// dP [R, S] → dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale, in place: the softmax's backward (and the
+/// scale's), likewise compiled wide.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn softmax_backward_rows<T: Real>(ds: &mut [T], p: &[T], s: usize, scale: T) {
+    for (drow, prow) in ds.chunks_mut(s).zip(p.chunks(s)) {
+        let dot = lanes_sum(drow, prow, |x, y| x * y);
+        for (x, &y) in drow.iter_mut().zip(prow) {
+            *x = y * (*x - dot) * scale;
         }
     }
-    let mut total = rest.iter().fold(init, |a, &v| f(a, v));
-    for a in acc {
-        total = f(total, a);
-    }
-    total
 }
 
 /// The probabilities [R, S] of the queries `first..first + R` of row `b`, query head `head`, into
@@ -281,14 +274,7 @@ pub(super) fn backward<T: Real>(
                             v.as_ptr(),
                             (1, w),
                         );
-                        vectorized(|| {
-                            for (drow, prow) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                                let dot = lanes_dot(drow, prow);
-                                for (x, &y) in drow.iter_mut().zip(prow) {
-                                    *x = y * (*x - dot) * scale;
-                                }
-                            }
-                        });
+                        softmax_backward_rows(ds, p, s, scale);
                         matmul::<T>(
                             (rows, kd, s),
                             base.add(first * w + h.q_col(head)),
@@ -325,22 +311,4 @@ pub(super) fn backward<T: Real>(
         },
     );
     Tensor::from_vec(dqkv, (h.batch * s, w), dcontext.device())
-}
-
-/// Σ a ⊙ b in eight lanes (`lanes`).
-#[inline(always)]
-fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
-    let mut acc = [T::zero(); 8];
-    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
-    let rest: T = chunks_a
-        .remainder()
-        .iter()
-        .zip(chunks_b.remainder())
-        .fold(T::zero(), |s, (&x, &y)| s + x * y);
-    for (ca, cb) in chunks_a.zip(chunks_b) {
-        for ((acc, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
-            *acc += x * y;
-        }
-    }
-    acc.iter().fold(rest, |s, &x| s + x)
 }
