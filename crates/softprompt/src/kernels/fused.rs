@@ -227,8 +227,14 @@ impl GeluKind {
 fn gelu_chunk<T: Real>(kind: GeluKind, o: &mut [T], x: &[T]) {
     // one loop per kind, so that the function inside each is a constant the loop vectorizes
     match kind {
-        GeluKind::Erf => o.iter_mut().zip(x).for_each(|(o, &x)| *o = GeluKind::Erf.value(x)),
-        GeluKind::Tanh => o.iter_mut().zip(x).for_each(|(o, &x)| *o = GeluKind::Tanh.value(x)),
+        GeluKind::Erf => o
+            .iter_mut()
+            .zip(x)
+            .for_each(|(o, &x)| *o = GeluKind::Erf.value(x)),
+        GeluKind::Tanh => o
+            .iter_mut()
+            .zip(x)
+            .for_each(|(o, &x)| *o = GeluKind::Tanh.value(x)),
     }
 }
 

@@ -351,46 +351,83 @@ fn fused_attention_matches_composed() {
     }
 }
 
+/// Fused and composed attention's forward and backward on [batch, seq] rows of `heads` query
+/// heads of `head_dim` (row 1 padded after 97 positions), in `dtype`: the largest differences.
+fn fused_and_composed_attention(
+    (batch, seq): (usize, usize),
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    causal: bool,
+    dtype: DType,
+) -> (f64, f64) {
+    let shape = AttentionShape {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        causal,
+    };
+    let qkv = randn(&[batch * seq, (heads + 2 * kv_heads) * head_dim], 5)
+        .to_dtype(dtype)
+        .unwrap();
+    let mask: Vec<u32> = [seq, 97]
+        .iter()
+        .cycle()
+        .take(batch)
+        .flat_map(|&n| (0..seq).map(move |j| u32::from(j < n)))
+        .collect();
+    let mask = Tensor::from_vec(mask, (batch, seq), &DEV).unwrap();
+    let bias = mask_bias(&mask, dtype).unwrap();
+    let dcontext = randn(&[batch * seq, heads * head_dim], 6)
+        .to_dtype(dtype)
+        .unwrap();
+    let run = || {
+        let (context, saved) = attention_forward(&qkv, &bias, shape, None).unwrap();
+        (
+            context,
+            attention_backward(&dcontext, &saved, shape, None)
+                .unwrap()
+                .0,
+        )
+    };
+    let (fused, composed) = (run(), with_composed(run));
+    (
+        crate::max_abs_diff(&fused.0, &composed.0),
+        crate::max_abs_diff(&fused.1, &composed.1),
+    )
+}
+
 /// The fused attention runs query block by query block and its backward recomputes the
 /// probabilities block by block; at 150 positions (two full blocks of 64 and a part), with padding,
 /// causal and grouped-query, forward and backward equal the composed kernels that keep [B, H, S, S].
+/// Head sizes 4 (the tiny models') and 64 (BERT-base's, GPT-2's).
 #[test]
 fn blocked_attention_matches_composed_over_several_blocks() {
-    for (heads, kv_heads, causal) in [(2, 2, false), (4, 2, true)] {
-        let (batch, seq) = (2, 150);
-        let shape = AttentionShape {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            causal,
-        };
-        let qkv = randn(&[batch * seq, (heads + 2 * kv_heads) * 4], 5);
-        let lengths = [seq, 97];
-        let mask: Vec<u32> = lengths
-            .iter()
-            .flat_map(|&n| (0..seq).map(move |j| u32::from(j < n)))
-            .collect();
-        let mask = Tensor::from_vec(mask, (batch, seq), &DEV).unwrap();
-        let bias = mask_bias(&mask, DType::F64).unwrap();
-        let dcontext = randn(&[batch * seq, heads * 4], 6);
-        let run = || {
-            let (context, saved) = attention_forward(&qkv, &bias, shape, None).unwrap();
-            (
-                context,
-                attention_backward(&dcontext, &saved, shape, None)
-                    .unwrap()
-                    .0,
-            )
-        };
-        let (fused, composed) = (run(), with_composed(run));
-        let forward = crate::max_abs_diff(&fused.0, &composed.0);
-        let backward = crate::max_abs_diff(&fused.1, &composed.1);
-        assert!(
-            forward < 1e-12 && backward < 1e-12,
-            "{heads}/{kv_heads} causal {causal}: forward {forward:e}, backward {backward:e}"
-        );
+    for head_dim in [4, 64] {
+        for (heads, kv_heads, causal) in [(2, 2, false), (4, 2, true)] {
+            let (forward, backward) = fused_and_composed_attention(
+                (2, 150),
+                (heads, kv_heads, head_dim),
+                causal,
+                DType::F64,
+            );
+            assert!(
+                forward < 1e-12 && backward < 1e-12,
+                "{heads}/{kv_heads} of {head_dim}, causal {causal}: forward {forward:e}, backward {backward:e}"
+            );
+        }
     }
+}
+
+/// On BERT-base's shapes (12 heads of 64, the bench's 148 positions) in f32, forward and backward
+/// within 1e-4 of the composed kernels.
+#[test]
+fn fused_attention_matches_composed_on_bert_base_shapes_in_f32() {
+    let (forward, backward) =
+        fused_and_composed_attention((2, 148), (12, 12, 64), false, DType::F32);
+    assert!(
+        forward < 1e-4 && backward < 1e-4,
+        "forward {forward:e}, backward {backward:e}"
+    );
 }
 
 #[test]
