@@ -114,7 +114,11 @@ fn main() -> std::process::ExitCode {
         .with(log)
         .with(profiler.clone().map(|p| p.with_filter(engine_spans)))
         .init();
-    if let Some(threads) = cli.threads.or_else(ranks::default_threads) {
+    let threads = cli.threads.or_else(ranks::default_threads);
+    softprompt::threads::tell_candle(threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }));
+    if let Some(threads) = threads {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads);
         if let Err(err) = pool.build_global() {
             return failed(&anyhow::Error::new(err).context("--threads"), "");

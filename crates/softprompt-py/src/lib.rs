@@ -43,6 +43,7 @@ pub(crate) fn invalid(message: impl Into<String>) -> PyErr {
 fn softprompt_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // the command line's allocator settings, for the command line's speed (memory.rs says why)
     softprompt::memory::keep_freed_memory();
+    softprompt::threads::tell_candle(threads::default_threads());
     m.add("Error", m.py().get_type::<Error>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<model::Model>()?;

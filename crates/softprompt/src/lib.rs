@@ -54,6 +54,7 @@ pub mod prompt_encoder;
 pub mod prompted;
 pub mod task;
 pub mod template;
+pub mod threads;
 pub mod tokenize;
 pub mod train;
 
