@@ -115,9 +115,9 @@ fn main() -> std::process::ExitCode {
         .with(profiler.clone().map(|p| p.with_filter(engine_spans)))
         .init();
     let threads = cli.threads.or_else(ranks::default_threads);
-    softprompt::threads::tell_candle(threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    }));
+    softprompt::threads::tell_candle(
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    );
     if let Some(threads) = threads {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads);
         if let Err(err) = pool.build_global() {
