@@ -353,7 +353,7 @@ pub(super) fn scaled(a: &Tensor, x: &Tensor, f: Pointwise) -> Option<Result<Tens
 #[inline(always)]
 fn row_stats<T: Real>(x: &[T], eps: T) -> (T, T) {
     let n = T::from(x.len()).expect("row length");
-    let mean = lanes_sum(x, x, |v, _| v) / n;
+    let mean = lanes(x, T::zero(), |a, b| a + b) / n;
     let var = lanes_sum(x, x, |v, _| (v - mean) * (v - mean)) / n;
     (mean, T::one() / (var + eps).sqrt())
 }

@@ -81,7 +81,7 @@ struct Task<'a> {
 /// that the compiler turns each block into a few vector instructions. Several x rows run compiled
 /// for AVX-512 (16 floats wide) where the CPU has it; one x row runs 8 wide even there, its two
 /// AVX2 registers two independent chains of additions where one AVX-512 register is one chain
-/// (1536 × 576 in Q4_1 on Zen 5: 61 µs against 103). Each lane's arithmetic is the same at any
+/// (1536 × 576 in Q4_1 on Zen 5: 61–72 µs against 92–103). Each lane's arithmetic is the same at any
 /// width, so the results are too.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn run_several(task: &Task, w: &[u8], y_t: &mut [f32]) {
@@ -196,6 +196,9 @@ fn dot_blocks<B: Block>(w: &[u8], (x, sums): (&[f32], &[f32])) -> f32 {
         .zip(x.chunks_exact(BLOCK))
         .zip(sums)
     {
+        // `add_block`'s arithmetic written out: through the helper the compiler reads the
+        // block's offset ahead of its quants and this loop runs 35 % slower (1536 × 576 Q4_1 on
+        // Zen 5: 93–104 µs against 68–72)
         let d = half_at(block, 0);
         let s = B::lanes(block, x.try_into().expect("a block of x"));
         for j in 0..16 {
