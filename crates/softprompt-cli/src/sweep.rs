@@ -17,6 +17,14 @@
 //! vary = "num_virtual_tokens"
 //! values = [1, 5, 20, 50, 100]
 //! with = { method = "prompt" }  # this experiment's own fixed options
+//! ensemble = true               # also score each value's runs (one a seed) as one prompt ensemble
+//!
+//! [[experiment]]
+//! name = "probe"
+//! vary = "pool"
+//! values = ["mean", "cls"]
+//! probe = true    # the frozen linear probe (softprompt::probe), not a training run: `base` does
+//!                 # not apply; `with` and `vary` set its options (pool, lr, epochs, batch_size)
 //! ```
 //!
 //! ```text
@@ -25,7 +33,8 @@
 //! OUTPUT/report.md, OUTPUT/EXPERIMENT.png
 //! ```
 //! Finished runs (a line in results.jsonl) are skipped; an interrupted one resumes from its
-//! checkpoint. Ctrl-C stops the run at its step, checkpointed, and the sweep there.
+//! checkpoint. A run whose options are those of a run already finished (the default value of
+//! one experiment is often another's) is not trained again: it reads that run. Ctrl-C stops the run at its step, checkpointed, and the sweep there.
 
 use crate::plot::{chart, Curves, Series};
 use crate::train::{interrupted, stop_on_signals};
@@ -33,7 +42,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use plotters::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use softprompt::adapter::{Adapter, AdapterHead};
 use softprompt::backbone::Backbone;
 use softprompt::batch::{Batching, Padding};
@@ -42,6 +51,7 @@ use softprompt::data::{read_examples, Columns, DataSource, Labels};
 use softprompt::files::{load_tensors, write_atomic};
 use softprompt::inference::{LoadedAdapter, Members};
 use softprompt::model::Model;
+use softprompt::probe::{train_probe, ProbeConfig};
 use softprompt::prompt::{nearest_tokens, Placement};
 use softprompt::prompt_encoder::Method;
 use softprompt::prompted::generation_score;
@@ -96,6 +106,13 @@ struct Experiment {
     with: toml::Table,
     /// this experiment's seeds, if not the sweep's
     seeds: Option<Vec<u64>>,
+    /// each value's runs over its seeds are also scored together, as a prompt ensemble (the
+    /// paper's Table 3: the ensemble against its members' mean and best)
+    #[serde(default)]
+    ensemble: bool,
+    /// a frozen linear probe of each value instead of a training run
+    #[serde(default)]
+    probe: bool,
 }
 
 /// One finished run: a line of results.jsonl.
@@ -117,6 +134,19 @@ struct RunResult {
     /// ... and the vocabulary token nearest to each of its vectors (the paper's section 7)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     nearest: Option<Vec<String>>,
+    /// the run directory (under OUTPUT/runs) of the run with the same options this one reads,
+    /// where it was not trained itself
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    same_as: Option<PathBuf>,
+}
+
+impl RunResult {
+    /// Its run directory under OUTPUT/runs: its own, or that of the run it reads.
+    fn dir(&self) -> PathBuf {
+        self.same_as.clone().unwrap_or_else(|| {
+            Path::new(&self.experiment).join(run_dir_name(&self.value, self.seed))
+        })
+    }
 }
 
 pub fn run(args: SweepArgs) -> anyhow::Result<()> {
@@ -158,17 +188,28 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     for (i, planned) in todo.iter().enumerate() {
-        let dir = args
-            .output
-            .join("runs")
-            .join(&planned.experiment)
-            .join(planned.dir_name());
-        let result = train_and_score(&model, &grid, planned, &dir)?;
+        let twin = plan
+            .iter()
+            .filter(|p| p.same_training(planned))
+            .find_map(|p| results.iter().find(|r| p.is(r) && r.same_as.is_none()));
+        let result = match twin {
+            Some(twin) => Some(RunResult {
+                experiment: planned.experiment.clone(),
+                value: planned.value.clone(),
+                same_as: Some(twin.dir()),
+                ..twin.clone()
+            }),
+            None => match &planned.job {
+                Job::Train(config) => {
+                    let dir = args.output.join("runs").join(&planned.experiment);
+                    let dir = dir.join(planned.dir_name());
+                    train_and_score(&model, &grid, planned, config, &dir)?
+                }
+                Job::Probe(config) => Some(probe_and_score(&model, &grid, planned, config)?),
+            },
+        };
         let Some(result) = result else {
-            eprintln!(
-                "interrupted: `softprompt sweep` again continues the run in {}",
-                dir.display()
-            );
+            eprintln!("interrupted: `softprompt sweep` again continues the run where it stopped");
             return Ok(());
         };
         let mut file = std::fs::OpenOptions::new()
@@ -197,7 +238,8 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         );
         results.push(result);
     }
-    let report = report(&grid, &results, &args.output)?;
+    let ensembles = ensembles(&model, &grid, &results, &args.output)?;
+    let report = report(&grid, &results, &ensembles, &args.output)?;
     write_atomic(&args.output.join("report.md"), report.as_bytes())?;
     eprintln!("wrote {}", args.output.join("report.md").display());
     Ok(())
@@ -209,7 +251,13 @@ struct Planned {
     vary: String,
     value: String,
     seed: u64,
-    config: TrainConfig,
+    job: Job,
+}
+
+/// What a run does.
+enum Job {
+    Train(TrainConfig),
+    Probe(ProbeConfig),
 }
 
 impl Planned {
@@ -219,6 +267,20 @@ impl Planned {
 
     fn dir_name(&self) -> String {
         run_dir_name(&self.value, self.seed)
+    }
+
+    /// Another run of the grid that trains the same way (its learning rate given or the default).
+    fn same_training(&self, other: &Planned) -> bool {
+        let explicit = |c: &TrainConfig| TrainConfig {
+            lr: Some(c.lr()),
+            ..c.clone()
+        };
+        let same = match (&self.job, &other.job) {
+            (Job::Train(a), Job::Train(b)) => explicit(a) == explicit(b),
+            (Job::Probe(a), Job::Probe(b)) => a == b,
+            _ => false,
+        };
+        same && !(self.experiment == other.experiment && self.value == other.value)
     }
 }
 
@@ -252,19 +314,37 @@ fn plan(grid: &Grid) -> anyhow::Result<Vec<Planned>> {
         if e.values.is_empty() {
             bail!("experiment {:?} has no values", e.name);
         }
+        if e.probe && e.ensemble {
+            bail!(
+                "experiment {:?}: probes are not scored as ensembles",
+                e.name
+            );
+        }
         for value in &e.values {
             for &seed in e.seeds.as_ref().unwrap_or(&grid.seeds) {
-                let mut options = grid.base.clone();
+                let mut options = match e.probe {
+                    true => toml::Table::new(),
+                    false => grid.base.clone(),
+                };
                 options.extend(e.with.clone());
                 options.insert(e.vary.clone(), value.clone());
-                let config = train_config(&options, seed)
-                    .with_context(|| format!("experiment {:?}, {} = {value}", e.name, e.vary))?;
+                let job = match e.probe {
+                    true => with_options(&options, seed).and_then(|config: ProbeConfig| {
+                        config.validate()?;
+                        Ok(Job::Probe(config))
+                    }),
+                    false => with_options(&options, seed).and_then(|config: TrainConfig| {
+                        config.validate()?;
+                        Ok(Job::Train(config))
+                    }),
+                }
+                .with_context(|| format!("experiment {:?}, {} = {value}", e.name, e.vary))?;
                 plan.push(Planned {
                     experiment: e.name.clone(),
                     vary: e.vary.clone(),
                     value: label(value),
                     seed,
-                    config,
+                    job,
                 });
             }
         }
@@ -272,9 +352,13 @@ fn plan(grid: &Grid) -> anyhow::Result<Vec<Planned>> {
     Ok(plan)
 }
 
-/// `softprompt train`'s options by name over the defaults (`TrainConfig`'s fields), and the seed.
-fn train_config(options: &toml::Table, seed: u64) -> anyhow::Result<TrainConfig> {
-    let mut config = serde_json::to_value(TrainConfig::default())?;
+/// Options by name (`softprompt train`'s, or a probe's) over the defaults of `T`'s fields, and
+/// the seed.
+fn with_options<T: Default + Serialize + DeserializeOwned>(
+    options: &toml::Table,
+    seed: u64,
+) -> anyhow::Result<T> {
+    let mut config = serde_json::to_value(T::default())?;
     let fields = config
         .as_object_mut()
         .context("the options are an object")?;
@@ -293,10 +377,7 @@ fn train_config(options: &toml::Table, seed: u64) -> anyhow::Result<TrainConfig>
         fields.insert(key, serde_json::to_value(value)?);
     }
     fields.insert("seed".into(), seed.into());
-    let config: TrainConfig =
-        serde_json::from_value(config).context("an option has a value of the wrong kind")?;
-    config.validate()?;
-    Ok(config)
+    serde_json::from_value(config).context("an option has a value of the wrong kind")
 }
 
 /// A value as the report shows it: strings without quotes.
@@ -326,6 +407,7 @@ fn train_and_score(
     model: &Model,
     grid: &Grid,
     planned: &Planned,
+    config: &TrainConfig,
     dir: &Path,
 ) -> anyhow::Result<Option<RunResult>> {
     let data = TrainData {
@@ -343,7 +425,7 @@ fn train_and_score(
         model,
         &data,
         dir,
-        &planned.config,
+        config,
         resume,
         &SingleProcess,
         &mut quiet,
@@ -353,37 +435,28 @@ fn train_and_score(
     }
     let seconds = started.elapsed().as_secs_f64();
     let adapter = Adapter::load(dir, model.backbone.hidden_size(), &Device::Cpu)?;
-    let batching = Batching {
-        size: 32,
-        padding: Padding::Right,
-        device: Device::Cpu,
+    let test = match adapter.head {
+        AdapterHead::Generation => {
+            let mut test = BTreeMap::new();
+            for path in &grid.test {
+                let examples = read_examples(path, &Columns::default(), Labels::Required)?;
+                let score = generation_score(model, &adapter, &examples, path, &TEST_BATCHING)?;
+                test.insert(test_name(path), score.exact_match);
+            }
+            test
+        }
+        _ => {
+            let members = Members::new(model, vec![LoadedAdapter::new(model, &adapter)?])?;
+            test_accuracy(model, grid, &members)?
+        }
     };
-    let mut test = BTreeMap::new();
-    for path in &grid.test {
-        let examples = read_examples(path, &Columns::default(), Labels::Required)?;
-        let score = match adapter.head {
-            AdapterHead::Generation => {
-                generation_score(model, &adapter, &examples, path, &batching)?.exact_match
-            }
-            _ => {
-                let members = Members::new(model, vec![LoadedAdapter::new(model, &adapter)?])?;
-                members
-                    .report(&model.backbone, &examples, path, &batching)?
-                    .accuracy
-            }
-        };
-        let stem = path
-            .file_stem()
-            .map_or("test".into(), |s| s.to_string_lossy().into_owned());
-        test.insert(stem, score);
-    }
     // the words nearest to the vectors a backbone reads; how far they moved from the table they
     // started as, where the vectors are that table (not an encoder's output)
     let (moved, nearest) = match (adapter.method, adapter.method.placement()) {
         (_, Placement::Prefix) | (Method::Multitask, _) => (None, None),
         (method, Placement::Embeddings) => {
             let start = match method {
-                Method::Prompt => Some(starting_prompt(model, &data, &planned.config)?),
+                Method::Prompt => Some(starting_prompt(model, &data, config)?),
                 _ => None,
             };
             let (moved, nearest) = inspect(model, start.as_ref(), &adapter.prompt)?;
@@ -401,7 +474,118 @@ fn train_and_score(
         seconds,
         moved,
         nearest,
+        same_as: None,
     }))
+}
+
+/// How the runs are scored on the test sets.
+const TEST_BATCHING: Batching = Batching {
+    size: 32,
+    padding: Padding::Right,
+    device: Device::Cpu,
+};
+
+/// A test set's name in results and reports: its file's stem.
+fn test_name(path: &Path) -> String {
+    path.file_stem()
+        .map_or("test".into(), |s| s.to_string_lossy().into_owned())
+}
+
+/// Accuracy on each test set: one adapter's, or an ensemble's.
+fn test_accuracy(
+    model: &Model,
+    grid: &Grid,
+    members: &Members,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut test = BTreeMap::new();
+    for path in &grid.test {
+        let examples = read_examples(path, &Columns::default(), Labels::Required)?;
+        let report = members.report(&model.backbone, &examples, path, &TEST_BATCHING)?;
+        test.insert(test_name(path), report.accuracy);
+    }
+    Ok(test)
+}
+
+/// Trains a frozen linear probe and scores it on the test sets (it has no run directory: the
+/// backbone's vectors are computed once, and the head trains in seconds).
+fn probe_and_score(
+    model: &Model,
+    grid: &Grid,
+    planned: &Planned,
+    config: &ProbeConfig,
+) -> anyhow::Result<RunResult> {
+    let started = Instant::now();
+    let train = read_examples(&grid.train, &Columns::default(), Labels::Required)?;
+    let dev = match &grid.dev {
+        Some(path) => Some(read_examples(path, &Columns::default(), Labels::Required)?),
+        None => None,
+    };
+    let dev = dev.as_deref().zip(grid.dev.as_deref());
+    let probe = train_probe(model, (&train, &grid.train), dev, config, &TEST_BATCHING)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let head = &probe.adapter.head;
+    let trained_values = head.weight.elem_count() + head.bias.elem_count();
+    let members = Members::new(model, vec![probe.adapter])?;
+    Ok(RunResult {
+        experiment: planned.experiment.clone(),
+        value: planned.value.clone(),
+        seed: planned.seed,
+        best_dev: probe.best_dev,
+        test: test_accuracy(model, grid, &members)?,
+        trained_values,
+        steps: probe.steps,
+        seconds,
+        moved: None,
+        nearest: None,
+        same_as: None,
+    })
+}
+
+/// A value's runs scored together as one prompt ensemble (majority vote; `inference::ensemble`).
+struct EnsembleResult {
+    experiment: String,
+    value: String,
+    members: usize,
+    /// the ensemble's accuracy on each test set
+    test: BTreeMap<String, f64>,
+}
+
+/// Every `ensemble = true` experiment's values with at least two finished runs, scored as
+/// ensembles of those runs' adapters on every test set (one backbone pass per batch for all
+/// the members).
+fn ensembles(
+    model: &Model,
+    grid: &Grid,
+    results: &[RunResult],
+    output: &Path,
+) -> anyhow::Result<Vec<EnsembleResult>> {
+    let mut scored = Vec::new();
+    for e in grid.experiment.iter().filter(|e| e.ensemble) {
+        for value in e.values.iter().map(label) {
+            let runs: Vec<&RunResult> = results
+                .iter()
+                .filter(|r| r.experiment == e.name && r.value == value)
+                .collect();
+            if runs.len() < 2 {
+                continue;
+            }
+            let mut adapters = Vec::new();
+            for r in &runs {
+                let dir = output.join("runs").join(r.dir());
+                let adapter = Adapter::load(&dir, model.backbone.hidden_size(), &Device::Cpu)?;
+                adapters.push(LoadedAdapter::new(model, &adapter)?);
+            }
+            let members = Members::new(model, adapters)
+                .with_context(|| format!("experiment {:?}'s runs as an ensemble", e.name))?;
+            scored.push(EnsembleResult {
+                experiment: e.name.clone(),
+                value,
+                members: runs.len(),
+                test: test_accuracy(model, grid, &members)?,
+            });
+        }
+    }
+    Ok(scored)
 }
 
 /// How far `prompt` [M, D] moved from `start`, relative to `start`'s size, and the vocabulary
@@ -468,7 +652,12 @@ fn minutes(seconds: f64) -> String {
 
 /// report.md: per experiment, a table of each value's runs (mean ± standard deviation over seeds)
 /// and a plot of the test scores against the value; each run's curves beside it.
-fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<String> {
+fn report(
+    grid: &Grid,
+    results: &[RunResult],
+    ensembles: &[EnsembleResult],
+    output: &Path,
+) -> anyhow::Result<String> {
     let mut md = String::from("# Sweep report\n\n");
     md.push_str(&format!(
         "Model `{}`, training data `{}`, dev `{}`; each value's figures are the mean ± standard deviation over its seeds (`n` runs).\n\n",
@@ -484,14 +673,7 @@ fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<S
                 .filter(|r| r.experiment == e.name && r.value == v)
                 .collect()
         };
-        let tests: Vec<String> = grid
-            .test
-            .iter()
-            .map(|p| {
-                p.file_stem()
-                    .map_or("test".into(), |s| s.to_string_lossy().into_owned())
-            })
-            .collect();
+        let tests: Vec<String> = grid.test.iter().map(|p| test_name(p)).collect();
         md.push_str(&format!("## {}\n\n", e.title.as_deref().unwrap_or(&e.name)));
         md.push_str(&format!("`{}` varies", e.vary));
         if !e.with.is_empty() {
@@ -571,6 +753,9 @@ fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<S
                 nearest.join("\n")
             ));
         }
+        for ens in ensembles.iter().filter(|x| x.experiment == e.name) {
+            md.push_str(&ensemble_table(ens, &runs(&ens.value), &tests));
+        }
         if series.iter().any(|(_, p)| !p.is_empty()) {
             let png = format!("{}.png", e.name);
             draw_experiment(&output.join(&png), e, &values, numeric, &series)?;
@@ -580,14 +765,12 @@ fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<S
             .iter()
             .filter_map(|v| runs(v).first().map(|r| (v, *r)))
             .filter_map(|(v, r)| {
-                let dir = output
-                    .join("runs")
-                    .join(&e.name)
-                    .join(run_dir_name(v, r.seed));
-                Curves::read(&dir).ok().map(|c| Curves {
-                    name: format!("{} = {v}", e.vary),
-                    ..c
-                })
+                Curves::read(&output.join("runs").join(r.dir()))
+                    .ok()
+                    .map(|c| Curves {
+                        name: format!("{} = {v}", e.vary),
+                        ..c
+                    })
             })
             .collect();
         if !curves.is_empty() {
@@ -598,6 +781,31 @@ fn report(grid: &Grid, results: &[RunResult], output: &Path) -> anyhow::Result<S
         md.push('\n');
     }
     Ok(md)
+}
+
+/// The ensemble against its members, on each test set: the paper's Table 3.
+fn ensemble_table(ens: &EnsembleResult, members: &[&RunResult], tests: &[String]) -> String {
+    let mut md = format!(
+        "\nThe {} runs of {} as one prompt ensemble (majority vote, ties to the higher mean probability):\n\n\
+         | test set | ensemble | members' mean ± sd | best member | worst member |\n| --- | --- | --- | --- | --- |\n",
+        ens.members, ens.value
+    );
+    for t in tests {
+        let scores: Vec<f64> = members
+            .iter()
+            .filter_map(|r| r.test.get(t).copied())
+            .collect();
+        let (Some(&together), false) = (ens.test.get(t), scores.is_empty()) else {
+            continue;
+        };
+        let (mean, sd) = mean_sd(&scores);
+        let best = scores.iter().copied().fold(f64::MIN, f64::max);
+        let worst = scores.iter().copied().fold(f64::MAX, f64::min);
+        md.push_str(&format!(
+            "| {t} | **{together:.4}** | {mean:.4} ± {sd:.4} | {best:.4} | {worst:.4} |\n"
+        ));
+    }
+    md
 }
 
 /// A plot's points: (x, mean, standard deviation).

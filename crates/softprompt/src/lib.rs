@@ -48,6 +48,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod probe;
 pub mod profile;
 pub mod prompt;
 pub mod prompt_encoder;

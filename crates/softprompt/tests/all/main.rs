@@ -9,6 +9,7 @@ mod models;
 mod parity;
 mod peft;
 mod prefix;
+mod probe;
 mod prompt_init;
 mod t5;
 mod tokenize;
