@@ -93,15 +93,16 @@ soak: assets build
 sweep: assets build
 	$(BIN) sweep --config experiments/defaults.toml --output sweeps/defaults
 
-# The paper's experiments on our models (experiments/paper.toml, decoder.toml): many hours of
-# training, resumable (run it again to continue); docs/results.md and docs/results/*.png come out.
+# The paper's experiments on our models (experiments/paper.toml, decoder.toml; the findings
+# written over them by hand in experiments/findings.md): about 2 hours of training on 2 cores,
+# resumable (run it again to continue); docs/results.md and docs/results/*.png come out.
 report: assets build
 	$(BIN) sweep --config experiments/paper.toml --output sweeps/paper
 	$(BIN) sweep --config experiments/decoder.toml --output sweeps/decoder
 	mkdir -p docs/results
 	cp sweeps/paper/*.png sweeps/decoder/*.png docs/results/
-	{ echo "<!-- written by make report from sweeps/*/report.md -->"; \
-	  cat sweeps/paper/report.md; tail -n +2 sweeps/decoder/report.md; } \
+	{ echo "<!-- written by make report from experiments/findings.md and sweeps/*/report.md -->"; \
+	  cat experiments/findings.md; tail -n +2 sweeps/paper/report.md; tail -n +2 sweeps/decoder/report.md; } \
 	  | sed 's#](\([^)/]*\.png\))#](results/\1)#' > docs/results.md
 
 clean:
