@@ -34,7 +34,8 @@
 //! ```
 //! Finished runs (a line in results.jsonl) are skipped; an interrupted one resumes from its
 //! checkpoint. A run whose options are those of a run already finished (the default value of
-//! one experiment is often another's) is not trained again: it reads that run. Ctrl-C stops the run at its step, checkpointed, and the sweep there.
+//! one experiment is often another's) is not trained again: it reads that run. Ctrl-C stops the
+//! run at its step, checkpointed, and the sweep there.
 
 use crate::plot::{chart, Curves, Series};
 use crate::train::{interrupted, stop_on_signals};

@@ -291,19 +291,34 @@ pub fn ensemble_all<B: Backbone>(
     if members.is_empty() {
         bail!("no adapter to predict with");
     }
-    let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
-    let mut answers: Vec<Option<EnsembleAnswer>> = (0..data.len()).map(|_| None).collect();
-    for inputs in crate::batch::eval_batches(&lengths, batch_size.max(1)) {
+    in_length_batches(data, batch_size, |inputs| {
         let rows: Vec<(&LoadedAdapter, &Encoded)> = inputs
             .iter()
             .flat_map(|&i| members.iter().map(move |t| (*t, &data[i])))
             .collect();
         let logits = classify_rows(backbone, &rows, padding, device)?;
-        for (i, member_logits) in inputs.iter().zip(logits.chunks(members.len())) {
-            answers[*i] = Some(ensemble(members, member_logits)?);
+        logits
+            .chunks(members.len())
+            .map(|member_logits| ensemble(members, member_logits))
+            .collect()
+    })
+}
+
+/// `run` over the inputs in batches of `batch_size` of similar length (`eval_batches`: less
+/// padding), one output an input, given back in the inputs' order.
+pub fn in_length_batches<T>(
+    data: &[Encoded],
+    batch_size: usize,
+    mut run: impl FnMut(&[usize]) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
+    let mut outputs: Vec<Option<T>> = (0..data.len()).map(|_| None).collect();
+    for inputs in crate::batch::eval_batches(&lengths, batch_size.max(1)) {
+        for (&i, output) in inputs.iter().zip(run(&inputs)?) {
+            outputs[i] = Some(output);
         }
     }
-    Ok(answers.into_iter().flatten().collect())
+    Ok(outputs.into_iter().flatten().collect())
 }
 
 /// Adapters ready on one model, with a tokenizer that leaves room for the longest prompt: what

@@ -10,9 +10,9 @@
 //! probe is a `LoadedAdapter` with an empty prompt, so eval's `Members` scores it like any adapter.
 
 use crate::backbone::Backbone;
-use crate::batch::{eval_batches, Batching};
+use crate::batch::Batching;
 use crate::data::{label_ids, label_set, Example};
-use crate::inference::{classify_rows, LoadedAdapter};
+use crate::inference::{classify_rows, in_length_batches, LoadedAdapter};
 use crate::model::Model;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
 use crate::prompt::Placement;
@@ -98,17 +98,12 @@ pub fn pooled_features(
     )?;
     let reader = no_prompt(model, identity, Vec::new())?;
     let encoded = encode_all(&model.encoder(0, None)?, examples, None, source)?;
-    let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
-    let mut rows: Vec<Option<Vec<f32>>> = vec![None; encoded.len()];
-    for batch in eval_batches(&lengths, batching.size) {
+    let rows = in_length_batches(&encoded, batching.size, |batch| {
         let inputs: Vec<(&LoadedAdapter, &Encoded)> =
             batch.iter().map(|&i| (&reader, &encoded[i])).collect();
-        let pooled = classify_rows(&model.backbone, &inputs, batching.padding, &device)?;
-        for (i, vector) in batch.into_iter().zip(pooled) {
-            rows[i] = Some(vector);
-        }
-    }
-    let flat: Vec<f32> = rows.into_iter().flatten().flatten().collect();
+        classify_rows(&model.backbone, &inputs, batching.padding, &device)
+    })?;
+    let flat: Vec<f32> = rows.into_iter().flatten().collect();
     Ok(Tensor::from_vec(flat, (encoded.len(), d), &Device::Cpu)?)
 }
 
