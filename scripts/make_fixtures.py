@@ -43,6 +43,8 @@ Outputs (committed; the venv is not):
   tests/fixtures/peft-tiny-t5/         a SEQ_2_SEQ_LM prompt-tuning adapter written by PEFT
   tests/fixtures/peft_tiny_t5.safetensors
                                        PEFT's loss for it on T5_PAIRS (one batch) and its greedy tokens
+  tests/fixtures/peft-tiny-t5-prefix/, peft_tiny_t5_prefix.safetensors
+                                       the same for a SEQ_2_SEQ_LM PREFIX_TUNING adapter
   tests/fixtures/smollm2_logits.safetensors  (when assets/ holds the SmolLM2 GGUF)
                                        transformers' token ids and next-token logits for SMOLLM2_PROMPT,
                                        from the same GGUF (transformers dequantizes and un-permutes it)
@@ -419,19 +421,33 @@ def tiny_t5(name: str, seed: int, untied_head: bool = False, **config) -> None:
     )
 
 
-def peft_t5() -> None:
-    """A SEQ_2_SEQ_LM prompt-tuning adapter written by PEFT on the tiny T5, PEFT's loss for it on
-    T5_PAIRS in one batch (the mean over every label token), its greedy tokens for each input and
-    its logits at the decoder's first position (what rank classification scores label words by)."""
-    from peft import PromptTuningConfig, TaskType, get_peft_model
+def greedy(peft_model, enc, new_tokens: int) -> list:
+    """Greedy decoding by whole forward passes, the decoder start token first, up to EOS (1).
+    Not PEFT's `generate`: under transformers 5.25 it drops a SEQ_2_SEQ_LM prefix (generate's own
+    `cache` wins over the `past_key_values` PEFT passes, and the base model's tokens come out),
+    while PEFT's forward reads it."""
+    tokens = [0]
+    while len(tokens) <= new_tokens and tokens[-1] != 1:
+        logits = peft_model(input_ids=enc, attention_mask=torch.ones_like(enc),
+                            decoder_input_ids=torch.tensor([tokens])).logits
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+def peft_t5(config, name: str, seed: int, std: float) -> None:
+    """A SEQ_2_SEQ_LM adapter of `config` written by PEFT on the tiny T5 (peft-tiny-{name}/), PEFT's
+    loss for it on T5_PAIRS in one batch (the mean over every label token), its greedy tokens for
+    each input and its logits at the decoder's first position (what rank classification scores
+    label words by), in peft_tiny_{name}.safetensors."""
+    from peft import get_peft_model
     from transformers import T5ForConditionalGeneration
 
     base = FIX / "tiny-t5"
     model = T5ForConditionalGeneration.from_pretrained(base).eval()
-    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=4))
-    torch.manual_seed(9)
-    randomize(peft_model.prompt_encoder["default"], 1.0)
-    out = FIX / "peft-tiny-t5"
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    randomize(peft_model.prompt_encoder["default"], std)
+    out = FIX / f"peft-tiny-{name}"
     shutil.rmtree(out, ignore_errors=True)
     peft_model.save_pretrained(out)
     peft_model.eval()
@@ -444,11 +460,10 @@ def peft_t5() -> None:
         generated = []
         for x, _ in T5_PAIRS:
             enc = torch.tensor([tok.encode(x).ids])
-            tokens = peft_model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), max_new_tokens=6,
-                                         do_sample=False, num_beams=1)[0]
-            generated.append(tokens.tolist() + [-1] * (7 - len(tokens)))
+            tokens = greedy(peft_model, enc, 6)
+            generated.append(tokens + [-1] * (7 - len(tokens)))
     save_file({"loss": loss.reshape(1), "generated": torch.tensor(generated), "first_logits": first.contiguous()},
-              FIX / "peft_tiny_t5.safetensors",
+              FIX / f"peft_tiny_{name.replace('-', '_')}.safetensors",
               metadata={"version": VERSION, "pairs": json.dumps(T5_PAIRS)})
 
 
@@ -456,7 +471,19 @@ def t5_fixtures() -> None:
     tiny_t5("tiny-t5", 11)
     tiny_t5("tiny-t5-gated", 12, untied_head=True, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
             num_decoder_layers=3)
-    peft_t5()
+    from peft import PromptTuningConfig, TaskType
+
+    peft_t5(PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=4), "t5", 9, 1.0)
+    peft_t5_prefix()
+
+
+def peft_t5_prefix() -> None:
+    from peft import PrefixTuningConfig, TaskType
+
+    # PEFT sizes a prefix by d_model (16), which the tiny T5's 3 heads of d_kv 4 do not divide: its
+    # keys and values are 12 wide, so the config says so
+    peft_t5(PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=3, token_dim=12,
+                               num_attention_heads=3), "t5-prefix", 10, 0.5)
 
 
 SMOLLM2_PROMPT = "The capital of France is"
@@ -517,6 +544,7 @@ PARTS = {
     "decoders": lambda: tiny_decoders(),
     "prefix": lambda: prefix_tuning(),
     "t5": lambda: t5_fixtures(),
+    "t5-prefix": lambda: peft_t5_prefix(),
     "smollm2": lambda: smollm2_logits(),
     "minilm": lambda: minilm_parity(),
 }

@@ -372,9 +372,16 @@ impl Adapter {
                 .remove(key)
                 .with_context(|| format!("adapter {at}: {WEIGHTS_FILE} has no tensor '{key}'"))
         };
+        // PEFT saves a prefix's first num_virtual_tokens rows only, however many submodules read
+        // it (a SEQ_2_SEQ_LM prefix says 2)
+        let submodules = if prefix {
+            1
+        } else {
+            config.num_transformer_submodules
+        };
         let m = config
             .num_virtual_tokens
-            .checked_mul(config.num_transformer_submodules)
+            .checked_mul(submodules)
             .filter(|&m| m > 0)
             .with_context(|| {
                 format!(

@@ -91,21 +91,33 @@ pub struct Generation {
 }
 
 /// What every text of one adapter starts from, made once and cloned per text: a decoder's keys
-/// and values of the prompt, or an encoder-decoder's prompt vectors, which its encoder reads in
-/// front of each input.
+/// and values of the prompt, an encoder-decoder's prompt vectors, which its encoder reads in
+/// front of each input, or its prefix, which its decoder reads as its past.
 #[derive(Clone)]
 pub enum PromptCache {
     Decoder(KvCache),
     /// [M, D]
     Encoder(Tensor),
+    /// [M, L·2·H·K]
+    Seq2SeqPrefix(Tensor),
 }
 
 impl PromptCache {
+    /// An encoder-decoder's prefix [M, L·2·H·K], when this is one.
+    fn seq2seq_prefix(&self) -> Option<&Tensor> {
+        match self {
+            PromptCache::Seq2SeqPrefix(kv) => Some(kv),
+            _ => None,
+        }
+    }
+
     /// The positions the prompt takes in front of an input.
     pub fn len(&self) -> usize {
         match self {
             PromptCache::Decoder(cache) => cache.len(),
-            PromptCache::Encoder(prompt) => prompt.dim(0).unwrap_or(0),
+            PromptCache::Encoder(prompt) | PromptCache::Seq2SeqPrefix(prompt) => {
+                prompt.dim(0).unwrap_or(0)
+            }
         }
     }
 
@@ -122,10 +134,10 @@ pub fn prefix_cache(
     placement: Placement,
 ) -> crate::Result<PromptCache> {
     if backbone.seq2seq().is_some() {
-        if placement == Placement::Prefix {
-            bail!("prefix tuning is not supported on T5");
-        }
-        return Ok(PromptCache::Encoder(prompt.clone()));
+        return Ok(match placement {
+            Placement::Embeddings => PromptCache::Encoder(prompt.clone()),
+            Placement::Prefix => PromptCache::Seq2SeqPrefix(prompt.clone()),
+        });
     }
     Ok(PromptCache::Decoder(decoder_cache(
         backbone, prompt, placement,
@@ -350,9 +362,15 @@ impl<'a> Sequence<'a> {
         let table = backbone.word_embeddings();
         let rows = |ids: &[u32]| table.rows(&Tensor::new(ids, &table.device())?);
         let logits = match (prefix, backbone.seq2seq()) {
-            (PromptCache::Encoder(prompt), Some(t5)) => {
-                let input = Tensor::cat(&[&prompt.to_dtype(table.dtype())?, &rows(input_ids)?], 0)?;
-                let mut state = t5.start_decoding(&input.unsqueeze(0)?)?;
+            (PromptCache::Encoder(_) | PromptCache::Seq2SeqPrefix(_), Some(t5)) => {
+                let (input, past) = match prefix {
+                    PromptCache::Encoder(prompt) => (
+                        Tensor::cat(&[&prompt.to_dtype(table.dtype())?, &rows(input_ids)?], 0)?,
+                        None,
+                    ),
+                    _ => (rows(input_ids)?, prefix.seq2seq_prefix()),
+                };
+                let mut state = t5.start_decoding(&input.unsqueeze(0)?, past)?;
                 let start = rows(&[t5.config.decoder_start()])?;
                 let hidden = t5.extend(&start, &mut state)?;
                 sequence.cache = Cache::Seq2Seq(state);

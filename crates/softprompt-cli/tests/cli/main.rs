@@ -1877,23 +1877,26 @@ fn t5_trained(
     (model, train, dev, out)
 }
 
-#[test]
-fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// `--task seq2seq` with `method` on the tiny T5 into `dir/name`: trained (its dev loss falling),
+/// scored by eval as training scored the kept adapter, and writing with generate → (model, train,
+/// dev, output, its adapter_config.json).
+fn t5_writer(
+    dir: &Path,
+    name: &str,
+    method: &str,
+) -> (String, String, String, String, serde_json::Value) {
     let (model, train, dev, out) = t5_trained(
         dir,
         ("good", "bad film"),
-        "t5-writer",
-        &["--task", "seq2seq"],
+        name,
+        &["--task", "seq2seq", "--method", method],
     );
-    let dev_loss = dev_losses(&dir.join("t5-writer"));
+    let dev_loss = dev_losses(&dir.join(name));
     let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("t5-writer/adapter_config.json")).unwrap(),
+        &std::fs::read_to_string(dir.join(name).join("adapter_config.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(config["task_type"], "SEQ_2_SEQ_LM");
-    assert_eq!(config["num_transformer_submodules"], 1);
     let eval: serde_json::Value = eval_json(&model, &out, &dev);
     assert_eq!(eval["examples"], 8, "{eval}");
     for key in ["exact_match", "token_accuracy", "token_loss"] {
@@ -1917,6 +1920,27 @@ fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
     ]);
     let line: serde_json::Value = serde_json::from_str(written.trim()).unwrap();
     assert!(!line["tokens"].as_array().unwrap().is_empty(), "{written}");
+    (model, train, dev, out, config)
+}
+
+/// A T5 prefix is its decoder's past, saved as PEFT's SEQ_2_SEQ_LM PREFIX_TUNING says it (two
+/// submodules, keys and values H·K wide at each of the encoder's layers).
+#[test]
+fn seq2seq_trains_a_t5_prefix_that_writes_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (.., config) = t5_writer(tmp.path(), "t5-prefix", "prefix");
+    assert_eq!(config["peft_type"], "PREFIX_TUNING");
+    assert_eq!(config["num_transformer_submodules"], 2);
+    assert_eq!(config["num_layers"], 2);
+    assert_eq!(config["token_dim"], 12);
+}
+
+#[test]
+fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (model, train, dev, out, config) = t5_writer(dir, "t5-writer", "prompt");
+    assert_eq!(config["num_transformer_submodules"], 1);
 
     // what does not fit
     let never = dir.join("never").display().to_string();
@@ -1938,9 +1962,9 @@ fn seq2seq_trains_a_t5_prompt_that_writes_targets() {
             &train,
             &dev,
             &never,
-            &["--task", "seq2seq", "--method", "prefix"],
+            &["--task", "seq2seq", "--method", "multitask"],
         ),
-        &["--method prefix is not supported on T5"],
+        &["--method multitask is not supported on T5"],
     );
     let decoder = tiny_decoder(dir);
     fails_with(

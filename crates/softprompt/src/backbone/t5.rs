@@ -12,6 +12,12 @@
 //! decoder's, over the decoder's input (`BackboneInput::decoder`), and its backward runs from
 //! there through every cross-attention into the encoder and out to the encoder's input rows.
 //!
+//! Prefix tuning goes where PEFT's `PREFIX_TUNING` for `SEQ_2_SEQ_LM` puts it: keys and values in
+//! front of every decoder block's self-attention, as its past (the decoder's positions count on
+//! from the prefix's). The encoder reads no prefix and cross-attention none: PEFT clears the
+//! cross-attention cache its prefix had filled. `prefix_slot` says which of the adapter's layers
+//! a block reads.
+//!
 //! Shape letters: B batch, S encoder positions (prompt + input), T decoder positions, D d_model,
 //! H heads, K d_kv (H·K need not be D), F d_ff, V vocabulary.
 
@@ -181,6 +187,8 @@ struct T5Attention {
 struct T5AttentionSaved {
     attention: BiasedAttentionSaved,
     batch: usize,
+    /// the keys' first positions that are a prefix's, not computed from the memory
+    prefix_len: usize,
 }
 
 impl T5Attention {
@@ -208,13 +216,14 @@ impl T5Attention {
         ))
     }
 
-    /// x [B·Q, D], keys and values [B, H, S, K] each, bias broadcastable to [B, H, Q, S] →
-    /// y [B·Q, D].
+    /// x [B·Q, D], keys and values [B, H, S, K] each (the first `prefix_len` a prefix's), bias
+    /// broadcastable to [B, H, Q, S] → y [B·Q, D].
     fn forward(
         &self,
         x: &Tensor,
         (keys, values): (&Tensor, &Tensor),
         bias: &Tensor,
+        prefix_len: usize,
     ) -> Result<(Tensor, T5AttentionSaved)> {
         let b = keys.dim(0)?;
         let q = heads_first(&self.q.forward(x)?, b, self.heads)?;
@@ -225,19 +234,41 @@ impl T5Attention {
             T5AttentionSaved {
                 attention,
                 batch: b,
+                prefix_len,
             },
         ))
     }
 
-    /// dy [B·Q, D] → dx [B·Q, D] through the queries, and d_memory [B·S, D] through the keys
-    /// and values.
-    fn backward(&self, dy: &Tensor, saved: &T5AttentionSaved) -> Result<(Tensor, Tensor)> {
+    /// dy [B·Q, D] → dx [B·Q, D] through the queries, d_memory [B·S, D] through the keys
+    /// and values of the memory's S positions, and the prefix's dK and dV [B, H, P, K] when the
+    /// keys began with one.
+    fn backward(&self, dy: &Tensor, saved: &T5AttentionSaved) -> Result<AttentionGradients> {
         let d_context = heads_first(&self.o.backward(dy)?, saved.batch, self.heads)?;
         let (dq, dk, dv) = biased_attention_backward(&d_context, &saved.attention)?;
         let dx = self.q.backward(&rows_first(&dq)?)?;
+        let p = saved.prefix_len;
+        let own = dk.dim(2)? - p;
+        let prefix = match p {
+            0 => None,
+            _ => Some((dk.narrow(2, 0, p)?, dv.narrow(2, 0, p)?)),
+        };
+        let (dk, dv) = (dk.narrow(2, p, own)?, dv.narrow(2, p, own)?);
         let d_kv = Tensor::cat(&[rows_first(&dk)?, rows_first(&dv)?], 1)?;
-        Ok((dx, self.kv.backward(&d_kv)?))
+        Ok(AttentionGradients {
+            dx,
+            d_memory: self.kv.backward(&d_kv)?,
+            prefix,
+        })
     }
+}
+
+struct AttentionGradients {
+    /// [B·Q, D] through the queries
+    dx: Tensor,
+    /// [B·S, D] through the memory's keys and values
+    d_memory: Tensor,
+    /// the prefix's dK and dV [B, H, P, K]
+    prefix: Option<(Tensor, Tensor)>,
 }
 
 /// What an activation's backward reads.
@@ -368,6 +399,8 @@ struct T5BlockSaved {
 struct Attending<'a> {
     /// [B, H, Q, S] or broadcastable: relative position bias plus the masks
     self_bias: &'a Tensor,
+    /// the self-attention keys' first positions that are a prefix's
+    prefix_len: usize,
     /// the encoder's keys and values of this block's cross-attention, and the encoder mask's
     /// bias [B, 1, 1, S]
     cross: Option<((&'a Tensor, &'a Tensor), &'a Tensor)>,
@@ -417,12 +450,12 @@ impl T5Block {
     ) -> Result<(Tensor, T5BlockSaved)> {
         let (attended, self_attention) =
             self.self_attention
-                .forward(normed, kv, attending.self_bias)?;
+                .forward(normed, kv, attending.self_bias, attending.prefix_len)?;
         let mut x = (x + attended)?;
         let cross = match (&self.cross, attending.cross) {
             (Some((norm, attention)), Some((memory_kv, bias))) => {
                 let (normed, norm_saved) = norm.forward(&x)?;
-                let (attended, saved) = attention.forward(&normed, memory_kv, bias)?;
+                let (attended, saved) = attention.forward(&normed, memory_kv, bias, 0)?;
                 x = (x + attended)?;
                 Some((norm_saved, saved))
             }
@@ -440,23 +473,37 @@ impl T5Block {
         Ok(((x + ff_out)?, saved))
     }
 
-    /// dy [B·Q, D] → dx [B·Q, D], and for a decoder block d_memory [B·S, D] through its
-    /// cross-attention.
-    fn backward(&self, dy: &Tensor, saved: &T5BlockSaved) -> Result<(Tensor, Option<Tensor>)> {
+    /// dy [B·Q, D] → dx [B·Q, D], for a decoder block d_memory [B·S, D] through its
+    /// cross-attention, and with a prefix its dK and dV [B, H, P, K].
+    fn backward(&self, dy: &Tensor, saved: &T5BlockSaved) -> Result<BlockGradients> {
         let d_ff = self.ff.backward(dy, &saved.ff)?;
         let mut dx = (dy + self.ff_norm.backward(&d_ff, &saved.ff_norm)?)?;
         let mut d_memory = None;
         if let (Some((norm, attention)), Some((norm_saved, attention_saved))) =
             (&self.cross, &saved.cross)
         {
-            let (d_normed, d_mem) = attention.backward(&dx, attention_saved)?;
-            dx = (&dx + norm.backward(&d_normed, norm_saved)?)?;
-            d_memory = Some(d_mem);
+            let cross = attention.backward(&dx, attention_saved)?;
+            dx = (&dx + norm.backward(&cross.dx, norm_saved)?)?;
+            d_memory = Some(cross.d_memory);
         }
-        let (d_q, d_kv) = self.self_attention.backward(&dx, &saved.self_attention)?;
-        let dx = (&dx + self.self_norm.backward(&(d_q + d_kv)?, &saved.self_norm)?)?;
-        Ok((dx, d_memory))
+        let own = self.self_attention.backward(&dx, &saved.self_attention)?;
+        let d_normed = (own.dx + own.d_memory)?;
+        let dx = (&dx + self.self_norm.backward(&d_normed, &saved.self_norm)?)?;
+        Ok(BlockGradients {
+            dx,
+            d_memory,
+            prefix: own.prefix,
+        })
     }
+}
+
+struct BlockGradients {
+    /// [B·Q, D]
+    dx: Tensor,
+    /// a decoder block's [B·S, D] through its cross-attention
+    d_memory: Option<Tensor>,
+    /// its prefix's dK and dV [B, H, P, K]
+    prefix: Option<(Tensor, Tensor)>,
 }
 
 /// `encoder` or `decoder`: blocks, the first block's relative position table, the final norm.
@@ -515,27 +562,39 @@ impl T5Stack {
     }
 
     /// x [B·L, D] of B rows of L → y [B·L, D] after the final norm; with `keep` what the
-    /// backward needs. `mask_bias` [B, 1, 1, L] masks padding keys (the encoder's);
-    /// `cross` gives each block's encoder keys and values and the encoder mask's bias.
+    /// backward needs. `padding` [B, 1, 1, P + L] masks padding keys (the encoder's, or a mixed
+    /// batch's prefix positions); `prefix` gives each block's prefix keys and values [B, H, P, K]
+    /// (the L positions count on from P); `cross` each block's encoder keys and values and the
+    /// encoder mask's bias.
     fn forward(
         &self,
         mut x: Tensor,
         b: usize,
         padding: Option<&Tensor>,
+        prefix: Option<&[(Tensor, Tensor)]>,
         cross: Option<(&[(Tensor, Tensor)], &Tensor)>,
         keep: bool,
     ) -> Result<(Tensor, Option<T5StackSaved>)> {
         let l = x.dim(0)? / b;
-        let mut bias = self.self_bias(0, l, l)?;
+        let p = match prefix.and_then(|layers| layers.first()) {
+            Some((keys, _)) => keys.dim(2)?,
+            None => 0,
+        };
+        let mut bias = self.self_bias(p, l, p + l)?;
         if let Some(padding) = padding {
             bias = bias.broadcast_add(padding)?;
         }
         let mut kept = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("t5.forward", layer = i).entered();
-            let (normed, (k, v), norm_saved) = block.own_keys_values(&x, b)?;
+            let (normed, (mut k, mut v), norm_saved) = block.own_keys_values(&x, b)?;
+            if let Some((prefix_k, prefix_v)) = prefix.map(|layers| &layers[i]) {
+                k = Tensor::cat(&[prefix_k, &k], 2)?;
+                v = Tensor::cat(&[prefix_v, &v], 2)?;
+            }
             let attending = Attending {
                 self_bias: &bias,
+                prefix_len: p,
                 cross: cross.map(|(kv, bias)| ((&kv[i].0, &kv[i].1), bias)),
             };
             let (y, saved) = block.forward_with(&x, &normed, (&k, &v), norm_saved, &attending)?;
@@ -552,20 +611,70 @@ impl T5Stack {
         Ok((y, saved))
     }
 
-    /// dy [B·L, D] → dx [B·L, D], and for the decoder d_memory [B·S, D] summed over its blocks.
-    fn backward(&self, dy: &Tensor, saved: &T5StackSaved) -> Result<(Tensor, Option<Tensor>)> {
+    /// dy [B·L, D] → dx [B·L, D], for the decoder d_memory [B·S, D] summed over its blocks,
+    /// and with a prefix each block's dK and dV [B, H, P, K], in block order.
+    fn backward(&self, dy: &Tensor, saved: &T5StackSaved) -> Result<StackGradients> {
         let mut dx = self.final_norm.backward(dy, &saved.final_norm)?;
         let mut d_memory: Option<Tensor> = None;
+        let mut prefix = Vec::new();
         for (i, (block, saved)) in self.blocks.iter().zip(&saved.blocks).enumerate().rev() {
             let _span = tracing::trace_span!("t5.backward", layer = i).entered();
-            let (d, d_mem) = block.backward(&dx, saved)?;
-            dx = d;
-            d_memory = match (d_memory, d_mem) {
+            let grads = block.backward(&dx, saved)?;
+            dx = grads.dx;
+            d_memory = match (d_memory, grads.d_memory) {
                 (Some(sum), Some(d)) => Some((sum + d)?),
                 (sum, d) => sum.or(d),
             };
+            prefix.extend(grads.prefix);
         }
-        Ok((dx, d_memory))
+        prefix.reverse();
+        Ok(StackGradients {
+            dx,
+            d_memory,
+            prefix,
+        })
+    }
+}
+
+struct StackGradients {
+    dx: Tensor,
+    d_memory: Option<Tensor>,
+    /// per block, when it read a prefix
+    prefix: Vec<(Tensor, Tensor)>,
+}
+
+/// The adapter layer whose keys and values decoder block `block` reads, of `layers` (PEFT's
+/// `num_layers`, the encoder's). PEFT's `get_prompt` doubles the L·2 rows of its prefix
+/// (`torch.cat([kv, kv])`) and cuts them in fours, each block's self keys, self values and the
+/// cross-attention's pair that it then throws away; so block l reads layer 2l mod L, and the odd
+/// layers are never read (their gradient is zero).
+fn prefix_slot(block: usize, layers: usize) -> usize {
+    (2 * block) % layers
+}
+
+impl T5Stack {
+    /// Every block's prefix keys and values [B, H, P, K] from a prefix [B, P, L·2·H·K]
+    /// (`Prefix::kv`'s layout) of `layers` layers of `heads` heads.
+    fn prefix_keys_values(
+        &self,
+        kv: &Tensor,
+        layers: usize,
+        heads: usize,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let (b, p, width) = kv.dims3()?;
+        let w = width / (2 * layers);
+        let heads_first = |column: usize| {
+            kv.narrow(2, column * w, w)?
+                .reshape((b, p, heads, w / heads))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        (0..self.blocks.len())
+            .map(|block| {
+                let slot = prefix_slot(block, layers);
+                Ok((heads_first(2 * slot)?, heads_first(2 * slot + 1)?))
+            })
+            .collect()
     }
 }
 
@@ -672,19 +781,71 @@ impl T5 {
         let (b, s, d) = embeds.dims3()?;
         let padding = mask_bias(mask, embeds.dtype())?;
         let x = embeds.reshape((b * s, d))?;
-        let (encoded, _) = self.encoder.forward(x, b, Some(&padding), None, false)?;
+        let (encoded, _) = self
+            .encoder
+            .forward(x, b, Some(&padding), None, None, false)?;
         encoded.reshape((b, s, d))
     }
 
-    /// One input [1, S, D] (the prompt in front) through the encoder → what decoding reads.
-    pub fn start_decoding(&self, embeds: &Tensor) -> Result<T5Decoding> {
+    /// One input [1, S, D] (a prompt in front) through the encoder → what decoding reads; a
+    /// prefix [P, L·2·H·K] is the decoder's past.
+    pub fn start_decoding(&self, embeds: &Tensor, prefix: Option<&Tensor>) -> Result<T5Decoding> {
         let mask = Tensor::ones((1, embeds.dim(1)?), DType::U32, embeds.device())?;
         let encoded = self.encode(embeds, &mask)?.squeeze(0)?;
+        let (cache, len) = match prefix {
+            Some(kv) => (
+                self.prefix_keys_values(&kv.to_dtype(embeds.dtype())?.unsqueeze(0)?)?,
+                kv.dim(0)?,
+            ),
+            None => (Vec::new(), 0),
+        };
         Ok(T5Decoding {
             cross: self.cross_keys_values(&encoded, 1)?,
-            cache: Vec::new(),
-            len: 0,
+            cache,
+            len,
         })
+    }
+
+    /// Every decoder block's prefix keys and values [B, H, P, K] of a prefix [B, P, L·2·H·K];
+    /// PEFT sizes it by the encoder's layers, so the decoder must have as many.
+    fn prefix_keys_values(&self, kv: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
+        let (layers, heads) = (self.config.num_layers, self.config.num_heads);
+        let width = layers * 2 * heads * self.config.d_kv;
+        if self.config.decoder_layers() != layers || kv.dim(2)? != width {
+            candle_core::bail!(
+                "prefix tuning on T5 needs as many decoder layers as encoder layers ({} and {layers} here) and a prefix {width} wide ({} here)",
+                self.config.decoder_layers(),
+                kv.dim(2)?
+            );
+        }
+        self.decoder.prefix_keys_values(kv, layers, heads)
+    }
+
+    /// The decoder blocks' prefix dK and dV [B, H, P, K] → the prefix's gradient [B, P, L·2·H·K]:
+    /// each layer's the sum of the blocks that read it (`prefix_slot`), zero where none did.
+    fn prefix_gradient(&self, blocks: &[(Tensor, Tensor)]) -> Result<Tensor> {
+        let layers = self.config.num_layers;
+        let rows = |x: &Tensor| -> Result<Tensor> {
+            let (b, h, p, k) = x.dims4()?;
+            x.transpose(1, 2)?.contiguous()?.reshape((b, p, h * k))
+        };
+        let mut slots: Vec<Option<(Tensor, Tensor)>> = vec![None; layers];
+        for (block, (dk, dv)) in blocks.iter().enumerate() {
+            let slot = &mut slots[prefix_slot(block, layers)];
+            *slot = Some(match slot.take() {
+                Some((k, v)) => ((k + rows(dk)?)?, (v + rows(dv)?)?),
+                None => (rows(dk)?, rows(dv)?),
+            });
+        }
+        let zeros = rows(&blocks[0].0)?.zeros_like()?;
+        let mut columns = Vec::with_capacity(2 * layers);
+        for slot in slots {
+            match slot {
+                Some((k, v)) => columns.extend([k, v]),
+                None => columns.extend([zeros.clone(), zeros.clone()]),
+            }
+        }
+        Tensor::cat(&columns, 2)
     }
 
     /// The decoder's next N positions, embeds [N, D] (after the `state.len()` read before) →
@@ -705,6 +866,7 @@ impl T5 {
             };
             let attending = Attending {
                 self_bias: &bias,
+                prefix_len: 0,
                 cross: Some(((&state.cross[i].0, &state.cross[i].1), &no_padding)),
             };
             x = block
@@ -764,9 +926,6 @@ impl Backbone for T5 {
     /// (causal, every position real: batches pad it on the right) and the encoder's output →
     /// the decoder's last hidden state [B, T, D], unscaled (`lm_head` holds the scale).
     fn run(&self, input: &BackboneInput, keep: bool) -> Result<(Tensor, Option<T5Activations>)> {
-        if input.prefix.is_some() {
-            candle_core::bail!("prefix tuning is not supported on T5 (use --method prompt)");
-        }
         let Some(decoder_embeds) = input.decoder else {
             candle_core::bail!("T5 writes its output with the decoder: give it the decoder's input (--task seq2seq)");
         };
@@ -778,13 +937,26 @@ impl Backbone for T5 {
             b,
             Some(&padding),
             None,
+            None,
             keep,
         )?;
         let cross = self.cross_keys_values(&encoded, b)?;
+        let (prefix, prefix_padding) = match input.prefix {
+            Some(prefix) => {
+                let decoder_mask = Tensor::ones((b, t), prefix.mask.dtype(), prefix.mask.device())?;
+                let mask = Tensor::cat(&[&prefix.mask, &decoder_mask], 1)?;
+                (
+                    Some(self.prefix_keys_values(&prefix.kv)?),
+                    Some(mask_bias(&mask, input.embeds.dtype())?),
+                )
+            }
+            None => (None, None),
+        };
         let (hidden, decoder) = self.decoder.forward(
             decoder_embeds.reshape((b * t, d))?,
             b,
-            None,
+            prefix_padding.as_ref(),
+            prefix.as_deref(),
             Some((&cross, &padding)),
             keep,
         )?;
@@ -811,17 +983,21 @@ impl Backbone for T5 {
         }
         let (b, s, t) = activations.shape;
         let d = self.config.d_model;
-        let (_, d_encoded) = self
+        let decoder = self
             .decoder
             .backward(&d_hidden.reshape((b * t, d))?, &activations.decoder)?;
-        let d_encoded = match d_encoded {
+        let d_encoded = match decoder.d_memory {
             Some(d) => d,
             None => candle_core::bail!("no gradient reached the encoder"),
         };
-        let (dx, _) = self.encoder.backward(&d_encoded, &activations.encoder)?;
+        let encoder = self.encoder.backward(&d_encoded, &activations.encoder)?;
+        let prefix = match decoder.prefix.is_empty() {
+            true => None,
+            false => Some(self.prefix_gradient(&decoder.prefix)?),
+        };
         Ok(InputGradients {
-            embeds: dx.reshape((b, s, d))?,
-            prefix: None,
+            embeds: encoder.dx.reshape((b, s, d))?,
+            prefix,
         })
     }
 }

@@ -199,13 +199,8 @@ impl Run<'_> {
         if config.task.writes_targets() {
             model.lm_head("--task causal-lm")?;
         }
-        if model.backbone.seq2seq().is_some()
-            && matches!(config.method, Method::Prefix | Method::Multitask)
-        {
-            bail!(
-                "--method {} is not supported on T5 yet (prompt, p-tuning and residual are)",
-                config.method
-            );
+        if model.backbone.seq2seq().is_some() && config.method == Method::Multitask {
+            bail!("--method multitask is not supported on T5 yet (prompt, p-tuning, residual and prefix are)");
         }
         let decoder_start = model.decoder_start();
         let m = config.num_virtual_tokens;
@@ -396,6 +391,10 @@ fn peft_config(model: &Model, config: &TrainConfig, tasks: usize) -> PeftConfig 
         // projection (trainable there too); the projection lives in softprompt's checkpoint.
         let shape = model.backbone.shape();
         peft.peft_type = PeftType::PrefixTuning;
+        if model.backbone.seq2seq().is_some() {
+            // what PEFT's SEQ_2_SEQ_LM prefix says, and what its forward reads the prefix by
+            peft.num_transformer_submodules = 2;
+        }
         peft.token_dim = Some(shape.kv_width());
         peft.num_attention_heads = Some(shape.kv_heads);
         peft.prompt_tuning_init = None;

@@ -8,6 +8,7 @@ use crate::{fixtures, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use softprompt::adapter::{Adapter, AdapterHead, PeftType};
 use softprompt::backbone::any::AnyBackbone;
+use softprompt::backbone::t5::T5;
 use softprompt::backbone::{Backbone, BackboneInput, KvCache, Prefix};
 use softprompt::batch::Padding;
 use softprompt::files::load_tensors;
@@ -22,14 +23,21 @@ const DEV: Device = Device::Cpu;
 
 /// Finite differences of Σ hidden ⊙ R with respect to the prefix's keys and values (every
 /// layer's) and to the input embeddings, for two rows: row 0 reads two of its three prefix
-/// positions and has padding, row 1 reads all three (a mixed batch's rows differ).
-fn check_prefix<B: Backbone>(backbone: &B, layers: usize, kv_width: usize, what: &str) {
+/// positions and has padding, row 1 reads all three (a mixed batch's rows differ). An
+/// encoder-decoder's `decoder` input [2, T, 16] is what reads the prefix, and hidden is its.
+fn check_prefix<B: Backbone>(
+    backbone: &B,
+    layers: usize,
+    kv_width: usize,
+    decoder: Option<&Tensor>,
+    what: &str,
+) {
     let embeds = randn(&[2, 5, 16], 1);
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &DEV).unwrap();
     let types = mask.zeros_like().unwrap();
     let prefix_mask = Tensor::new(&[[1u32, 1, 0], [1, 1, 1]], &DEV).unwrap();
     let kv = randn(&[2, 3, layers * 2 * kv_width], 5);
-    let r = randn(&[2, 5, 16], 2);
+    let r = randn(decoder.map_or(&[2, 5, 16], |d| d.dims()), 2);
     let hidden = |embeds: &Tensor, kv: &Tensor| {
         let prefix = Prefix {
             kv: kv.clone(),
@@ -41,7 +49,7 @@ fn check_prefix<B: Backbone>(backbone: &B, layers: usize, kv_width: usize, what:
             token_type_ids: &types,
             reads: None,
             prefix: Some(&prefix),
-            decoder: None,
+            decoder,
         };
         weighted_sum(&backbone.forward(&input).unwrap(), &r)
     };
@@ -55,7 +63,7 @@ fn check_prefix<B: Backbone>(backbone: &B, layers: usize, kv_width: usize, what:
         token_type_ids: &types,
         reads: None,
         prefix: Some(&prefix),
-        decoder: None,
+        decoder,
     };
     let (_, acts) = backbone.forward_train(&input).unwrap();
     let grads = backbone.backward(&r, acts, None).unwrap();
@@ -84,13 +92,31 @@ fn check_prefix<B: Backbone>(backbone: &B, layers: usize, kv_width: usize, what:
 #[test]
 fn prefix_gradients_match_finite_differences_through_every_layer() {
     on_both_paths(|path| {
-        check_prefix(&tiny_bert(DType::F64), 2, 16, &format!("bert ({path})"));
+        check_prefix(
+            &tiny_bert(DType::F64),
+            2,
+            16,
+            None,
+            &format!("bert ({path})"),
+        );
         for (name, backbone) in tiny_decoders() {
             let shape = backbone.shape();
             let what = format!("{name} ({path})");
-            check_prefix(&backbone, shape.layers, shape.kv_width(), &what);
+            check_prefix(&backbone, shape.layers, shape.kv_width(), None, &what);
         }
     });
+}
+
+/// T5's prefix is read by its decoder's self-attention, each block its layer of the prefix
+/// (PEFT's doubling: both blocks of the tiny T5 read layer 0), and its gradient comes back from
+/// the decoder's positions, which count on from the prefix's under the relative position bias.
+#[test]
+fn t5_prefix_gradient_matches_finite_differences() {
+    let t5 = T5::load(&fixtures().join("tiny-t5"), DType::F64, &DEV).unwrap();
+    let decoder = randn(&[2, 4, 16], 3);
+    let layers = t5.config.num_layers;
+    let kv_width = t5.config.num_heads * t5.config.d_kv;
+    check_prefix(&t5, layers, kv_width, Some(&decoder), "t5");
 }
 
 /// A decoder's rows pass with a prefix computes what generation computes from the same prefix as

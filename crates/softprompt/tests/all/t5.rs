@@ -215,7 +215,7 @@ fn t5_cached_decoding_equals_the_full_decoder_pass() {
         .embed_tokens(&Tensor::new(&[[0u32, 14, 20, 26]], &DEV).unwrap())
         .unwrap();
     let full = decoded(&t5, &embeds, &mask, &decoder).squeeze(0).unwrap();
-    let mut state = t5.start_decoding(&embeds).unwrap();
+    let mut state = t5.start_decoding(&embeds, None).unwrap();
     let rows = decoder.squeeze(0).unwrap();
     // two positions at once, then one at a time
     let mut parts = vec![t5
@@ -261,23 +261,40 @@ fn t5_pairs() -> Vec<Example> {
 /// reads those, and gets PEFT's loss and PEFT's greedy tokens.
 #[test]
 fn peft_written_seq2seq_adapter_gives_peft_loss_and_tokens() {
-    let model = Model::load(&fixtures().join("tiny-t5"), DType::F32, &DEV).unwrap();
     let adapter = Adapter::load(&fixtures().join("peft-tiny-t5"), 16, &DEV).unwrap();
-    assert_eq!(adapter.config.task_type, Some(TaskType::Seq2SeqLm));
     assert_eq!(
         adapter.prompt.dims(),
         [4, 16],
         "the encoder's half of PEFT's [8, 16]"
     );
     assert_eq!(adapter.config.num_transformer_submodules, 1);
-    let (f, _) = load_tensors(&fixtures().join("peft_tiny_t5.safetensors"), &DEV).unwrap();
+    gives_peft_loss_and_tokens(&adapter, "peft_tiny_t5.safetensors");
+}
+
+/// PEFT's SEQ_2_SEQ_LM prefix: keys and values in front of every decoder block's self-attention,
+/// read through PEFT's doubling (both blocks of the tiny T5 read its layer 0, none its layer 1),
+/// the encoder and cross-attention untouched. softprompt gets PEFT's loss and greedy tokens.
+#[test]
+fn peft_written_seq2seq_prefix_gives_peft_loss_and_tokens() {
+    let adapter = Adapter::load(&fixtures().join("peft-tiny-t5-prefix"), 16, &DEV).unwrap();
+    assert_eq!(adapter.method.placement(), Placement::Prefix);
+    assert_eq!(adapter.prompt.dims(), [3, 2 * 2 * 12]);
+    gives_peft_loss_and_tokens(&adapter, "peft_tiny_t5_prefix.safetensors");
+}
+
+/// The adapter's token loss on T5_PAIRS and greedy tokens on the tiny T5 against PEFT's in
+/// `fixture`.
+fn gives_peft_loss_and_tokens(adapter: &Adapter, fixture: &str) {
+    let model = Model::load(&fixtures().join("tiny-t5"), DType::F32, &DEV).unwrap();
+    assert_eq!(adapter.config.task_type, Some(TaskType::Seq2SeqLm));
+    let (f, _) = load_tensors(&fixtures().join(fixture), &DEV).unwrap();
     let batching = Batching {
         size: 8,
         padding: Padding::Right,
         device: DEV.clone(),
     };
     let score =
-        generation_score(&model, &adapter, &t5_pairs(), Path::new("pairs"), &batching).unwrap();
+        generation_score(&model, adapter, &t5_pairs(), Path::new("pairs"), &batching).unwrap();
     let theirs = f["loss"].to_vec1::<f32>().unwrap()[0] as f64;
     assert!(
         (score.token_loss - theirs).abs() < 1e-4,
@@ -289,8 +306,8 @@ fn peft_written_seq2seq_adapter_gives_peft_loss_and_tokens() {
         max_new_tokens: 6,
         ..Default::default()
     };
-    let continuation =
-        Continuation::new(&model, &adapter.prompt, Placement::Embeddings, None).unwrap();
+    let placement = adapter.method.placement();
+    let continuation = Continuation::new(&model, &adapter.prompt, placement, None).unwrap();
     let texts: Vec<String> = t5_pairs().into_iter().map(|e| e.text).collect();
     let written = continuation.write_all(&model, &texts, &config).unwrap();
     let expected = f["generated"]
