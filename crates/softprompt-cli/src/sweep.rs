@@ -257,7 +257,7 @@ struct Planned {
 
 /// What a run does.
 enum Job {
-    Train(TrainConfig),
+    Train(Box<TrainConfig>),
     Probe(ProbeConfig),
 }
 
@@ -336,7 +336,7 @@ fn plan(grid: &Grid) -> anyhow::Result<Vec<Planned>> {
                     }),
                     false => with_options(&options, seed).and_then(|config: TrainConfig| {
                         config.validate()?;
-                        Ok(Job::Train(config))
+                        Ok(Job::Train(Box::new(config)))
                     }),
                 }
                 .with_context(|| format!("experiment {:?}, {} = {value}", e.name, e.vary))?;
