@@ -440,8 +440,7 @@ impl<'a> Sequence<'a> {
 }
 
 /// One token more for every sequence not `done`, all in one backbone pass: each row reads its
-/// last token on top of its own cache, and picks its next with its own sampler. (An
-/// encoder-decoder's sequences step one after another.)
+/// last token on top of its own cache, and picks its next with its own sampler.
 pub fn step(backbone: &AnyBackbone, sequences: &mut [Sequence]) -> crate::Result<()> {
     let mut active: Vec<&mut Sequence> = sequences
         .iter_mut()
@@ -454,13 +453,17 @@ pub fn step(backbone: &AnyBackbone, sequences: &mut [Sequence]) -> crate::Result
     let table = backbone.word_embeddings();
     let embeds = table.rows(&Tensor::new(tokens.as_slice(), &table.device())?)?;
     if let Some(t5) = backbone.seq2seq() {
-        for (b, sequence) in active.iter_mut().enumerate() {
+        let mut states = Vec::with_capacity(active.len());
+        for sequence in active.iter_mut() {
             let Cache::Seq2Seq(state) = &mut sequence.cache else {
                 bail!("a decoder's sequence stepped on T5");
             };
-            let hidden = t5.extend(&embeds.narrow(0, b, 1)?, state)?;
-            let logits = t5.lm_head().apply(&hidden)?.to_dtype(DType::F32)?;
-            sequence.take(&logits.squeeze(0)?.to_vec1::<f32>()?);
+            states.push(state);
+        }
+        let hidden = t5.extend_each(&embeds, &mut states)?;
+        let logits = t5.lm_head().apply(&hidden)?.to_dtype(DType::F32)?;
+        for (sequence, row) in active.iter_mut().zip(logits.to_vec2::<f32>()?) {
+            sequence.take(&row);
         }
         return Ok(());
     }

@@ -880,6 +880,79 @@ impl T5 {
         state.len += n;
         Ok(self.decoder.final_norm.forward(&x)?.0)
     }
+
+    /// embeds [B, D], one new decoder position for each of B texts, each after its own state →
+    /// hidden [B, D] after the final norm, in one pass (the weights read once for all B); each
+    /// state grows by one. Rows of different lengths and encoder inputs are padded to the
+    /// longest with their padding masked, so row b gets what `extend` gives it alone.
+    pub fn extend_each(&self, embeds: &Tensor, states: &mut [&mut T5Decoding]) -> Result<Tensor> {
+        let b = states.len();
+        let (dtype, device) = (embeds.dtype(), embeds.device());
+        let mask_of = |lens: &[usize], width: usize| -> Result<Tensor> {
+            let mask: Vec<u32> = lens
+                .iter()
+                .flat_map(|&n| (0..width).map(move |j| u32::from(j < n)))
+                .collect();
+            mask_bias(&Tensor::from_vec(mask, (b, width), device)?, dtype)
+        };
+        // each row's query sits at its own position, after its own keys
+        let keys: Vec<usize> = states.iter().map(|s| s.len + 1).collect();
+        let longest = keys.iter().copied().max().unwrap_or(1);
+        let relative = states
+            .iter()
+            .map(|s| {
+                self.decoder.self_bias(s.len, 1, s.len + 1)?.pad_with_zeros(
+                    3,
+                    0,
+                    longest - s.len - 1,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let self_bias = Tensor::cat(&relative, 0)?.broadcast_add(&mask_of(&keys, longest)?)?;
+        let memory: Vec<usize> = states
+            .iter()
+            .map(|s| s.cross.first().map_or(Ok(0), |(k, _)| k.dim(2)))
+            .collect::<Result<_>>()?;
+        let widest = memory.iter().copied().max().unwrap_or(0);
+        let cross_bias = mask_of(&memory, widest)?;
+        let padded = |rows: Vec<&Tensor>, width: usize| -> Result<Tensor> {
+            let rows = rows
+                .into_iter()
+                .map(|t| t.pad_with_zeros(2, 0, width - t.dim(2)?))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)
+        };
+        let mut x = embeds.clone();
+        for (i, block) in self.decoder.blocks.iter().enumerate() {
+            let (normed, (k, v), norm_saved) = block.own_keys_values(&x, b)?;
+            for (r, state) in states.iter_mut().enumerate() {
+                let (k, v) = (k.narrow(0, r, 1)?, v.narrow(0, r, 1)?);
+                match state.cache.get_mut(i) {
+                    Some((past_k, past_v)) => {
+                        *past_k = Tensor::cat(&[&*past_k, &k], 2)?;
+                        *past_v = Tensor::cat(&[&*past_v, &v], 2)?;
+                    }
+                    None => state.cache.push((k, v)),
+                }
+            }
+            let self_k = padded(states.iter().map(|s| &s.cache[i].0).collect(), longest)?;
+            let self_v = padded(states.iter().map(|s| &s.cache[i].1).collect(), longest)?;
+            let cross_k = padded(states.iter().map(|s| &s.cross[i].0).collect(), widest)?;
+            let cross_v = padded(states.iter().map(|s| &s.cross[i].1).collect(), widest)?;
+            let attending = Attending {
+                self_bias: &self_bias,
+                prefix_len: 0,
+                cross: Some(((&cross_k, &cross_v), &cross_bias)),
+            };
+            x = block
+                .forward_with(&x, &normed, (&self_k, &self_v), norm_saved, &attending)?
+                .0;
+        }
+        for state in states.iter_mut() {
+            state.len += 1;
+        }
+        Ok(self.decoder.final_norm.forward(&x)?.0)
+    }
 }
 
 /// One text being decoded: the encoder's keys and values for every cross-attention, computed

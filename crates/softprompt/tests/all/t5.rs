@@ -237,6 +237,55 @@ fn t5_cached_decoding_equals_the_full_decoder_pass() {
     assert!(max_abs(&full.sum(D::Minus1).unwrap()) > 0.0);
 }
 
+/// Decoding texts together: three states of different encoder inputs (one behind a prefix) and
+/// different decoded lengths step one position each in one pass, and each row gets what `extend`
+/// gives it alone.
+#[test]
+fn t5_rows_decoded_together_get_what_each_gets_alone() {
+    let t5 = load("tiny-t5", DType::F64);
+    let prefix = randn(&[2, 2 * 2 * 12], 4);
+    let inputs: [(&[u32], Option<&Tensor>, &[u32]); 3] = [
+        (&[5, 9, 20, 33, 1], None, &[0, 14]),
+        (&[30, 31, 1], Some(&prefix), &[0]),
+        (&[7, 1], None, &[0, 26, 20]),
+    ];
+    let mut together = Vec::new();
+    let mut alone = Vec::new();
+    for (ids, prefix, decoded) in inputs {
+        let embeds = t5
+            .embed_tokens(&Tensor::new(ids, &DEV).unwrap().unsqueeze(0).unwrap())
+            .unwrap();
+        let mut state = t5.start_decoding(&embeds, prefix).unwrap();
+        let rows = t5
+            .embed_tokens(&Tensor::new(decoded, &DEV).unwrap().unsqueeze(0).unwrap())
+            .unwrap();
+        t5.extend(&rows.squeeze(0).unwrap(), &mut state).unwrap();
+        together.push(state);
+        let embeds = t5
+            .embed_tokens(&Tensor::new(ids, &DEV).unwrap().unsqueeze(0).unwrap())
+            .unwrap();
+        let mut state = t5.start_decoding(&embeds, prefix).unwrap();
+        t5.extend(&rows.squeeze(0).unwrap(), &mut state).unwrap();
+        alone.push(state);
+    }
+    let next = t5
+        .embed_tokens(&Tensor::new(&[[41u32, 48, 32]], &DEV).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    for _ in 0..2 {
+        let mut states: Vec<_> = together.iter_mut().collect();
+        let batched = t5.extend_each(&next, &mut states).unwrap();
+        for (b, state) in alone.iter_mut().enumerate() {
+            let own = t5.extend(&next.narrow(0, b, 1).unwrap(), state).unwrap();
+            let d = max_abs_diff(&batched.narrow(0, b, 1).unwrap(), &own);
+            assert!(d < 1e-10, "row {b} decoded together differs by {d:e}");
+            assert_eq!(together[b].len(), state.len());
+        }
+    }
+    assert_eq!(together[1].len(), 2 + 1 + 2, "the prefix's positions count");
+}
+
 /// The fixture script's (input, target) pairs, as data rows.
 fn t5_pairs() -> Vec<Example> {
     let pairs = [
