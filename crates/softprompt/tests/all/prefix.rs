@@ -117,6 +117,31 @@ fn t5_prefix_gradient_matches_finite_differences() {
     let layers = t5.config.num_layers;
     let kv_width = t5.config.num_heads * t5.config.d_kv;
     check_prefix(&t5, layers, kv_width, Some(&decoder), "t5");
+
+    // PEFT sizes a T5 prefix by the encoder's layers: a decoder of another depth is refused
+    let gated = T5::load(&fixtures().join("tiny-t5-gated"), DType::F64, &DEV).unwrap();
+    let prefix = Prefix {
+        kv: randn(&[1, 2, layers * 2 * kv_width], 6),
+        mask: Tensor::ones((1, 2), DType::U32, &DEV).unwrap(),
+    };
+    let mask = Tensor::ones((1, 5), DType::U32, &DEV).unwrap();
+    let input = BackboneInput {
+        embeds: &randn(&[1, 5, 16], 7),
+        attention_mask: &mask,
+        token_type_ids: &mask.zeros_like().unwrap(),
+        reads: None,
+        prefix: Some(&prefix),
+        decoder: Some(&randn(&[1, 2, 16], 8)),
+    };
+    let error = gated
+        .forward(&input)
+        .err()
+        .expect("a prefix for 2 layers on 3")
+        .to_string();
+    assert!(
+        error.contains("as many decoder layers as encoder layers (3 and 2 here)"),
+        "{error}"
+    );
 }
 
 /// A decoder's rows pass with a prefix computes what generation computes from the same prefix as
