@@ -103,14 +103,6 @@ pub enum PromptCache {
 }
 
 impl PromptCache {
-    /// An encoder-decoder's prefix [M, L·2·H·K], when this is one.
-    fn seq2seq_prefix(&self) -> Option<&Tensor> {
-        match self {
-            PromptCache::Seq2SeqPrefix(kv) => Some(kv),
-            _ => None,
-        }
-    }
-
     /// The positions the prompt takes in front of an input.
     pub fn len(&self) -> usize {
         match self {
@@ -368,7 +360,8 @@ impl<'a> Sequence<'a> {
                         Tensor::cat(&[&prompt.to_dtype(table.dtype())?, &rows(input_ids)?], 0)?,
                         None,
                     ),
-                    _ => (rows(input_ids)?, prefix.seq2seq_prefix()),
+                    PromptCache::Seq2SeqPrefix(kv) => (rows(input_ids)?, Some(kv)),
+                    PromptCache::Decoder(_) => bail!("a decoder's prompt cache on T5"),
                 };
                 let mut state = t5.start_decoding(&input.unsqueeze(0)?, past)?;
                 let start = rows(&[t5.config.decoder_start()])?;

@@ -611,6 +611,26 @@ impl T5Stack {
         Ok((y, saved))
     }
 
+    /// Every block's prefix keys and values [B, H, P, K] from a prefix [B, P, L·2·H·K]
+    /// (`Prefix::kv`'s layout) of `layers` layers of `heads` heads.
+    fn prefix_keys_values(
+        &self,
+        kv: &Tensor,
+        layers: usize,
+        heads: usize,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let (b, p, width) = kv.dims3()?;
+        let w = width / (2 * layers);
+        let column =
+            |c: usize| heads_first(&kv.narrow(2, c * w, w)?.reshape((b * p, w))?, b, heads);
+        (0..self.blocks.len())
+            .map(|block| {
+                let slot = prefix_slot(block, layers);
+                Ok((column(2 * slot)?, column(2 * slot + 1)?))
+            })
+            .collect()
+    }
+
     /// dy [B·L, D] → dx [B·L, D], for the decoder d_memory [B·S, D] summed over its blocks,
     /// and with a prefix each block's dK and dV [B, H, P, K], in block order.
     fn backward(&self, dy: &Tensor, saved: &T5StackSaved) -> Result<StackGradients> {
@@ -650,32 +670,6 @@ struct StackGradients {
 /// layers are never read (their gradient is zero).
 fn prefix_slot(block: usize, layers: usize) -> usize {
     (2 * block) % layers
-}
-
-impl T5Stack {
-    /// Every block's prefix keys and values [B, H, P, K] from a prefix [B, P, L·2·H·K]
-    /// (`Prefix::kv`'s layout) of `layers` layers of `heads` heads.
-    fn prefix_keys_values(
-        &self,
-        kv: &Tensor,
-        layers: usize,
-        heads: usize,
-    ) -> Result<Vec<(Tensor, Tensor)>> {
-        let (b, p, width) = kv.dims3()?;
-        let w = width / (2 * layers);
-        let heads_first = |column: usize| {
-            kv.narrow(2, column * w, w)?
-                .reshape((b, p, heads, w / heads))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        (0..self.blocks.len())
-            .map(|block| {
-                let slot = prefix_slot(block, layers);
-                Ok((heads_first(2 * slot)?, heads_first(2 * slot + 1)?))
-            })
-            .collect()
-    }
 }
 
 /// The frozen T5: `shared` embeddings, the encoder, the decoder and the LM head.
@@ -827,7 +821,7 @@ impl T5 {
         let layers = self.config.num_layers;
         let rows = |x: &Tensor| -> Result<Tensor> {
             let (b, h, p, k) = x.dims4()?;
-            x.transpose(1, 2)?.contiguous()?.reshape((b, p, h * k))
+            rows_first(x)?.reshape((b, p, h * k))
         };
         let mut slots: Vec<Option<(Tensor, Tensor)>> = vec![None; layers];
         for (block, (dk, dv)) in blocks.iter().enumerate() {
