@@ -135,8 +135,7 @@ fn t5_prefix_gradient_matches_finite_differences() {
     };
     let error = gated
         .forward(&input)
-        .err()
-        .expect("a prefix for 2 layers on 3")
+        .expect_err("a prefix for 2 layers on 3")
         .to_string();
     assert!(
         error.contains("as many decoder layers as encoder layers (3 and 2 here)"),
