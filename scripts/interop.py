@@ -27,6 +27,8 @@ from peft import (MultitaskPromptTuningConfig, PeftModel, PromptEncoderConfig, P
                   get_peft_model)
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
+import make_fixtures
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "assets" / "models" / "all-MiniLM-L6-v2"
 DATA = ROOT / "assets" / "data" / "movie-reviews"
@@ -116,6 +118,7 @@ def main() -> int:
     ok &= decoder_prefix_round_trip(work)
     ok &= t5_round_trip(work, "prompt")
     ok &= t5_round_trip(work, "prefix")
+    ok &= t5_round_trip(work, "multitask")
     ok &= t5_verbalizer_round_trip(work)
     return 0 if ok else 1
 
@@ -160,34 +163,37 @@ T5_PAIRS = [("the movie was good and fun", "good"), ("the plot was dull and bori
             ("i love this great film", "good"), ("a weak and awful story", "bad film")]
 
 
-def greedy(model, enc, new_tokens: int) -> list:
-    """Greedy decoding by whole forward passes after the start token, up to EOS (1) or
-    `new_tokens`. Not PEFT's `generate`: under transformers 5.25 it drops a SEQ_2_SEQ_LM prefix
-    (generate's own `cache` wins over the `past_key_values` PEFT passes), while its forward reads it."""
-    tokens = [0]
-    while len(tokens) <= new_tokens and tokens[-1] != 1:
-        logits = model(input_ids=enc, attention_mask=torch.ones_like(enc),
-                       decoder_input_ids=torch.tensor([tokens])).logits
-        tokens.append(int(logits[0, -1].argmax()))
-    return [t for t in tokens[1:] if t != 1]
+def greedy(model, enc, new_tokens: int, task: int = None) -> list:
+    """The tokens greedy decoding by PEFT's forward writes after the start token, EOS left out
+    (make_fixtures.greedy: not PEFT's `generate`, which drops a SEQ_2_SEQ_LM prefix and a
+    multitask prompt's decoder half)."""
+    return [t for t in make_fixtures.greedy(model, enc, new_tokens, task)[1:] if t != 1]
 
 
 def t5_round_trip(work: Path, method: str) -> bool:
+    """softprompt --task seq2seq --method `method` on the tiny T5 → PEFT: the same token loss and
+    greedy tokens. A multitask prompt is trained on two tasks (x and y, of the same pairs) and
+    compared for task x, PEFT's task id 0."""
     from tokenizers import Tokenizer
     from transformers import T5ForConditionalGeneration
 
     t5 = ROOT / "tests" / "fixtures" / "tiny-t5"
-    pairs = work / "pairs.tsv"
-    pairs.write_text("text\tlabel\n" + "".join(f"{x}\t{y}\n" for x, y in T5_PAIRS * 8))
+    multitask = method == "multitask"
+    pairs, train = work / "pairs.tsv", work / "pairs-tasks.tsv"
+    pairs.write_text("text\tlabel\ttask\n" + "".join(f"{x}\t{y}\tx\n" for x, y in T5_PAIRS * 8))
+    train.write_text("text\tlabel\ttask\n" + "".join(f"{x}\t{y}\t{task}\n" for task in "xy" for x, y in T5_PAIRS * 4))
+    tasks = ["--task-column", "task"] if multitask else []
     ours = work / f"from-softprompt-t5-{method}"
     subprocess.run([str(BIN), "train", "--model", str(t5), "--task", "seq2seq", "--method", method, "--train",
-                    str(pairs), "--output", str(ours), "--num-virtual-tokens", "4", "--max-steps", "20", "--lr", "0.1"],
-                   check=True, stderr=subprocess.DEVNULL)
+                    str(train if multitask else pairs), "--output", str(ours), "--num-virtual-tokens", "4",
+                    "--max-steps", "20", "--lr", "0.1", *tasks], check=True, stderr=subprocess.DEVNULL)
+    task = ["--task", "x"] if multitask else []
     score = json.loads(subprocess.run([str(BIN), "eval", "--model", str(t5), "--adapter", str(ours), "--data",
-                                       str(pairs), "--json"], check=True, capture_output=True, text=True).stdout)
+                                       str(pairs), "--json", *task], check=True, capture_output=True,
+                                      text=True).stdout)
     written = subprocess.run([str(BIN), "generate", "--model", str(t5), "--adapter", str(ours), "--json",
-                              "--max-new-tokens", "4", *[x for x, _ in T5_PAIRS]], check=True, capture_output=True,
-                             text=True).stdout
+                              "--max-new-tokens", "4", *task, *[x for x, _ in T5_PAIRS]], check=True,
+                             capture_output=True, text=True).stdout
     loaded = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(t5), ours).eval()
     tok = Tokenizer.from_file(str(t5 / "tokenizer.json"))
     inputs = [tok.encode(x).ids for x, _ in T5_PAIRS * 8]
@@ -196,11 +202,13 @@ def t5_round_trip(work: Path, method: str) -> bool:
     ids = torch.tensor([x + [0] * (n - len(x)) for x in inputs])
     mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in inputs])
     labels = torch.tensor([y + [-100] * (t - len(y)) for y in targets])
+    task_id = 0 if multitask else None
+    task_ids = {"task_ids": torch.zeros(len(inputs), dtype=torch.long)} if multitask else {}
     with torch.no_grad():
-        theirs = loaded(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        theirs = loaded(input_ids=ids, attention_mask=mask, labels=labels, **task_ids).loss.item()
         tokens_ok = True
         for (x, _), line in zip(T5_PAIRS, written.splitlines()):
-            peft_tokens = greedy(loaded, torch.tensor([tok.encode(x).ids]), 4)
+            peft_tokens = greedy(loaded, torch.tensor([tok.encode(x).ids]), 4, task_id)
             tokens_ok &= peft_tokens == json.loads(line)["tokens"]
     diff = abs(score["token_loss"] - theirs)
     ok = diff < TOLERANCE and tokens_ok

@@ -45,6 +45,9 @@ Outputs (committed; the venv is not):
                                        PEFT's loss for it on T5_PAIRS (one batch) and its greedy tokens
   tests/fixtures/peft-tiny-t5-prefix/, peft_tiny_t5_prefix.safetensors
                                        the same for a SEQ_2_SEQ_LM PREFIX_TUNING adapter
+  tests/fixtures/peft-tiny-t5-multitask/, peft_tiny_t5_multitask.safetensors
+                                       the same, task by task, for a SEQ_2_SEQ_LM MULTITASK_PROMPT_TUNING
+                                       adapter (two submodules: half its prompt before the decoder)
   tests/fixtures/smollm2_logits.safetensors  (when assets/ holds the SmolLM2 GGUF)
                                        transformers' token ids and next-token logits for SMOLLM2_PROMPT,
                                        from the same GGUF (transformers dequantizes and un-permutes it)
@@ -421,24 +424,38 @@ def tiny_t5(name: str, seed: int, untied_head: bool = False, **config) -> None:
     )
 
 
-def greedy(peft_model, enc, new_tokens: int) -> list:
+def decoder_logits(peft_model, ids, mask, decoder_ids, task: int = None):
+    """PEFT's logits at every decoder position for decoder_ids. A multitask model takes the
+    decoder's input as embeddings (its forward puts its prompt's second half in front of them and
+    cannot take ids), and its logits then cover those prompt rows too: the last len(decoder_ids)
+    are the ids'."""
+    if task is None:
+        return peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    b, t = decoder_ids.shape
+    logits = peft_model(input_ids=ids, attention_mask=mask, decoder_inputs_embeds=peft_model.word_embeddings(decoder_ids),
+                        task_ids=torch.full((b,), task)).logits
+    return logits[:, -t:]
+
+
+def greedy(peft_model, enc, new_tokens: int, task: int = None) -> list:
     """Greedy decoding by whole forward passes, the decoder start token first, up to EOS (1).
     Not PEFT's `generate`: under transformers 5.25 it drops a SEQ_2_SEQ_LM prefix (generate's own
     `cache` wins over the `past_key_values` PEFT passes, and the base model's tokens come out),
-    while PEFT's forward reads it."""
+    and for a multitask prompt it leaves out the decoder's half that PEFT's forward trains with;
+    PEFT's forward reads both."""
     tokens = [0]
     while len(tokens) <= new_tokens and tokens[-1] != 1:
-        logits = peft_model(input_ids=enc, attention_mask=torch.ones_like(enc),
-                            decoder_input_ids=torch.tensor([tokens])).logits
+        logits = decoder_logits(peft_model, enc, torch.ones_like(enc), torch.tensor([tokens]), task)
         tokens.append(int(logits[0, -1].argmax()))
     return tokens
 
 
-def peft_t5(config, name: str, seed: int, std: float) -> None:
+def peft_t5(config, name: str, seed: int, std: float, tasks: int = 0) -> None:
     """A SEQ_2_SEQ_LM adapter of `config` written by PEFT on the tiny T5 (peft-tiny-{name}/), PEFT's
     loss for it on T5_PAIRS in one batch (the mean over every label token), its greedy tokens for
     each input and its logits at the decoder's first position (what rank classification scores
-    label words by), in peft_tiny_{name}.safetensors."""
+    label words by), in peft_tiny_{name}.safetensors; for a multitask adapter of `tasks` tasks,
+    each task's as loss_{t}, generated_{t} and first_logits_{t}."""
     from peft import get_peft_model
     from transformers import T5ForConditionalGeneration
 
@@ -453,17 +470,22 @@ def peft_t5(config, name: str, seed: int, std: float) -> None:
     peft_model.eval()
     tok = Tokenizer.from_file(str(base / "tokenizer.json"))
     ids, mask, labels, _ = t5_batch(tok, T5_PAIRS)
-    with torch.no_grad():
-        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        start = torch.zeros(ids.shape[0], 1, dtype=torch.long)
-        first = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits[:, 0]
-        generated = []
-        for x, _ in T5_PAIRS:
-            enc = torch.tensor([tok.encode(x).ids])
-            tokens = greedy(peft_model, enc, 6)
-            generated.append(tokens + [-1] * (7 - len(tokens)))
-    save_file({"loss": loss.reshape(1), "generated": torch.tensor(generated), "first_logits": first.contiguous()},
-              FIX / f"peft_tiny_{name.replace('-', '_')}.safetensors",
+    tensors = {}
+    for task in range(tasks) if tasks else [None]:
+        suffix = "" if task is None else f"_{task}"
+        task_ids = {} if task is None else {"task_ids": torch.full((ids.shape[0],), task)}
+        with torch.no_grad():
+            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels, **task_ids).loss
+            start = torch.zeros(ids.shape[0], 1, dtype=torch.long)
+            first = decoder_logits(peft_model, ids, mask, start, task)[:, 0]
+            generated = []
+            for x, _ in T5_PAIRS:
+                enc = torch.tensor([tok.encode(x).ids])
+                tokens = greedy(peft_model, enc, 6, task)
+                generated.append(tokens + [-1] * (7 - len(tokens)))
+        tensors |= {f"loss{suffix}": loss.reshape(1), f"generated{suffix}": torch.tensor(generated),
+                    f"first_logits{suffix}": first.contiguous()}
+    save_file(tensors, FIX / f"peft_tiny_{name.replace('-', '_')}.safetensors",
               metadata={"version": VERSION, "pairs": json.dumps(T5_PAIRS)})
 
 
@@ -475,6 +497,7 @@ def t5_fixtures() -> None:
 
     peft_t5(PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=4), "t5", 9, 1.0)
     peft_t5_prefix()
+    peft_t5_multitask()
 
 
 def peft_t5_prefix() -> None:
@@ -484,6 +507,14 @@ def peft_t5_prefix() -> None:
     # keys and values are 12 wide, so the config says so
     peft_t5(PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=3, token_dim=12,
                                num_attention_heads=3), "t5-prefix", 10, 0.5)
+
+
+def peft_t5_multitask() -> None:
+    from peft import MultitaskPromptTuningConfig, TaskType
+
+    # two submodules, PEFT's SEQ_2_SEQ_LM default: a [6, 16] prompt, rows 3.. before the decoder
+    peft_t5(MultitaskPromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=3, num_tasks=2,
+                                        num_ranks=2), "t5-multitask", 13, 1.0, tasks=2)
 
 
 SMOLLM2_PROMPT = "The capital of France is"
@@ -545,6 +576,7 @@ PARTS = {
     "prefix": lambda: prefix_tuning(),
     "t5": lambda: t5_fixtures(),
     "t5-prefix": lambda: peft_t5_prefix(),
+    "t5-multitask": lambda: peft_t5_multitask(),
     "smollm2": lambda: smollm2_logits(),
     "minilm": lambda: minilm_parity(),
 }

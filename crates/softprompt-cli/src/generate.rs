@@ -86,7 +86,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let (prompt, placement) = match &adapter {
         Some(a) => {
             a.fits(&model.backbone)?;
-            (a.prompt.clone(), a.method.placement())
+            (a.prompt.clone(), a.placement())
         }
         None => (
             candle_core::Tensor::zeros((0, d), DType::F32, &Device::Cpu)?,

@@ -54,7 +54,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         Some(task) => adapter.for_task(Some(task))?.into_owned(),
         None => adapter,
     };
-    if adapter.method.placement() == Placement::Prefix {
+    if adapter.placement() == Placement::Prefix {
         let shape = model.backbone.shape();
         eprintln!(
             "{}: a prefix of {} positions of keys and values at each of {} layers (--method prefix): they are not word vectors, so they have no nearest tokens",

@@ -453,8 +453,8 @@ fn train_and_score(
     };
     // the words nearest to the vectors a backbone reads; how far they moved from the table they
     // started as, where the vectors are that table (not an encoder's output)
-    let (moved, nearest) = match (adapter.method, adapter.method.placement()) {
-        (_, Placement::Prefix) | (Method::Multitask, _) => (None, None),
+    let (moved, nearest) = match (adapter.method, adapter.placement()) {
+        (_, Placement::Prefix | Placement::EncoderDecoder) | (Method::Multitask, _) => (None, None),
         (method, Placement::Embeddings) => {
             let start = match method {
                 Method::Prompt => Some(starting_prompt(model, &data, config)?),

@@ -507,7 +507,7 @@ impl Model {
         let (prompt, placement) = match &adapter {
             Some(a) => {
                 a.fits(&self.inner.backbone).map_err(crate::error)?;
-                (a.prompt.clone(), a.method.placement())
+                (a.prompt.clone(), a.placement())
             }
             None => (
                 Tensor::zeros((0, self.hidden_size()), DType::F32, &Device::Cpu)

@@ -294,11 +294,7 @@ impl Registry {
         // a decoder or an encoder-decoder: whatever has an LM head writes
         let generator = match self.model.backbone.lm_head() {
             Some(_) => Some(Arc::new(Generator {
-                prefix: prefix_cache(
-                    &self.model.backbone,
-                    &adapter.prompt,
-                    adapter.method.placement(),
-                )?,
+                prefix: prefix_cache(&self.model.backbone, &adapter.prompt, adapter.placement())?,
                 template: adapter.template.clone(),
             })),
             None => None,

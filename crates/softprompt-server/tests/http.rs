@@ -646,7 +646,7 @@ fn concurrent_generations_decode_together_each_as_alone() {
         let alone = softprompt::generate::Continuation::new(
             &model,
             &adapter.prompt,
-            adapter.method.placement(),
+            adapter.placement(),
             adapter.template.clone(),
         )
         .unwrap()
@@ -697,7 +697,7 @@ fn generation_over_http_plain_and_streamed() {
     // what the library writes from the same prompt, greedily
     let model = Model::load(&model_dir, DType::F32, &Device::Cpu).unwrap();
     let writer = Adapter::load(&adapters.join("writer"), 16, &Device::Cpu).unwrap();
-    let placement = writer.method.placement();
+    let placement = writer.placement();
     let prefix =
         softprompt::generate::prefix_cache(&model.backbone, &writer.prompt, placement).unwrap();
     let encoder = model.encoder(3, None).unwrap();

@@ -250,6 +250,17 @@ impl Adapter {
         Self::read(dir, None, device)
     }
 
+    /// Where the prompt enters the backbone: the method's place, but a SEQ_2_SEQ_LM multitask
+    /// prompt of two submodules (PEFT's default for T5) is 2M rows, the second M in front of the
+    /// decoder's input, as PEFT's forward reads it.
+    pub fn placement(&self) -> Placement {
+        let c = &self.config;
+        match (self.method, &c.task_type, c.num_transformer_submodules) {
+            (Method::Multitask, Some(TaskType::Seq2SeqLm), 2) => Placement::EncoderDecoder,
+            (method, ..) => method.placement(),
+        }
+    }
+
     /// The adapter as it serves `task`: a multitask adapter's prompt for that task (a plain
     /// prompt adapter then); any other adapter serves its one task and takes no task name.
     pub fn for_task(&self, task: Option<&str>) -> Result<std::borrow::Cow<'_, Adapter>> {
@@ -292,8 +303,8 @@ impl Adapter {
             _ => {}
         }
         let dim = self.prompt.dim(1)?;
-        match self.method.placement() {
-            Placement::Embeddings => {
+        match self.placement() {
+            Placement::Embeddings | Placement::EncoderDecoder => {
                 let hidden = backbone.hidden_size();
                 if dim != hidden {
                     bail!("the adapter's prompt vectors have {dim} dimensions, but the model's hidden size is {hidden}: it was trained for another model");

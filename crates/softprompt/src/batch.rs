@@ -142,15 +142,18 @@ impl Batch {
 
     /// The target tokens with `prompt_len` vectors in front of every row. A target token at the
     /// very first position has nothing before it to predict it and is left out. With decoder
-    /// rows, the targets are theirs (the prompt is the encoder's): every token after the first,
-    /// predicted at the position before, in [B, W].
+    /// rows, the targets are theirs (`prompt_len` then counts the prompt's rows in front of the
+    /// decoder's): every token after the first, predicted at the position before, in
+    /// [B, prompt_len + W].
     pub fn targets(&self, prompt_len: usize) -> Result<Targets> {
         if let Some((ids, lengths)) = &self.decoder {
-            let width = ids.dim(1)?;
+            let width = prompt_len + ids.dim(1)?;
             let mut targets = Targets::default();
             for (b, row) in ids.to_vec2::<u32>()?.iter().enumerate() {
                 for (i, &token) in row.iter().enumerate().take(lengths[b]).skip(1) {
-                    targets.positions.push((b * width + i - 1) as u32);
+                    targets
+                        .positions
+                        .push((b * width + prompt_len + i - 1) as u32);
                     targets.tokens.push(token);
                     targets.rows.push(b);
                 }

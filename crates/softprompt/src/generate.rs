@@ -92,12 +92,15 @@ pub struct Generation {
 
 /// What every text of one adapter starts from, made once and cloned per text: a decoder's keys
 /// and values of the prompt, an encoder-decoder's prompt vectors, which its encoder reads in
-/// front of each input, or its prefix, which its decoder reads as its past.
+/// front of each input (and, for an encoder-decoder prompt, its decoder before the start token),
+/// or its prefix, which its decoder reads as its past.
 #[derive(Clone)]
 pub enum PromptCache {
     Decoder(KvCache),
     /// [M, D]
     Encoder(Tensor),
+    /// [2M, D]: M for the encoder, then M for the decoder (`Placement::EncoderDecoder`)
+    EncoderDecoder(Tensor),
     /// [M, L·2·H·K]
     Seq2SeqPrefix(Tensor),
 }
@@ -109,6 +112,9 @@ impl PromptCache {
             PromptCache::Decoder(cache) => cache.len(),
             PromptCache::Encoder(prompt) | PromptCache::Seq2SeqPrefix(prompt) => {
                 prompt.dim(0).unwrap_or(0)
+            }
+            PromptCache::EncoderDecoder(prompt) => {
+                Placement::EncoderDecoder.front(prompt.dim(0).unwrap_or(0))
             }
         }
     }
@@ -128,6 +134,7 @@ pub fn prefix_cache(
     if backbone.seq2seq().is_some() {
         return Ok(match placement {
             Placement::Embeddings => PromptCache::Encoder(prompt.clone()),
+            Placement::EncoderDecoder => PromptCache::EncoderDecoder(prompt.clone()),
             Placement::Prefix => PromptCache::Seq2SeqPrefix(prompt.clone()),
         });
     }
@@ -354,20 +361,41 @@ impl<'a> Sequence<'a> {
         let table = backbone.word_embeddings();
         let rows = |ids: &[u32]| table.rows(&Tensor::new(ids, &table.device())?);
         let logits = match (prefix, backbone.seq2seq()) {
-            (PromptCache::Encoder(_) | PromptCache::Seq2SeqPrefix(_), Some(t5)) => {
-                let (input, past) = match prefix {
-                    PromptCache::Encoder(prompt) => (
-                        Tensor::cat(&[&prompt.to_dtype(table.dtype())?, &rows(input_ids)?], 0)?,
-                        None,
-                    ),
-                    PromptCache::Seq2SeqPrefix(kv) => (rows(input_ids)?, Some(kv)),
+            (
+                PromptCache::Encoder(_)
+                | PromptCache::EncoderDecoder(_)
+                | PromptCache::Seq2SeqPrefix(_),
+                Some(t5),
+            ) => {
+                let in_front = |prompt: &Tensor, x: Tensor| -> candle_core::Result<Tensor> {
+                    Tensor::cat(&[&prompt.to_dtype(table.dtype())?, &x], 0)
+                };
+                let start = rows(&[t5.config.decoder_start()])?;
+                // what the encoder reads, the decoder's past, and its first positions
+                let (input, past, first) = match prefix {
+                    PromptCache::Encoder(prompt) => {
+                        (in_front(prompt, rows(input_ids)?)?, None, start)
+                    }
+                    PromptCache::EncoderDecoder(prompt) => {
+                        let m = Placement::EncoderDecoder.front(prompt.dim(0)?);
+                        let (encoder, decoder) = (
+                            prompt.narrow(0, 0, m)?,
+                            prompt.narrow(0, m, prompt.dim(0)? - m)?,
+                        );
+                        (
+                            in_front(&encoder, rows(input_ids)?)?,
+                            None,
+                            in_front(&decoder, start)?,
+                        )
+                    }
+                    PromptCache::Seq2SeqPrefix(kv) => (rows(input_ids)?, Some(kv), start),
                     PromptCache::Decoder(_) => bail!("a decoder's prompt cache on T5"),
                 };
                 let mut state = t5.start_decoding(&input.unsqueeze(0)?, past)?;
-                let start = rows(&[t5.config.decoder_start()])?;
-                let hidden = t5.extend(&start, &mut state)?;
+                let hidden = t5.extend(&first, &mut state)?;
                 sequence.cache = Cache::Seq2Seq(state);
-                t5.lm_head().apply(&hidden)?
+                let last = hidden.dim(0)? - 1;
+                t5.lm_head().apply(&hidden.narrow(0, last, 1)?)?
             }
             (PromptCache::Decoder(cache), None) => {
                 let decoder = decoder(backbone)?;

@@ -43,7 +43,7 @@ impl LoadedAdapter {
             .to_dtype(table.dtype())?;
         let loaded = Self {
             prompt,
-            placement: adapter.method.placement(),
+            placement: adapter.placement(),
             head: model.head(&adapter.head, &adapter.labels, adapter.template.as_ref())?,
             labels: adapter.labels.clone(),
             template: adapter.template.clone(),
@@ -81,9 +81,18 @@ impl LoadedAdapter {
         self.placement.front(self.prompt_len())
     }
 
+    /// The columns the prompt takes in front of an encoder-decoder's decoder input
+    /// (`SoftPrompt::decoder_front`)
+    pub fn decoder_front(&self) -> usize {
+        self.placement.decoder_front(self.prompt_len())
+    }
+
     /// The prefix's positions (0 for a prompt in the embeddings)
     fn prefix_len(&self) -> usize {
-        self.prompt_len() - self.front()
+        match self.placement {
+            Placement::Prefix => self.prompt_len(),
+            Placement::Embeddings | Placement::EncoderDecoder => 0,
+        }
     }
 }
 
@@ -104,13 +113,16 @@ pub fn classify_rows<B: Backbone>(
     let lengths: Vec<usize> = rows.iter().map(|(t, e)| t.front() + e.ids.len()).collect();
     let width = lengths.iter().copied().max().unwrap_or(0);
     let prefix_len = rows.iter().map(|(t, _)| t.prefix_len()).max().unwrap_or(0);
+    // a prefix's positions count as the input's, an encoder-decoder prompt's decoder rows do not
+    let positions =
+        |t: &LoadedAdapter, e: &Encoded| t.prompt_len() - t.decoder_front() + e.ids.len();
     if let Some((t, e)) = rows
         .iter()
-        .find(|(t, e)| t.prompt_len() + e.ids.len() > backbone.max_positions())
+        .find(|(t, e)| positions(t, e) > backbone.max_positions())
     {
         bail!(
             "a row of {} positions (prompt included) exceeds the model's {}",
-            t.prompt_len() + e.ids.len(),
+            positions(t, e),
             backbone.max_positions()
         );
     }
@@ -129,9 +141,10 @@ pub fn classify_rows<B: Backbone>(
             Padding::Right => [&word, &pad],
             Padding::Left => [&pad, &word],
         };
+        let own = adapter.prompt.narrow(0, 0, m)?;
         let mut parts = Vec::with_capacity(3);
         if m > 0 {
-            parts.push(&adapter.prompt);
+            parts.push(&own);
         }
         parts.extend(text);
         embeds.push(Tensor::cat(&parts, 0)?);
@@ -151,8 +164,7 @@ pub fn classify_rows<B: Backbone>(
         0 => None,
         p => Some(mixed_prefix(backbone, rows, p, device)?),
     };
-    // an encoder-decoder scores the labels at its decoder's first position
-    let decoder = backbone.start_rows(rows.len())?;
+    let decoder = decoder_rows(backbone, rows)?;
     let hidden = backbone.forward(&BackboneInput {
         embeds: &embeds,
         attention_mask: &mask,
@@ -162,14 +174,20 @@ pub fn classify_rows<B: Backbone>(
         decoder: decoder.as_ref(),
     })?;
     let read = match &decoder {
-        Some(start) => Tensor::ones((rows.len(), start.dim(1)?), DType::U32, device)?,
+        Some(start) => {
+            let width = start.dim(1)?;
+            let read = rows.iter().flat_map(|(adapter, _)| {
+                (0..width).map(|i| u32::from(i <= adapter.decoder_front()))
+            });
+            Tensor::from_iter(read, device)?.reshape((rows.len(), width))?
+        }
         None => mask,
     };
     rows.iter()
         .enumerate()
         .map(|(i, (adapter, _))| {
             let front = match decoder {
-                Some(_) => 0,
+                Some(_) => adapter.decoder_front(),
                 None => adapter.front(),
             };
             let logits =
@@ -179,6 +197,34 @@ pub fn classify_rows<B: Backbone>(
             Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         })
         .collect()
+}
+
+/// An encoder-decoder's decoder rows [B, W, D] for a batch of rows of different adapters, which
+/// it scores the labels at: the start token, behind each encoder-decoder prompt's decoder rows,
+/// right-padded (the decoder is causal: a row's padding comes after what it reads). None for the
+/// other backbones.
+fn decoder_rows<B: Backbone>(
+    backbone: &B,
+    rows: &[(&LoadedAdapter, &Encoded)],
+) -> Result<Option<Tensor>> {
+    let Some(start) = backbone.start_rows(1)? else {
+        return Ok(None);
+    };
+    let start = start.squeeze(0)?;
+    let width = 1 + rows
+        .iter()
+        .map(|(t, _)| t.decoder_front())
+        .max()
+        .unwrap_or(0);
+    let rows = rows
+        .iter()
+        .map(|(adapter, _)| {
+            let n = adapter.decoder_front();
+            let own = adapter.prompt.narrow(0, adapter.front(), n)?;
+            Tensor::cat(&[&own, &start], 0)?.pad_with_zeros(0, 0, width - n - 1)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Some(Tensor::stack(&rows, 0)?))
 }
 
 /// The prefix positions of a batch of rows of different adapters [B, P, L·2·Hkv·K]: each prefix

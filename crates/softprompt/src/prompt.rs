@@ -61,6 +61,10 @@ pub enum Placement {
     Embeddings,
     /// M positions of keys and values in front of every layer's [M, L·2·Hkv·K] (prefix tuning)
     Prefix,
+    /// 2M vectors [2M, D]: the first M in front of an encoder-decoder's encoder input, the other
+    /// M in front of its decoder's (PEFT's SEQ_2_SEQ_LM multitask prompt, whose
+    /// num_transformer_submodules 2 it reads so in training)
+    EncoderDecoder,
 }
 
 impl Placement {
@@ -70,6 +74,24 @@ impl Placement {
         match self {
             Placement::Embeddings => m,
             Placement::Prefix => 0,
+            Placement::EncoderDecoder => m / 2,
+        }
+    }
+
+    /// The rows of a prompt of `m` virtual tokens (PEFT's num_virtual_tokens): 2m for an
+    /// encoder-decoder prompt, m otherwise.
+    pub fn rows(self, m: usize) -> usize {
+        match self {
+            Placement::EncoderDecoder => 2 * m,
+            Placement::Embeddings | Placement::Prefix => m,
+        }
+    }
+
+    /// The columns a prompt of `m` positions takes in front of an encoder-decoder's decoder input.
+    pub fn decoder_front(self, m: usize) -> usize {
+        match self {
+            Placement::EncoderDecoder => m - m / 2,
+            Placement::Embeddings | Placement::Prefix => 0,
         }
     }
 }
@@ -99,6 +121,12 @@ impl SoftPrompt {
     /// state (`Placement::front`).
     pub fn front(&self) -> usize {
         self.placement.front(self.len())
+    }
+
+    /// The columns the prompt takes in front of an encoder-decoder's decoder input
+    /// (`Placement::decoder_front`).
+    pub fn decoder_front(&self) -> usize {
+        self.placement.decoder_front(self.len())
     }
 
     /// Whether this is a multitask prompt, one [M, D] for each task.
@@ -197,21 +225,53 @@ impl SoftPrompt {
         }
     }
 
-    /// word [B, N, D] → [B, M + N, D]; `tasks` [B] picks a multitask prompt's row by row.
+    /// word [B, N, D] → [B, M + N, D] (M = `front()`); `tasks` [B] picks a multitask prompt's
+    /// row by row.
     pub fn prepend(&self, word: &Tensor, tasks: Option<&Tensor>) -> Result<Tensor> {
-        let prompt = self.rows(word.dim(0)?, tasks)?;
-        Tensor::cat(&[&prompt.to_dtype(word.dtype())?, word], 1)
+        self.prepend_rows(word, tasks, 0, self.front())
+    }
+
+    /// An encoder-decoder's decoder input [B, T, D] → [B, M' + T, D], M' = `decoder_front()`:
+    /// the prompt's rows after the encoder's.
+    pub fn prepend_decoder(&self, decoder: &Tensor, tasks: Option<&Tensor>) -> Result<Tensor> {
+        self.prepend_rows(decoder, tasks, self.front(), self.decoder_front())
+    }
+
+    fn prepend_rows(
+        &self,
+        x: &Tensor,
+        tasks: Option<&Tensor>,
+        first: usize,
+        n: usize,
+    ) -> Result<Tensor> {
+        if n == 0 {
+            // a prefix's rows are not vectors to put in front
+            return Ok(x.clone());
+        }
+        let prompt = self.rows(x.dim(0)?, tasks)?.narrow(1, first, n)?;
+        Tensor::cat(&[&prompt.to_dtype(x.dtype())?, x], 1)
     }
 
     /// The backbone's input gradients → d_prompt, shaped as the prompt: its rows of d_embeds
-    /// [B, M + N, D] (or the prefix's [B, M, L·2·Hkv·K]) summed over the rows that read it (every
-    /// row, or each task's rows of a multitask prompt).
+    /// [B, M + N, D] (or the prefix's [B, M, L·2·Hkv·K]; an encoder-decoder prompt's encoder rows,
+    /// then its decoder rows) summed over the rows that read it (every row, or each task's rows
+    /// of a multitask prompt).
     pub fn gradient(&self, grads: &InputGradients, tasks: Option<&Tensor>) -> Result<Tensor> {
-        let rows = match (self.placement, &grads.prefix) {
-            (Placement::Embeddings, _) => grads.embeds.narrow(1, 0, self.len())?,
-            (Placement::Prefix, Some(d_prefix)) => d_prefix.clone(),
-            (Placement::Prefix, None) => {
+        let rows = match (self.placement, &grads.prefix, &grads.decoder) {
+            (Placement::Embeddings, ..) => grads.embeds.narrow(1, 0, self.len())?,
+            (Placement::Prefix, Some(d_prefix), _) => d_prefix.clone(),
+            (Placement::Prefix, None, _) => {
                 candle_core::bail!("the backbone returned no prefix gradient")
+            }
+            (Placement::EncoderDecoder, _, Some(d_decoder)) => Tensor::cat(
+                &[
+                    &grads.embeds.narrow(1, 0, self.front())?,
+                    &d_decoder.narrow(1, 0, self.decoder_front())?,
+                ],
+                1,
+            )?,
+            (Placement::EncoderDecoder, _, None) => {
+                candle_core::bail!("the backbone returned no decoder input gradient")
             }
         };
         match (self.embeddings.rank(), tasks) {

@@ -203,6 +203,9 @@ enum Network {
 /// `prompt_encoder.embedding.weight`).
 pub struct PromptEncoder {
     pub method: Method,
+    /// where the output enters the backbone: `method`'s placement, or a multitask prompt's on an
+    /// encoder-decoder, which may put half of it in front of the decoder
+    pub placement: Placement,
     /// [M, D]
     embedding: Var,
     network: Network,
@@ -264,19 +267,21 @@ impl PromptEncoder {
         };
         Ok(Self {
             method,
+            placement: method.placement(),
             embedding: Var::from_tensor(table)?,
             network,
         })
     }
 
     /// A multitask prompt over `table` [M, D] for the tasks `names`, each task's factors of rank
-    /// `rank`. PEFT draws both factors from N(0, 0.02²), which starts every task's prompt near zero
+    /// `rank`, entering the backbone at `placement`. PEFT draws both factors from N(0, 0.02²), which starts every task's prompt near zero
     /// (the table times ~r·4e-4); here C_t R_t starts at one plus that noise, so every task starts
     /// from the table that `--init` made and the noise tells the tasks (and the ranks) apart.
     pub fn multitask(
         table: &Tensor,
         names: Vec<String>,
         rank: usize,
+        placement: Placement,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         if names.is_empty() || rank == 0 {
@@ -288,6 +293,7 @@ impl PromptEncoder {
         let start = 1.0 / (rank as f64).sqrt();
         Ok(Self {
             method: Method::Multitask,
+            placement,
             embedding: Var::from_tensor(table)?,
             network: Network::Multitask {
                 cols: rng.normal(&[n, m, rank], start, 0.02, dtype)?,
@@ -432,9 +438,17 @@ impl TrainablePrompt {
         }
     }
 
+    /// Where the prompt enters the backbone.
+    pub fn placement(&self) -> Placement {
+        match self {
+            TrainablePrompt::Direct(p) => p.placement,
+            TrainablePrompt::Encoded(e) => e.placement,
+        }
+    }
+
     /// The columns the prompt takes in front of the text (`SoftPrompt::front`).
     pub fn front(&self) -> usize {
-        self.method().placement().front(self.len())
+        self.placement().front(self.len())
     }
 
     /// M, the number of virtual tokens
@@ -456,7 +470,7 @@ impl TrainablePrompt {
             TrainablePrompt::Direct(p) => Ok((p.clone(), None)),
             TrainablePrompt::Encoded(e) => {
                 let output = e.forward()?;
-                let prompt = SoftPrompt::placed(&output.detach(), e.method.placement())?;
+                let prompt = SoftPrompt::placed(&output.detach(), e.placement)?;
                 Ok((prompt, Some(output)))
             }
         }

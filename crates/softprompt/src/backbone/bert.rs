@@ -419,6 +419,10 @@ impl Backbone for Bert {
         let embeds = self
             .embeddings
             .backward(&dx, &activations.embeddings, activations.shape)?;
-        Ok(InputGradients { embeds, prefix })
+        Ok(InputGradients {
+            embeds,
+            prefix,
+            decoder: None,
+        })
     }
 }

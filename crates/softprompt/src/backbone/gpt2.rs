@@ -326,6 +326,7 @@ impl Backbone for Gpt2 {
         Ok(InputGradients {
             embeds: dx.reshape(activations.shape)?,
             prefix,
+            decoder: None,
         })
     }
 }

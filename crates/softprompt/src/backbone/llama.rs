@@ -527,6 +527,7 @@ impl Backbone for Llama {
         Ok(InputGradients {
             embeds: dx.reshape(activations.shape)?,
             prefix,
+            decoder: None,
         })
     }
 }

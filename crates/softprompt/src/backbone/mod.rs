@@ -96,12 +96,15 @@ pub struct Prefix {
     pub mask: Tensor,
 }
 
-/// What a backbone's backward returns: ∂L/∂(input embeddings) and, with a prefix, ∂L/∂prefix.
+/// What a backbone's backward returns: ∂L/∂(input embeddings), with a prefix ∂L/∂prefix, and an
+/// encoder-decoder's ∂L/∂(decoder input).
 pub struct InputGradients {
     /// [B, S, D]
     pub embeds: Tensor,
     /// [B, P, L·2·Hkv·K], `Prefix::kv`'s layout
     pub prefix: Option<Tensor>,
+    /// [B, T, D], `BackboneInput::decoder`'s
+    pub decoder: Option<Tensor>,
 }
 
 pub trait Backbone {

@@ -1038,7 +1038,8 @@ impl Backbone for T5 {
         Ok((hidden.reshape((b, t, d))?, activations))
     }
 
-    /// d_hidden [B, T, D] of the decoder → d_embeds [B, S, D] of the encoder's input.
+    /// d_hidden [B, T, D] of the decoder → d_embeds [B, S, D] of the encoder's input and the
+    /// decoder input's [B, T, D].
     fn backward(
         &self,
         d_hidden: &Tensor,
@@ -1065,6 +1066,7 @@ impl Backbone for T5 {
         Ok(InputGradients {
             embeds: encoder.dx.reshape((b, s, d))?,
             prefix,
+            decoder: Some(decoder.dx.reshape((b, t, d))?),
         })
     }
 }

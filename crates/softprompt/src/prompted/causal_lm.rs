@@ -2,7 +2,7 @@
 //! next-token cross-entropy on the target tokens only (`task::causal_lm`), and the score is how
 //! often greedy decoding would write each target exactly.
 
-use super::{prompted_forward, DevTally, Head};
+use super::{DevTally, Head, Prompted};
 use crate::adapter::{Adapter, AdapterHead};
 use crate::backbone::Backbone;
 use crate::batch::{eval_batches, Batch, Batching, EncodedSet};
@@ -41,8 +41,9 @@ impl CausalLm {
         };
         for rows in eval_batches(&lengths, batching.size.max(1)) {
             let batch = Batch::new(data, None, &rows, batching.padding, &batching.device)?;
-            let targets = batch.targets(prompt.front())?;
-            let hidden = prompted_forward(backbone, prompt, &batch)?;
+            let prompted = Prompted::new(backbone, prompt, &batch)?;
+            let targets = batch.targets(prompted.output_mask().1)?;
+            let hidden = backbone.forward(&prompted.input())?;
             let (b, s, d) = hidden.dims3()?;
             let flat = hidden.reshape((b * s, d))?;
             let mut missed = vec![false; batch.len()];
@@ -131,7 +132,7 @@ pub fn generation_score(
     let head = CausalLm {
         lm_head: model.lm_head("a generation adapter")?.dense()?,
     };
-    let prompt = SoftPrompt::placed(&adapter.prompt, adapter.method.placement())?;
+    let prompt = SoftPrompt::placed(&adapter.prompt, adapter.placement())?;
     let counts = head.target_counts(&model.backbone, &prompt, &data, batching)?;
     Ok(counts.score())
 }

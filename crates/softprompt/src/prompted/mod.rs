@@ -33,7 +33,8 @@ use candle_core::{DType, Tensor, Var};
 /// A batch with the prompt in front: embeddings [B, M + N, D], mask and token types [B, M + N];
 /// a prefix's M positions are not in them but in `prefix`, in front of every layer's attention.
 /// An encoder-decoder's decoder rows are embedded in `decoder` [B, W, D] (the start token alone
-/// for a batch that brings none), and the backbone returns their hidden states.
+/// for a batch that brings none; an encoder-decoder prompt's decoder rows in front), and the
+/// backbone returns their hidden states.
 pub struct Prompted {
     pub embeds: Tensor,
     pub attention_mask: Tensor,
@@ -42,6 +43,8 @@ pub struct Prompted {
     pub decoder: Option<Tensor>,
     /// [B, W] u32: 1 for the decoder positions each row reads
     decoder_mask: Option<Tensor>,
+    /// the columns of the hidden state the backbone returns that the prompt takes (`output_mask`)
+    output_front: usize,
 }
 
 impl Prompted {
@@ -49,27 +52,34 @@ impl Prompted {
     pub fn new<B: Backbone>(backbone: &B, prompt: &SoftPrompt, batch: &Batch) -> Result<Self> {
         let word = backbone.embed_tokens(&batch.ids)?;
         let prefix = prompt.prefix_for(batch.ids.dim(0)?)?;
-        let (decoder, decoder_mask) = match &batch.decoder {
+        let decoder_rows = match &batch.decoder {
             Some((ids, lengths)) => {
                 let width = ids.dim(1)?;
                 let real = lengths
                     .iter()
                     .flat_map(|&n| (0..width).map(move |i| u32::from(i < n)));
                 let mask = Tensor::from_iter(real, ids.device())?.reshape(ids.shape())?;
-                (Some(backbone.embed_tokens(ids)?), Some(mask))
+                Some((backbone.embed_tokens(ids)?, mask))
             }
-            None => {
-                let start = backbone.start_rows(batch.len())?;
-                let mask = match &start {
-                    Some(rows) => Some(Tensor::ones(
-                        (rows.dim(0)?, rows.dim(1)?),
-                        DType::U32,
-                        rows.device(),
-                    )?),
-                    None => None,
-                };
-                (start, mask)
+            None => match backbone.start_rows(batch.len())? {
+                Some(rows) => {
+                    let mask =
+                        Tensor::ones((rows.dim(0)?, rows.dim(1)?), DType::U32, rows.device())?;
+                    Some((rows, mask))
+                }
+                None => None,
+            },
+        };
+        let (decoder, decoder_mask, output_front) = match decoder_rows {
+            Some((rows, mask)) => {
+                let n = prompt.decoder_front();
+                (
+                    Some(prompt.prepend_decoder(&rows, batch.tasks.as_ref())?),
+                    Some(extend_front(&mask, n, 1)?),
+                    n,
+                )
             }
+            None => (None, None, prompt.front()),
         };
         if prefix.is_some() {
             return Ok(Self {
@@ -79,9 +89,10 @@ impl Prompted {
                 prefix,
                 decoder,
                 decoder_mask,
+                output_front,
             });
         }
-        let m = prompt.len();
+        let m = prompt.front();
         Ok(Self {
             embeds: prompt.prepend(&word, batch.tasks.as_ref())?,
             attention_mask: extend_front(&batch.attention_mask, m, 1)?,
@@ -89,16 +100,16 @@ impl Prompted {
             prefix,
             decoder,
             decoder_mask,
+            output_front,
         })
     }
 
     /// The mask of the hidden state the backbone returns and the prompt columns in front of it
-    /// (`Head::loss`'s): the input's, or an encoder-decoder's decoder rows, which hold no prompt.
-    pub fn output_mask(&self, front: usize) -> (&Tensor, usize) {
-        match &self.decoder_mask {
-            Some(mask) => (mask, 0),
-            None => (&self.attention_mask, front),
-        }
+    /// (`Head::loss`'s): the input's, or an encoder-decoder's decoder rows, which hold only an
+    /// encoder-decoder prompt's decoder rows.
+    pub fn output_mask(&self) -> (&Tensor, usize) {
+        let mask = self.decoder_mask.as_ref().unwrap_or(&self.attention_mask);
+        (mask, self.output_front)
     }
 
     pub fn input(&self) -> BackboneInput<'_> {
@@ -229,7 +240,7 @@ pub trait Head {
 
     /// hidden [B, M + N, D] and mask [B, M + N] of `batch` with a prompt of `prompt_len` in
     /// front (0 for a prefix: `SoftPrompt::front`; an encoder-decoder's are its decoder's, with
-    /// no prompt: `Prompted::output_mask`) → the loss, ∂L/∂hidden and the gradients of `params()`.
+    /// the prompt's decoder rows in front: `Prompted::output_mask`) → the loss, ∂L/∂hidden and the gradients of `params()`.
     fn loss(
         &self,
         hidden: &Tensor,
@@ -289,7 +300,7 @@ impl<B: Backbone, H: Head> PromptedModel<B, H> {
             let _span = tracing::trace_span!("embed").entered();
             Prompted::new(&self.backbone, prompt, batch)?
         };
-        let (mask, front) = p.output_mask(prompt.front());
+        let (mask, front) = p.output_mask();
         let reads = self.head.reads(mask, front)?;
         let (hidden, activations) = {
             let _span = tracing::trace_span!("backbone.forward").entered();

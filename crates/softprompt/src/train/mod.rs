@@ -199,9 +199,6 @@ impl Run<'_> {
         if config.task.writes_targets() {
             model.lm_head("--task causal-lm")?;
         }
-        if model.backbone.seq2seq().is_some() && config.method == Method::Multitask {
-            bail!("--method multitask is not supported on T5 yet (prompt, p-tuning, residual and prefix are)");
-        }
         let decoder_start = model.decoder_start();
         let m = config.num_virtual_tokens;
         let encoder = model.encoder(m, config.max_tokens)?;
@@ -339,18 +336,29 @@ fn trainable(
         Method::Prompt => return Ok(initial.into()),
         Method::Multitask => {
             let rank = config.task_rank.unwrap_or(1);
-            let encoder = PromptEncoder::multitask(table, tasks, rank, rng)?;
+            let placement = placement(model, config);
+            let encoder = PromptEncoder::multitask(table, tasks, rank, placement, rng)?;
             return Ok(TrainablePrompt::Encoded(encoder));
         }
         _ => {}
     }
     let hidden = config.encoder_hidden_size.unwrap_or(table.dim(1)?);
     let width = match config.method.placement() {
-        Placement::Embeddings => table.dim(1)?,
+        Placement::Embeddings | Placement::EncoderDecoder => table.dim(1)?,
         Placement::Prefix => model.backbone.shape().prefix_width(),
     };
     let encoder = PromptEncoder::init(config.method, config.encoder, hidden, width, table, rng)?;
     Ok(TrainablePrompt::Encoded(encoder))
+}
+
+/// Where the run's prompt enters the backbone: its method's place, but a multitask prompt on an
+/// encoder-decoder is also in front of the decoder, as PEFT's SEQ_2_SEQ_LM multitask prompt
+/// trains (num_transformer_submodules 2).
+fn placement(model: &Model, config: &TrainConfig) -> Placement {
+    match (config.method, model.backbone.seq2seq().is_some()) {
+        (Method::Multitask, true) => Placement::EncoderDecoder,
+        (method, _) => method.placement(),
+    }
 }
 
 /// The adapter_config.json of the run's adapters. A P-tuning adapter is PEFT's P_TUNING with its
@@ -381,6 +389,9 @@ fn peft_config(model: &Model, config: &TrainConfig, tasks: usize) -> PeftConfig 
     if config.method == Method::Multitask {
         // PEFT's multitask TEXT init would tokenize the text again on loading; its RANDOM does not
         peft.peft_type = PeftType::MultitaskPromptTuning;
+        if placement(model, config) == Placement::EncoderDecoder {
+            peft.num_transformer_submodules = 2;
+        }
         peft.prompt_tuning_init = Some("RANDOM".into());
         peft.prompt_tuning_init_text = None;
         peft.num_tasks = Some(tasks);
@@ -499,7 +510,7 @@ fn initial_prompt(
     label_words: &[String],
     rng: &mut ChaCha8Rng,
 ) -> Result<SoftPrompt> {
-    let m = config.num_virtual_tokens;
+    let m = placement(model, config).rows(config.num_virtual_tokens);
     // Only `--init labels` reads them, and only one word per prompt vector: a causal LM may have
     // thousands of distinct targets.
     let label_token_ids = match config.init {

@@ -15,7 +15,7 @@ use softprompt::kernels::{
     gelu_erf_forward, gelu_tanh_backward, gelu_tanh_forward, mask_bias, with_composed,
     AttentionShape, GatedMlp, GeluSaved, LayerNorm, Linear, Positions, RmsNorm, Rope,
 };
-use softprompt::prompt::SoftPrompt;
+use softprompt::prompt::{Placement, SoftPrompt};
 use softprompt::prompt_encoder::{EncoderKind, Method, PromptEncoder, TrainablePrompt};
 use softprompt::prompted::{
     prompted_forward, CausalLm, Classifier, Head, Prompted, PromptedModel, Trainee,
@@ -708,7 +708,14 @@ fn multitask_gradients_match_finite_differences_and_rows_read_their_task() {
         .unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let names = vec!["a".to_string(), "b".into(), "c".into()];
-    let encoder = PromptEncoder::multitask(&randn(&[3, 16], 7), names, 2, &mut rng).unwrap();
+    let encoder = PromptEncoder::multitask(
+        &randn(&[3, 16], 7),
+        names,
+        2,
+        Placement::Embeddings,
+        &mut rng,
+    )
+    .unwrap();
     let model = tiny_classifier(Pool::Mean, TrainablePrompt::Encoded(encoder));
     let (loss, grads) = model.loss_and_grads(&batch).unwrap();
     let prompt = model.prompt.current().unwrap();

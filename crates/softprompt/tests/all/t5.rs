@@ -317,7 +317,23 @@ fn peft_written_seq2seq_adapter_gives_peft_loss_and_tokens() {
         "the encoder's half of PEFT's [8, 16]"
     );
     assert_eq!(adapter.config.num_transformer_submodules, 1);
-    gives_peft_loss_and_tokens(&adapter, "peft_tiny_t5.safetensors");
+    gives_peft_loss_and_tokens(&adapter, "peft_tiny_t5.safetensors", "");
+}
+
+/// PEFT's SEQ_2_SEQ_LM multitask prompt (two submodules, its default) is [2M, D] and each task's
+/// factors; PEFT's forward puts the first M rows of a task's prompt in front of the encoder's
+/// input and the other M in front of the decoder's. softprompt reads it so, and gets each task's
+/// PEFT loss and greedy tokens (by PEFT's forward: its `generate` leaves the decoder's rows out).
+#[test]
+fn peft_written_seq2seq_multitask_prompt_gives_each_task_peft_loss_and_tokens() {
+    let adapter = Adapter::load(&fixtures().join("peft-tiny-t5-multitask"), 16, &DEV).unwrap();
+    assert_eq!(adapter.placement(), Placement::EncoderDecoder);
+    assert_eq!(adapter.prompt.dims(), [6, 16]);
+    for task in ["0", "1"] {
+        let own = adapter.for_task(Some(task)).unwrap();
+        let fixture = "peft_tiny_t5_multitask.safetensors";
+        gives_peft_loss_and_tokens(&own, fixture, &format!("_{task}"));
+    }
 }
 
 /// PEFT's SEQ_2_SEQ_LM prefix: keys and values in front of every decoder block's self-attention,
@@ -326,14 +342,14 @@ fn peft_written_seq2seq_adapter_gives_peft_loss_and_tokens() {
 #[test]
 fn peft_written_seq2seq_prefix_gives_peft_loss_and_tokens() {
     let adapter = Adapter::load(&fixtures().join("peft-tiny-t5-prefix"), 16, &DEV).unwrap();
-    assert_eq!(adapter.method.placement(), Placement::Prefix);
+    assert_eq!(adapter.placement(), Placement::Prefix);
     assert_eq!(adapter.prompt.dims(), [3, 2 * 2 * 12]);
-    gives_peft_loss_and_tokens(&adapter, "peft_tiny_t5_prefix.safetensors");
+    gives_peft_loss_and_tokens(&adapter, "peft_tiny_t5_prefix.safetensors", "");
 }
 
 /// The adapter's token loss on T5_PAIRS and greedy tokens on the tiny T5 against PEFT's in
-/// `fixture`.
-fn gives_peft_loss_and_tokens(adapter: &Adapter, fixture: &str) {
+/// `fixture` (its `loss` and `generated`, each name followed by `suffix`).
+fn gives_peft_loss_and_tokens(adapter: &Adapter, fixture: &str, suffix: &str) {
     let model = Model::load(&fixtures().join("tiny-t5"), DType::F32, &DEV).unwrap();
     assert_eq!(adapter.config.task_type, Some(TaskType::Seq2SeqLm));
     let (f, _) = load_tensors(&fixtures().join(fixture), &DEV).unwrap();
@@ -344,7 +360,7 @@ fn gives_peft_loss_and_tokens(adapter: &Adapter, fixture: &str) {
     };
     let score =
         generation_score(&model, adapter, &t5_pairs(), Path::new("pairs"), &batching).unwrap();
-    let theirs = f["loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    let theirs = f[&format!("loss{suffix}")].to_vec1::<f32>().unwrap()[0] as f64;
     assert!(
         (score.token_loss - theirs).abs() < 1e-4,
         "token loss {} against PEFT's {theirs}",
@@ -355,11 +371,11 @@ fn gives_peft_loss_and_tokens(adapter: &Adapter, fixture: &str) {
         max_new_tokens: 6,
         ..Default::default()
     };
-    let placement = adapter.method.placement();
+    let placement = adapter.placement();
     let continuation = Continuation::new(&model, &adapter.prompt, placement, None).unwrap();
     let texts: Vec<String> = t5_pairs().into_iter().map(|e| e.text).collect();
     let written = continuation.write_all(&model, &texts, &config).unwrap();
-    let expected = f["generated"]
+    let expected = f[&format!("generated{suffix}")]
         .to_dtype(DType::I64)
         .unwrap()
         .to_vec2::<i64>()
@@ -379,12 +395,9 @@ fn gives_peft_loss_and_tokens(adapter: &Adapter, fixture: &str) {
     }
 }
 
-/// `--task seq2seq` end to end in f64: the prompt in front of the encoder's input, the loss the
-/// mean cross-entropy of the decoder's target tokens (checked by hand, row by row), and the
-/// prompt gradient through decoder, cross-attention and encoder against finite differences.
-#[test]
-fn seq2seq_loss_and_prompt_gradient_match_finite_differences() {
-    let data = vec![
+/// Two (input, target) rows of different lengths, for the seq2seq tests.
+fn seq2seq_rows() -> Vec<Encoded> {
+    vec![
         Encoded {
             ids: vec![5, 20, 9, 1],
             type_ids: vec![0; 4],
@@ -397,7 +410,47 @@ fn seq2seq_loss_and_prompt_gradient_match_finite_differences() {
             decoder_ids: vec![0, 26, 1],
             ..Default::default()
         },
-    ];
+    ]
+}
+
+/// By hand, each row alone: `prompts[row]` (encoder rows, decoder rows) in front of its input
+/// and its decoder's, its logits at every decoder position, −log p of each next target token.
+fn seq2seq_nll(
+    t5: &T5,
+    lm_head: &Tensor,
+    data: &[Encoded],
+    prompts: &[(Tensor, Option<Tensor>)],
+) -> Vec<f64> {
+    let mut nll = Vec::new();
+    for (e, (encoder_rows, decoder_rows)) in data.iter().zip(prompts) {
+        let row = |ids: &[u32]| Tensor::new(ids, &DEV).unwrap().unsqueeze(0).unwrap();
+        let mask = Tensor::ones((1, e.ids.len()), DType::U32, &DEV).unwrap();
+        let (embeds, mask) = prompted(t5, &row(&e.ids), &mask, Some(encoder_rows));
+        let mut decoder = t5.embed_tokens(&row(&e.decoder_ids)).unwrap();
+        let front = decoder_rows.as_ref().map_or(0, |d| d.dim(0).unwrap());
+        if let Some(rows) = decoder_rows {
+            decoder = Tensor::cat(&[&rows.unsqueeze(0).unwrap(), &decoder], 1).unwrap();
+        }
+        let hidden = decoded(t5, &embeds, &mask, &decoder);
+        let logits = hidden
+            .squeeze(0)
+            .unwrap()
+            .matmul(&lm_head.t().unwrap())
+            .unwrap();
+        let log_probs = log_softmax(&logits).unwrap().to_vec2::<f64>().unwrap();
+        for i in 1..e.decoder_ids.len() {
+            nll.push(-log_probs[front + i - 1][e.decoder_ids[i] as usize]);
+        }
+    }
+    nll
+}
+
+/// `--task seq2seq` end to end in f64: the prompt in front of the encoder's input, the loss the
+/// mean cross-entropy of the decoder's target tokens (checked by hand, row by row), and the
+/// prompt gradient through decoder, cross-attention and encoder against finite differences.
+#[test]
+fn seq2seq_loss_and_prompt_gradient_match_finite_differences() {
+    let data = seq2seq_rows();
     let batch = Batch::new(&data, None, &[0, 1], Padding::Right, &DEV).unwrap();
     let prompt = randn(&[3, 16], 11);
     for name in ["tiny-t5", "tiny-t5-gated"] {
@@ -415,35 +468,8 @@ fn seq2seq_loss_and_prompt_gradient_match_finite_differences() {
         };
         let model = make(&prompt);
         let (loss, grads) = model.loss_and_grads(&batch).unwrap();
-
-        // by hand: each row alone, its logits at every decoder position, −log p of the next token
-        let mut nll = Vec::new();
-        for e in &data {
-            let (embeds, mask) = prompted(
-                &model.backbone,
-                &Tensor::new(e.ids.as_slice(), &DEV)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-                &Tensor::ones((1, e.ids.len()), DType::U32, &DEV).unwrap(),
-                Some(&prompt),
-            );
-            let decoder_ids = Tensor::new(e.decoder_ids.as_slice(), &DEV)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let decoder = model.backbone.embed_tokens(&decoder_ids).unwrap();
-            let hidden = decoded(&model.backbone, &embeds, &mask, &decoder);
-            let logits = hidden
-                .squeeze(0)
-                .unwrap()
-                .matmul(&model.head.lm_head.t().unwrap())
-                .unwrap();
-            let log_probs = log_softmax(&logits).unwrap().to_vec2::<f64>().unwrap();
-            for i in 1..e.decoder_ids.len() {
-                nll.push(-log_probs[i - 1][e.decoder_ids[i] as usize]);
-            }
-        }
+        let prompts = vec![(prompt.clone(), None); data.len()];
+        let nll = seq2seq_nll(&model.backbone, &model.head.lm_head, &data, &prompts);
         let loss_of = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
         mean_loss_and_gradient(
             &format!("{name}: seq2seq"),
@@ -455,46 +481,115 @@ fn seq2seq_loss_and_prompt_gradient_match_finite_differences() {
     }
 }
 
+/// A multitask prompt on T5 as PEFT's SEQ_2_SEQ_LM trains it, in f64: each task's [2M, D], the
+/// first M in front of the encoder's input and the other M in front of the decoder's, two rows of
+/// two tasks in one batch. The loss is checked by hand and the gradient of every task's rows,
+/// encoder's and decoder's, against finite differences.
+#[test]
+fn seq2seq_encoder_decoder_prompt_gradient_matches_finite_differences() {
+    let data = seq2seq_rows();
+    let batch = Batch::new(&data, None, &[0, 1], Padding::Right, &DEV)
+        .unwrap()
+        .with_tasks(Some(&[1, 0]))
+        .unwrap();
+    let prompts = randn(&[2, 4, 16], 12);
+    let make = |p: &Tensor| {
+        let backbone = load("tiny-t5", DType::F64);
+        let head = CausalLm {
+            lm_head: backbone.lm_head().dense().unwrap(),
+        };
+        PromptedModel {
+            backbone,
+            prompt: SoftPrompt::placed(p, Placement::EncoderDecoder)
+                .unwrap()
+                .into(),
+            head,
+            template: None,
+        }
+    };
+    let model = make(&prompts);
+    let (loss, grads) = model.loss_and_grads(&batch).unwrap();
+    let halves = |t: usize| {
+        let own = prompts.get(t).unwrap();
+        (
+            own.narrow(0, 0, 2).unwrap(),
+            Some(own.narrow(0, 2, 2).unwrap()),
+        )
+    };
+    let nll = seq2seq_nll(
+        &model.backbone,
+        &model.head.lm_head,
+        &data,
+        &[halves(1), halves(0)],
+    );
+    let loss_of = |p: &Tensor| make(p).loss_and_grads(&batch).unwrap().0;
+    mean_loss_and_gradient(
+        "encoder-decoder prompt",
+        (loss, &grads[0]),
+        &nll,
+        &prompts,
+        loss_of,
+    );
+}
+
 /// Rank classification on T5, the paper's way of classifying with a text-to-text model: each
 /// label's word is scored by the decoder's logit of its first token at the first position, read
-/// after the start token alone. softprompt's label scores for PEFT's adapter are PEFT's logits
-/// there, rows of different lengths in one padded batch; a decoder's template does not move the
-/// words (T5 writes them first thing).
+/// after the start token alone (after a multitask prompt's decoder rows and the start token).
+/// softprompt's label scores for PEFT's adapters are PEFT's logits there, rows of different
+/// lengths in one padded batch, the prompt adapter's rows beside each task's of the multitask
+/// adapter; a decoder's template does not move the words (T5 writes them first thing).
 #[test]
 fn t5_verbalizer_scores_label_words_as_peft_first_decoder_logits() {
     let model = Model::load(&fixtures().join("tiny-t5"), DType::F32, &DEV).unwrap();
-    let adapter = Adapter::load(&fixtures().join("peft-tiny-t5"), 16, &DEV).unwrap();
     let labels: Vec<String> = ["praise", "pan", "shrug"].map(String::from).to_vec();
     let words: Vec<String> = ["great", "bad", "good"].map(String::from).to_vec();
-    let loaded = LoadedAdapter {
+    let loaded = |adapter: &Adapter| LoadedAdapter {
         prompt: adapter.prompt.clone(),
-        placement: Placement::Embeddings,
+        placement: adapter.placement(),
         head: model
             .verbalizer_head("Review: {text}", &labels, &words)
             .unwrap(),
-        labels,
+        labels: labels.clone(),
         template: None,
     };
+    let prompt = Adapter::load(&fixtures().join("peft-tiny-t5"), 16, &DEV).unwrap();
+    let multitask = Adapter::load(&fixtures().join("peft-tiny-t5-multitask"), 16, &DEV).unwrap();
+    let members = [
+        (loaded(&prompt), "peft_tiny_t5.safetensors", "first_logits"),
+        (
+            loaded(&multitask.for_task(Some("0")).unwrap()),
+            "peft_tiny_t5_multitask.safetensors",
+            "first_logits_0",
+        ),
+        (
+            loaded(&multitask.for_task(Some("1")).unwrap()),
+            "peft_tiny_t5_multitask.safetensors",
+            "first_logits_1",
+        ),
+    ];
+    assert_eq!(members[1].0.placement, Placement::EncoderDecoder);
     let encoder = model.encoder(4, None).unwrap();
     let data = encode_all(&encoder, &t5_pairs(), None, Path::new("pairs")).unwrap();
-    let answers =
-        ensemble_all(&model.backbone, &[&loaded], &data, 8, Padding::Right, &DEV).unwrap();
+    let adapters: Vec<&LoadedAdapter> = members.iter().map(|(a, ..)| a).collect();
+    let answers = ensemble_all(&model.backbone, &adapters, &data, 8, Padding::Right, &DEV).unwrap();
     let tokens: Vec<usize> = words
         .iter()
         .map(|w| encoder.plain_ids(w).unwrap()[0] as usize)
         .collect();
-    let (f, _) = load_tensors(&fixtures().join("peft_tiny_t5.safetensors"), &DEV).unwrap();
-    let peft = f["first_logits"].to_vec2::<f32>().unwrap();
-    assert_eq!(answers.len(), peft.len());
-    for (row, (answer, theirs)) in answers.iter().zip(&peft).enumerate() {
-        for (c, &t) in tokens.iter().enumerate() {
-            let ours = answer.logits[0][c];
-            assert!(
-                (ours - theirs[t]).abs() < 1e-4,
-                "row {row}, label word {:?}: {ours} against PEFT's {}",
-                words[c],
-                theirs[t]
-            );
+    for (member, (_, fixture, key)) in members.iter().enumerate() {
+        let (f, _) = load_tensors(&fixtures().join(fixture), &DEV).unwrap();
+        let peft = f[*key].to_vec2::<f32>().unwrap();
+        assert_eq!(answers.len(), peft.len());
+        for (row, (answer, theirs)) in answers.iter().zip(&peft).enumerate() {
+            for (c, &t) in tokens.iter().enumerate() {
+                let ours = answer.logits[member][c];
+                assert!(
+                    (ours - theirs[t]).abs() < 1e-4,
+                    "{key}, row {row}, label word {:?}: {ours} against PEFT's {}",
+                    words[c],
+                    theirs[t]
+                );
+            }
         }
     }
 }
