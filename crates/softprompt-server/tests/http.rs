@@ -1192,15 +1192,20 @@ fn slow_clients_get_408_or_lose_their_connection_and_never_hold_shutdown() {
     drop(stuck);
 }
 
-/// A T5 behind PEFT's SEQ_2_SEQ_LM adapter over HTTP: /v1/generate writes PEFT's greedy tokens
-/// (the fixture script's), two requests at once each as alone; /v1/classify refuses the adapter,
-/// and with label words beside the same prompt ranks them by PEFT's first decoder logits.
+/// A T5 behind PEFT's SEQ_2_SEQ_LM adapters over HTTP: /v1/generate writes PEFT's greedy tokens
+/// (the fixture script's), a prompt's and a multitask prompt's task's requests at once each as
+/// alone; /v1/classify refuses the adapter, and with label words beside the same prompt ranks
+/// them by PEFT's first decoder logits.
 #[test]
 fn a_t5_adapter_writes_peft_tokens_over_http() {
     let tmp = tempfile::tempdir().unwrap();
     let adapters = tmp.path().join("adapters");
     let peft = Adapter::load(&fixtures().join("peft-tiny-t5"), 16, &Device::Cpu).unwrap();
     peft.save(&adapters.join("t5")).unwrap();
+    Adapter::load(&fixtures().join("peft-tiny-t5-multitask"), 16, &Device::Cpu)
+        .unwrap()
+        .save(&adapters.join("t5-multi"))
+        .unwrap();
     let words = ["great", "bad"];
     let ranker = Adapter {
         head: AdapterHead::Verbalizer {
@@ -1214,25 +1219,50 @@ fn a_t5_adapter_writes_peft_tokens_over_http() {
         &fixtures().join("tiny-t5"),
         config(&adapters, Duration::from_millis(50)),
     );
-    // PEFT's generate on the same inputs (tests/fixtures/peft_tiny_t5.safetensors)
+    // PEFT's greedy tokens on the same inputs (tests/fixtures/peft_tiny_t5.safetensors), and
+    // the multitask adapter's task 1's (peft_tiny_t5_multitask.safetensors' generated_1)
+    let multi = |row: usize| -> Vec<i64> {
+        let (f, _) = softprompt::files::load_tensors(
+            &fixtures().join("peft_tiny_t5_multitask.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let tokens = f["generated_1"]
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap();
+        tokens[row][1..]
+            .iter()
+            .copied()
+            .take_while(|&t| t > 1)
+            .collect()
+    };
     let expected = [
-        ("a good movie", [14, 14, 34, 57, 14, 14]),
-        ("i love this", [14, 14, 34, 57, 20, 18]),
+        ("t5", None, "a good movie", vec![14, 14, 34, 57, 14, 14]),
+        ("t5", None, "i love this", vec![14, 14, 34, 57, 20, 18]),
+        ("t5-multi", Some("1"), "a good movie", multi(0)),
+        ("t5-multi", Some("1"), "i love this", multi(2)),
     ];
     let answers: Vec<Value> = std::thread::scope(|scope| {
         let handles: Vec<_> = expected
             .iter()
-            .map(|(input, _)| {
+            .map(|(adapter, task, input, _)| {
                 let body =
-                    json!({"adapter": "t5", "input": input, "max_new_tokens": 6}).to_string();
+                    json!({"adapter": adapter, "task": task, "input": input, "max_new_tokens": 6})
+                        .to_string();
                 let address = &address;
                 scope.spawn(move || http(address, "POST", "/v1/generate", Some(&body)).1)
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (answer, (input, tokens)) in answers.iter().zip(expected) {
-        assert_eq!(answer["tokens"], json!(tokens), "{input}: {answer}");
+    for (answer, (adapter, _, input, tokens)) in answers.iter().zip(expected) {
+        assert_eq!(
+            answer["tokens"],
+            json!(tokens),
+            "{adapter}, {input}: {answer}"
+        );
     }
     expect_error(
         &address,
