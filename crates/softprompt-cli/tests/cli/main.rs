@@ -624,6 +624,43 @@ fn every_method_trains_and_its_adapter_loads_everywhere() {
     }
 }
 
+/// `eval --json --task task` of `adapter` over the rows of `data` that `of_task` picks (a TSV's
+/// header kept), written into `dir` → the report and the rows it scored.
+fn eval_task(
+    model: &str,
+    adapter: &str,
+    data: &str,
+    dir: &Path,
+    task: &str,
+    of_task: &dyn Fn(&str) -> bool,
+) -> (serde_json::Value, usize) {
+    let text = std::fs::read_to_string(data).unwrap();
+    let tsv = data.ends_with(".tsv");
+    let mut lines = text.lines();
+    let header = if tsv { lines.next() } else { None };
+    let own: Vec<&str> = lines.filter(|l| of_task(l)).collect();
+    let file = dir.join(format!(
+        "{task}-{}",
+        Path::new(data).file_name().unwrap().to_string_lossy()
+    ));
+    let body: Vec<&str> = header.into_iter().chain(own.iter().copied()).collect();
+    std::fs::write(&file, body.join("\n") + "\n").unwrap();
+    let file = file.display().to_string();
+    let args = [
+        "eval",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--data",
+        &file,
+        "--task",
+        task,
+        "--json",
+    ];
+    (serde_json::from_str(&ok(&args)).unwrap(), own.len())
+}
+
 /// `--method multitask`: one adapter, a prompt for each task of `--task-column`, written as PEFT's
 /// MULTITASK_PROMPT_TUNING (the shared table and each task's factors); eval, predict, inspect and
 /// generate take `--task`; what does not fit is refused by name.
@@ -680,29 +717,11 @@ fn a_multitask_prompt_serves_each_task_of_its_column() {
         best >= 0.75,
         "the toy task is separable: best dev accuracy {best}"
     );
-    let dev_rows = std::fs::read_to_string(&dev).unwrap();
     let mut correct = 0.0;
     for task in ["x", "y"] {
-        let own: Vec<&str> = dev_rows
-            .lines()
-            .filter(|l| l.contains(&format!("\"task\": \"{task}\"")))
-            .collect();
-        let file = dir.join(format!("dev_{task}.jsonl"));
-        std::fs::write(&file, own.join("\n")).unwrap();
-        let file = file.display().to_string();
-        let args = [
-            "eval",
-            "--model",
-            &model,
-            "--adapter",
-            &out,
-            "--data",
-            &file,
-            "--json",
-        ];
-        let args = [&args[..], &["--task", task]].concat();
-        let report: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
-        correct += report["accuracy"].as_f64().unwrap() * own.len() as f64;
+        let of_task = |l: &str| l.contains(&format!("\"task\": \"{task}\""));
+        let (report, rows) = eval_task(&model, &out, &dev, dir, task, &of_task);
+        correct += report["accuracy"].as_f64().unwrap() * rows as f64;
     }
     assert!(
         (correct / 8.0 - best).abs() < 1e-9,
@@ -1800,14 +1819,10 @@ fn profile_counts_the_flops_of_the_formulas_and_where_the_time_went() {
 /// write each review's label (its dev loss falls), the adapter is PEFT's SEQ_2_SEQ_LM prompt of
 /// one submodule, eval scores the kept adapter as training did, generate writes with it, and
 /// what does not fit is refused by name.
-/// Reviews in the tiny T5's words, every other one positive, labelled `labels.0` (positive) or
-/// `labels.1`: 32 training rows and 8 dev rows, as TSV files in `dir` → (train, dev).
-fn t5_reviews(dir: &Path, labels: (&str, &str)) -> (String, String) {
-    t5_task_reviews(dir, &[labels])
-}
-
-/// `t5_reviews` for several tasks: with more than one, each row names its task ("x" for the
-/// first labels, "y" for the second, ...) in a `task` column, the tasks taking turns in pairs.
+/// Reviews in the tiny T5's words, every other one positive, labelled with a task's first target
+/// (positive) or its second: 32 training rows and 8 dev rows, as TSV files in `dir` → (train,
+/// dev). With more than one task, each row names its task ("x" for the first, "y" for the
+/// second, ...) in a `task` column, the tasks taking turns in pairs.
 fn t5_task_reviews(dir: &Path, tasks: &[(&str, &str)]) -> (String, String) {
     let (pos, neg) = (
         ["good", "great", "fun", "love"],
@@ -1860,15 +1875,15 @@ fn eval_json(model: &str, adapter: &str, data: &str) -> serde_json::Value {
     serde_json::from_str(&json).unwrap()
 }
 
-/// A 4-vector prompt trained 24 steps with `task` on the tiny T5 over `t5_reviews(labels)` into
-/// `dir/name`, its dev loss falling over the 4 evaluations → (model, train, dev, output).
+/// A 4-vector prompt trained 24 steps with `task` on the tiny T5 over `t5_task_reviews(tasks)`
+/// into `dir/name`, its dev loss falling over the 4 evaluations → (model, train, dev, output).
 fn t5_trained(
     dir: &Path,
-    labels: (&str, &str),
+    tasks: &[(&str, &str)],
     name: &str,
     task: &[&str],
 ) -> (String, String, String, String) {
-    let (train, dev) = t5_reviews(dir, labels);
+    let (train, dev) = t5_task_reviews(dir, tasks);
     let model = fixtures().join("tiny-t5").display().to_string();
     let out = dir.join(name).display().to_string();
     let mut args = task.to_vec();
@@ -1904,7 +1919,7 @@ fn t5_writer(
 ) -> (String, String, String, String, serde_json::Value) {
     let (model, train, dev, out) = t5_trained(
         dir,
-        ("good", "bad film"),
+        &[("good", "bad film")],
         name,
         &["--task", "seq2seq", "--method", method],
     );
@@ -1960,33 +1975,17 @@ fn seq2seq_trains_a_t5_multitask_prompt_for_encoder_and_decoder() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     // the tasks' targets are as many tokens, row for row
-    let (train, dev) = t5_task_reviews(dir, &[("good", "bad film"), ("great", "dull film")]);
-    let model = fixtures().join("tiny-t5").display().to_string();
-    let out = dir.join("multi").display().to_string();
-    let args = [
+    let tasks = [("good", "bad film"), ("great", "dull film")];
+    let multitask = [
         "--task",
         "seq2seq",
         "--method",
         "multitask",
         "--task-column",
         "task",
-        "--num-virtual-tokens",
-        "4",
-        "--lr",
-        "0.1",
-        "--max-steps",
-        "24",
-        "--eval-every",
-        "6",
-        "--patience",
-        "0",
     ];
-    ok(&train_args(&model, &train, &dev, &out, &args));
+    let (model, _, dev, out) = t5_trained(dir, &tasks, "multi", &multitask);
     let dev_loss = dev_losses(&dir.join("multi"));
-    assert!(
-        dev_loss[3] < dev_loss[0],
-        "the dev loss should fall: {dev_loss:?}"
-    );
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("multi").join("adapter_config.json")).unwrap(),
     )
@@ -2005,30 +2004,10 @@ fn seq2seq_trains_a_t5_multitask_prompt_for_encoder_and_decoder() {
     // each task's dev rows with its own prompt, as many target tokens as the other's: the mean
     // of their token losses is training's dev loss of the kept adapter
     let mut losses = Vec::new();
-    let dev_rows = std::fs::read_to_string(&dev).unwrap();
-    let header = dev_rows.lines().next().unwrap();
     for task in ["x", "y"] {
-        let own: Vec<&str> = dev_rows
-            .lines()
-            .filter(|l| l.ends_with(&format!("\t{task}")))
-            .collect();
-        assert_eq!(own.len(), 4);
-        let file = dir.join(format!("dev_{task}.tsv"));
-        std::fs::write(&file, format!("{header}\n{}\n", own.join("\n"))).unwrap();
-        let file = file.display().to_string();
-        let eval = [
-            "eval",
-            "--model",
-            &model,
-            "--adapter",
-            &out,
-            "--data",
-            &file,
-            "--task",
-            task,
-            "--json",
-        ];
-        let report: serde_json::Value = serde_json::from_str(&ok(&eval)).unwrap();
+        let of_task = |l: &str| l.ends_with(&format!("\t{task}"));
+        let (report, rows) = eval_task(&model, &out, &dev, dir, task, &of_task);
+        assert_eq!(rows, 4);
         losses.push(report["token_loss"].as_f64().unwrap());
     }
     let loss = (losses[0] + losses[1]) / 2.0;
@@ -2127,7 +2106,7 @@ fn t5_verbalizer_trains_a_prompt_that_ranks_label_words() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let task = ["--task", "verbalizer", "--label-words", "good,bad"];
-    let (model, _, dev, out) = t5_trained(dir, ("positive", "negative"), "t5-ranker", &task);
+    let (model, _, dev, out) = t5_trained(dir, &[("positive", "negative")], "t5-ranker", &task);
     let read = |file: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(dir.join("t5-ranker").join(file)).unwrap())
             .unwrap()
