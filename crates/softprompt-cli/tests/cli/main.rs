@@ -163,7 +163,7 @@ fn train_then_eval_then_predict() {
     assert_eq!(config["num_virtual_tokens"], 20);
     assert_eq!(config["token_dim"], 16);
 
-    let report: serde_json::Value = eval_json(&model, &out, &dev);
+    let report: serde_json::Value = eval_json(&model, &out, &dev, &[]);
     let accuracy = report["accuracy"].as_f64().unwrap();
     assert!(
         accuracy >= 0.75,
@@ -646,19 +646,10 @@ fn eval_task(
     let body: Vec<&str> = header.into_iter().chain(own.iter().copied()).collect();
     std::fs::write(&file, body.join("\n") + "\n").unwrap();
     let file = file.display().to_string();
-    let args = [
-        "eval",
-        "--model",
-        model,
-        "--adapter",
-        adapter,
-        "--data",
-        &file,
-        "--task",
-        task,
-        "--json",
-    ];
-    (serde_json::from_str(&ok(&args)).unwrap(), own.len())
+    (
+        eval_json(model, adapter, &file, &["--task", task]),
+        own.len(),
+    )
 }
 
 /// `--method multitask`: one adapter, a prompt for each task of `--task-column`, written as PEFT's
@@ -1314,7 +1305,7 @@ fn causal_lm_writes_targets(method: &[&'static str]) {
     .unwrap();
     assert_eq!(tensors.keys().collect::<Vec<_>>(), ["prompt_embeddings"]);
 
-    let eval: serde_json::Value = eval_json(&model, &out, &dev);
+    let eval: serde_json::Value = eval_json(&model, &out, &dev, &[]);
     assert_eq!(eval["examples"], 8, "{eval}");
     let token_loss = eval["token_loss"].as_f64().unwrap();
     assert!(
@@ -1430,7 +1421,7 @@ fn verbalizer_trains_only_the_prompt_of_a_decoder() {
     );
 
     // the adapter reads its template and words back: eval and predict agree
-    let eval: serde_json::Value = eval_json(&model, &out, &dev);
+    let eval: serde_json::Value = eval_json(&model, &out, &dev, &[]);
     let accuracy = eval["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy));
     let zero_shot: serde_json::Value = serde_json::from_str(&ok(&[
@@ -1860,9 +1851,9 @@ fn t5_task_reviews(dir: &Path, tasks: &[(&str, &str)]) -> (String, String) {
     (write("train.tsv", 0..32), write("dev.tsv", 32..40))
 }
 
-/// `softprompt eval --json` of `adapter` on `model` over `data`.
-fn eval_json(model: &str, adapter: &str, data: &str) -> serde_json::Value {
-    let json = ok(&[
+/// `softprompt eval --json` of `adapter` on `model` over `data`, with `options`.
+fn eval_json(model: &str, adapter: &str, data: &str, options: &[&str]) -> serde_json::Value {
+    let args = [
         "eval",
         "--model",
         model,
@@ -1871,8 +1862,8 @@ fn eval_json(model: &str, adapter: &str, data: &str) -> serde_json::Value {
         "--data",
         data,
         "--json",
-    ]);
-    serde_json::from_str(&json).unwrap()
+    ];
+    serde_json::from_str(&ok(&[&args[..], options].concat())).unwrap()
 }
 
 /// A 4-vector prompt trained 24 steps with `task` on the tiny T5 over `t5_task_reviews(tasks)`
@@ -1929,7 +1920,7 @@ fn t5_writer(
     )
     .unwrap();
     assert_eq!(config["task_type"], "SEQ_2_SEQ_LM");
-    let eval: serde_json::Value = eval_json(&model, &out, &dev);
+    let eval: serde_json::Value = eval_json(&model, &out, &dev, &[]);
     assert_eq!(eval["examples"], 8, "{eval}");
     for key in ["exact_match", "token_accuracy", "token_loss"] {
         assert!(eval[key].is_f64(), "{key} in {eval}");
@@ -1939,20 +1930,22 @@ fn t5_writer(
         (eval["token_loss"].as_f64().unwrap() - best).abs() < 1e-3,
         "eval {eval} should score the kept adapter as training did: {dev_loss:?}"
     );
-    let written = ok(&[
-        "generate",
-        "--model",
-        &model,
-        "--adapter",
-        &out,
-        "--json",
-        "--max-new-tokens",
-        "3",
-        "the movie was good",
-    ]);
+    writes_tokens(&model, &out, &[]);
+    (model, train, dev, out, config)
+}
+
+/// `generate --json` with `adapter` and `options` writes tokens for a review.
+fn writes_tokens(model: &str, adapter: &str, options: &[&str]) {
+    let args = ["generate", "--model", model, "--adapter", adapter, "--json"];
+    let args = [
+        &args[..],
+        options,
+        &["--max-new-tokens", "3", "the movie was good"],
+    ]
+    .concat();
+    let written = ok(&args);
     let line: serde_json::Value = serde_json::from_str(written.trim()).unwrap();
     assert!(!line["tokens"].as_array().unwrap().is_empty(), "{written}");
-    (model, train, dev, out, config)
 }
 
 /// A T5 prefix is its decoder's past, saved as PEFT's SEQ_2_SEQ_LM PREFIX_TUNING says it (two
@@ -2016,21 +2009,7 @@ fn seq2seq_trains_a_t5_multitask_prompt_for_encoder_and_decoder() {
         (loss - best).abs() < 1e-3,
         "the tasks' token loss {loss} against training's best {best}: {dev_loss:?}"
     );
-    let written = ok(&[
-        "generate",
-        "--model",
-        &model,
-        "--adapter",
-        &out,
-        "--task",
-        "y",
-        "--json",
-        "--max-new-tokens",
-        "3",
-        "the movie was good",
-    ]);
-    let line: serde_json::Value = serde_json::from_str(written.trim()).unwrap();
-    assert!(!line["tokens"].as_array().unwrap().is_empty(), "{written}");
+    writes_tokens(&model, &out, &["--task", "y"]);
     fails_with(
         &["eval", "--model", &model, "--adapter", &out, "--data", &dev],
         &["multitask prompt", "name one of its tasks (x, y)"],
@@ -2116,7 +2095,7 @@ fn t5_verbalizer_trains_a_prompt_that_ranks_label_words() {
         read("softprompt.json")["label_words"],
         serde_json::json!(["good", "bad"])
     );
-    let eval: serde_json::Value = eval_json(&model, &out, &dev);
+    let eval: serde_json::Value = eval_json(&model, &out, &dev, &[]);
     assert_eq!(eval["examples"], 8, "{eval}");
     let accuracy = eval["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy), "{eval}");
