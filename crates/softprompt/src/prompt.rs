@@ -245,7 +245,8 @@ impl SoftPrompt {
         n: usize,
     ) -> Result<Tensor> {
         if n == 0 {
-            // a prefix's rows are not vectors to put in front
+            // nothing in front (a prefix, or the decoder behind an encoder's prompt), and a
+            // prefix's rows are not as wide as x
             return Ok(x.clone());
         }
         let prompt = self.rows(x.dim(0)?, tasks)?.narrow(1, first, n)?;

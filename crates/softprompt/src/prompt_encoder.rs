@@ -274,9 +274,10 @@ impl PromptEncoder {
     }
 
     /// A multitask prompt over `table` [M, D] for the tasks `names`, each task's factors of rank
-    /// `rank`, entering the backbone at `placement`. PEFT draws both factors from N(0, 0.02²), which starts every task's prompt near zero
-    /// (the table times ~r·4e-4); here C_t R_t starts at one plus that noise, so every task starts
-    /// from the table that `--init` made and the noise tells the tasks (and the ranks) apart.
+    /// `rank`, entering the backbone at `placement`. PEFT draws both factors from N(0, 0.02²),
+    /// which starts every task's prompt near zero (the table times ~r·4e-4); here C_t R_t starts
+    /// at one plus that noise, so every task starts from the table that `--init` made and the
+    /// noise tells the tasks (and the ranks) apart.
     pub fn multitask(
         table: &Tensor,
         names: Vec<String>,

@@ -240,7 +240,8 @@ pub trait Head {
 
     /// hidden [B, M + N, D] and mask [B, M + N] of `batch` with a prompt of `prompt_len` in
     /// front (0 for a prefix: `SoftPrompt::front`; an encoder-decoder's are its decoder's, with
-    /// the prompt's decoder rows in front: `Prompted::output_mask`) → the loss, ∂L/∂hidden and the gradients of `params()`.
+    /// the prompt's decoder rows in front: `Prompted::output_mask`) → the loss, ∂L/∂hidden and
+    /// the gradients of `params()`.
     fn loss(
         &self,
         hidden: &Tensor,
