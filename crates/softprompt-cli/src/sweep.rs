@@ -239,7 +239,10 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         );
         results.push(result);
     }
-    let ensembles = ensembles(&model, &grid, &results, &args.output)?;
+    let ensembles_path = args.output.join("ensembles.json");
+    let scored_before = read_ensembles(&ensembles_path)?;
+    let ensembles = ensembles(&model, &grid, &results, &args.output, &scored_before)?;
+    write_atomic(&ensembles_path, serde_json::to_string_pretty(&ensembles)?.as_bytes())?;
     let report = report(&grid, &results, &ensembles, &args.output)?;
     write_atomic(&args.output.join("report.md"), report.as_bytes())?;
     eprintln!("wrote {}", args.output.join("report.md").display());
@@ -543,50 +546,75 @@ fn probe_and_score(
 }
 
 /// A value's runs scored together as one prompt ensemble (majority vote; `inference::ensemble`).
+/// Kept in OUTPUT/ensembles.json, so that a sweep called again scores only ensembles whose
+/// members changed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct EnsembleResult {
     experiment: String,
     value: String,
-    members: usize,
+    /// its members' run directories, under OUTPUT/runs
+    members: Vec<PathBuf>,
     /// the ensemble's accuracy on each test set
     test: BTreeMap<String, f64>,
 }
 
 /// Every `ensemble = true` experiment's values with at least two finished runs, scored as
 /// ensembles of those runs' adapters on every test set (one backbone pass per batch for all
-/// the members).
+/// the members), unless `scored_before` holds the same members' scores.
 fn ensembles(
     model: &Model,
     grid: &Grid,
     results: &[RunResult],
     output: &Path,
+    scored_before: &[EnsembleResult],
 ) -> anyhow::Result<Vec<EnsembleResult>> {
     let mut scored = Vec::new();
     for e in grid.experiment.iter().filter(|e| e.ensemble) {
         for value in e.values.iter().map(label) {
-            let runs: Vec<&RunResult> = results
+            let members: Vec<PathBuf> = results
                 .iter()
                 .filter(|r| r.experiment == e.name && r.value == value)
+                .map(RunResult::dir)
                 .collect();
-            if runs.len() < 2 {
+            if members.len() < 2 {
+                continue;
+            }
+            let before = scored_before
+                .iter()
+                .find(|s| s.experiment == e.name && s.value == value && s.members == members);
+            if let Some(before) = before {
+                scored.push(before.clone());
                 continue;
             }
             let mut adapters = Vec::new();
-            for r in &runs {
-                let dir = output.join("runs").join(r.dir());
-                let adapter = Adapter::load(&dir, model.backbone.hidden_size(), &Device::Cpu)?;
+            for dir in &members {
+                let adapter = Adapter::load(
+                    &output.join("runs").join(dir),
+                    model.backbone.hidden_size(),
+                    &Device::Cpu,
+                )?;
                 adapters.push(LoadedAdapter::new(model, &adapter)?);
             }
-            let members = Members::new(model, adapters)
+            let loaded = Members::new(model, adapters)
                 .with_context(|| format!("experiment {:?}'s runs as an ensemble", e.name))?;
             scored.push(EnsembleResult {
                 experiment: e.name.clone(),
                 value,
-                members: runs.len(),
-                test: test_accuracy(model, grid, &members)?,
+                members,
+                test: test_accuracy(model, grid, &loaded)?,
             });
         }
     }
     Ok(scored)
+}
+
+/// The ensembles scored by an earlier call (none if the file is missing).
+fn read_ensembles(path: &Path) -> anyhow::Result<Vec<EnsembleResult>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(Vec::new());
+    };
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not the ensembles a sweep scored", path.display()))
 }
 
 /// How far `prompt` [M, D] moved from `start`, relative to `start`'s size, and the vocabulary
@@ -789,7 +817,7 @@ fn ensemble_table(ens: &EnsembleResult, members: &[&RunResult], tests: &[String]
     let mut md = format!(
         "\nThe {} runs of {} as one prompt ensemble (majority vote, ties to the higher mean probability):\n\n\
          | test set | ensemble | members' mean ± sd | best member | worst member |\n| --- | --- | --- | --- | --- |\n",
-        ens.members, ens.value
+        ens.members.len(), ens.value
     );
     for t in tests {
         let scores: Vec<f64> = members

@@ -829,7 +829,8 @@ fn plot_draws_runs_as_a_png() {
 
 /// `sweep`: a grid of two experiments (a number and a method varied, two seeds) runs, scores
 /// each run on the test set, writes results.jsonl and a report with its plots; run again it
-/// trains nothing, and a grid with an unknown option is refused before anything trains.
+/// trains nothing and scores no ensemble again, and a grid with an unknown option is refused
+/// before anything trains.
 #[test]
 fn a_sweep_runs_its_grid_once_and_reports_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -853,6 +854,7 @@ name = "length"
 title = "Prompt length"
 vary = "num_virtual_tokens"
 values = [2, 4]
+ensemble = true
 
 [[experiment]]
 name = "method"
@@ -908,8 +910,23 @@ seeds = [5]
             "{png}"
         );
     }
+    // each length's two seeds as an ensemble, kept so that the next call reads them: a score
+    // changed in the file is what the next report shows
+    let ensembles_path = out.join("ensembles.json");
+    let ensembles: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ensembles_path).unwrap()).unwrap();
+    let ensembles = ensembles.as_array().unwrap();
+    assert_eq!(ensembles.len(), 2, "{ensembles:?}");
+    assert!(ensembles
+        .iter()
+        .all(|e| e["members"].as_array().unwrap().len() == 2));
+    let mut edited = ensembles.clone();
+    edited[0]["test"]["dev"] = serde_json::json!(0.123);
+    std::fs::write(&ensembles_path, serde_json::to_string(&edited).unwrap()).unwrap();
     let again = stderr(&run(&["sweep", "--config", &config, "--output", &out_s]));
     assert!(again.contains("7 runs: 7 done before, 0 to go"), "{again}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("**0.1230**"), "{report}");
     assert_eq!(
         std::fs::read_to_string(out.join("results.jsonl")).unwrap(),
         results
