@@ -242,7 +242,10 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     let ensembles_path = args.output.join("ensembles.json");
     let scored_before = read_ensembles(&ensembles_path)?;
     let ensembles = ensembles(&model, &grid, &results, &args.output, &scored_before)?;
-    write_atomic(&ensembles_path, serde_json::to_string_pretty(&ensembles)?.as_bytes())?;
+    write_atomic(
+        &ensembles_path,
+        serde_json::to_string_pretty(&ensembles)?.as_bytes(),
+    )?;
     let report = report(&grid, &results, &ensembles, &args.output)?;
     write_atomic(&args.output.join("report.md"), report.as_bytes())?;
     eprintln!("wrote {}", args.output.join("report.md").display());
