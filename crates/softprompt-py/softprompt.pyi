@@ -92,6 +92,7 @@ class Model:
         method: Literal["prompt", "p-tuning", "residual", "prefix", "multitask"] | None = None,
         encoder: Literal["mlp", "lstm"] | None = None,
         encoder_hidden_size: int | None = None,
+        prefix_projection: bool | None = None,
         task_rank: int | None = None,
         init: Literal["uniform", "normal", "vocab", "text", "labels"] | None = None,
         init_text: str | None = None,

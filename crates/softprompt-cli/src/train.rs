@@ -72,6 +72,11 @@ pub struct TrainArgs {
     /// model's hidden size].
     #[arg(long)]
     encoder_hidden_size: Option<usize>,
+    /// --method prefix: compute the keys and values by PEFT's projection MLP (true), or train them
+    /// as they are, starting from the model's own keys and values of the init's vectors (false;
+    /// P-tuning v2's deep prompt, PEFT's prefix_projection=False).
+    #[arg(long, default_value_t = defaults().prefix_projection, action = clap::ArgAction::Set)]
+    prefix_projection: bool,
     /// --method multitask: the rank of each task's factors (PEFT's num_ranks) [default: 1].
     #[arg(long)]
     task_rank: Option<usize>,
@@ -142,6 +147,7 @@ impl TrainArgs {
             method: self.method,
             encoder: self.encoder,
             encoder_hidden_size: self.encoder_hidden_size,
+            prefix_projection: self.prefix_projection,
             task_rank: self.task_rank,
             init: self.init,
             init_text: self.init_text.clone(),

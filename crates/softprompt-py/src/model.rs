@@ -225,14 +225,15 @@ impl Model {
     ///
     /// An option left None takes the command line's default: task="classify",
     /// num_virtual_tokens=20, method="prompt" (or "p-tuning", "residual", "prefix"), encoder="mlp"
-    /// (or "lstm", for p-tuning), encoder_hidden_size=the model's hidden size, init="vocab",
+    /// (or "lstm", for p-tuning), encoder_hidden_size=the model's hidden size,
+    /// prefix_projection=True (False: a prefix trained as it is), init="vocab",
     /// pool="mean", optimizer="adamw", lr=1e-2 (adamw; 1e-3 for a prefix) or
     /// 0.3 (adafactor), weight_decay=0, schedule="linear", warmup_steps=0, epochs=3,
     /// min_steps=300, batch_size=32, padding_side="right", max_grad_norm=1.0 (0: no clipping),
     /// eval_every=four times an epoch, patience=4 (0: never stop early), seed=0.
     #[pyo3(signature = (
         train, output, dev=None, *, task=None, template=None, label_words=None,
-        num_virtual_tokens=None, method=None, encoder=None, encoder_hidden_size=None, task_rank=None, init=None,
+        num_virtual_tokens=None, method=None, encoder=None, encoder_hidden_size=None, prefix_projection=None, task_rank=None, init=None,
         init_text=None, pool=None, optimizer=None, lr=None,
         weight_decay=None, schedule=None, warmup_steps=None, epochs=None, min_steps=None,
         max_steps=None, batch_size=None, padding_side=None, max_grad_norm=None, eval_every=None,
@@ -253,6 +254,7 @@ impl Model {
         method: Option<&str>,
         encoder: Option<&str>,
         encoder_hidden_size: Option<usize>,
+        prefix_projection: Option<bool>,
         task_rank: Option<usize>,
         init: Option<&str>,
         init_text: Option<String>,
@@ -289,6 +291,7 @@ impl Model {
             method: choice("method", method, d.method)?,
             encoder: choice("encoder", encoder, d.encoder)?,
             encoder_hidden_size,
+            prefix_projection: prefix_projection.unwrap_or(d.prefix_projection),
             task_rank,
             init: choice("init", init, d.init)?,
             init_text,

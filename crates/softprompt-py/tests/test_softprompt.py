@@ -59,11 +59,12 @@ def test_train_evaluate_predict_round_trip(model, trained, tmp_path):
 
 
 @pytest.mark.parametrize("method", [{}, {"method": "p-tuning", "encoder_hidden_size": 8}, {"method": "residual"},
-                                    {"method": "prefix", "encoder_hidden_size": 8}])
+                                    {"method": "prefix", "encoder_hidden_size": 8},
+                                    {"method": "prefix", "prefix_projection": False}])
 def test_the_same_seed_gives_the_cli_adapter_bytes(model, tiny_bert, cli, tmp_path, method):
     train = write_tsv(tmp_path / "train.tsv", toy_rows())
     dev = write_tsv(tmp_path / "dev.tsv", dev_rows())
-    flags = [f for k, v in method.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    flags = [f for k, v in method.items() for f in (f"--{k.replace('_', '-')}", str(v).lower())]
     subprocess.run([cli, "train", "--model", tiny_bert, "--train", train, "--dev", dev,
                     "--output", str(tmp_path / "cli"), *TOY_FLAGS, *flags], check=True, capture_output=True)
     model.train(train, tmp_path / "py", dev=dev, progress=False, **TOY, **method)

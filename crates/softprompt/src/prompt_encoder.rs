@@ -417,7 +417,7 @@ impl Init<'_> {
 
 /// What training moves to make the prompt.
 pub enum TrainablePrompt {
-    /// the shallow prompt: its vectors are the parameters
+    /// the shallow prompt, or a prefix without its projection: the rows are the parameters
     Direct(SoftPrompt),
     /// the output of an encoder (P-tuning, residual)
     Encoded(PromptEncoder),
@@ -434,6 +434,7 @@ impl TrainablePrompt {
 
     pub fn method(&self) -> Method {
         match self {
+            TrainablePrompt::Direct(p) if p.placement == Placement::Prefix => Method::Prefix,
             TrainablePrompt::Direct(_) => Method::Prompt,
             TrainablePrompt::Encoded(e) => e.method,
         }

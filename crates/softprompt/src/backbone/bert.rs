@@ -399,6 +399,13 @@ impl Backbone for Bert {
         &self.embeddings.word_embeddings
     }
 
+    /// A prefix trained as it is (`--prefix-projection false`) starts as these of its init's
+    /// vectors.
+    fn keys_values(&self, activations: &BertActivations) -> Result<Tensor> {
+        let (b, s, _) = activations.shape;
+        stack::keys_values::<BertLayer>(&activations.layers, self.attention_shape(b, s))
+    }
+
     fn backward(
         &self,
         d_hidden: &Tensor,

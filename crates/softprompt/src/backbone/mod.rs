@@ -168,13 +168,14 @@ pub trait Backbone {
         self.embed_tokens(&ids).map(Some)
     }
     /// Every layer's keys and values of a training forward's rows [B, S, L·2·Hkv·K]
-    /// (`Prefix::kv`'s layout): a shared prompt's, for the batch to read as its prefix.
+    /// (`Prefix::kv`'s layout): a shared prompt's, for the batch to read as its prefix, or a
+    /// prefix's starting point.
     fn keys_values(&self, _activations: &Self::Activations) -> Result<Tensor> {
-        candle_core::bail!("only a decoder lends its rows' keys and values")
+        candle_core::bail!("this architecture lends no rows' keys and values")
     }
-    /// A decoder's prompt [M, D] alone through the stack → every layer's keys and values of its
-    /// rows [M, L·2·Hkv·K], which any row may read as a prefix (`shares_prompt`), and the pass's
-    /// activations for a backward into the prompt.
+    /// A prompt [M, D] alone through the stack → every layer's keys and values of its rows
+    /// [M, L·2·Hkv·K], which any row of a decoder may read as a prefix (`shares_prompt`), and the
+    /// pass's activations for a backward into the prompt.
     fn prompt_pass(&self, prompt: &Tensor) -> Result<(Tensor, Self::Activations)> {
         let embeds = prompt.to_dtype(self.word_embeddings().dtype())?;
         match self.run_row(&embeds, true)? {

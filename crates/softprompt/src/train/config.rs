@@ -32,6 +32,10 @@ pub struct TrainConfig {
     /// the encoder's hidden units (the residual method's bottleneck); None: the model's hidden size
     #[serde(default)]
     pub encoder_hidden_size: Option<usize>,
+    /// `--method prefix`: keys and values computed by PEFT's projection MLP (true), or trained
+    /// as they are (PEFT's `prefix_projection` false; P-tuning v2's deep prompt)
+    #[serde(default = "projected")]
+    pub prefix_projection: bool,
     /// `--method multitask`: the rank of each task's factors (PEFT's `num_ranks`); None: 1
     #[serde(default)]
     pub task_rank: Option<usize>,
@@ -73,6 +77,7 @@ impl Default for TrainConfig {
             method: Method::Prompt,
             encoder: EncoderKind::Mlp,
             encoder_hidden_size: None,
+            prefix_projection: true,
             task_rank: None,
             init: PromptInit::Vocab,
             init_text: None,
@@ -138,6 +143,12 @@ impl TrainConfig {
         {
             bail!("--encoder-hidden-size is for --method p-tuning, residual or prefix");
         }
+        if !self.prefix_projection && self.method != Method::Prefix {
+            bail!("--prefix-projection is for --method prefix");
+        }
+        if !self.prefix_projection && self.encoder_hidden_size.is_some() {
+            bail!("--encoder-hidden-size sizes the prefix's projection; with --prefix-projection false there is none");
+        }
         match (self.method, self.task_rank) {
             (Method::Multitask, Some(0)) => bail!("--task-rank must be at least 1"),
             (Method::Multitask, _) | (_, None) => {}
@@ -164,10 +175,15 @@ impl TrainConfig {
     /// within 65 steps (dev accuracy stuck at the majority class's, where 1e-3 had 0.79 by step 150).
     pub fn lr(&self) -> f64 {
         self.lr.unwrap_or(match (self.method, self.optimizer) {
-            (Method::Prefix, OptimizerKind::Adamw) => 1e-3,
+            (Method::Prefix, OptimizerKind::Adamw) if self.prefix_projection => 1e-3,
             (_, optimizer) => optimizer.default_lr(),
         })
     }
+}
+
+/// A checkpoint from before `prefix_projection` was an option trained through the projection.
+fn projected() -> bool {
+    true
 }
 
 /// Where a run reads and writes.

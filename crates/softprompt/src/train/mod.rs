@@ -334,6 +334,16 @@ fn trainable(
     let table = initial.embeddings.as_tensor();
     match config.method {
         Method::Prompt => return Ok(initial.into()),
+        Method::Prefix if !config.prefix_projection => {
+            if model.backbone.seq2seq().is_some() {
+                bail!("--prefix-projection false starts the prefix from the model's keys and values of the init's vectors, which an encoder-decoder's prefix (its decoder's) has none of; use the projection");
+            }
+            // the table starts as the keys and values the model computes for the init's vectors
+            // alone: what attention would read of those vectors as a prompt that sees no input
+            let (kv, _) = model.backbone.prompt_pass(table)?;
+            let kv = kv.to_dtype(table.dtype())?;
+            return Ok(SoftPrompt::placed(&kv, Placement::Prefix)?.into());
+        }
         Method::Multitask => {
             let rank = config.task_rank.unwrap_or(1);
             let placement = placement(model, config);

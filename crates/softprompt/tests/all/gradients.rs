@@ -671,8 +671,10 @@ fn shallow(prompt: &Tensor) -> TrainablePrompt {
 }
 
 /// The gradients of every encoder weight (P-tuning's MLP and LSTM, the residual MLP and its
-/// LayerNorm, the prefix's projection through every layer's keys and values) and of the table under them: ∂L/∂P from the backbone's backward, then the
-/// encoder's tape, against finite differences of the classifier's mean cross-entropy.
+/// LayerNorm, the prefix's projection through every layer's keys and values) and of the table
+/// under them: ∂L/∂P from the backbone's backward, then the encoder's tape, against finite
+/// differences of the classifier's mean cross-entropy. A prefix without its projection is its
+/// table: the backbone's ∂L/∂prefix is its gradient.
 #[test]
 fn encoded_prompt_gradients_match_finite_differences() {
     let data = texts(&[&[2, 5, 20, 9, 3], &[2, 30, 3]]);
@@ -692,6 +694,10 @@ fn encoded_prompt_gradients_match_finite_differences() {
         let model = tiny_classifier(Pool::Mean, TrainablePrompt::Encoded(encoder));
         check_every_param(&model, &batch, &format!("{method} {kind}"));
     }
+    let prefix = SoftPrompt::placed(&randn(&[3, 64], 7), Placement::Prefix).unwrap();
+    let model = tiny_classifier(Pool::Mean, prefix.into());
+    assert_eq!(model.prompt.method(), Method::Prefix);
+    check_every_param(&model, &batch, "prefix without its projection");
 }
 
 /// A multitask prompt (PEFT's MULTITASK_PROMPT_TUNING): each row reads the shared table scaled

@@ -107,6 +107,40 @@ fn prefix_gradients_match_finite_differences_through_every_layer() {
     });
 }
 
+/// A prompt's keys and values computed alone (`prompt_pass`: where `--prefix-projection false`
+/// starts its prefix) are those its rows have in front of an input, [P; X]: at every layer of a
+/// decoder, whose prompt never reads X, and at BERT's first layer, before any row has read another.
+#[test]
+fn a_prompt_alone_has_the_keys_and_values_its_rows_have_in_front_of_an_input() {
+    let (prompt, input) = (randn(&[3, 16], 11), randn(&[4, 16], 12));
+    let both = Tensor::cat(&[&prompt, &input], 0).unwrap();
+    let mut backbones = tiny_decoders();
+    backbones.push(("bert", AnyBackbone::Bert(tiny_bert(DType::F64))));
+    for (name, backbone) in backbones {
+        let shape = backbone.shape();
+        let (alone, _) = backbone.prompt_pass(&prompt).unwrap();
+        assert_eq!(alone.dims(), [3, shape.prefix_width()], "{name}");
+        let (_, acts) = backbone.run_row(&both, true).unwrap();
+        let in_front = backbone.keys_values(&acts.unwrap()).unwrap();
+        let in_front = in_front.squeeze(0).unwrap().narrow(0, 0, 3).unwrap();
+        let columns = match name {
+            "bert" => 2 * shape.kv_width(),
+            _ => shape.prefix_width(),
+        };
+        let part = |t: &Tensor| t.narrow(1, 0, columns).unwrap();
+        let diff = max_abs_diff(&part(&alone), &part(&in_front));
+        assert!(diff < 1e-12, "{name}: {diff:e}");
+        if name == "bert" {
+            // the second layer's differ: there the prompt's rows have read the input
+            let rest = |t: &Tensor| t.narrow(1, columns, columns).unwrap();
+            assert!(
+                max_abs_diff(&rest(&alone), &rest(&in_front)) > 1e-3,
+                "{name}"
+            );
+        }
+    }
+}
+
 /// T5's prefix is read by its decoder's self-attention, each block its layer of the prefix
 /// (PEFT's doubling: both blocks of the tiny T5 read layer 0), and its gradient comes back from
 /// the decoder's positions, which count on from the prefix's under the relative position bias.
