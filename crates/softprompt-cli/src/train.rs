@@ -92,7 +92,8 @@ pub struct TrainArgs {
     /// adamw or adafactor.
     #[arg(long, default_value_t = defaults().optimizer)]
     optimizer: OptimizerKind,
-    /// Learning rate [default: 1e-2 for adamw (1e-3 with --method prefix), 0.3 for adafactor].
+    /// Learning rate [default: 1e-2 for adamw (1e-3 with --method prefix, 3e-2 with
+    /// --prefix-projection false), 0.3 for adafactor].
     #[arg(long)]
     lr: Option<f64>,
     #[arg(long, default_value_t = defaults().weight_decay)]

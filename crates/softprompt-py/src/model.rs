@@ -227,7 +227,7 @@ impl Model {
     /// num_virtual_tokens=20, method="prompt" (or "p-tuning", "residual", "prefix"), encoder="mlp"
     /// (or "lstm", for p-tuning), encoder_hidden_size=the model's hidden size,
     /// prefix_projection=True (False: a prefix trained as it is), init="vocab",
-    /// pool="mean", optimizer="adamw", lr=1e-2 (adamw; 1e-3 for a prefix) or
+    /// pool="mean", optimizer="adamw", lr=1e-2 (adamw; 1e-3 for a prefix, 3e-2 without its projection) or
     /// 0.3 (adafactor), weight_decay=0, schedule="linear", warmup_steps=0, epochs=3,
     /// min_steps=300, batch_size=32, padding_side="right", max_grad_norm=1.0 (0: no clipping),
     /// eval_every=four times an epoch, patience=4 (0: never stop early), seed=0.

@@ -1097,6 +1097,18 @@ fn bad_input_gets_a_clear_error() {
         ),
         &["with --prefix-projection false there is none"],
     );
+    let t5 = fixtures().join("tiny-t5").display().to_string();
+    let verbalizer = ["--task", "verbalizer", "--template", "{text} Sentiment:"];
+    fails_with(
+        &train_args(
+            &t5,
+            &train,
+            &dev,
+            &out,
+            &[&unprojected[..], &verbalizer].concat(),
+        ),
+        &["an encoder-decoder's prefix (its decoder's) has none of; use the projection"],
+    );
     fails_with(
         &train_args(
             &model,
