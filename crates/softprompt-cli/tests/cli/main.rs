@@ -1076,39 +1076,29 @@ fn bad_input_gets_a_clear_error() {
         &train_args(&model, &train, &dev, &out, &["--encoder-hidden-size", "8"]),
         &["--encoder-hidden-size is for --method p-tuning, residual or prefix"],
     );
-    fails_with(
-        &train_args(
-            &model,
-            &train,
-            &dev,
-            &out,
-            &["--prefix-projection", "false"],
-        ),
-        &["--prefix-projection is for --method prefix"],
-    );
     let unprojected = ["--method", "prefix", "--prefix-projection", "false"];
-    fails_with(
-        &train_args(
-            &model,
-            &train,
-            &dev,
-            &out,
-            &[&unprojected[..], &["--encoder-hidden-size", "8"]].concat(),
-        ),
-        &["with --prefix-projection false there is none"],
-    );
     let t5 = fixtures().join("tiny-t5").display().to_string();
     let verbalizer = ["--task", "verbalizer", "--template", "{text} Sentiment:"];
-    fails_with(
-        &train_args(
-            &t5,
-            &train,
-            &dev,
-            &out,
-            &[&unprojected[..], &verbalizer].concat(),
+    let refused: [(&str, Vec<&str>, &str); 3] = [
+        (
+            &model,
+            unprojected[2..].to_vec(),
+            "--prefix-projection is for --method prefix",
         ),
-        &["an encoder-decoder's prefix (its decoder's) has none of; use the projection"],
-    );
+        (
+            &model,
+            [&unprojected[..], &["--encoder-hidden-size", "8"]].concat(),
+            "with --prefix-projection false there is none",
+        ),
+        (
+            &t5,
+            [&unprojected[..], &verbalizer].concat(),
+            "an encoder-decoder's prefix (its decoder's) has none of; use the projection",
+        ),
+    ];
+    for (model, extra, message) in refused {
+        fails_with(&train_args(model, &train, &dev, &out, &extra), &[message]);
+    }
     fails_with(
         &train_args(
             &model,
