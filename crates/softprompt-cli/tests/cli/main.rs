@@ -500,10 +500,10 @@ fn ctrl_c_then_resume(method: &[&str]) {
 }
 
 /// P-tuning, the residual method and prefix tuning (with and without its projection) train on
-/// the tiny model and learn the toy task; their adapters say what they are in PEFT's terms (P_TUNING with its encoder's fields; the
-/// residual prompt as PROMPT_TUNING; PREFIX_TUNING with the key/value width) and load in eval,
-/// predict and inspect like any prompt; the checkpoint keeps the encoder's weights under PEFT's
-/// names.
+/// the tiny model and learn the toy task; their adapters say what they are in PEFT's terms
+/// (P_TUNING with its encoder's fields; the residual prompt as PROMPT_TUNING; PREFIX_TUNING with
+/// the key/value width) and load in eval, predict and inspect like any prompt; the checkpoint
+/// keeps the encoder's weights under PEFT's names (an unprojected prefix: the prefix itself).
 #[test]
 fn every_method_trains_and_its_adapter_loads_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
@@ -593,7 +593,9 @@ fn every_method_trains_and_its_adapter_loads_everywhere() {
             "{method:?}: {:?}",
             tensors.keys()
         );
-        if tensor == "prompt" {
+        // a prefix without its projection trains its rows, as the shallow prompt does
+        let unprojected = tensor == "prompt";
+        if unprojected {
             // the prefix itself: every layer's keys and values, 2 · 2 · 16 a position
             assert_eq!(tensors[tensor].dims(), [4, 64], "{method:?}");
         } else {
@@ -603,7 +605,7 @@ fn every_method_trains_and_its_adapter_loads_everywhere() {
         // a prefix trained as it is fits the toy's 48 rows (train loss 0.09) but, on this random
         // tiny BERT, does not carry them to the dev rows (0.375-0.75 by seed and init); on
         // movie reviews it does (DESIGN, decision 18)
-        let scored = if tensor == "prompt" { &train } else { &dev };
+        let scored = if unprojected { &train } else { &dev };
         let report = ok(&[
             "eval",
             "--model",
