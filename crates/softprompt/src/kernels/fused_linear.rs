@@ -17,6 +17,24 @@ fn parallelism() -> Parallelism {
     }
 }
 
+/// W [OUT, IN]'s values and its (row, column) strides: stored row by row as Hugging Face stores
+/// it, or column by column (`Linear::new` stores a matrix with IN > OUT so, because gemm runs
+/// a product at full speed only when the long inner dimension runs down B's rows).
+pub(super) fn weight_view<'a, T: Real>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Result<(&'a [T], (usize, usize))> {
+    let (out_dim, inner) = layout.shape().dims2()?;
+    let transposed = layout.transpose(0, 1)?;
+    if layout.is_contiguous() {
+        Ok((cpu_slice::<T>(storage, layout)?, (inner, 1)))
+    } else if transposed.is_contiguous() {
+        Ok((cpu_slice::<T>(storage, &transposed)?, (1, out_dim)))
+    } else {
+        candle_core::bail!("a fused linear's weight is stored row by row or column by column")
+    }
+}
+
 /// Rows up to which `forward` reads W once instead of calling gemm.
 pub(super) const FEW_ROWS: usize = 16;
 
@@ -25,8 +43,8 @@ pub(super) fn forward<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
     let (rows, inner) = x.dims2()?;
     let out_dim = w.dim(0)?;
     let ((x_s, x_l), (w_s, w_l)) = (x.storage_and_layout(), w.storage_and_layout());
-    let (x_v, w_v) = (cpu_slice::<T>(&x_s, x_l)?, cpu_slice::<T>(&w_s, w_l)?);
-    if rows <= FEW_ROWS && inner > 0 {
+    let (x_v, (w_v, (w_rs, w_cs))) = (cpu_slice::<T>(&x_s, x_l)?, weight_view::<T>(&w_s, w_l)?);
+    if rows <= FEW_ROWS && inner > 0 && w_cs == 1 {
         let bias = match bias {
             Some(b) => {
                 let (b_s, b_l) = b.storage_and_layout();
@@ -49,9 +67,9 @@ pub(super) fn forward<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
         }
         None => false,
     };
-    // SAFETY: x [rows, inner], w [out_dim, inner] read as Wᵀ [inner, out_dim] (row stride 1,
-    // column stride inner), out has room for [rows, out_dim]; without a bias gemm writes every
-    // element before anything reads it (no accumulating), and the length is set after.
+    // SAFETY: x [rows, inner], w [out_dim, inner] at its strides read as Wᵀ [inner, out_dim],
+    // out has room for [rows, out_dim]; without a bias gemm writes every element before
+    // anything reads it (no accumulating), and the length is set after.
     unsafe {
         matmul(
             (rows, out_dim, inner),
@@ -61,7 +79,7 @@ pub(super) fn forward<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
             x_v.as_ptr(),
             (inner, 1),
             w_v.as_ptr(),
-            (1, inner),
+            (w_cs, w_rs),
             parallelism(),
         );
         out.set_len(rows * out_dim);
@@ -152,7 +170,7 @@ pub(super) fn backward<T: Real>(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (rows, out_dim) = dy.dims2()?;
     let inner = w.dim(1)?;
     let ((dy_s, dy_l), (w_s, w_l)) = (dy.storage_and_layout(), w.storage_and_layout());
-    let (dy_v, w_v) = (cpu_slice::<T>(&dy_s, dy_l)?, cpu_slice::<T>(&w_s, w_l)?);
+    let (dy_v, (w_v, w_strides)) = (cpu_slice::<T>(&dy_s, dy_l)?, weight_view::<T>(&w_s, w_l)?);
     let mut dx: Vec<T> = Vec::with_capacity(rows * inner);
     // SAFETY: dy [rows, out_dim], w [out_dim, inner], dx has room for [rows, inner], every
     // element of which gemm writes (no accumulating) before the length is set.
@@ -165,7 +183,7 @@ pub(super) fn backward<T: Real>(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
             dy_v.as_ptr(),
             (out_dim, 1),
             w_v.as_ptr(),
-            (inner, 1),
+            w_strides,
             parallelism(),
         );
         dx.set_len(rows * inner);

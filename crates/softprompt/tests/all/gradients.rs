@@ -88,11 +88,14 @@ pub fn weighted_sum(y: &Tensor, r: &Tensor) -> f64 {
 
 #[test]
 fn linear_backward_matches_finite_differences() {
+    // [3, 7] narrows, so it is stored column by column (`Linear::new`)
+    let shapes = [(5, 4), (3, 7)];
     on_both_paths(|path| {
-        for bias in [Some(randn(&[5], 2)), None] {
-            let lin = Linear::new(randn(&[5, 4], 1), bias);
-            let x = randn(&[3, 4], 3);
-            let r = randn(&[3, 5], 4);
+        for ((out_dim, inner), bias) in shapes.into_iter().flat_map(|s| [(s, true), (s, false)]) {
+            let bias = bias.then(|| randn(&[out_dim], 2));
+            let lin = Linear::new(randn(&[out_dim, inner], 1), bias);
+            let x = randn(&[3, inner], 3);
+            let r = randn(&[3, out_dim], 4);
             check(
                 &x,
                 &lin.backward(&r).unwrap(),
@@ -105,13 +108,31 @@ fn linear_backward_matches_finite_differences() {
 
 /// The fused CPU products (straight into gemm, the bias first; a few rows, a decode step's, read
 /// W once) equal candle's matmul and add, whole 16-lane pieces of a row or not, in groups of four
-/// rows or not; and the next-token head's few rows too (`Weight::apply`).
+/// rows or not; and the next-token head's few rows too (`Weight::apply`). An inner dimension
+/// above 70 narrows, so that matrix is stored column by column, and gemm reads it so.
 #[test]
 fn fused_linear_matches_composed() {
-    let cases = [(41, 33), (16, 64), (5, 33), (1, 70), (3, 16)];
+    let cases = [
+        (41, 33),
+        (16, 64),
+        (5, 33),
+        (1, 70),
+        (3, 16),
+        (41, 96),
+        (5, 96),
+        (1, 96),
+    ];
     for ((rows, inner), bias) in cases.into_iter().flat_map(|c| [(c, true), (c, false)]) {
         let bias = bias.then(|| randn(&[70], 2));
         let lin = Linear::new(randn(&[70, inner], 1), bias);
+        let softprompt::kernels::Weight::Dense(w) = &lin.weight else {
+            panic!("a dense linear")
+        };
+        assert_eq!(
+            w.is_contiguous(),
+            inner <= 70,
+            "[70, {inner}] stored row by row"
+        );
         let x = randn(&[rows, inner], 3);
         let dy = randn(&[rows, 70], 4);
         let head = softprompt::kernels::Weight::Dense(randn(&[70, inner], 1));
