@@ -6,7 +6,7 @@
 //! reads each row of W once and forms its dot products with every x row.
 
 use super::fused::{cpu_slice, matmul, Real};
-use candle_core::{Result, Tensor};
+use candle_core::{Layout, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -17,22 +17,34 @@ fn parallelism() -> Parallelism {
     }
 }
 
-/// W [OUT, IN]'s values and its (row, column) strides: stored row by row as Hugging Face stores
-/// it, or column by column (`Linear::new` stores a matrix with IN > OUT so, because gemm runs
-/// a product at full speed only when the long inner dimension runs down B's rows).
-pub(super) fn weight_view<'a, T: Real>(
-    storage: &'a candle_core::Storage,
-    layout: &candle_core::Layout,
-) -> Result<(&'a [T], (usize, usize))> {
-    let (out_dim, inner) = layout.shape().dims2()?;
-    let transposed = layout.transpose(0, 1)?;
+/// W [OUT, IN]'s (row, column) strides where it is stored row by row, as Hugging Face stores it,
+/// or column by column (`Linear::from_weight` stores a matrix with IN > OUT so, because gemm
+/// runs a product at full speed only when the long inner dimension runs down B's rows); `None`
+/// for any other layout, which the fused products do not read.
+pub(super) fn weight_strides(layout: &Layout) -> Option<(usize, usize)> {
+    let (out_dim, inner) = layout.shape().dims2().ok()?;
     if layout.is_contiguous() {
-        Ok((cpu_slice::<T>(storage, layout)?, (inner, 1)))
-    } else if transposed.is_contiguous() {
-        Ok((cpu_slice::<T>(storage, &transposed)?, (1, out_dim)))
+        Some((inner, 1))
+    } else if layout.transpose(0, 1).is_ok_and(|t| t.is_contiguous()) {
+        Some((1, out_dim))
     } else {
-        candle_core::bail!("a fused linear's weight is stored row by row or column by column")
+        None
     }
+}
+
+/// W's values in storage order, and its strides (`weight_strides`).
+fn weight_view<'a, T: Real>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+) -> Result<(&'a [T], (usize, usize))> {
+    let Some(strides) = weight_strides(layout) else {
+        candle_core::bail!("a fused linear's weight is stored row by row or column by column")
+    };
+    let stored = match strides {
+        (_, 1) => layout.clone(),
+        _ => layout.transpose(0, 1)?,
+    };
+    Ok((cpu_slice::<T>(storage, &stored)?, strides))
 }
 
 /// Rows up to which `forward` reads W once instead of calling gemm.

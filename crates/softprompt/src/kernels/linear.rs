@@ -227,22 +227,25 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A dense map. A matrix that narrows (IN > OUT) is stored column by column, the same
-    /// [OUT, IN] tensor with the other strides: gemm runs a product at full speed only when its
-    /// long inner dimension runs along B's rows, and the forward's inner dimension is IN.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let weight = match weight.dims2() {
-            Ok((out_dim, inner)) if inner > out_dim && weight.device().is_cpu() => weight
-                .t()
-                .and_then(|t| t.contiguous())
-                .and_then(|t| t.t())
-                .unwrap_or(weight),
-            _ => weight,
-        };
         Self::from_weight(Weight::Dense(weight), bias)
     }
 
+    /// A dense matrix that narrows (IN > OUT) is stored column by column, the same [OUT, IN]
+    /// tensor with the other strides: gemm runs a product at full speed only when its long inner
+    /// dimension runs along B's rows, and the forward's inner dimension is IN.
     pub fn from_weight(weight: Weight, bias: Option<Tensor>) -> Self {
+        let weight = match weight {
+            Weight::Dense(w) => Weight::Dense(match w.dims2() {
+                Ok((out_dim, inner)) if inner > out_dim && w.device().is_cpu() => w
+                    .t()
+                    .and_then(|t| t.contiguous())
+                    .and_then(|t| t.t())
+                    .unwrap_or(w),
+                _ => w,
+            }),
+            other => other,
+        };
         Self { weight, bias }
     }
 
@@ -321,17 +324,14 @@ impl Linear {
     /// head's pooler goes through candle's matmul, which it can differentiate).
     fn fused_weight(&self, rows: &Tensor) -> Option<&Tensor> {
         let fits = |t: &Tensor| t.is_contiguous() && t.dtype() == rows.dtype();
-        let either_order = |w: &Tensor| {
-            w.dtype() == rows.dtype()
-                && (w.is_contiguous() || w.t().is_ok_and(|t| t.is_contiguous()))
-        };
         match &self.weight {
             Weight::Dense(w)
                 if fused_for(rows)
                     && !rows.track_op()
                     && rows.rank() == 2
                     && fits(rows)
-                    && either_order(w)
+                    && w.dtype() == rows.dtype()
+                    && fused_linear::weight_strides(w.layout()).is_some()
                     && self.bias.as_ref().is_none_or(fits) =>
             {
                 Some(w)
